@@ -1,0 +1,209 @@
+//! Decapsulation with full validation (hot path).
+//!
+//! Checks, in order: outer Ethernet and IP headers (IPv4 version, IHL, lengths and checksum, no
+//! fragments; IPv6 version and length), destination is this node, UDP with the tunnel port, the
+//! VXLAN I flag or the Geneve version, protocol and critical options, the VNI, and an inner frame of
+//! at least an Ethernet header. Then RFC 6040 folds the outer ECN into the inner header. Whether the
+//! outer source is a known node is left to the caller, which has the tables.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::template::TunnelKind;
+use crate::wire::ethernet::{self, EthernetFrame, ethertype};
+use crate::wire::geneve::GenevePacket;
+use crate::wire::ipv4::{Ipv4Packet, protocol};
+use crate::wire::ipv6::Ipv6Packet;
+use crate::wire::udp::{self, UdpPacket};
+use crate::wire::vxlan::VxlanPacket;
+use crate::{DropReason, FrameBuf, checksum, ecn};
+
+/// What a node accepts as tunnel traffic for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecapConfig {
+    /// VXLAN or Geneve.
+    pub kind: TunnelKind,
+    /// The configured VNI.
+    pub vni: u32,
+    /// The tunnel UDP port.
+    pub port: u16,
+    /// This node's IPv4 underlay address, if it has one.
+    pub local_v4: Option<Ipv4Addr>,
+    /// This node's IPv6 underlay address, if it has one.
+    pub local_v6: Option<Ipv6Addr>,
+    /// Verify non-zero outer UDP checksums (RFC 7348 makes this optional). Off by default: a peer's
+    /// NIC or veth may hand over a checksum it never finished, and the inner headers carry their own.
+    pub verify_udp_checksum: bool,
+}
+
+impl DecapConfig {
+    /// A configuration with the IANA port for `kind` and no checksum verification.
+    pub fn new(kind: TunnelKind, vni: u32, local: IpAddr) -> Self {
+        let (local_v4, local_v6) = match local {
+            IpAddr::V4(a) => (Some(a), None),
+            IpAddr::V6(a) => (None, Some(a)),
+        };
+        DecapConfig { kind, vni, port: kind.default_port(), local_v4, local_v6, verify_udp_checksum: false }
+    }
+}
+
+/// The result of a successful decapsulation; the frame itself now holds the inner frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decapped {
+    /// Outer source address: the sending node, for the caller to check against its tables.
+    pub outer_src: IpAddr,
+    /// Outer UDP source port (the sender's flow hash).
+    pub outer_src_port: u16,
+    /// The VNI (equal to the configured one).
+    pub vni: u32,
+}
+
+/// Decapsulate the tunnel packet in `frame`, leaving the inner frame in it.
+///
+/// On error `frame` is unchanged, except that an inner header is never modified unless decapsulation
+/// succeeds.
+///
+/// # Errors
+/// The [`DropReason`] of the first check that fails.
+pub fn decap(cfg: &DecapConfig, frame: &mut FrameBuf<'_>) -> Result<Decapped, DropReason> {
+    let data = frame.data();
+    let eth = EthernetFrame::new_checked(data)?;
+    let l3 = eth.header_len();
+    let (outer_src, udp_start, udp_avail, outer_tos, pseudo) = match eth.ethertype() {
+        ethertype::IPV4 => {
+            let ip = Ipv4Packet::new_checked(&data[l3..])?;
+            if !ip.verify_checksum() {
+                return Err(DropReason::Ipv4BadChecksum);
+            }
+            if ip.is_fragment() {
+                return Err(DropReason::OuterFragment);
+            }
+            if ip.protocol() != protocol::UDP {
+                return Err(DropReason::NotUdp);
+            }
+            if cfg.local_v4 != Some(ip.dst()) {
+                return Err(DropReason::NotForThisNode);
+            }
+            let avail = usize::from(ip.total_len()) - ip.header_len();
+            (IpAddr::V4(ip.src()), l3 + ip.header_len(), avail, ip.tos(), PseudoHeader::V4(ip.src(), ip.dst()))
+        }
+        ethertype::IPV6 => {
+            let ip = Ipv6Packet::new_checked(&data[l3..])?;
+            let ul = ip.upper_layer()?;
+            if ul.fragmented {
+                return Err(DropReason::OuterFragment);
+            }
+            if ul.protocol != protocol::UDP {
+                return Err(DropReason::NotUdp);
+            }
+            if cfg.local_v6 != Some(ip.dst()) {
+                return Err(DropReason::NotForThisNode);
+            }
+            let avail = crate::wire::ipv6::HEADER_LEN + usize::from(ip.payload_len()) - ul.offset;
+            (IpAddr::V6(ip.src()), l3 + ul.offset, avail, ip.traffic_class(), PseudoHeader::V6(ip.src(), ip.dst()))
+        }
+        _ => return Err(DropReason::UnsupportedEtherType),
+    };
+    let udp = UdpPacket::new_checked(&data[udp_start..udp_start + udp_avail])?;
+    if udp.dst_port() != cfg.port {
+        return Err(DropReason::UdpPortMismatch);
+    }
+    // A zero checksum is always acceptable over IPv4 and, for tunnels, over IPv6 (RFC 6935).
+    if cfg.verify_udp_checksum && udp.checksum() != 0 && !pseudo.verifies(udp.datagram()) {
+        return Err(DropReason::UdpBadChecksum);
+    }
+    let tunnel = udp.payload();
+    let (vni, header_len) = match cfg.kind {
+        TunnelKind::Vxlan => {
+            let v = VxlanPacket::new_checked(tunnel)?;
+            if !v.has_vni() {
+                return Err(DropReason::VxlanNoIFlag);
+            }
+            (v.vni(), crate::wire::vxlan::HEADER_LEN)
+        }
+        TunnelKind::Geneve => {
+            let g = GenevePacket::new_checked(tunnel)?;
+            if g.version() != 0 {
+                return Err(DropReason::GeneveBadVersion);
+            }
+            if g.oam() {
+                return Err(DropReason::GeneveOam);
+            }
+            if g.protocol() != ethertype::TEB {
+                return Err(DropReason::GeneveBadProtocol);
+            }
+            // Without the C bit no option is critical (RFC 8926 section 3.4), so the walk, which
+            // also validates the TLV lengths, is only needed when options are present.
+            for opt in g.options() {
+                // ferry understands no Geneve option yet: every critical one means drop.
+                if opt?.is_critical() {
+                    return Err(DropReason::GeneveUnknownCritical);
+                }
+            }
+            (g.vni(), g.header_len())
+        }
+    };
+    if vni != cfg.vni {
+        return Err(DropReason::VniMismatch);
+    }
+    let inner_start = udp_start + udp::HEADER_LEN + header_len;
+    let inner_end = udp_start + usize::from(udp.len());
+    if inner_end < inner_start + ethernet::HEADER_LEN {
+        return Err(DropReason::InnerTooShort);
+    }
+    let outer_src_port = udp.src_port();
+
+    // RFC 6040 decapsulation: only outer ECT(1) and CE can change the inner field.
+    let outer_ecn = outer_tos & 0b11;
+    if outer_ecn == ecn::ECT1 || outer_ecn == ecn::CE {
+        apply_ecn(&mut frame.data_mut()[inner_start..inner_end], outer_ecn)?;
+    }
+    frame.truncate(inner_end);
+    frame.pull_front(inner_start).ok_or(DropReason::Truncated)?;
+    Ok(Decapped { outer_src, outer_src_port, vni })
+}
+
+/// Fold an outer ECN codepoint into the inner frame's IP header. Non-IP inner frames have no ECN
+/// field, and a malformed inner IP header is left for the forwarding stage to judge: both pass
+/// unchanged.
+fn apply_ecn(inner: &mut [u8], outer_ecn: u8) -> Result<(), DropReason> {
+    let Ok(eth) = EthernetFrame::new_checked(&*inner) else { return Ok(()) };
+    let (et, off) = (eth.ethertype(), eth.header_len());
+    match et {
+        ethertype::IPV4 => {
+            let Ok(mut ip) = Ipv4Packet::new_checked(&mut inner[off..]) else { return Ok(()) };
+            let tos = ip.tos();
+            let e = ecn::decap(tos, outer_ecn)?;
+            if e != tos & 0b11 {
+                ip.set_tos_incremental((tos & 0xfc) | e);
+            }
+        }
+        ethertype::IPV6 => {
+            let Ok(mut ip) = Ipv6Packet::new_checked(&mut inner[off..]) else { return Ok(()) };
+            let tc = ip.traffic_class();
+            let e = ecn::decap(tc, outer_ecn)?;
+            if e != tc & 0b11 {
+                ip.set_traffic_class((tc & 0xfc) | e);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum PseudoHeader {
+    V4(Ipv4Addr, Ipv4Addr),
+    V6(Ipv6Addr, Ipv6Addr),
+}
+
+impl PseudoHeader {
+    fn verifies(self, datagram: &[u8]) -> bool {
+        let len = datagram.len();
+        let acc = match self {
+            // UDP lengths fit 16 bits: `UdpPacket` bounds them by its u16 length field.
+            PseudoHeader::V4(s, d) => checksum::pseudo_v4(s, d, protocol::UDP, len as u16),
+            PseudoHeader::V6(s, d) => checksum::pseudo_v6(s, d, protocol::UDP, len as u32),
+        };
+        checksum::verifies(acc, datagram)
+    }
+}

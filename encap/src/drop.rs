@@ -1,0 +1,116 @@
+//! Why a packet was dropped (hot path and control alike).
+//!
+//! [`DropReason`] is a `#[repr(u8)]` enum so that a worker can index a plain counter array with it
+//! (`counters[reason as usize] += 1`) and the control side can sum those arrays and name each slot.
+//! The list is written once, in [`drop_reasons!`], in the spirit of VPP's `vxlan_error.def`:
+//! variant, metric name and a one-line description stay together.
+
+macro_rules! drop_reasons {
+    ($( $(#[$doc:meta])* $variant:ident => $name:literal, $desc:literal; )+) => {
+        /// The reason a frame was dropped. Every drop in ferry is counted under exactly one of these.
+        ///
+        /// The discriminants are dense from zero, so `reason as usize` indexes an array of
+        /// [`DropReason::COUNT`] counters.
+        #[repr(u8)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum DropReason {
+            $( $(#[$doc])* $variant, )+
+        }
+
+        impl DropReason {
+            /// Every reason, in discriminant order.
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$variant,)+];
+            /// Number of reasons: the length of a per-reason counter array.
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// A stable `snake_case` name, used for metric labels and `ferry stats`.
+            pub const fn name(self) -> &'static str {
+                match self { $(DropReason::$variant => $name,)+ }
+            }
+
+            /// A one-line human description.
+            pub const fn description(self) -> &'static str {
+                match self { $(DropReason::$variant => $desc,)+ }
+            }
+
+            /// The reason with this discriminant, if any.
+            pub fn from_index(index: usize) -> Option<DropReason> {
+                Self::ALL.get(index).copied()
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// The frame ends before a header that its earlier headers announce.
+    Truncated => "truncated", "frame shorter than its headers";
+    /// More than one 802.1Q tag; ferry tolerates exactly one.
+    VlanStacked => "vlan_stacked", "more than one VLAN tag";
+    /// Neither IPv4 nor IPv6 where an IP packet is required.
+    UnsupportedEtherType => "unsupported_ethertype", "not IPv4 or IPv6";
+    /// IPv4 version field is not 4.
+    Ipv4BadVersion => "ipv4_bad_version", "IPv4 version field is not 4";
+    /// IPv4 IHL below 5 or beyond the buffer.
+    Ipv4BadIhl => "ipv4_bad_ihl", "IPv4 header length out of range";
+    /// IPv4 total length shorter than the header or longer than the frame.
+    Ipv4BadTotalLength => "ipv4_bad_total_length", "IPv4 total length inconsistent with frame";
+    /// IPv4 header checksum does not verify.
+    Ipv4BadChecksum => "ipv4_bad_checksum", "IPv4 header checksum wrong";
+    /// IPv6 version field is not 6.
+    Ipv6BadVersion => "ipv6_bad_version", "IPv6 version field is not 6";
+    /// IPv6 payload length longer than the frame (or a jumbogram).
+    Ipv6BadPayloadLength => "ipv6_bad_payload_length", "IPv6 payload length inconsistent with frame";
+    /// An IPv6 extension header chain that cannot be walked.
+    Ipv6BadExtension => "ipv6_bad_extension", "malformed IPv6 extension header chain";
+    /// An outer (underlay) IP fragment: tunnel packets are sent with DF and never reassembled.
+    OuterFragment => "outer_fragment", "fragmented tunnel packet";
+    /// The outer packet is not UDP.
+    NotUdp => "not_udp", "outer packet is not UDP";
+    /// UDP length field shorter than 8 or longer than the IP payload.
+    UdpBadLength => "udp_bad_length", "UDP length inconsistent with packet";
+    /// Non-zero outer UDP checksum that does not verify (only when verification is on).
+    UdpBadChecksum => "udp_bad_checksum", "outer UDP checksum wrong";
+    /// Outer destination address is not this node.
+    NotForThisNode => "not_for_this_node", "outer destination is not this node";
+    /// Outer UDP destination port is not the configured tunnel port.
+    UdpPortMismatch => "udp_port_mismatch", "UDP port is not the tunnel port";
+    /// VXLAN header without the I (valid VNI) flag.
+    VxlanNoIFlag => "vxlan_no_i_flag", "VXLAN I flag clear";
+    /// VNI is not the configured one.
+    VniMismatch => "vni_mismatch", "VNI is not the configured one";
+    /// Geneve version is not 0.
+    GeneveBadVersion => "geneve_bad_version", "Geneve version is not 0";
+    /// Geneve option length or an option TLV runs past the header.
+    GeneveBadOptions => "geneve_bad_options", "malformed Geneve options";
+    /// A Geneve option with the critical bit that ferry does not understand (RFC 8926 section 3.5).
+    GeneveUnknownCritical => "geneve_unknown_critical", "unknown critical Geneve option";
+    /// A Geneve control (O bit) packet: its payload must not be forwarded.
+    GeneveOam => "geneve_oam", "Geneve control packet";
+    /// Geneve protocol type other than Ethernet (0x6558).
+    GeneveBadProtocol => "geneve_bad_protocol", "Geneve payload is not Ethernet";
+    /// The decapsulated frame is shorter than an Ethernet header.
+    InnerTooShort => "inner_too_short", "inner frame too short";
+    /// RFC 6040: outer CE over an inner Not-ECT packet must be dropped.
+    EcnCeOnNotEct => "ecn_ce_on_not_ect", "outer CE mark on a not-ECT inner packet";
+    /// Not enough headroom in the buffer to prepend the outer headers.
+    NoHeadroom => "no_headroom", "no headroom for outer headers";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discriminants_are_dense_and_names_unique() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert_eq!(DropReason::from_index(i), Some(*r));
+        }
+        assert_eq!(DropReason::from_index(DropReason::COUNT), None);
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::COUNT);
+        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())));
+    }
+}

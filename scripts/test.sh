@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# ferry's whole test suite: installs what it needs, then runs lints, unit/property/integration tests,
+# the oracle tests (tshark, kernel VXLAN; root) and a bounded fuzz smoke run.
+# Usage: sudo scripts/test.sh        (CI=1 makes a missing privilege or tool a failure)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/common.sh
+start=$(date +%s)
+
+step "system packages"
+ensure_apt tshark iproute2 tcpdump clang pkg-config libelf-dev zlib1g-dev m4 ethtool
+
+step "format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests (unit, property, integration; privileged ones need root)"
+cargo test --workspace --locked
+
+step "benchmarks compile"
+cargo bench --workspace --locked --no-run >/dev/null
+
+echo
+echo "all tests passed in $(( $(date +%s) - start )) s"
