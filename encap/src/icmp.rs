@@ -232,3 +232,136 @@ impl RateLimiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+    const GW: ErrorSource = ErrorSource {
+        mac: MacAddr([0x02, 0xfe, 0, 0, 0, 1]),
+        ipv4: Some(Ipv4Addr::new(10, 244, 1, 1)),
+        ipv6: Some(Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 1)),
+    };
+    const POD_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 5];
+
+    fn udp4(dst: [u8; 4], len: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(POD_MAC, GW.mac.0)
+            .ipv4([10, 244, 1, 5], dst, 64)
+            .udp(1000, 2000)
+            .write(&mut out, &vec![0xab; len])
+            .expect("build");
+        out
+    }
+
+    fn udp6(dst: [u8; 16], len: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let src = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 5).octets();
+        PacketBuilder::ethernet2(POD_MAC, GW.mac.0)
+            .ipv6(src, dst, 64)
+            .udp(1000, 2000)
+            .write(&mut out, &vec![0xab; len])
+            .expect("build");
+        out
+    }
+
+    #[test]
+    fn fragmentation_needed_quotes_within_576_bytes() {
+        let offending = udp4([10, 244, 2, 9], 1400);
+        let mut out = [0u8; MAX_ERROR_FRAME_LEN];
+        let n = build_error(IcmpError::TooBig { mtu: 1450 }, &offending, &GW, &mut out).expect("built");
+        assert_eq!(n, 14 + ICMPV4_MAX_LEN);
+        let p = SlicedPacket::from_ethernet(&out[..n]).expect("parses");
+        let Some(etherparse::LinkSlice::Ethernet2(eth)) = p.link else { panic!("ethernet") };
+        assert_eq!((eth.destination(), eth.source()), (POD_MAC, GW.mac.0));
+        let Some(NetSlice::Ipv4(ip)) = p.net else { panic!("ipv4") };
+        assert_eq!(ip.header().source(), [10, 244, 1, 1]);
+        assert_eq!(ip.header().destination(), [10, 244, 1, 5]);
+        let h = ip.header().to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
+        let Some(TransportSlice::Icmpv4(icmp)) = p.transport else { panic!("icmp") };
+        assert_eq!(
+            icmp.icmp_type(),
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1450 })
+        );
+        assert_eq!(icmp.checksum(), icmp.header().icmp_type.calc_checksum(icmp.payload()));
+        assert_eq!(icmp.payload(), &offending[14..14 + 548], "quotes the offending IP packet");
+    }
+
+    #[test]
+    fn packet_too_big_and_time_exceeded_v6() {
+        let offending = udp6([0xfd; 16], 1500);
+        let mut out = [0u8; MAX_ERROR_FRAME_LEN];
+        let n = build_error(IcmpError::TooBig { mtu: 1430 }, &offending, &GW, &mut out).expect("built");
+        assert_eq!(n, 14 + ICMPV6_MAX_LEN);
+        let p = SlicedPacket::from_ethernet(&out[..n]).expect("parses");
+        let Some(NetSlice::Ipv6(ip)) = p.net else { panic!("ipv6") };
+        let (s, d) = (ip.header().source(), ip.header().destination());
+        assert_eq!(d, Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 5).octets());
+        let Some(TransportSlice::Icmpv6(icmp)) = p.transport else { panic!("icmpv6") };
+        assert_eq!(icmp.icmp_type(), Icmpv6Type::PacketTooBig { mtu: 1430 });
+        assert_eq!(Ok(icmp.checksum()), icmp.icmp_type().calc_checksum(s, d, icmp.payload()));
+        let mut out = [0u8; MAX_ERROR_FRAME_LEN];
+        // Multicast destinations may get "packet too big" but not "time exceeded".
+        let mcast = udp6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets(), 10);
+        assert!(build_error(IcmpError::TooBig { mtu: 1280 }, &mcast, &GW, &mut out).is_ok());
+        assert_eq!(build_error(IcmpError::TimeExceeded, &mcast, &GW, &mut out), Err(Suppressed::MulticastDestination));
+        let n = build_error(IcmpError::TimeExceeded, &udp6([0xfd; 16], 10), &GW, &mut out).expect("built");
+        let p = SlicedPacket::from_ethernet(&out[..n]).expect("parses");
+        let Some(TransportSlice::Icmpv6(icmp)) = p.transport else { panic!("icmpv6") };
+        assert_eq!(icmp.icmp_type(), Icmpv6Type::TimeExceeded(TimeExceededCode6::HopLimitExceeded));
+    }
+
+    #[test]
+    fn time_exceeded_v4() {
+        let mut out = [0u8; 200];
+        let offending = udp4([10, 244, 2, 9], 20);
+        let n = build_error(IcmpError::TimeExceeded, &offending, &GW, &mut out).expect("built");
+        assert_eq!(n, 14 + 20 + 8 + offending.len() - 14);
+        let p = SlicedPacket::from_ethernet(&out[..n]).expect("parses");
+        let Some(TransportSlice::Icmpv4(icmp)) = p.transport else { panic!("icmp") };
+        assert_eq!(icmp.icmp_type(), Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit));
+    }
+
+    #[test]
+    fn suppressed_where_the_rfcs_forbid() {
+        let mut out = [0u8; MAX_ERROR_FRAME_LEN];
+        let e = IcmpError::TooBig { mtu: 1400 };
+        assert_eq!(build_error(e, &udp4([224, 0, 0, 1], 10), &GW, &mut out), Err(Suppressed::MulticastDestination));
+        assert_eq!(
+            build_error(e, &udp4([255, 255, 255, 255], 10), &GW, &mut out),
+            Err(Suppressed::MulticastDestination)
+        );
+        let mut bad_src = udp4([10, 0, 0, 1], 10);
+        bad_src[26..30].copy_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(build_error(e, &bad_src, &GW, &mut out), Err(Suppressed::BadSource));
+        let mut frag = udp4([10, 0, 0, 1], 10);
+        frag[20..22].copy_from_slice(&0x0010u16.to_be_bytes());
+        assert_eq!(build_error(e, &frag, &GW, &mut out), Err(Suppressed::LaterFragment));
+        // An ICMP error about an ICMP error: never.
+        let mut about_error = [0u8; 200];
+        let n = build_error(IcmpError::TimeExceeded, &udp4([10, 0, 0, 1], 10), &GW, &mut about_error).expect("built");
+        let mut turned = about_error[..n].to_vec();
+        turned[6..12].copy_from_slice(&POD_MAC); // as if it came from a pod
+        assert_eq!(build_error(e, &turned, &GW, &mut out), Err(Suppressed::AboutIcmpError));
+        let no_v4 = ErrorSource { ipv4: None, ..GW };
+        assert_eq!(build_error(e, &udp4([10, 0, 0, 1], 10), &no_v4, &mut out), Err(Suppressed::NoSourceAddress));
+        assert_eq!(build_error(e, &udp4([10, 0, 0, 1], 10), &GW, &mut out[..40]), Err(Suppressed::BufferTooSmall));
+        assert_eq!(build_error(e, &[0u8; 10], &GW, &mut out), Err(Suppressed::Malformed));
+    }
+
+    #[test]
+    fn rate_limiter_bursts_then_refills() {
+        let mut r = RateLimiter::new(10, 3);
+        let t0 = 5_000_000_000;
+        assert!((0..3).all(|_| r.allow(t0)));
+        assert!(!r.allow(t0));
+        assert!(!r.allow(t0 + 50_000_000), "half a token after 50 ms at 10/s");
+        assert!(r.allow(t0 + 100_000_000));
+        assert!(!r.allow(t0 + 100_000_000));
+        // A long pause refills only up to the burst.
+        let later = t0 + 60_000_000_000;
+        assert_eq!((0..10).filter(|_| r.allow(later)).count(), 3);
+    }
+}
