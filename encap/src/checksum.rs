@@ -1,21 +1,47 @@
 //! Internet checksum helpers over the `internet-checksum` crate (hot path).
 //!
-//! The crate does the summing (RFC 1071, with a wide accumulator); this module adds the pseudo-header
-//! sums that UDP/TCP/ICMPv6 need and RFC 1624 incremental updates of single 16-bit words.
+//! Sums are folded ones'-complement `u32`s that combine by addition, so a precomputed part (a
+//! template's header, a pseudo-header) and a per-packet part add up without re-reading bytes.
+//! Long inputs are summed by the `internet-checksum` crate (RFC 1071, wide accumulator), short ones
+//! by a word loop (see [`SHORT`] for the measurement). RFC 1624 incremental updates of single 16-bit
+//! words are here too.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-pub use internet_checksum::Checksum;
+/// Inputs shorter than this are summed by a plain loop over 16-bit words. Measured on this machine
+/// (release, 32 buffers in rotation): internet-checksum takes 24 ns on 20 bytes and 44 ns on 40,
+/// against 7 and 10 ns for the loop; from 64 bytes on, its wide accumulator is 2-3x faster (114 ns
+/// against 302 ns for 1500 bytes). IPv4 headers and addresses are all short.
+const SHORT: usize = 64;
 
 /// The checksum of `bytes` as a big-endian `u16` (already complemented).
+#[inline]
 pub fn of(bytes: &[u8]) -> u16 {
-    u16::from_be_bytes(internet_checksum::checksum(bytes))
+    finish_sum(sum(bytes))
+}
+
+#[inline]
+fn short_sum(bytes: &[u8]) -> u32 {
+    let mut s = 0u32;
+    let mut words = bytes.chunks_exact(2);
+    for w in &mut words {
+        s += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        s += u32::from(*last) << 8;
+    }
+    // At most 31 words of 0xffff: no overflow; fold once to stay combinable.
+    (s & 0xffff) + (s >> 16)
 }
 
 /// The folded ones'-complement sum of `bytes` (not complemented), for combining with other sums.
 #[inline]
 pub fn sum(bytes: &[u8]) -> u32 {
-    u32::from(!u16::from_be_bytes(internet_checksum::checksum(bytes)))
+    if bytes.len() < SHORT {
+        short_sum(bytes)
+    } else {
+        u32::from(!u16::from_be_bytes(internet_checksum::checksum(bytes)))
+    }
 }
 
 /// Fold a sum of 16-bit words (and other folded sums) to 16 bits and complement it: the value to
@@ -37,39 +63,22 @@ pub fn update_word(checksum: u16, old: u16, new: u16) -> u16 {
     !(sum as u16)
 }
 
-/// A checksum accumulator seeded with the IPv4 pseudo-header (RFC 768 / RFC 793).
-pub fn pseudo_v4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: u16) -> Checksum {
-    let mut c = Checksum::new();
-    c.add_bytes(&src.octets());
-    c.add_bytes(&dst.octets());
-    c.add_bytes(&[0, protocol]);
-    c.add_bytes(&l4_len.to_be_bytes());
-    c
+/// The folded sum of the IPv4 pseudo-header (RFC 768 / RFC 9293) for `l4_len` bytes of `protocol`.
+#[inline]
+pub fn pseudo_v4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: u16) -> u32 {
+    short_sum(&src.octets()) + short_sum(&dst.octets()) + u32::from(protocol) + u32::from(l4_len)
 }
 
-/// A checksum accumulator seeded with the IPv6 pseudo-header (RFC 8200 section 8.1).
-pub fn pseudo_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, l4_len: u32) -> Checksum {
-    let mut c = Checksum::new();
-    c.add_bytes(&src.octets());
-    c.add_bytes(&dst.octets());
-    c.add_bytes(&l4_len.to_be_bytes());
-    c.add_bytes(&[0, 0, 0, next_header]);
-    c
+/// The folded sum of the IPv6 pseudo-header (RFC 8200 section 8.1).
+#[inline]
+pub fn pseudo_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, l4_len: u32) -> u32 {
+    short_sum(&src.octets()) + short_sum(&dst.octets()) + u32::from(next_header) + (l4_len >> 16) + (l4_len & 0xffff)
 }
 
-/// Finish `acc` over `l4` (whose checksum field must be zero) and return the checksum to store.
-///
-/// UDP transmits a computed zero as `0xffff` (RFC 768); pass `udp = true` for that.
-pub fn finish(mut acc: Checksum, l4: &[u8], udp: bool) -> u16 {
-    acc.add_bytes(l4);
-    let c = u16::from_be_bytes(acc.checksum());
-    if udp && c == 0 { 0xffff } else { c }
-}
-
-/// Whether `acc` plus `l4` (checksum field included) sums to a valid checksum.
-pub fn verifies(mut acc: Checksum, l4: &[u8]) -> bool {
-    acc.add_bytes(l4);
-    acc.checksum() == [0, 0]
+/// Whether `l4` (checksum field included) verifies against the pseudo-header sum `pseudo`.
+#[inline]
+pub fn verifies(pseudo: u32, l4: &[u8]) -> bool {
+    finish_sum(pseudo + sum(l4)) == 0
 }
 
 #[cfg(test)]
@@ -91,6 +100,15 @@ mod tests {
         let whole = of(&RFC1071);
         assert_eq!(finish_sum(sum(&RFC1071[..4]) + sum(&RFC1071[4..])), whole);
         assert_eq!(finish_sum(sum(&RFC1071) + sum(&[0, 0])), whole);
+    }
+
+    #[test]
+    fn short_and_long_paths_agree() {
+        let data: Vec<u8> = (0..200u32).map(|i| (i * 37 + 11) as u8).collect();
+        for len in 0..data.len() {
+            let (a, b) = (&data[..len], internet_checksum::checksum(&data[..len]));
+            assert_eq!(of(a), u16::from_be_bytes(b), "length {len}");
+        }
     }
 
     #[test]

@@ -199,11 +199,11 @@ enum PseudoHeader {
 impl PseudoHeader {
     fn verifies(self, datagram: &[u8]) -> bool {
         let len = datagram.len();
-        let acc = match self {
+        let pseudo = match self {
             // UDP lengths fit 16 bits: `UdpPacket` bounds them by its u16 length field.
             PseudoHeader::V4(s, d) => checksum::pseudo_v4(s, d, protocol::UDP, len as u16),
             PseudoHeader::V6(s, d) => checksum::pseudo_v6(s, d, protocol::UDP, len as u32),
         };
-        checksum::verifies(acc, datagram)
+        checksum::verifies(pseudo, datagram)
     }
 }

@@ -38,7 +38,7 @@ pub fn complete_checksum(frame: &mut [u8]) -> Result<ChecksumFix, DropReason> {
                 return Ok(ChecksumFix::NotApplicable);
             }
             let (proto, hl, total) = (ip.protocol(), ip.header_len(), usize::from(ip.total_len()));
-            let pseudo = checksum::sum(&ip.src().octets()) + checksum::sum(&ip.dst().octets()) + u32::from(proto);
+            let pseudo = ip.pseudo_header();
             let l4 = &mut frame[off + hl..off + total];
             match proto {
                 protocol::ICMP => fix(l4, 2, None, false),
@@ -53,7 +53,8 @@ pub fn complete_checksum(frame: &mut [u8]) -> Result<ChecksumFix, DropReason> {
                 return Ok(ChecksumFix::NotApplicable);
             }
             let end = off + crate::wire::ipv6::HEADER_LEN + usize::from(ip.payload_len());
-            let pseudo = checksum::sum(&ip.src().octets()) + checksum::sum(&ip.dst().octets()) + u32::from(ul.protocol);
+            // IPv6 payloads are bounded by the 16-bit payload length, so the L4 length fits u32.
+            let pseudo = ip.pseudo_header(ul.protocol, (end - off - ul.offset) as u32);
             let l4 = &mut frame[off + ul.offset..end];
             match ul.protocol {
                 protocol::ICMPV6 => fix(l4, 2, Some(pseudo), false),
@@ -69,7 +70,7 @@ fn csum_offset(proto: u8) -> usize {
     if proto == protocol::TCP { tcp::CHECKSUM_OFFSET } else { 6 }
 }
 
-/// `pseudo` is the pseudo-header sum without the length (None for ICMPv4, which has none).
+/// `pseudo` is the pseudo-header sum, length included (None for ICMPv4, which has none).
 /// `zero_means_none`: a zero UDP-over-IPv4 checksum means "no checksum" and stays zero.
 fn fix(l4: &mut [u8], at: usize, pseudo: Option<u32>, zero_means_none: bool) -> Result<ChecksumFix, DropReason> {
     if l4.len() < at + 2 {
@@ -79,11 +80,9 @@ fn fix(l4: &mut [u8], at: usize, pseudo: Option<u32>, zero_means_none: bool) -> 
     if zero_means_none && stored == 0 {
         return Ok(ChecksumFix::AlreadyFinal);
     }
-    let len = l4.len() as u32;
-    let pseudo_sum = pseudo.map(|p| p + (len >> 16) + (len & 0xffff));
     // The CHECKSUM_PARTIAL signature: the field holds the folded pseudo-header sum itself
     // (Linux writes ~csum_tcpudp_magic(..)), or zero for ICMP, which has no pseudo-header.
-    let partial = match pseudo_sum {
+    let partial = match pseudo {
         Some(s) => stored == !checksum::finish_sum(s),
         None => stored == 0,
     };
@@ -91,7 +90,7 @@ fn fix(l4: &mut [u8], at: usize, pseudo: Option<u32>, zero_means_none: bool) -> 
         return Ok(ChecksumFix::AlreadyFinal);
     }
     l4[at..at + 2].fill(0);
-    let mut c = checksum::finish_sum(pseudo_sum.unwrap_or(0) + checksum::sum(l4));
+    let mut c = checksum::finish_sum(pseudo.unwrap_or(0) + checksum::sum(l4));
     if zero_means_none && c == 0 {
         c = 0xffff;
     }
@@ -106,8 +105,7 @@ mod tests {
 
     /// A frame whose L4 checksum field is replaced by what a CHECKSUM_PARTIAL veth leaves there.
     fn partial(mut frame: Vec<u8>, l4_at: usize, csum_at: usize, pseudo: u32) -> Vec<u8> {
-        let len = (frame.len() - l4_at) as u32;
-        let folded = !checksum::finish_sum(pseudo + len);
+        let folded = !checksum::finish_sum(pseudo);
         frame[l4_at + csum_at..l4_at + csum_at + 2].copy_from_slice(&folded.to_be_bytes());
         frame
     }
@@ -133,7 +131,8 @@ mod tests {
     fn completes_a_partial_tcp_checksum() {
         let good = tcp4();
         assert!(tcp_checksum_ok(&good));
-        let pseudo = checksum::sum(&[10, 244, 1, 2]) + checksum::sum(&[10, 244, 2, 3]) + 6;
+        let l4_len = (good.len() - 34) as u16;
+        let pseudo = checksum::pseudo_v4([10, 244, 1, 2].into(), [10, 244, 2, 3].into(), 6, l4_len);
         let mut bad = partial(good.clone(), 34, 16, pseudo);
         assert!(!tcp_checksum_ok(&bad));
         assert_eq!(complete_checksum(&mut bad), Ok(ChecksumFix::Completed));
@@ -156,7 +155,7 @@ mod tests {
             .udp(1, 2)
             .write(&mut good, b"abc")
             .expect("build");
-        let pseudo = checksum::sum(&[0xfd; 16]) + checksum::sum(&[0xfe; 16]) + 17;
+        let pseudo = checksum::pseudo_v6([0xfd; 16].into(), [0xfe; 16].into(), 17, (good.len() - 54) as u32);
         let mut bad = partial(good.clone(), 54, 6, pseudo);
         assert_eq!(complete_checksum(&mut bad), Ok(ChecksumFix::Completed));
         assert_eq!(bad, good);

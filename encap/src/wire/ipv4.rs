@@ -178,8 +178,8 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         &self.buffer.as_ref()[self.header_len()..usize::from(self.total_len())]
     }
 
-    /// A checksum accumulator seeded with this packet's pseudo-header for its L4 payload.
-    pub fn pseudo_header(&self) -> checksum::Checksum {
+    /// The folded pseudo-header sum for this packet's L4 payload (see [`checksum::verifies`]).
+    pub fn pseudo_header(&self) -> u32 {
         let l4_len = self.total_len().saturating_sub(self.header_len() as u16);
         checksum::pseudo_v4(self.src(), self.dst(), self.protocol(), l4_len)
     }

@@ -161,9 +161,9 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         })
     }
 
-    /// A checksum accumulator seeded with this packet's pseudo-header for an upper-layer payload of
-    /// `l4_len` bytes with protocol `next_header`.
-    pub fn pseudo_header(&self, next_header: u8, l4_len: u32) -> checksum::Checksum {
+    /// The folded pseudo-header sum for an upper-layer payload of `l4_len` bytes with protocol
+    /// `next_header` (see [`checksum::verifies`]).
+    pub fn pseudo_header(&self, next_header: u8, l4_len: u32) -> u32 {
         checksum::pseudo_v6(self.src(), self.dst(), next_header, l4_len)
     }
 
