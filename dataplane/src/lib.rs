@@ -1,2 +1,8 @@
-//! ferry's data plane: ports, workers and forwarding tables. Not written yet: see the README's
-//! status section.
+//! ferry's data plane: frame memory, batch ports, the forwarding pipeline and the pinned
+//! poll-mode workers that run it.
+//!
+//! Setup code (opening ports, loading XDP programs, starting workers) lives apart from the
+//! per-packet path (`frame`, `port`, the pipeline); each module's doc says which side it is on.
+
+pub mod frame;
+pub mod port;

@@ -1,0 +1,76 @@
+//! Batch packet ports (hot path): the boundary between a worker and the outside.
+//!
+//! A port moves [`Pkt`] descriptors, never bytes, between a worker and something that sends and
+//! receives frames: an AF_XDP socket, an in-memory queue for tests and benches ([`mem::MemPort`]),
+//! or either of those wrapped in a pcap writer ([`pcap::PcapTap`]). Frame ownership passes with
+//! each call, so that every frame is always in exactly one place:
+//!
+//! - [`Port::refill`] hands free frames to the port for receiving;
+//! - [`Port::recv`] hands received packets (and their frames) to the worker;
+//! - [`Port::send`] hands packets to the port for transmission;
+//! - [`Port::reclaim`] returns frames whose transmission completed.
+//!
+//! All ports of one worker share that worker's frame memory (`Self::Mem`), so forwarding from one
+//! port to another is descriptor passing.
+
+pub mod mem;
+pub mod pcap;
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::frame::{FrameMem, FreeFrames, Pkt};
+
+/// Counters a port keeps about itself (the worker keeps per-packet counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// Frames the port could not receive for lack of a free frame (fill ring empty).
+    pub rx_no_frame: u64,
+    /// Frames dropped by the kernel or the device on receive, if it reports them.
+    pub rx_dropped: u64,
+    /// Descriptors the kernel rejected as invalid.
+    pub invalid_descs: u64,
+}
+
+/// A batch receive/transmit port over a worker's frame memory.
+pub trait Port {
+    /// The frame memory this port's packets live in.
+    type Mem: FrameMem;
+
+    /// A short name for logs and statistics (the interface name, say).
+    fn name(&self) -> &str;
+
+    /// Receive up to `out.len()` packets into `out`, returning how many. The packets' frames now
+    /// belong to the caller.
+    fn recv(&mut self, mem: &mut Self::Mem, out: &mut [Pkt]) -> usize;
+
+    /// Queue `pkts` for transmission, returning how many the port took (a prefix of `pkts`). Frames
+    /// of taken packets belong to the port until [`reclaim`](Self::reclaim) returns them; the rest
+    /// stay with the caller.
+    fn send(&mut self, mem: &mut Self::Mem, pkts: &[Pkt]) -> usize;
+
+    /// Push queued transmissions out (a wakeup/kick where the port needs one).
+    ///
+    /// # Errors
+    /// An I/O error from the kick; the packets stay queued.
+    fn flush(&mut self) -> io::Result<()>;
+
+    /// Move frames whose transmission completed to `free`, returning how many.
+    fn reclaim(&mut self, free: &mut FreeFrames) -> usize;
+
+    /// Take frames from `free` for receiving, as many as the port has room for, returning how many.
+    fn refill(&mut self, free: &mut FreeFrames) -> usize;
+
+    /// A file descriptor to wait on for received packets when idle, if the port has one.
+    fn poll_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// Frames currently held by the port (receive side and transmit side), for conservation checks.
+    fn frames_held(&self) -> usize;
+
+    /// The port's own counters.
+    fn stats(&self) -> PortStats {
+        PortStats::default()
+    }
+}
