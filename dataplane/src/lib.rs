@@ -4,5 +4,8 @@
 //! Setup code (opening ports, loading XDP programs, starting workers) lives apart from the
 //! per-packet path (`frame`, `port`, the pipeline); each module's doc says which side it is on.
 
+pub mod counters;
 pub mod frame;
+pub mod pipeline;
 pub mod port;
+pub mod worker;

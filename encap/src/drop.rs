@@ -94,6 +94,31 @@ drop_reasons! {
     EcnCeOnNotEct => "ecn_ce_on_not_ect", "outer CE mark on a not-ECT inner packet";
     /// Not enough headroom in the buffer to prepend the outer headers.
     NoHeadroom => "no_headroom", "no headroom for outer headers";
+
+    // Reasons the data plane's forwarding stages give (they need its tables to decide).
+
+    /// A tunnel packet whose outer source is not a known node.
+    UnknownSourceNode => "unknown_source_node", "tunnel packet from an unknown node";
+    /// A decapsulated packet whose destination is not a pod on this node.
+    NotLocalPod => "not_local_pod", "decapsulated packet not for a local pod";
+    /// A pod sent with a source address it does not own (anti-spoofing).
+    SpoofedSource => "spoofed_source", "pod used a source address it does not own";
+    /// No route covers the destination.
+    NoRoute => "no_route", "no route to destination";
+    /// The route is a blackhole.
+    Blackhole => "blackhole", "route is a blackhole";
+    /// TTL or hop limit would reach zero (an ICMP time-exceeded is sent, rate limited).
+    TtlExceeded => "ttl_exceeded", "TTL or hop limit exhausted";
+    /// Too big for the tunnel with DF set, or IPv6 (an ICMP error with the MTU is sent, rate limited).
+    TooBig => "too_big", "too big for the tunnel MTU";
+    /// Too big for the tunnel, IPv4 without DF: ferry does not fragment.
+    TooBigNoFragmentation => "too_big_no_fragmentation", "too big for the tunnel, DF clear; not fragmented";
+    /// ARP that is not a request for the pod gateway's address.
+    ArpNotForGateway => "arp_not_for_gateway", "ARP not asking for the gateway";
+    /// IPv6 neighbour discovery or other ICMPv6 for the gateway that ferry does not answer.
+    NdNotForGateway => "nd_not_for_gateway", "neighbour discovery not for the gateway";
+    /// The egress port's transmit ring was full.
+    TxRingFull => "tx_ring_full", "transmit ring full";
 }
 
 #[cfg(test)]

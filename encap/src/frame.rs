@@ -71,6 +71,30 @@ impl<'a> FrameBuf<'a> {
         Some(())
     }
 
+    /// Make sure at least `n` bytes of headroom exist, moving the packet toward the end of the
+    /// buffer if it starts too early (ports that deliver packets at offset 0 need this before
+    /// encapsulation). Returns `None`, leaving the packet unchanged, when the buffer is too short.
+    pub fn make_headroom(&mut self, n: usize) -> Option<()> {
+        if self.start >= n {
+            return Some(());
+        }
+        let shift = n - self.start;
+        let new_end = self.end.checked_add(shift).filter(|e| *e <= self.buf.len())?;
+        self.buf.copy_within(self.start..self.end, n);
+        self.start = n;
+        self.end = new_end;
+        Some(())
+    }
+
+    /// Set the packet length to `len`, growing into the buffer's tail if needed (bytes exposed by
+    /// growing keep whatever they held). Returns `None`, leaving the packet unchanged, when the
+    /// buffer is too short.
+    pub fn set_len(&mut self, len: usize) -> Option<()> {
+        let end = self.start.checked_add(len).filter(|e| *e <= self.buf.len())?;
+        self.end = end;
+        Some(())
+    }
+
     /// Shorten the packet to `len` bytes (no-op when it is already shorter).
     pub fn truncate(&mut self, len: usize) {
         self.end = self.end.min(self.start + len);
@@ -96,5 +120,20 @@ mod tests {
         assert_eq!(f.data(), b"abcd");
         f.truncate(2);
         assert_eq!(f.data(), b"ab");
+    }
+
+    #[test]
+    fn make_headroom_moves_the_packet_back_when_needed() {
+        let mut raw = [0u8; 16];
+        raw[..4].copy_from_slice(b"abcd");
+        let mut f = FrameBuf::new(&mut raw, 0, 4).expect("fits");
+        assert!(f.make_headroom(13).is_none(), "13 + 4 > 16");
+        f.make_headroom(10).expect("room");
+        assert_eq!((f.start(), f.data()), (10, &b"abcd"[..]));
+        f.make_headroom(4).expect("already enough");
+        assert_eq!(f.start(), 10);
+        assert!(f.set_len(7).is_none());
+        f.set_len(6).expect("fits");
+        assert_eq!(f.len(), 6);
     }
 }

@@ -1,0 +1,138 @@
+//! Per-worker counters: plain integers on the hot path, published to atomics off it.
+//!
+//! A worker counts into [`Counters`] (no atomics, no sharing) and every millisecond or so copies
+//! them into its [`SharedCounters`] with relaxed stores: one writer per cell, so readers (the
+//! admin socket, metrics) see each counter monotonic and at most a publish interval old. Readers
+//! sum the shared counters of all workers into a [`CounterSnapshot`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ferry_encap::DropReason;
+
+/// Packet and byte counts for one port and direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// A worker's own counters.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    /// Received, per port.
+    pub rx: Vec<Flow>,
+    /// Transmitted, per port.
+    pub tx: Vec<Flow>,
+    /// Drops by reason.
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl Counters {
+    /// Zeroed counters for `ports` ports.
+    pub fn new(ports: usize) -> Self {
+        Counters { rx: vec![Flow::default(); ports], tx: vec![Flow::default(); ports], drops: [0; DropReason::COUNT] }
+    }
+
+    /// Total drops.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+/// The published copy of one worker's counters.
+#[derive(Debug)]
+pub struct SharedCounters {
+    ports: usize,
+    /// rx packets, rx bytes, tx packets, tx bytes per port, then drops.
+    cells: Box<[AtomicU64]>,
+}
+
+impl SharedCounters {
+    /// Zeroed cells for `ports` ports.
+    pub fn new(ports: usize) -> Self {
+        let cells = (0..ports * 4 + DropReason::COUNT).map(|_| AtomicU64::new(0)).collect();
+        SharedCounters { ports, cells }
+    }
+
+    /// Copy a worker's counters in (the worker is the only writer).
+    pub fn publish(&self, c: &Counters) {
+        for p in 0..self.ports {
+            let base = p * 4;
+            self.cells[base].store(c.rx[p].packets, Ordering::Relaxed);
+            self.cells[base + 1].store(c.rx[p].bytes, Ordering::Relaxed);
+            self.cells[base + 2].store(c.tx[p].packets, Ordering::Relaxed);
+            self.cells[base + 3].store(c.tx[p].bytes, Ordering::Relaxed);
+        }
+        let d = self.ports * 4;
+        for (i, v) in c.drops.iter().enumerate() {
+            self.cells[d + i].store(*v, Ordering::Relaxed);
+        }
+    }
+
+    /// Read the published values.
+    pub fn read(&self) -> Counters {
+        let mut c = Counters::new(self.ports);
+        for p in 0..self.ports {
+            let base = p * 4;
+            c.rx[p] = Flow { packets: self.cells[base].load(Ordering::Relaxed), bytes: self.cells[base + 1].load(Ordering::Relaxed) };
+            c.tx[p] =
+                Flow { packets: self.cells[base + 2].load(Ordering::Relaxed), bytes: self.cells[base + 3].load(Ordering::Relaxed) };
+        }
+        let d = self.ports * 4;
+        for (i, v) in c.drops.iter_mut().enumerate() {
+            *v = self.cells[d + i].load(Ordering::Relaxed);
+        }
+        c
+    }
+}
+
+/// Counters summed over workers.
+pub type CounterSnapshot = Counters;
+
+/// Sum the published counters of several workers (all with the same ports).
+pub fn sum<'a>(workers: impl IntoIterator<Item = &'a SharedCounters>) -> Option<CounterSnapshot> {
+    let mut total: Option<Counters> = None;
+    for w in workers {
+        let c = w.read();
+        match &mut total {
+            None => total = Some(c),
+            Some(t) => {
+                for (a, b) in t.rx.iter_mut().zip(&c.rx) {
+                    a.packets += b.packets;
+                    a.bytes += b.bytes;
+                }
+                for (a, b) in t.tx.iter_mut().zip(&c.tx) {
+                    a.packets += b.packets;
+                    a.bytes += b.bytes;
+                }
+                for (a, b) in t.drops.iter_mut().zip(&c.drops) {
+                    *a += b;
+                }
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_read_and_sum() {
+        let mut c = Counters::new(2);
+        c.rx[1] = Flow { packets: 3, bytes: 300 };
+        c.tx[0] = Flow { packets: 2, bytes: 128 };
+        c.drops[DropReason::NoRoute as usize] = 5;
+        let (a, b) = (SharedCounters::new(2), SharedCounters::new(2));
+        a.publish(&c);
+        b.publish(&c);
+        let s = sum([&a, &b]).expect("two workers");
+        assert_eq!(s.rx[1], Flow { packets: 6, bytes: 600 });
+        assert_eq!(s.tx[0].packets, 4);
+        assert_eq!(s.drops[DropReason::NoRoute as usize], 10);
+        assert_eq!(s.total_drops(), 10);
+    }
+}
