@@ -1,0 +1,371 @@
+//! The pipeline and worker over in-memory ports: two simulated nodes exchanging encapsulated
+//! traffic, ARP and ND for the gateway, ICMP errors, anti-spoofing, and a test per drop reason the
+//! pipeline gives. Frames are checked with etherparse, an independent parser.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use ferry_dataplane::frame::{FreeFrames, HeapMem};
+use ferry_dataplane::pipeline::{Fib, NodeConfig, Pipeline, PortIndex, PortRole, Route};
+use ferry_dataplane::port::mem::{MemPort, MemPortConfig, wire};
+use ferry_dataplane::worker::Worker;
+use ferry_encap::{DecapConfig, DropReason, MacAddr, TemplateParams, TunnelKind, TunnelTemplate};
+
+const FRAMES: u32 = 512;
+const UPLINK: usize = 0;
+
+/// A node's tables, as simple as can be: pods by address, remote /24s, a blackhole.
+struct TestFib {
+    pods: Vec<(IpAddr, PortIndex, MacAddr)>,
+    remote: Vec<(Ipv4Addr, TunnelTemplate, MacAddr)>,
+    blackhole: Ipv4Addr,
+    nodes: Vec<IpAddr>,
+}
+
+impl Fib for TestFib {
+    fn route(&self, dst: IpAddr) -> Route<'_> {
+        if let Some((_, port, mac)) = self.pods.iter().find(|(ip, ..)| *ip == dst) {
+            return Route::Local { port: *port, mac: *mac };
+        }
+        let IpAddr::V4(d) = dst else { return Route::NoRoute };
+        let net = |a: Ipv4Addr| u32::from(a) >> 8;
+        if net(d) == net(self.blackhole) {
+            return Route::Blackhole;
+        }
+        match self.remote.iter().find(|(n, ..)| net(*n) == net(d)) {
+            Some((_, template, vtep_mac)) => Route::Remote { template, vtep_mac: *vtep_mac },
+            None => Route::NoRoute,
+        }
+    }
+
+    fn source_allowed(&self, port: PortIndex, src: IpAddr) -> bool {
+        self.pods.iter().any(|(ip, p, _)| *p == port && *ip == src)
+    }
+
+    fn is_known_node(&self, underlay: IpAddr) -> bool {
+        self.nodes.contains(&underlay)
+    }
+}
+
+struct Node {
+    worker: Worker<MemPort>,
+    fib: TestFib,
+}
+
+fn mac(last: u8) -> MacAddr {
+    MacAddr([0x02, 0, 0, 0, 0, last])
+}
+
+const POD_A1: [u8; 4] = [10, 244, 1, 2];
+const POD_A2: [u8; 4] = [10, 244, 1, 3];
+const POD_B1: [u8; 4] = [10, 244, 2, 2];
+const POD_A1_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 2);
+const GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 1);
+
+/// Node `n` (1 or 2): underlay 192.0.2.n, pods 10.244.n.0/24, gateway 10.244.n.1, VNI 1.
+fn node(n: u8) -> Node {
+    let me = Ipv4Addr::new(192, 0, 2, n);
+    let other = Ipv4Addr::new(192, 0, 2, 3 - n);
+    let params = TemplateParams::new(TunnelKind::Vxlan, 1, mac(0x10 + n), mac(0x13 - n), me.into(), other.into());
+    let tpl = TunnelTemplate::new(&params).expect("template");
+    let cfg = NodeConfig {
+        gateway_mac: mac(0xe0 + n),
+        gateway_v4: Some(Ipv4Addr::new(10, 244, n, 1)),
+        gateway_v6: Some(GW_V6),
+        vtep_mac: mac(0xa0 + n),
+        decap: DecapConfig::new(TunnelKind::Vxlan, 1, me.into()),
+        uplink: UPLINK as PortIndex,
+        underlay_mtu: 1500,
+        icmp_rate: (1000, 1000),
+    };
+    let ports: Vec<MemPort> = ["uplink", "pod1", "pod2"]
+        .iter()
+        .map(|name| MemPort::new(name, MemPortConfig { rx_ring: 64, tx_ring: 64, rx_offset: 0 }))
+        .collect();
+    let roles = vec![PortRole::Uplink, PortRole::Pod, PortRole::Pod];
+    let worker = Worker::new(ports, roles, HeapMem::new(FRAMES, 2048), FreeFrames::all(FRAMES), Pipeline::new(cfg));
+    let pod =
+        |last: u8, port: PortIndex| (IpAddr::V4(Ipv4Addr::new(10, 244, n, last)), port, mac(0x50 + 10 * n + last));
+    let mut pods = vec![pod(2, 1), pod(3, 2)];
+    if n == 1 {
+        pods.push((IpAddr::V6(POD_A1_V6), 1, mac(0x50 + 12)));
+    }
+    let fib = TestFib {
+        pods,
+        remote: vec![(Ipv4Addr::new(10, 244, 3 - n, 0), tpl, mac(0xa0 + 3 - n))],
+        blackhole: Ipv4Addr::new(10, 244, 9, 0),
+        nodes: vec![other.into()],
+    };
+    Node { worker, fib }
+}
+
+impl Node {
+    /// Deliver `frame` on `port` and run one worker iteration.
+    fn receive(&mut self, port: usize, frame: &[u8]) {
+        // An iteration first lends the ports frames to receive into.
+        self.worker.poll_once(&self.fib);
+        let (mem, ports) = self.worker.mem_and_ports();
+        assert!(ports[port].inject(mem, frame), "port {port} accepted the frame");
+        self.worker.poll_once(&self.fib);
+    }
+
+    /// Everything sent on `port` since the last call.
+    fn sent(&mut self, port: usize) -> Vec<Vec<u8>> {
+        let (mem, ports) = self.worker.mem_and_ports();
+        let mut out = Vec::new();
+        ports[port].take_sent(mem, usize::MAX, |b| out.push(b.to_vec()));
+        out
+    }
+
+    fn drops(&self, r: DropReason) -> u64 {
+        self.worker.counters().drops[r as usize]
+    }
+}
+
+fn udp4(src_mac: MacAddr, dst_mac: MacAddr, src: [u8; 4], dst: [u8; 4], ttl: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac.0, dst_mac.0)
+        .ipv4(src, dst, ttl)
+        .udp(4000, 5000)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+fn pod_mac(n: u8, last: u8) -> MacAddr {
+    mac(0x50 + 10 * n + last)
+}
+
+#[test]
+fn pod_to_remote_pod_and_back() {
+    let (mut a, mut b) = (node(1), node(2));
+    let frame = udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, b"across the overlay");
+    a.receive(1, &frame);
+    let outer = a.sent(UPLINK);
+    assert_eq!(outer.len(), 1, "one tunnel packet on A's uplink");
+    let p = SlicedPacket::from_ethernet(&outer[0]).expect("outer parses");
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("outer IPv4") };
+    assert_eq!((ip.header().source(), ip.header().destination()), ([192, 0, 2, 1], [192, 0, 2, 2]));
+    let Some(TransportSlice::Udp(udp)) = &p.transport else { panic!("outer UDP") };
+    assert_eq!(udp.destination_port(), 4789);
+    // Inner Ethernet: from A's VTEP to B's VTEP, like Flannel's kernel devices expect.
+    assert_eq!(&udp.payload()[8..14], &mac(0xa2).0);
+    assert_eq!(&udp.payload()[14..20], &mac(0xa1).0);
+
+    // Across the "underlay" to B, which delivers to pod b1.
+    b.receive(UPLINK, &outer[0]);
+    let inner = b.sent(1);
+    assert_eq!(inner.len(), 1, "delivered to pod b1");
+    let p = SlicedPacket::from_ethernet(&inner[0]).expect("inner parses");
+    let Some(etherparse::LinkSlice::Ethernet2(eth)) = &p.link else { panic!("ethernet") };
+    assert_eq!((eth.destination(), eth.source()), (pod_mac(2, 2).0, mac(0xe2).0));
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("IPv4") };
+    assert_eq!(ip.header().ttl(), 63, "TTL decremented once, at the sending node");
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum());
+    let Some(TransportSlice::Udp(udp)) = &p.transport else { panic!("UDP") };
+    assert_eq!(udp.payload(), b"across the overlay");
+    assert_eq!(
+        udp.to_header().calc_checksum_ipv4_raw(ip.header().source(), ip.header().destination(), udp.payload()).ok(),
+        Some(udp.checksum())
+    );
+
+    // And back: b1 -> a1.
+    let back = udp4(pod_mac(2, 2), mac(0xe2), POD_B1, POD_A1, 64, b"reply");
+    b.receive(1, &back);
+    let outer = b.sent(UPLINK);
+    a.receive(UPLINK, &outer[0]);
+    assert_eq!(a.sent(1).len(), 1, "reply delivered to a1");
+    assert_eq!(a.worker.counters().total_drops() + b.worker.counters().total_drops(), 0);
+}
+
+#[test]
+fn wire_joins_two_workers() {
+    let (mut a, mut b) = (node(1), node(2));
+    // Lend both workers' ports receive frames, then carry A's tunnel traffic over a MemPort wire.
+    a.worker.poll_once(&a.fib);
+    b.worker.poll_once(&b.fib);
+    for i in 0..10u8 {
+        let frame = udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, &[i; 40]);
+        let (mem, ports) = a.worker.mem_and_ports();
+        assert!(ports[1].inject(mem, &frame));
+    }
+    a.worker.poll_once(&a.fib);
+    let delivered = {
+        let (amem, aports) = a.worker.mem_and_ports();
+        let (bmem, bports) = b.worker.mem_and_ports();
+        wire(&mut aports[UPLINK], amem, &mut bports[UPLINK], bmem, usize::MAX)
+    };
+    assert_eq!(delivered, 10);
+    b.worker.poll_once(&b.fib);
+    assert_eq!(b.sent(1).len(), 10);
+}
+
+#[test]
+fn local_pod_to_pod_is_switched_on_the_node() {
+    let mut a = node(1);
+    a.receive(1, &udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_A2, 64, b"next door"));
+    let out = a.sent(2);
+    assert_eq!(out.len(), 1);
+    assert_eq!(&out[0][0..12], &[pod_mac(1, 3).0, mac(0xe1).0].concat()[..]);
+    assert_eq!(out[0][14 + 8], 63, "TTL decremented");
+    assert!(a.sent(UPLINK).is_empty());
+}
+
+fn arp_request(sender_mac: MacAddr, sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&sender_mac.0);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&sender_mac.0);
+    f.extend_from_slice(&sender);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target);
+    f
+}
+
+#[test]
+fn arp_for_the_gateway_is_answered_and_other_arp_dropped() {
+    let mut a = node(1);
+    a.receive(1, &arp_request(pod_mac(1, 2), POD_A1, [10, 244, 1, 1]));
+    let out = a.sent(1);
+    assert_eq!(out.len(), 1, "reply on the pod's port");
+    let r = &out[0];
+    assert_eq!(&r[0..6], &pod_mac(1, 2).0);
+    assert_eq!(&r[6..12], &mac(0xe1).0);
+    assert_eq!(&r[20..22], &[0, 2], "ARP reply");
+    assert_eq!(&r[22..28], &mac(0xe1).0, "gateway MAC");
+    assert_eq!(&r[28..32], &[10, 244, 1, 1]);
+    assert_eq!(&r[38..42], &POD_A1);
+    a.receive(1, &arp_request(pod_mac(1, 2), POD_A1, [10, 244, 1, 77]));
+    assert!(a.sent(1).is_empty());
+    assert_eq!(a.drops(DropReason::ArpNotForGateway), 1);
+}
+
+#[test]
+fn neighbour_solicitation_for_the_gateway_is_answered() {
+    let mut a = node(1);
+    // NS from a1 for the gateway, to the solicited-node multicast address, with a source link-layer
+    // option; built with smoltcp's own NDISC types.
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{Icmpv6Packet, Icmpv6Repr, NdiscRepr, RawHardwareAddress};
+    let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: GW_V6,
+        lladdr: Some(RawHardwareAddress::from_bytes(&pod_mac(1, 2).0)),
+    });
+    let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 1);
+    let mut icmp = vec![0u8; ns.buffer_len()];
+    ns.emit(&POD_A1_V6, &dst, &mut Icmpv6Packet::new_unchecked(&mut icmp[..]), &ChecksumCapabilities::default());
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&[0x33, 0x33, 0xff, 0, 0, 1]);
+    frame.extend_from_slice(&pod_mac(1, 2).0);
+    frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    frame.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[58, 255]);
+    frame.extend_from_slice(&POD_A1_V6.octets());
+    frame.extend_from_slice(&dst.octets());
+    frame.extend_from_slice(&icmp);
+    a.receive(1, &frame);
+    let out = a.sent(1);
+    assert_eq!(out.len(), 1, "neighbour advertisement sent back");
+    let p = SlicedPacket::from_ethernet(&out[0]).expect("parses");
+    let Some(NetSlice::Ipv6(ip)) = &p.net else { panic!("IPv6") };
+    assert_eq!(ip.header().source(), GW_V6.octets());
+    assert_eq!(ip.header().destination(), POD_A1_V6.octets());
+    assert_eq!(ip.header().hop_limit(), 255);
+    let Some(TransportSlice::Icmpv6(na)) = &p.transport else { panic!("ICMPv6") };
+    let etherparse::Icmpv6Type::NeighborAdvertisement(h) = na.icmp_type() else { panic!("{:?}", na.icmp_type()) };
+    assert!(h.router && h.solicited && h.r#override, "router, solicited, override: {h:?}");
+    assert_eq!(Ok(na.checksum()), na.icmp_type().calc_checksum(GW_V6.octets(), POD_A1_V6.octets(), na.payload()));
+    assert_eq!(&na.payload()[16..18], &[2, 1], "target link-layer address option");
+    assert_eq!(&na.payload()[18..24], &mac(0xe1).0);
+}
+
+#[test]
+fn ttl_expiry_sends_time_exceeded() {
+    let mut a = node(1);
+    a.receive(1, &udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 1, b"dying"));
+    let out = a.sent(1);
+    assert_eq!(out.len(), 1);
+    let p = SlicedPacket::from_ethernet(&out[0]).expect("parses");
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else { panic!("ICMP") };
+    assert_eq!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit)
+    );
+    assert_eq!(a.drops(DropReason::TtlExceeded), 1);
+    assert!(a.sent(UPLINK).is_empty());
+}
+
+#[test]
+fn too_big_for_the_tunnel_sends_fragmentation_needed_with_the_mtu() {
+    let mut a = node(1);
+    // 1450-byte IP packet fits 1500 - 50 (VXLAN over IPv4, inner Ethernet included): sent.
+    let fits = udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, &vec![0u8; 1450 - 28]);
+    a.receive(1, &fits);
+    assert_eq!(a.sent(UPLINK).len(), 1);
+    assert_eq!(a.sent(UPLINK).len(), 0);
+    // One byte more with DF (etherparse sets DF): ICMP fragmentation needed, MTU 1450.
+    let big = udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, &vec![0u8; 1451 - 28]);
+    a.receive(1, &big);
+    let out = a.sent(1);
+    assert_eq!(out.len(), 1);
+    let p = SlicedPacket::from_ethernet(&out[0]).expect("parses");
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else { panic!("ICMP") };
+    assert_eq!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1450 }
+        )
+    );
+    assert_eq!(a.drops(DropReason::TooBig), 1);
+    // Without DF ferry does not fragment: dropped and counted.
+    let mut no_df = big.clone();
+    no_df[20] = 0;
+    let mut ip = ferry_encap::wire::ipv4::Ipv4Packet::new_unchecked(&mut no_df[14..]);
+    ip.fill_checksum();
+    a.receive(1, &no_df);
+    assert_eq!(a.drops(DropReason::TooBigNoFragmentation), 1);
+}
+
+#[test]
+fn drops_are_counted_by_reason() {
+    let mut a = node(1);
+    let gw = mac(0xe1);
+    // Spoofed: pod1 sends as pod2.
+    a.receive(1, &udp4(pod_mac(1, 2), gw, POD_A2, POD_B1, 64, b"x"));
+    assert_eq!(a.drops(DropReason::SpoofedSource), 1);
+    // No route and blackhole.
+    a.receive(1, &udp4(pod_mac(1, 2), gw, POD_A1, [172, 16, 0, 1], 64, b"x"));
+    assert_eq!(a.drops(DropReason::NoRoute), 1);
+    a.receive(1, &udp4(pod_mac(1, 2), gw, POD_A1, [10, 244, 9, 9], 64, b"x"));
+    assert_eq!(a.drops(DropReason::Blackhole), 1);
+    // Truncated frame from a pod.
+    a.receive(1, &[0u8; 10]);
+    assert_eq!(a.drops(DropReason::Truncated), 1);
+
+    // From the uplink: a tunnel packet from an unknown node, one with the wrong VNI, one whose
+    // inner destination is not on this node.
+    let mut b = node(2);
+    b.receive(1, &udp4(pod_mac(2, 2), mac(0xe2), POD_B1, POD_A1, 64, b"x"));
+    let good = b.sent(UPLINK).remove(0);
+    let mut unknown = good.clone();
+    unknown[26..30].copy_from_slice(&[192, 0, 2, 99]);
+    ferry_encap::wire::ipv4::Ipv4Packet::new_unchecked(&mut unknown[14..34]).fill_checksum();
+    a.receive(UPLINK, &unknown);
+    assert_eq!(a.drops(DropReason::UnknownSourceNode), 1);
+    let mut vni = good.clone();
+    vni[48] = 9;
+    a.receive(UPLINK, &vni);
+    assert_eq!(a.drops(DropReason::VniMismatch), 1);
+    b.receive(1, &udp4(pod_mac(2, 2), mac(0xe2), POD_B1, POD_B1, 64, b"x"));
+    assert!(b.sent(UPLINK).is_empty(), "local destination stays local");
+    let mut not_local = good.clone();
+    not_local[50 + 14 + 16..50 + 14 + 20].copy_from_slice(&[10, 244, 2, 3]);
+    let mut inner = ferry_encap::wire::ipv4::Ipv4Packet::new_unchecked(&mut not_local[64..84]);
+    inner.fill_checksum();
+    a.receive(UPLINK, &not_local);
+    assert_eq!(a.drops(DropReason::NotLocalPod), 1);
+    // Every one of those was counted exactly once and nothing was sent.
+    assert_eq!(a.worker.counters().total_drops(), 7);
+    assert!(a.sent(UPLINK).is_empty() && a.sent(1).is_empty() && a.sent(2).is_empty());
+}
