@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_encap::DropReason;
 
+use crate::pipeline::PipelineCounters;
+
 /// Packet and byte counts for one port and direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -25,19 +27,28 @@ pub struct Counters {
     pub rx: Vec<Flow>,
     /// Transmitted, per port.
     pub tx: Vec<Flow>,
-    /// Drops by reason.
-    pub drops: [u64; DropReason::COUNT],
+    /// Drops by reason, and ICMP errors sent.
+    pub pipeline: PipelineCounters,
 }
 
 impl Counters {
     /// Zeroed counters for `ports` ports.
     pub fn new(ports: usize) -> Self {
-        Counters { rx: vec![Flow::default(); ports], tx: vec![Flow::default(); ports], drops: [0; DropReason::COUNT] }
+        Counters {
+            rx: vec![Flow::default(); ports],
+            tx: vec![Flow::default(); ports],
+            pipeline: PipelineCounters::default(),
+        }
+    }
+
+    /// Drops under one reason.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.pipeline.drops[reason as usize]
     }
 
     /// Total drops.
     pub fn total_drops(&self) -> u64 {
-        self.drops.iter().sum()
+        self.pipeline.drops.iter().sum()
     }
 }
 
@@ -45,14 +56,14 @@ impl Counters {
 #[derive(Debug)]
 pub struct SharedCounters {
     ports: usize,
-    /// rx packets, rx bytes, tx packets, tx bytes per port, then drops.
+    /// rx packets, rx bytes, tx packets, tx bytes per port, then drops, then ICMP errors.
     cells: Box<[AtomicU64]>,
 }
 
 impl SharedCounters {
     /// Zeroed cells for `ports` ports.
     pub fn new(ports: usize) -> Self {
-        let cells = (0..ports * 4 + DropReason::COUNT).map(|_| AtomicU64::new(0)).collect();
+        let cells = (0..ports * 4 + DropReason::COUNT + 1).map(|_| AtomicU64::new(0)).collect();
         SharedCounters { ports, cells }
     }
 
@@ -66,9 +77,10 @@ impl SharedCounters {
             self.cells[base + 3].store(c.tx[p].bytes, Ordering::Relaxed);
         }
         let d = self.ports * 4;
-        for (i, v) in c.drops.iter().enumerate() {
+        for (i, v) in c.pipeline.drops.iter().enumerate() {
             self.cells[d + i].store(*v, Ordering::Relaxed);
         }
+        self.cells[d + DropReason::COUNT].store(c.pipeline.icmp_errors, Ordering::Relaxed);
     }
 
     /// Read the published values.
@@ -76,14 +88,20 @@ impl SharedCounters {
         let mut c = Counters::new(self.ports);
         for p in 0..self.ports {
             let base = p * 4;
-            c.rx[p] = Flow { packets: self.cells[base].load(Ordering::Relaxed), bytes: self.cells[base + 1].load(Ordering::Relaxed) };
-            c.tx[p] =
-                Flow { packets: self.cells[base + 2].load(Ordering::Relaxed), bytes: self.cells[base + 3].load(Ordering::Relaxed) };
+            c.rx[p] = Flow {
+                packets: self.cells[base].load(Ordering::Relaxed),
+                bytes: self.cells[base + 1].load(Ordering::Relaxed),
+            };
+            c.tx[p] = Flow {
+                packets: self.cells[base + 2].load(Ordering::Relaxed),
+                bytes: self.cells[base + 3].load(Ordering::Relaxed),
+            };
         }
         let d = self.ports * 4;
-        for (i, v) in c.drops.iter_mut().enumerate() {
+        for (i, v) in c.pipeline.drops.iter_mut().enumerate() {
             *v = self.cells[d + i].load(Ordering::Relaxed);
         }
+        c.pipeline.icmp_errors = self.cells[d + DropReason::COUNT].load(Ordering::Relaxed);
         c
     }
 }
@@ -107,9 +125,10 @@ pub fn sum<'a>(workers: impl IntoIterator<Item = &'a SharedCounters>) -> Option<
                     a.packets += b.packets;
                     a.bytes += b.bytes;
                 }
-                for (a, b) in t.drops.iter_mut().zip(&c.drops) {
+                for (a, b) in t.pipeline.drops.iter_mut().zip(&c.pipeline.drops) {
                     *a += b;
                 }
+                t.pipeline.icmp_errors += c.pipeline.icmp_errors;
             }
         }
     }
@@ -125,14 +144,16 @@ mod tests {
         let mut c = Counters::new(2);
         c.rx[1] = Flow { packets: 3, bytes: 300 };
         c.tx[0] = Flow { packets: 2, bytes: 128 };
-        c.drops[DropReason::NoRoute as usize] = 5;
+        c.pipeline.drops[DropReason::NoRoute as usize] = 5;
+        c.pipeline.icmp_errors = 2;
         let (a, b) = (SharedCounters::new(2), SharedCounters::new(2));
         a.publish(&c);
         b.publish(&c);
         let s = sum([&a, &b]).expect("two workers");
         assert_eq!(s.rx[1], Flow { packets: 6, bytes: 600 });
         assert_eq!(s.tx[0].packets, 4);
-        assert_eq!(s.drops[DropReason::NoRoute as usize], 10);
+        assert_eq!(s.drops(DropReason::NoRoute), 10);
+        assert_eq!(s.pipeline.icmp_errors, 4);
         assert_eq!(s.total_drops(), 10);
     }
 }

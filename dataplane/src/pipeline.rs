@@ -104,15 +104,34 @@ pub struct Pipeline {
     now_ns: u64,
 }
 
-/// Drop counters indexed by [`DropReason`].
-pub type DropCounters = [u64; DropReason::COUNT];
+/// What the pipeline counts: drops by [`DropReason`], and ICMP errors sent. A packet answered with
+/// an ICMP error counts under its drop reason (it was not forwarded) and as an ICMP error sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineCounters {
+    /// Drops, indexed by `DropReason as usize`.
+    pub drops: [u64; DropReason::COUNT],
+    /// ICMP and ICMPv6 errors built and sent back.
+    pub icmp_errors: u64,
+}
+
+impl Default for PipelineCounters {
+    fn default() -> Self {
+        PipelineCounters { drops: [0; DropReason::COUNT], icmp_errors: 0 }
+    }
+}
 
 impl Pipeline {
     /// A pipeline for a node.
     pub fn new(cfg: NodeConfig) -> Self {
         let icmp_source = ErrorSource { mac: cfg.gateway_mac, ipv4: cfg.gateway_v4, ipv6: cfg.gateway_v6 };
         let limiter = RateLimiter::new(cfg.icmp_rate.0, cfg.icmp_rate.1);
-        Pipeline { cfg, icmp_source, limiter, scratch: vec![0u8; icmp::MAX_ERROR_FRAME_LEN].into_boxed_slice(), now_ns: 0 }
+        Pipeline {
+            cfg,
+            icmp_source,
+            limiter,
+            scratch: vec![0u8; icmp::MAX_ERROR_FRAME_LEN].into_boxed_slice(),
+            now_ns: 0,
+        }
     }
 
     /// The node configuration.
@@ -127,21 +146,21 @@ impl Pipeline {
 
     /// Decide a frame's fate, rewriting it in place. `Forward(p)` means transmit on port `p`;
     /// `Reply` means transmit the rewritten frame back out of `in_port`; `Drop` means free it (the
-    /// reason is already counted in `drops`).
+    /// reason is already counted in `counters`).
     pub fn process<F: Fib>(
         &mut self,
         fib: &F,
         in_port: PortIndex,
         role: PortRole,
         frame: &mut FrameBuf<'_>,
-        drops: &mut DropCounters,
+        counters: &mut PipelineCounters,
     ) -> Verdict<PortIndex> {
         let v = match role {
             PortRole::Uplink => self.uplink_ingress(fib, frame),
-            PortRole::Pod => self.pod_ingress(fib, in_port, frame, drops),
+            PortRole::Pod => self.pod_ingress(fib, in_port, frame, counters),
         };
         if let Verdict::Drop(r) = v {
-            drops[r as usize] += 1;
+            counters.drops[r as usize] += 1;
         }
         v
     }
@@ -177,7 +196,7 @@ impl Pipeline {
         fib: &F,
         in_port: PortIndex,
         frame: &mut FrameBuf<'_>,
-        drops: &mut DropCounters,
+        counters: &mut PipelineCounters,
     ) -> Verdict<PortIndex> {
         // Stage: classify.
         let info = match flow::classify(frame.data()) {
@@ -202,7 +221,7 @@ impl Pipeline {
         }
         let ttl = ttl_of(frame.data(), &info);
         if ttl <= 1 {
-            return self.icmp_error(frame, IcmpError::TimeExceeded, DropReason::TtlExceeded, drops);
+            return self.icmp_error(frame, IcmpError::TimeExceeded, DropReason::TtlExceeded, counters);
         }
         // Stage: route.
         match fib.route(dst) {
@@ -211,7 +230,7 @@ impl Pipeline {
                 self.rewrite_eth(frame, mac);
                 Verdict::Forward(port)
             }
-            Route::Remote { template, vtep_mac } => self.encap_stage(frame, &info, template, vtep_mac, drops),
+            Route::Remote { template, vtep_mac } => self.encap_stage(frame, &info, template, vtep_mac, counters),
             Route::Blackhole => Verdict::Drop(DropReason::Blackhole),
             Route::NoRoute => Verdict::Drop(DropReason::NoRoute),
         }
@@ -224,7 +243,7 @@ impl Pipeline {
         info: &FlowInfo,
         template: &TunnelTemplate,
         vtep_mac: MacAddr,
-        drops: &mut DropCounters,
+        counters: &mut PipelineCounters,
     ) -> Verdict<PortIndex> {
         // The whole inner frame, Ethernet header included, travels inside the outer IP packet.
         let budget = usize::from(self.cfg.underlay_mtu).saturating_sub(template.ip_overhead());
@@ -235,7 +254,7 @@ impl Pipeline {
             }
             // The MTU the pod should use: what is left for its IP packet.
             let mtu = u16::try_from(budget.saturating_sub(info.l3_offset)).unwrap_or(u16::MAX);
-            return self.icmp_error(frame, IcmpError::TooBig { mtu }, DropReason::TooBig, drops);
+            return self.icmp_error(frame, IcmpError::TooBig { mtu }, DropReason::TooBig, counters);
         }
         decrement_ttl(frame, info);
         let mut eth = EthernetFrame::new_unchecked(frame.data_mut());
@@ -263,7 +282,7 @@ impl Pipeline {
         frame: &mut FrameBuf<'_>,
         error: IcmpError,
         reason: DropReason,
-        drops: &mut DropCounters,
+        counters: &mut PipelineCounters,
     ) -> Verdict<PortIndex> {
         if !self.limiter.allow(self.now_ns) {
             return Verdict::Drop(reason);
@@ -275,7 +294,8 @@ impl Pipeline {
             return Verdict::Drop(reason);
         }
         frame.data_mut().copy_from_slice(&self.scratch[..n]);
-        drops[reason as usize] += 1;
+        counters.drops[reason as usize] += 1;
+        counters.icmp_errors += 1;
         Verdict::Reply
     }
 

@@ -156,15 +156,21 @@ impl<P: Port> Worker<P> {
         let buf = self.mem.frame_mut(pkt.frame);
         let Some(mut frame) = FrameBuf::new(buf, usize::from(pkt.offset), usize::from(pkt.len)) else {
             // A port handed over a descriptor outside its frame: count it and recycle the frame.
-            self.counters.drops[DropReason::Truncated as usize] += 1;
+            self.counters.pipeline.drops[DropReason::Truncated as usize] += 1;
             self.free.push(pkt.frame);
             return;
         };
-        let v = self.pipeline.process(fib, in_port as PortIndex, self.roles[in_port], &mut frame, &mut self.counters.drops);
+        let v = self.pipeline.process(
+            fib,
+            in_port as PortIndex,
+            self.roles[in_port],
+            &mut frame,
+            &mut self.counters.pipeline,
+        );
         let out = match v {
             Verdict::Forward(p) if usize::from(p) < self.ports.len() => usize::from(p),
             Verdict::Forward(_) => {
-                self.counters.drops[DropReason::NoRoute as usize] += 1;
+                self.counters.pipeline.drops[DropReason::NoRoute as usize] += 1;
                 self.free.push(pkt.frame);
                 return;
             }
@@ -194,7 +200,7 @@ impl<P: Port> Worker<P> {
             tx.bytes += u64::from(pkt.len);
         }
         for pkt in &batch[taken..] {
-            self.counters.drops[DropReason::TxRingFull as usize] += 1;
+            self.counters.pipeline.drops[DropReason::TxRingFull as usize] += 1;
             self.free.push(pkt.frame);
         }
         self.out[p].clear();

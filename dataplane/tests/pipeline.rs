@@ -118,7 +118,7 @@ impl Node {
     }
 
     fn drops(&self, r: DropReason) -> u64 {
-        self.worker.counters().drops[r as usize]
+        self.worker.counters().drops(r)
     }
 }
 
