@@ -6,9 +6,11 @@
 //! egress port; full egress batches go out immediately and the rest at the end of the iteration,
 //! with one kick per port. The forwarding tables are loaded once per iteration.
 //!
-//! Idle handling ([`PollMode::Adaptive`]): the worker spins while packets flow, and after a run of
-//! empty iterations sleeps in `poll(2)` on its ports' descriptors (or briefly, for ports without
-//! one) until traffic or a timeout wakes it. [`PollMode::Busy`] never sleeps, for benchmarks.
+//! Idle handling ([`PollMode::Adaptive`]): the worker spins while packets flow and for a short
+//! time after the last one, then sleeps in `poll(2)` on its ports' descriptors (or briefly, for
+//! ports without one) until traffic or a timeout wakes it. A wakeup that finds nothing goes straight
+//! back to sleep: the spin budget restarts only when a packet arrives. [`PollMode::Busy`] never
+//! sleeps, for benchmarks.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,10 +31,11 @@ pub const BATCH: usize = 64;
 /// How a worker waits when there is no traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PollMode {
-    /// Spin while busy; after `spin` empty iterations, sleep on the ports for up to `sleep`.
+    /// Spin while busy and for `spin` after the last packet, then sleep on the ports for up to
+    /// `sleep` at a time.
     Adaptive {
-        /// Empty iterations before sleeping.
-        spin: u32,
+        /// How long to keep spinning after the last packet.
+        spin: Duration,
         /// Longest sleep (the stop flag and timers are checked at least this often).
         sleep: Duration,
     },
@@ -42,7 +45,7 @@ pub enum PollMode {
 
 impl Default for PollMode {
     fn default() -> Self {
-        PollMode::Adaptive { spin: 2000, sleep: Duration::from_millis(100) }
+        PollMode::Adaptive { spin: Duration::from_micros(200), sleep: Duration::from_millis(100) }
     }
 }
 
@@ -215,19 +218,16 @@ impl<P: Port> Worker<P> {
 
     /// Run until `stop` is set, loading the current tables from `tables` once per iteration.
     pub fn run<F: Fib>(&mut self, tables: &ArcSwap<F>, stop: &AtomicBool, mode: PollMode) {
-        let mut idle = 0u32;
+        let mut last_packet = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let n = {
                 let fib = tables.load();
                 self.poll_once(&**fib)
             };
-            if n > 0 {
-                idle = 0;
-                continue;
-            }
             if let PollMode::Adaptive { spin, sleep } = mode {
-                idle = idle.saturating_add(1);
-                if idle >= spin {
+                if n > 0 {
+                    last_packet = Instant::now();
+                } else if last_packet.elapsed() >= spin {
                     self.publish();
                     self.sleep(sleep);
                 }
@@ -255,4 +255,68 @@ impl<P: Port> Worker<P> {
             libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms);
         }
     }
+}
+
+/// Errors starting a worker thread.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The requested core does not exist or is not in this process's CPU set.
+    #[error("core {core} is not available to this process (available: {available:?}); pick one of those in `cores`")]
+    NoSuchCore {
+        /// The core asked for.
+        core: usize,
+        /// The cores this process may use.
+        available: Vec<usize>,
+    },
+    /// The thread could not be spawned.
+    #[error("could not start worker thread {name}: {source}")]
+    Spawn {
+        /// Thread name.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Start `worker` on its own thread, pinned to `core` when given, running until `stop` is set. The
+/// thread hands the worker back when it ends.
+///
+/// # Errors
+/// [`StartError`] when the core is not available or the thread cannot be created.
+pub fn spawn<P, F>(
+    name: String,
+    mut worker: Worker<P>,
+    core: Option<usize>,
+    tables: Arc<ArcSwap<F>>,
+    stop: Arc<AtomicBool>,
+    mode: PollMode,
+) -> Result<std::thread::JoinHandle<Worker<P>>, StartError>
+where
+    P: Port + Send + 'static,
+    P::Mem: Send,
+    F: Fib + Send + Sync + 'static,
+{
+    let pin = match core {
+        None => None,
+        Some(c) => {
+            let ids = core_affinity::get_core_ids().unwrap_or_default();
+            match ids.iter().find(|id| id.id == c) {
+                Some(id) => Some(*id),
+                None => return Err(StartError::NoSuchCore { core: c, available: ids.iter().map(|i| i.id).collect() }),
+            }
+        }
+    };
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            if let Some(id) = pin
+                && !core_affinity::set_for_current(id)
+            {
+                tracing::warn!(core = id.id, "could not pin worker thread; running unpinned");
+            }
+            worker.run(&tables, &stop, mode);
+            worker
+        })
+        .map_err(|source| StartError::Spawn { name, source })
 }
