@@ -17,6 +17,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "tests (unit, property, integration; privileged ones need root)"
 cargo test --workspace --locked
 
+step "fuzz smoke (every encap/fuzz target, bounded in runs and time)"
+bash scripts/fuzz-smoke.sh
+
 step "benchmarks compile"
 cargo bench --workspace --locked --no-run >/dev/null
 
