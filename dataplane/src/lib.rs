@@ -9,3 +9,4 @@ pub mod frame;
 pub mod pipeline;
 pub mod port;
 pub mod worker;
+pub mod xdp;

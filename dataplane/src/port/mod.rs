@@ -15,6 +15,7 @@
 
 pub mod mem;
 pub mod pcap;
+pub mod xsk;
 
 use std::io;
 use std::os::fd::RawFd;
@@ -28,6 +29,8 @@ pub struct PortStats {
     pub rx_no_frame: u64,
     /// Frames dropped by the kernel or the device on receive, if it reports them.
     pub rx_dropped: u64,
+    /// Frames dropped because the receive ring was full (the worker fell behind).
+    pub rx_ring_full: u64,
     /// Descriptors the kernel rejected as invalid.
     pub invalid_descs: u64,
 }
