@@ -1,0 +1,5 @@
+//! ferry's forwarding tables.
+//!
+//! - [`lpm`]: longest-prefix match structures (control builds, workers look up).
+
+pub mod lpm;
