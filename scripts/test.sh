@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 
 step "system packages"
-ensure_apt tshark iproute2 iputils-ping tcpdump clang pkg-config libelf-dev zlib1g-dev m4 ethtool
+ensure_apt tshark iproute2 iputils-ping tcpdump clang pkg-config libelf-dev zlib1g-dev m4 ethtool libbpf-dev linux-libc-dev
 
 step "format and lints"
 cargo fmt --all --check

@@ -353,7 +353,6 @@ impl Port for XskPort {
         let free = self.tx.nb_free(want as u32) as usize;
         let n = want.min(free);
         for (slot, &p) in self.scratch[..n].iter_mut().zip(&pkts[..n]) {
-            let p = mem.move_to_front(p);
             *slot = mem.tx_desc(p);
         }
         // SAFETY: the frames belong to the caller, who hands them over here; they come back through

@@ -169,14 +169,22 @@ impl XskMem {
         Pkt { offset: 0, ..pkt }
     }
 
-    /// The descriptor that transmits `pkt`, which must already start at offset 0.
+    /// The descriptor that transmits `pkt`, after moving the packet to the front of its frame if
+    /// it is not there (one view of the frame for both).
+    ///
+    /// # Panics
+    /// If the packet's frame or range is outside this memory.
     #[inline]
     pub(super) fn tx_desc(&mut self, pkt: Pkt) -> FrameDesc {
-        debug_assert_eq!(pkt.offset, 0, "move the packet to the front first");
         let mut d = self.descs[pkt.frame.0 as usize];
         // SAFETY: `d` is a copy of this UMEM's descriptor for a frame the caller owns (the kernel
-        // does not hold it); the view only records the length, no byte is touched.
-        unsafe { self.umem.data_mut(&mut d) }.cursor().set_pos(usize::from(pkt.len));
+        // does not hold it), spanning the frame's data segment; `&mut self` rules out any other
+        // view of it through this value.
+        let mut data = unsafe { self.umem.data_mut(&mut d) };
+        if pkt.offset != 0 {
+            data.contents_mut().copy_within(pkt.range(), 0);
+        }
+        data.cursor().set_pos(usize::from(pkt.len));
         d
     }
 
