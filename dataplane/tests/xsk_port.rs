@@ -275,3 +275,31 @@ fn busy_poll_options_reach_the_socket() {
     let got = recv_n(&mut port, &mut mem, 1, deadline(5));
     assert_eq!(got.iter().map(|g| g.1.clone()).collect::<Vec<_>>(), vec![f]);
 }
+
+#[test]
+fn transmits_without_need_wakeup() {
+    if !privileged("transmits_without_need_wakeup") {
+        return;
+    }
+    let t = pair(1);
+    let _in_a = InNetns::enter(&t.a.ns);
+    let mut mem = XskMem::new(XskMemConfig { need_wakeup: false, ..Default::default() }).expect("UMEM");
+    let mut free = FreeFrames::all(mem.frame_count());
+    let mut port = XskPort::open(&mem, &t.a.name, 0, &XskPortConfig::default()).expect("bind");
+    let peer = {
+        let _in_b = InNetns::enter(&t.b.ns);
+        PacketSocket::bind(&t.b.name)
+    };
+    let mut pkts = Vec::new();
+    for i in 0..40u16 {
+        let f = udp4(t.a.mac, t.b.mac, A4, B4, 5000, 6001, format!("no-wakeup-{i:02}").as_bytes());
+        let id = free.pop().expect("free frame");
+        mem.frame_mut(id)[..f.len()].copy_from_slice(&f);
+        pkts.push(Pkt { frame: id, offset: 0, len: f.len() as u16 });
+    }
+    assert_eq!(port.send(&mut mem, &pkts), pkts.len());
+    port.flush().expect("kick");
+    let seen = peer.recv_until(deadline(5), pkts.len(), |f| udp_of(f).is_some_and(|(p, _)| p == 6001));
+    assert_eq!(seen.len(), pkts.len(), "copy mode without need_wakeup transmits (flush kicks unconditionally then)");
+    assert_eq!(reclaim_n(&mut port, &mut free, pkts.len(), deadline(5)), pkts.len());
+}

@@ -98,6 +98,8 @@ pub struct XskPort {
     mode: XskMode,
     fd: RawFd,
     busy_poll: bool,
+    /// Bound with `XDP_USE_NEED_WAKEUP`: kick only when the kernel asks.
+    need_wakeup: bool,
     tx: TxQueue,
     rx: RxQueue,
     fill: FillQueue,
@@ -215,6 +217,7 @@ impl XskPort {
             mode,
             fd,
             busy_poll: cfg.busy_poll.is_some(),
+            need_wakeup: mcfg.need_wakeup,
             tx,
             rx,
             fill,
@@ -363,7 +366,8 @@ impl Port for XskPort {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if !self.tx.needs_wakeup() {
+        // Without need_wakeup the kernel never asks, and copy mode transmits only when kicked.
+        if self.need_wakeup && !self.tx.needs_wakeup() {
             return Ok(());
         }
         // In copy mode each kick transmits at most 32 frames synchronously: kick until the ring is
