@@ -274,8 +274,8 @@ impl XdpProgram {
         let mut opts: libxdp_sys::bpf_object_open_opts = unsafe { mem::zeroed() };
         opts.sz = mem::size_of::<libxdp_sys::bpf_object_open_opts>();
         opts.object_name = kind.c_name().as_ptr();
-        // SAFETY: `bytes` is a static ELF object, valid for as long as the returned object lives
-        // (libbpf copies what it keeps anyway); `opts` is valid for the call.
+        // SAFETY: `bytes` is a static, 8-byte aligned ELF object, so whatever libbpf and libelf keep
+        // pointing into stays valid (and they only read it); `opts` is valid for the call.
         let obj = unsafe { libxdp_sys::bpf_object__open_mem(bytes.as_ptr().cast(), bytes.len(), &raw const opts) };
         let obj = NonNull::new(obj).ok_or_else(|| XdpError::Load { program, source: io::Error::last_os_error() })?;
         // From here on, dropping `prog` closes the object.
