@@ -1,0 +1,274 @@
+//! The control plane's metrics (control side) and the Prometheus endpoint that serves them.
+//!
+//! Everything is registered under the `ferry_control_` prefix:
+//!
+//! | metric | type | meaning |
+//! | --- | --- | --- |
+//! | `routes_installed{next_hop}` | gauge | pod CIDRs in the published table, `local` or `tunnel` |
+//! | `nodes` | gauge | nodes with at least one installed CIDR |
+//! | `source_up{source}` | gauge | 1 while the source is connected and synced |
+//! | `source_reconnects_total{source}` | counter | sessions that ended in an error |
+//! | `source_events_total{source}` | counter | updates received from the source |
+//! | `rejected_objects_total{source,field}` | counter | objects refused (bad field, overlap, outside the network) |
+//! | `publications_total` | counter | tables published |
+//! | `convergence_seconds` | histogram | event seen by a source -> table containing it published |
+//!
+//! The endpoint is off unless an address is configured (`--metrics-addr`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::model::SourceKind;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RejectLabels {
+    source: &'static str,
+    field: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NextHopLabels {
+    next_hop: &'static str,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    routes: Family<NextHopLabels, Gauge>,
+    nodes: Gauge,
+    source_up: Family<SourceLabels, Gauge>,
+    reconnects: Family<SourceLabels, Counter>,
+    events: Family<SourceLabels, Counter>,
+    rejected: Family<RejectLabels, Counter>,
+    publications: Counter,
+    convergence: Histogram,
+}
+
+/// Handle to the control plane's metrics; cheap to clone, shared by the sources and the engine.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ferry_control");
+        let routes = Family::<NextHopLabels, Gauge>::default();
+        let nodes = Gauge::default();
+        let source_up = Family::<SourceLabels, Gauge>::default();
+        let reconnects = Family::<SourceLabels, Counter>::default();
+        let events = Family::<SourceLabels, Counter>::default();
+        let rejected = Family::<RejectLabels, Counter>::default();
+        let publications = Counter::default();
+        // 100 us .. ~26 s.
+        let convergence = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register("routes_installed", "Pod CIDRs in the published table, by next hop", routes.clone());
+        registry.register("nodes", "Nodes with at least one installed pod CIDR", nodes.clone());
+        registry.register("source_up", "1 while the source is connected and synced", source_up.clone());
+        registry.register("source_reconnects", "Source sessions that ended in an error", reconnects.clone());
+        registry.register("source_events", "Updates received from the source", events.clone());
+        registry.register("rejected_objects", "Objects refused, by source and field", rejected.clone());
+        registry.register("publications", "Forwarding tables published", publications.clone());
+        registry.register(
+            "convergence_seconds",
+            "Time from a source seeing an event to the publication of the table reflecting it",
+            convergence.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                routes,
+                nodes,
+                source_up,
+                reconnects,
+                events,
+                rejected,
+                publications,
+                convergence,
+            }),
+        }
+    }
+
+    pub(crate) fn set_routes(&self, local: usize, tunnel: usize, nodes: usize) {
+        let i = &self.inner;
+        i.routes.get_or_create(&NextHopLabels { next_hop: "local" }).set(gauge_value(local));
+        i.routes.get_or_create(&NextHopLabels { next_hop: "tunnel" }).set(gauge_value(tunnel));
+        i.nodes.set(gauge_value(nodes));
+    }
+
+    pub(crate) fn set_source_up(&self, source: SourceKind, up: bool) {
+        self.inner.source_up.get_or_create(&SourceLabels { source: source.name() }).set(i64::from(up));
+    }
+
+    pub(crate) fn source_reconnect(&self, source: SourceKind) {
+        self.inner.reconnects.get_or_create(&SourceLabels { source: source.name() }).inc();
+    }
+
+    pub(crate) fn source_event(&self, source: SourceKind) {
+        self.inner.events.get_or_create(&SourceLabels { source: source.name() }).inc();
+    }
+
+    pub(crate) fn rejected(&self, source: SourceKind, field: &str) {
+        self.inner.rejected.get_or_create(&RejectLabels { source: source.name(), field: field.to_owned() }).inc();
+    }
+
+    pub(crate) fn published(&self) {
+        self.inner.publications.inc();
+    }
+
+    pub(crate) fn converged(&self, latency: Duration) {
+        self.inner.convergence.observe(latency.as_secs_f64());
+    }
+
+    /// Whether the source is up (1) or down (0); `None` before it reported anything.
+    pub fn source_up(&self, source: SourceKind) -> Option<bool> {
+        let family = &self.inner.source_up;
+        // get_or_create would report a never-set source as down.
+        family.get(&SourceLabels { source: source.name() }).map(|g| g.get() == 1)
+    }
+
+    /// Rejections counted for a source and field.
+    pub fn rejected_total(&self, source: SourceKind, field: &str) -> u64 {
+        let family = &self.inner.rejected;
+        family.get(&RejectLabels { source: source.name(), field: field.to_owned() }).map_or(0, |c| c.get())
+    }
+
+    /// Rejections counted for a source, all fields.
+    pub fn rejected_all(&self, source: SourceKind) -> u64 {
+        let text = self.encode();
+        let prefix = format!("ferry_control_rejected_objects_total{{source=\"{}\"", source.name());
+        text.lines().filter(|l| l.starts_with(&prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+    }
+
+    /// Source sessions that ended in an error.
+    pub fn reconnects(&self, source: SourceKind) -> u64 {
+        self.inner.reconnects.get(&SourceLabels { source: source.name() }).map_or(0, |c| c.get())
+    }
+
+    /// Tables published so far.
+    pub fn publications(&self) -> u64 {
+        self.inner.publications.get()
+    }
+
+    /// The whole registry in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` turns true. One task per connection;
+/// anything else answers 404.
+pub(crate) async fn serve(listener: TcpListener, metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = crate::source::stopped(&mut shutdown) => return,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, &metrics)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(error = %e, "metrics endpoint: connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+        return resp;
+    }
+    *resp.body_mut() = Full::new(Bytes::from(metrics.encode()));
+    if let Ok(v) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// Binds the metrics listener (synchronously, so that a bad address fails at startup).
+///
+/// # Errors
+/// The bind error.
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_names_every_metric() {
+        let m = Metrics::new();
+        m.set_routes(1, 2, 3);
+        m.set_source_up(SourceKind::Kube, true);
+        m.rejected(SourceKind::Kube, "spec.podCIDRs");
+        m.rejected(SourceKind::Kube, "spec.podCIDRs");
+        m.rejected(SourceKind::Kube, "status.addresses");
+        m.published();
+        m.converged(Duration::from_millis(3));
+        let text = m.encode();
+        for name in [
+            "ferry_control_routes_installed{next_hop=\"tunnel\"} 2",
+            "ferry_control_nodes 3",
+            "ferry_control_source_up{source=\"kube\"} 1",
+            "ferry_control_rejected_objects_total{source=\"kube\",field=\"spec.podCIDRs\"} 2",
+            "ferry_control_publications_total 1",
+            "ferry_control_convergence_seconds_count 1",
+        ] {
+            assert!(text.contains(name), "missing {name:?} in\n{text}");
+        }
+        assert_eq!(m.rejected_total(SourceKind::Kube, "spec.podCIDRs"), 2);
+        assert_eq!(m.rejected_all(SourceKind::Kube), 3);
+        assert_eq!(m.source_up(SourceKind::Kube), Some(true));
+        assert_eq!(m.source_up(SourceKind::Etcd), None);
+    }
+}

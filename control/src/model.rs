@@ -1,0 +1,233 @@
+//! The control plane's model of the cluster (control side): which node owns which pod CIDRs and how
+//! to reach it. Sources translate their objects into [`NodeSpec`]s; the [diff engine](crate::engine)
+//! turns them into [`Route`]s.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ferry_encap::{MacAddr, TunnelKind};
+use ipnet::IpNet;
+
+/// Largest VNI: VXLAN and Geneve carry 24 bits.
+pub const MAX_VNI: u32 = 0x00ff_ffff;
+
+/// Where a node's mapping came from. Each source owns its own node names; a resync from one
+/// source never touches another's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SourceKind {
+    /// Node objects from a Kubernetes API server.
+    Kube,
+    /// Flannel-style subnet leases in etcd.
+    Etcd,
+    /// A TOML file.
+    Static,
+}
+
+impl SourceKind {
+    /// Lower-case name, as in logs and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SourceKind::Kube => "kube",
+            SourceKind::Etcd => "etcd",
+            SourceKind::Static => "static",
+        }
+    }
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A node as one source names it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeKey {
+    /// The source.
+    pub source: SourceKind,
+    /// The node's name within the source (a Node's name; for etcd, the lease's subnet key).
+    pub name: String,
+}
+
+impl NodeKey {
+    /// A key.
+    pub fn new(source: SourceKind, name: impl Into<String>) -> Self {
+        NodeKey { source, name: name.into() }
+    }
+}
+
+impl fmt::Display for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.source, self.name)
+    }
+}
+
+/// What one node contributes to the tables, already parsed and checked field by field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// The node's name within its source.
+    pub name: String,
+    /// Its pod CIDRs (IPv4 and/or IPv6), without host bits, sorted, no duplicates. Empty while the
+    /// node has no CIDR yet (a new Kubernetes node before IPAM).
+    pub pod_cidrs: Vec<IpNet>,
+    /// The underlay address tunnels to this node go to. Meaningless when `pod_cidrs` is empty.
+    pub underlay: IpAddr,
+    /// The remote VTEP's MAC, when the node announced one (Flannel's `VtepMAC`).
+    pub vtep_mac: Option<MacAddr>,
+    /// The VNI to encapsulate with.
+    pub vni: u32,
+    /// The encapsulation.
+    pub tunnel: TunnelKind,
+    /// The node's tunnel UDP port.
+    pub port: u16,
+    /// Whether this is the node the control plane runs on: its CIDRs are delivered locally.
+    pub local: bool,
+}
+
+impl NodeSpec {
+    /// Sorts and deduplicates `pod_cidrs` (the form the engine compares).
+    pub fn normalized(mut self) -> Self {
+        self.pod_cidrs.sort();
+        self.pod_cidrs.dedup();
+        self
+    }
+
+    /// The next hop for this node's CIDRs.
+    pub fn next_hop(&self) -> NextHop {
+        if self.local {
+            NextHop::Local
+        } else {
+            NextHop::Tunnel(TunnelEndpoint {
+                underlay: self.underlay,
+                vtep_mac: self.vtep_mac,
+                vni: self.vni,
+                kind: self.tunnel,
+                port: self.port,
+            })
+        }
+    }
+}
+
+/// How to reach a remote node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TunnelEndpoint {
+    /// The node's underlay address (outer destination).
+    pub underlay: IpAddr,
+    /// The node's VTEP MAC (inner destination MAC), when known.
+    pub vtep_mac: Option<MacAddr>,
+    /// VNI.
+    pub vni: u32,
+    /// Encapsulation.
+    pub kind: TunnelKind,
+    /// Outer UDP destination port.
+    pub port: u16,
+}
+
+/// Where a pod CIDR goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NextHop {
+    /// This node's own pods: deliver locally, never tunnel.
+    Local,
+    /// Another node: encapsulate toward it.
+    Tunnel(TunnelEndpoint),
+}
+
+/// One installed mapping: the owning node and its next hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The source that named the owning node.
+    pub source: SourceKind,
+    /// The node that owns the CIDR.
+    pub node: Arc<str>,
+    /// Where traffic for the CIDR goes.
+    pub next_hop: NextHop,
+}
+
+/// Bad data from a source: names the node and the field. The engine keeps the node's last good
+/// state, logs one warning and counts it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node {node}: field {field}: {reason}")]
+pub struct Rejection {
+    /// The node's name within its source.
+    pub node: String,
+    /// The offending field, as the source spells it (`spec.podCIDRs`, `BackendData.VtepMAC`, ...).
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl Rejection {
+    /// A rejection.
+    pub fn new(node: impl Into<String>, field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Rejection { node: node.into(), field: field.into(), reason: reason.into() }
+    }
+}
+
+/// Parses a pod CIDR strictly: no host bits (a CIDR like `10.0.1.5/24` is a typo, not a network).
+///
+/// # Errors
+/// A human-readable reason.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = s.trim().parse().map_err(|_| format!("{s:?} is not a CIDR"))?;
+    if net.trunc() != net {
+        return Err(format!("{s:?} has host bits set (network is {})", net.trunc()));
+    }
+    Ok(net)
+}
+
+/// Parses a tunnel type name: `vxlan` or `geneve`.
+///
+/// # Errors
+/// A reason naming the unsupported type.
+pub fn parse_tunnel(s: &str) -> Result<TunnelKind, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "vxlan" => Ok(TunnelKind::Vxlan),
+        "geneve" => Ok(TunnelKind::Geneve),
+        other => Err(format!("backend type {other:?} is not supported (ferry tunnels with vxlan or geneve)")),
+    }
+}
+
+/// Checks a VNI fits 24 bits.
+///
+/// # Errors
+/// A reason when it does not.
+pub fn check_vni(vni: u64) -> Result<u32, String> {
+    u32::try_from(vni).ok().filter(|v| *v <= MAX_VNI).ok_or_else(|| format!("VNI {vni} does not fit 24 bits"))
+}
+
+/// Parses a VTEP MAC, which must be unicast.
+///
+/// # Errors
+/// A reason when it is malformed or multicast.
+pub fn parse_vtep_mac(s: &str) -> Result<MacAddr, String> {
+    let mac: MacAddr = s.trim().parse().map_err(|e: ferry_encap::wire::ethernet::ParseMacError| e.to_string())?;
+    if !mac.is_unicast() {
+        return Err(format!("{mac} is not a unicast MAC"));
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parsing_is_strict() {
+        assert_eq!(parse_cidr("10.1.2.0/24"), Ok("10.1.2.0/24".parse().expect("cidr")));
+        assert!(parse_cidr("10.1.2.5/24").expect_err("host bits").contains("host bits"));
+        assert!(parse_cidr("10.1.2.0").is_err());
+        assert!(parse_cidr("fd00::/64").is_ok());
+    }
+
+    #[test]
+    fn tunnel_vni_and_mac() {
+        assert_eq!(parse_tunnel("VXLAN"), Ok(TunnelKind::Vxlan));
+        assert!(parse_tunnel("host-gw").expect_err("unsupported").contains("host-gw"));
+        assert_eq!(check_vni(1), Ok(1));
+        assert!(check_vni(1 << 24).is_err());
+        assert!(parse_vtep_mac("02:00:00:00:00:01").is_ok());
+        assert!(parse_vtep_mac("01:00:5e:00:00:01").is_err());
+        assert!(parse_vtep_mac("zz").is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! The static file source (control side), for labs and tests: a TOML file of nodes, reloaded when
+//! it changes (inotify on its directory, so editors' rename-over-the-file is seen, plus a slow poll
+//! as a safety net).
+//!
+//! ```toml
+//! cluster_cidrs = ["10.244.0.0/16"]      # optional: every pod CIDR must lie in one of these
+//!
+//! [[node]]
+//! name = "node-a"
+//! pod_cidrs = ["10.244.1.0/24", "fd00:10:244:1::/64"]
+//! underlay = "192.168.0.10"
+//! vtep_mac = "02:00:c0:a8:00:0a"         # optional
+//! vni = 1                                 # optional (default: --vni)
+//! tunnel = "vxlan"                        # optional (default: --tunnel)
+//! port = 4789                             # optional (default: --tunnel-port)
+//! ```
+//!
+//! Each load is a full resync. A file that does not parse as a whole keeps the last good routes
+//! (one warning, counted under field `file`); a bad node entry is rejected on its own, naming the
+//! node and the field.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_encap::TunnelKind;
+use ipnet::IpNet;
+use notify::Watcher;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+
+use super::EventTx;
+use crate::config::ControlConfig;
+use crate::engine::Update;
+use crate::metrics::Metrics;
+use crate::model::{NodeSpec, Rejection, SourceKind, check_vni, parse_cidr, parse_tunnel, parse_vtep_mac};
+
+/// How often the file is checked even without an inotify event.
+const POLL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    cluster_cidrs: Vec<String>,
+    #[serde(default, rename = "node")]
+    nodes: Vec<Entry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    name: String,
+    #[serde(default)]
+    pod_cidrs: Vec<String>,
+    underlay: Option<String>,
+    vtep_mac: Option<String>,
+    vni: Option<u64>,
+    tunnel: Option<String>,
+    port: Option<u16>,
+}
+
+/// Defaults for fields a node entry leaves out.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// This node's name: its entry is local.
+    pub own_name: String,
+    /// Tunnel type.
+    pub tunnel: TunnelKind,
+    /// VNI.
+    pub vni: u32,
+    /// Port, when configured.
+    pub port: Option<u16>,
+}
+
+impl Defaults {
+    /// From the control plane's configuration.
+    pub fn from_config(c: &ControlConfig) -> Self {
+        Defaults { own_name: c.node_name.clone(), tunnel: c.tunnel, vni: c.vni, port: c.tunnel_port }
+    }
+}
+
+/// A parsed file: the cluster networks and one result per node entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    /// `cluster_cidrs`.
+    pub networks: Vec<IpNet>,
+    /// One per `[[node]]`.
+    pub nodes: Vec<Result<NodeSpec, Rejection>>,
+}
+
+/// Parses the file's text.
+///
+/// # Errors
+/// A reason (with TOML's line and column) when the file as a whole is unusable.
+pub fn parse(text: &str, d: &Defaults) -> Result<Parsed, String> {
+    let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+    let networks = file
+        .cluster_cidrs
+        .iter()
+        .map(|c| parse_cidr(c).map_err(|e| format!("cluster_cidrs: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut seen = BTreeSet::new();
+    let nodes = file
+        .nodes
+        .into_iter()
+        .map(|e| {
+            if !seen.insert(e.name.clone()) {
+                return Err(Rejection::new(e.name, "name", "appears twice in the file"));
+            }
+            entry_spec(e, d)
+        })
+        .collect();
+    Ok(Parsed { networks, nodes })
+}
+
+fn entry_spec(e: Entry, d: &Defaults) -> Result<NodeSpec, Rejection> {
+    let reject = |field: &str, reason: String| Rejection::new(e.name.clone(), field, reason);
+    let pod_cidrs =
+        e.pod_cidrs.iter().map(|c| parse_cidr(c)).collect::<Result<Vec<_>, _>>().map_err(|r| reject("pod_cidrs", r))?;
+    let underlay = match &e.underlay {
+        Some(u) => u.trim().parse::<IpAddr>().map_err(|_| reject("underlay", format!("{u:?} is not an IP address")))?,
+        None if pod_cidrs.is_empty() || e.name == d.own_name => IpAddr::from([0, 0, 0, 0]),
+        None => return Err(reject("underlay", "missing".into())),
+    };
+    let vtep_mac = e.vtep_mac.as_deref().map(parse_vtep_mac).transpose().map_err(|r| reject("vtep_mac", r))?;
+    let vni = e.vni.map(check_vni).transpose().map_err(|r| reject("vni", r))?.unwrap_or(d.vni);
+    let tunnel =
+        e.tunnel.as_deref().map(parse_tunnel).transpose().map_err(|r| reject("tunnel", r))?.unwrap_or(d.tunnel);
+    Ok(NodeSpec {
+        local: e.name == d.own_name,
+        name: e.name,
+        pod_cidrs,
+        underlay,
+        vtep_mac,
+        vni,
+        tunnel,
+        port: e.port.or(d.port).unwrap_or(tunnel.default_port()),
+    }
+    .normalized())
+}
+
+/// The static file source task.
+#[derive(Debug)]
+pub(crate) struct StaticSource {
+    pub(crate) path: PathBuf,
+    pub(crate) defaults: Defaults,
+    pub(crate) tx: EventTx,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl StaticSource {
+    pub(crate) async fn run(mut self) {
+        let (ntx, mut nrx) = mpsc::unbounded_channel::<()>();
+        let file_name = self.path.file_name().map(ToOwned::to_owned);
+        let handler = move |res: notify::Result<notify::Event>| {
+            if res.is_ok_and(|ev| ev.paths.iter().any(|p| p.file_name() == file_name.as_deref())) {
+                let _ = ntx.send(());
+            }
+        };
+        // Keep the watcher alive for the task's lifetime; without it the poll still works.
+        let _watcher = match notify::recommended_watcher(handler) {
+            Ok(mut w) => {
+                let dir = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the static routes' directory; polling");
+                }
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no file notifications; polling the static routes file");
+                None
+            }
+        };
+        let mut last: Option<Vec<u8>> = None;
+        let mut warned: Option<String> = None;
+        let mut poll = tokio::time::interval(POLL);
+        loop {
+            tokio::select! {
+                _ = super::stopped(&mut self.shutdown) => return,
+                _ = poll.tick() => {}
+                Some(()) = nrx.recv() => {
+                    // Let a burst of writes settle, then read once.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    while nrx.try_recv().is_ok() {}
+                }
+            }
+            let seen = Instant::now();
+            // A small file: reading it inline is cheaper than a blocking-pool round trip.
+            let text = match std::fs::read(&self.path) {
+                Ok(t) => t,
+                Err(e) => {
+                    let msg = format!("cannot read {}: {e}", self.path.display());
+                    if warned.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!("{msg}; keeping the last good routes");
+                        self.metrics.set_source_up(SourceKind::Static, false);
+                        warned = Some(msg);
+                    }
+                    continue;
+                }
+            };
+            if last.as_deref() == Some(text.as_slice()) {
+                continue;
+            }
+            let parsed = std::str::from_utf8(&text).map_err(|e| e.to_string()).and_then(|t| parse(t, &self.defaults));
+            last = Some(text);
+            match parsed {
+                Ok(p) => {
+                    warned = None;
+                    self.metrics.set_source_up(SourceKind::Static, true);
+                    self.metrics.source_event(SourceKind::Static);
+                    tracing::info!(file = %self.path.display(), nodes = p.nodes.len(), "static routes loaded");
+                    let net = self.tx.send(seen, Update::Network(SourceKind::Static, p.networks)).await;
+                    if net.is_err() || self.tx.send(seen, Update::Resync(SourceKind::Static, p.nodes)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(reason) => {
+                    let msg = format!("{}: {reason}", self.path.display());
+                    if warned.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(node = "*", field = "file", reason = %msg, "static routes file rejected; keeping the last good routes");
+                        self.metrics.rejected(SourceKind::Static, "file");
+                        self.metrics.set_source_up(SourceKind::Static, false);
+                        warned = Some(msg);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Defaults {
+        Defaults { own_name: "me".into(), tunnel: TunnelKind::Vxlan, vni: 1, port: None }
+    }
+
+    #[test]
+    fn parses_nodes_with_defaults_and_names_bad_fields() {
+        let text = r#"
+            cluster_cidrs = ["10.244.0.0/16"]
+            [[node]]
+            name = "me"
+            pod_cidrs = ["10.244.9.0/24"]
+            [[node]]
+            name = "a"
+            pod_cidrs = ["10.244.1.0/24", "fd00:1::/64"]
+            underlay = "192.0.2.1"
+            tunnel = "geneve"
+            [[node]]
+            name = "b"
+            pod_cidrs = ["10.244.2.0/24"]
+            underlay = "192.0.2.2"
+            vtep_mac = "ff:ff:ff:ff:ff:ff"
+            [[node]]
+            name = "a"
+            pod_cidrs = []
+        "#;
+        let p = parse(text, &defaults()).expect("parses");
+        assert_eq!(p.networks, ["10.244.0.0/16".parse::<IpNet>().expect("net")]);
+        let me = p.nodes[0].as_ref().expect("me");
+        assert!(me.local);
+        let a = p.nodes[1].as_ref().expect("a");
+        assert_eq!((a.tunnel, a.port, a.pod_cidrs.len()), (TunnelKind::Geneve, 6081, 2));
+        assert_eq!(p.nodes[2].as_ref().map_err(|e| e.field.as_str()), Err("vtep_mac"));
+        assert_eq!(p.nodes[3].as_ref().map_err(|e| e.field.as_str()), Err("name"));
+    }
+
+    #[test]
+    fn whole_file_errors_carry_a_position() {
+        let e = parse("[[node]]\nname = 3\n", &defaults()).expect_err("type error");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(parse("nodes = []", &defaults()).is_err(), "unknown keys are refused");
+    }
+}

@@ -1,0 +1,139 @@
+//! The static file source end to end (no servers needed): load, reload on change (including an
+//! editor-style rename over the file), a broken file keeps the last good table, and the metrics
+//! endpoint serves what happened.
+
+mod common;
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{http_get, wait_for};
+use ferry_control::{ControlConfig, ControlPlane, NextHop, SnapshotPublisher, SourceKind};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+fn underlay(s: &ferry_control::FibSnapshot, ip: &str) -> Option<IpAddr> {
+    match s.lookup(ip.parse().expect("ip"))?.next_hop {
+        NextHop::Tunnel(t) => Some(t.underlay),
+        NextHop::Local => None,
+    }
+}
+
+#[tokio::test]
+async fn static_file_loads_reloads_and_keeps_last_good_on_errors() {
+    common::init_tracing();
+    let dir = tempfile::TempDir::new().expect("dir");
+    let path = dir.path().join("routes.toml");
+    std::fs::write(
+        &path,
+        r#"
+        cluster_cidrs = ["10.244.0.0/16"]
+        [[node]]
+        name = "me"
+        pod_cidrs = ["10.244.9.0/24"]
+        [[node]]
+        name = "a"
+        pod_cidrs = ["10.244.1.0/24"]
+        underlay = "192.0.2.1"
+        "#,
+    )
+    .expect("write");
+    let mut cfg = ControlConfig::new("me");
+    cfg.static_file = Some(path.clone());
+    cfg.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
+    let (publisher, reader) = SnapshotPublisher::new();
+    let cp = ControlPlane::spawn(cfg, publisher).expect("starts");
+
+    let s = wait_for(&reader, WAIT, "initial load", |s| s.len() == 2).await;
+    assert_eq!(s.lookup("10.244.9.7".parse().expect("ip")).map(|r| r.next_hop), Some(NextHop::Local));
+    assert_eq!(underlay(&s, "10.244.1.7"), Some("192.0.2.1".parse().expect("ip")));
+
+    // Edit in place: a moves, b appears, and b2 lies outside the cluster network (rejected alone).
+    std::fs::write(
+        &path,
+        r#"
+        cluster_cidrs = ["10.244.0.0/16"]
+        [[node]]
+        name = "me"
+        pod_cidrs = ["10.244.9.0/24"]
+        [[node]]
+        name = "a"
+        pod_cidrs = ["10.244.1.0/24"]
+        underlay = "192.0.2.11"
+        [[node]]
+        name = "b"
+        pod_cidrs = ["10.244.2.0/24"]
+        underlay = "192.0.2.2"
+        [[node]]
+        name = "b2"
+        pod_cidrs = ["10.99.2.0/24"]
+        underlay = "192.0.2.22"
+        "#,
+    )
+    .expect("write");
+    let s = wait_for(&reader, WAIT, "in-place edit", |s| {
+        s.len() == 3 && underlay(s, "10.244.1.1").is_some_and(|u| u.to_string() == "192.0.2.11")
+    })
+    .await;
+    assert!(s.lookup("10.99.2.1".parse().expect("ip")).is_none());
+    assert_eq!(cp.metrics().rejected_total(SourceKind::Static, "pod_cidrs"), 1);
+
+    // Editor-style save (write a temp file, rename over): a is gone.
+    write_atomically(
+        &path,
+        "[[node]]\nname = \"me\"\npod_cidrs = [\"10.244.9.0/24\"]\n[[node]]\nname = \"b\"\npod_cidrs = [\"10.244.2.0/24\"]\nunderlay = \"192.0.2.2\"\n",
+    );
+    let s = wait_for(&reader, WAIT, "rename-over reload", |s| s.len() == 2).await;
+    assert!(s.lookup("10.244.1.1".parse().expect("ip")).is_none());
+    let generation = s.generation();
+
+    // A broken file: the table stays, one warning is counted.
+    write_atomically(&path, "[[node]\nname = ");
+    common::wait_until(WAIT, "the broken file to be counted", || {
+        cp.metrics().rejected_total(SourceKind::Static, "file") == 1
+    })
+    .await;
+    assert_eq!(reader.load().generation(), generation);
+    assert_eq!(reader.load().len(), 2);
+    assert_eq!(cp.metrics().source_up(SourceKind::Static), Some(false));
+
+    // The metrics endpoint serves the counters and the convergence histogram.
+    let addr = cp.metrics_addr().expect("metrics enabled");
+    let (status, body) =
+        tokio::task::spawn_blocking(move || http_get(addr, "/metrics")).await.expect("join").expect("GET");
+    assert!(status.contains("200"), "{status}");
+    for needle in [
+        "ferry_control_routes_installed{next_hop=\"local\"} 1",
+        "ferry_control_routes_installed{next_hop=\"tunnel\"} 1",
+        "ferry_control_rejected_objects_total{source=\"static\",field=\"file\"} 1",
+        "ferry_control_source_up{source=\"static\"} 0",
+        "ferry_control_convergence_seconds_count",
+    ] {
+        assert!(body.contains(needle), "metrics lack {needle:?}:\n{body}");
+    }
+    let (status, _) = tokio::task::spawn_blocking(move || http_get(addr, "/other")).await.expect("join").expect("GET");
+    assert!(status.contains("404"), "{status}");
+    cp.shutdown();
+}
+
+#[test]
+fn metrics_are_off_unless_asked_and_a_bad_source_is_refused() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let mut cfg = ControlConfig::new("me");
+    cfg.static_file = Some(dir.path().join("absent.toml"));
+    let (publisher, _reader) = SnapshotPublisher::new();
+    let cp = ControlPlane::spawn(cfg, publisher).expect("starts with a missing file (waits for it)");
+    assert_eq!(cp.metrics_addr(), None);
+    drop(cp);
+
+    let (publisher, _reader) = SnapshotPublisher::new();
+    let err = ControlPlane::spawn(ControlConfig::new("me"), publisher).expect_err("no source");
+    assert!(err.to_string().contains("no route source"), "{err}");
+}

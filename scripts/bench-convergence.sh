@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Convergence benchmark: API write -> forwarding table published, with 1,000 Nodes in a real
+# kube-apiserver (built once by scripts/build-kube-apiserver.sh, cached outside the checkout) backed by
+# Debian's etcd, both started on 127.0.0.1 by the benchmark itself. Prints p50/p90/p99/max per phase.
+# Usage: sudo scripts/bench-convergence.sh     (FERRY_BENCH_NODES / FERRY_BENCH_WRITES to resize)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/common.sh
+
+ensure_apt etcd-server openssl protobuf-compiler libprotobuf-dev
+FERRY_KUBE_APISERVER=$(bash scripts/build-kube-apiserver.sh | tail -n1)
+export FERRY_KUBE_APISERVER
+cargo bench --locked -p ferry-control --bench convergence
