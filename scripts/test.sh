@@ -8,11 +8,22 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 
 step "system packages"
-ensure_apt tshark iproute2 iputils-ping tcpdump clang pkg-config libelf-dev zlib1g-dev m4 ethtool libbpf-dev linux-libc-dev
+ensure_apt tshark iproute2 iputils-ping tcpdump clang pkg-config libelf-dev zlib1g-dev m4 ethtool libbpf-dev linux-libc-dev \
+    etcd-server openssl protobuf-compiler libprotobuf-dev
 
 step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "kube-apiserver for the control plane's tests (built once from Debian's kubernetes source, then cached)"
+if FERRY_KUBE_APISERVER=$(bash scripts/build-kube-apiserver.sh | tail -n1); then
+    export FERRY_KUBE_APISERVER
+elif [ -n "${CI:-}" ]; then
+    echo "FAIL: no kube-apiserver and CI is set; run: sudo scripts/build-kube-apiserver.sh" >&2
+    exit 1
+else
+    echo "SKIP: no kube-apiserver; the control plane's Kubernetes tests will skip" >&2
+fi
 
 step "tests (unit, property, integration; privileged ones need root)"
 cargo test --workspace --locked
