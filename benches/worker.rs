@@ -9,54 +9,33 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
 use ferry_dataplane::frame::{FreeFrames, HeapMem};
-use ferry_dataplane::pipeline::{Fib, NodeConfig, Pipeline, PortIndex, PortRole, Route};
+use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig};
 use ferry_dataplane::worker::{BATCH, Worker};
 use ferry_encap::{DecapConfig, FrameBuf, MacAddr, TemplateParams, TunnelKind, TunnelTemplate, encap};
+use ferry_tables::{DesiredState, LocalPod, RemoteNode, Snapshot, Tables, Underlay};
 
 const POD: [u8; 4] = [10, 244, 1, 2];
 const REMOTE_POD: [u8; 4] = [10, 244, 2, 2];
 
-struct BenchFib {
-    template: TunnelTemplate,
-}
-
-impl Fib for BenchFib {
-    fn route(&self, dst: IpAddr) -> Route<'_> {
-        match dst {
-            IpAddr::V4(d) if d.octets() == POD => Route::Local { port: 1, mac: MacAddr([2, 0, 0, 0, 0, 2]) },
-            IpAddr::V4(d) if d.octets()[..3] == REMOTE_POD[..3] => {
-                Route::Remote { template: &self.template, vtep_mac: MacAddr([2, 0, 0, 0, 0, 0xb]) }
-            }
-            _ => Route::NoRoute,
-        }
-    }
-
-    fn source_allowed(&self, port: PortIndex, src: IpAddr) -> bool {
-        port == 1 && src == IpAddr::V4(POD.into())
-    }
-
-    fn is_known_node(&self, underlay: IpAddr) -> bool {
-        underlay == IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2))
-    }
-}
-
-fn setup() -> (Worker<MemPort>, BenchFib) {
-    let me: IpAddr = Ipv4Addr::new(192, 0, 2, 1).into();
-    let peer: IpAddr = Ipv4Addr::new(192, 0, 2, 2).into();
+/// A node with one pod on port 1 and one remote node, in real tables.
+fn setup() -> (Worker<MemPort>, Arc<Snapshot>) {
+    let me = Ipv4Addr::new(192, 0, 2, 1);
+    let peer = Ipv4Addr::new(192, 0, 2, 2);
     let mac = MacAddr([2, 0, 0, 0, 0, 1]);
-    let template = TunnelTemplate::new(&TemplateParams::new(TunnelKind::Vxlan, 1, mac, mac, me, peer)).expect("tpl");
     let cfg = NodeConfig {
         gateway_mac: mac,
         gateway_v4: Some(Ipv4Addr::new(10, 244, 1, 1)),
         gateway_v6: None,
         vtep_mac: mac,
-        decap: DecapConfig::new(TunnelKind::Vxlan, 1, me),
-        uplink: 0,
+        decap: DecapConfig::new(TunnelKind::Vxlan, 1, me.into()),
+        uplink: PortId(0),
         underlay_mtu: 1500,
         icmp_rate: (100, 10),
     };
@@ -69,7 +48,28 @@ fn setup() -> (Worker<MemPort>, BenchFib) {
         FreeFrames::all(2048),
         Pipeline::new(cfg),
     );
-    (worker, BenchFib { template })
+    let now = Instant::now();
+    let mut tables = Tables::new(Underlay::new(mac, Some(me), None), Duration::from_secs(60));
+    let _ = tables.set_static_neighbour(peer.into(), MacAddr([2, 0, 0, 0, 0, 9]), now);
+    let desired = DesiredState {
+        nodes: vec![RemoteNode {
+            name: "peer".into(),
+            pod_cidrs: vec!["10.244.2.0/24".parse().expect("cidr")],
+            underlay: peer.into(),
+            vtep_mac: MacAddr([2, 0, 0, 0, 0, 0xb]),
+            vni: 1,
+            tunnel: TunnelKind::Vxlan,
+            port: 4789,
+        }],
+        local_pods: vec![LocalPod {
+            port: PortId(1),
+            mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            addrs: vec![IpAddr::V4(POD.into())],
+        }],
+        blackholes: vec![],
+    };
+    tables.set_desired(desired, now).expect("valid desired state");
+    (worker, tables.current())
 }
 
 fn udp(src: [u8; 4], dst: [u8; 4], flow: u16) -> Vec<u8> {
@@ -83,7 +83,7 @@ fn udp(src: [u8; 4], dst: [u8; 4], flow: u16) -> Vec<u8> {
 }
 
 /// Inject `frames` on `inp`, run one iteration, drain `outp`; returns packets transmitted.
-fn round(w: &mut Worker<MemPort>, fib: &BenchFib, frames: &[Vec<u8>], inp: usize, outp: usize) -> usize {
+fn round(w: &mut Worker<MemPort>, fib: &Snapshot, frames: &[Vec<u8>], inp: usize, outp: usize) -> usize {
     let (mem, ports) = w.mem_and_ports();
     for f in frames {
         ports[inp].inject(mem, f);
@@ -101,9 +101,9 @@ fn bench(c: &mut Criterion) {
 
     let (mut w, fib) = setup();
     let to_remote: Vec<Vec<u8>> = (0..BATCH as u16).map(|i| udp(POD, REMOTE_POD, i)).collect();
-    w.poll_once(&fib);
-    assert_eq!(round(&mut w, &fib, &to_remote, 1, 0), BATCH, "every frame encapsulated");
-    g.bench_function("pod_to_remote_encap_64B", |b| b.iter(|| round(&mut w, &fib, &to_remote, 1, 0)));
+    w.poll_once(&*fib);
+    assert_eq!(round(&mut w, &*fib, &to_remote, 1, 0), BATCH, "every frame encapsulated");
+    g.bench_function("pod_to_remote_encap_64B", |b| b.iter(|| round(&mut w, &*fib, &to_remote, 1, 0)));
 
     // Tunnel frames as the remote node would send them.
     let peer_mac = MacAddr([2, 0, 0, 0, 0, 9]);
@@ -127,9 +127,9 @@ fn bench(c: &mut Criterion) {
         })
         .collect();
     let (mut w, fib) = setup();
-    w.poll_once(&fib);
-    assert_eq!(round(&mut w, &fib, &from_remote, 0, 1), BATCH, "every frame delivered");
-    g.bench_function("remote_to_pod_decap_64B", |b| b.iter(|| round(&mut w, &fib, &from_remote, 0, 1)));
+    w.poll_once(&*fib);
+    assert_eq!(round(&mut w, &*fib, &from_remote, 0, 1), BATCH, "every frame delivered");
+    g.bench_function("remote_to_pod_decap_64B", |b| b.iter(|| round(&mut w, &*fib, &from_remote, 0, 1)));
     g.finish();
 }
 

@@ -23,45 +23,37 @@ use ferry_encap::wire::ipv4::{Ipv4Packet, protocol};
 use ferry_encap::wire::ipv6::Ipv6Packet;
 use ferry_encap::wire::{ArpOperation, ArpPacket, ArpRepr, Icmpv6Packet, Icmpv6Repr, NdiscRepr};
 use ferry_encap::{DecapConfig, DropReason, FrameBuf, MacAddr, TunnelTemplate, Verdict, decap, encap_with, offload};
+use ferry_tables::Snapshot;
+pub use ferry_tables::{PortId, Route};
 
-/// A port index within a worker.
-pub type PortIndex = u16;
-
-/// Where a destination goes.
-#[derive(Debug, Clone, Copy)]
-pub enum Route<'a> {
-    /// A pod on this node, behind `port`, with this MAC.
-    Local {
-        /// The pod's port.
-        port: PortIndex,
-        /// The pod's MAC.
-        mac: MacAddr,
-    },
-    /// A pod on another node: encapsulate with that node's template.
-    Remote {
-        /// Outer headers toward the node.
-        template: &'a TunnelTemplate,
-        /// The remote VTEP's MAC, the inner destination MAC (the kernel's VXLAN device on a
-        /// Flannel node drops frames not addressed to it).
-        vtep_mac: MacAddr,
-    },
-    /// Drop on purpose.
-    Blackhole,
-    /// Nothing covers the destination.
-    NoRoute,
-}
-
-/// What the pipeline asks of the forwarding tables. The published table snapshot implements it;
-/// workers load the snapshot once per batch and pass it in.
+/// What the pipeline asks of the forwarding tables. The published [`Snapshot`] implements it (a
+/// worker loads one per batch and passes it in); tests and benches may implement it with less.
 pub trait Fib {
     /// The route for a destination (longest-prefix match).
     fn route(&self, dst: IpAddr) -> Route<'_>;
 
     /// Whether a pod (or host) port may send with this source address.
-    fn source_allowed(&self, port: PortIndex, src: IpAddr) -> bool;
+    fn source_allowed(&self, port: PortId, src: IpAddr) -> bool;
 
     /// Whether an underlay address belongs to a known node.
     fn is_known_node(&self, underlay: IpAddr) -> bool;
+}
+
+impl Fib for Snapshot {
+    #[inline]
+    fn route(&self, dst: IpAddr) -> Route<'_> {
+        Snapshot::route(self, dst)
+    }
+
+    #[inline]
+    fn source_allowed(&self, port: PortId, src: IpAddr) -> bool {
+        Snapshot::source_allowed(self, port, src)
+    }
+
+    #[inline]
+    fn is_known_node(&self, underlay: IpAddr) -> bool {
+        Snapshot::is_known_node(self, underlay)
+    }
 }
 
 /// What kind of port a frame came from.
@@ -87,7 +79,7 @@ pub struct NodeConfig {
     /// What this node accepts as tunnel traffic.
     pub decap: DecapConfig,
     /// The uplink's port index.
-    pub uplink: PortIndex,
+    pub uplink: PortId,
     /// Underlay MTU (IP packet size the underlay carries).
     pub underlay_mtu: u16,
     /// ICMP errors per second per worker, and burst.
@@ -150,11 +142,11 @@ impl Pipeline {
     pub fn process<F: Fib>(
         &mut self,
         fib: &F,
-        in_port: PortIndex,
+        in_port: PortId,
         role: PortRole,
         frame: &mut FrameBuf<'_>,
         counters: &mut PipelineCounters,
-    ) -> Verdict<PortIndex> {
+    ) -> Verdict<PortId> {
         let v = match role {
             PortRole::Uplink => self.uplink_ingress(fib, frame),
             PortRole::Pod => self.pod_ingress(fib, in_port, frame, counters),
@@ -165,7 +157,7 @@ impl Pipeline {
         v
     }
 
-    fn uplink_ingress<F: Fib>(&mut self, fib: &F, frame: &mut FrameBuf<'_>) -> Verdict<PortIndex> {
+    fn uplink_ingress<F: Fib>(&mut self, fib: &F, frame: &mut FrameBuf<'_>) -> Verdict<PortId> {
         let d = match decap(&self.cfg.decap, frame) {
             Ok(d) => d,
             Err(r) => return Verdict::Drop(r),
@@ -194,10 +186,10 @@ impl Pipeline {
     fn pod_ingress<F: Fib>(
         &mut self,
         fib: &F,
-        in_port: PortIndex,
+        in_port: PortId,
         frame: &mut FrameBuf<'_>,
         counters: &mut PipelineCounters,
-    ) -> Verdict<PortIndex> {
+    ) -> Verdict<PortId> {
         // Stage: classify.
         let info = match flow::classify(frame.data()) {
             Ok(i) => i,
@@ -231,6 +223,7 @@ impl Pipeline {
                 Verdict::Forward(port)
             }
             Route::Remote { template, vtep_mac } => self.encap_stage(frame, &info, template, vtep_mac, counters),
+            Route::Unresolved { .. } => Verdict::Drop(DropReason::NoNeighbour),
             Route::Blackhole => Verdict::Drop(DropReason::Blackhole),
             Route::NoRoute => Verdict::Drop(DropReason::NoRoute),
         }
@@ -244,7 +237,7 @@ impl Pipeline {
         template: &TunnelTemplate,
         vtep_mac: MacAddr,
         counters: &mut PipelineCounters,
-    ) -> Verdict<PortIndex> {
+    ) -> Verdict<PortId> {
         // The whole inner frame, Ethernet header included, travels inside the outer IP packet.
         let budget = usize::from(self.cfg.underlay_mtu).saturating_sub(template.ip_overhead());
         if frame.len() > budget {
@@ -283,7 +276,7 @@ impl Pipeline {
         error: IcmpError,
         reason: DropReason,
         counters: &mut PipelineCounters,
-    ) -> Verdict<PortIndex> {
+    ) -> Verdict<PortId> {
         if !self.limiter.allow(self.now_ns) {
             return Verdict::Drop(reason);
         }
@@ -300,7 +293,7 @@ impl Pipeline {
     }
 
     /// Answer an ARP request for the gateway's IPv4 address in place.
-    fn answer_arp(&self, frame: &mut FrameBuf<'_>) -> Verdict<PortIndex> {
+    fn answer_arp(&self, frame: &mut FrameBuf<'_>) -> Verdict<PortId> {
         let Some(gw) = self.cfg.gateway_v4 else { return Verdict::Drop(DropReason::ArpNotForGateway) };
         let Ok(eth) = EthernetFrame::new_checked(frame.data()) else { return Verdict::Drop(DropReason::Truncated) };
         let off = eth.header_len();
@@ -335,7 +328,7 @@ impl Pipeline {
     }
 
     /// Answer a neighbour solicitation for the gateway's IPv6 address in place.
-    fn answer_nd(&self, frame: &mut FrameBuf<'_>, info: &FlowInfo) -> Verdict<PortIndex> {
+    fn answer_nd(&self, frame: &mut FrameBuf<'_>, info: &FlowInfo) -> Verdict<PortId> {
         let Some(gw) = self.cfg.gateway_v6 else { return Verdict::Drop(DropReason::NdNotForGateway) };
         let off = info.l3_offset;
         let Ok(ip) = Ipv6Packet::new_checked(&frame.data()[off..]) else { return Verdict::Drop(DropReason::Truncated) };

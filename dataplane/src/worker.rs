@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use ferry_tables::Reader;
 
 use ferry_encap::{DropReason, FrameBuf, Verdict};
 
 use crate::counters::{Counters, SharedCounters};
 use crate::frame::{FrameId, FrameMem, FreeFrames, Pkt};
-use crate::pipeline::{Fib, Pipeline, PortIndex, PortRole};
+use crate::pipeline::{Fib, Pipeline, PortId, PortRole};
 use crate::port::Port;
 
 /// Packets taken from a port per receive call, and the size of an egress batch.
@@ -165,13 +165,13 @@ impl<P: Port> Worker<P> {
         };
         let v = self.pipeline.process(
             fib,
-            in_port as PortIndex,
+            PortId(in_port as u16),
             self.roles[in_port],
             &mut frame,
             &mut self.counters.pipeline,
         );
         let out = match v {
-            Verdict::Forward(p) if usize::from(p) < self.ports.len() => usize::from(p),
+            Verdict::Forward(PortId(p)) if usize::from(p) < self.ports.len() => usize::from(p),
             Verdict::Forward(_) => {
                 self.counters.pipeline.drops[DropReason::NoRoute as usize] += 1;
                 self.free.push(pkt.frame);
@@ -217,13 +217,10 @@ impl<P: Port> Worker<P> {
     }
 
     /// Run until `stop` is set, loading the current tables from `tables` once per iteration.
-    pub fn run<F: Fib>(&mut self, tables: &ArcSwap<F>, stop: &AtomicBool, mode: PollMode) {
+    pub fn run<F: Fib>(&mut self, tables: &mut Reader<F>, stop: &AtomicBool, mode: PollMode) {
         let mut last_packet = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            let n = {
-                let fib = tables.load();
-                self.poll_once(&**fib)
-            };
+            let n = self.poll_once(&**tables.load());
             if let PollMode::Adaptive { spin, sleep } = mode {
                 if n > 0 {
                     last_packet = Instant::now();
@@ -288,7 +285,7 @@ pub fn spawn<P, F>(
     name: String,
     mut worker: Worker<P>,
     core: Option<usize>,
-    tables: Arc<ArcSwap<F>>,
+    mut tables: Reader<F>,
     stop: Arc<AtomicBool>,
     mode: PollMode,
 ) -> Result<std::thread::JoinHandle<Worker<P>>, StartError>
@@ -315,7 +312,7 @@ where
             {
                 tracing::warn!(core = id.id, "could not pin worker thread; running unpinned");
             }
-            worker.run(&tables, &stop, mode);
+            worker.run(&mut tables, &stop, mode);
             worker
         })
         .map_err(|source| StartError::Spawn { name, source })

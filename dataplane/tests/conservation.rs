@@ -4,57 +4,33 @@
 //! freed twice (the free list asserts that in debug builds).
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use etherparse::PacketBuilder;
 use ferry_dataplane::frame::{FreeFrames, HeapMem};
-use ferry_dataplane::pipeline::{Fib, NodeConfig, Pipeline, PortIndex, PortRole, Route};
+use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig, wire};
 use ferry_dataplane::worker::Worker;
-use ferry_encap::{DecapConfig, MacAddr, TemplateParams, TunnelKind, TunnelTemplate};
+use ferry_encap::{DecapConfig, MacAddr, TunnelKind};
+use ferry_tables::{DesiredState, LocalPod, RemoteNode, Snapshot, Tables, Underlay};
 
 /// Few frames, small rings: the worker runs short of frames and ring space all the time.
 const FRAMES: u32 = 96;
 const PACKETS: u64 = 2_000_000;
 
-struct OneRemote {
-    n: u8,
-    template: TunnelTemplate,
-}
-
-impl Fib for OneRemote {
-    fn route(&self, dst: IpAddr) -> Route<'_> {
-        let IpAddr::V4(d) = dst else { return Route::NoRoute };
-        match d.octets() {
-            [10, 244, x, 2] if x == self.n => Route::Local { port: 1, mac: MacAddr([2, 0, 0, 0, 0, 2]) },
-            [10, 244, x, _] if x == 3 - self.n => {
-                Route::Remote { template: &self.template, vtep_mac: MacAddr([2, 0, 0, 0, 0, 0xa0]) }
-            }
-            _ => Route::NoRoute,
-        }
-    }
-
-    fn source_allowed(&self, port: PortIndex, src: IpAddr) -> bool {
-        port == 1 && src == IpAddr::V4(Ipv4Addr::new(10, 244, self.n, 2))
-    }
-
-    fn is_known_node(&self, underlay: IpAddr) -> bool {
-        underlay == IpAddr::V4(Ipv4Addr::new(192, 0, 2, 3 - self.n))
-    }
-}
-
-fn node(n: u8) -> (Worker<MemPort>, OneRemote) {
+/// Node `n` (1 or 2) with one pod on port 1 and the other node behind the uplink, in real tables.
+fn node(n: u8) -> (Worker<MemPort>, Arc<Snapshot>) {
     let me = Ipv4Addr::new(192, 0, 2, n);
     let other = Ipv4Addr::new(192, 0, 2, 3 - n);
     let mac = MacAddr([2, 0, 0, 0, 0, n]);
-    let template = TunnelTemplate::new(&TemplateParams::new(TunnelKind::Vxlan, 1, mac, mac, me.into(), other.into()))
-        .expect("tpl");
     let cfg = NodeConfig {
         gateway_mac: mac,
         gateway_v4: Some(Ipv4Addr::new(10, 244, n, 1)),
         gateway_v6: None,
         vtep_mac: mac,
         decap: DecapConfig::new(TunnelKind::Vxlan, 1, me.into()),
-        uplink: 0,
+        uplink: PortId(0),
         underlay_mtu: 1500,
         icmp_rate: (1_000_000, 64),
     };
@@ -69,7 +45,28 @@ fn node(n: u8) -> (Worker<MemPort>, OneRemote) {
         FreeFrames::all(FRAMES),
         Pipeline::new(cfg),
     );
-    (w, OneRemote { n, template })
+    let now = Instant::now();
+    let mut tables = Tables::new(Underlay::new(mac, Some(me), None), Duration::from_secs(60));
+    let _ = tables.set_static_neighbour(other.into(), MacAddr([2, 0, 0, 0, 0, 3 - n]), now);
+    let desired = DesiredState {
+        nodes: vec![RemoteNode {
+            name: "other".into(),
+            pod_cidrs: vec![format!("10.244.{}.0/24", 3 - n).parse().expect("cidr")],
+            underlay: other.into(),
+            vtep_mac: MacAddr([2, 0, 0, 0, 0, 0xa0]),
+            vni: 1,
+            tunnel: TunnelKind::Vxlan,
+            port: 4789,
+        }],
+        local_pods: vec![LocalPod {
+            port: PortId(1),
+            mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            addrs: vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 2))],
+        }],
+        blackholes: vec![],
+    };
+    tables.set_desired(desired, now).expect("valid desired state");
+    (w, tables.current())
 }
 
 /// A mix of what pods send: good traffic across, good traffic to itself, spoofed, unroutable,
@@ -122,8 +119,8 @@ fn no_frame_leaks_after_millions_of_packets() {
             }
         }
         i += 1;
-        a.poll_once(&fa);
-        b.poll_once(&fb);
+        a.poll_once(&*fa);
+        b.poll_once(&*fb);
         // The pods consume what reaches them (and the replies to themselves).
         for w in [&mut a, &mut b] {
             let (mem, ports) = w.mem_and_ports();
@@ -140,8 +137,8 @@ fn no_frame_leaks_after_millions_of_packets() {
     assert!(injected >= PACKETS, "only {injected} packets in the time bound");
     // Drain: keep polling and consuming until nothing moves.
     for _ in 0..100 {
-        a.poll_once(&fa);
-        b.poll_once(&fb);
+        a.poll_once(&*fa);
+        b.poll_once(&*fb);
         for w in [&mut a, &mut b] {
             let (mem, ports) = w.mem_and_ports();
             for p in ports.iter_mut() {
@@ -149,8 +146,8 @@ fn no_frame_leaks_after_millions_of_packets() {
             }
         }
     }
-    a.poll_once(&fa);
-    b.poll_once(&fb);
+    a.poll_once(&*fa);
+    b.poll_once(&*fb);
     for (name, w) in [("a", &a), ("b", &b)] {
         assert_eq!(w.frames_accounted(), FRAMES as usize, "node {name}: every frame accounted for");
         let c = w.counters();

@@ -1,55 +1,26 @@
 //! The pipeline and worker over in-memory ports: two simulated nodes exchanging encapsulated
 //! traffic, ARP and ND for the gateway, ICMP errors, anti-spoofing, and a test per drop reason the
-//! pipeline gives. Frames are checked with etherparse, an independent parser.
+//! pipeline gives. The tables are the real ones (`ferry_tables`), built from a desired state; frames
+//! are checked with etherparse, an independent parser.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use ferry_dataplane::frame::{FreeFrames, HeapMem};
-use ferry_dataplane::pipeline::{Fib, NodeConfig, Pipeline, PortIndex, PortRole, Route};
+use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig, wire};
 use ferry_dataplane::worker::Worker;
-use ferry_encap::{DecapConfig, DropReason, MacAddr, TemplateParams, TunnelKind, TunnelTemplate};
+use ferry_encap::{DecapConfig, DropReason, MacAddr, TunnelKind};
+use ferry_tables::{DesiredState, LocalPod, RemoteNode, Snapshot, Tables, Underlay};
 
 const FRAMES: u32 = 512;
 const UPLINK: usize = 0;
 
-/// A node's tables, as simple as can be: pods by address, remote /24s, a blackhole.
-struct TestFib {
-    pods: Vec<(IpAddr, PortIndex, MacAddr)>,
-    remote: Vec<(Ipv4Addr, TunnelTemplate, MacAddr)>,
-    blackhole: Ipv4Addr,
-    nodes: Vec<IpAddr>,
-}
-
-impl Fib for TestFib {
-    fn route(&self, dst: IpAddr) -> Route<'_> {
-        if let Some((_, port, mac)) = self.pods.iter().find(|(ip, ..)| *ip == dst) {
-            return Route::Local { port: *port, mac: *mac };
-        }
-        let IpAddr::V4(d) = dst else { return Route::NoRoute };
-        let net = |a: Ipv4Addr| u32::from(a) >> 8;
-        if net(d) == net(self.blackhole) {
-            return Route::Blackhole;
-        }
-        match self.remote.iter().find(|(n, ..)| net(*n) == net(d)) {
-            Some((_, template, vtep_mac)) => Route::Remote { template, vtep_mac: *vtep_mac },
-            None => Route::NoRoute,
-        }
-    }
-
-    fn source_allowed(&self, port: PortIndex, src: IpAddr) -> bool {
-        self.pods.iter().any(|(ip, p, _)| *p == port && *ip == src)
-    }
-
-    fn is_known_node(&self, underlay: IpAddr) -> bool {
-        self.nodes.contains(&underlay)
-    }
-}
-
 struct Node {
     worker: Worker<MemPort>,
-    fib: TestFib,
+    fib: Arc<Snapshot>,
 }
 
 fn mac(last: u8) -> MacAddr {
@@ -62,19 +33,23 @@ const POD_B1: [u8; 4] = [10, 244, 2, 2];
 const POD_A1_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 2);
 const GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 1);
 
-/// Node `n` (1 or 2): underlay 192.0.2.n, pods 10.244.n.0/24, gateway 10.244.n.1, VNI 1.
+/// Node `n` (1 or 2): underlay 192.0.2.n, pods 10.244.n.0/24, gateway 10.244.n.1, VNI 1; the
+/// tables are the real ones, built from a desired state as the control plane would.
 fn node(n: u8) -> Node {
+    node_with(n, true)
+}
+
+/// Node `n`, with or without a neighbour entry for the other node's underlay address.
+fn node_with(n: u8, neighbour_known: bool) -> Node {
     let me = Ipv4Addr::new(192, 0, 2, n);
     let other = Ipv4Addr::new(192, 0, 2, 3 - n);
-    let params = TemplateParams::new(TunnelKind::Vxlan, 1, mac(0x10 + n), mac(0x13 - n), me.into(), other.into());
-    let tpl = TunnelTemplate::new(&params).expect("template");
     let cfg = NodeConfig {
         gateway_mac: mac(0xe0 + n),
         gateway_v4: Some(Ipv4Addr::new(10, 244, n, 1)),
         gateway_v6: Some(GW_V6),
         vtep_mac: mac(0xa0 + n),
         decap: DecapConfig::new(TunnelKind::Vxlan, 1, me.into()),
-        uplink: UPLINK as PortIndex,
+        uplink: PortId(UPLINK as u16),
         underlay_mtu: 1500,
         icmp_rate: (1000, 1000),
     };
@@ -84,29 +59,44 @@ fn node(n: u8) -> Node {
         .collect();
     let roles = vec![PortRole::Uplink, PortRole::Pod, PortRole::Pod];
     let worker = Worker::new(ports, roles, HeapMem::new(FRAMES, 2048), FreeFrames::all(FRAMES), Pipeline::new(cfg));
-    let pod =
-        |last: u8, port: PortIndex| (IpAddr::V4(Ipv4Addr::new(10, 244, n, last)), port, mac(0x50 + 10 * n + last));
-    let mut pods = vec![pod(2, 1), pod(3, 2)];
-    if n == 1 {
-        pods.push((IpAddr::V6(POD_A1_V6), 1, mac(0x50 + 12)));
+
+    let now = Instant::now();
+    let mut tables = Tables::new(Underlay::new(mac(0x10 + n), Some(me), None), Duration::from_secs(60));
+    if neighbour_known {
+        let _ = tables.set_static_neighbour(other.into(), mac(0x13 - n), now);
     }
-    let fib = TestFib {
-        pods,
-        remote: vec![(Ipv4Addr::new(10, 244, 3 - n, 0), tpl, mac(0xa0 + 3 - n))],
-        blackhole: Ipv4Addr::new(10, 244, 9, 0),
-        nodes: vec![other.into()],
+    let mut pod1 = vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 2))];
+    if n == 1 {
+        pod1.push(IpAddr::V6(POD_A1_V6));
+    }
+    let desired = DesiredState {
+        nodes: vec![RemoteNode {
+            name: format!("node{}", 3 - n),
+            pod_cidrs: vec![format!("10.244.{}.0/24", 3 - n).parse().expect("cidr")],
+            underlay: other.into(),
+            vtep_mac: mac(0xa0 + 3 - n),
+            vni: 1,
+            tunnel: TunnelKind::Vxlan,
+            port: 4789,
+        }],
+        local_pods: vec![
+            LocalPod { port: PortId(1), mac: pod_mac(n, 2), addrs: pod1 },
+            LocalPod { port: PortId(2), mac: pod_mac(n, 3), addrs: vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 3))] },
+        ],
+        blackholes: vec!["10.244.9.0/24".parse().expect("cidr")],
     };
-    Node { worker, fib }
+    tables.set_desired(desired, now).expect("valid desired state");
+    Node { worker, fib: tables.current() }
 }
 
 impl Node {
     /// Deliver `frame` on `port` and run one worker iteration.
     fn receive(&mut self, port: usize, frame: &[u8]) {
         // An iteration first lends the ports frames to receive into.
-        self.worker.poll_once(&self.fib);
+        self.worker.poll_once(&*self.fib);
         let (mem, ports) = self.worker.mem_and_ports();
         assert!(ports[port].inject(mem, frame), "port {port} accepted the frame");
-        self.worker.poll_once(&self.fib);
+        self.worker.poll_once(&*self.fib);
     }
 
     /// Everything sent on `port` since the last call.
@@ -183,21 +173,21 @@ fn pod_to_remote_pod_and_back() {
 fn wire_joins_two_workers() {
     let (mut a, mut b) = (node(1), node(2));
     // Lend both workers' ports receive frames, then carry A's tunnel traffic over a MemPort wire.
-    a.worker.poll_once(&a.fib);
-    b.worker.poll_once(&b.fib);
+    a.worker.poll_once(&*a.fib);
+    b.worker.poll_once(&*b.fib);
     for i in 0..10u8 {
         let frame = udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, &[i; 40]);
         let (mem, ports) = a.worker.mem_and_ports();
         assert!(ports[1].inject(mem, &frame));
     }
-    a.worker.poll_once(&a.fib);
+    a.worker.poll_once(&*a.fib);
     let delivered = {
         let (amem, aports) = a.worker.mem_and_ports();
         let (bmem, bports) = b.worker.mem_and_ports();
         wire(&mut aports[UPLINK], amem, &mut bports[UPLINK], bmem, usize::MAX)
     };
     assert_eq!(delivered, 10);
-    b.worker.poll_once(&b.fib);
+    b.worker.poll_once(&*b.fib);
     assert_eq!(b.sent(1).len(), 10);
 }
 
@@ -368,4 +358,12 @@ fn drops_are_counted_by_reason() {
     // Every one of those was counted exactly once and nothing was sent.
     assert_eq!(a.worker.counters().total_drops(), 7);
     assert!(a.sent(UPLINK).is_empty() && a.sent(1).is_empty() && a.sent(2).is_empty());
+}
+
+#[test]
+fn unresolved_underlay_neighbour_is_a_counted_drop() {
+    let mut a = node_with(1, false);
+    a.receive(1, &udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, b"x"));
+    assert!(a.sent(UPLINK).is_empty());
+    assert_eq!(a.drops(DropReason::NoNeighbour), 1);
 }

@@ -117,6 +117,8 @@ drop_reasons! {
     ArpNotForGateway => "arp_not_for_gateway", "ARP not asking for the gateway";
     /// IPv6 neighbour discovery or other ICMPv6 for the gateway that ferry does not answer.
     NdNotForGateway => "nd_not_for_gateway", "neighbour discovery not for the gateway";
+    /// The remote node's underlay next hop has no MAC yet (its neighbour entry is being resolved).
+    NoNeighbour => "no_neighbour", "underlay next hop not resolved yet";
     /// The egress port's transmit ring was full.
     TxRingFull => "tx_ring_full", "transmit ring full";
 }
