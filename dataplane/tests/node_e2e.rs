@@ -95,11 +95,38 @@ fn pod_reaches_a_kernel_vxlan_node_through_ferry() {
     run(&["ip", "-n", &n2, "link", "set", "vx0", "up"]);
     // The "remote pod" is an address of node 2 itself (this kernel has no dummy device).
     run(&["ip", "-n", &n2, "addr", "add", "10.244.2.2/32", "dev", "lo"]);
-    run(&["ip", "-n", &n2, "neigh", "replace", "10.244.1.0", "lladdr", &mac_str(VTEP1), "dev", "vx0", "nud", "permanent"]);
+    run(&[
+        "ip",
+        "-n",
+        &n2,
+        "neigh",
+        "replace",
+        "10.244.1.0",
+        "lladdr",
+        &mac_str(VTEP1),
+        "dev",
+        "vx0",
+        "nud",
+        "permanent",
+    ]);
     run_in(&n2, &["bridge", "fdb", "append", &mac_str(VTEP1), "dev", "vx0", "dst", "192.168.60.1"]);
     // advmss 1460: node 2 invites full-size segments, as a peer behind a bigger MTU would, so the
     // pod's first segments exceed the tunnel and path MTU discovery has to happen.
-    run(&["ip", "-n", &n2, "route", "add", "10.244.1.0/24", "via", "10.244.1.0", "dev", "vx0", "onlink", "advmss", "1460"]);
+    run(&[
+        "ip",
+        "-n",
+        &n2,
+        "route",
+        "add",
+        "10.244.1.0/24",
+        "via",
+        "10.244.1.0",
+        "dev",
+        "vx0",
+        "onlink",
+        "advmss",
+        "1460",
+    ]);
 
     // Node 1: ferry. Sockets and programs are made inside node 1's namespace.
     let (ports, attachments, mem) = {
@@ -200,7 +227,9 @@ fn pod_reaches_a_kernel_vxlan_node_through_ferry() {
     assert!(c.pipeline.icmp_errors > 0, "ferry told the pod about the tunnel MTU");
     assert!(c.drops(DropReason::TooBig) > 0);
     assert!(c.tx[0].packets >= 3 && c.rx[0].packets >= 3, "traffic crossed the uplink both ways");
-    for r in [DropReason::UnknownSourceNode, DropReason::VniMismatch, DropReason::SpoofedSource, DropReason::NoNeighbour] {
+    for r in
+        [DropReason::UnknownSourceNode, DropReason::VniMismatch, DropReason::SpoofedSource, DropReason::NoNeighbour]
+    {
         assert_eq!(c.drops(r), 0, "no {} drops", r.name());
     }
     drop(nets);
