@@ -12,7 +12,9 @@
 //!   tokio runtime; the data plane stays synchronous and only loads published snapshots.
 //! - Sources ([`source`]) reconnect with backoff and resync in full; the [`engine`] turns updates
 //!   into a diff, idempotently, keeping the last good state of nodes whose new data is bad;
-//!   [`publish`] compiles and swaps the table.
+//!   a [`Publish`]er hands the table over: [`TablesPublisher`] into the data plane's
+//!   `ferry_tables::Tables` (what workers read), [`SnapshotPublisher`] into a control-side lookup
+//!   snapshot (tests, labs, debugging).
 //! - Every event carries the instant its source saw it; the engine loop records the time until
 //!   the table reflecting it is published in the `convergence_seconds` histogram ([`metrics`]).
 
@@ -23,6 +25,7 @@ pub mod metrics;
 pub mod model;
 pub mod publish;
 pub mod source;
+pub mod tables;
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -35,6 +38,7 @@ pub use engine::{Diff, Engine, Update};
 pub use metrics::Metrics;
 pub use model::{NextHop, NodeKey, NodeSpec, Rejection, Route, SourceKind, TunnelEndpoint};
 pub use publish::{FibSnapshot, Publish, RouteTable, SnapshotPublisher, SnapshotReader};
+pub use tables::TablesPublisher;
 
 use source::{EventTx, SourceEvent};
 

@@ -1,0 +1,243 @@
+//! The seam to the data plane's forwarding tables (control side): [`desired_state`] turns the
+//! engine's route table into a [`DesiredState`], and [`TablesPublisher`] publishes it through
+//! [`Tables::set_desired`], which compiles and swaps the snapshot the workers read.
+//!
+//! - Remote nodes become [`RemoteNode`]s (one per node, all its CIDRs); this node's own CIDRs
+//!   become blackholes, under which the local pods' host routes (longer, so they win) deliver.
+//! - Local pods are not the control plane's business: whatever the tables already hold is kept.
+//! - A node the tables cannot build (an IPv6 underlay on a node with only an IPv4 one, tunnel
+//!   parameters the template builder refuses) is left out of the publication with one warning,
+//!   rather than letting it block every other node's routes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferry_encap::MacAddr;
+use ferry_tables::{BuildError, DesiredState, LocalPod, RemoteNode, Snapshot, Tables};
+use ipnet::IpNet;
+
+use crate::engine::Diff;
+use crate::model::{NextHop, Route};
+use crate::publish::{Publish, RouteTable};
+
+/// The VTEP MAC assumed for a node that announced none: locally administered, unicast, derived
+/// from its underlay address (`02:fe:` + the IPv4 address, or the last four bytes of the IPv6
+/// one), so every ferry node derives the same one.
+pub fn derived_vtep_mac(underlay: IpAddr) -> MacAddr {
+    let tail = match underlay {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+    };
+    MacAddr([0x02, 0xfe, tail[0], tail[1], tail[2], tail[3]])
+}
+
+/// The desired state for a route table: remote nodes with their CIDRs, this node's CIDRs as
+/// blackholes, and `local_pods` as given.
+pub fn desired_state(routes: &BTreeMap<IpNet, Route>, local_pods: Vec<LocalPod>) -> DesiredState {
+    // Routes are sorted by CIDR; group them by owner, keeping the nodes in first-CIDR order.
+    let mut index: HashMap<(crate::model::SourceKind, &str), usize> = HashMap::new();
+    let mut nodes: Vec<RemoteNode> = Vec::new();
+    let mut blackholes = Vec::new();
+    for (net, route) in routes {
+        match route.next_hop {
+            NextHop::Local => blackholes.push(*net),
+            NextHop::Tunnel(t) => {
+                let i = *index.entry((route.source, &*route.node)).or_insert_with(|| {
+                    nodes.push(RemoteNode {
+                        name: route.node.to_string(),
+                        pod_cidrs: Vec::new(),
+                        underlay: t.underlay,
+                        vtep_mac: t.vtep_mac.unwrap_or_else(|| derived_vtep_mac(t.underlay)),
+                        vni: t.vni,
+                        tunnel: t.kind,
+                        port: t.port,
+                    });
+                    nodes.len() - 1
+                });
+                nodes[i].pod_cidrs.push(*net);
+            }
+        }
+    }
+    DesiredState { nodes, local_pods, blackholes }
+}
+
+type Hook = Box<dyn FnMut(&Arc<Snapshot>, &Diff) + Send>;
+
+/// Publishes into the data plane's [`Tables`]. Owns them on the control thread; workers hold
+/// [`Tables::reader`]s taken before handing the tables over.
+pub struct TablesPublisher {
+    tables: Tables,
+    /// Nodes left out of the last publications, and why (warned once per reason).
+    skipped: HashMap<String, String>,
+    hook: Option<Hook>,
+}
+
+impl fmt::Debug for TablesPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TablesPublisher").field("skipped", &self.skipped).finish_non_exhaustive()
+    }
+}
+
+/// How many unbuildable nodes one publication may drop before giving up on it.
+const MAX_SKIPPED_PER_PUBLICATION: usize = 64;
+
+impl TablesPublisher {
+    /// Takes over the tables.
+    pub fn new(tables: Tables) -> Self {
+        TablesPublisher { tables, skipped: HashMap::new(), hook: None }
+    }
+
+    /// Calls `hook` after each successful publication (on the control thread), with the snapshot
+    /// the workers now load.
+    pub fn with_hook(mut self, hook: impl FnMut(&Arc<Snapshot>, &Diff) + Send + 'static) -> Self {
+        self.hook = Some(Box::new(hook));
+        self
+    }
+
+    /// Nodes currently left out, with the reason.
+    pub fn skipped(&self) -> &HashMap<String, String> {
+        &self.skipped
+    }
+}
+
+impl Publish for TablesPublisher {
+    fn publish(&mut self, table: &RouteTable<'_>) {
+        let local_pods = self.tables.desired().local_pods.clone();
+        let mut desired = desired_state(table.routes, local_pods);
+        let mut skipped = HashMap::new();
+        loop {
+            match self.tables.set_desired(desired.clone(), Instant::now()) {
+                Ok(_) => break,
+                Err(e) => {
+                    let node = match &e {
+                        BuildError::NoSourceAddress { node, .. } | BuildError::Template { node, .. } => node.clone(),
+                        // The engine never hands over overlapping or malformed prefixes, so these
+                        // mean a bug; keep forwarding on the previous tables.
+                        other => {
+                            tracing::error!(error = %other, generation = table.generation, "the data plane's tables refused the routes");
+                            return;
+                        }
+                    };
+                    if skipped.len() >= MAX_SKIPPED_PER_PUBLICATION {
+                        tracing::error!(error = %e, "too many nodes the tables cannot build; keeping the previous tables");
+                        return;
+                    }
+                    desired.nodes.retain(|n| n.name != node);
+                    skipped.insert(node, e.to_string());
+                }
+            }
+        }
+        for (node, reason) in &skipped {
+            if self.skipped.get(node) != Some(reason) {
+                tracing::warn!(node = %node, reason = %reason, "node left out of the forwarding tables");
+            }
+        }
+        self.skipped = skipped;
+        if let Some(hook) = &mut self.hook {
+            hook(&self.tables.current(), table.diff);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ferry_encap::TunnelKind;
+    use ferry_tables::{PortId, Underlay};
+
+    use super::*;
+    use crate::model::{SourceKind, TunnelEndpoint};
+
+    fn tunnel(node: &str, underlay: &str, mac: Option<&str>) -> Route {
+        Route {
+            source: SourceKind::Kube,
+            node: Arc::from(node),
+            next_hop: NextHop::Tunnel(TunnelEndpoint {
+                underlay: underlay.parse().expect("ip"),
+                vtep_mac: mac.map(|m| m.parse().expect("mac")),
+                vni: 1,
+                kind: TunnelKind::Vxlan,
+                port: 4789,
+            }),
+        }
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("net")
+    }
+
+    fn routes() -> BTreeMap<IpNet, Route> {
+        let mut r = BTreeMap::new();
+        r.insert(net("10.0.1.0/24"), tunnel("a", "192.0.2.1", Some("02:00:00:00:00:01")));
+        r.insert(net("fd00:1::/64"), tunnel("a", "192.0.2.1", Some("02:00:00:00:00:01")));
+        r.insert(net("10.0.2.0/24"), tunnel("b", "192.0.2.2", None));
+        r.insert(
+            net("10.0.9.0/24"),
+            Route { source: SourceKind::Kube, node: Arc::from("me"), next_hop: NextHop::Local },
+        );
+        r
+    }
+
+    #[test]
+    fn routes_become_nodes_and_blackholes() {
+        let d = desired_state(&routes(), Vec::new());
+        assert_eq!(d.blackholes, [net("10.0.9.0/24")]);
+        assert_eq!(d.nodes.len(), 2);
+        let a = d.nodes.iter().find(|n| n.name == "a").expect("a");
+        assert_eq!(a.pod_cidrs, [net("10.0.1.0/24"), net("fd00:1::/64")]);
+        let b = d.nodes.iter().find(|n| n.name == "b").expect("b");
+        assert_eq!(b.vtep_mac.to_string(), "02:fe:c0:00:02:02", "derived from the underlay address");
+    }
+
+    #[test]
+    fn publishes_into_the_data_plane_tables_and_skips_unbuildable_nodes() {
+        let underlay =
+            Underlay::new("02:00:00:00:00:aa".parse().expect("mac"), Some("192.0.2.100".parse().expect("ip")), None);
+        let tables = Tables::new(underlay, Duration::from_secs(30));
+        let reader_snapshot = tables.current();
+        assert_eq!(reader_snapshot.generation(), 0);
+        let seen = Arc::new(std::sync::Mutex::new(0u64));
+        let s2 = seen.clone();
+        let mut p = TablesPublisher::new(tables).with_hook(move |snap, _| {
+            if let Ok(mut g) = s2.lock() {
+                *g = snap.generation();
+            }
+        });
+        let mut r = routes();
+        // An IPv6 underlay: this node has no IPv6 underlay address, so the tables cannot reach it.
+        r.insert(net("10.0.3.0/24"), tunnel("v6", "2001:db8::3", None));
+        p.publish(&RouteTable { generation: 1, routes: &r, diff: &Diff::default() });
+        assert!(p.skipped().contains_key("v6"), "{:?}", p.skipped());
+        let generation = *seen.lock().expect("lock");
+        assert!(generation > 0, "published");
+        let snap = p.tables.current();
+        assert!(matches!(snap.route("10.0.1.5".parse().expect("ip")), ferry_tables::Route::Unresolved { .. }));
+        assert!(matches!(snap.route("10.0.9.5".parse().expect("ip")), ferry_tables::Route::Blackhole));
+        assert!(matches!(snap.route("10.0.3.5".parse().expect("ip")), ferry_tables::Route::NoRoute));
+        assert!(snap.is_known_node("192.0.2.2".parse().expect("ip")));
+        // Local pods set by someone else survive a route publication.
+        let pod = LocalPod {
+            port: PortId(3),
+            mac: "02:00:00:00:00:33".parse().expect("mac"),
+            addrs: vec!["10.0.9.3".parse().expect("ip")],
+        };
+        let mut d = p.tables.desired().clone();
+        d.local_pods.push(pod);
+        p.tables.set_desired(d, Instant::now()).expect("pods");
+        r.remove(&net("10.0.2.0/24"));
+        p.publish(&RouteTable { generation: 2, routes: &r, diff: &Diff::default() });
+        let snap = p.tables.current();
+        assert!(matches!(
+            snap.route("10.0.9.3".parse().expect("ip")),
+            ferry_tables::Route::Local { port: PortId(3), .. }
+        ));
+        assert!(matches!(snap.route("10.0.2.5".parse().expect("ip")), ferry_tables::Route::NoRoute));
+    }
+}
