@@ -10,4 +10,5 @@ cd "$(dirname "$0")/.."
 ensure_apt etcd-server openssl protobuf-compiler libprotobuf-dev
 FERRY_KUBE_APISERVER=$(bash scripts/build-kube-apiserver.sh | tail -n1)
 export FERRY_KUBE_APISERVER
-cargo bench --locked -p ferry-control --bench convergence
+# The release profile aborts on panic; unwind here so that a failed run still drops (kills) the servers.
+CARGO_PROFILE_RELEASE_PANIC=unwind cargo run --release --locked -p ferry-control --example convergence

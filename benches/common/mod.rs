@@ -126,3 +126,55 @@ pub fn addresses<A: Address>(set: &RouteSet<A>, count: usize, seed: u64) -> Vec<
         })
         .collect()
 }
+
+/// A cluster as control would describe it to a node: `nodes` remote nodes with one /24 each
+/// (the realistic IPv4 allocation above), reached through one underlay gateway, and `pods` local
+/// pods with /32s in this node's own /24 (100.64.0.0/24, outside the remote range), which is
+/// blackholed for addresses without a pod.
+pub fn cluster(nodes: usize, pods: usize) -> (ferry_tables::Underlay, ferry_tables::DesiredState) {
+    use ferry_encap::{MacAddr, TunnelKind};
+    use ferry_tables::{DesiredState, LocalPod, PortId, RemoteNode, Underlay};
+
+    let mut underlay = Underlay::new(MacAddr([2, 0, 0, 0, 0, 1]), Some(Ipv4Addr::new(172, 16, 0, 1)), None);
+    underlay.gateway_v4 = Some(GATEWAY);
+    let nodes = (0..nodes)
+        .map(|i| {
+            let n = u32::try_from(i).expect("fits");
+            RemoteNode {
+                name: format!("node-{i}"),
+                pod_cidrs: vec![ipnet::IpNet::V4(
+                    ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (n << 8)), 24).expect("valid"),
+                )],
+                underlay: Ipv4Addr::from(0xac10_0002 + n).into(),
+                vtep_mac: MacAddr([2, 0xee, 0, (n >> 16) as u8, (n >> 8) as u8, n as u8]),
+                vni: 1,
+                tunnel: TunnelKind::Vxlan,
+                port: 4789,
+            }
+        })
+        .collect();
+    let local_pods = (0..pods)
+        .map(|j| {
+            let j = u8::try_from(j + 2).expect("at most 253 pods");
+            LocalPod {
+                port: PortId(u16::from(j)),
+                mac: MacAddr([2, 0x0d, 0, 0, 0, j]),
+                addrs: vec![Ipv4Addr::new(100, 64, 0, j).into()],
+            }
+        })
+        .collect();
+    let own = ipnet::IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 24).expect("valid"));
+    (underlay, DesiredState { nodes, local_pods, blackholes: vec![own] })
+}
+
+/// The underlay gateway every node in [`cluster`] is reached through.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 254);
+
+/// `desired` with node 0's CIDR moved to a spare /24 when `flip` is set: a one-route change.
+pub fn with_change(desired: &ferry_tables::DesiredState, flip: bool) -> ferry_tables::DesiredState {
+    let mut d = desired.clone();
+    if flip && let Some(n) = d.nodes.first_mut() {
+        n.pod_cidrs = vec![ipnet::IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::new(100, 65, 0, 0), 24).expect("valid"))];
+    }
+    d
+}

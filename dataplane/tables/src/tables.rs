@@ -15,7 +15,7 @@
 //! Nothing here runs on a worker. Time is passed in (`now`), never read.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use ipnet::IpNet;
 
 use crate::desired::{DesiredState, RemoteNode, Underlay};
 use crate::exact::AddrSet;
-use crate::lpm::{LpmError, MAX_VALUE, Poptrie, Prefix, RouteSet};
+use crate::lpm::{Address, LpmError, MAX_VALUE, Poptrie, Prefix, RouteSet};
 use crate::neigh::Neighbours;
 use crate::publish::{Publisher, Reader};
 use crate::snapshot::{PortSources, Snapshot};
@@ -120,8 +120,11 @@ enum HopPlan {
 /// The pieces that only change with the desired state.
 #[derive(Debug)]
 struct Compiled {
-    v4: Arc<Poptrie<std::net::Ipv4Addr>>,
-    v6: Arc<Poptrie<std::net::Ipv6Addr>>,
+    /// The route sets the LPMs were built from, kept to tell whether a new state changed them.
+    routes4: RouteSet<Ipv4Addr>,
+    routes6: RouteSet<Ipv6Addr>,
+    v4: Arc<Poptrie<Ipv4Addr>>,
+    v6: Arc<Poptrie<Ipv6Addr>>,
     ports: Arc<PortSources>,
     nodes: Arc<AddrSet>,
     plan: Vec<HopPlan>,
@@ -149,8 +152,10 @@ pub struct Tables {
     neighbours: Neighbours,
     desired: DesiredState,
     compiled: Compiled,
-    /// One template per distinct node tunnel, carrying the next-hop MAC it was last built with.
-    templates: HashMap<TemplateKey, Arc<TunnelTemplate>>,
+    /// `templates[i]` is the template toward `desired.nodes[i]`, carrying the next-hop MAC it was
+    /// last built with. Indexed, not hashed: at 100k nodes, hashing every node's key on each
+    /// publication cost more than building the LPM.
+    templates: Vec<Arc<TunnelTemplate>>,
     publisher: Publisher<Snapshot>,
     generation: u64,
 }
@@ -163,8 +168,48 @@ fn owner_name(plan: &[HopPlan], nodes: &[RemoteNode], hop: u32) -> String {
     }
 }
 
-/// Validate `desired` and build everything that does not depend on neighbours.
-fn compile(underlay: &Underlay, desired: &DesiredState) -> Result<Compiled, BuildError> {
+/// Sort one family's routes, refuse a prefix claimed by two owners, and make the set. Sorting a
+/// vector and bulk-building is several times faster than inserting into the map one by one.
+fn route_set<A: Address>(
+    mut routes: Vec<(Prefix<A>, u32)>,
+    plan: &[HopPlan],
+    nodes: &[RemoteNode],
+) -> Result<RouteSet<A>, BuildError> {
+    // Stable: among equal prefixes the input order stays, so "first" below is the first listed.
+    routes.sort_by_key(|(p, _)| *p);
+    for pair in routes.windows(2) {
+        let ((p, first), (q, second)) = (pair[0], pair[1]);
+        if p == q && first != second {
+            return Err(BuildError::Conflict {
+                prefix: to_net(p),
+                first: owner_name(plan, nodes, first),
+                second: owner_name(plan, nodes, second),
+            });
+        }
+    }
+    routes.dedup_by_key(|(p, _)| *p);
+    // Every hop number is at most MAX_VALUE (checked by `compile`), so nothing is clamped.
+    Ok(routes.into_iter().collect())
+}
+
+fn to_net<A: Address>(p: Prefix<A>) -> IpNet {
+    let addr = if A::BITS == 32 {
+        IpAddr::V4(Ipv4Addr::from_u128(p.addr().to_u128()))
+    } else {
+        IpAddr::V6(Ipv6Addr::from_u128(p.addr().to_u128()))
+    };
+    // The prefix length is valid for its family by construction.
+    IpNet::new(addr, p.prefix_len()).unwrap_or_else(|_| IpNet::from(addr))
+}
+
+/// Validate `desired` and build everything that does not depend on neighbours, reusing from
+/// `prev` (built from `prev_desired`) whatever did not change.
+fn compile(
+    underlay: &Underlay,
+    desired: &DesiredState,
+    prev: &Compiled,
+    prev_desired: &DesiredState,
+) -> Result<Compiled, BuildError> {
     let mut plan = Vec::with_capacity(1 + desired.nodes.len() + desired.local_pods.len());
     plan.push(HopPlan::Blackhole);
     plan.extend((0..desired.nodes.len()).map(HopPlan::Node));
@@ -176,23 +221,15 @@ fn compile(underlay: &Underlay, desired: &DesiredState) -> Result<Compiled, Buil
         return Err(BuildError::Capacity { source });
     }
 
-    let mut v4 = RouteSet::new();
-    let mut v6 = RouteSet::new();
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
     let mut add = |net: IpNet, hop: u32| -> Result<(), BuildError> {
         let bad = |source| BuildError::BadPrefix { owner: owner_name(&plan, &desired.nodes, hop), prefix: net, source };
-        let previous = match net {
-            IpNet::V4(n) => v4.insert(Prefix::try_from(n).map_err(bad)?, hop),
-            IpNet::V6(n) => v6.insert(Prefix::try_from(n).map_err(bad)?, hop),
+        match net {
+            IpNet::V4(n) => v4.push((Prefix::try_from(n).map_err(bad)?, hop)),
+            IpNet::V6(n) => v6.push((Prefix::try_from(n).map_err(bad)?, hop)),
         }
-        .map_err(|source| BuildError::Capacity { source })?;
-        match previous {
-            Some(first) if first != hop => Err(BuildError::Conflict {
-                prefix: net,
-                first: owner_name(&plan, &desired.nodes, first),
-                second: owner_name(&plan, &desired.nodes, hop),
-            }),
-            _ => Ok(()),
-        }
+        Ok(())
     };
     for net in &desired.blackholes {
         add(*net, 0)?;
@@ -210,6 +247,8 @@ fn compile(underlay: &Underlay, desired: &DesiredState) -> Result<Compiled, Buil
             add(IpNet::from(*addr), (first_pod + j) as u32)?;
         }
     }
+    let routes4 = route_set(v4, &plan, &desired.nodes)?;
+    let routes6 = route_set(v6, &plan, &desired.nodes)?;
 
     let mut seen: HashMap<PortId, MacAddr> = HashMap::with_capacity(desired.local_pods.len());
     for pod in &desired.local_pods {
@@ -224,14 +263,35 @@ fn compile(underlay: &Underlay, desired: &DesiredState) -> Result<Compiled, Buil
         }
     }
 
+    // Whatever is equal to the previous build is shared, not rebuilt: comparing is linear and
+    // much cheaper than building (and keeps the unchanged family's trie hot in the caches).
     let capacity = |source| BuildError::Capacity { source };
-    Ok(Compiled {
-        v4: Arc::new(Poptrie::build(&v4).map_err(capacity)?),
-        v6: Arc::new(Poptrie::build(&v6).map_err(capacity)?),
-        ports: Arc::new(PortSources::new(desired.local_pods.iter().map(|p| (p.port, p.addrs.as_slice())))),
-        nodes: Arc::new(AddrSet::new(desired.nodes.iter().map(|n| n.underlay))),
-        plan,
-    })
+    let v4 = if routes4 == prev.routes4 {
+        Arc::clone(&prev.v4)
+    } else {
+        Arc::new(Poptrie::build(&routes4).map_err(capacity)?)
+    };
+    let v6 = if routes6 == prev.routes6 {
+        Arc::clone(&prev.v6)
+    } else {
+        Arc::new(Poptrie::build(&routes6).map_err(capacity)?)
+    };
+    let ports = if desired
+        .local_pods
+        .iter()
+        .map(|p| (p.port, &p.addrs))
+        .eq(prev_desired.local_pods.iter().map(|p| (p.port, &p.addrs)))
+    {
+        Arc::clone(&prev.ports)
+    } else {
+        Arc::new(PortSources::new(desired.local_pods.iter().map(|p| (p.port, p.addrs.as_slice()))))
+    };
+    let nodes = if desired.nodes.iter().map(|n| n.underlay).eq(prev_desired.nodes.iter().map(|n| n.underlay)) {
+        Arc::clone(&prev.nodes)
+    } else {
+        Arc::new(AddrSet::new(desired.nodes.iter().map(|n| n.underlay)))
+    };
+    Ok(Compiled { routes4, routes6, v4, v6, ports, nodes, plan })
 }
 
 /// The template toward `node` with next-hop MAC `mac`.
@@ -259,6 +319,8 @@ impl Tables {
     pub fn new(underlay: Underlay, neighbour_reachable: Duration) -> Self {
         let empty = Snapshot::empty();
         let compiled = Compiled {
+            routes4: RouteSet::new(),
+            routes6: RouteSet::new(),
             v4: Arc::clone(&empty.v4),
             v6: Arc::clone(&empty.v6),
             ports: Arc::clone(&empty.ports),
@@ -270,7 +332,7 @@ impl Tables {
             neighbours: Neighbours::new(neighbour_reachable),
             desired: DesiredState::default(),
             compiled,
-            templates: HashMap::new(),
+            templates: Vec::new(),
             publisher: Publisher::new(Arc::new(empty)),
             generation: 0,
         }
@@ -287,36 +349,47 @@ impl Tables {
     /// A [`BuildError`] naming the node, pod or prefix at fault; nothing is published and the
     /// previous state stays current.
     pub fn set_desired(&mut self, desired: DesiredState, now: Instant) -> Result<Publication, BuildError> {
-        let compiled = compile(&self.underlay, &desired)?;
-        let mut templates = HashMap::with_capacity(desired.nodes.len());
-        for node in &desired.nodes {
+        let compiled = compile(&self.underlay, &desired, &self.compiled, &self.desired)?;
+        // Templates are reused by position when the node's tunnel did not change (the usual
+        // case: control sends the same nodes in the same order), else found by key among the
+        // previous ones (built only on the first miss), else built.
+        let mut by_key: Option<HashMap<TemplateKey, usize>> = None;
+        let mut templates = Vec::with_capacity(desired.nodes.len());
+        for (i, node) in desired.nodes.iter().enumerate() {
             let key = TemplateKey::of(node);
-            if templates.contains_key(&key) {
-                continue;
-            }
-            let t = match self.templates.get(&key) {
+            let same_place = self.desired.nodes.get(i).filter(|old| TemplateKey::of(old) == key).map(|_| i);
+            let previous = same_place.or_else(|| {
+                by_key
+                    .get_or_insert_with(|| {
+                        self.desired.nodes.iter().enumerate().map(|(j, n)| (TemplateKey::of(n), j)).collect()
+                    })
+                    .get(&key)
+                    .copied()
+            });
+            templates.push(match previous.and_then(|j| self.templates.get(j)) {
                 Some(t) => Arc::clone(t),
                 // Built with a placeholder MAC so that bad parameters are reported now; the
                 // real next-hop MAC is patched in at publication.
                 None => Arc::new(template(&self.underlay, node, MacAddr::default())?),
-            };
-            templates.insert(key, t);
+            });
         }
         self.templates = templates;
-        self.desired = desired;
+        let previous = std::mem::replace(&mut self.desired, desired);
         self.compiled = compiled;
-        Ok(self.publish(now))
-    }
-
-    /// The underlay MAC toward `node`: its own neighbour entry, else its family's gateway's.
-    fn resolve(&self, underlay: IpAddr, now: Instant) -> Option<MacAddr> {
-        self.neighbours
-            .mac(underlay, now)
-            .or_else(|| self.underlay.gateway_for(underlay).and_then(|gw| self.neighbours.mac(gw, now)))
+        let publication = self.publish(now);
+        // The old description (a string and a vector per node) is freed after the new snapshot is
+        // out, not before.
+        drop(previous);
+        Ok(publication)
     }
 
     /// Build the next hops for the current compiled state and publish a snapshot.
     fn publish(&mut self, now: Instant) -> Publication {
+        // A node's next-hop MAC is its own neighbour entry, else its family's gateway's. The
+        // gateways are looked up once here, not once per node.
+        let gateway = |gw: Option<IpAddr>| gw.and_then(|g| self.neighbours.mac(g, now));
+        let (gw4, gw6) =
+            (gateway(self.underlay.gateway_v4.map(IpAddr::V4)), gateway(self.underlay.gateway_v6.map(IpAddr::V6)));
         let mut unresolved = 0;
         let mut hops = Vec::with_capacity(self.compiled.plan.len());
         for plan in &self.compiled.plan {
@@ -325,10 +398,11 @@ impl Tables {
                 HopPlan::Pod { port, mac } => NextHop::Local { port, mac },
                 HopPlan::Node(i) => {
                     let node = &self.desired.nodes[i];
-                    let mac = self.resolve(node.underlay, now);
-                    // Every node's key was inserted by `set_desired`; a missing one would be a
-                    // bug and degrades to Unresolved instead of panicking.
-                    match (mac, self.templates.get_mut(&TemplateKey::of(node))) {
+                    let fallback = if node.underlay.is_ipv4() { gw4 } else { gw6 };
+                    let mac = self.neighbours.mac(node.underlay, now).or(fallback);
+                    // `templates` parallels `desired.nodes` (set together in `set_desired`); a
+                    // missing one would be a bug and degrades to Unresolved instead of panicking.
+                    match (mac, self.templates.get_mut(i)) {
                         (Some(mac), Some(t)) => {
                             if t.next_hop_mac() != mac {
                                 *t = Arc::new(t.with_next_hop_mac(mac));

@@ -9,7 +9,10 @@
 //!   2. with 1,000 Nodes in the cluster, re-address nodes (patch the public-ip annotation) and
 //!      delete+recreate nodes with a new CIDR.
 //!
-//! Run: `scripts/bench-convergence.sh` (or `cargo bench -p ferry-control --bench convergence`).
+//! Run: `scripts/bench-convergence.sh` (or `cargo run --release -p ferry-control --example
+//! convergence`). An example rather than a `cargo bench` target: the bench profile's fat LTO over
+//! kube, tonic and rustls would add minutes to every `cargo bench --no-run` in CI for a
+//! measurement that is dominated by the API server anyway.
 //! Env: `FERRY_BENCH_NODES` (default 1000), `FERRY_BENCH_WRITES` (phase 2 writes, default 1000).
 
 #[path = "../tests/common/mod.rs"]
@@ -96,7 +99,6 @@ fn report(name: &str, h: &Histogram<u64>) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing useful either.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(run());
 }
