@@ -92,6 +92,9 @@ pub struct Engine {
     before: BTreeMap<IpNet, Option<Route>>,
     /// A route was removed during the batch: blocked nodes may fit now.
     freed: bool,
+    /// Route writes so far (inserts, replacements, removals), to tell which updates touched the
+    /// table.
+    writes: u64,
     metrics: Metrics,
 }
 
@@ -109,6 +112,7 @@ impl Engine {
             generation: 0,
             before: BTreeMap::new(),
             freed: false,
+            writes: 0,
             metrics,
         }
     }
@@ -128,18 +132,18 @@ impl Engine {
         self.blocked.iter()
     }
 
-    /// Applies one update to the batch in progress. Returns whether it changed the table so far
-    /// (the caller uses it to attribute convergence latency to the events that mattered).
+    /// Applies one update to the batch in progress. Returns whether it wrote to the table (the
+    /// caller uses it to attribute convergence latency to the events that mattered; a write that
+    /// a later update in the same batch undoes still counts).
     pub fn apply(&mut self, update: Update) -> bool {
-        let touched = self.before.len();
-        let changed_values = self.changed_count();
+        let writes = self.writes;
         match update {
             Update::Upsert(source, spec) => self.upsert(source, spec),
             Update::Delete(source, name) => self.delete(&NodeKey::new(source, name)),
             Update::Resync(source, specs) => self.resync(source, specs),
             Update::Network(source, nets) => self.set_network(source, nets),
         }
-        self.before.len() != touched || self.changed_count() != changed_values
+        self.writes != writes
     }
 
     /// Ends the batch: retries blocked nodes if anything was freed and returns the net diff. Bumps
@@ -164,11 +168,6 @@ impl Engine {
             self.metrics.set_routes(local, self.routes.len() - local, nodes);
         }
         diff
-    }
-
-    /// A cheap fingerprint of how many touched CIDRs currently differ from their batch start.
-    fn changed_count(&self) -> usize {
-        self.before.iter().filter(|(net, old)| self.routes.get(net) != old.as_ref()).count()
     }
 
     fn upsert(&mut self, source: SourceKind, spec: Result<NodeSpec, Rejection>) {
@@ -337,11 +336,13 @@ impl Engine {
                 if *e.get() != route {
                     self.before.entry(net).or_insert_with(|| Some(e.get().clone()));
                     e.insert(route);
+                    self.writes += 1;
                 }
             }
             Entry::Vacant(e) => {
                 self.before.entry(net).or_insert(None);
                 e.insert(route);
+                self.writes += 1;
             }
         }
     }
@@ -354,6 +355,7 @@ impl Engine {
         let old = e.remove();
         self.before.entry(net).or_insert(Some(old));
         self.freed = true;
+        self.writes += 1;
     }
 
     fn warn_once(&mut self, key: &NodeKey, field: String, reason: String) {
@@ -440,8 +442,9 @@ mod tests {
         let d = batch(&mut e, vec![up(spec("a", &["10.0.1.0/24", "fd00:1::/64"], "192.0.2.1"))]);
         assert_eq!((d.added.len(), d.removed.len(), d.changed.len()), (2, 0, 0));
         assert_eq!(e.generation(), 1);
-        // Same again: nothing.
-        assert!(batch(&mut e, vec![up(spec("a", &["fd00:1::/64", "10.0.1.0/24"], "192.0.2.1"))]).is_empty());
+        // Same again: nothing, and the update is not counted as one that mattered.
+        assert!(!e.apply(up(spec("a", &["fd00:1::/64", "10.0.1.0/24"], "192.0.2.1"))));
+        assert!(e.finish().is_empty());
         assert_eq!(e.generation(), 1);
         // Underlay moves: two changes.
         let d = batch(&mut e, vec![up(spec("a", &["10.0.1.0/24", "fd00:1::/64"], "192.0.2.9"))]);
