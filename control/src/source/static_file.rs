@@ -38,6 +38,8 @@ use crate::model::{NodeSpec, Rejection, SourceKind, check_vni, parse_cidr, parse
 
 /// How often the file is checked even without an inotify event.
 const POLL: Duration = Duration::from_secs(2);
+/// How long the file must be quiet after a change before it is read.
+const SETTLE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -182,9 +184,18 @@ impl StaticSource {
                 _ = super::stopped(&mut self.shutdown) => return,
                 _ = poll.tick() => {}
                 Some(()) = nrx.recv() => {
-                    // Let a burst of writes settle, then read once.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    while nrx.try_recv().is_ok() {}
+                    // Read once the file has been quiet for SETTLE: an in-place rewrite (truncate,
+                    // then write) caught half-way would otherwise publish a truncated table.
+                    loop {
+                        tokio::time::sleep(SETTLE).await;
+                        let mut more = false;
+                        while nrx.try_recv().is_ok() {
+                            more = true;
+                        }
+                        if !more {
+                            break;
+                        }
+                    }
                 }
             }
             let seen = Instant::now();
