@@ -216,6 +216,9 @@ impl Announcement {
     }
 }
 
+/// Pause after a refused announcement before the next attempt.
+const ANNOUNCE_RETRY: Duration = Duration::from_secs(30);
+
 /// The Kubernetes source task.
 #[derive(Debug)]
 pub(crate) struct KubeSource {
@@ -333,7 +336,13 @@ impl KubeSource {
             match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => tracing::info!(node = %name, annotations = %patch, "announced this node"),
                 Err(e) => {
-                    tracing::warn!(node = %name, error = %e, "cannot announce this node; retrying on its next update")
+                    tracing::warn!(
+                        node = %name, error = %e, retry_after = ?ANNOUNCE_RETRY,
+                        "cannot announce this node; retrying on its next update"
+                    );
+                    // The kubelet updates its Node every few seconds: without a pause a refused
+                    // patch (RBAC, a webhook) would be retried, and logged, on each of them.
+                    tokio::time::sleep(ANNOUNCE_RETRY).await;
                 }
             }
             flag.store(false, Ordering::Release);
