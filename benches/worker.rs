@@ -102,8 +102,8 @@ fn bench(c: &mut Criterion) {
     let (mut w, fib) = setup();
     let to_remote: Vec<Vec<u8>> = (0..BATCH as u16).map(|i| udp(POD, REMOTE_POD, i)).collect();
     w.poll_once(&*fib);
-    assert_eq!(round(&mut w, &*fib, &to_remote, 1, 0), BATCH, "every frame encapsulated");
-    g.bench_function("pod_to_remote_encap_64B", |b| b.iter(|| round(&mut w, &*fib, &to_remote, 1, 0)));
+    assert_eq!(round(&mut w, &fib, &to_remote, 1, 0), BATCH, "every frame encapsulated");
+    g.bench_function("pod_to_remote_encap_64B", |b| b.iter(|| round(&mut w, &fib, &to_remote, 1, 0)));
 
     // Tunnel frames as the remote node would send them.
     let peer_mac = MacAddr([2, 0, 0, 0, 0, 9]);
@@ -128,8 +128,8 @@ fn bench(c: &mut Criterion) {
         .collect();
     let (mut w, fib) = setup();
     w.poll_once(&*fib);
-    assert_eq!(round(&mut w, &*fib, &from_remote, 0, 1), BATCH, "every frame delivered");
-    g.bench_function("remote_to_pod_decap_64B", |b| b.iter(|| round(&mut w, &*fib, &from_remote, 0, 1)));
+    assert_eq!(round(&mut w, &fib, &from_remote, 0, 1), BATCH, "every frame delivered");
+    g.bench_function("remote_to_pod_decap_64B", |b| b.iter(|| round(&mut w, &fib, &from_remote, 0, 1)));
     g.finish();
 }
 
