@@ -74,18 +74,6 @@ impl<A: Address + Into<IpAddr>> Lpm<A> for Treebitmap {
     }
 }
 
-/// A candidate answering one address at a time, to show what batching buys.
-struct Unbatched<L>(L);
-
-impl<A: Address, L: Lpm<A>> Lpm<A> for Unbatched<L> {
-    fn lookup(&self, addr: A) -> Option<u32> {
-        self.0.lookup(addr)
-    }
-    fn heap_bytes(&self) -> usize {
-        self.0.heap_bytes()
-    }
-}
-
 fn treebitmap<A: Address + Into<IpAddr>>(set: &RouteSet<A>) -> Treebitmap {
     let mut t = IpNetworkTable::new();
     for (p, v) in set.iter() {
@@ -175,7 +163,13 @@ fn run<A: Address + Into<IpAddr>>(
 fn v4_candidates(set: &RouteSet<Ipv4Addr>) -> Vec<Candidate<Ipv4Addr>> {
     vec![
         measure("poptrie18", || Poptrie::<Ipv4Addr, 18>::build(set).expect("build")),
-        measure("poptrie18-unbatched", || Unbatched(Poptrie::<Ipv4Addr, 18>::build(set).expect("build"))),
+        // The walk `poptrie18` picks by size, forced each way, to show the choice in the same run.
+        measure("poptrie18-serial", || {
+            Poptrie::<Ipv4Addr, 18>::build(set).expect("build").with_interleaved_batches(false)
+        }),
+        measure("poptrie18-interleaved", || {
+            Poptrie::<Ipv4Addr, 18>::build(set).expect("build").with_interleaved_batches(true)
+        }),
         measure("poptrie16", || Poptrie::<Ipv4Addr, 16>::build(set).expect("build")),
         measure("dir-24-8", || Dir248::build(set).expect("build")),
     ]
@@ -184,7 +178,13 @@ fn v4_candidates(set: &RouteSet<Ipv4Addr>) -> Vec<Candidate<Ipv4Addr>> {
 fn v6_candidates(set: &RouteSet<Ipv6Addr>) -> Vec<Candidate<Ipv6Addr>> {
     vec![
         measure("poptrie18", || Poptrie::<Ipv6Addr, 18>::build(set).expect("build")),
-        measure("poptrie18-unbatched", || Unbatched(Poptrie::<Ipv6Addr, 18>::build(set).expect("build"))),
+        // The walk `poptrie18` picks by size, forced each way, to show the choice in the same run.
+        measure("poptrie18-serial", || {
+            Poptrie::<Ipv6Addr, 18>::build(set).expect("build").with_interleaved_batches(false)
+        }),
+        measure("poptrie18-interleaved", || {
+            Poptrie::<Ipv6Addr, 18>::build(set).expect("build").with_interleaved_batches(true)
+        }),
         measure("poptrie16", || Poptrie::<Ipv6Addr, 16>::build(set).expect("build")),
     ]
 }

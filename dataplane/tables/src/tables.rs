@@ -4,7 +4,7 @@
 //! Two kinds of change, two costs:
 //!
 //! - **Routes** ([`Tables::set_desired`]): the LPMs, port and node tables are rebuilt from
-//!   scratch (milliseconds at 100k prefixes, see the README) and published with fresh next hops.
+//!   scratch (milliseconds at 100k prefixes: `cargo bench --bench publish`) and published with fresh next hops.
 //!   Building from scratch rather than patching keeps one code path and makes every snapshot
 //!   exactly what its desired state says.
 //! - **Neighbours** ([`Tables::learn_neighbour`], [`Tables::expire_neighbours`], static entries):

@@ -63,6 +63,18 @@ fn probes<A: Address>(set: &RouteSet<A>, random: &[u128]) -> Vec<A> {
     out
 }
 
+/// Both batch walks of a poptrie (level by level, and one address at a time).
+fn check_poptrie<A: Address, const S: u32>(
+    name: &str,
+    set: &RouteSet<A>,
+    reference: &NaiveLpm<A>,
+    addrs: &[A],
+) -> Result<(), TestCaseError> {
+    let p = Poptrie::<A, S>::build(set).expect("build");
+    check(name, &p.clone().with_interleaved_batches(true), reference, addrs)?;
+    check(name, &p.with_interleaved_batches(false), reference, addrs)
+}
+
 fn check<A: Address, L: Lpm<A>>(
     name: &str,
     lpm: &L,
@@ -90,9 +102,9 @@ proptest! {
         let set = apply::<Ipv4Addr>(&ops);
         let reference = NaiveLpm::build(&set);
         let addrs = probes(&set, &random);
-        check("poptrie/18", &Poptrie::<Ipv4Addr>::build(&set).expect("build"), &reference, &addrs)?;
-        check("poptrie/16", &Poptrie::<Ipv4Addr, 16>::build(&set).expect("build"), &reference, &addrs)?;
-        check("poptrie/1", &Poptrie::<Ipv4Addr, 1>::build(&set).expect("build"), &reference, &addrs)?;
+        check_poptrie::<Ipv4Addr, 18>("poptrie/18", &set, &reference, &addrs)?;
+        check_poptrie::<Ipv4Addr, 16>("poptrie/16", &set, &reference, &addrs)?;
+        check_poptrie::<Ipv4Addr, 1>("poptrie/1", &set, &reference, &addrs)?;
     }
 
     #[test]
@@ -103,9 +115,9 @@ proptest! {
         let set = apply::<Ipv6Addr>(&ops);
         let reference = NaiveLpm::build(&set);
         let addrs = probes(&set, &random);
-        check("poptrie/18", &Poptrie::<Ipv6Addr>::build(&set).expect("build"), &reference, &addrs)?;
-        check("poptrie/16", &Poptrie::<Ipv6Addr, 16>::build(&set).expect("build"), &reference, &addrs)?;
-        check("poptrie/5", &Poptrie::<Ipv6Addr, 5>::build(&set).expect("build"), &reference, &addrs)?;
+        check_poptrie::<Ipv6Addr, 18>("poptrie/18", &set, &reference, &addrs)?;
+        check_poptrie::<Ipv6Addr, 16>("poptrie/16", &set, &reference, &addrs)?;
+        check_poptrie::<Ipv6Addr, 5>("poptrie/5", &set, &reference, &addrs)?;
     }
 }
 

@@ -6,8 +6,8 @@
 //! by the last 8 bits. One load for routes up to /24, two beyond.
 //!
 //! Kept as a measured candidate, not used by the snapshots: its 64 MiB must be written (or
-//! copied) for every rebuild, which alone takes longer than the publication budget (see the
-//! README's figures).
+//! copied) for every rebuild, which alone takes longer than the publication budget
+//! (`cargo bench --bench publish -- lpm_build`).
 
 use std::net::Ipv4Addr;
 

@@ -12,8 +12,8 @@
 //! structures stay compact and know nothing of what a next hop is.
 //!
 //! [`Poptrie`] is the structure the forwarding snapshot uses for both families: it met the lookup
-//! targets with a few megabytes at a million prefixes and rebuilds in milliseconds (see the
-//! README's table figures). [`Dir248`] (IPv4 only) and [`NaiveLpm`] are kept as a measured
+//! targets with a few megabytes at a million prefixes and rebuilds in milliseconds
+//! (`cargo bench --bench lpm` and `--bench publish` in the workspace root). [`Dir248`] (IPv4 only) and [`NaiveLpm`] are kept as a measured
 //! alternative and as the reference the property tests and benchmarks compare against.
 
 mod dir24;
@@ -56,7 +56,7 @@ pub trait Address: Copy + Ord + Hash + fmt::Debug + fmt::Display + Send + Sync +
     /// Inverse of [`Address::to_u128`]; bits below the address width are ignored.
     fn from_u128(bits: u128) -> Self;
 
-    /// `n` bits (1..=24) starting `offset` bits from the most significant one, as an index.
+    /// `n` bits (1..=32) starting `offset` bits from the most significant one, as an index.
     /// Bits past the end of the address read as zero. `offset` must be below [`Address::BITS`].
     fn bits_at(self, offset: u32, n: u32) -> usize;
 }
