@@ -243,7 +243,7 @@ impl TunnelTemplate {
         };
         let mut options_len = 0;
         for o in options {
-            if o.data.len() % 4 != 0 || o.data.len() > 124 {
+            if !o.data.len().is_multiple_of(4) || o.data.len() > 124 {
                 return Err(TemplateError::BadGeneveOption { class: o.class, kind: o.kind, len: o.data.len() });
             }
             options_len += o.wire_len();

@@ -189,7 +189,7 @@ impl GeneveOption<'_> {
     /// If `buf` is shorter than [`wire_len`](Self::wire_len), or the data is not a multiple of 4
     /// bytes or longer than 124 bytes.
     pub fn emit(&self, buf: &mut [u8]) {
-        assert!(self.data.len() % 4 == 0 && self.data.len() <= 31 * 4, "Geneve option data length");
+        assert!(self.data.len().is_multiple_of(4) && self.data.len() <= 31 * 4, "Geneve option data length");
         buf[0..2].copy_from_slice(&self.class.to_be_bytes());
         buf[2] = self.kind;
         buf[3] = (self.data.len() / 4) as u8;
