@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{SIZES, Shape};
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use ferry_tables::lpm::{Address, Dir248, Lpm, NaiveLpm, Poptrie, RouteSet};
 use ip_network::{IpNetwork, Ipv4Network, Ipv6Network};
 use ip_network_table::IpNetworkTable;
@@ -114,7 +114,6 @@ fn run<A: Address + Into<IpAddr>>(
     group.throughput(Throughput::Elements(BATCH as u64));
     group.warm_up_time(Duration::from_millis(300));
     group.measurement_time(Duration::from_millis(1000));
-    group.sample_size(20);
     for size in SIZES {
         let set = set_for(size);
         let addrs = common::addresses(&set, ADDRESSES, size as u64);
@@ -146,6 +145,13 @@ fn run<A: Address + Into<IpAddr>>(
             );
         }
         for cand in &all {
+            // The linear scan takes milliseconds per batch at 100k and more: a few flat samples
+            // say all there is to say about it, and keep the run to minutes.
+            if cand.name == "naive" {
+                group.sampling_mode(SamplingMode::Flat).sample_size(10);
+            } else {
+                group.sampling_mode(SamplingMode::Auto).sample_size(20);
+            }
             let mut out = [None; BATCH];
             let mut at = 0;
             group.bench_with_input(BenchmarkId::new(cand.name, size), &addrs, |b, addrs| {
@@ -190,7 +196,9 @@ fn v6_candidates(set: &RouteSet<Ipv6Addr>) -> Vec<Candidate<Ipv6Addr>> {
 }
 
 fn main() {
-    let mut c = Criterion::default().configure_from_args();
+    // Plots take longer than the measurements; the figures are in the terminal and in
+    // target/criterion/*/new/estimates.json.
+    let mut c = Criterion::default().without_plots().configure_from_args();
     for shape in [Shape::Realistic, Shape::Random] {
         run(&mut c, "v4", shape, |n| common::v4_set(shape, n, 4), v4_candidates);
         run(&mut c, "v6", shape, |n| common::v6_set(shape, n, 6), v6_candidates);

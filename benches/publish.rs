@@ -118,7 +118,7 @@ fn publish(c: &mut Criterion) {
 }
 
 fn main() {
-    let mut c = Criterion::default().configure_from_args();
+    let mut c = Criterion::default().without_plots().configure_from_args();
     publish(&mut c);
     c.final_summary();
 }
