@@ -16,8 +16,8 @@
 //! just before the node's own leaves.
 //!
 //! The structure is immutable once built; a change means building a new one from the
-//! [`RouteSet`] (1-10 ms at 100k routes: `cargo bench --bench lpm` prints build times), which is what snapshot publication
-//! does anyway.
+//! [`RouteSet`] (1-10 ms at 100k routes; `cargo bench --bench lpm` prints build times), which
+//! is what snapshot publication does anyway.
 
 use std::marker::PhantomData;
 
