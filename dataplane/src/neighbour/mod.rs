@@ -485,11 +485,13 @@ impl NeighbourSync {
             report.dumped = true;
         }
 
-        for (addr, entry) in &seen {
-            if wanted.contains_key(addr) {
-                self.learn(tables, entry, now, &mut report);
-            }
-        }
+        // One batch, so the tables publish at most once per sync however many entries changed.
+        let learned: Vec<(IpAddr, MacAddr)> = seen
+            .iter()
+            .filter(|(addr, _)| wanted.contains_key(addr))
+            .filter_map(|(_, entry)| learnable(tables, entry, now, &mut report))
+            .collect();
+        report.publications.extend(tables.learn_neighbours(learned, now));
         if full {
             for (&addr, &role) in &wanted {
                 self.maybe_probe(tables, addr, role, seen.get(&addr), now, &mut report)?;
@@ -559,22 +561,6 @@ impl NeighbourSync {
         let mut entries = Vec::new();
         report.undecodable += netlink::decode_all(&reply, self.ifindex, &mut entries).map_err(self.stream(Op::Dump))?;
         Ok(entries.into_iter().map(|n| (n.addr, n)).collect())
-    }
-
-    /// Learn `entry` if it has a MAC the kernel would use, and say what that changed.
-    fn learn(&mut self, tables: &mut Tables, entry: &KernelNeighbour, now: Instant, report: &mut SyncReport) {
-        let Some(mac) = entry.usable_mac() else { return };
-        let addr = entry.addr;
-        if tables.neighbours().get(addr).is_some_and(|n| n.origin == Origin::Static) {
-            return;
-        }
-        let before = tables.neighbours().mac(addr, now);
-        report.publications.extend(tables.learn_neighbour(addr, mac, now));
-        match before {
-            None => report.added.push((addr, mac)),
-            Some(old) if old != mac => report.changed.push(MacChange { addr, old, new: mac }),
-            Some(_) => report.confirmed += 1,
-        }
     }
 
     /// Make the kernel resolve `addr` if its entry is missing, FAILED or STALE and its probe time
@@ -712,4 +698,25 @@ fn expect_ack(reply: &[u8]) -> io::Result<()> {
         }
     }
     Err(io::Error::other("the kernel's answer holds no acknowledgement"))
+}
+
+/// The address and MAC to learn from `entry`, if it has a MAC the kernel would use and ferry's
+/// entry is not static; records in `report` what learning it will change.
+fn learnable(
+    tables: &Tables,
+    entry: &KernelNeighbour,
+    now: Instant,
+    report: &mut SyncReport,
+) -> Option<(IpAddr, MacAddr)> {
+    let mac = entry.usable_mac()?;
+    let addr = entry.addr;
+    if tables.neighbours().get(addr).is_some_and(|n| n.origin == Origin::Static) {
+        return None;
+    }
+    match tables.neighbours().mac(addr, now) {
+        None => report.added.push((addr, mac)),
+        Some(old) if old != mac => report.changed.push(MacChange { addr, old, new: mac }),
+        Some(_) => report.confirmed += 1,
+    }
+    Some((addr, mac))
 }

@@ -437,8 +437,23 @@ impl Tables {
 
     /// Record a neighbour's answer; republishes if that changed the MAC toward some node.
     pub fn learn_neighbour(&mut self, addr: IpAddr, mac: MacAddr, now: Instant) -> Option<Publication> {
-        let change = self.neighbours.learn(addr, mac, now);
-        (change.mac_changed() && self.uses_neighbour(addr)).then(|| self.publish(now))
+        self.learn_neighbours([(addr, mac)], now)
+    }
+
+    /// [`Tables::learn_neighbour`] for many entries at once (a neighbour dump): every entry is
+    /// learned, and the tables publish at most once, when any address a template uses changed MAC.
+    /// At start-up with 5,000 nodes this is one rebuild instead of 5,000.
+    pub fn learn_neighbours(
+        &mut self,
+        entries: impl IntoIterator<Item = (IpAddr, MacAddr)>,
+        now: Instant,
+    ) -> Option<Publication> {
+        let mut republish = false;
+        for (addr, mac) in entries {
+            let change = self.neighbours.learn(addr, mac, now);
+            republish |= change.mac_changed() && self.uses_neighbour(addr);
+        }
+        republish.then(|| self.publish(now))
     }
 
     /// Configure a static neighbour; republishes if that changed the MAC toward some node.
