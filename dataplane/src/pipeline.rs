@@ -173,7 +173,7 @@ impl Pipeline {
         match fib.route(dst) {
             Route::Local { port, mac } => {
                 // A peer's veth may have left the inner checksum unfinished; the pod would drop it.
-                if let Err(r) = offload::complete_checksum(frame.data_mut()) {
+                if let Err(r) = offload::complete_checksum_with(frame.data_mut(), &info) {
                     return Verdict::Drop(r);
                 }
                 self.rewrite_eth(frame, mac);
@@ -208,7 +208,7 @@ impl Pipeline {
             return Verdict::Drop(DropReason::SpoofedSource);
         }
         // (Stages policy and service go here, on `info`.)
-        if let Err(r) = offload::complete_checksum(frame.data_mut()) {
+        if let Err(r) = offload::complete_checksum_with(frame.data_mut(), &info) {
             return Verdict::Drop(r);
         }
         let ttl = ttl_of(frame.data(), &info);
@@ -394,9 +394,7 @@ fn smoltcp_checksums() -> smoltcp::phy::ChecksumCapabilities {
 /// Whether an ICMPv6 packet is neighbour discovery (types 133-137), which ferry answers or drops
 /// rather than forwards.
 fn is_ndisc(frame: &[u8], info: &FlowInfo) -> bool {
-    let Ok(ip) = Ipv6Packet::new_checked(&frame[info.l3_offset..]) else { return false };
-    let Ok(ul) = ip.upper_layer() else { return false };
-    frame.get(info.l3_offset + ul.offset).is_some_and(|t| (133..=137).contains(t))
+    info.l4.and_then(|(start, _)| frame.get(start)).is_some_and(|t| (133..=137).contains(t))
 }
 
 fn ttl_of(frame: &[u8], info: &FlowInfo) -> u8 {

@@ -40,6 +40,10 @@ pub struct FlowInfo {
     pub protocol: u8,
     /// Source and destination port for TCP/UDP/SCTP when not fragmented, else zero.
     pub ports: (u16, u16),
+    /// Where the upper-layer header and payload are in the frame (`start..end`, to the IP length),
+    /// for IP packets that are not fragments; `None` otherwise. Later stages use it instead of
+    /// parsing the IP header again.
+    pub l4: Option<(usize, usize)>,
     /// Flow hash over the 5-tuple (IP) or MACs and EtherType (non-IP).
     pub hash: u32,
 }
@@ -59,7 +63,9 @@ pub fn classify(frame: &[u8]) -> Result<FlowInfo, DropReason> {
     match et {
         ethertype::IPV4 => {
             let ip = Ipv4Packet::new_checked(l3)?;
-            let ports = if ip.is_fragment() { (0, 0) } else { ports_of(ip.protocol(), ip.payload()) };
+            let l4 =
+                (!ip.is_fragment()).then(|| (l3_offset + ip.header_len(), l3_offset + usize::from(ip.total_len())));
+            let ports = if l4.is_some() { ports_of(ip.protocol(), ip.payload()) } else { (0, 0) };
             let (src, dst) = (ip.src(), ip.dst());
             let hash = hash_tuple(u64::from(src.to_bits()), u64::from(dst.to_bits()), ip.protocol(), ports);
             Ok(FlowInfo {
@@ -70,17 +76,16 @@ pub fn classify(frame: &[u8]) -> Result<FlowInfo, DropReason> {
                 dst: Some(dst.into()),
                 protocol: ip.protocol(),
                 ports,
+                l4,
                 hash,
             })
         }
         ethertype::IPV6 => {
             let ip = Ipv6Packet::new_checked(l3)?;
             let ul = ip.upper_layer()?;
-            let ports = if ul.fragmented {
-                (0, 0)
-            } else {
-                ports_of(ul.protocol, &l3[ul.offset..crate::wire::ipv6::HEADER_LEN + usize::from(ip.payload_len())])
-            };
+            let end = crate::wire::ipv6::HEADER_LEN + usize::from(ip.payload_len());
+            let l4 = (!ul.fragmented).then(|| (l3_offset + ul.offset, l3_offset + end));
+            let ports = if l4.is_some() { ports_of(ul.protocol, &l3[ul.offset..end]) } else { (0, 0) };
             let (src, dst) = (ip.src(), ip.dst());
             let (s, d) = (src.to_bits(), dst.to_bits());
             let hash = hash_tuple(fold128(s), fold128(d) ^ u64::from(ip.flow_label()), ul.protocol, ports);
@@ -92,6 +97,7 @@ pub fn classify(frame: &[u8]) -> Result<FlowInfo, DropReason> {
                 dst: Some(dst.into()),
                 protocol: ul.protocol,
                 ports,
+                l4,
                 hash,
             })
         }
@@ -109,6 +115,7 @@ pub fn classify(frame: &[u8]) -> Result<FlowInfo, DropReason> {
                 dst: None,
                 protocol: 0,
                 ports: (0, 0),
+                l4: None,
                 hash,
             })
         }

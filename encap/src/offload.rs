@@ -7,9 +7,10 @@
 //! final is left alone, and recomputing a final checksum would give the same value, so a false
 //! positive (1 in 65536) costs only time.
 
-use crate::wire::ethernet::{EthernetFrame, ethertype};
-use crate::wire::ipv4::{Ipv4Packet, protocol};
-use crate::wire::ipv6::Ipv6Packet;
+use std::net::IpAddr;
+
+use crate::flow::{self, FlowInfo, L3};
+use crate::wire::ipv4::protocol;
 use crate::wire::tcp;
 use crate::{DropReason, checksum};
 
@@ -29,39 +30,31 @@ pub enum ChecksumFix {
 /// # Errors
 /// The [`DropReason`] of a malformed IP or L4 header.
 pub fn complete_checksum(frame: &mut [u8]) -> Result<ChecksumFix, DropReason> {
-    let eth = EthernetFrame::new_checked(&*frame)?;
-    let off = eth.header_len();
-    match eth.ethertype() {
-        ethertype::IPV4 => {
-            let ip = Ipv4Packet::new_checked(&frame[off..])?;
-            if ip.is_fragment() {
-                return Ok(ChecksumFix::NotApplicable);
-            }
-            let (proto, hl, total) = (ip.protocol(), ip.header_len(), usize::from(ip.total_len()));
-            let pseudo = ip.pseudo_header();
-            let l4 = &mut frame[off + hl..off + total];
-            match proto {
-                protocol::ICMP => fix(l4, 2, None, false),
-                protocol::TCP | protocol::UDP => fix(l4, csum_offset(proto), Some(pseudo), proto == protocol::UDP),
-                _ => Ok(ChecksumFix::NotApplicable),
-            }
-        }
-        ethertype::IPV6 => {
-            let ip = Ipv6Packet::new_checked(&frame[off..])?;
-            let ul = ip.upper_layer()?;
-            if ul.fragmented {
-                return Ok(ChecksumFix::NotApplicable);
-            }
-            let end = off + crate::wire::ipv6::HEADER_LEN + usize::from(ip.payload_len());
-            // IPv6 payloads are bounded by the 16-bit payload length, so the L4 length fits u32.
-            let pseudo = ip.pseudo_header(ul.protocol, (end - off - ul.offset) as u32);
-            let l4 = &mut frame[off + ul.offset..end];
-            match ul.protocol {
-                protocol::ICMPV6 => fix(l4, 2, Some(pseudo), false),
-                protocol::TCP | protocol::UDP => fix(l4, csum_offset(ul.protocol), Some(pseudo), false),
-                _ => Ok(ChecksumFix::NotApplicable),
-            }
-        }
+    let info = flow::classify(frame)?;
+    complete_checksum_with(frame, &info)
+}
+
+/// [`complete_checksum`] for a frame already classified (`info` from [`flow::classify`] on this
+/// frame), without parsing its headers again: the data plane classifies every frame once.
+///
+/// # Errors
+/// [`DropReason::Truncated`] when the L4 header is too short to hold its checksum.
+pub fn complete_checksum_with(frame: &mut [u8], info: &FlowInfo) -> Result<ChecksumFix, DropReason> {
+    let (Some((start, end)), Some(src), Some(dst)) = (info.l4, info.src, info.dst) else {
+        return Ok(ChecksumFix::NotApplicable);
+    };
+    let Some(l4) = frame.get_mut(start..end) else { return Err(DropReason::Truncated) };
+    // L4 lengths are bounded by the 16-bit IP length fields, so the casts cannot truncate.
+    let pseudo = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => checksum::pseudo_v4(s, d, info.protocol, l4.len() as u16),
+        (IpAddr::V6(s), IpAddr::V6(d)) => checksum::pseudo_v6(s, d, info.protocol, l4.len() as u32),
+        _ => return Ok(ChecksumFix::NotApplicable),
+    };
+    match (info.l3, info.protocol) {
+        (L3::Ipv4, protocol::ICMP) => fix(l4, 2, None, false),
+        (L3::Ipv4, protocol::UDP) => fix(l4, 6, Some(pseudo), true),
+        (L3::Ipv6, protocol::ICMPV6) => fix(l4, 2, Some(pseudo), false),
+        (_, protocol::TCP | protocol::UDP) => fix(l4, csum_offset(info.protocol), Some(pseudo), false),
         _ => Ok(ChecksumFix::NotApplicable),
     }
 }
@@ -101,6 +94,8 @@ fn fix(l4: &mut [u8], at: usize, pseudo: Option<u32>, zero_means_none: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::ethernet::ethertype;
+    use crate::wire::ipv4::Ipv4Packet;
     use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 
     /// A frame whose L4 checksum field is replaced by what a CHECKSUM_PARTIAL veth leaves there.
