@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# ferry's lab: a whole cluster on one machine, in network namespaces joined by a bridge.
+#
+#   sudo scripts/lab.sh                   install what is missing, build, up, check, show stats, explain
+#   sudo scripts/lab.sh up [--nodes N] [--pods-per-node M] [--encap vxlan|geneve] [--source static|etcd|kube]
+#                          [--kernel-nodes K] [--port P] [--name LAB] [--no-build]
+#   sudo scripts/lab.sh check [--json FILE]        the connectivity matrix; non-zero exit on any failure
+#   sudo scripts/lab.sh down                        remove everything of the lab (also after a crash)
+#   sudo scripts/lab.sh list [--json]               nodes and pods with their addresses
+#   sudo scripts/lab.sh stats | status              `ferry stats` / `ferry status` of every ferry node
+#   sudo scripts/lab.sh exec NODE|POD|ul CMD...     run a command in a node's, pod's or the underlay's netns
+#   sudo scripts/lab.sh kill-agent NODE             kill -9 the node's agent
+#   sudo scripts/lab.sh start-agent NODE            start it again with the same config (silent on success)
+#   sudo scripts/lab.sh add-node [--kernel] [--pods-per-node M]   a new node, announced; prints its name
+#   sudo scripts/lab.sh remove-node NODE            withdraw it from the source, then delete it
+#   sudo scripts/lab.sh source-remove NODE          withdraw a node from the route source only (it keeps running)
+#   sudo scripts/lab.sh source-add NODE             announce it again
+#   sudo scripts/lab.sh add-pod NODE                a new pod through the node's CNI plugin; prints its name
+#   sudo scripts/lab.sh del-pod POD                 CNI DEL, then remove its namespace
+#
+# Every command takes --name LAB (default: $FERRY_LAB, else "ferrylab"); labs with different names coexist.
+# Nodes: n1..nN run ferry, k<i> run the kernel's VXLAN configured like Flannel. Pods: <node>-p<j>.
+# State: /run/ferry-lab/<lab>/. Binaries: $FERRY_BIN_DIR (default target/release of this checkout).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+SELF="$REPO/scripts/lab.sh"
+# shellcheck source=scripts/lib/common.sh
+. "$REPO/scripts/lib/common.sh"
+
+die() { echo "lab.sh: $*" >&2; exit 1; }
+
+# shellcheck source=scripts/lib/lab-net.sh
+. "$REPO/scripts/lib/lab-net.sh"
+# shellcheck source=scripts/lib/lab-source.sh
+. "$REPO/scripts/lib/lab-source.sh"
+# shellcheck source=scripts/lib/lab-check.sh
+. "$REPO/scripts/lib/lab-check.sh"
+
+LAB=${FERRY_LAB:-ferrylab}
+BIN_DIR=${FERRY_BIN_DIR:-$REPO/target/release}
+FERRY=$BIN_DIR/ferry
+FERRY_CNI=$BIN_DIR/ferry-cni
+CNI_DIR=/usr/lib/cni
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=$(command -v python3 || echo python3)
+
+# Defaults of `up` (also recorded in lab.env for the other commands).
+NODES=3
+PODS=2
+ENCAP=vxlan
+SOURCE=static
+KNODES=0
+PORT=
+VNI=1
+BUILD=1
+
+usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, AF_XDP): run with sudo: sudo $0 $*"
+}
+
+check_name() {
+    [[ $LAB =~ ^[A-Za-z0-9][A-Za-z0-9_]{0,23}$ ]] ||
+        die "bad lab name '$LAB': letters, digits and _ only, at most 24 characters"
+    STATE=/run/ferry-lab/$LAB
+}
+
+save_settings() {
+    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nVNI=%q\nBIN_DIR=%q\n' \
+        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$VNI" "$BIN_DIR" >"$STATE/lab.env"
+}
+
+load_settings() {
+    [ -f "$STATE/lab.env" ] || die "no lab '$LAB' (no $STATE/lab.env); start one with: sudo $0 up --name $LAB"
+    # shellcheck disable=SC1091
+    . "$STATE/lab.env"
+    FERRY=$BIN_DIR/ferry
+    FERRY_CNI=$BIN_DIR/ferry-cni
+}
+
+# Namespaces that belong to the lab: <lab>-ul, <lab>-<n|k><i>, <lab>-<n|k><i>-p<j>.
+lab_netns() {
+    ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${LAB}-(ul|[nk][0-9]+(-p[0-9]+)?)$" || true
+}
+
+# --- install and build ----------------------------------------------------------------------------------------
+ensure_packages() {
+    local pkgs=(iproute2 iputils-ping ethtool containernetworking-plugins python3)
+    [ "$SOURCE" = etcd ] && pkgs+=(etcd-server etcd-client)
+    [ "$SOURCE" = kube ] && pkgs+=(etcd-server etcd-client curl openssl)
+    ensure_apt "${pkgs[@]}"
+}
+
+build_binaries() {
+    [ "$NODES" -gt 0 ] || return 0
+    if [ "$BUILD" = 1 ] && [ -z "${FERRY_BIN_DIR:-}" ]; then
+        local cargo
+        cargo=$(command -v cargo || true)
+        if [ -z "$cargo" ] && [ -n "${SUDO_USER:-}" ]; then
+            cargo=$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cargo/bin/cargo
+        fi
+        if [ -z "$cargo" ] || [ ! -x "$cargo" ]; then die "cargo not found; install Rust (rustup) or set FERRY_BIN_DIR"; fi
+        step "building ferry (cargo build --release --locked -p ferry)"
+        if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+            # Build as the user who owns the checkout, not as root.
+            (cd "$REPO" && sudo -u "$SUDO_USER" -- "$cargo" build --release --locked -p ferry)
+        else
+            (cd "$REPO" && "$cargo" build --release --locked -p ferry)
+        fi
+    fi
+    [ -x "$FERRY" ] || die "no ferry binary at $FERRY (build: cargo build --release --locked -p ferry)"
+    [ -x "$FERRY_CNI" ] || die "no ferry-cni binary at $FERRY_CNI (build: cargo build --release --locked -p ferry)"
+}
+
+# --- commands -------------------------------------------------------------------------------------------------
+cmd_up() {
+    [ -z "$PORT" ] && { [ "$ENCAP" = geneve ] && PORT=6081 || PORT=4789; }
+    case "$ENCAP" in vxlan | geneve) ;; *) die "--encap: vxlan or geneve, not '$ENCAP'" ;; esac
+    case "$SOURCE" in static | etcd) ;; kube) die "--source kube: not yet supported by the lab" ;;
+        *) die "--source: static, etcd or kube, not '$SOURCE'" ;; esac
+    [[ $NODES =~ ^[0-9]+$ && $PODS =~ ^[0-9]+$ && $KNODES =~ ^[0-9]+$ && $PORT =~ ^[0-9]+$ ]] ||
+        die "--nodes, --pods-per-node, --kernel-nodes and --port take numbers"
+    if [ $((NODES + KNODES)) -lt 1 ] || [ $((NODES + KNODES)) -gt 250 ]; then die "between 1 and 250 nodes in all"; fi
+    if [ "$KNODES" -gt 0 ] && [ "$ENCAP" != vxlan ]; then
+        die "--kernel-nodes needs --encap vxlan: kernel nodes run the kernel's VXLAN device (Flannel-style), and this kernel has no geneve module to match ferry's Geneve"
+    fi
+    if [ -e "$STATE" ] || [ -n "$(lab_netns)" ]; then
+        die "lab '$LAB' already exists (state $STATE or namespaces $LAB-*); remove it first: sudo $0 down --name $LAB"
+    fi
+    ensure_packages
+    build_binaries
+
+    step "lab $LAB: $NODES ferry node(s) + $KNODES kernel-VXLAN node(s), $PODS pod(s) each, $ENCAP port $PORT, source $SOURCE"
+    mkdir -p "$STATE/nodes"
+    save_settings
+    trap 'echo "lab.sh: up failed; what exists is left for inspection; remove it with: sudo $0 down --name $LAB" >&2' ERR
+    underlay_up
+    source_up
+    local i name
+    # Every node is created and announced first, then agents start and pods are wired: agents then
+    # come up with a full table.
+    for ((i = 1; i <= NODES + KNODES; i++)); do
+        if [ "$i" -le "$NODES" ]; then name=n$i; node_create "$name" ferry "$i"
+        else name=k$i; node_create "$name" kernel "$i"; kernel_node_setup "$name"; fi
+        node_set "$name" LISTED 1
+        case "$SOURCE" in etcd) etcd_put_lease "$name" ;; esac
+    done
+    [ "$SOURCE" = static ] && static_write
+    kernel_sync_all
+    for name in $(nodes_of_kind ferry); do agent_start "$name"; done
+    local j
+    for name in $(all_nodes); do
+        for ((j = 1; j <= PODS; j++)); do pod_add "$name" "$j"; done
+    done
+    trap - ERR
+    echo "lab $LAB is up: $(all_nodes | wc -l) node(s), $(all_pods | wc -l) pod(s); state in $STATE"
+}
+
+cmd_down() {
+    local ns n
+    for n in $(all_nodes 2>/dev/null); do agent_stop "$n" 2>/dev/null || true; done
+    [ -d "$STATE" ] && source_down
+    for ns in $(lab_netns); do kill_netns_procs "$ns"; done
+    for ns in $(lab_netns); do ip netns del "$ns" 2>/dev/null || true; done
+    rm -rf "$STATE"
+    [ -z "$(lab_netns)" ] || die "could not remove namespaces: $(lab_netns | tr '\n' ' ')"
+    echo "lab $LAB removed"
+}
+
+json_str() { printf '"%s"' "${1//\"/\\\"}"; }
+
+cmd_list() {
+    local json=$1 n p sep=""
+    if [ "$json" = 1 ]; then
+        printf '{"name":%s,"state_dir":%s,"encap":%s,"port":%s,"vni":%s,"source":%s,"underlay_netns":%s,' \
+            "$(json_str "$LAB")" "$(json_str "$STATE")" "$(json_str "$ENCAP")" "$PORT" "$VNI" \
+            "$(json_str "$SOURCE")" "$(json_str "$(ul_ns)")"
+        printf '"underlay_gateway":%s,"cluster_cidr":%s,"static_file":%s,\n"nodes":[' "$(json_str "$UL_GW")" \
+            "$(json_str "$CLUSTER_CIDR")" "$(json_str "$STATE/$STATIC_FILE_NAME")"
+        for n in $(all_nodes); do
+            local d pid
+            d=$(node_dir "$n")
+            pid=$(agent_pid "$n" || echo null)
+            printf '%s\n {"name":%s,"kind":%s,"netns":%s,"underlay_ip":%s,"pod_cidr":%s,"gateway":%s,"vtep_mac":%s,"listed":%s,' \
+                "$sep" "$(json_str "$n")" "$(json_str "$(node_get "$n" KIND)")" "$(json_str "$(node_ns "$n")")" \
+                "$(json_str "$(node_get "$n" UL_IP)")" "$(json_str "$(node_get "$n" POD_CIDR)")" \
+                "$(json_str "$(node_get "$n" GW)")" "$(json_str "$(node_get "$n" VTEP_MAC)")" \
+                "$([ "$(node_get "$n" LISTED)" = 1 ] && echo true || echo false)"
+            if [ "$(node_get "$n" KIND)" = ferry ]; then
+                printf '"admin_socket":%s,"config":%s,"log":%s,"agent_pid":%s}' "$(json_str "$d/ferry.sock")" \
+                    "$(json_str "$d/config.toml")" "$(json_str "$d/agent.log")" "$pid"
+            else
+                printf '"admin_socket":null,"config":null,"log":null,"agent_pid":null}'
+            fi
+            sep=","
+        done
+        printf '\n],\n"pods":['
+        sep=""
+        for p in $(all_pods); do
+            printf '%s\n {"name":%s,"node":%s,"netns":%s,"ip":%s,"ifname":"eth0","container_id":%s}' "$sep" \
+                "$(json_str "$p")" "$(json_str "$(pod_node "$p")")" "$(json_str "$(node_ns "$p")")" \
+                "$(json_str "$(pod_get "$p" IP)")" "$(json_str "$p")"
+            sep=","
+        done
+        printf '\n]}\n'
+        return 0
+    fi
+    echo "lab $LAB: $ENCAP port $PORT vni $VNI, source $SOURCE, state $STATE"
+    printf '%-6s %-7s %-20s %-15s %-15s %-18s %-7s %s\n' NODE KIND NETNS UNDERLAY POD_CIDR VTEP_MAC LISTED AGENT
+    for n in $(all_nodes); do
+        local a=-
+        if [ "$(node_get "$n" KIND)" = ferry ]; then a=$(agent_pid "$n" && true || echo "not running"); fi
+        printf '%-6s %-7s %-20s %-15s %-15s %-18s %-7s %s\n' "$n" "$(node_get "$n" KIND)" "$(node_ns "$n")" \
+            "$(node_get "$n" UL_IP)" "$(node_get "$n" POD_CIDR)" "$(node_get "$n" VTEP_MAC)" \
+            "$([ "$(node_get "$n" LISTED)" = 1 ] && echo yes || echo no)" "$a"
+    done
+    echo
+    printf '%-10s %-6s %-24s %s\n' POD NODE NETNS IP
+    for p in $(all_pods); do
+        printf '%-10s %-6s %-24s %s\n' "$p" "$(pod_node "$p")" "$(node_ns "$p")" "$(pod_get "$p" IP)"
+    done
+}
+
+# ferry_each SUBCOMMAND: `ferry SUBCOMMAND --socket` for every ferry node.
+ferry_each() {
+    local n rc=0
+    for n in $(nodes_of_kind ferry); do
+        echo "--- $n ($(node_ns "$n")): ferry $1"
+        ip netns exec "$(node_ns "$n")" "$FERRY" "$1" --socket "$(node_dir "$n")/ferry.sock" || rc=1
+    done
+    return $rc
+}
+
+resolve_netns() {
+    local t=$1
+    case "$t" in
+        ul) ul_ns ;;
+        *-p*) pod_get "$t" NS ;;
+        *) node_get "$t" NS ;;
+    esac
+}
+
+cmd_add_node() {
+    local kind=$1 i name
+    if [ "$kind" = kernel ] && [ "$ENCAP" != vxlan ]; then die "kernel nodes need a VXLAN lab (this lab: $ENCAP)"; fi
+    if [ "$kind" = ferry ]; then [ -x "$FERRY" ] || die "no ferry binary at $FERRY"; fi
+    i=$(next_free_index)
+    if [ "$kind" = ferry ]; then name=n$i; else name=k$i; fi
+    node_bring_up "$name" "$kind" "$i" "$PODS" >&2
+    echo "$name"
+}
+
+cmd_add_pod() {
+    local node=$1 j=1
+    node_get "$node" NAME >/dev/null
+    while [ -f "$(node_dir "$node")/pods/$node-p$j.env" ]; do j=$((j + 1)); done
+    pod_add "$node" "$j" >&2
+    echo "$node-p$j"
+}
+
+demo() {
+    need_root
+    step "packages"
+    ensure_packages
+    build_binaries
+    BUILD=0
+    if [ -e "$STATE" ] || [ -n "$(lab_netns)" ]; then
+        step "removing the previous lab $LAB"
+        cmd_down
+    fi
+    cmd_up
+    step "connectivity check"
+    local ok=1
+    check_run "" || ok=0
+    step "ferry stats of every node"
+    ferry_each stats || true
+    local n1 p1 p2
+    n1=$(nodes_of_kind ferry | head -n1)
+    p1=$(all_pods | head -n1)
+    p2=$(all_pods | tail -n1)
+    cat <<EOF
+
+==> the lab $LAB stays up. Go on with:
+  sudo $0 list                                     nodes, pods, addresses
+  sudo $0 exec $p1 ping $(pod_get "$p2" IP)       ($p1 -> $p2; same as: sudo ip netns exec $(node_ns "$p1") ping ...)
+  sudo ip netns exec $(node_ns "${n1:-n1}") $FERRY status --socket $(node_dir "${n1:-n1}")/ferry.sock
+  sudo $0 status | stats | check
+  tear down: sudo $0 down$([ "$LAB" = ferrylab ] || echo " --name $LAB")
+EOF
+    [ "$ok" = 1 ] || die "the connectivity check failed (table above)"
+}
+
+# --- arguments ------------------------------------------------------------------------------------------------
+main() {
+    local cmd="" args=() json="" list_json=0 kind=ferry
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --name) LAB=${2:?--name needs a value}; shift 2 ;;
+            --nodes) NODES=${2:?}; shift 2 ;;
+            --pods-per-node | --pods) PODS=${2:?}; shift 2 ;;
+            --encap) ENCAP=${2:?}; shift 2 ;;
+            --source) SOURCE=${2:?}; shift 2 ;;
+            --kernel-nodes) KNODES=${2:?}; shift 2 ;;
+            --port) PORT=${2:?}; shift 2 ;;
+            --no-build) BUILD=0; shift ;;
+            --kernel) kind=kernel; shift ;;
+            --json)
+                if [ "$cmd" = list ]; then list_json=1; shift; else json=${2:?--json needs a file}; shift 2; fi ;;
+            -h | --help) usage; exit 0 ;;
+            -*) die "unknown option $1 (see: $0 --help)" ;;
+            *)
+                if [ -z "$cmd" ]; then cmd=$1; shift; continue; fi
+                args+=("$1"); shift
+                # exec: everything after the target is the command, its options included.
+                if [ "$cmd" = exec ]; then args+=("$@"); break; fi ;;
+        esac
+    done
+    cmd=${cmd:-demo}
+    check_name
+    case "$cmd" in help | -h | --help) usage; exit 0 ;; esac
+    need_root "$cmd"
+    mkdir -p /run/ferry-lab
+    case "$cmd" in
+        demo) demo ;;
+        up) cmd_up ;;
+        down) cmd_down ;;
+        *)
+            load_settings
+            case "$cmd" in
+                check) check_run "$json" ;;
+                list) cmd_list "$list_json" ;;
+                stats | status) ferry_each "$cmd" ;;
+                exec)
+                    [ ${#args[@]} -ge 2 ] || die "usage: $0 exec NODE|POD|ul CMD..."
+                    local ns
+                    ns=$(resolve_netns "${args[0]}")
+                    exec ip netns exec "$ns" "${args[@]:1}" ;;
+                kill-agent)
+                    [ ${#args[@]} -eq 1 ] || die "usage: $0 kill-agent NODE"
+                    agent_pid "${args[0]}" >/dev/null || die "the agent of ${args[0]} is not running"
+                    agent_stop "${args[0]}" KILL ;;
+                start-agent)
+                    [ ${#args[@]} -eq 1 ] || die "usage: $0 start-agent NODE"
+                    agent_start "${args[0]}" ;;
+                add-node) cmd_add_node "$kind" ;;
+                remove-node)
+                    [ ${#args[@]} -eq 1 ] || die "usage: $0 remove-node NODE"
+                    node_get "${args[0]}" NAME >/dev/null
+                    source_node_removed "${args[0]}"
+                    node_delete "${args[0]}" ;;
+                source-remove)
+                    [ ${#args[@]} -eq 1 ] || die "usage: $0 source-remove NODE"
+                    source_node_removed "${args[0]}" ;;
+                source-add)
+                    [ ${#args[@]} -eq 1 ] || die "usage: $0 source-add NODE"
+                    source_node_added "${args[0]}" ;;
+                add-pod)
+                    [ ${#args[@]} -eq 1 ] || die "usage: $0 add-pod NODE"
+                    cmd_add_pod "${args[0]}" ;;
+                del-pod)
+                    [ ${#args[@]} -eq 1 ] || die "usage: $0 del-pod POD"
+                    pod_get "${args[0]}" POD >/dev/null
+                    pod_del "${args[0]}" ;;
+                *) die "unknown command '$cmd' (see: $0 --help)" ;;
+            esac
+            ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,162 @@
+# shellcheck shell=bash
+# The lab's connectivity matrix (scripts/lab.sh check). Source it after lab-net.sh; functions only.
+#
+# Every pair is tested with ping (2 echoes, 0.2 s apart, 1 s wait) and a 1 MB TCP transfer through a
+# one-shot python3 server (both ends bounded by `timeout`). Pairs run in parallel, CHECK_JOBS at a time.
+
+CHECK_JOBS=${FERRY_LAB_CHECK_JOBS:-6}
+CHECK_BYTES=1048576
+
+# A one-shot TCP server ("serve PORT") and client ("send IP PORT BYTES"): the server counts what it
+# receives and answers with the count; the client checks the answer. Bounded in time on both sides.
+check_tcp_py() {
+    cat <<'EOF'
+import socket, sys, time
+mode = sys.argv[1]
+if mode == "serve":
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[2])))
+    s.listen(1)
+    s.settimeout(8)
+    c, _ = s.accept()
+    c.settimeout(8)
+    n = 0
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        n += len(d)
+    c.sendall(str(n).encode())
+    c.close()
+else:
+    ip, port, size = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    deadline = time.time() + 3
+    while True:
+        try:
+            c = socket.create_connection((ip, port), timeout=3)
+            break
+        except ConnectionRefusedError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
+    c.settimeout(6)
+    t0 = time.time()
+    buf = b"x" * 65536
+    left = size
+    while left > 0:
+        left -= c.send(buf[: min(left, len(buf))])
+    c.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        d = c.recv(64)
+        if not d:
+            break
+        got += d
+    dt = time.time() - t0
+    if got.decode() != str(size):
+        print("server received %s of %d bytes" % (got.decode() or "nothing", size))
+        sys.exit(1)
+    print("%.1f" % (size / dt / 1e6))
+EOF
+}
+
+# check_pair ID FROM_NS TO_NS TO_IP OUTFILE: "ping_ok rtt_ms tcp_ok MB/s detail" into OUTFILE.
+check_pair() {
+    local id=$1 from=$2 to=$3 ip=$4 out=$5 port=$((20000 + $1)) p rtt="-" pok=fail tok=fail rate="-" detail="" srv
+    if p=$(ip netns exec "$from" ping -n -q -c 2 -i 0.2 -W 1 "$ip" 2>&1); then
+        pok=ok
+        rtt=$(sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p' <<<"$p")
+    else
+        detail="ping: $(grep -E 'received|unreachable|error' <<<"$p" | head -n1)"
+    fi
+    timeout 10 ip netns exec "$to" "$PY" "$CHECK_DIR/tcp.py" serve "$port" >"$CHECK_DIR/$id.srv" 2>&1 &
+    srv=$!
+    if rate=$(timeout 10 ip netns exec "$from" "$PY" "$CHECK_DIR/tcp.py" send "$ip" "$port" "$CHECK_BYTES" 2>&1); then
+        tok=ok
+    else
+        detail="${detail:+$detail; }tcp: $(tail -n1 <<<"$rate")"
+        rate="-"
+        kill "$srv" 2>/dev/null || true
+    fi
+    wait "$srv" 2>/dev/null || true
+    printf '%s %s %s %s %s\n' "$pok" "${rtt:--}" "$tok" "$rate" "$detail" >"$out"
+}
+
+# The matrix: "category from from_ns to to_ns to_ip" lines.
+check_matrix() {
+    local a b na nb
+    local pods nodes
+    pods=$(all_pods)
+    nodes=$(all_nodes)
+    for a in $pods; do
+        na=$(pod_node "$a")
+        for b in $pods; do
+            [ "$a" = "$b" ] && continue
+            nb=$(pod_node "$b")
+            if [ "$na" = "$nb" ]; then echo "pod-pod(same-node) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"
+            else echo "pod-pod(cross-node) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"; fi
+        done
+    done
+    for a in $nodes; do
+        for b in $pods; do
+            if [ "$(pod_node "$b")" = "$a" ]; then echo "node-pod(local) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"
+            else echo "node-pod(remote) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"; fi
+        done
+    done
+    for a in $pods; do
+        for b in $nodes; do
+            if [ "$(pod_node "$a")" = "$b" ]; then echo "pod-node(own) $a $(node_ns "$a") $b $(node_ns "$b") $(node_get "$b" UL_IP)"
+            else echo "pod-node(remote) $a $(node_ns "$a") $b $(node_ns "$b") $(node_get "$b" UL_IP)"; fi
+        done
+    done
+}
+
+# check_run [JSON_FILE]: runs the matrix, prints the table; returns 1 on any failure.
+check_run() {
+    local json=${1:-} lines id=0 running=0 start
+    start=$(date +%s.%N)
+    CHECK_DIR=$(mktemp -d "$STATE/.check.XXXXXX")
+    check_tcp_py >"$CHECK_DIR/tcp.py"
+    lines=$(check_matrix)
+    [ -n "$lines" ] || die "the lab has no pods to check"
+    local cat from fns to tns ip
+    while read -r cat from fns to tns ip; do
+        id=$((id + 1))
+        check_pair "$id" "$fns" "$tns" "$ip" "$CHECK_DIR/$id.res" &
+        running=$((running + 1))
+        if [ "$running" -ge "$CHECK_JOBS" ]; then wait -n || true; running=$((running - 1)); fi
+    done <<<"$lines"
+    wait || true
+
+    local fails=0 total=0 pok rtt tok rate detail jsep=""
+    [ -z "$json" ] || echo "[" >"$json"
+    printf '%-20s %-10s %-10s %-15s %-12s %-14s %s\n' CATEGORY FROM TO ADDRESS "PING(avg)" "TCP 1MB" DETAIL
+    id=0
+    while read -r cat from fns to tns ip; do
+        id=$((id + 1))
+        total=$((total + 1))
+        if [ -s "$CHECK_DIR/$id.res" ]; then
+            read -r pok rtt tok rate detail <"$CHECK_DIR/$id.res"
+        else
+            pok=fail rtt=- tok=fail rate=- detail="no result"
+        fi
+        [ "$pok" = ok ] && [ "$tok" = ok ] || fails=$((fails + 1))
+        local ps ts
+        if [ "$pok" = ok ]; then ps="ok ${rtt}ms"; else ps=FAIL; fi
+        if [ "$tok" = ok ]; then ts="ok ${rate}MB/s"; else ts=FAIL; fi
+        printf '%-20s %-10s %-10s %-15s %-12s %-14s %s\n' "$cat" "$from" "$to" "$ip" "$ps" "$ts" "$detail"
+        if [ -n "$json" ]; then
+            printf '%s{"category":"%s","from":"%s","to":"%s","address":"%s","ping":%s,"rtt_ms":%s,"tcp":%s,"tcp_MBps":%s,"detail":"%s"}\n' \
+                "$jsep" "$cat" "$from" "$to" "$ip" "$([ "$pok" = ok ] && echo true || echo false)" \
+                "$([ "$rtt" = - ] && echo null || echo "$rtt")" "$([ "$tok" = ok ] && echo true || echo false)" \
+                "$([ "$rate" = - ] && echo null || echo "$rate")" "${detail//\"/\'}" >>"$json"
+            jsep=","
+        fi
+    done <<<"$lines"
+    [ -z "$json" ] || echo "]" >>"$json"
+    rm -rf "$CHECK_DIR"
+    printf '\n%d of %d pairs passed (ping + %d-byte TCP) in %s s\n' "$((total - fails))" "$total" "$CHECK_BYTES" \
+        "$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')"
+    [ "$fails" -eq 0 ]
+}

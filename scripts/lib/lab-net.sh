@@ -1,0 +1,366 @@
+# shellcheck shell=bash
+# The lab's topology (scripts/lab.sh): underlay, node namespaces, ferry agents, kernel-VXLAN nodes, pods.
+# Source it after lab.sh has set LAB, STATE and the lab settings; it defines functions only.
+#
+# Layout (all names start with the lab name, so labs with different names coexist):
+#   <lab>-ul              underlay namespace: bridge br0 192.168.100.254/24 (etcd / apiserver listen here)
+#   <lab>-<node>          a node: uplink ul0 192.168.100.<i>/24 (veth, peer <node> on br0)
+#   <lab>-<node>-p<j>     a pod of that node, wired by ferry-cni (ferry nodes) or bridge+host-local (kernel nodes)
+# ferry nodes are n<i>, kernel-VXLAN (Flannel-style) nodes k<i>; <i> is the node's index for addresses:
+# underlay 192.168.100.<i>, pod CIDR 10.244.<i>.0/24.
+# State: $STATE/nodes/<node>/node.env (settings), config.toml, agent.log, agent.pid, ferry.sock, state/,
+#        $STATE/nodes/<node>/pods/<pod>.env, $STATE/nodes.toml (the static route file).
+
+UL_PREFIX=192.168.100
+UL_GW=$UL_PREFIX.254
+CLUSTER_CIDR=10.244.0.0/16
+POD_MTU_KERNEL=1450   # Flannel's: underlay 1500 - 50 bytes of VXLAN over IPv4
+
+ul_ns() { echo "$LAB-ul"; }
+node_ns() { echo "$LAB-$1"; }
+node_dir() { echo "$STATE/nodes/$1"; }
+
+# node_get NODE KEY: a value from the node's node.env.
+node_get() {
+    local f
+    f="$(node_dir "$1")/node.env"
+    [ -f "$f" ] || die "no node $1 in lab $LAB (see: $0 list)"
+    # shellcheck disable=SC1090
+    (. "$f" && printf '%s\n' "${!2}")
+}
+
+# node_set NODE KEY VALUE: change one value in node.env.
+node_set() {
+    local f
+    f="$(node_dir "$1")/node.env"
+    sed -i "/^$2=/d" "$f"
+    printf '%s=%q\n' "$2" "$3" >>"$f"
+}
+
+all_nodes() {
+    local d
+    [ -d "$STATE/nodes" ] || return 0
+    for d in "$STATE"/nodes/*/node.env; do
+        [ -f "$d" ] || continue
+        basename "$(dirname "$d")"
+    done | sort -V
+}
+nodes_of_kind() {
+    local n
+    for n in $(all_nodes); do
+        [ "$(node_get "$n" KIND)" = "$1" ] && echo "$n"
+    done
+    return 0
+}
+# Nodes currently announced in the route source (source-remove takes a node out without deleting it).
+listed_nodes() {
+    local n
+    for n in $(all_nodes); do
+        [ "$(node_get "$n" LISTED)" = 1 ] && echo "$n"
+    done
+    return 0
+}
+all_pods() {
+    local n f
+    for n in $(all_nodes); do
+        for f in "$(node_dir "$n")"/pods/*.env; do
+            [ -f "$f" ] && basename "$f" .env
+        done
+    done | sort -V
+    return 0
+}
+pod_node() { echo "${1%-p*}"; }
+pod_get() {
+    local f
+    f="$(node_dir "$(pod_node "$1")")/pods/$1.env"
+    [ -f "$f" ] || die "no pod $1 in lab $LAB (see: $0 list)"
+    # shellcheck disable=SC1090
+    (. "$f" && printf '%s\n' "${!2}")
+}
+
+ip_hex() {
+    local IFS=.
+    # shellcheck disable=SC2086 # split the address on its dots
+    set -- $1
+    printf '%02x:%02x:%02x:%02x' "$1" "$2" "$3" "$4"
+}
+# ferry's default VTEP MAC: 02:fe:<IPv4 bytes>. Kernel nodes get their own, fixed, distinct MAC.
+ferry_vtep_mac() { echo "02:fe:$(ip_hex "$1")"; }
+kernel_vtep_mac() { echo "02:fa:$(ip_hex "$1")"; }
+
+next_free_index() {
+    local i n used=" "
+    for n in $(all_nodes); do used+="$(node_get "$n" IDX) "; done
+    for ((i = 1; i <= 250; i++)); do
+        case "$used" in *" $i "*) ;; *) echo "$i"; return 0 ;; esac
+    done
+    die "no free node index left (250 nodes)"
+}
+
+# --- underlay ---------------------------------------------------------------------------------------------
+underlay_up() {
+    local ul
+    ul=$(ul_ns)
+    ip netns add "$ul"
+    ip -n "$ul" link set lo up
+    ip -n "$ul" link add br0 type bridge
+    ip -n "$ul" addr add "$UL_GW/24" dev br0
+    ip -n "$ul" link set br0 up
+}
+
+# --- nodes ------------------------------------------------------------------------------------------------
+# node_create NAME KIND IDX: namespace, sysctls, uplink; records node.env. Listed in the source by default.
+node_create() {
+    local name=$1 kind=$2 idx=$3 ns ul dir ulip mac
+    ns=$(node_ns "$name")
+    ul=$(ul_ns)
+    dir=$(node_dir "$name")
+    ulip=$UL_PREFIX.$idx
+    if [ "$kind" = kernel ]; then mac=$(kernel_vtep_mac "$ulip"); else mac=$(ferry_vtep_mac "$ulip"); fi
+    mkdir -p "$dir/pods" "$dir/state"
+    {
+        printf 'NAME=%q\nKIND=%q\nIDX=%q\nNS=%q\n' "$name" "$kind" "$idx" "$ns"
+        printf 'UL_IP=%q\nPOD_CIDR=%q\nGW=%q\nVTEP_MAC=%q\nLISTED=1\n' "$ulip" "10.244.$idx.0/24" "10.244.$idx.1" "$mac"
+    } >"$dir/node.env"
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    # Before any link exists, so that every interface inherits rp_filter 0 from "default".
+    ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 \
+        net.ipv4.conf.default.rp_filter=0
+    ip -n "$ul" link add "$name" type veth peer name ul0 netns "$ns"
+    ip -n "$ul" link set "$name" master br0 up
+    ip -n "$ns" addr add "$ulip/24" dev ul0
+    ip -n "$ns" link set ul0 up
+}
+
+node_delete() {
+    local name=$1 ns
+    ns=$(node_ns "$name")
+    agent_stop "$name" 2>/dev/null || true
+    kill_netns_procs "$ns"
+    local p
+    for p in $(all_pods); do
+        [ "$(pod_node "$p")" = "$name" ] || continue
+        kill_netns_procs "$(node_ns "$p")"
+        ip netns del "$(node_ns "$p")" 2>/dev/null || true
+    done
+    ip netns del "$ns" 2>/dev/null || true
+    ip -n "$(ul_ns)" link del "$name" 2>/dev/null || true
+    rm -rf "$(node_dir "$name")"
+}
+
+# kill -9 every process still running inside a namespace (only the lab's namespaces are ever passed).
+kill_netns_procs() {
+    local pids
+    pids=$(ip netns pids "$1" 2>/dev/null || true)
+    [ -n "$pids" ] || return 0
+    # shellcheck disable=SC2086
+    kill -9 $pids 2>/dev/null || true
+}
+
+# --- ferry agents -----------------------------------------------------------------------------------------
+ferry_config() {
+    local name=$1 dir
+    dir=$(node_dir "$name")
+    cat <<EOF
+# generated by scripts/lab.sh for lab $LAB
+node_name = "$name"
+
+[underlay]
+interface = "ul0"
+address = "$(node_get "$name" UL_IP)"
+
+[tunnel]
+kind = "$ENCAP"
+vni = $VNI
+port = $PORT
+vtep_mac = "$(node_get "$name" VTEP_MAC)"
+
+[pods]
+cluster_cidrs = ["$CLUSTER_CIDR"]
+pod_cidrs = ["$(node_get "$name" POD_CIDR)"]
+
+[host]
+interface = "ferry0"
+
+[dataplane]
+workers = 1
+
+[admin]
+socket = "$dir/ferry.sock"
+state_dir = "$dir/state"
+
+[control]
+$(source_agent_config "$name")
+EOF
+}
+
+agent_pid() {
+    local f
+    f="$(node_dir "$1")/agent.pid"
+    [ -f "$f" ] || return 1
+    local pid
+    pid=$(cat "$f")
+    kill -0 "$pid" 2>/dev/null || return 1
+    echo "$pid"
+}
+
+# agent_start NODE: starts `ferry run` in the node's namespace and waits until its admin socket answers.
+agent_start() {
+    local name=$1 dir ns pid i
+    dir=$(node_dir "$name")
+    ns=$(node_ns "$name")
+    [ "$(node_get "$name" KIND)" = ferry ] || die "$name is a kernel-VXLAN node: it has no agent"
+    if pid=$(agent_pid "$name"); then die "the agent of $name already runs (pid $pid)"; fi
+    [ -f "$dir/config.toml" ] || ferry_config "$name" >"$dir/config.toml"
+    rm -f "$dir/ferry.sock"
+    # ip netns exec execs the agent itself, so $! is the agent's pid. setsid: it outlives this script.
+    setsid ip netns exec "$ns" "$FERRY" run --config "$dir/config.toml" >>"$dir/agent.log" 2>&1 </dev/null &
+    echo $! >"$dir/agent.pid"
+    for ((i = 0; i < 150; i++)); do
+        if ! kill -0 "$(cat "$dir/agent.pid")" 2>/dev/null; then
+            echo "the agent of $name exited at start; last lines of $dir/agent.log:" >&2
+            tail -n 20 "$dir/agent.log" >&2
+            return 1
+        fi
+        if [ -S "$dir/ferry.sock" ] && ip netns exec "$ns" "$FERRY" status --socket "$dir/ferry.sock" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "the agent of $name did not answer on $dir/ferry.sock within 15 s; last lines of $dir/agent.log:" >&2
+    tail -n 20 "$dir/agent.log" >&2
+    return 1
+}
+
+# agent_stop NODE [SIGNAL]: signals the agent (default TERM) and waits up to 5 s for it to go.
+agent_stop() {
+    local name=$1 sig=${2:-TERM} pid i
+    pid=$(agent_pid "$name") || { rm -f "$(node_dir "$name")/agent.pid"; return 0; }
+    kill "-$sig" "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -9 "$pid" 2>/dev/null || true
+        sleep 0.2
+    fi
+    rm -f "$(node_dir "$name")/agent.pid"
+}
+
+# --- kernel-VXLAN nodes (what flanneld sets up) ------------------------------------------------------------
+kernel_node_setup() {
+    local name=$1 ns
+    ns=$(node_ns "$name")
+    ip -n "$ns" link add flannel.1 address "$(node_get "$name" VTEP_MAC)" type vxlan id "$VNI" \
+        local "$(node_get "$name" UL_IP)" dev ul0 dstport "$PORT" nolearning
+    ip -n "$ns" link set flannel.1 mtu $POD_MTU_KERNEL
+    ip -n "$ns" addr add "10.244.$(node_get "$name" IDX).0/32" dev flannel.1
+    ip -n "$ns" link set flannel.1 up
+}
+
+# kernel_sync NODE: the vxlan device's neighbour, FDB and route entries for exactly the listed remote nodes
+# (as flanneld keeps them in step with its subnet leases).
+kernel_sync() {
+    local name=$1 ns r idx ulip mac want=" "
+    ns=$(node_ns "$name")
+    for r in $(listed_nodes); do
+        [ "$r" = "$name" ] && continue
+        idx=$(node_get "$r" IDX)
+        ulip=$(node_get "$r" UL_IP)
+        mac=$(node_get "$r" VTEP_MAC)
+        want+="10.244.$idx.0 "
+        ip -n "$ns" neigh replace "10.244.$idx.0" lladdr "$mac" dev flannel.1 nud permanent
+        ip netns exec "$ns" bridge fdb replace "$mac" dev flannel.1 dst "$ulip" self permanent
+        ip -n "$ns" route replace "10.244.$idx.0/24" via "10.244.$idx.0" dev flannel.1 onlink
+    done
+    # Remove what belongs to nodes no longer listed.
+    local dst via
+    while read -r dst _ via _; do
+        case "$want" in *" $via "*) ;; *) ip -n "$ns" route del "$dst" 2>/dev/null || true ;; esac
+    done < <(ip -n "$ns" -4 route show dev flannel.1 | awk '$2 == "via" {print $1, $2, $3}')
+    local nip nmac
+    while read -r nip _ nmac _; do
+        case "$want" in *" $nip "*) ;; *)
+            ip -n "$ns" neigh del "$nip" dev flannel.1 2>/dev/null || true
+            ip netns exec "$ns" bridge fdb del "$nmac" dev flannel.1 self 2>/dev/null || true ;;
+        esac
+    done < <(ip -n "$ns" -4 neigh show dev flannel.1 | awk '{print $1, $2, $3}')
+}
+
+kernel_sync_all() {
+    local k
+    for k in $(nodes_of_kind kernel); do kernel_sync "$k"; done
+}
+
+# --- pods ---------------------------------------------------------------------------------------------------
+ferry_netconf() {
+    printf '{"cniVersion":"1.0.0","name":"ferry","type":"ferry-cni","adminSocket":"%s"}\n' \
+        "$(node_dir "$1")/ferry.sock"
+}
+# The conf Flannel hands to the bridge plugin (cni0 as the pods' gateway, host-local IPAM).
+bridge_netconf() {
+    printf '{"cniVersion":"1.0.0","name":"%s","type":"bridge","bridge":"cni0","mtu":%d,"isGateway":true,' \
+        "$LAB-cbr0" "$POD_MTU_KERNEL"
+    printf '"isDefaultGateway":true,"ipMasq":false,"hairpinMode":true,'
+    printf '"ipam":{"type":"host-local","ranges":[[{"subnet":"%s"}]],"dataDir":"%s"}}\n' \
+        "$(node_get "$1" POD_CIDR)" "$(node_dir "$1")/ipam"
+}
+
+# cni NODE POD COMMAND: runs the node's CNI plugin for the pod, in the node's namespace, as a runtime would.
+cni() {
+    local node=$1 pod=$2 cmd=$3 plugin conf
+    if [ "$(node_get "$node" KIND)" = ferry ]; then
+        plugin=$FERRY_CNI
+        conf=$(ferry_netconf "$node")
+    else
+        plugin=$CNI_DIR/bridge
+        conf=$(bridge_netconf "$node")
+    fi
+    ip netns exec "$(node_ns "$node")" env CNI_COMMAND="$cmd" CNI_CONTAINERID="$pod" \
+        CNI_NETNS="/var/run/netns/$(node_ns "$pod")" CNI_IFNAME=eth0 CNI_PATH="$CNI_DIR" "$plugin" <<<"$conf"
+}
+
+# pod_add NODE J: creates pod <node>-p<J> and wires it with the node's CNI plugin.
+pod_add() {
+    local node=$1 j=$2 pod ns dir out ip
+    pod="$node-p$j"
+    ns=$(node_ns "$pod")
+    dir=$(node_dir "$node")
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    if ! out=$(cni "$node" "$pod" ADD 2>&1); then
+        echo "CNI ADD of pod $pod on $node failed: $out" >&2
+        ip netns del "$ns" 2>/dev/null || true
+        return 1
+    fi
+    printf '%s\n' "$out" >"$dir/pods/$pod.result.json"
+    ip=$(ip -n "$ns" -4 -o addr show dev eth0 | awk '{split($4, a, "/"); print a[1]; exit}')
+    [ -n "$ip" ] || { echo "pod $pod has no IPv4 address on eth0 after CNI ADD: $out" >&2; return 1; }
+    printf 'POD=%q\nNODE=%q\nNS=%q\nIP=%q\n' "$pod" "$node" "$ns" "$ip" >"$dir/pods/$pod.env"
+}
+
+pod_del() {
+    local pod=$1 node ns
+    node=$(pod_node "$pod")
+    ns=$(node_ns "$pod")
+    cni "$node" "$pod" DEL >/dev/null 2>&1 || echo "warning: CNI DEL of $pod failed" >&2
+    kill_netns_procs "$ns"
+    ip netns del "$ns" 2>/dev/null || true
+    rm -f "$(node_dir "$node")/pods/$pod".*
+}
+
+# node_bring_up NAME KIND IDX PODS: a whole node (namespace, agent or vxlan device, pods).
+node_bring_up() {
+    local name=$1 kind=$2 idx=$3 pods=$4 j
+    node_create "$name" "$kind" "$idx"
+    if [ "$kind" = ferry ]; then
+        source_node_added "$name"
+        agent_start "$name"
+    else
+        kernel_node_setup "$name"
+        source_node_added "$name"
+    fi
+    for ((j = 1; j <= pods; j++)); do pod_add "$name" "$j"; done
+}
