@@ -118,7 +118,7 @@ build_binaries() {
 cmd_up() {
     [ -z "$PORT" ] && { [ "$ENCAP" = geneve ] && PORT=6081 || PORT=4789; }
     case "$ENCAP" in vxlan | geneve) ;; *) die "--encap: vxlan or geneve, not '$ENCAP'" ;; esac
-    case "$SOURCE" in static | etcd) ;; kube) die "--source kube: not yet supported by the lab" ;;
+    case "$SOURCE" in static | etcd | kube) ;;
         *) die "--source: static, etcd or kube, not '$SOURCE'" ;; esac
     [[ $NODES =~ ^[0-9]+$ && $PODS =~ ^[0-9]+$ && $KNODES =~ ^[0-9]+$ && $PORT =~ ^[0-9]+$ ]] ||
         die "--nodes, --pods-per-node, --kernel-nodes and --port take numbers"
@@ -145,7 +145,7 @@ cmd_up() {
         if [ "$i" -le "$NODES" ]; then name=n$i; node_create "$name" ferry "$i"
         else name=k$i; node_create "$name" kernel "$i"; kernel_node_setup "$name"; fi
         node_set "$name" LISTED 1
-        case "$SOURCE" in etcd) etcd_put_lease "$name" ;; esac
+        case "$SOURCE" in etcd) etcd_put_lease "$name" ;; kube) kube_put_node "$name" ;; esac
     done
     [ "$SOURCE" = static ] && static_write
     kernel_sync_all

@@ -149,6 +149,13 @@ node_delete() {
     rm -rf "$(node_dir "$name")"
 }
 
+# alive PID: the process exists and is not a zombie (PID 1 of a container may never reap orphans).
+alive() {
+    local st
+    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
 # kill -9 every process still running inside a namespace (only the lab's namespaces are ever passed).
 kill_netns_procs() {
     local pids
@@ -201,7 +208,7 @@ agent_pid() {
     [ -f "$f" ] || return 1
     local pid
     pid=$(cat "$f")
-    kill -0 "$pid" 2>/dev/null || return 1
+    alive "$pid" || return 1
     echo "$pid"
 }
 
@@ -218,7 +225,7 @@ agent_start() {
     setsid ip netns exec "$ns" "$FERRY" run --config "$dir/config.toml" >>"$dir/agent.log" 2>&1 </dev/null &
     echo $! >"$dir/agent.pid"
     for ((i = 0; i < 150; i++)); do
-        if ! kill -0 "$(cat "$dir/agent.pid")" 2>/dev/null; then
+        if ! alive "$(cat "$dir/agent.pid")"; then
             echo "the agent of $name exited at start; last lines of $dir/agent.log:" >&2
             tail -n 20 "$dir/agent.log" >&2
             return 1
@@ -239,10 +246,10 @@ agent_stop() {
     pid=$(agent_pid "$name") || { rm -f "$(node_dir "$name")/agent.pid"; return 0; }
     kill "-$sig" "$pid" 2>/dev/null || true
     for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
+        alive "$pid" || break
         sleep 0.1
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
         kill -9 "$pid" 2>/dev/null || true
         sleep 0.2
     fi

@@ -13,7 +13,9 @@ source_agent_config() {
     case "$SOURCE" in
         static) printf 'static_file = "%s"\n' "$STATE/$STATIC_FILE_NAME" ;;
         etcd) printf 'etcd_endpoints = ["http://%s:2379"]\n' "$UL_GW" ;;
-        kube) die "--source kube: not yet supported by the lab" ;;
+        kube)
+            printf 'kube = true\nkube_server = "https://%s:%d"\nkube_token_file = "%s"\nkube_ca_file = "%s"\n' \
+                "$UL_GW" "$KUBE_PORT" "$STATE/kube/token" "$STATE/kube/certs/apiserver.crt" ;;
     esac
 }
 
@@ -21,7 +23,7 @@ source_up() {
     case "$SOURCE" in
         static) static_write ;;
         etcd) etcd_up ;;
-        kube) die "--source kube: not yet supported by the lab" ;;
+        kube) etcd_up && kube_up ;;
     esac
 }
 
@@ -42,6 +44,7 @@ source_node_added() {
     case "$SOURCE" in
         static) static_write ;;
         etcd) etcd_put_lease "$1" ;;
+        kube) kube_put_node "$1" ;;
     esac
     kernel_sync_all
 }
@@ -51,6 +54,7 @@ source_node_removed() {
     case "$SOURCE" in
         static) static_write ;;
         etcd) etcd_del_lease "$1" ;;
+        kube) kube_del_node "$1" ;;
     esac
     kernel_sync_all
 }
@@ -97,12 +101,13 @@ etcd_up() {
     echo $! >"$STATE/etcd.pid"
     for ((i = 0; i < 100; i++)); do
         if etcdctl_ul endpoint health >/dev/null 2>&1; then break; fi
-        kill -0 "$(cat "$STATE/etcd.pid")" 2>/dev/null || { tail -n 20 "$STATE/etcd/etcd.log" >&2; die "etcd exited"; }
+        alive "$(cat "$STATE/etcd.pid")" || { tail -n 20 "$STATE/etcd/etcd.log" >&2; die "etcd exited"; }
         sleep 0.1
     done
     etcdctl_ul endpoint health >/dev/null 2>&1 || die "etcd did not become healthy in 10 s ($STATE/etcd/etcd.log)"
     local backend
     backend=$(printf '{"Type":"%s","VNI":%d,"Port":%d}' "$ENCAP" "$VNI" "$PORT")
+    [ "$SOURCE" = etcd ] || return 0
     etcdctl_ul put /coreos.com/network/config \
         "{\"Network\":\"$CLUSTER_CIDR\",\"SubnetLen\":24,\"Backend\":$backend}" >/dev/null
 }
@@ -121,4 +126,66 @@ etcd_put_lease() {
 
 etcd_del_lease() {
     etcdctl_ul del "$(etcd_lease_key "$1")" >/dev/null
+}
+
+# --- kube (a real kube-apiserver from scripts/build-kube-apiserver.sh, Node objects over REST) ---------------
+KUBE_PORT=6443
+
+kube_apiserver_binary() {
+    local b
+    if ! b=$(bash "$REPO/scripts/build-kube-apiserver.sh" | tail -n1) || [ ! -x "$b" ]; then
+        die "--source kube needs a kube-apiserver; build it once with: sudo scripts/build-kube-apiserver.sh"
+    fi
+    echo "$b"
+}
+
+# kube_api METHOD PATH [JSON]: a REST call as the lab's admin, from the underlay namespace.
+kube_api() {
+    local args=(-sS --max-time 10 --cacert "$STATE/kube/certs/apiserver.crt" -H "Authorization: Bearer $(cat "$STATE/kube/token")"
+        -X "$1" "https://$UL_GW:$KUBE_PORT$2")
+    [ $# -ge 3 ] && args+=(-H "Content-Type: application/json" --data-binary "$3")
+    ip netns exec "$(ul_ns)" curl "${args[@]}"
+}
+
+kube_up() {
+    local bin k i
+    bin=$(kube_apiserver_binary)
+    k=$STATE/kube
+    mkdir -p "$k/certs"
+    head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$k/token"
+    printf '%s,admin,admin,"system:masters"\n' "$(cat "$k/token")" >"$k/tokens.csv"
+    openssl genrsa -out "$k/sa.key" 2048 2>/dev/null
+    openssl rsa -in "$k/sa.key" -pubout -out "$k/sa.pub" 2>/dev/null
+    setsid ip netns exec "$(ul_ns)" "$bin" --etcd-servers="http://$UL_GW:2379" --bind-address="$UL_GW" \
+        --advertise-address="$UL_GW" --secure-port="$KUBE_PORT" --insecure-port=0 --cert-dir="$k/certs" \
+        --token-auth-file="$k/tokens.csv" --authorization-mode=RBAC \
+        --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$k/sa.pub" \
+        --service-account-signing-key-file="$k/sa.key" --service-cluster-ip-range=10.96.0.0/16 \
+        --profiling=false --feature-gates=IPv6DualStack=true >"$k/apiserver.log" 2>&1 </dev/null &
+    echo $! >"$STATE/apiserver.pid"
+    for ((i = 0; i < 600; i++)); do
+        if [ -f "$k/certs/apiserver.crt" ] && [ "$(kube_api GET /readyz 2>/dev/null)" = ok ]; then return 0; fi
+        alive "$(cat "$STATE/apiserver.pid")" || { tail -n 20 "$k/apiserver.log" >&2; die "kube-apiserver exited"; }
+        sleep 0.2
+    done
+    tail -n 20 "$k/apiserver.log" >&2
+    die "kube-apiserver not ready within 120 s ($k/apiserver.log)"
+}
+
+# A Node as the cluster would have it: spec.podCIDRs from the controller manager, Flannel's annotations.
+kube_put_node() {
+    local n=$1 cidr body out
+    cidr=$(node_get "$n" POD_CIDR)
+    body=$(printf '{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","annotations":{' "$n")
+    body+=$(printf '"flannel.alpha.coreos.com/public-ip":"%s","flannel.alpha.coreos.com/backend-type":"%s",' \
+        "$(node_get "$n" UL_IP)" "$ENCAP")
+    body+=$(printf '"flannel.alpha.coreos.com/backend-data":"{\\"VNI\\":%d,\\"VtepMAC\\":\\"%s\\"}"}},' \
+        "$VNI" "$(node_get "$n" VTEP_MAC)")
+    body+=$(printf '"spec":{"podCIDR":"%s","podCIDRs":["%s"]}}' "$cidr" "$cidr")
+    out=$(kube_api POST /api/v1/nodes "$body")
+    grep -q '"kind": *"Node"' <<<"$out" || die "creating Node $n failed: $out"
+}
+
+kube_del_node() {
+    kube_api DELETE "/api/v1/nodes/$1" >/dev/null
 }
