@@ -17,6 +17,8 @@
 #   sudo scripts/lab.sh source-add NODE             announce it again
 #   sudo scripts/lab.sh add-pod NODE                a new pod through the node's CNI plugin; prints its name
 #   sudo scripts/lab.sh del-pod POD                 CNI DEL, then remove its namespace
+#   sudo scripts/lab.sh reach FROM TO [--wait S]    ping TO (a pod's IP, a node's underlay IP) from FROM until it
+#                                                   answers (give up after S seconds; default one try); exit 0/1
 #
 # Every command takes --name LAB (default: $FERRY_LAB, else "ferrylab"); labs with different names coexist.
 # Nodes: n1..nN run ferry, k<i> run the kernel's VXLAN configured like Flannel. Pods: <node>-p<j>.
@@ -54,6 +56,8 @@ KNODES=0
 PORT=
 VNI=1
 BUILD=1
+PODS_ARG=
+WAIT=0
 
 usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
@@ -260,6 +264,33 @@ cmd_add_pod() {
     echo "$node-p$j"
 }
 
+# An endpoint's address: a pod's IP, a node's underlay IP.
+target_ip() {
+    case "$1" in
+        *-p*) pod_get "$1" IP ;;
+        *) node_get "$1" UL_IP ;;
+    esac
+}
+
+cmd_reach() {
+    local from to ip deadline start
+    from=$(resolve_netns "$1")
+    ip=$(target_ip "$2")
+    start=$(date +%s.%N)
+    deadline=$(($(date +%s) + $3))
+    while true; do
+        if ip netns exec "$from" ping -n -q -c 1 -W 1 "$ip" >/dev/null 2>&1; then
+            echo "$1 -> $2 ($ip): reachable after $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }') s"
+            return 0
+        fi
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            echo "$1 -> $2 ($ip): unreachable (waited $3 s)"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
 demo() {
     need_root
     step "packages"
@@ -299,7 +330,8 @@ main() {
         case "$1" in
             --name) LAB=${2:?--name needs a value}; shift 2 ;;
             --nodes) NODES=${2:?}; shift 2 ;;
-            --pods-per-node | --pods) PODS=${2:?}; shift 2 ;;
+            --pods-per-node | --pods) PODS=${2:?}; PODS_ARG=$2; shift 2 ;;
+            --wait) WAIT=${2:?}; shift 2 ;;
             --encap) ENCAP=${2:?}; shift 2 ;;
             --source) SOURCE=${2:?}; shift 2 ;;
             --kernel-nodes) KNODES=${2:?}; shift 2 ;;
@@ -328,6 +360,7 @@ main() {
         down) cmd_down ;;
         *)
             load_settings
+            [ -z "$PODS_ARG" ] || PODS=$PODS_ARG
             case "$cmd" in
                 check) check_run "$json" ;;
                 list) cmd_list "$list_json" ;;
@@ -363,6 +396,9 @@ main() {
                     [ ${#args[@]} -eq 1 ] || die "usage: $0 del-pod POD"
                     pod_get "${args[0]}" POD >/dev/null
                     pod_del "${args[0]}" ;;
+                reach)
+                    [ ${#args[@]} -eq 2 ] || die "usage: $0 reach FROM TO [--wait SECONDS]"
+                    cmd_reach "${args[0]}" "${args[1]}" "$WAIT" ;;
                 *) die "unknown command '$cmd' (see: $0 --help)" ;;
             esac
             ;;
