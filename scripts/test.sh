@@ -9,7 +9,7 @@ start=$(date +%s)
 
 step "system packages"
 ensure_apt tshark iproute2 iputils-ping tcpdump clang pkg-config libelf-dev zlib1g-dev m4 ethtool libbpf-dev linux-libc-dev \
-    etcd-server openssl protobuf-compiler libprotobuf-dev
+    etcd-server openssl protobuf-compiler libprotobuf-dev containernetworking-plugins
 
 step "format and lints"
 cargo fmt --all --check
