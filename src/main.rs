@@ -1,9 +1,13 @@
 //! The `ferry` binary: command-line entry point (setup side; no per-packet work here).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use ferry::admin::{self, Request, Response};
 use ferry_encap::DropReason;
+use serde_json::Value;
 
 /// ferry: userspace AF_XDP overlay data plane for Kubernetes pod networks.
 #[derive(Debug, Parser)]
@@ -15,18 +19,214 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node agent: data plane, control plane and admin socket.
+    Run {
+        /// The configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Check the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// The running agent's configuration and health.
+    Status(Query),
+    /// The forwarding table the workers use now.
+    Routes(Query),
+    /// Packets per port (with rates over the last second) and drops by reason.
+    Stats(Query),
     /// List every drop reason the data plane counts, with its metric name.
     DropReasons,
+}
+
+#[derive(Debug, Args)]
+struct Query {
+    /// The agent's admin socket.
+    #[arg(long, default_value = admin::DEFAULT_SOCKET, env = "FERRY_SOCKET")]
+    socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config, check } => run(&config, check),
+        Command::Status(q) => query(&q, Request::Status, print_status),
+        Command::Routes(q) => query(&q, Request::Routes, print_routes),
+        Command::Stats(q) => query(&q, Request::Stats, print_stats),
         Command::DropReasons => {
             for r in DropReason::ALL {
                 println!("{:>3}  {:<26} {}", *r as u8, r.name(), r.description());
             }
+            ExitCode::SUCCESS
         }
     }
+}
+
+fn run(path: &std::path::Path, check: bool) -> ExitCode {
+    let cfg = match ferry::agent::AgentConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry run: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match ferry::agent::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ferry run: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn query(q: &Query, req: Request, print: fn(&Value)) -> ExitCode {
+    let resp: Response = match admin::call(&q.socket, &req, Duration::from_secs(10)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !resp.ok {
+        eprintln!("ferry: the agent says: {}", resp.error.unwrap_or_default());
+        return ExitCode::FAILURE;
+    }
+    let data = resp.data.unwrap_or(Value::Null);
+    if q.json {
+        println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+    } else {
+        print(&data);
+    }
     ExitCode::SUCCESS
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn print_status(d: &Value) {
+    let n = &d["node"];
+    println!(
+        "node        {} (up {:.0} s, ferry {})",
+        s(&n["node_name"]),
+        d["uptime_seconds"].as_f64().unwrap_or(0.0),
+        s(&d["version"])
+    );
+    println!(
+        "underlay    {} {} mac {} mtu {}",
+        s(&n["underlay_if"]),
+        s(&n["underlay_addr"]),
+        s(&n["underlay_mac"]),
+        s(&n["underlay_mtu"])
+    );
+    println!(
+        "tunnel      {} vni {} port {} vtep {}",
+        s(&n["tunnel"]),
+        s(&n["vni"]),
+        s(&n["tunnel_port"]),
+        s(&n["vtep_mac"])
+    );
+    println!(
+        "pods        cidrs {} gateway {} mtu {}; cluster {}",
+        s(&n["pod_cidrs"]),
+        s(&n["gateway_v4"]),
+        s(&n["pod_mtu"]),
+        s(&n["cluster_cidrs"])
+    );
+    println!("host port   {} {}", s(&n["host_if"]), s(&n["host_addr"]));
+    println!("workers     {} ({} polling); sources {}", s(&n["workers"]), s(&n["poll"]), s(&n["sources"]));
+    let t = &d["tables"];
+    println!(
+        "tables      generation {}, {} remote nodes, {} local endpoints",
+        s(&t["generation"]),
+        s(&t["remote_nodes"]),
+        s(&t["local_endpoints"])
+    );
+    println!("ports");
+    if let Some(ports) = d["ports"].as_object() {
+        for (id, p) in ports {
+            println!(
+                "  {id:>4}  {:<16} {:<7} {:<8} {}  {}",
+                s(&p["ifname"]),
+                s(&p["kind"]),
+                s(&p["xdp_mode"]),
+                s(&p["addrs"]),
+                s(&p["pod"])
+            );
+        }
+    }
+}
+
+fn print_routes(d: &Value) {
+    println!("generation {}", s(&d["generation"]));
+    println!("{:<20} {:<16} {:<18} {:<8} {:<6} next hop", "pod cidrs", "node", "underlay", "tunnel", "vni");
+    for r in d["remote"].as_array().into_iter().flatten() {
+        let nh = &r["next_hop"];
+        println!(
+            "{:<20} {:<16} {:<18} {:<8} {:<6} {} {}",
+            s(&r["pod_cidrs"]),
+            s(&r["node"]),
+            format!("{}:{}", s(&r["underlay"]), s(&r["port"])),
+            s(&r["tunnel"]),
+            s(&r["vni"]),
+            s(&nh["state"]),
+            s(&nh["underlay_mac"])
+        );
+    }
+    for l in d["local"].as_array().into_iter().flatten() {
+        println!("{:<20} {:<16} port {} {} {}", s(&l["addrs"]), "local", s(&l["port"]), s(&l["ifname"]), s(&l["pod"]));
+    }
+    for b in d["blackholes"].as_array().into_iter().flatten() {
+        println!("{:<20} {:<16}", s(b), "blackhole (this node's CIDR)");
+    }
+}
+
+fn print_stats(d: &Value) {
+    println!(
+        "{:>4}  {:<16} {:<7} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}",
+        "port", "ifname", "kind", "rx pkts", "tx pkts", "rx pps", "tx pps", "rx Mbit/s", "tx Mbit/s"
+    );
+    for p in d["ports"].as_array().into_iter().flatten() {
+        let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+        println!(
+            "{:>4}  {:<16} {:<7} {:>12} {:>12} {:>10.0} {:>10.0} {:>10.2} {:>10.2}",
+            s(&p["port"]),
+            s(&p["ifname"]),
+            s(&p["kind"]),
+            s(&p["rx_packets"]),
+            s(&p["tx_packets"]),
+            f("rx_pps"),
+            f("tx_pps"),
+            f("rx_bps") / 1e6,
+            f("tx_bps") / 1e6
+        );
+    }
+    println!("drops: {} in all, {} ICMP errors sent", s(&d["total_drops"]), s(&d["icmp_errors"]));
+    if let Some(drops) = d["drops"].as_object() {
+        for (reason, n) in drops {
+            if n.as_u64().unwrap_or(0) > 0 {
+                let rate = d["drop_rates"][reason].as_f64().unwrap_or(0.0);
+                println!("  {reason:<28} {:>12}  ({rate:.0}/s)", s(n));
+            }
+        }
+    }
 }

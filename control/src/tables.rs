@@ -5,6 +5,9 @@
 //! - Remote nodes become [`RemoteNode`]s (one per node, all its CIDRs); this node's own CIDRs
 //!   become blackholes, under which the local pods' host routes (longer, so they win) deliver.
 //! - Local pods are not the control plane's business: whatever the tables already hold is kept.
+//!   The tables can be shared ([`TablesPublisher::shared`]) with whoever registers pods and
+//!   resolves neighbours on the control side; writers take turns on a mutex that the workers
+//!   never touch (they read published snapshots).
 //! - A node the tables cannot build (an IPv6 underlay on a node with only an IPv4 one, tunnel
 //!   parameters the template builder refuses) is left out of the publication with one warning,
 //!   rather than letting it block every other node's routes.
@@ -12,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use ferry_encap::MacAddr;
@@ -72,7 +75,7 @@ type Hook = Box<dyn FnMut(&Arc<Snapshot>, &Diff) + Send>;
 /// Publishes into the data plane's [`Tables`]. Owns them on the control thread; workers hold
 /// [`Tables::reader`]s taken before handing the tables over.
 pub struct TablesPublisher {
-    tables: Tables,
+    tables: Arc<Mutex<Tables>>,
     /// Nodes left out of the last publications, and why (warned once per reason).
     skipped: HashMap<String, String>,
     hook: Option<Hook>,
@@ -90,7 +93,18 @@ const MAX_SKIPPED_PER_PUBLICATION: usize = 64;
 impl TablesPublisher {
     /// Takes over the tables.
     pub fn new(tables: Tables) -> Self {
+        Self::shared(Arc::new(Mutex::new(tables)))
+    }
+
+    /// Publishes into tables that other control-side writers (pod registration, neighbour
+    /// resolution) share.
+    pub fn shared(tables: Arc<Mutex<Tables>>) -> Self {
         TablesPublisher { tables, skipped: HashMap::new(), hook: None }
+    }
+
+    /// The tables (locked; a writer that panicked left them consistent, so poisoning is ignored).
+    pub fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Calls `hook` after each successful publication (on the control thread), with the snapshot
@@ -108,11 +122,13 @@ impl TablesPublisher {
 
 impl Publish for TablesPublisher {
     fn publish(&mut self, table: &RouteTable<'_>) {
-        let local_pods = self.tables.desired().local_pods.clone();
+        let tables = Arc::clone(&self.tables);
+        let mut tables = tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let local_pods = tables.desired().local_pods.clone();
         let mut desired = desired_state(table.routes, local_pods);
         let mut skipped = HashMap::new();
         loop {
-            match self.tables.set_desired(desired.clone(), Instant::now()) {
+            match tables.set_desired(desired.clone(), Instant::now()) {
                 Ok(_) => break,
                 Err(e) => {
                     let node = match &e {
@@ -140,7 +156,7 @@ impl Publish for TablesPublisher {
         }
         self.skipped = skipped;
         if let Some(hook) = &mut self.hook {
-            hook(&self.tables.current(), table.diff);
+            hook(&tables.current(), table.diff);
         }
     }
 }
@@ -217,7 +233,7 @@ mod tests {
         assert!(p.skipped().contains_key("v6"), "{:?}", p.skipped());
         let generation = *seen.lock().expect("lock");
         assert!(generation > 0, "published");
-        let snap = p.tables.current();
+        let snap = p.tables().current();
         assert!(matches!(snap.route("10.0.1.5".parse().expect("ip")), ferry_tables::Route::Unresolved { .. }));
         assert!(matches!(snap.route("10.0.9.5".parse().expect("ip")), ferry_tables::Route::Blackhole));
         assert!(matches!(snap.route("10.0.3.5".parse().expect("ip")), ferry_tables::Route::NoRoute));
@@ -228,12 +244,12 @@ mod tests {
             mac: "02:00:00:00:00:33".parse().expect("mac"),
             addrs: vec!["10.0.9.3".parse().expect("ip")],
         };
-        let mut d = p.tables.desired().clone();
+        let mut d = p.tables().desired().clone();
         d.local_pods.push(pod);
-        p.tables.set_desired(d, Instant::now()).expect("pods");
+        p.tables().set_desired(d, Instant::now()).expect("pods");
         r.remove(&net("10.0.2.0/24"));
         p.publish(&RouteTable { generation: 2, routes: &r, diff: &Diff::default() });
-        let snap = p.tables.current();
+        let snap = p.tables().current();
         assert!(matches!(
             snap.route("10.0.9.3".parse().expect("ip")),
             ferry_tables::Route::Local { port: PortId(3), .. }

@@ -6,15 +6,23 @@
 //! egress port; full egress batches go out immediately and the rest at the end of the iteration,
 //! with one kick per port. The forwarding tables are loaded once per iteration.
 //!
+//! Ports come and go while the worker runs (pods are created and deleted): a [`PortControl`] sends
+//! [`PortCommand`]s that the worker applies between iterations, waking it if it sleeps. A port keeps
+//! its [`PortId`] (what the forwarding tables name) for its lifetime; a removed port hands every
+//! frame it held back to the worker ([`Port::release`]).
+//!
 //! Idle handling ([`PollMode::Adaptive`]): the worker spins while packets flow and for a short
 //! time after the last one, then sleeps in `poll(2)` on its ports' descriptors (or briefly, for
 //! ports without one) until traffic or a timeout wakes it. A wakeup that finds nothing goes straight
 //! back to sleep: the spin budget restarts only when a packet arrives. [`PollMode::Busy`] never
 //! sleeps, for benchmarks.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender};
 
 use ferry_tables::Reader;
 
@@ -49,11 +57,144 @@ impl Default for PollMode {
     }
 }
 
+/// A change to a running worker's ports.
+#[derive(Debug)]
+pub enum PortCommand<P> {
+    /// Start serving `port` as `id` (replacing, and releasing, a port already there).
+    Add {
+        /// The port's identity in the forwarding tables.
+        id: PortId,
+        /// The port, opened on this worker's frame memory.
+        port: P,
+        /// What traffic it carries.
+        role: PortRole,
+        /// Told the outcome once the worker has applied it.
+        done: Sender<Result<(), PortCommandError>>,
+    },
+    /// Stop serving `id`: close the port and take its frames back. Removing an absent port is not
+    /// an error.
+    Remove {
+        /// The port.
+        id: PortId,
+        /// Told once the port is closed (`true` if there was one).
+        done: Sender<bool>,
+    },
+}
+
+/// Why a port command failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PortCommandError {
+    /// The id is beyond the worker's port capacity.
+    #[error("port id {id} is beyond this worker's capacity of {capacity} ports")]
+    Capacity {
+        /// The id asked for.
+        id: u16,
+        /// Ports the worker was sized for.
+        capacity: usize,
+    },
+    /// The worker did not apply the command in time.
+    #[error("the worker did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The worker has stopped.
+    #[error("the worker has stopped")]
+    Stopped,
+}
+
+/// Sends [`PortCommand`]s to a running worker and waits for them to take effect (setup side).
+#[derive(Debug)]
+pub struct PortControl<P> {
+    tx: Sender<PortCommand<P>>,
+    wake: Arc<WakeFd>,
+}
+
+impl<P> Clone for PortControl<P> {
+    fn clone(&self) -> Self {
+        PortControl { tx: self.tx.clone(), wake: Arc::clone(&self.wake) }
+    }
+}
+
+impl<P> PortControl<P> {
+    /// Add `port` as `id` and wait until the worker serves it.
+    ///
+    /// # Errors
+    /// [`PortCommandError`]: capacity, timeout, or a stopped worker.
+    pub fn add(&self, id: PortId, port: P, role: PortRole, timeout: Duration) -> Result<(), PortCommandError> {
+        let (done, rx) = channel::bounded(1);
+        self.tx.send(PortCommand::Add { id, port, role, done }).map_err(|_| PortCommandError::Stopped)?;
+        self.wake.wake();
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(channel::RecvTimeoutError::Timeout) => Err(PortCommandError::Timeout(timeout)),
+            Err(channel::RecvTimeoutError::Disconnected) => Err(PortCommandError::Stopped),
+        }
+    }
+
+    /// Remove port `id` and wait until it is closed; `Ok(false)` if there was none.
+    ///
+    /// # Errors
+    /// [`PortCommandError::Timeout`] or [`PortCommandError::Stopped`].
+    pub fn remove(&self, id: PortId, timeout: Duration) -> Result<bool, PortCommandError> {
+        let (done, rx) = channel::bounded(1);
+        self.tx.send(PortCommand::Remove { id, done }).map_err(|_| PortCommandError::Stopped)?;
+        self.wake.wake();
+        match rx.recv_timeout(timeout) {
+            Ok(r) => Ok(r),
+            Err(channel::RecvTimeoutError::Timeout) => Err(PortCommandError::Timeout(timeout)),
+            Err(channel::RecvTimeoutError::Disconnected) => Err(PortCommandError::Stopped),
+        }
+    }
+}
+
+/// An eventfd that wakes a sleeping worker.
+#[derive(Debug)]
+struct WakeFd(Option<OwnedFd>);
+
+impl WakeFd {
+    fn new() -> Self {
+        // SAFETY: plain syscall; a negative result is handled (the worker then never sleeps long
+        // enough to need waking: see `Worker::sleep`).
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+        WakeFd((fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn wake(&self) {
+        if let Some(fd) = &self.0 {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd; failure (counter full) still
+            // leaves it readable, which is all a wakeup needs.
+            unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+        }
+    }
+
+    fn clear(&self) {
+        if let Some(fd) = &self.0 {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+            unsafe { libc::read(fd.as_raw_fd(), (&raw mut v).cast(), 8) };
+        }
+    }
+
+    fn raw(&self) -> Option<RawFd> {
+        self.0.as_ref().map(AsRawFd::as_raw_fd)
+    }
+}
+
+/// No port at this id.
+const NO_PORT: u32 = u32::MAX;
+
 /// A worker over ports of type `P`.
 #[derive(Debug)]
 pub struct Worker<P: Port> {
+    /// Ports, densely packed (the order is not their id's).
     ports: Vec<P>,
     roles: Vec<PortRole>,
+    /// Dense index -> id.
+    ids: Vec<PortId>,
+    /// Id -> dense index, or [`NO_PORT`]; its length is the port capacity.
+    index: Vec<u32>,
+    commands: Option<(Receiver<PortCommand<P>>, Arc<WakeFd>)>,
+    control_tx: Option<Sender<PortCommand<P>>>,
     mem: P::Mem,
     free: FreeFrames,
     pipeline: Pipeline,
@@ -66,8 +207,9 @@ pub struct Worker<P: Port> {
 }
 
 impl<P: Port> Worker<P> {
-    /// A worker owning `ports` (with their roles, same order), the frame memory they share, and
-    /// the free frames of that memory.
+    /// A worker owning `ports` (with their roles, same order; port `i` is `PortId(i)`), the frame
+    /// memory they share, and the free frames of that memory. It has room for these ports only;
+    /// [`Worker::with_capacity`] makes room for ports added later.
     ///
     /// # Panics
     /// If `ports` and `roles` differ in length or there are more than 65536 ports.
@@ -77,8 +219,12 @@ impl<P: Port> Worker<P> {
         let n = ports.len();
         let blank = Pkt { frame: FrameId(0), offset: 0, len: 0 };
         Worker {
+            ids: (0..n).map(|i| PortId(i as u16)).collect(),
+            index: (0..n as u32).collect(),
             ports,
             roles,
+            commands: None,
+            control_tx: None,
             mem,
             free,
             pipeline,
@@ -89,6 +235,91 @@ impl<P: Port> Worker<P> {
             epoch: Instant::now(),
             last_publish: Instant::now(),
         }
+    }
+
+    /// Make room for port ids below `capacity` (at most 65536), for ports added while running.
+    /// Call it before [`Worker::shared_counters`]: the published counters are sized here.
+    #[must_use]
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
+        let capacity = capacity.clamp(self.index.len(), usize::from(u16::MAX) + 1);
+        self.index.resize(capacity, NO_PORT);
+        self.counters.rx.resize(capacity, Default::default());
+        self.counters.tx.resize(capacity, Default::default());
+        self.shared = Arc::new(SharedCounters::new(capacity));
+        self
+    }
+
+    /// A handle that adds and removes ports while the worker runs ([`Worker::run`] applies its
+    /// commands). Every call returns a handle on the same channel.
+    pub fn control(&mut self) -> PortControl<P> {
+        if self.commands.is_none() {
+            let (tx, rx) = channel::unbounded();
+            let wake = Arc::new(WakeFd::new());
+            self.commands = Some((rx, Arc::clone(&wake)));
+            self.control_tx = Some(tx);
+        }
+        let (_, wake) = self.commands.as_ref().expect("just set");
+        PortControl { tx: self.control_tx.clone().expect("just set"), wake: Arc::clone(wake) }
+    }
+
+    /// The id of each port, in the order of [`Worker::ports`].
+    pub fn port_ids(&self) -> &[PortId] {
+        &self.ids
+    }
+
+    /// Apply pending port commands (between iterations).
+    pub fn apply_commands(&mut self) {
+        while let Some(cmd) = self.commands.as_ref().and_then(|(rx, _)| rx.try_recv().ok()) {
+            match cmd {
+                PortCommand::Add { id, port, role, done } => {
+                    let r = self.add_port(id, port, role);
+                    let _ = done.send(r);
+                }
+                PortCommand::Remove { id, done } => {
+                    let was = self.remove_port(id);
+                    let _ = done.send(was);
+                }
+            }
+        }
+    }
+
+    fn add_port(&mut self, id: PortId, port: P, role: PortRole) -> Result<(), PortCommandError> {
+        let i = usize::from(id.0);
+        if i >= self.index.len() {
+            port.release(&mut self.free);
+            return Err(PortCommandError::Capacity { id: id.0, capacity: self.index.len() });
+        }
+        self.remove_port(id);
+        self.index[i] = self.ports.len() as u32;
+        self.ports.push(port);
+        self.roles.push(role);
+        self.ids.push(id);
+        self.out.push(Vec::with_capacity(BATCH));
+        // A new port starts its counters from zero (the id may have served another port before).
+        self.counters.rx[i] = Default::default();
+        self.counters.tx[i] = Default::default();
+        Ok(())
+    }
+
+    fn remove_port(&mut self, id: PortId) -> bool {
+        let Some(&d) = self.index.get(usize::from(id.0)) else { return false };
+        if d == NO_PORT {
+            return false;
+        }
+        let d = d as usize;
+        self.flush_port(d);
+        let port = self.ports.swap_remove(d);
+        self.roles.swap_remove(d);
+        self.ids.swap_remove(d);
+        for pkt in self.out.swap_remove(d) {
+            self.free.push(pkt.frame);
+        }
+        self.index[usize::from(id.0)] = NO_PORT;
+        if let Some(moved) = self.ids.get(d) {
+            self.index[usize::from(moved.0)] = d as u32;
+        }
+        port.release(&mut self.free);
+        true
     }
 
     /// The published counters, for readers on other threads.
@@ -153,7 +384,8 @@ impl<P: Port> Worker<P> {
     }
 
     fn forward<F: Fib>(&mut self, fib: &F, in_port: usize, pkt: Pkt) {
-        let rx = &mut self.counters.rx[in_port];
+        let in_id = self.ids[in_port];
+        let rx = &mut self.counters.rx[usize::from(in_id.0)];
         rx.packets += 1;
         rx.bytes += u64::from(pkt.len);
         let buf = self.mem.frame_mut(pkt.frame);
@@ -163,20 +395,17 @@ impl<P: Port> Worker<P> {
             self.free.push(pkt.frame);
             return;
         };
-        let v = self.pipeline.process(
-            fib,
-            PortId(in_port as u16),
-            self.roles[in_port],
-            &mut frame,
-            &mut self.counters.pipeline,
-        );
+        let v = self.pipeline.process(fib, in_id, self.roles[in_port], &mut frame, &mut self.counters.pipeline);
         let out = match v {
-            Verdict::Forward(PortId(p)) if usize::from(p) < self.ports.len() => usize::from(p),
-            Verdict::Forward(_) => {
-                self.counters.pipeline.drops[DropReason::NoRoute as usize] += 1;
-                self.free.push(pkt.frame);
-                return;
-            }
+            Verdict::Forward(PortId(p)) => match self.index.get(usize::from(p)) {
+                Some(&d) if d != NO_PORT => d as usize,
+                // The tables name a port this worker does not (or no longer) serve.
+                _ => {
+                    self.counters.pipeline.drops[DropReason::NoRoute as usize] += 1;
+                    self.free.push(pkt.frame);
+                    return;
+                }
+            },
             Verdict::Reply => in_port,
             Verdict::Drop(_) => {
                 self.free.push(pkt.frame);
@@ -197,7 +426,7 @@ impl<P: Port> Worker<P> {
         }
         let batch = &self.out[p];
         let taken = self.ports[p].send(&mut self.mem, batch);
-        let tx = &mut self.counters.tx[p];
+        let tx = &mut self.counters.tx[usize::from(self.ids[p].0)];
         for pkt in &batch[..taken] {
             tx.packets += 1;
             tx.bytes += u64::from(pkt.len);
@@ -220,6 +449,7 @@ impl<P: Port> Worker<P> {
     pub fn run<F: Fib>(&mut self, tables: &mut Reader<F>, stop: &AtomicBool, mode: PollMode) {
         let mut last_packet = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            self.apply_commands();
             let n = self.poll_once(&**tables.load());
             if let PollMode::Adaptive { spin, sleep } = mode {
                 if n > 0 {
@@ -233,15 +463,18 @@ impl<P: Port> Worker<P> {
         self.publish();
     }
 
-    /// Sleep until a port has something to receive or `max` passes.
+    /// Sleep until a port has something to receive, a port command arrives, or `max` passes.
     fn sleep(&self, max: Duration) {
+        let wake = self.commands.as_ref().and_then(|(_, w)| w.raw());
         let mut fds: Vec<libc::pollfd> = self
             .ports
             .iter()
             .filter_map(|p| p.poll_fd())
+            .chain(wake)
             .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
             .collect();
-        if fds.is_empty() {
+        let commands_only = self.commands.as_ref().is_some_and(|(_, w)| w.raw().is_none());
+        if fds.is_empty() || commands_only {
             std::thread::sleep(max.min(Duration::from_millis(1)));
             return;
         }
@@ -250,6 +483,9 @@ impl<P: Port> Worker<P> {
         // alongside; the kernel writes only their `revents`. An error (EINTR) just ends the wait.
         unsafe {
             libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms);
+        }
+        if let Some((_, w)) = &self.commands {
+            w.clear();
         }
     }
 }

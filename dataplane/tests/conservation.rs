@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use etherparse::PacketBuilder;
 use ferry_dataplane::frame::{FreeFrames, HeapMem};
 use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
+use ferry_dataplane::port::Port;
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig, wire};
 use ferry_dataplane::worker::Worker;
 use ferry_encap::{DecapConfig, MacAddr, TunnelKind};
@@ -159,4 +160,71 @@ fn no_frame_leaks_after_millions_of_packets() {
         assert!(c.pipeline.icmp_errors > 0, "node {name}: the mix drew ICMP errors");
         assert!(c.total_drops() > 0 && tx > 0, "node {name}: the mix exercised both");
     }
+}
+
+/// Runs `f` on another thread while this one applies `w`'s port commands, as a running worker does
+/// between iterations.
+fn while_applying<T: Send>(w: &mut Worker<MemPort>, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        let h = s.spawn(f);
+        while !h.is_finished() {
+            w.apply_commands();
+            std::thread::yield_now();
+        }
+        w.apply_commands();
+        h.join().expect("command thread")
+    })
+}
+
+#[test]
+fn ports_removed_and_added_while_running_keep_every_frame() {
+    let (a, fa) = node(1);
+    let mut a = a.with_capacity(8);
+    let control = a.control();
+    let cross = traffic(1)[0].clone();
+    // The pod port holds frames everywhere: lent for receiving, received and not yet polled, and
+    // queued for transmission (its transmit ring is never drained here).
+    for _ in 0..4 {
+        let (mem, ports) = a.mem_and_ports();
+        for _ in 0..8 {
+            ports[1].inject(mem, &cross);
+        }
+        let self_bound = traffic(1)[2].clone();
+        ports[1].inject(mem, &self_bound);
+        a.poll_once(&*fa);
+    }
+    let (mem, ports) = a.mem_and_ports();
+    ports[1].inject(mem, &cross);
+    assert!(a.ports()[1].frames_held() > 0, "the pod port holds frames");
+
+    let c = control.clone();
+    let removed = while_applying(&mut a, move || c.remove(PortId(1), Duration::from_secs(5)));
+    assert_eq!(removed, Ok(true));
+    assert_eq!(a.ports().len(), 1);
+    a.poll_once(&*fa);
+    assert_eq!(a.frames_accounted(), FRAMES as usize, "the removed port's frames came back");
+    let c = control.clone();
+    assert_eq!(while_applying(&mut a, move || c.remove(PortId(1), Duration::from_secs(5))), Ok(false));
+
+    // Traffic from the remote node to the removed pod is now a counted drop, not a crash.
+    let before = a.counters().drops(ferry_encap::DropReason::NoRoute);
+    let c = control.clone();
+    let pod = MemPort::new("pod-again", MemPortConfig { rx_ring: 32, tx_ring: 16, rx_offset: 0 });
+    let added = while_applying(&mut a, move || c.add(PortId(1), pod, PortRole::Pod, Duration::from_secs(5)));
+    assert_eq!(added, Ok(()));
+    let c = control.clone();
+    let too_far = MemPort::new("too-far", MemPortConfig::default());
+    let refused = while_applying(&mut a, move || c.add(PortId(8), too_far, PortRole::Pod, Duration::from_secs(5)));
+    assert!(matches!(refused, Err(ferry_dataplane::worker::PortCommandError::Capacity { id: 8, capacity: 8 })));
+    let (mem, ports) = a.mem_and_ports();
+    ports[0].take_sent(mem, usize::MAX, |_| {});
+    a.poll_once(&*fa);
+    let uplink_before = a.counters().tx[0].packets;
+    let (mem, ports) = a.mem_and_ports();
+    assert!(ports[1].inject(mem, &cross), "the new port was lent frames");
+    a.poll_once(&*fa);
+    assert_eq!(a.counters().tx[0].packets, uplink_before + 1, "the new port's packet went out the uplink");
+    assert_eq!(a.counters().rx[1].packets, 1, "the new port's counters started from zero");
+    assert_eq!(a.counters().drops(ferry_encap::DropReason::NoRoute), before);
+    assert_eq!(a.frames_accounted(), FRAMES as usize);
 }

@@ -150,6 +150,13 @@ impl Port for MemPort {
         self.fill.len() + self.rx.len() + self.tx.len() + self.comp.len()
     }
 
+    fn release(self, free: &mut FreeFrames) {
+        let frames = self.fill.into_iter().chain(self.comp);
+        for f in frames.chain(self.rx.into_iter().chain(self.tx).map(|p| p.frame)) {
+            free.push(f);
+        }
+    }
+
     fn stats(&self) -> PortStats {
         self.stats
     }

@@ -72,6 +72,12 @@ pub trait Port {
     /// Frames currently held by the port (receive side and transmit side), for conservation checks.
     fn frames_held(&self) -> usize;
 
+    /// Close the port and hand every frame it still holds (lent for receiving, queued or in flight
+    /// for transmission) back to `free`: a port removed from a running worker loses no frame.
+    fn release(self, free: &mut FreeFrames)
+    where
+        Self: Sized;
+
     /// The port's own counters.
     fn stats(&self) -> PortStats {
         PortStats::default()

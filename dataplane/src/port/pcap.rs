@@ -126,6 +126,10 @@ impl<P: Port> Port for PcapTap<P> {
         self.inner.frames_held()
     }
 
+    fn release(self, free: &mut FreeFrames) {
+        self.inner.release(free);
+    }
+
     fn stats(&self) -> PortStats {
         self.inner.stats()
     }

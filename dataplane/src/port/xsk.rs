@@ -33,7 +33,7 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue};
 
 pub use self::error::XskError;
 use self::error::classify_bind;
-pub use self::mem::{BindMode, XskMem, XskMemConfig};
+pub use self::mem::{BindMode, XskMem, XskMemConfig, XskMemHandle};
 use super::{Port, PortStats};
 use crate::frame::{FrameId, FreeFrames, Pkt};
 use crate::xdp::sys::{RealSys, Sys};
@@ -110,6 +110,9 @@ pub struct XskPort {
     shift: u32,
     /// Descriptors of one batch, sized once for the largest ring.
     scratch: Box<[FrameDesc]>,
+    /// Frames lent to the kernel (fill or transmit ring), one bit per frame, so that closing the
+    /// port can hand them back ([`Port::release`]).
+    lent: Box<[u64]>,
     /// Frames given to the fill ring and not yet received.
     fill_held: usize,
     /// Frames given to the transmit ring and not yet completed.
@@ -131,12 +134,21 @@ impl XskPort {
     /// privileges ([`XskError::NotPermitted`]); busy-poll options refused
     /// ([`XskError::SocketOption`]); anything else ([`XskError::Socket`]).
     pub fn open(mem: &XskMem, ifname: &str, queue: u32, cfg: &XskPortConfig) -> Result<Self, XskError> {
+        Self::open_with(&RealSys, mem.handle(), ifname, queue, cfg)
+    }
+
+    /// [`XskPort::open`] through a handle on a worker's memory, from another thread while the
+    /// worker runs (a port opened this way joins the worker through its port commands).
+    ///
+    /// # Errors
+    /// As [`XskPort::open`].
+    pub fn open_shared(mem: &XskMemHandle, ifname: &str, queue: u32, cfg: &XskPortConfig) -> Result<Self, XskError> {
         Self::open_with(&RealSys, mem, ifname, queue, cfg)
     }
 
     fn open_with(
         sys: &impl Sys,
-        mem: &XskMem,
+        mem: &XskMemHandle,
         ifname: &str,
         queue: u32,
         cfg: &XskPortConfig,
@@ -225,6 +237,7 @@ impl XskPort {
             descs: mem.descs(),
             shift: mem.shift(),
             scratch: vec![FrameDesc::default(); scratch_len as usize].into_boxed_slice(),
+            lent: vec![0; mem.descs().len().div_ceil(64)].into_boxed_slice(),
             fill_held: 0,
             tx_held: 0,
             tx_ring: cfg.tx_ring as usize,
@@ -274,6 +287,20 @@ impl XskPort {
     #[inline]
     fn frame_of(&self, addr: usize) -> usize {
         addr >> self.shift
+    }
+
+    #[inline]
+    fn lend(&mut self, id: usize) {
+        if let Some(w) = self.lent.get_mut(id / 64) {
+            *w |= 1 << (id % 64);
+        }
+    }
+
+    #[inline]
+    fn returned(&mut self, id: usize) {
+        if let Some(w) = self.lent.get_mut(id / 64) {
+            *w &= !(1 << (id % 64));
+        }
     }
 }
 
@@ -333,6 +360,7 @@ impl Port for XskPort {
         for i in 0..n {
             let d = self.scratch[i];
             let id = self.frame_of(d.addr());
+            self.returned(id);
             let start = self.descs[id].addr();
             // ferry's programs never move the packet start; a program that grew the head would put
             // it before the frame's data segment, which a `Pkt` cannot describe. Such a frame is
@@ -362,6 +390,9 @@ impl Port for XskPort {
         // the completion ring (`reclaim`). `n` slots are free, so all are taken.
         let sent = unsafe { self.tx.produce(&self.scratch[..n]) };
         self.tx_held += sent;
+        for p in &pkts[..sent] {
+            self.lend(p.frame.0 as usize);
+        }
         sent
     }
 
@@ -389,8 +420,10 @@ impl Port for XskPort {
     fn reclaim(&mut self, free: &mut FreeFrames) -> usize {
         // SAFETY: completion descriptors name frames this port transmitted; they are ours again.
         let n = unsafe { self.comp.consume(&mut self.scratch) };
-        for d in &self.scratch[..n] {
-            free.push(FrameId((d.addr() >> self.shift) as u32));
+        for i in 0..n {
+            let id = self.frame_of(self.scratch[i].addr());
+            self.returned(id);
+            free.push(FrameId(id as u32));
         }
         self.tx_held -= n;
         n
@@ -407,6 +440,7 @@ impl Port for XskPort {
             && let Some(id) = free.pop()
         {
             self.scratch[n] = self.descs[id.0 as usize];
+            self.lend(id.0 as usize);
             n += 1;
         }
         // SAFETY: the frames come from the worker's free list, so nothing else uses them until they
@@ -422,6 +456,23 @@ impl Port for XskPort {
 
     fn frames_held(&self) -> usize {
         self.fill_held + self.tx_held
+    }
+
+    fn release(self, free: &mut FreeFrames) {
+        let XskPort { name, tx, rx, fill, comp, lent, .. } = self;
+        // Closing the socket first: once its rings are gone the kernel no longer touches a frame
+        // it was lent, and every lent frame is the worker's again.
+        drop((tx, rx, fill, comp));
+        let mut n = 0;
+        for (w, word) in lent.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                free.push(FrameId((w * 64) as u32 + bits.trailing_zeros()));
+                bits &= bits - 1;
+                n += 1;
+            }
+        }
+        tracing::debug!(port = %name, frames = n, "closed AF_XDP socket, frames returned");
     }
 
     fn stats(&self) -> PortStats {

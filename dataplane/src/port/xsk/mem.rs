@@ -99,8 +99,38 @@ pub struct XskMem {
     umem: Umem,
     descs: Arc<[FrameDesc]>,
     data_size: usize,
+    cfg: XskMemConfig,
+    handle: XskMemHandle,
+}
+
+/// What opening a socket on a worker's UMEM needs, and nothing that reaches a frame's bytes: it
+/// can be cloned and sent to a setup thread that opens ports for a running worker
+/// ([`super::XskPort::open_shared`]).
+#[derive(Debug, Clone)]
+pub struct XskMemHandle {
+    umem: Umem,
+    descs: Arc<[FrameDesc]>,
     shift: u32,
     cfg: XskMemConfig,
+}
+
+impl XskMemHandle {
+    /// The configuration the memory was made with.
+    pub fn config(&self) -> &XskMemConfig {
+        &self.cfg
+    }
+
+    pub(super) fn umem(&self) -> &Umem {
+        &self.umem
+    }
+
+    pub(super) fn descs(&self) -> Arc<[FrameDesc]> {
+        Arc::clone(&self.descs)
+    }
+
+    pub(super) fn shift(&self) -> u32 {
+        self.shift
+    }
 }
 
 impl XskMem {
@@ -147,12 +177,20 @@ impl XskMem {
         }
         let data_size = descs.first().map_or(0, |d| d.lengths().data());
         tracing::debug!(frames = cfg.frame_count, frame_size = cfg.frame_size, data_size, "created UMEM");
-        Ok(XskMem { umem, descs: descs.into(), data_size, shift: cfg.frame_size.trailing_zeros(), cfg })
+        let descs: Arc<[FrameDesc]> = descs.into();
+        let shift = cfg.frame_size.trailing_zeros();
+        let handle = XskMemHandle { umem: umem.clone(), descs: Arc::clone(&descs), shift, cfg };
+        Ok(XskMem { umem, descs, data_size, cfg, handle })
     }
 
     /// The configuration the memory was made with.
     pub fn config(&self) -> &XskMemConfig {
         &self.cfg
+    }
+
+    /// A handle for opening ports on this memory from another thread.
+    pub fn handle(&self) -> &XskMemHandle {
+        &self.handle
     }
 
     /// Move `pkt` to the start of its frame (xsk-rs transmits from there) and return it as moved.
@@ -186,18 +224,6 @@ impl XskMem {
         }
         data.cursor().set_pos(usize::from(pkt.len));
         d
-    }
-
-    pub(super) fn umem(&self) -> &Umem {
-        &self.umem
-    }
-
-    pub(super) fn descs(&self) -> Arc<[FrameDesc]> {
-        Arc::clone(&self.descs)
-    }
-
-    pub(super) fn shift(&self) -> u32 {
-        self.shift
     }
 }
 

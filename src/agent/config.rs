@@ -1,0 +1,544 @@
+//! `ferry run`'s configuration file (setup side): TOML, every key checked before anything starts.
+//! An unknown key, a missing one or a bad value is an error naming the key.
+//!
+//! ```toml
+//! node_name = "n1"
+//! [underlay]
+//! interface = "ul0"               # required: the uplink
+//! address = "192.168.100.1"       # default: the interface's first IPv4 address
+//! mtu = 1500                      # default: the interface's MTU
+//! [tunnel]
+//! kind = "vxlan"                  # vxlan | geneve
+//! vni = 1
+//! port = 4789                     # default: 4789 (VXLAN) / 6081 (Geneve)
+//! vtep_mac = "02:fe:c0:a8:64:01"  # default: 02:fe + the underlay IPv4 address
+//! [pods]
+//! cluster_cidrs = ["10.244.0.0/16"]   # required: traffic to these goes through ferry
+//! pod_cidrs = ["10.244.1.0/24"]       # default: this node's entry in the route source
+//! gateway_mac = "02:fe:ff:ff:ff:ff"
+//! [host]
+//! interface = "ferry0"            # the node's own port into the overlay ("" for none)
+//! [dataplane]
+//! workers = 1
+//! cores = []                      # pin worker i to cores[i]
+//! poll = "adaptive"               # adaptive | busy
+//! frames = 8192                   # UMEM frames per worker
+//! max_ports = 256                 # ports (pods + uplink + host) per worker
+//! xdp_mode = "auto"               # auto | native | generic
+//! [admin]
+//! socket = "/run/ferry/ferry.sock"
+//! state_dir = "/run/ferry"
+//! [control]
+//! static_file = "/etc/ferry/nodes.toml"   # and/or etcd_endpoints = [...], kube = true
+//! metrics_addr = "127.0.0.1:9100"
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_control::{ControlConfig, EtcdConfig, KubeAuth, KubeConfig};
+use ferry_dataplane::xdp::XdpMode;
+use ferry_encap::{MacAddr, TunnelKind};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type, missing key).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with the line and the key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: `{key}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, dotted (`tunnel.vni`).
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    node_name: String,
+    underlay: UnderlayFile,
+    #[serde(default)]
+    tunnel: TunnelFile,
+    pods: PodsFile,
+    #[serde(default)]
+    host: HostFile,
+    #[serde(default)]
+    dataplane: DataplaneFile,
+    #[serde(default)]
+    admin: AdminFile,
+    control: ControlFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnderlayFile {
+    interface: String,
+    address: Option<IpAddr>,
+    mtu: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunnelFile {
+    #[serde(default = "default_kind")]
+    kind: String,
+    #[serde(default = "default_vni")]
+    vni: u32,
+    port: Option<u16>,
+    vtep_mac: Option<String>,
+}
+
+impl Default for TunnelFile {
+    fn default() -> Self {
+        TunnelFile { kind: default_kind(), vni: default_vni(), port: None, vtep_mac: None }
+    }
+}
+
+fn default_kind() -> String {
+    "vxlan".into()
+}
+fn default_vni() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodsFile {
+    cluster_cidrs: Vec<String>,
+    #[serde(default)]
+    pod_cidrs: Vec<String>,
+    gateway_mac: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostFile {
+    #[serde(default = "default_host_if")]
+    interface: String,
+}
+
+impl Default for HostFile {
+    fn default() -> Self {
+        HostFile { interface: default_host_if() }
+    }
+}
+
+fn default_host_if() -> String {
+    "ferry0".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataplaneFile {
+    #[serde(default = "one")]
+    workers: u32,
+    #[serde(default)]
+    cores: Vec<usize>,
+    #[serde(default = "default_poll")]
+    poll: String,
+    #[serde(default = "default_frames")]
+    frames: u32,
+    #[serde(default = "default_max_ports")]
+    max_ports: u32,
+    #[serde(default = "default_xdp_mode")]
+    xdp_mode: String,
+}
+
+impl Default for DataplaneFile {
+    fn default() -> Self {
+        DataplaneFile {
+            workers: 1,
+            cores: Vec::new(),
+            poll: default_poll(),
+            frames: default_frames(),
+            max_ports: default_max_ports(),
+            xdp_mode: default_xdp_mode(),
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_poll() -> String {
+    "adaptive".into()
+}
+fn default_frames() -> u32 {
+    8192
+}
+fn default_max_ports() -> u32 {
+    256
+}
+fn default_xdp_mode() -> String {
+    "auto".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    #[serde(default = "default_socket")]
+    socket: PathBuf,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        AdminFile { socket: default_socket(), state_dir: default_state_dir() }
+    }
+}
+
+fn default_socket() -> PathBuf {
+    crate::admin::DEFAULT_SOCKET.into()
+}
+fn default_state_dir() -> PathBuf {
+    "/run/ferry".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlFile {
+    static_file: Option<PathBuf>,
+    #[serde(default)]
+    etcd_endpoints: Vec<String>,
+    etcd_prefix: Option<String>,
+    #[serde(default = "yes")]
+    etcd_lease: bool,
+    #[serde(default = "default_lease_ttl")]
+    etcd_lease_ttl: u64,
+    #[serde(default)]
+    kube: bool,
+    kubeconfig: Option<PathBuf>,
+    kube_server: Option<String>,
+    kube_token_file: Option<PathBuf>,
+    kube_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    kube_insecure: bool,
+    #[serde(default = "yes")]
+    kube_announce: bool,
+    metrics_addr: Option<SocketAddr>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_lease_ttl() -> u64 {
+    86_400
+}
+
+/// How workers wait for traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Poll {
+    /// Spin while busy, sleep when idle.
+    Adaptive,
+    /// Never sleep (benchmarks; burns a core per worker).
+    Busy,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// This node's name.
+    pub node_name: String,
+    /// The uplink interface.
+    pub underlay_if: String,
+    /// The underlay address, if given (else the interface's).
+    pub underlay_addr: Option<IpAddr>,
+    /// The underlay MTU, if given (else the interface's).
+    pub underlay_mtu: Option<u32>,
+    /// Tunnel type.
+    pub tunnel: TunnelKind,
+    /// VNI.
+    pub vni: u32,
+    /// Tunnel UDP port.
+    pub tunnel_port: u16,
+    /// This node's VTEP MAC, if given (else derived from the underlay address).
+    pub vtep_mac: Option<MacAddr>,
+    /// Every pod network of the cluster.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// This node's pod CIDRs, if given (else learned from the source).
+    pub pod_cidrs: Vec<IpNet>,
+    /// The pods' gateway MAC.
+    pub gateway_mac: MacAddr,
+    /// The node's own port into the overlay, if any.
+    pub host_if: Option<String>,
+    /// Worker threads.
+    pub workers: u32,
+    /// Cores to pin workers to.
+    pub cores: Vec<usize>,
+    /// Idle behaviour.
+    pub poll: Poll,
+    /// UMEM frames per worker.
+    pub frames: u32,
+    /// Port capacity per worker.
+    pub max_ports: u32,
+    /// XDP attach mode.
+    pub xdp_mode: XdpMode,
+    /// Admin socket path.
+    pub socket: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// The control plane's configuration (node name and tunnel filled in).
+    pub control: ControlConfig,
+}
+
+impl AgentConfig {
+    /// Reads and checks `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key at fault.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(path, &text)
+    }
+
+    /// Checks a configuration's text (`path` is for messages).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key at fault.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let f: File =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let bad = |key: &'static str, reason: String| ConfigError::Invalid { path: path.to_owned(), key, reason };
+        if f.node_name.is_empty() {
+            return Err(bad("node_name", "must not be empty".into()));
+        }
+        if f.underlay.interface.is_empty() || f.underlay.interface.len() > 15 {
+            return Err(bad("underlay.interface", "must be an interface name of 1 to 15 characters".into()));
+        }
+        if let Some(m) = f.underlay.mtu
+            && !(576..=65535).contains(&m)
+        {
+            return Err(bad("underlay.mtu", format!("{m} is outside 576..=65535")));
+        }
+        let tunnel = match f.tunnel.kind.as_str() {
+            "vxlan" => TunnelKind::Vxlan,
+            "geneve" => TunnelKind::Geneve,
+            other => return Err(bad("tunnel.kind", format!("`{other}` is not one of vxlan, geneve"))),
+        };
+        if f.tunnel.vni >= 1 << 24 {
+            return Err(bad("tunnel.vni", format!("{} does not fit in 24 bits", f.tunnel.vni)));
+        }
+        if f.tunnel.port == Some(0) {
+            return Err(bad("tunnel.port", "must not be 0".into()));
+        }
+        let vtep_mac = match &f.tunnel.vtep_mac {
+            None => None,
+            Some(s) => Some(parse_unicast_mac(s).map_err(|r| bad("tunnel.vtep_mac", r))?),
+        };
+        let nets = |key: &'static str, list: &[String]| -> Result<Vec<IpNet>, ConfigError> {
+            list.iter()
+                .map(|s| s.parse::<IpNet>().map(|n| n.trunc()).map_err(|e| bad(key, format!("`{s}`: {e}"))))
+                .collect()
+        };
+        let cluster_cidrs = nets("pods.cluster_cidrs", &f.pods.cluster_cidrs)?;
+        if cluster_cidrs.is_empty() {
+            return Err(bad("pods.cluster_cidrs", "give at least one network".into()));
+        }
+        let pod_cidrs = nets("pods.pod_cidrs", &f.pods.pod_cidrs)?;
+        for p in &pod_cidrs {
+            if !cluster_cidrs.iter().any(|c| c.contains(p)) {
+                return Err(bad("pods.pod_cidrs", format!("{p} is not inside any of pods.cluster_cidrs")));
+            }
+            if p.max_prefix_len() - p.prefix_len() < 2 {
+                return Err(bad("pods.pod_cidrs", format!("{p} is too small for a gateway and pods")));
+            }
+        }
+        let gateway_mac = match &f.pods.gateway_mac {
+            None => MacAddr([0x02, 0xfe, 0xff, 0xff, 0xff, 0xff]),
+            Some(s) => parse_unicast_mac(s).map_err(|r| bad("pods.gateway_mac", r))?,
+        };
+        let host_if = match f.host.interface.as_str() {
+            "" => None,
+            s if s.len() > 13 => {
+                return Err(bad("host.interface", format!("`{s}` is longer than 13 characters")));
+            }
+            s => Some(s.to_owned()),
+        };
+        let d = &f.dataplane;
+        if !(1..=64).contains(&d.workers) {
+            return Err(bad("dataplane.workers", format!("{} is outside 1..=64", d.workers)));
+        }
+        if !d.cores.is_empty() && d.cores.len() != d.workers as usize {
+            return Err(bad("dataplane.cores", format!("gives {} cores for {} workers", d.cores.len(), d.workers)));
+        }
+        let poll = match d.poll.as_str() {
+            "adaptive" => Poll::Adaptive,
+            "busy" => Poll::Busy,
+            other => return Err(bad("dataplane.poll", format!("`{other}` is not one of adaptive, busy"))),
+        };
+        if !(256..=1 << 20).contains(&d.frames) {
+            return Err(bad("dataplane.frames", format!("{} is outside 256..=1048576", d.frames)));
+        }
+        if !(3..=4096).contains(&d.max_ports) {
+            return Err(bad("dataplane.max_ports", format!("{} is outside 3..=4096", d.max_ports)));
+        }
+        let xdp_mode = match d.xdp_mode.as_str() {
+            "auto" => XdpMode::Auto,
+            "native" => XdpMode::Native,
+            "generic" => XdpMode::Generic,
+            other => return Err(bad("dataplane.xdp_mode", format!("`{other}` is not one of auto, native, generic"))),
+        };
+        let tunnel_port = f.tunnel.port.unwrap_or(tunnel.default_port());
+
+        let c = &f.control;
+        let mut control = ControlConfig::new(f.node_name.clone());
+        control.public_ip = f.underlay.address;
+        control.vtep_mac = vtep_mac;
+        control.vni = f.tunnel.vni;
+        control.tunnel = tunnel;
+        control.tunnel_port = Some(tunnel_port);
+        control.cluster_cidrs = cluster_cidrs.clone();
+        control.static_file = c.static_file.clone();
+        control.metrics_addr = c.metrics_addr;
+        if !c.etcd_endpoints.is_empty() {
+            if c.etcd_lease_ttl < 3 {
+                return Err(bad("control.etcd_lease_ttl", "must be at least 3 (seconds)".into()));
+            }
+            control.etcd = Some(EtcdConfig {
+                endpoints: c.etcd_endpoints.clone(),
+                prefix: c
+                    .etcd_prefix
+                    .clone()
+                    .unwrap_or_else(|| ferry_control::flannel::DEFAULT_PREFIX.to_owned())
+                    .trim_end_matches('/')
+                    .to_owned(),
+                take_lease: c.etcd_lease,
+                lease_ttl: Duration::from_secs(c.etcd_lease_ttl),
+            });
+        }
+        if c.kube {
+            let auth = match (&c.kubeconfig, &c.kube_server, &c.kube_token_file) {
+                (Some(p), None, _) => KubeAuth::Kubeconfig(p.clone()),
+                (None, Some(server), Some(token_file)) => KubeAuth::Token {
+                    server: server.clone(),
+                    token_file: token_file.clone(),
+                    ca_file: c.kube_ca_file.clone(),
+                    insecure: c.kube_insecure,
+                },
+                (None, Some(_), None) => {
+                    return Err(bad("control.kube_token_file", "is required with control.kube_server".into()));
+                }
+                (Some(_), Some(_), _) => {
+                    return Err(bad("control.kube_server", "conflicts with control.kubeconfig".into()));
+                }
+                (None, None, _) => KubeAuth::Infer,
+            };
+            control.kube = Some(KubeConfig { auth, announce: c.kube_announce });
+        }
+        if control.kube.is_none() && control.etcd.is_none() && control.static_file.is_none() {
+            return Err(bad("control", "give a route source: static_file, etcd_endpoints or kube = true".into()));
+        }
+        Ok(AgentConfig {
+            path: path.to_owned(),
+            node_name: f.node_name,
+            underlay_if: f.underlay.interface,
+            underlay_addr: f.underlay.address,
+            underlay_mtu: f.underlay.mtu,
+            tunnel,
+            vni: f.tunnel.vni,
+            tunnel_port,
+            vtep_mac,
+            cluster_cidrs,
+            pod_cidrs,
+            gateway_mac,
+            host_if,
+            workers: d.workers,
+            cores: d.cores.clone(),
+            poll,
+            frames: d.frames,
+            max_ports: d.max_ports,
+            xdp_mode,
+            socket: f.admin.socket,
+            state_dir: f.admin.state_dir,
+            control,
+        })
+    }
+}
+
+fn parse_unicast_mac(s: &str) -> Result<MacAddr, String> {
+    let m: MacAddr = s.parse().map_err(|_| format!("`{s}` is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
+    if m.0[0] & 1 != 0 || m.0 == [0; 6] {
+        return Err(format!("`{s}` is not a unicast MAC address"));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_name = "n1"
+[underlay]
+interface = "ul0"
+[pods]
+cluster_cidrs = ["10.244.0.0/16"]
+pod_cidrs = ["10.244.1.0/24"]
+[control]
+static_file = "/etc/ferry/nodes.toml"
+"#;
+
+    fn parse(text: &str) -> Result<AgentConfig, String> {
+        AgentConfig::parse(Path::new("ferry.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.tunnel, TunnelKind::Vxlan);
+        assert_eq!((c.vni, c.tunnel_port, c.workers), (1, 4789, 1));
+        assert_eq!(c.host_if.as_deref(), Some("ferry0"));
+        assert_eq!(c.gateway_mac.to_string(), "02:fe:ff:ff:ff:ff");
+        assert_eq!(c.control.static_file.as_deref(), Some(Path::new("/etc/ferry/nodes.toml")));
+        let g = parse(&GOOD.replace("[pods]", "[tunnel]\nkind = \"geneve\"\n[pods]")).expect("geneve");
+        assert_eq!(g.tunnel_port, 6081);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (GOOD.replace("[pods]", "[pods]\ncolour = 1"), "colour"),
+            (GOOD.replace("node_name = \"n1\"", ""), "node_name"),
+            (GOOD.replace("[pods]", "[tunnel]\nvni = 16777216\n[pods]"), "tunnel.vni"),
+            (GOOD.replace("[pods]", "[tunnel]\nkind = \"gre\"\n[pods]"), "tunnel.kind"),
+            (GOOD.replace("10.244.1.0/24", "10.245.1.0/24"), "pods.pod_cidrs"),
+            (GOOD.replace("10.244.1.0/24", "10.244.1.0/33"), "pods.pod_cidrs"),
+            (GOOD.replace("[control]", "[dataplane]\nworkers = 0\n[control]"), "dataplane.workers"),
+            (GOOD.replace("[control]", "[dataplane]\npoll = \"lazy\"\n[control]"), "dataplane.poll"),
+            (GOOD.replace("[pods]", "[tunnel]\nvtep_mac = \"01:00:00:00:00:01\"\n[pods]"), "tunnel.vtep_mac"),
+            (GOOD.replace("static_file = \"/etc/ferry/nodes.toml\"", ""), "route source"),
+            (GOOD.replace("[underlay]", "[underlay]\nmtu = \"big\""), "mtu"),
+        ];
+        for (text, key) in cases {
+            let e = parse(&text).expect_err(key);
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+}

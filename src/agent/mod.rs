@@ -1,0 +1,567 @@
+//! `ferry run`: the node agent (setup side). It starts the data plane (one pinned worker per
+//! configured core, each with its UMEM and a socket on its own queue of every interface), the
+//! control plane (routes from the cluster into the shared tables), underlay neighbour resolution,
+//! the host port that joins the node itself to the overlay, and the admin socket through which the
+//! CNI plugin registers pods and `ferry status|routes|stats` read the agent.
+//!
+//! ```text
+//!  main thread: signals, 1 s counter sampling ── stop ──> workers (ferry-w0..)  <── snapshots ── Tables
+//!  ferry-control (routes) ──────────────────────────────────────────────────────── set_desired ─┘ │
+//!  ferry-neigh (underlay MACs) ──────────────────────────────────────────────────── learn ────────┤
+//!  ferry-admin (socket: pods, status) ── port commands ──> workers;  local pods ──────────────────┘
+//! ```
+
+pub mod config;
+mod pods;
+mod server;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferry_control::{ControlPlane, TablesPublisher};
+use ferry_dataplane::counters::{Counters, SharedCounters};
+use ferry_dataplane::frame::{FrameMem, FreeFrames};
+use ferry_dataplane::neighbour::NeighbourSync;
+use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
+use ferry_dataplane::port::xsk::{XskMem, XskMemConfig, XskPort, XskPortConfig};
+use ferry_dataplane::worker::{self, PollMode, Worker};
+use ferry_dataplane::xdp::{PodConfig, UplinkConfig, XdpAttachment, XdpProgram};
+use ferry_encap::{DecapConfig, TunnelKind};
+use ferry_tables::{LocalPod, Tables, Underlay};
+use ipnet::IpNet;
+
+pub use self::config::AgentConfig;
+use self::config::Poll;
+use self::pods::{Pods, PortInfo, WorkerHandle};
+use crate::netlink::{Netlink, Route, VethSpec};
+
+/// How long to wait for the route source to name this node's pod CIDRs when the configuration
+/// does not.
+const POD_CIDR_WAIT: Duration = Duration::from_secs(60);
+/// How long learned underlay neighbours stay valid without being confirmed.
+const NEIGHBOUR_REACHABLE: Duration = Duration::from_secs(60);
+
+/// The overhead a tunnel adds to an inner frame (outer IP, UDP, tunnel header, inner Ethernet).
+pub fn tunnel_overhead(kind: TunnelKind, v6_underlay: bool) -> u32 {
+    let ip = if v6_underlay { 40 } else { 20 };
+    let tunnel = match kind {
+        TunnelKind::Vxlan | TunnelKind::Geneve => 8,
+    };
+    ip + 8 + tunnel + 14
+}
+
+/// What the agent resolved at startup (reported by `ferry status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resolved {
+    node_name: String,
+    underlay_if: String,
+    underlay_addr: IpAddr,
+    underlay_mac: String,
+    underlay_mtu: u32,
+    tunnel: String,
+    vni: u32,
+    tunnel_port: u16,
+    vtep_mac: String,
+    cluster_cidrs: Vec<IpNet>,
+    pod_cidrs: Vec<IpNet>,
+    gateway_v4: Option<Ipv4Addr>,
+    gateway_v6: Option<Ipv6Addr>,
+    gateway_mac: String,
+    host_if: Option<String>,
+    host_addr: Option<Ipv4Addr>,
+    pod_mtu: u32,
+    workers: u32,
+    poll: String,
+    sources: Vec<&'static str>,
+    metrics_addr: Option<std::net::SocketAddr>,
+    ipam_data_dir: String,
+}
+
+/// Counter samples for rates.
+#[derive(Debug, Default)]
+struct Rates {
+    prev: Option<(Instant, Counters)>,
+    last: Option<(Instant, Counters)>,
+}
+
+/// Everything the admin socket reads.
+#[derive(Debug)]
+struct Shared {
+    resolved: Resolved,
+    started: Instant,
+    tables: Arc<Mutex<Tables>>,
+    pods: Mutex<Pods>,
+    ports: Arc<Mutex<BTreeMap<u16, PortInfo>>>,
+    counters: Vec<Arc<SharedCounters>>,
+    rates: Mutex<Rates>,
+    skipped: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Blocks SIGINT and SIGTERM in this thread and every thread it starts, so that the main thread
+/// takes them with `sigtimedwait`.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it; pthread_sigmask only
+    // changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits up to `timeout` for SIGINT/SIGTERM; true if one came.
+fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> bool {
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos().into() };
+    // SAFETY: `set` is an initialised signal set; info may be null; `ts` is a valid timespec.
+    let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    r == libc::SIGINT || r == libc::SIGTERM
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+///
+/// # Errors
+/// Anything that keeps the agent from starting, with what to do about it.
+pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let signals = block_signals();
+    let started = Instant::now();
+    let nl = Netlink::open().context("opening rtnetlink")?;
+
+    // The underlay.
+    let link = nl
+        .link(&cfg.underlay_if)?
+        .with_context(|| format!("underlay.interface: there is no interface `{}` here", cfg.underlay_if))?;
+    let underlay_mac = link.mac.with_context(|| format!("underlay.interface `{}` has no MAC", cfg.underlay_if))?;
+    let addrs = nl.addresses(&cfg.underlay_if)?;
+    let underlay_addr = match cfg.underlay_addr {
+        Some(a) if addrs.iter().any(|n| n.addr() == a) => a,
+        Some(a) => bail!("underlay.address {a} is not an address of `{}` (it has {addrs:?})", cfg.underlay_if),
+        None => addrs
+            .iter()
+            .map(IpNet::addr)
+            .find(IpAddr::is_ipv4)
+            .or_else(|| addrs.iter().map(IpNet::addr).find(|a| !is_link_local(*a)))
+            .with_context(|| {
+                format!("underlay.interface `{}` has no address; give underlay.address", cfg.underlay_if)
+            })?,
+    };
+    let underlay_mtu = cfg.underlay_mtu.unwrap_or(link.mtu);
+    let queues = link.rx_queues.min(link.tx_queues).max(1);
+    if queues < cfg.workers {
+        bail!(
+            "dataplane.workers = {} but `{}` has only {queues} queue(s): give it one queue per worker \
+             (for a veth: numrxqueues/numtxqueues) or lower dataplane.workers",
+            cfg.workers,
+            cfg.underlay_if
+        );
+    }
+    let vtep_mac = cfg.vtep_mac.unwrap_or_else(|| ferry_control::tables::derived_vtep_mac(underlay_addr));
+    let (v4, v6) = match underlay_addr {
+        IpAddr::V4(a) => (Some(a), None),
+        IpAddr::V6(a) => (None, Some(a)),
+    };
+    let pod_mtu = underlay_mtu.saturating_sub(tunnel_overhead(cfg.tunnel, v6.is_some()));
+
+    // The tables and the control plane that fills them.
+    let tables = Arc::new(Mutex::new(Tables::new(Underlay::new(underlay_mac, v4, v6), NEIGHBOUR_REACHABLE)));
+    let mut control = cfg.control.clone();
+    control.public_ip = Some(underlay_addr);
+    control.vtep_mac = Some(vtep_mac);
+    let mut sources = Vec::new();
+    if control.static_file.is_some() {
+        sources.push("static");
+    }
+    if control.etcd.is_some() {
+        sources.push("etcd");
+    }
+    if control.kube.is_some() {
+        sources.push("kube");
+    }
+    let skipped = Arc::new(Mutex::new(Vec::new()));
+    let publisher = TablesPublisher::shared(Arc::clone(&tables));
+    let control_plane = ControlPlane::spawn(control, publisher).context("starting the control plane")?;
+    let metrics_addr = control_plane.metrics_addr();
+
+    // This node's pod CIDRs: configured, or this node's entry in the route source.
+    let pod_cidrs = if cfg.pod_cidrs.is_empty() {
+        tracing::info!(sources = ?sources, "waiting for this node's pod CIDRs from the route source");
+        let deadline = Instant::now() + POD_CIDR_WAIT;
+        loop {
+            let mine = lock(&tables).desired().blackholes.clone();
+            if !mine.is_empty() {
+                break mine;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the route source named no pod CIDR for node `{}` within {POD_CIDR_WAIT:?}; \
+                     set pods.pod_cidrs or add the node to the source",
+                    cfg.node_name
+                );
+            }
+            if wait_signal(&signals, Duration::from_millis(50)) {
+                return Ok(());
+            }
+        }
+    } else {
+        cfg.pod_cidrs.clone()
+    };
+    let first_host = |n: &IpNet| -> IpAddr {
+        match n {
+            IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) + 1)),
+            IpNet::V6(n) => IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) + 1)),
+        }
+    };
+    let gateway_v4 = pod_cidrs.iter().find(|n| n.addr().is_ipv4()).map(first_host).and_then(|a| match a {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    });
+    let gateway_v6 = pod_cidrs.iter().find(|n| n.addr().is_ipv6()).map(first_host).and_then(|a| match a {
+        IpAddr::V6(a) => Some(a),
+        IpAddr::V4(_) => None,
+    });
+    let host_addr = pod_cidrs.iter().find_map(|n| match n {
+        IpNet::V4(n) => Some(n.network()),
+        IpNet::V6(_) => None,
+    });
+
+    // Workers: one UMEM each, the uplink socket on the worker's queue, the uplink program.
+    let node_cfg = NodeConfig {
+        gateway_mac: cfg.gateway_mac,
+        gateway_v4,
+        gateway_v6,
+        vtep_mac,
+        decap: DecapConfig::new(cfg.tunnel, cfg.vni, underlay_addr),
+        uplink: PortId(0),
+        underlay_mtu: underlay_mtu as u16,
+        icmp_rate: (1000, 100),
+    };
+    let mut decap = node_cfg.decap;
+    decap.port = cfg.tunnel_port;
+    let node_cfg = NodeConfig { decap, ..node_cfg };
+    let port_cfg = XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: None };
+    let mem_cfg = XskMemConfig { frame_count: cfg.frames, fill_ring: 1024, comp_ring: 1024, ..XskMemConfig::default() };
+    let uplink_prog =
+        XdpProgram::uplink(&UplinkConfig { tunnel_port: cfg.tunnel_port, local_v4: v4, local_v6: v6 }, cfg.workers)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    let mut threads: Vec<JoinHandle<Worker<XskPort>>> = Vec::new();
+    let mut counters = Vec::new();
+    for w in 0..cfg.workers {
+        let mem = XskMem::new(mem_cfg).context("creating the worker's UMEM (dataplane.frames)")?;
+        let uplink = XskPort::open(&mem, &cfg.underlay_if, w, &port_cfg)?;
+        uplink_prog.add_port(&uplink)?;
+        let free = FreeFrames::all(mem.frame_count());
+        let mem_handle = mem.handle().clone();
+        let mut worker = Worker::new(vec![uplink], vec![PortRole::Uplink], mem, free, Pipeline::new(node_cfg.clone()))
+            .with_capacity(cfg.max_ports as usize);
+        let control = worker.control();
+        counters.push(worker.shared_counters());
+        let mode = match cfg.poll {
+            Poll::Adaptive => PollMode::default(),
+            Poll::Busy => PollMode::Busy,
+        };
+        let reader = lock(&tables).reader();
+        let t = worker::spawn(
+            format!("ferry-w{w}"),
+            worker,
+            cfg.cores.get(w as usize).copied(),
+            reader,
+            Arc::clone(&stop),
+            mode,
+        )?;
+        threads.push(t);
+        handles.push(WorkerHandle { mem: mem_handle, control, queue: w });
+    }
+    let uplink_xdp: XdpAttachment = uplink_prog.attach(&cfg.underlay_if, cfg.xdp_mode)?;
+
+    let ports = Arc::new(Mutex::new(BTreeMap::new()));
+    lock(&ports).insert(
+        0,
+        PortInfo {
+            ifname: cfg.underlay_if.clone(),
+            kind: "uplink",
+            pod: None,
+            addrs: vec![underlay_addr],
+            xdp_mode: format!("{:?}", uplink_xdp.mode()).to_lowercase(),
+        },
+    );
+    let (nets_v4, nets_v6) = split_nets(&cfg.cluster_cidrs);
+    let pods = Pods::new(
+        handles,
+        port_cfg,
+        PodConfig { nets_v4, nets_v6, gateway_v4, gateway_v6 },
+        cfg.xdp_mode,
+        pod_cidrs.clone(),
+        Arc::clone(&tables),
+        &cfg.state_dir,
+        Arc::clone(&ports),
+        cfg.max_ports as u16,
+    )
+    .with_context(|| format!("admin.state_dir {}", cfg.state_dir.display()))?;
+
+    // The host port: the node's own way into the overlay.
+    let host_xdp = match (&cfg.host_if, host_addr, gateway_v4) {
+        (Some(host_if), Some(addr), Some(gw)) => Some(
+            host_port(&nl, &pods, &HostPlan { host_if, addr, gateway: gw, underlay_addr, mtu: pod_mtu }, &cfg)
+                .context("setting up the host port")?,
+        ),
+        (Some(_), _, _) => {
+            tracing::warn!("no IPv4 pod CIDR: the host port is IPv4 only and is not created");
+            None
+        }
+        _ => None,
+    };
+
+    let resolved = Resolved {
+        node_name: cfg.node_name.clone(),
+        underlay_if: cfg.underlay_if.clone(),
+        underlay_addr,
+        underlay_mac: underlay_mac.to_string(),
+        underlay_mtu,
+        tunnel: match cfg.tunnel {
+            TunnelKind::Vxlan => "vxlan".into(),
+            TunnelKind::Geneve => "geneve".into(),
+        },
+        vni: cfg.vni,
+        tunnel_port: cfg.tunnel_port,
+        vtep_mac: vtep_mac.to_string(),
+        cluster_cidrs: cfg.cluster_cidrs.clone(),
+        pod_cidrs,
+        gateway_v4,
+        gateway_v6,
+        gateway_mac: cfg.gateway_mac.to_string(),
+        host_if: cfg.host_if.clone(),
+        host_addr,
+        pod_mtu,
+        workers: cfg.workers,
+        poll: format!("{:?}", cfg.poll).to_lowercase(),
+        sources,
+        metrics_addr,
+        ipam_data_dir: cfg.state_dir.join("ipam").display().to_string(),
+    };
+    let shared = Arc::new(Shared {
+        resolved,
+        started,
+        tables: Arc::clone(&tables),
+        pods: Mutex::new(pods),
+        ports,
+        counters,
+        rates: Mutex::new(Rates::default()),
+        skipped,
+    });
+
+    // Pods from before a restart, then the admin socket.
+    {
+        let nl2 = Netlink::open()?;
+        lock(&shared.pods).restore(|ifname| nl2.link_exists(ifname).unwrap_or(false));
+    }
+    let server = server::Server::bind(&cfg.socket, Arc::clone(&shared))?;
+    let (server_thread, socket_file) = server.spawn(Arc::clone(&stop))?;
+    let neigh = spawn_neighbours(
+        &cfg.underlay_if,
+        &Underlay::new(underlay_mac, v4, v6),
+        Arc::clone(&tables),
+        Arc::clone(&stop),
+    )?;
+    tracing::info!(
+        node = %cfg.node_name,
+        underlay = %underlay_addr,
+        workers = cfg.workers,
+        pods = lock(&shared.pods).list().len(),
+        socket = %cfg.socket.display(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "ferry is running"
+    );
+
+    // Main loop: sample counters every second until a signal comes.
+    loop {
+        sample(&shared);
+        if wait_signal(&signals, Duration::from_secs(1)) {
+            break;
+        }
+        if threads.iter().any(JoinHandle::is_finished) {
+            tracing::error!("a worker thread ended unexpectedly; stopping");
+            break;
+        }
+    }
+    tracing::info!("stopping");
+    stop.store(true, Ordering::Relaxed);
+    let _ = server_thread.join();
+    let _ = neigh.join();
+    drop(host_xdp);
+    lock(&shared.pods).detach_all();
+    for t in threads {
+        let _ = t.join();
+    }
+    drop(uplink_xdp);
+    control_plane.shutdown();
+    drop(socket_file);
+    Ok(())
+}
+
+fn is_link_local(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+fn split_nets(nets: &[IpNet]) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv6Net>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for n in nets {
+        match n {
+            IpNet::V4(n) => v4.push(*n),
+            IpNet::V6(n) => v6.push(*n),
+        }
+    }
+    (v4, v6)
+}
+
+/// Creates (or reuses, after a restart) the host port: a veth pair whose kernel end (`host_if`)
+/// carries the node's overlay address and the routes to the cluster's pod networks, and whose
+/// other end (`<host_if>p`) is a port of every worker, like a pod's.
+/// Where the host port goes.
+#[derive(Debug)]
+struct HostPlan<'a> {
+    host_if: &'a str,
+    /// The node's overlay address (the pod CIDR's network address).
+    addr: Ipv4Addr,
+    gateway: Ipv4Addr,
+    underlay_addr: IpAddr,
+    mtu: u32,
+}
+
+fn host_port(nl: &Netlink, pods: &Pods, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Result<XdpAttachment> {
+    let HostPlan { host_if, addr, gateway, underlay_addr, mtu } = *plan;
+    let peer = format!("{host_if}p");
+    let usable = match (nl.link(host_if)?, nl.link(&peer)?) {
+        (Some(h), Some(p)) => {
+            p.mac == Some(cfg.gateway_mac) && h.rx_queues >= cfg.workers && p.rx_queues >= cfg.workers
+        }
+        _ => false,
+    };
+    if !usable {
+        nl.delete_link(host_if)?;
+        nl.delete_link(&peer)?;
+        nl.create_veth(&VethSpec {
+            name: host_if,
+            peer_name: &peer,
+            mac: None,
+            peer_mac: Some(cfg.gateway_mac),
+            mtu: Some(mtu),
+            queues: cfg.workers,
+            peer_netns: None,
+        })?;
+    }
+    nl.set_mtu(host_if, mtu)?;
+    nl.set_mtu(&peer, mtu)?;
+    // The kernel end's transmissions reach the UMEM with unfinished checksums otherwise.
+    nl.set_tx_checksum(host_if, false)?;
+    let net = IpNet::V4(ipnet::Ipv4Net::new(addr, 32)?);
+    if !nl.addresses(host_if)?.contains(&net) {
+        nl.add_address(host_if, net)?;
+    }
+    nl.set_up(&peer)?;
+    nl.set_up(host_if)?;
+    for c in cfg.cluster_cidrs.iter().filter(|c| c.addr().is_ipv4()) {
+        nl.add_route(host_if, &Route { dst: *c, via: Some(gateway.into()), onlink: true, src: Some(addr.into()) })?;
+    }
+    let host_mac = nl.link(host_if)?.and_then(|l| l.mac).context("the host port has no MAC")?;
+    let (port, xdp) = pods.attach_port(&peer).map_err(|e| anyhow::anyhow!("attaching {peer}: {e}"))?;
+    pods.name_port(
+        port,
+        PortInfo {
+            ifname: peer.clone(),
+            kind: "host",
+            pod: None,
+            addrs: vec![addr.into(), underlay_addr],
+            xdp_mode: format!("{:?}", xdp.mode()).to_lowercase(),
+        },
+    );
+    // The node's kernel answers pods that talk to the node's own addresses with those addresses as
+    // the source (the request reached the kernel directly, not through ferry): they are the host
+    // port's too, as far as source checks go.
+    let addrs = vec![addr.into(), underlay_addr];
+    pods.register(LocalPod { port, mac: host_mac, addrs }).map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(ifname = host_if, %addr, port = port.0, "host port ready");
+    Ok(xdp)
+}
+
+/// The underlay neighbour resolution thread: keeps the tables' next-hop MACs in step with the
+/// kernel's neighbour table on the uplink, and frees retired snapshots.
+fn spawn_neighbours(
+    uplink: &str,
+    underlay: &Underlay,
+    tables: Arc<Mutex<Tables>>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let mut sync = NeighbourSync::new(uplink, underlay).context("starting underlay neighbour resolution")?;
+    Ok(std::thread::Builder::new().name("ferry-neigh".into()).spawn(move || {
+        let mut warned = false;
+        while !stop.load(Ordering::Relaxed) {
+            let next = {
+                let mut t = lock(&tables);
+                let now = Instant::now();
+                match sync.sync(&mut t, now) {
+                    Ok(r) => {
+                        warned = false;
+                        for c in &r.changed {
+                            tracing::info!(change = ?c, "underlay neighbour changed MAC");
+                        }
+                    }
+                    Err(e) if !warned => {
+                        tracing::warn!(error = %e, "underlay neighbour resolution failed (retrying)");
+                        warned = true;
+                    }
+                    Err(_) => {}
+                }
+                t.reclaim();
+                sync.next_sync(&t, Instant::now())
+            };
+            let wait = next
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(10), Duration::from_millis(200));
+            match sync.notification_fd() {
+                Some(fd) => {
+                    use std::os::fd::AsRawFd;
+                    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    unsafe { libc::poll(&mut p, 1, wait.as_millis() as i32) };
+                }
+                None => std::thread::sleep(wait),
+            }
+        }
+    })?)
+}
+
+/// Takes a counter sample for rates.
+fn sample(shared: &Shared) {
+    let Some(c) = ferry_dataplane::counters::sum(shared.counters.iter().map(|a| &**a)) else { return };
+    let mut r = lock(&shared.rates);
+    r.prev = r.last.take();
+    r.last = Some((Instant::now(), c));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overhead_matches_the_wire() {
+        assert_eq!(tunnel_overhead(TunnelKind::Vxlan, false), 50);
+        assert_eq!(tunnel_overhead(TunnelKind::Geneve, false), 50);
+        assert_eq!(tunnel_overhead(TunnelKind::Vxlan, true), 70);
+    }
+}

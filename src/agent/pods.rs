@@ -1,0 +1,368 @@
+//! Pods on this node (setup side): attaching a pod's host-side veth to every worker (one AF_XDP
+//! socket per worker, on the worker's queue, behind a pod XDP program), registering its addresses
+//! in the forwarding tables, and keeping a record on disk so that a restarted agent re-attaches the
+//! pods it had without the pods noticing.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_dataplane::pipeline::{PortId, PortRole};
+use ferry_dataplane::port::xsk::{XskMemHandle, XskPort, XskPortConfig};
+use ferry_dataplane::worker::PortControl;
+use ferry_dataplane::xdp::{PodConfig, XdpAttachment, XdpMode, XdpProgram};
+use ferry_encap::MacAddr;
+use ferry_tables::{LocalPod, Tables};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::admin::PodSpec;
+
+/// How long a worker may take to apply a port change.
+const PORT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One worker, as seen from the setup side.
+#[derive(Debug, Clone)]
+pub(super) struct WorkerHandle {
+    /// Opens sockets on the worker's UMEM.
+    pub(super) mem: XskMemHandle,
+    /// Adds and removes the worker's ports.
+    pub(super) control: PortControl<XskPort>,
+    /// The worker's queue on every interface.
+    pub(super) queue: u32,
+}
+
+/// What a port is, for status and statistics.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct PortInfo {
+    /// The interface.
+    pub(super) ifname: String,
+    /// `uplink`, `host` or `pod`.
+    pub(super) kind: &'static str,
+    /// The pod's id, for pod ports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) pod: Option<String>,
+    /// The addresses behind the port.
+    pub(super) addrs: Vec<IpAddr>,
+    /// XDP attach mode.
+    pub(super) xdp_mode: String,
+}
+
+/// A record on disk: what is needed to attach the pod again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    pod: PodSpec,
+}
+
+#[derive(Debug)]
+struct Attached {
+    spec: PodSpec,
+    mac: MacAddr,
+    port: PortId,
+    _xdp: XdpAttachment,
+}
+
+/// Why a pod could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PodError {
+    /// The request is inconsistent.
+    #[error("pod {id}: {reason}")]
+    Invalid {
+        /// The pod.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The data plane refused.
+    #[error("pod {id}: {what}: {reason}")]
+    Dataplane {
+        /// The pod.
+        id: String,
+        /// The step.
+        what: &'static str,
+        /// The error.
+        reason: String,
+    },
+}
+
+/// Every port the agent serves besides the uplink, and the pods behind them.
+#[derive(Debug)]
+pub(super) struct Pods {
+    workers: Vec<WorkerHandle>,
+    port_cfg: XskPortConfig,
+    xdp: PodConfig,
+    xdp_mode: XdpMode,
+    pod_cidrs: Vec<IpNet>,
+    tables: Arc<Mutex<Tables>>,
+    records: PathBuf,
+    pods: BTreeMap<String, Attached>,
+    /// Port id -> what it is (the uplink and the host port included).
+    ports: Arc<Mutex<BTreeMap<u16, PortInfo>>>,
+    max_ports: u16,
+}
+
+impl Pods {
+    /// A registry over running workers. `ports` already lists the ports the agent made itself.
+    #[expect(clippy::too_many_arguments, reason = "one-time construction from the agent's startup")]
+    pub(super) fn new(
+        workers: Vec<WorkerHandle>,
+        port_cfg: XskPortConfig,
+        xdp: PodConfig,
+        xdp_mode: XdpMode,
+        pod_cidrs: Vec<IpNet>,
+        tables: Arc<Mutex<Tables>>,
+        state_dir: &Path,
+        ports: Arc<Mutex<BTreeMap<u16, PortInfo>>>,
+        max_ports: u16,
+    ) -> std::io::Result<Self> {
+        let records = state_dir.join("pods");
+        std::fs::create_dir_all(&records)?;
+        Ok(Pods {
+            workers,
+            port_cfg,
+            xdp,
+            xdp_mode,
+            pod_cidrs,
+            tables,
+            records,
+            pods: BTreeMap::new(),
+            ports,
+            max_ports,
+        })
+    }
+
+    /// Attaches an interface as a port on every worker (socket per worker on its queue, the pod
+    /// XDP program in front), under a fresh port id.
+    ///
+    /// # Errors
+    /// The first step that failed, described; nothing stays attached.
+    pub(super) fn attach_port(&self, ifname: &str) -> Result<(PortId, XdpAttachment), String> {
+        let id = self.free_port_id().ok_or_else(|| format!("no free port: all {} are in use", self.max_ports))?;
+        let prog = XdpProgram::pod(&self.xdp, self.workers.len() as u32).map_err(|e| e.to_string())?;
+        let mut added = Vec::new();
+        let undo = |added: &[&WorkerHandle]| {
+            for w in added {
+                let _ = w.control.remove(id, PORT_COMMAND_TIMEOUT);
+            }
+        };
+        for w in &self.workers {
+            let port = match XskPort::open_shared(&w.mem, ifname, w.queue, &self.port_cfg) {
+                Ok(p) => p,
+                Err(e) => {
+                    undo(&added);
+                    return Err(e.to_string());
+                }
+            };
+            if let Err(e) = prog.add_port(&port) {
+                undo(&added);
+                return Err(e.to_string());
+            }
+            if let Err(e) = w.control.add(id, port, PortRole::Pod, PORT_COMMAND_TIMEOUT) {
+                undo(&added);
+                return Err(e.to_string());
+            }
+            added.push(w);
+        }
+        match prog.attach(ifname, self.xdp_mode) {
+            Ok(a) => Ok((id, a)),
+            Err(e) => {
+                undo(&added);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Detaches a port from every worker.
+    pub(super) fn detach_port(&self, id: PortId) {
+        for w in &self.workers {
+            if let Err(e) = w.control.remove(id, PORT_COMMAND_TIMEOUT) {
+                tracing::warn!(port = id.0, error = %e, "could not remove a port from a worker");
+            }
+        }
+        self.ports_lock().remove(&id.0);
+    }
+
+    fn free_port_id(&self) -> Option<PortId> {
+        let used = self.ports_lock();
+        (0..self.max_ports).find(|i| !used.contains_key(i)).map(PortId)
+    }
+
+    fn ports_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, PortInfo>> {
+        self.ports.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a local endpoint (pod or host port) in the tables.
+    ///
+    /// # Errors
+    /// The tables' refusal, as text.
+    pub(super) fn register(&self, pod: LocalPod) -> Result<(), String> {
+        let mut t = self.tables();
+        let mut d = t.desired().clone();
+        d.local_pods.retain(|p| p.port != pod.port);
+        d.local_pods.push(pod);
+        t.set_desired(d, Instant::now()).map(drop).map_err(|e| e.to_string())
+    }
+
+    fn unregister(&self, port: PortId) {
+        let mut t = self.tables();
+        let mut d = t.desired().clone();
+        d.local_pods.retain(|p| p.port != port);
+        if let Err(e) = t.set_desired(d, Instant::now()) {
+            tracing::error!(port = port.0, error = %e, "could not remove a pod from the tables");
+        }
+    }
+
+    /// Records an agent-made port in the port list.
+    pub(super) fn name_port(&self, id: PortId, info: PortInfo) {
+        self.ports_lock().insert(id.0, info);
+    }
+
+    /// Adds (or confirms) a pod. Idempotent: the same pod again is a success without change; the
+    /// same id with different wiring replaces the old.
+    ///
+    /// # Errors
+    /// [`PodError`]; nothing of the pod stays attached.
+    pub(super) fn add(&mut self, spec: PodSpec, persist: bool) -> Result<(), PodError> {
+        let invalid = |reason: String| PodError::Invalid { id: spec.id.clone(), reason };
+        if spec.id.is_empty() || spec.id.len() > 512 {
+            return Err(invalid("the id must be 1 to 512 characters".into()));
+        }
+        let mac: MacAddr = spec.mac.parse().map_err(|_| invalid(format!("`{}` is not a MAC address", spec.mac)))?;
+        if spec.addrs.is_empty() {
+            return Err(invalid("the pod has no address".into()));
+        }
+        for a in &spec.addrs {
+            if !self.pod_cidrs.iter().any(|c| c.contains(a)) {
+                return Err(invalid(format!("{a} is not in this node's pod CIDRs {:?}", self.pod_cidrs)));
+            }
+            if let Some(other) = self.pods.values().find(|p| p.spec.id != spec.id && p.spec.addrs.contains(a)) {
+                return Err(invalid(format!("{a} already belongs to pod {}", other.spec.id)));
+            }
+        }
+        if let Some(old) = self.pods.get(&spec.id) {
+            if old.spec == spec {
+                return Ok(());
+            }
+            self.remove(&spec.id.clone());
+        }
+        let (port, xdp) = self.attach_port(&spec.host_ifname).map_err(|reason| PodError::Dataplane {
+            id: spec.id.clone(),
+            what: "attaching its interface",
+            reason,
+        })?;
+        let mode = format!("{:?}", xdp.mode()).to_lowercase();
+        self.name_port(
+            port,
+            PortInfo {
+                ifname: spec.host_ifname.clone(),
+                kind: "pod",
+                pod: Some(spec.id.clone()),
+                addrs: spec.addrs.clone(),
+                xdp_mode: mode,
+            },
+        );
+        if let Err(reason) = self.register(LocalPod { port, mac, addrs: spec.addrs.clone() }) {
+            drop(xdp);
+            self.detach_port(port);
+            return Err(PodError::Dataplane { id: spec.id.clone(), what: "registering its addresses", reason });
+        }
+        if persist && let Err(e) = self.save(&spec) {
+            tracing::warn!(pod = %spec.id, error = %e, "could not record the pod; it will not survive a restart");
+        }
+        tracing::info!(pod = %spec.id, ifname = %spec.host_ifname, port = port.0, addrs = ?spec.addrs, "pod attached");
+        self.pods.insert(spec.id.clone(), Attached { spec, mac, port, _xdp: xdp });
+        Ok(())
+    }
+
+    /// Removes a pod; `false` if it was unknown. Its record goes too.
+    pub(super) fn remove(&mut self, id: &str) -> bool {
+        let _ = std::fs::remove_file(self.record_path(id));
+        let Some(p) = self.pods.remove(id) else { return false };
+        self.unregister(p.port);
+        // Detach the program first so that nothing is redirected to sockets about to close.
+        drop(p._xdp);
+        self.detach_port(p.port);
+        tracing::info!(pod = %id, port = p.port.0, "pod detached");
+        true
+    }
+
+    /// Whether the pod is attached exactly as `spec` says, and why not.
+    pub(super) fn check(&self, spec: &PodSpec) -> Result<(), String> {
+        match self.pods.get(&spec.id) {
+            None => Err(format!("pod {} is not registered", spec.id)),
+            Some(p) if p.spec != *spec => Err(format!("pod {} is registered as {:?}", spec.id, p.spec)),
+            Some(p) => {
+                let snap = self.tables().current();
+                for a in &spec.addrs {
+                    if snap.local_pod(*a) != Some((p.port, p.mac)) {
+                        return Err(format!("{a} does not lead to pod {}'s port", spec.id));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The pods, by id.
+    pub(super) fn list(&self) -> Vec<(PodSpec, PortId)> {
+        self.pods.values().map(|p| (p.spec.clone(), p.port)).collect()
+    }
+
+    /// Re-attaches the pods recorded on disk whose interface still exists; forgets the others.
+    pub(super) fn restore(&mut self, mut exists: impl FnMut(&str) -> bool) {
+        let Ok(dir) = std::fs::read_dir(&self.records) else { return };
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let record: Option<Record> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let Some(record) = record else {
+                tracing::warn!(path = %path.display(), "unreadable pod record; removing it");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            let id = record.pod.id.clone();
+            if !exists(&record.pod.host_ifname) {
+                tracing::info!(pod = %id, ifname = %record.pod.host_ifname, "pod interface gone; forgetting the pod");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            match self.add(record.pod, false) {
+                Ok(()) => tracing::info!(pod = %id, "pod restored"),
+                Err(e) => tracing::warn!(error = %e, "could not restore a pod (its record is kept)"),
+            }
+        }
+    }
+
+    /// Detaches everything (at shutdown; the records and the pods' wiring stay).
+    pub(super) fn detach_all(&mut self) {
+        for (_, p) in std::mem::take(&mut self.pods) {
+            drop(p._xdp);
+            self.detach_port(p.port);
+        }
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        // Ids are `<container id>/<ifname>`: keep them readable but make them one file name.
+        let name: String =
+            id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let short: String = name.chars().take(100).collect();
+        self.records.join(format!("{short}-{hash:016x}.json"))
+    }
+
+    fn save(&self, spec: &PodSpec) -> std::io::Result<()> {
+        let path = self.record_path(&spec.id);
+        let tmp = path.with_extension("tmp");
+        let bytes = serde_json::to_vec_pretty(&Record { pod: spec.clone() }).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &path)
+    }
+}

@@ -1,0 +1,290 @@
+//! The admin socket's server (setup side): one thread accepting connections on a Unix socket
+//! (mode 0600, root or the agent's own user only), one request and one response per connection.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_encap::DropReason;
+use ferry_tables::Route;
+use serde_json::json;
+
+use super::{Shared, lock};
+use crate::admin::{NodeInfo, Request, Response};
+
+/// Largest request accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// A bound admin socket.
+#[derive(Debug)]
+pub(super) struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+/// Removes the socket file at shutdown, unless another agent has bound a new one there since.
+#[derive(Debug)]
+pub(super) struct SocketFile {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Server {
+    /// Binds the socket, replacing a stale one (a socket nothing answers on).
+    pub(super) fn bind(path: &Path, shared: Arc<Shared>) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("admin.socket: creating {}", dir.display()))?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "admin.socket {}: another ferry agent is already running there; stop it first",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path).with_context(|| format!("admin.socket: binding {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        Ok(Server { listener, path: path.to_owned(), shared })
+    }
+
+    /// Serves until `stop` is set. The returned guard removes the socket file when dropped.
+    pub(super) fn spawn(self, stop: Arc<AtomicBool>) -> anyhow::Result<(JoinHandle<()>, SocketFile)> {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::symlink_metadata(&self.path).map(|m| m.ino()).unwrap_or(0);
+        let file = SocketFile { path: self.path.clone(), ino };
+        let thread = std::thread::Builder::new().name("ferry-admin".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match self.listener.accept() {
+                    Ok((stream, _)) => {
+                        if let Err(e) = self.serve(stream) {
+                            tracing::debug!(error = %e, "admin connection failed");
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, socket = %self.path.display(), "admin socket accept failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })?;
+        Ok((thread, file))
+    }
+
+    fn serve(&self, stream: UnixStream) -> std::io::Result<()> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let response = match peer_uid(&stream) {
+            // SAFETY: geteuid has no preconditions.
+            Some(uid) if uid == 0 || uid == unsafe { libc::geteuid() } => {
+                let mut line = String::new();
+                BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
+                match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => self.handle(req),
+                    Err(e) => Response::err(format!("bad request: {e}")),
+                }
+            }
+            _ => Response::err("permission denied: the admin socket answers root only"),
+        };
+        let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        (&stream).write_all(&out)
+    }
+
+    fn handle(&self, req: Request) -> Response {
+        let s = &self.shared;
+        match req {
+            Request::Info => {
+                let r = &s.resolved;
+                Response {
+                    info: Some(NodeInfo {
+                        node_name: r.node_name.clone(),
+                        pod_cidrs: r.pod_cidrs.clone(),
+                        gateway_v4: r.gateway_v4.map(Into::into),
+                        gateway_v6: r.gateway_v6.map(Into::into),
+                        gateway_mac: r.gateway_mac.clone(),
+                        mtu: r.pod_mtu,
+                        queues: r.workers,
+                        ipam_data_dir: r.ipam_data_dir.clone(),
+                    }),
+                    ..Response::ok()
+                }
+            }
+            Request::PodAdd { pod } => match lock(&s.pods).add(pod, true) {
+                Ok(()) => Response::ok(),
+                Err(e) => Response::err(e.to_string()),
+            },
+            Request::PodDel { id } => {
+                let known = lock(&s.pods).remove(&id);
+                Response::data(json!({ "removed": known }))
+            }
+            Request::PodCheck { pod } => match lock(&s.pods).check(&pod) {
+                Ok(()) => Response::ok(),
+                Err(e) => Response::err(e),
+            },
+            Request::Status => Response::data(self.status()),
+            Request::Routes => Response::data(self.routes()),
+            Request::Stats => Response::data(self.stats()),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let s = &self.shared;
+        let t = lock(&s.tables);
+        let snap = t.current();
+        let d = t.desired();
+        json!({
+            "node": s.resolved,
+            "uptime_seconds": s.started.elapsed().as_secs_f64(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "tables": {
+                "generation": snap.generation(),
+                "remote_nodes": d.nodes.len(),
+                "local_endpoints": d.local_pods.len(),
+                "next_hops": snap.next_hops(),
+            },
+            "pods": lock(&s.pods).list().iter().map(|(p, port)| json!({
+                "id": p.id, "ifname": p.host_ifname, "addrs": p.addrs, "mac": p.mac, "port": port.0,
+            })).collect::<Vec<_>>(),
+            "ports": *lock(&s.ports),
+            "skipped_nodes": *lock(&s.skipped),
+        })
+    }
+
+    fn routes(&self) -> serde_json::Value {
+        let s = &self.shared;
+        let t = lock(&s.tables);
+        let snap = t.current();
+        let d = t.desired();
+        let remote: Vec<_> = d
+            .nodes
+            .iter()
+            .map(|n| {
+                let state = n.pod_cidrs.first().map(|c| match snap.route(c.addr()) {
+                    Route::Remote { template, .. } => {
+                        json!({ "state": "resolved", "underlay_mac": template.next_hop_mac().to_string() })
+                    }
+                    Route::Unresolved { .. } => json!({ "state": "unresolved" }),
+                    Route::Local { .. } | Route::Blackhole | Route::NoRoute => json!({ "state": "overridden" }),
+                });
+                json!({
+                    "node": n.name,
+                    "pod_cidrs": n.pod_cidrs,
+                    "underlay": n.underlay,
+                    "vtep_mac": n.vtep_mac.to_string(),
+                    "vni": n.vni,
+                    "tunnel": format!("{:?}", n.tunnel).to_lowercase(),
+                    "port": n.port,
+                    "next_hop": state,
+                })
+            })
+            .collect();
+        let ports = lock(&s.ports);
+        let local: Vec<_> = d
+            .local_pods
+            .iter()
+            .map(|p| {
+                let info = ports.get(&p.port.0);
+                json!({
+                    "addrs": p.addrs,
+                    "mac": p.mac.to_string(),
+                    "port": p.port.0,
+                    "ifname": info.map(|i| i.ifname.clone()),
+                    "pod": info.and_then(|i| i.pod.clone()),
+                })
+            })
+            .collect();
+        json!({
+            "generation": snap.generation(),
+            "remote": remote,
+            "local": local,
+            "blackholes": d.blackholes,
+        })
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let s = &self.shared;
+        let rates = lock(&s.rates);
+        let Some((t1, c1)) = &rates.last else { return json!({ "ports": [], "drops": {} }) };
+        let prev = rates.prev.as_ref();
+        let secs = prev.map_or(0.0, |(t0, _)| t1.duration_since(*t0).as_secs_f64());
+        let rate = |now: u64, then: Option<u64>| match then {
+            Some(then) if secs > 0.0 => now.saturating_sub(then) as f64 / secs,
+            _ => 0.0,
+        };
+        let ports = lock(&s.ports);
+        let list: Vec<_> = ports
+            .iter()
+            .map(|(id, info)| {
+                let i = usize::from(*id);
+                let (rx, tx) = (c1.rx.get(i).copied().unwrap_or_default(), c1.tx.get(i).copied().unwrap_or_default());
+                let p = prev.map(|(_, c0)| {
+                    (c0.rx.get(i).copied().unwrap_or_default(), c0.tx.get(i).copied().unwrap_or_default())
+                });
+                json!({
+                    "port": id,
+                    "ifname": info.ifname,
+                    "kind": info.kind,
+                    "pod": info.pod,
+                    "rx_packets": rx.packets,
+                    "rx_bytes": rx.bytes,
+                    "tx_packets": tx.packets,
+                    "tx_bytes": tx.bytes,
+                    "rx_pps": rate(rx.packets, p.map(|p| p.0.packets)),
+                    "tx_pps": rate(tx.packets, p.map(|p| p.1.packets)),
+                    "rx_bps": 8.0 * rate(rx.bytes, p.map(|p| p.0.bytes)),
+                    "tx_bps": 8.0 * rate(tx.bytes, p.map(|p| p.1.bytes)),
+                })
+            })
+            .collect();
+        let mut drops = serde_json::Map::new();
+        let mut drop_rates = serde_json::Map::new();
+        for r in DropReason::ALL {
+            let n = c1.drops(*r);
+            drops.insert(r.name().to_owned(), json!(n));
+            drop_rates.insert(r.name().to_owned(), json!(rate(n, prev.map(|(_, c0)| c0.drops(*r)))));
+        }
+        json!({
+            "interval_seconds": secs,
+            "ports": list,
+            "drops": drops,
+            "drop_rates": drop_rates,
+            "total_drops": c1.total_drops(),
+            "icmp_errors": c1.pipeline.icmp_errors,
+        })
+    }
+}
+
+/// The connecting process's user id (SO_PEERCRED).
+fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes passed.
+    let r = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &mut len)
+    };
+    (r == 0).then_some(cred.uid)
+}
