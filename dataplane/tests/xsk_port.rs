@@ -303,3 +303,43 @@ fn transmits_without_need_wakeup() {
     assert_eq!(seen.len(), pkts.len(), "copy mode without need_wakeup transmits (flush kicks unconditionally then)");
     assert_eq!(reclaim_n(&mut port, &mut free, pkts.len(), deadline(5)), pkts.len());
 }
+
+#[test]
+fn a_closed_port_hands_back_every_frame_it_held() {
+    if !privileged("a_closed_port_hands_back_every_frame_it_held") {
+        return;
+    }
+    let t = pair(1);
+    let _in_a = InNetns::enter(&t.a.ns);
+    let mut mem = XskMem::new(XskMemConfig::default()).expect("UMEM");
+    let count = mem.frame_count() as usize;
+    let mut free = FreeFrames::all(mem.frame_count());
+    // Opened through the shared handle, as the agent opens pod ports for running workers.
+    let mut port = XskPort::open_shared(mem.handle(), &t.a.name, 0, &XskPortConfig::default()).expect("bind");
+    let _att = uplink(&port, &t.a.name);
+    let peer = {
+        let _in_b = InNetns::enter(&t.b.ns);
+        PacketSocket::bind(&t.b.name)
+    };
+    port.refill(&mut free);
+    for i in 0..8u16 {
+        peer.send(&udp4(t.b.mac, t.a.mac, B4, A4, 41000 + i, TUNNEL_PORT, b"held"));
+    }
+    let got = recv_n(&mut port, &mut mem, 8, deadline(5));
+    assert_eq!(got.len(), 8);
+    // Half go back out (lent to the transmit ring, maybe completed, never reclaimed); the other half
+    // stay with the caller, as a worker's in-flight batch would.
+    let out: Vec<Pkt> = got[..4].iter().map(|g| g.0).collect();
+    assert_eq!(port.send(&mut mem, &out), 4);
+    let _ = port.flush();
+    for g in &got[4..] {
+        free.push(g.0.frame);
+    }
+    assert!(port.frames_held() > 0);
+    port.release(&mut free);
+    assert_eq!(free.len(), count, "every frame is free again once the socket is closed");
+    let mut seen: Vec<u32> = std::iter::from_fn(|| free.pop()).map(|f| f.0).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), count, "no frame came back twice");
+}
