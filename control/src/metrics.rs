@@ -49,8 +49,20 @@ struct NextHopLabels {
     next_hop: &'static str,
 }
 
+/// Renders more metric families (OpenMetrics text, without `# EOF`) after the registry's.
+pub type ExtraMetrics = Box<dyn Fn(&mut String) + Send + Sync>;
+
+struct Extra(std::sync::Mutex<Option<ExtraMetrics>>);
+
+impl std::fmt::Debug for Extra {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Extra")
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
+    extra: Extra,
     registry: Registry,
     routes: Family<NextHopLabels, Gauge>,
     nodes: Gauge,
@@ -101,6 +113,7 @@ impl Metrics {
         );
         Metrics {
             inner: Arc::new(Inner {
+                extra: Extra(std::sync::Mutex::new(None)),
                 registry,
                 routes,
                 nodes,
@@ -175,11 +188,24 @@ impl Metrics {
         self.inner.publications.get()
     }
 
+    /// Serve more metric families with these (the data plane's counters, say): `f` appends
+    /// OpenMetrics text, without the final `# EOF`, each time the endpoint is scraped.
+    pub fn set_extra(&self, f: ExtraMetrics) {
+        *self.inner.extra.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+    }
+
     /// The whole registry in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        let extra = self.inner.extra.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(f) = extra.as_ref() {
+            let body = out.strip_suffix("# EOF\n").map(str::len).unwrap_or(out.len());
+            out.truncate(body);
+            f(&mut out);
+            out.push_str("# EOF\n");
+        }
         out
     }
 }
@@ -244,6 +270,16 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_families_come_before_the_end_marker() {
+        let m = Metrics::new();
+        m.set_extra(Box::new(|out| out.push_str("# TYPE x counter\nx_total 7\n")));
+        let text = m.encode();
+        assert!(text.contains("ferry_control_publications_total 0\n"), "{text}");
+        assert!(text.ends_with("x_total 7\n# EOF\n"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1);
+    }
 
     #[test]
     fn registry_names_every_metric() {

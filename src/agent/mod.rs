@@ -361,6 +361,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         skipped,
     });
 
+    if metrics_addr.is_some() {
+        let s2 = Arc::clone(&shared);
+        control_plane.metrics().set_extra(Box::new(move |out| dataplane_metrics(&s2, out)));
+    }
+
     // Pods from before a restart, then the admin socket.
     {
         let nl2 = Netlink::open()?;
@@ -544,6 +549,42 @@ fn spawn_neighbours(
             }
         }
     })?)
+}
+
+/// The data plane's counters in the OpenMetrics text format (summed over workers).
+fn dataplane_metrics(shared: &Shared, out: &mut String) {
+    use std::fmt::Write;
+    let Some(c) = ferry_dataplane::counters::sum(shared.counters.iter().map(|a| &**a)) else { return };
+    let ports = lock(&shared.ports);
+    let families = [
+        ("rx_packets", "Packets received, by port"),
+        ("rx_bytes", "Bytes received, by port"),
+        ("tx_packets", "Packets transmitted, by port"),
+        ("tx_bytes", "Bytes transmitted, by port"),
+    ];
+    for (i, (name, help)) in families.iter().enumerate() {
+        let _ = writeln!(out, "# HELP ferry_dataplane_{name} {help}.\n# TYPE ferry_dataplane_{name} counter");
+        for (id, info) in ports.iter() {
+            let p = usize::from(*id);
+            let flow = if i < 2 { c.rx.get(p) } else { c.tx.get(p) };
+            let v = flow.map_or(0, |f| if i % 2 == 0 { f.packets } else { f.bytes });
+            let _ = writeln!(
+                out,
+                "ferry_dataplane_{name}_total{{port=\"{id}\",ifname=\"{}\",kind=\"{}\"}} {v}",
+                info.ifname, info.kind
+            );
+        }
+    }
+    let _ =
+        writeln!(out, "# HELP ferry_dataplane_drops Packets dropped, by reason.\n# TYPE ferry_dataplane_drops counter");
+    for r in ferry_encap::DropReason::ALL {
+        let _ = writeln!(out, "ferry_dataplane_drops_total{{reason=\"{}\"}} {}", r.name(), c.drops(*r));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ferry_dataplane_icmp_errors ICMP errors sent.\n# TYPE ferry_dataplane_icmp_errors counter"
+    );
+    let _ = writeln!(out, "ferry_dataplane_icmp_errors_total {}", c.pipeline.icmp_errors);
 }
 
 /// Takes a counter sample for rates.
