@@ -10,6 +10,8 @@
 //!   node's main interface never cuts the node off.
 //! - **pod** ([`XdpProgram::pod`]), on the host end of a pod's veth: packets to the pod networks,
 //!   ARP for the pod gateway's IPv4 address and neighbour solicitations for its IPv6 address.
+//! - **sink** ([`XdpProgram::sink`]), for test tools such as `ferry pktgen`: every frame of a queue
+//!   that has a socket. Never for an interface the node depends on.
 //!
 //! A program is loaded and configured first; [`XdpProgram::set_socket`] (or
 //! [`add_port`](XdpProgram::add_port)) puts the AF_XDP socket of each receive queue into its
@@ -51,6 +53,7 @@ struct Aligned<B: ?Sized>(B);
 
 static UPLINK_OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/uplink.bpf.o")));
 static POD_OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/pod.bpf.o")));
+static SINK_OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/sink.bpf.o")));
 
 /// Which of ferry's programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +62,8 @@ pub enum ProgramKind {
     Uplink,
     /// A pod interface's program.
     Pod,
+    /// The catch-all program of test tools (`ferry pktgen`'s receiver).
+    Sink,
 }
 
 impl ProgramKind {
@@ -67,6 +72,7 @@ impl ProgramKind {
         match self {
             ProgramKind::Uplink => "ferry_uplink",
             ProgramKind::Pod => "ferry_pod",
+            ProgramKind::Sink => "ferry_sink",
         }
     }
 
@@ -74,6 +80,7 @@ impl ProgramKind {
         match self {
             ProgramKind::Uplink => c"ferry_uplink",
             ProgramKind::Pod => c"ferry_pod",
+            ProgramKind::Sink => c"ferry_sink",
         }
     }
 
@@ -81,13 +88,14 @@ impl ProgramKind {
         match self {
             ProgramKind::Uplink => &UPLINK_OBJECT.0,
             ProgramKind::Pod => &POD_OBJECT.0,
+            ProgramKind::Sink => &SINK_OBJECT.0,
         }
     }
 }
 
 /// Whether a program attached to an interface is one of ferry's (by its kernel name).
 fn is_ferry_program(name: &str) -> bool {
-    name == ProgramKind::Uplink.name() || name == ProgramKind::Pod.name()
+    name == ProgramKind::Uplink.name() || name == ProgramKind::Pod.name() || name == ProgramKind::Sink.name()
 }
 
 /// What the uplink program lets through to ferry.
@@ -258,6 +266,16 @@ impl XdpProgram {
             prog.update("pod_nets6", &maps::lpm6_key(net.trunc()), &[1], &net.to_string(), hint)?;
         }
         Ok(prog)
+    }
+
+    /// Load the catch-all program for an interface with `queues` receive queues: every frame of a
+    /// queue with a socket goes to that socket (test tools; never on an interface the node needs).
+    ///
+    /// # Errors
+    /// Missing privileges ([`XdpError::NotPermitted`]); the kernel rejecting the program
+    /// ([`XdpError::Load`]).
+    pub fn sink(queues: u32) -> Result<Self, XdpError> {
+        Self::load(ProgramKind::Sink, queues, &[])
     }
 
     fn load(kind: ProgramKind, queues: u32, sizes: &[(&str, usize)]) -> Result<Self, XdpError> {

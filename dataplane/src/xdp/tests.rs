@@ -132,7 +132,7 @@ fn queue_count_distinguishes_missing_from_unknown() {
 #[test]
 fn program_names_fit_the_kernel() {
     // The kernel keeps 15 bytes of a program name; stale detection compares whole names.
-    for kind in [ProgramKind::Uplink, ProgramKind::Pod] {
+    for kind in [ProgramKind::Uplink, ProgramKind::Pod, ProgramKind::Sink] {
         assert!(kind.name().len() <= 15, "{}", kind.name());
         assert!(is_ferry_program(kind.name()));
         assert_eq!(kind.c_name().to_str().ok(), Some(kind.name()));
@@ -143,7 +143,7 @@ fn program_names_fit_the_kernel() {
 
 #[test]
 fn embedded_objects_are_bpf_elf() {
-    for kind in [ProgramKind::Uplink, ProgramKind::Pod] {
+    for kind in [ProgramKind::Uplink, ProgramKind::Pod, ProgramKind::Sink] {
         let obj = kind.object();
         assert_eq!(&obj[..4], b"\x7fELF", "{kind:?}");
         // e_machine (offset 18, little endian) is EM_BPF = 247.
