@@ -5,3 +5,4 @@ pub mod admin;
 pub mod agent;
 pub mod cni;
 pub mod netlink;
+pub mod pktgen;

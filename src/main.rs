@@ -36,6 +36,8 @@ enum Command {
     Stats(Query),
     /// List every drop reason the data plane counts, with its metric name.
     DropReasons,
+    /// Generate and/or receive test traffic on an interface queue over AF_XDP.
+    Pktgen(ferry::pktgen::PktgenArgs),
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +63,13 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Pktgen(args) => match ferry::pktgen::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry pktgen: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
