@@ -1,0 +1,682 @@
+//! End-to-end tests (issue 6): whole clusters built by `scripts/lab.sh` in network namespaces, with
+//! the `ferry` and `ferry-cni` binaries cargo built for this test, driven the way a user would drive
+//! them, asserting on what a user sees (ping, TCP transfers, `ferry stats|routes`, captures).
+//!
+//! - connectivity matrix (VXLAN, Geneve; the Geneve frames checked by tshark on the underlay)
+//! - interop with a kernel-VXLAN node configured like Flannel
+//! - MTU: ICMP fragmentation-needed and a TCP transfer that needs path MTU discovery
+//! - churn: a node added becomes reachable, a node withdrawn becomes unreachable
+//! - restart: `kill -9` of an agent, then reachability within 1 s of the restart, wiring untouched
+//! - bad input: malformed-frame bursts at an uplink and a pod port, each counted by its drop reason
+//!
+//! Needs root (namespaces, AF_XDP): without it a test prints SKIP and passes, unless `CI` is set, in
+//! which case it fails. Labs are never run concurrently (one machine, 2 cores): every test holds
+//! [`LABS`] for its whole run. Every lab has its own name and is removed by a guard, even on panic.
+//! Every command is bounded by `timeout`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Serializes the tests of this binary: one lab at a time.
+static LABS: Mutex<()> = Mutex::new(());
+
+/// Upper bound of any single lab.sh command (up with a few nodes takes seconds).
+const CMD_TIMEOUT_S: u32 = 120;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_ferry")).parent().expect("binary dir").to_owned()
+}
+
+/// Root, or SKIP (false), or a failure when CI is set.
+fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{test} needs root (namespaces, AF_XDP) and CI is set: run as root");
+    eprintln!("SKIP: {test} needs root (network namespaces, AF_XDP)");
+    false
+}
+
+/// Takes the lab lock (a panicking test must not stop the others).
+fn serial() -> MutexGuard<'static, ()> {
+    LABS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The system's python3 (a user's pyenv shim may not work under `ip netns exec` as root).
+fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs a command with a time bound (coreutils `timeout`, which kills it with TERM then KILL).
+fn run_bounded(secs: u32, argv: &[&str]) -> Output {
+    Command::new("timeout")
+        .args(["-k", "5", &secs.to_string()])
+        .args(argv)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {argv:?}: {e}"))
+}
+
+/// A lab that is removed when dropped.
+struct Lab {
+    name: String,
+}
+
+impl Lab {
+    /// `lab.sh up --name NAME --no-build ARGS` (after removing any leftover of a crashed run).
+    fn up(name: &str, args: &[&str]) -> Lab {
+        let lab = Lab { name: name.to_owned() };
+        let _ = lab.run(&["down"]);
+        let t = Instant::now();
+        let mut a = vec!["up", "--no-build"];
+        a.extend_from_slice(args);
+        let out = lab.run(&a);
+        assert!(out.status.success(), "lab.sh up {args:?} failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+        println!("[{name}] up {args:?} in {:.1} s", t.elapsed().as_secs_f64());
+        lab
+    }
+
+    fn script(&self) -> String {
+        repo().join("scripts/lab.sh").display().to_string()
+    }
+
+    /// `lab.sh CMD... --name NAME`, bounded.
+    fn run(&self, args: &[&str]) -> Output {
+        let script = self.script();
+        let mut argv = vec![script.as_str(), "--name", self.name.as_str()];
+        argv.extend_from_slice(args);
+        let mut cmd = Command::new("timeout");
+        cmd.args(["-k", "5", &CMD_TIMEOUT_S.to_string()])
+            .args(&argv)
+            .env("FERRY_BIN_DIR", bin_dir())
+            .stdin(Stdio::null());
+        cmd.output().unwrap_or_else(|e| panic!("spawning lab.sh {args:?}: {e}"))
+    }
+
+    /// As [`run`](Self::run), asserting success; stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "[{}] lab.sh {args:?} failed ({}):\n{}\n{}",
+            self.name,
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// `lab.sh exec TARGET CMD...` (bounded by the lab command timeout).
+    fn exec(&self, target: &str, cmd: &[&str]) -> Output {
+        let mut a = vec!["exec", target];
+        a.extend_from_slice(cmd);
+        self.run(&a)
+    }
+
+    /// `lab.sh list --json`.
+    fn list(&self) -> Value {
+        serde_json::from_str(&self.ok(&["list", "--json"])).expect("lab.sh list --json is JSON")
+    }
+
+    /// A node's or pod's entry in `list --json`.
+    fn entry(&self, kind: &str, name: &str) -> Value {
+        let l = self.list();
+        l[kind]
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {kind} of lab {}", self.name))
+            .clone()
+    }
+
+    fn netns(&self, target: &str) -> String {
+        format!("{}-{target}", self.name)
+    }
+
+    fn pod_ip(&self, pod: &str) -> String {
+        self.entry("pods", pod)["ip"].as_str().expect("pod ip").to_owned()
+    }
+
+    /// `ferry SUBCOMMAND --json --socket <node's socket>` in the node's namespace.
+    fn ferry(&self, node: &str, sub: &str) -> Value {
+        let sock = format!("/run/ferry-lab/{}/nodes/{node}/ferry.sock", self.name);
+        let ferry = env!("CARGO_BIN_EXE_ferry");
+        let ns = self.netns(node);
+        let out = run_bounded(20, &["ip", "netns", "exec", &ns, ferry, sub, "--json", "--socket", &sock]);
+        assert!(out.status.success(), "ferry {sub} on {node} failed: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ferry {sub} --json: {e}"))
+    }
+
+    /// One ping from a namespace (`ip netns exec`, no shell in between), `-W` seconds.
+    fn ping_once(&self, from: &str, ip: &str, wait: &str) -> bool {
+        let ns = self.netns(from);
+        run_bounded(10, &["ip", "netns", "exec", &ns, "ping", "-n", "-q", "-c", "1", "-W", wait, ip]).status.success()
+    }
+
+    /// `lab.sh check --json FILE`: the rows, printed as a table.
+    fn check(&self) -> Vec<Value> {
+        let file = format!("/tmp/ferry-e2e-{}-check.json", self.name);
+        let t = Instant::now();
+        let out = self.run(&["check", "--json", &file]);
+        println!("[{}] lab.sh check ({:.1} s):\n{}", self.name, t.elapsed().as_secs_f64(), text(&out.stdout));
+        let rows: Vec<Value> = serde_json::from_str(
+            &std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {file}: {e}; {}", text(&out.stderr))),
+        )
+        .expect("check JSON");
+        let _ = std::fs::remove_file(&file);
+        let failed: Vec<_> = rows.iter().filter(|r| r["ping"] != true || r["tcp"] != true).collect();
+        assert!(failed.is_empty(), "[{}] failed rows of the matrix: {failed:#?}", self.name);
+        assert!(out.status.success(), "lab.sh check exited {} with every row passed", out.status);
+        rows
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = self.run(&["down"]);
+        if !out.status.success() {
+            eprintln!("lab.sh down --name {} failed: {}", self.name, text(&out.stderr));
+        }
+    }
+}
+
+/// Rows per category of a check.
+fn categories(rows: &[Value]) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for r in rows {
+        *m.entry(r["category"].as_str().unwrap_or("?").to_owned()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Every category of the issue is present, with the expected number of rows for N nodes x P pods.
+fn assert_full_matrix(rows: &[Value], nodes: usize, pods: usize) {
+    let c = categories(rows);
+    let all = nodes * pods;
+    let want = [
+        ("pod-pod(same-node)", nodes * pods * (pods - 1)),
+        ("pod-pod(cross-node)", all * (all - pods)),
+        ("node-pod(local)", nodes * pods),
+        ("node-pod(remote)", nodes * (all - pods)),
+        ("pod-node(own)", all),
+        ("pod-node(remote)", all * (nodes - 1)),
+    ];
+    for (cat, n) in want {
+        assert_eq!(c.get(cat).copied(), Some(n), "rows of {cat} in {c:?}");
+    }
+}
+
+#[test]
+fn matrix_vxlan() {
+    if !privileged("matrix_vxlan") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_vxlan", &["--nodes", "3", "--pods-per-node", "2", "--encap", "vxlan"]);
+    let rows = lab.check();
+    assert_full_matrix(&rows, 3, 2);
+}
+
+#[test]
+fn matrix_geneve_with_underlay_capture() {
+    if !privileged("matrix_geneve_with_underlay_capture") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_geneve", &["--nodes", "3", "--pods-per-node", "2", "--encap", "geneve"]);
+    let rows = lab.check();
+    assert_full_matrix(&rows, 3, 2);
+
+    // Capture the tunnel on the underlay bridge while n1-p1 pings n2-p1.
+    let (src, dst) = (lab.pod_ip("n1-p1"), lab.pod_ip("n2-p1"));
+    let pcap = format!("/tmp/ferry-e2e-{}.pcap", lab.name);
+    let _ = std::fs::remove_file(&pcap);
+    let ul = lab.netns("ul");
+    let mut cap = Command::new("timeout")
+        .args(["-k", "2", "15", "ip", "netns", "exec", &ul, "tcpdump", "-i", "br0", "-n", "-U", "-c", "10", "-w"])
+        .arg(&pcap)
+        .args(["udp", "port", "6081"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump");
+    // tcpdump says "listening on" once it captures.
+    let mut err = cap.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) && !text(&seen).contains("listening on") {
+        let mut b = [0u8; 256];
+        match std::io::Read::read(&mut err, &mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&b[..n]),
+        }
+    }
+    let ping = lab.exec("n1-p1", &["ping", "-n", "-c", "5", "-i", "0.2", "-W", "1", &dst]);
+    assert!(ping.status.success(), "ping during capture: {}", text(&ping.stdout));
+    let st = cap.wait().expect("tcpdump wait");
+    assert!(st.success(), "tcpdump ended with {st} (10 packets within 15 s?): {}", text(&seen));
+
+    let fields = run_bounded(
+        30,
+        &["tshark", "-r", &pcap, "-Y", "geneve", "-T", "fields", "-e", "geneve.vni", "-e", "ip.src", "-e", "ip.dst"],
+    );
+    assert!(fields.status.success(), "tshark: {}", text(&fields.stderr));
+    let lines: Vec<String> = text(&fields.stdout).lines().map(str::to_owned).collect();
+    println!("tshark geneve.vni ip.src ip.dst (outer,inner):\n{}", lines.join("\n"));
+    assert_eq!(lines.len(), 10, "every captured frame decodes as Geneve");
+    let (n1, n2) = ("192.168.100.1", "192.168.100.2");
+    let mut forth = 0;
+    let mut back = 0;
+    for l in &lines {
+        let f: Vec<&str> = l.split('\t').collect();
+        assert_eq!(f.len(), 3, "{l}");
+        // tshark prints the VNI in hex (0x000001).
+        let vni = u32::from_str_radix(f[0].trim_start_matches("0x"), 16).unwrap_or_else(|e| panic!("VNI in {l}: {e}"));
+        assert_eq!(vni, 1, "VNI of {l}");
+        if f[1] == format!("{n1},{src}") && f[2] == format!("{n2},{dst}") {
+            forth += 1;
+        } else if f[1] == format!("{n2},{dst}") && f[2] == format!("{n1},{src}") {
+            back += 1;
+        } else {
+            panic!("unexpected outer/inner addresses in {l}");
+        }
+    }
+    assert!(forth >= 4 && back >= 4, "both directions captured ({forth} requests, {back} replies)");
+    let icmp = run_bounded(
+        30,
+        &["tshark", "-r", &pcap, "-Y", "geneve && icmp && !_ws.malformed", "-T", "fields", "-e", "icmp.type"],
+    );
+    assert_eq!(text(&icmp.stdout).lines().count(), 10, "inner ICMP of every frame decodes");
+    let bad = run_bounded(30, &["tshark", "-r", &pcap, "-Y", "_ws.malformed || _ws.expert.severity >= warning"]);
+    assert!(bad.status.success(), "tshark: {}", text(&bad.stderr));
+    assert!(
+        text(&bad.stdout).trim().is_empty(),
+        "tshark reports malformed or suspicious frames:\n{}",
+        text(&bad.stdout)
+    );
+    let _ = std::fs::remove_file(&pcap);
+}
+
+#[test]
+fn interop_with_kernel_vxlan_node() {
+    if !privileged("interop_with_kernel_vxlan_node") {
+        return;
+    }
+    let _s = serial();
+    let lab =
+        Lab::up("e2e_interop", &["--nodes", "2", "--kernel-nodes", "1", "--pods-per-node", "2", "--encap", "vxlan"]);
+    let rows = lab.check();
+    assert_full_matrix(&rows, 3, 2);
+    let kernel: Vec<String> = lab.list()["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["kind"] == "kernel")
+        .map(|n| n["name"].as_str().expect("name").to_owned())
+        .collect();
+    assert_eq!(kernel.len(), 1, "one kernel node");
+    let k = &kernel[0];
+    let involves = |r: &&Value, side: &str| {
+        let e = r[side].as_str().unwrap_or("");
+        e == k || e.starts_with(&format!("{k}-"))
+    };
+    let from_k: Vec<_> = rows.iter().filter(|r| involves(r, "from") && !involves(r, "to")).collect();
+    let to_k: Vec<_> = rows.iter().filter(|r| involves(r, "to") && !involves(r, "from")).collect();
+    // Ferry <-> kernel rows of every kind, both ways, all passed (check() asserted every row).
+    for cat in ["pod-pod(cross-node)", "node-pod(remote)", "pod-node(remote)"] {
+        assert!(from_k.iter().any(|r| r["category"] == cat), "no {cat} row from {k}");
+        assert!(to_k.iter().any(|r| r["category"] == cat), "no {cat} row to {k}");
+    }
+    assert!(from_k.iter().chain(&to_k).all(|r| r["ping"] == true && r["tcp"] == true));
+    println!("{} rows from {k}, {} rows to {k}: all passed", from_k.len(), to_k.len());
+}
+
+/// The host-side veth of a pod on its node (from `ferry status`).
+fn host_ifname(lab: &Lab, node: &str, pod: &str) -> String {
+    let st = lab.ferry(node, "status");
+    st["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .find(|p| p["id"] == format!("{pod}/eth0"))
+        .and_then(|p| p["ifname"].as_str())
+        .unwrap_or_else(|| panic!("{pod} not in ferry status of {node}: {st}"))
+        .to_owned()
+}
+
+/// A bounded TCP transfer of `bytes` from `from` to `to_ip` (python3 server in `to`, client in `from`).
+fn tcp_transfer(lab: &Lab, from: &str, to: &str, to_ip: &str, bytes: usize) -> Result<String, String> {
+    let py = repo().join("tests/e2e/tcp.py").display().to_string();
+    let to_ns = lab.netns(to);
+    let mut srv = Command::new("timeout")
+        .args(["-k", "2", "20", "ip", "netns", "exec", &to_ns, python(), &py, "serve", "23456"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("server");
+    let from_ns = lab.netns(from);
+    let bytes = bytes.to_string();
+    let cli = run_bounded(20, &["ip", "netns", "exec", &from_ns, python(), &py, "send", to_ip, "23456", &bytes]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    if cli.status.success() { Ok(text(&cli.stdout).trim().to_owned()) } else { Err(text(&cli.stderr)) }
+}
+
+#[test]
+fn mtu_frag_needed_and_pmtu_discovery() {
+    if !privileged("mtu_frag_needed_and_pmtu_discovery") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_mtu", &["--nodes", "2", "--pods-per-node", "2"]);
+    let info = lab.ferry("n1", "status");
+    assert_eq!(info["node"]["pod_mtu"], 1450, "pod MTU of a VXLAN node over a 1500-byte underlay");
+    // Raise the pods' MTU to 1500, as a misconfigured (or non-CNI-aware) pod would have. The host
+    // ends of their veths are raised too: a veth silently drops frames larger than its peer's MTU
+    // (is_skb_forwardable), so with the host end left at 1450 (as ferry-cni wires it) the frame
+    // never reaches ferry and no ICMP comes back (see the report of this test).
+    for (node, pod) in [("n1", "n1-p1"), ("n1", "n1-p2"), ("n2", "n2-p1"), ("n2", "n2-p2")] {
+        let host = host_ifname(&lab, node, pod);
+        lab.ok(&["exec", node, "ip", "link", "set", &host, "mtu", "1500"]);
+        lab.ok(&["exec", pod, "ip", "link", "set", "eth0", "mtu", "1500"]);
+    }
+    let dst = lab.pod_ip("n2-p1");
+    let out = lab.exec("n1-p1", &["ping", "-n", "-M", "do", "-s", "1472", "-c", "2", "-i", "0.3", "-W", "1", &dst]);
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    println!("ping -M do -s 1472:\n{all}");
+    assert!(!out.status.success(), "a 1500-byte DF ping cannot cross a 1450-byte tunnel");
+    assert!(
+        all.contains("Frag needed and DF set (mtu = 1450)") || all.contains("message too long, mtu=1450"),
+        "no ICMP fragmentation-needed with mtu 1450 in the ping output"
+    );
+    let stats = lab.ferry("n1", "stats");
+    println!("n1 too_big drops: {}, icmp_errors: {}", stats["drops"]["too_big"], stats["icmp_errors"]);
+    // A fitting DF ping still goes through.
+    let fit = lab.exec("n1-p1", &["ping", "-n", "-M", "do", "-s", "1422", "-c", "1", "-W", "1", &dst]);
+    assert!(fit.status.success(), "1450-byte DF ping: {}", text(&fit.stdout));
+
+    // TCP from n1-p2 to n2-p2 (both MTU 1500, so both advertise MSS 1460 and the first full segments
+    // are 1500 bytes): completes only through path MTU discovery, which leaves mtu 1450 cached.
+    let (to_ip, t) = (lab.pod_ip("n2-p2"), Instant::now());
+    let rate =
+        tcp_transfer(&lab, "n1-p2", "n2-p2", &to_ip, 2 << 20).unwrap_or_else(|e| panic!("2 MB TCP with PMTUD: {e}"));
+    println!("2 MB TCP n1-p2 -> n2-p2 with PMTU discovery: {rate} MB/s ({:.2} s)", t.elapsed().as_secs_f64());
+    let route = text(&lab.ok(&["exec", "n1-p2", "ip", "route", "get", &to_ip]).into_bytes());
+    assert!(route.contains("mtu 1450"), "the sender learned the path MTU: {route}");
+}
+
+#[test]
+fn churn_node_added_and_removed() {
+    if !privileged("churn_node_added_and_removed") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_churn", &["--nodes", "2", "--pods-per-node", "1"]);
+    let t = Instant::now();
+    let added = lab.ok(&["add-node", "--pods-per-node", "1"]).trim().to_owned();
+    assert_eq!(added, "n3");
+    let reach = lab.ok(&["reach", "n1-p1", "n3-p1", "--wait", "20"]);
+    let back = lab.ok(&["reach", "n3-p1", "n2-p1", "--wait", "20"]);
+    println!("added n3 ({:.1} s from add-node): {} / {}", t.elapsed().as_secs_f64(), reach.trim(), back.trim());
+    for n in ["n1", "n2"] {
+        let remote = remote_nodes(&lab, n);
+        assert!(remote.contains(&"n3".to_owned()), "{n} routes list n3: {remote:?}");
+    }
+
+    // Withdrawn from the source (it keeps running): unreachable, and gone from the others' routes.
+    lab.ok(&["source-remove", "n3"]);
+    let ip = lab.pod_ip("n3-p1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut gone = false;
+    while Instant::now() < deadline {
+        if ["n1", "n2"].iter().all(|n| !remote_nodes(&lab, n).contains(&"n3".to_owned())) {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(gone, "n3 still listed by ferry routes 10 s after source-remove");
+    assert!(!lab.ping_once("n1-p1", &ip, "1"), "n3-p1 still answers n1-p1 after n3 was withdrawn");
+    assert!(!lab.ping_once("n2-p1", &ip, "1"), "n3-p1 still answers n2-p1 after n3 was withdrawn");
+    let drops = lab.ferry("n1", "stats");
+    println!(
+        "n1 drops after pinging a withdrawn node: no_route={} blackhole={}",
+        drops["drops"]["no_route"], drops["drops"]["blackhole"]
+    );
+
+    // Deleted altogether: still unreachable, not listed, the rest of the cluster unharmed.
+    let t = Instant::now();
+    lab.ok(&["remove-node", "n3"]);
+    println!("remove-node n3 took {:.1} s", t.elapsed().as_secs_f64());
+    for n in ["n1", "n2"] {
+        assert!(!remote_nodes(&lab, n).contains(&"n3".to_owned()), "{n} routes after remove-node");
+    }
+    assert!(!lab.ping_once("n1-p1", &ip, "1"));
+    assert!(lab.ping_once("n1-p1", &lab.pod_ip("n2-p1"), "1"), "n1-p1 -> n2-p1 after the churn");
+}
+
+/// Node names in `ferry routes --json` of `node`.
+fn remote_nodes(lab: &Lab, node: &str) -> Vec<String> {
+    lab.ferry(node, "routes")["remote"]
+        .as_array()
+        .expect("remote")
+        .iter()
+        .filter_map(|r| r["node"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// `ip -j CMD` in a namespace, with the fields a restart may legitimately change removed (the XDP
+/// program id: the agent re-attaches its program) and IPv6 duplicate address detection's progress
+/// (`tentative` on link-local addresses, which the kernel clears on its own).
+fn ip_json(ns: &str, args: &[&str]) -> Value {
+    let mut argv = vec!["ip", "netns", "exec", ns, "ip", "-j"];
+    argv.extend_from_slice(args);
+    let out = run_bounded(10, &argv);
+    assert!(out.status.success(), "{argv:?}: {}", text(&out.stderr));
+    let mut v: Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+    if let Some(a) = v.as_array_mut() {
+        for l in a {
+            if let Some(o) = l.as_object_mut() {
+                o.remove("xdp");
+                if let Some(Value::Array(addrs)) = o.get_mut("addr_info") {
+                    for a in addrs.iter_mut().filter_map(Value::as_object_mut) {
+                        a.remove("tentative");
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The wiring of n1's pods: their addresses, routes, links, and the host ends in n1.
+fn wiring(lab: &Lab, pods: &[String]) -> Value {
+    let mut m = serde_json::Map::new();
+    for p in pods {
+        let ns = lab.netns(p);
+        m.insert(format!("{p} addr"), ip_json(&ns, &["addr"]));
+        m.insert(format!("{p} route"), ip_json(&ns, &["route"]));
+        m.insert(format!("{p} link"), ip_json(&ns, &["link"]));
+    }
+    let n1 = lab.netns("n1");
+    let links = ip_json(&n1, &["link"]);
+    let veths: Vec<Value> = links
+        .as_array()
+        .expect("links")
+        .iter()
+        .filter(|l| l["ifname"].as_str().is_some_and(|n| n.starts_with("fy") || n.starts_with("ferry0")))
+        .cloned()
+        .collect();
+    m.insert("n1 host veths".into(), Value::Array(veths));
+    m.insert("n1 addr".into(), ip_json(&n1, &["addr"]));
+    m.insert("n1 route".into(), ip_json(&n1, &["route"]));
+    Value::Object(m)
+}
+
+/// Equal wiring, or a failure naming the lines that differ.
+fn assert_same_wiring(before: &Value, after: &Value, what: &str) {
+    if before == after {
+        return;
+    }
+    let (b, a) =
+        (serde_json::to_string_pretty(before).expect("json"), serde_json::to_string_pretty(after).expect("json"));
+    let (bl, al): (Vec<&str>, Vec<&str>) = (b.lines().collect(), a.lines().collect());
+    let diff: Vec<String> = bl
+        .iter()
+        .zip(&al)
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .take(20)
+        .map(|(i, (x, y))| format!("line {i}: before {x} / after {y}"))
+        .collect();
+    panic!("{what} changed the wiring ({} vs {} lines):\n{}", bl.len(), al.len(), diff.join("\n"));
+}
+
+#[test]
+fn restart_reachable_within_a_second_wiring_untouched() {
+    if !privileged("restart_reachable_within_a_second_wiring_untouched") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_restart", &["--nodes", "2", "--pods-per-node", "2"]);
+    let pods: Vec<String> = vec!["n1-p1".into(), "n1-p2".into()];
+    let target = lab.pod_ip("n1-p1");
+    assert!(lab.ping_once("n2-p1", &target, "1"), "reachable before the restart");
+    let before = wiring(&lab, &pods);
+
+    lab.ok(&["kill-agent", "n1"]);
+    assert!(lab.entry("nodes", "n1")["agent_pid"].is_null(), "the agent is gone");
+    assert!(!lab.ping_once("n2-p1", &target, "0.5"), "n1-p1 answers with its agent killed?");
+    let killed = wiring(&lab, &pods);
+    assert_same_wiring(&before, &killed, "kill -9 of the agent");
+
+    // Measured: from just before spawning `lab.sh start-agent n1` (which loads the lab settings and
+    // spawns the agent: an upper bound of agent spawn -> reachable) until the first cross-node ping
+    // (n2-p1 -> n1-p1) that is answered; one ping every 50 ms, each waiting at most 0.2 s.
+    let ns = lab.netns("n2-p1");
+    let t0 = Instant::now();
+    let mut start = Command::new("timeout")
+        .args(["-k", "5", "30", &lab.script(), "--name", &lab.name, "start-agent", "n1"])
+        .env("FERRY_BIN_DIR", bin_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start-agent");
+    let mut reachable = None;
+    let mut tries = 0;
+    while t0.elapsed() < Duration::from_secs(5) {
+        let tick = Instant::now();
+        tries += 1;
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &ns, "ping", "-n", "-q", "-c", "1", "-W", "0.2", &target])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            reachable = Some(t0.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed()));
+    }
+    let st = start.wait().expect("start-agent wait");
+    let started_in = t0.elapsed();
+    let mut so = String::new();
+    if let Some(mut e) = start.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut so);
+    }
+    assert!(st.success(), "start-agent failed: {so}");
+    let reachable = reachable.expect("n1-p1 not reachable within 5 s of the restart");
+    println!(
+        "restart: n1-p1 reachable from n2-p1 {:.0} ms after spawning start-agent ({tries} pings; start-agent returned after {:.0} ms)",
+        reachable.as_secs_f64() * 1e3,
+        started_in.as_secs_f64() * 1e3
+    );
+    assert!(reachable < Duration::from_secs(1), "reachable only after {reachable:?}");
+    assert!(lab.ping_once("n1-p2", &lab.pod_ip("n2-p2"), "1"), "n1-p2 -> n2-p2 after the restart");
+    let after = wiring(&lab, &pods);
+    assert_same_wiring(&before, &after, "the restart");
+    let status = lab.ferry("n1", "status");
+    assert_eq!(status["pods"].as_array().map(Vec::len), Some(2), "both pods restored: {status}");
+}
+
+#[test]
+fn bad_input_is_counted_and_survived() {
+    if !privileged("bad_input_is_counted_and_survived") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_badinput", &["--nodes", "2", "--pods-per-node", "1"]);
+    const BURST: u64 = 200;
+    let n1 = lab.ferry("n1", "status");
+    let mac = n1["node"]["underlay_mac"].as_str().expect("underlay mac").to_owned();
+    let ul_ip = n1["node"]["underlay_addr"].as_str().expect("underlay addr").to_owned();
+    let gw_mac = n1["node"]["gateway_mac"].as_str().expect("gateway mac").to_owned();
+    let port = n1["node"]["tunnel_port"].to_string();
+    let vni = n1["node"]["vni"].to_string();
+    let n2_ul = lab.entry("nodes", "n2")["underlay_ip"].as_str().expect("n2 ip").to_owned();
+    let (p1, p2) = (lab.pod_ip("n1-p1"), lab.pod_ip("n2-p1"));
+    let before = lab.ferry("n1", "stats")["drops"].clone();
+
+    let py = repo().join("tests/e2e/badframes.py").display().to_string();
+    let burst = BURST.to_string();
+    // Underlay: out of the bridge port toward n1, to n1's uplink MAC, address and tunnel port.
+    let out = lab.exec("ul", &[python(), &py, "uplink", "n1", &mac, &ul_ip, &n2_ul, &port, &vni, &p1, &burst]);
+    assert!(out.status.success(), "uplink burst: {}", text(&out.stderr));
+    print!("uplink burst:\n{}", text(&out.stdout));
+    // A pod port: from inside n1-p1, toward the gateway.
+    let out = lab.exec("n1-p1", &[python(), &py, "pod", "eth0", &gw_mac, &p1, &p2, &burst]);
+    assert!(out.status.success(), "pod burst: {}", text(&out.stderr));
+    print!("pod burst:\n{}", text(&out.stdout));
+
+    // What each class must have added (counters are sampled once a second).
+    let want = [
+        ("truncated", BURST),                 // VXLAN header cut short
+        ("vni_mismatch", BURST),              // wrong VNI
+        ("unknown_source_node", BURST),       // outer source not a node of the cluster
+        ("udp_bad_length", BURST),            // UDP length beyond the IP payload
+        ("ipv4_bad_total_length", 2 * BURST), // IP total length beyond the frame: uplink + pod
+        ("ipv4_bad_ihl", BURST),              // pod: IP header shorter than its IHL
+        ("spoofed_source", BURST),            // pod: source not its own
+    ];
+    let delta = |d: &Value, r: &str| d[r].as_u64().unwrap_or(0).saturating_sub(before[r].as_u64().unwrap_or(0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let drops = loop {
+        let d = lab.ferry("n1", "stats")["drops"].clone();
+        if want.iter().all(|(r, n)| delta(&d, r) >= *n) || Instant::now() > deadline {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    for (r, n) in want {
+        println!("drop reason {r:<22} +{} (sent {n})", delta(&drops, r));
+    }
+    for (r, n) in want {
+        assert!(drops.get(r).is_some(), "no drop reason {r} in ferry stats: {drops}");
+        assert!(delta(&drops, r) >= n, "{r}: +{} after sending {n}", delta(&drops, r));
+    }
+
+    // Still running, still forwarding, both ways.
+    assert!(lab.entry("nodes", "n1")["agent_pid"].is_u64(), "the agent of n1 died");
+    assert!(lab.ping_once("n2-p1", &p1, "1"), "n2-p1 -> n1-p1 after the bursts");
+    assert!(lab.ping_once("n1-p1", &p2, "1"), "n1-p1 -> n2-p1 after the bursts");
+}
