@@ -9,7 +9,7 @@ start=$(date +%s)
 
 step "system packages"
 ensure_apt tshark iproute2 iputils-ping tcpdump clang pkg-config libelf-dev zlib1g-dev m4 ethtool libbpf-dev linux-libc-dev \
-    etcd-server openssl protobuf-compiler libprotobuf-dev containernetworking-plugins
+    etcd-server openssl protobuf-compiler libprotobuf-dev containernetworking-plugins python3
 
 step "format and lints"
 cargo fmt --all --check
@@ -25,7 +25,7 @@ else
     echo "SKIP: no kube-apiserver; the control plane's Kubernetes tests will skip" >&2
 fi
 
-step "tests (unit, property, integration; privileged ones need root)"
+step "tests (unit, property, integration, end-to-end labs in tests/e2e.rs; privileged ones need root)"
 cargo test --workspace --locked
 
 step "fuzz smoke (every encap/fuzz target, bounded in runs and time)"
