@@ -385,6 +385,9 @@ main() {
                     node_delete "${args[0]}" ;;
                 source-remove)
                     [ ${#args[@]} -eq 1 ] || die "usage: $0 source-remove NODE"
+                    if [ "$SOURCE" = etcd ] && agent_pid "${args[0]}" >/dev/null; then
+                        die "with --source etcd a running agent re-takes its own lease at once (as flanneld does); stop it first (kill-agent ${args[0]}) or use remove-node"
+                    fi
                     source_node_removed "${args[0]}" ;;
                 source-add)
                     [ ${#args[@]} -eq 1 ] || die "usage: $0 source-add NODE"
