@@ -158,6 +158,7 @@ cmd_up() {
     for name in $(all_nodes); do
         for ((j = 1; j <= PODS; j++)); do pod_add "$name" "$j"; done
     done
+    wait_converged 15
     trap - ERR
     echo "lab $LAB is up: $(all_nodes | wc -l) node(s), $(all_pods | wc -l) pod(s); state in $STATE"
 }

@@ -240,6 +240,38 @@ agent_start() {
     return 1
 }
 
+# agent_converged NODE: the agent's table holds exactly the other listed nodes, every next hop resolved.
+agent_converged() {
+    local name=$1 want r
+    want=$(listed_nodes | grep -vx "$name" | sort | tr '\n' ' ')
+    r=$(ip netns exec "$(node_ns "$name")" "$FERRY" routes --json --socket "$(node_dir "$name")/ferry.sock" 2>/dev/null |
+        "$PY" -c 'import json, sys
+d = json.load(sys.stdin)
+names = sorted(r["node"] for r in d.get("remote", []))
+ok = all(r.get("next_hop", {}).get("state") == "resolved" for r in d.get("remote", []))
+print(" ".join(names) + " " if names else "", "resolved" if ok else "unresolved", sep="|")') || return 1
+    [ "$r" = "$want|resolved" ]
+}
+
+# wait_converged [SECONDS]: until every running agent has converged (warns, does not fail, on timeout).
+wait_converged() {
+    local deadline n pending
+    deadline=$(($(date +%s) + ${1:-15}))
+    while true; do
+        pending=""
+        for n in $(nodes_of_kind ferry); do
+            agent_pid "$n" >/dev/null || continue
+            agent_converged "$n" || pending+=" $n"
+        done
+        [ -z "$pending" ] && return 0
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            echo "warning: agents not converged after ${1:-15} s (missing routes or unresolved next hops):$pending" >&2
+            return 0
+        fi
+        sleep 0.2
+    done
+}
+
 # agent_stop NODE [SIGNAL]: signals the agent (default TERM) and waits up to 5 s for it to go.
 agent_stop() {
     local name=$1 sig=${2:-TERM} pid i
