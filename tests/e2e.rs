@@ -190,8 +190,65 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let out = self.run(&["down"]);
         if !out.status.success() {
-            eprintln!("lab.sh down --name {} failed: {}", self.name, text(&out.stderr));
+            eprintln!("lab.sh down --name {} failed: {}; removing it directly", self.name, text(&out.stderr));
+            self.remove_directly();
         }
+    }
+}
+
+/// Whether `ns` is one of lab `lab`'s namespaces: `<lab>-ul`, `<lab>-<n|k><i>`, `<lab>-<n|k><i>-p<j>`.
+fn is_lab_netns(lab: &str, ns: &str) -> bool {
+    let Some(rest) = ns.strip_prefix(lab).and_then(|r| r.strip_prefix('-')) else { return false };
+    if rest == "ul" {
+        return true;
+    }
+    let parts: Vec<&str> = rest.split('-').collect();
+    let numbered = |p: &str, kinds: &[char]| {
+        let mut c = p.chars();
+        c.next().is_some_and(|k| kinds.contains(&k))
+            && !c.as_str().is_empty()
+            && c.as_str().bytes().all(|b| b.is_ascii_digit())
+    };
+    match parts.as_slice() {
+        [node] => numbered(node, &['n', 'k']),
+        [node, pod] => numbered(node, &['n', 'k']) && numbered(pod, &['p']),
+        _ => false,
+    }
+}
+
+#[test]
+fn lab_namespaces_are_recognised() {
+    for ns in ["e2e_x-ul", "e2e_x-n1", "e2e_x-k12", "e2e_x-n3-p2"] {
+        assert!(is_lab_netns("e2e_x", ns), "{ns}");
+    }
+    for ns in ["e2e_x", "e2e_xy-n1", "e2e_x-n", "e2e_x-q1", "e2e_x-n1-p", "e2e_x-n1-p1-p1", "ferrylab-n1", "e2e_x-ulx"]
+    {
+        assert!(!is_lab_netns("e2e_x", ns), "{ns}");
+    }
+}
+
+impl Lab {
+    /// What `lab.sh down` does, for when lab.sh itself fails: kill what runs in the lab's namespaces
+    /// (only names `<lab>-ul`, `<lab>-<n|k><i>`, `<lab>-<n|k><i>-p<j>`), delete them, drop the state.
+    fn remove_directly(&self) {
+        let list = run_bounded(10, &["ip", "netns", "list"]);
+        let names: Vec<String> = text(&list.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|ns| is_lab_netns(&self.name, ns))
+            .map(str::to_owned)
+            .collect();
+        for ns in &names {
+            let pids = run_bounded(10, &["ip", "netns", "pids", ns]);
+            for pid in text(&pids.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill has no memory preconditions; the pid runs inside this test's lab.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for ns in &names {
+            let _ = run_bounded(10, &["ip", "netns", "del", ns]);
+        }
+        let _ = std::fs::remove_dir_all(format!("/run/ferry-lab/{}", self.name));
     }
 }
 
@@ -406,8 +463,18 @@ fn mtu_frag_needed_and_pmtu_discovery() {
         all.contains("Frag needed and DF set (mtu = 1450)") || all.contains("message too long, mtu=1450"),
         "no ICMP fragmentation-needed with mtu 1450 in the ping output"
     );
-    let stats = lab.ferry("n1", "stats");
+    // ferry counts what it answered (counters are sampled once a second).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let stats = loop {
+        let st = lab.ferry("n1", "stats");
+        if st["icmp_errors"].as_u64().unwrap_or(0) >= 1 || Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     println!("n1 too_big drops: {}, icmp_errors: {}", stats["drops"]["too_big"], stats["icmp_errors"]);
+    assert!(stats["icmp_errors"].as_u64().unwrap_or(0) >= 1, "ferry counted no ICMP error: {stats}");
+    assert!(stats["drops"]["too_big"].as_u64().unwrap_or(0) >= 1, "ferry counted no too_big drop: {stats}");
     // A fitting DF ping still goes through.
     let fit = lab.exec("n1-p1", &["ping", "-n", "-M", "do", "-s", "1422", "-c", "1", "-W", "1", &dst]);
     assert!(fit.status.success(), "1450-byte DF ping: {}", text(&fit.stdout));
