@@ -58,6 +58,13 @@ pub struct PodSpec {
     pub addrs: Vec<IpAddr>,
 }
 
+impl NodeInfo {
+    /// The MTU of a pod's host-side interface.
+    pub fn host_mtu(&self) -> u32 {
+        self.underlay_mtu.unwrap_or(self.mtu).max(self.mtu)
+    }
+}
+
 /// The agent's answer: `{"ok":true, ...payload}` or `{"ok":false,"error":"..."}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
@@ -107,6 +114,11 @@ pub struct NodeInfo {
     pub gateway_mac: String,
     /// The pods' MTU: the underlay MTU minus the tunnel's overhead.
     pub mtu: u32,
+    /// The MTU for a pod's host-side interface: the underlay's, so that a frame from a pod whose
+    /// MTU was raised reaches ferry, which answers it with ICMP "fragmentation needed" (a veth
+    /// drops frames above the receiving end's MTU silently). `None`: the pods' MTU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_mtu: Option<u32>,
     /// Queues each pod veth needs: one per worker.
     pub queues: u32,
     /// Where host-local IPAM keeps this node's allocations.

@@ -313,8 +313,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // The host port: the node's own way into the overlay.
     let host_xdp = match (&cfg.host_if, host_addr, gateway_v4) {
         (Some(host_if), Some(addr), Some(gw)) => Some(
-            host_port(&nl, &pods, &HostPlan { host_if, addr, gateway: gw, underlay_addr, mtu: pod_mtu }, &cfg)
-                .context("setting up the host port")?,
+            host_port(
+                &nl,
+                &pods,
+                &HostPlan { host_if, addr, gateway: gw, underlay_addr, mtu: pod_mtu, underlay_mtu },
+                &cfg,
+            )
+            .context("setting up the host port")?,
         ),
         (Some(_), _, _) => {
             tracing::warn!("no IPv4 pod CIDR: the host port is IPv4 only and is not created");
@@ -401,11 +406,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopping");
+    // Pods first, while the workers still run to close their sockets; then everything else.
+    drop(host_xdp);
+    lock(&shared.pods).detach_all();
     stop.store(true, Ordering::Relaxed);
     let _ = server_thread.join();
     let _ = neigh.join();
-    drop(host_xdp);
-    lock(&shared.pods).detach_all();
     for t in threads {
         let _ = t.join();
     }
@@ -445,11 +451,14 @@ struct HostPlan<'a> {
     addr: Ipv4Addr,
     gateway: Ipv4Addr,
     underlay_addr: IpAddr,
+    /// The kernel end's MTU (the pods').
     mtu: u32,
+    /// ferry's end: the underlay's (see `NodeInfo::underlay_mtu`).
+    underlay_mtu: u32,
 }
 
 fn host_port(nl: &Netlink, pods: &Pods, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Result<XdpAttachment> {
-    let HostPlan { host_if, addr, gateway, underlay_addr, mtu } = *plan;
+    let HostPlan { host_if, addr, gateway, underlay_addr, mtu, underlay_mtu } = *plan;
     let peer = format!("{host_if}p");
     let usable = match (nl.link(host_if)?, nl.link(&peer)?) {
         (Some(h), Some(p)) => {
@@ -471,7 +480,7 @@ fn host_port(nl: &Netlink, pods: &Pods, plan: &HostPlan<'_>, cfg: &AgentConfig) 
         })?;
     }
     nl.set_mtu(host_if, mtu)?;
-    nl.set_mtu(&peer, mtu)?;
+    nl.set_mtu(&peer, underlay_mtu.max(mtu))?;
     // The kernel end's transmissions reach the UMEM with unfinished checksums otherwise.
     nl.set_tx_checksum(host_if, false)?;
     let net = IpNet::V4(ipnet::Ipv4Net::new(addr, 32)?);

@@ -126,6 +126,7 @@ impl Server {
                         gateway_v6: r.gateway_v6.map(Into::into),
                         gateway_mac: r.gateway_mac.clone(),
                         mtu: r.pod_mtu,
+                        underlay_mtu: Some(r.underlay_mtu),
                         queues: r.workers,
                         ipam_data_dir: r.ipam_data_dir.clone(),
                     }),

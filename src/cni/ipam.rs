@@ -154,6 +154,7 @@ mod tests {
             gateway_v6: Some("fd00:1::1".parse().expect("ip")),
             gateway_mac: "02:fe:ff:ff:ff:ff".into(),
             mtu: 1450,
+            underlay_mtu: None,
             queues: 1,
             ipam_data_dir: "/run/ferry/ipam".into(),
         };

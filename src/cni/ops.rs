@@ -137,6 +137,9 @@ fn wire(
         queues: info.queues,
         peer_netns: Some(ns_file),
     })?;
+    if info.host_mtu() != info.mtu {
+        nl.set_mtu(host, info.host_mtu())?;
+    }
     nl.set_up(host)?;
 
     // Offload off before the link is up: no frame leaves with a partial checksum.
@@ -240,8 +243,8 @@ pub(crate) fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     if h.mac != Some(mac) {
         return Err(mismatch(format!("host interface {host} has MAC {:?}, not the gateway MAC {mac}", h.mac)));
     }
-    if h.mtu != info.mtu {
-        return Err(mismatch(format!("host interface {host} has MTU {}, not {}", h.mtu, info.mtu)));
+    if h.mtu != info.host_mtu() {
+        return Err(mismatch(format!("host interface {host} has MTU {}, not {}", h.mtu, info.host_mtu())));
     }
 
     let pod = Netlink::open_in_netns(netns).map_err(|e| {
