@@ -34,5 +34,9 @@ bash scripts/fuzz-smoke.sh
 step "benchmarks compile"
 cargo bench --workspace --locked --no-run >/dev/null
 
+step "end-to-end bench smoke (scripts/bench.sh --quick: every step must work; ratios are not judged here)"
+cargo build --release --locked -p ferry
+timeout 240 bash scripts/bench.sh --quick --no-build
+
 echo
 echo "all tests passed in $(( $(date +%s) - start )) s"

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# ferry against the kernel's own VXLAN set up the Flannel way: the same traffic, the same topology, the same
+# CPUs, one after the other in one run; medians of repeats and ratios ferry/kernel.
+#
+#   sudo scripts/bench.sh [--quick] [--repeats N] [--duration S] [--json FILE] [--poll busy|adaptive]
+#                         [--napi forwarder|sender] [--no-build]
+#
+#   --quick          one short repeat of everything (the CI smoke test; fails on a broken step, never on ratios)
+#   --repeats N      repeats of every measurement (default 5); medians are reported
+#   --duration S     seconds of traffic per UDP run (default 3; --quick 1) and per iperf3 run (default 5; quick 2)
+#   --json FILE      results (default: target/bench/bench-<time>.json)
+#   --poll MODE      the ferry worker's poll mode on the single-node runs (default adaptive: the worker shares
+#                    CPU 1 with the NAPI thread that fills its ring, and a busy worker takes CPU time from it;
+#                    the 2-node runs always use adaptive: two busy workers cannot share the forwarding CPU)
+#   --napi WHERE     forwarder (default): ferry's XDP-enabled veths get threaded NAPI pinned to the forwarding
+#                    CPU, like RPS does for the kernel; sender: leave veth's receive NAPI on the sending CPU
+#                    (the generator's), which gives ferry part of CPU 0
+#
+# Measures, each direction on one node (n2 is a bare generator/sink):
+#   encap: pod1 -> n1 -> VXLAN on the uplink -> sink on n2;  decap: VXLAN from n2 -> n1 -> sink in pod1
+#   64-byte UDP: highest forwarded rate and the highest offered rate with < 0.1% loss (searched with --rate);
+#   1464-byte inner frames (the pod MTU 1450): pps and Gbit/s (inner frame bits);
+# and the 2-node path pod1 -> n1 -> n2 -> pod2: TCP (iperf3, 1 and 4 streams) and one-way latency p50/p99 at a
+# fixed moderate rate. CPU: generators and sinks on CPU 0, forwarding on CPU 1 (ferry's worker; the kernel's
+# softirq steered there with RPS); per-CPU busy % from /proc/stat deltas is recorded for every run.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib/common.sh
+. "$REPO/scripts/lib/common.sh"
+
+die() { echo "bench.sh: $*" >&2; exit 1; }
+
+QUICK=0
+REPEATS=5
+DURATION=
+TCP_T=
+JSON_OUT=
+POLL=adaptive
+NAPI=forwarder
+BUILD=1
+while [ $# -gt 0 ]; do
+    case $1 in
+        --quick) QUICK=1 ;;
+        --repeats) REPEATS=${2:?}; shift ;;
+        --duration) DURATION=${2:?}; shift ;;
+        --json) JSON_OUT=${2:?}; shift ;;
+        --poll) POLL=${2:?}; shift ;;
+        --napi) NAPI=${2:?}; shift ;;
+        --no-build) BUILD=0 ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+    shift
+done
+case $POLL in busy | adaptive) ;; *) die "--poll busy|adaptive" ;; esac
+case $NAPI in forwarder) STEER_NAPI=1 ;; sender) STEER_NAPI=0 ;; *) die "--napi forwarder|sender" ;; esac
+[[ $REPEATS =~ ^[1-9][0-9]?$ ]] || die "--repeats: 1 to 99"
+if [ "$QUICK" = 1 ]; then
+    REPEATS=1
+    DURATION=${DURATION:-1}
+    TCP_T=2
+fi
+DURATION=${DURATION:-3}
+TCP_T=${TCP_T:-5}
+[[ $DURATION =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--duration: seconds"
+
+[ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, AF_XDP): sudo $0"
+[ "$(nproc)" -ge 2 ] || die "needs 2 CPUs (generator on CPU 0, forwarding on CPU 1)"
+GEN_CPU=0
+FWD_CPU=1
+BN=${FERRY_BENCH_NAME:-fbench}
+[[ $BN =~ ^[a-z][a-z0-9]{0,9}$ ]] || die "FERRY_BENCH_NAME: lowercase letters and digits, at most 10"
+BSTATE=/run/ferry-bench/$BN
+CNI_DIR=/usr/lib/cni
+RESULTS=$REPO/target/bench
+stamp=$(date +%Y%m%d-%H%M%S)
+JSON_OUT=${JSON_OUT:-$RESULTS/bench-$stamp.json}
+mkdir -p "$RESULTS" "$(dirname "$JSON_OUT")"
+RUNLOG=$RESULTS/bench-$stamp.runs.jsonl   # one JSON line per measurement
+: >"$RUNLOG"
+WORK=$(mktemp -d /tmp/ferry-bench.XXXXXX)
+
+# shellcheck source=scripts/lib/bench-net.sh
+. "$REPO/scripts/lib/bench-net.sh"
+# shellcheck source=scripts/lib/bench-run.sh
+. "$REPO/scripts/lib/bench-run.sh"
+# shellcheck source=scripts/lib/bench-report.sh
+. "$REPO/scripts/lib/bench-report.sh"
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    net_down 2>/dev/null || true
+    rm -rf "$WORK" "$BSTATE"
+    [ $rc -eq 0 ] || echo "bench.sh: FAILED (exit $rc); partial runs in $RUNLOG" >&2
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step "packages"
+ensure_apt iperf3 ethtool iproute2 procps containernetworking-plugins jq clang pkg-config libelf-dev zlib1g-dev m4
+
+if [ "$BUILD" = 1 ]; then
+    step "build (cargo build --release --locked -p ferry)"
+    (cd "$REPO" && cargo build --release --locked -p ferry)
+fi
+# Private copies: a rebuild by someone else during the run must not swap the binary under the bench.
+cp "$REPO/target/release/ferry" "$WORK/ferry"
+cp "$REPO/target/release/ferry-cni" "$WORK/ferry-cni"
+FERRY=$WORK/ferry
+FERRY_CNI=$WORK/ferry-cni
+"$FERRY" pktgen --help >/dev/null 2>&1 || die "this ferry has no pktgen subcommand (src/pktgen)"
+{ [ -x "$CNI_DIR/bridge" ] && [ -x "$CNI_DIR/host-local" ]; } || die "no CNI bridge/host-local plugins in $CNI_DIR"
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+step "machine: $(nproc) CPUs, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $LOAD_START"
+if awk '{exit !($1 > 1.5)}' /proc/loadavg; then
+    echo "warning: load average $LOAD_START is above 1.5: other work shares these CPUs; figures will be noisy" >&2
+fi
+echo "repeats $REPEATS, UDP runs ${DURATION}s, iperf3 ${TCP_T}s, ferry poll $POLL (single node) / adaptive (2 nodes)," \
+    "NAPI of ferry's veths on the $NAPI CPU; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
+
+for side in ferry kernel; do
+    step "$side: single node (encap and decap), n2 is a bare generator/sink"
+    net_up "$side" sink
+    run_single_node "$side"
+    net_down
+done
+for side in ferry kernel; do
+    step "$side: 2-node path pod1 -> n1 -> n2 -> pod2 (TCP, latency)"
+    POLL_SAVED=$POLL
+    POLL=adaptive
+    net_up "$side" node
+    run_two_node "$side"
+    net_down
+    POLL=$POLL_SAVED
+done
+
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+step "results (medians of $REPEATS; load at start $LOAD_START, at end $LOAD_END)"
+export REPEATS DURATION TCP_T POLL NAPI QUICK LAT_RATE GEN_CPU FWD_CPU LOAD_START LOAD_END MTU_FRAME
+bench_report "$RUNLOG" "$JSON_OUT"
+echo "runs: $RUNLOG"
+echo "json: $JSON_OUT"

@@ -1,0 +1,100 @@
+# shellcheck shell=bash
+# scripts/bench.sh's report: medians of the repeats, the side-by-side table with ratios ferry/kernel, the JSON
+# file. Source it; it defines functions only.
+
+# bench_report RUNLOG JSON_OUT
+bench_report() {
+    local py=/usr/bin/python3
+    [ -x "$py" ] || py=python3
+    "$py" - "$1" "$2" <<'PY'
+import json, statistics, sys, os, platform
+
+runlog, out = sys.argv[1], sys.argv[2]
+runs = [json.loads(l) for l in open(runlog) if l.strip()]
+env = os.environ
+
+def med(side, test, key):
+    vals = [r[key] for r in runs if r.get("side") == side and r.get("test") == test and r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+def cpu(side, test):
+    c = [r["cpu"] for r in runs if r.get("side") == side and r.get("test") == test and "cpu" in r]
+    if not c:
+        return None
+    return {k: {m: round(statistics.median(x[k][m] for x in c), 1) for m in ("busy", "user", "softirq")}
+            for k in ("cpu0", "cpu1")}
+
+def per_mpkt(side, test):
+    # CPU 1 (the forwarding core) busy seconds per million forwarded packets, and the ferry agent's own.
+    rs = [r for r in runs if r.get("side") == side and r.get("test") == test and r.get("fwd_packets")]
+    if not rs:
+        return None, None
+    core = statistics.median(r["cpu"]["cpu1"]["busy"] / 100 * r["seconds"] / (r["fwd_packets"] / 1e6) for r in rs)
+    agent = statistics.median(r["ferry_cpu_s"] / (r["fwd_packets"] / 1e6) for r in rs) if side == "ferry" else None
+    return core, agent
+
+mtu = env.get("MTU_FRAME", "1464")
+rows = [
+    # name, test, key, scale, unit, higher is better, target ratio
+    ("encap 64B max forwarded", "encap64_max", "fwd_pps", 1e-3, "kpps", True, 3.0),
+    ("encap 64B < 0.1% loss", "encap64_noloss", "rate", 1e-3, "kpps", True, 3.0),
+    (f"encap {mtu}B", f"encap{mtu}_max", "fwd_pps", 1e-3, "kpps", True, None),
+    (f"encap {mtu}B", f"encap{mtu}_max", "fwd_gbps", 1, "Gbit/s", True, None),
+    ("decap 64B max forwarded", "decap64_max", "fwd_pps", 1e-3, "kpps", True, 3.0),
+    ("decap 64B < 0.1% loss", "decap64_noloss", "rate", 1e-3, "kpps", True, 3.0),
+    (f"decap {mtu}B", f"decap{mtu}_max", "fwd_pps", 1e-3, "kpps", True, None),
+    (f"decap {mtu}B", f"decap{mtu}_max", "fwd_gbps", 1, "Gbit/s", True, None),
+    ("TCP 1 stream (2 nodes)", "tcp1", "gbps", 1, "Gbit/s", True, 0.5),
+    ("TCP 4 streams (2 nodes)", "tcp4", "gbps", 1, "Gbit/s", True, 0.5),
+    (f"latency p50 @{env.get('LAT_RATE', '20000')} pps (2 nodes)", "lat", "lat_p50_ns", 1e-3, "us", False, None),
+    (f"latency p99 @{env.get('LAT_RATE', '20000')} pps (2 nodes)", "lat", "lat_p99_ns", 1e-3, "us", False, 1.0),
+]
+table = []
+def fmt(v):
+    return "-" if v is None else (f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}")
+def fcpu(c):
+    return "-" if c is None else f"{c['cpu0']['busy']:.0f}/{c['cpu1']['busy']:.0f}"
+print(f"{'measure':<34} {'unit':<7} {'ferry':>9} {'kernel':>9} {'ratio':>6} {'target':>8}  cpu0/cpu1 busy% ferry | kernel")
+for name, test, key, scale, unit, higher, target in rows:
+    f, k = med("ferry", test, key), med("kernel", test, key)
+    f = None if f is None else f * scale
+    k = None if k is None else k * scale
+    ratio = f / k if f is not None and k else None
+    tgt = "-" if target is None else (f">= {target}x" if higher else f"<= {target}x")
+    ok = None
+    if ratio is not None and target is not None:
+        ok = ratio >= target if higher else ratio <= target
+    cf, ck = cpu("ferry", test), cpu("kernel", test)
+    print(f"{name:<34} {unit:<7} {fmt(f):>9} {fmt(k):>9} {fmt(ratio):>6} {tgt:>8}  {fcpu(cf):>9} | {fcpu(ck)}"
+          + ("" if ok is None else ("  met" if ok else "  NOT met")))
+    table.append({"measure": name, "test": test, "unit": unit, "ferry": f, "kernel": k, "ratio": ratio,
+                  "target": target, "lower_is_better": not higher, "met": ok, "cpu_ferry": cf, "cpu_kernel": ck})
+fc, fa = per_mpkt("ferry", "encap64_max")
+kc, _ = per_mpkt("kernel", "encap64_max")
+dfc, dfa = per_mpkt("ferry", "decap64_max")
+dkc, _ = per_mpkt("kernel", "decap64_max")
+print()
+print("CPU-seconds per million packets at the highest 64-byte rate (CPU 1's busy time; the ferry agent's own time):")
+print(f"  encap: ferry CPU1 {fmt(fc)}, ferry agent {fmt(fa)}; kernel CPU1 {fmt(kc)}")
+print(f"  decap: ferry CPU1 {fmt(dfc)}, ferry agent {fmt(dfa)}; kernel CPU1 {fmt(dkc)}")
+nl = [r for r in runs if r.get("test", "").endswith("_noloss") and r.get("rate") is None]
+if nl:
+    print("note: lossy at every rate tried: " + ", ".join(f"{r['side']} {r['test']} rep {r['rep']} (down to {r['lossy_at']} pps)" for r in nl))
+gb = [r for r in runs if r.get("generator_bound")]
+if gb:
+    print("note: " + ", ".join(sorted({f"{r['side']} {r['test']}" for r in gb}))
+          + ": no loss even at the generator's highest rate (the figure is the generator's, a lower bound)")
+summary = {
+    "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
+                "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")},
+    "settings": {k.lower(): env.get(k) for k in ("REPEATS", "DURATION", "TCP_T", "POLL", "NAPI", "QUICK", "LAT_RATE", "GEN_CPU", "FWD_CPU")},
+    "load_start": env.get("LOAD_START"), "load_end": env.get("LOAD_END"),
+    "table": table,
+    "cpu_s_per_mpkt": {"encap": {"ferry_cpu1": fc, "ferry_agent": fa, "kernel_cpu1": kc},
+                         "decap": {"ferry_cpu1": dfc, "ferry_agent": dfa, "kernel_cpu1": dkc}},
+    "runs": runs,
+}
+with open(out, "w") as fh:
+    json.dump(summary, fh, indent=2)
+PY
+}
