@@ -187,11 +187,11 @@ fn print_status(d: &Value) {
 
 fn print_routes(d: &Value) {
     println!("generation {}", s(&d["generation"]));
-    println!("{:<20} {:<16} {:<18} {:<8} {:<6} next hop", "pod cidrs", "node", "underlay", "tunnel", "vni");
+    println!("{:<26} {:<16} {:<18} {:<8} {:<6} next hop", "destination", "node", "underlay", "tunnel", "vni");
     for r in d["remote"].as_array().into_iter().flatten() {
         let nh = &r["next_hop"];
         println!(
-            "{:<20} {:<16} {:<18} {:<8} {:<6} {} {}",
+            "{:<26} {:<16} {:<18} {:<8} {:<6} {} {}",
             s(&r["pod_cidrs"]),
             s(&r["node"]),
             format!("{}:{}", s(&r["underlay"]), s(&r["port"])),
@@ -202,10 +202,10 @@ fn print_routes(d: &Value) {
         );
     }
     for l in d["local"].as_array().into_iter().flatten() {
-        println!("{:<20} {:<16} port {} {} {}", s(&l["addrs"]), "local", s(&l["port"]), s(&l["ifname"]), s(&l["pod"]));
+        println!("{:<26} {:<16} port {} {} {}", s(&l["addrs"]), "local", s(&l["port"]), s(&l["ifname"]), s(&l["pod"]));
     }
     for b in d["blackholes"].as_array().into_iter().flatten() {
-        println!("{:<20} {:<16}", s(b), "blackhole (this node's CIDR)");
+        println!("{:<26} {:<16}", s(b), "blackhole (this node's CIDR)");
     }
 }
 
