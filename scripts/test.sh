@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 
 step "system packages"
-ensure_apt tshark iproute2 iputils-ping tcpdump clang pkg-config libelf-dev zlib1g-dev m4 ethtool libbpf-dev linux-libc-dev \
+ensure_apt tshark iproute2 iputils-ping tcpdump netsniff-ng clang pkg-config libelf-dev zlib1g-dev m4 ethtool libbpf-dev linux-libc-dev \
     etcd-server openssl protobuf-compiler libprotobuf-dev containernetworking-plugins python3
 
 step "format and lints"

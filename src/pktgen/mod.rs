@@ -210,8 +210,9 @@ pub struct PktgenArgs {
     /// Send UDP checksums as zero instead of computing them.
     #[arg(long)]
     pub zero_checksum: bool,
-    /// Descriptors per batch (1 to 256).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Descriptors per batch and per kick (1 to 256; the kernel sends at most 32 frames per kick
+    /// before Linux 6.17's XDP_MAX_TX_SKB_BUDGET, which pktgen raises to the batch).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub batch: u16,
     /// Socket binding: auto, copy or zerocopy.
     #[arg(long, value_enum, default_value_t = Bind::Auto)]
@@ -434,7 +435,7 @@ pub fn run(args: PktgenArgs) -> Result<(), PktgenError> {
     let mut port =
         XskPort::open(&mem, &args.iface, args.queue, &XskPortConfig { rx_ring: RING, tx_ring: RING, busy_poll: None })?;
     // Fewer, larger kicks where the kernel allows it (6.17+); older kernels keep 32 per kick.
-    set_tx_budget(port.fd(), RING.min(256));
+    set_tx_budget(port.fd(), u32::from(args.batch).max(32));
 
     let attachment = if args.mode.rx() {
         let queues = xdp::queue_count(&args.iface)?.unwrap_or(args.queue + 1).max(args.queue + 1);
