@@ -308,16 +308,18 @@ demo() {
     check_run "" || ok=0
     step "ferry stats of every node"
     ferry_each stats || true
-    local n1 p1 p2
-    n1=$(nodes_of_kind ferry | head -n1)
-    p1=$(all_pods | head -n1)
-    p2=$(all_pods | tail -n1)
+    local n1 p1 p2 ferries pods
+    mapfile -t ferries < <(nodes_of_kind ferry)
+    mapfile -t pods < <(all_pods)
+    n1=${ferries[0]:-n1}
+    p1=${pods[0]}
+    p2=${pods[${#pods[@]} - 1]}
     cat <<EOF
 
 ==> the lab $LAB stays up. Go on with:
   sudo $0 list                                     nodes, pods, addresses
   sudo $0 exec $p1 ping $(pod_get "$p2" IP)       ($p1 -> $p2; same as: sudo ip netns exec $(node_ns "$p1") ping ...)
-  sudo ip netns exec $(node_ns "${n1:-n1}") $FERRY status --socket $(node_dir "${n1:-n1}")/ferry.sock
+  sudo ip netns exec $(node_ns "$n1") $FERRY status --socket $(node_dir "$n1")/ferry.sock
   sudo $0 status | stats | check
   tear down: sudo $0 down$([ "$LAB" = ferrylab ] || echo " --name $LAB")
 EOF

@@ -68,7 +68,7 @@ check_pair() {
         pok=ok
         rtt=$(sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p' <<<"$p")
     else
-        detail="ping: $(grep -E 'received|unreachable|error' <<<"$p" | head -n1)"
+        detail="ping: $(grep -m1 -E 'received|unreachable|error' <<<"$p" || true)"
     fi
     timeout 10 ip netns exec "$to" "$PY" "$CHECK_DIR/tcp.py" serve "$port" >"$CHECK_DIR/$id.srv" 2>&1 &
     srv=$!
@@ -121,13 +121,17 @@ check_run() {
     lines=$(check_matrix)
     [ -n "$lines" ] || die "the lab has no pods to check"
     local cat from fns to tns ip
-    while read -r cat from fns to tns ip; do
-        id=$((id + 1))
-        check_pair "$id" "$fns" "$tns" "$ip" "$CHECK_DIR/$id.res" &
-        running=$((running + 1))
-        if [ "$running" -ge "$CHECK_JOBS" ]; then wait -n || true; running=$((running - 1)); fi
-    done <<<"$lines"
-    wait || true
+    # In a subshell, whose only children are the check's jobs: in `lab.sh` with no arguments the
+    # agents are background children of the main shell, and a bare `wait` there would wait for them.
+    (
+        while read -r cat from fns to tns ip; do
+            id=$((id + 1))
+            check_pair "$id" "$fns" "$tns" "$ip" "$CHECK_DIR/$id.res" &
+            running=$((running + 1))
+            if [ "$running" -ge "$CHECK_JOBS" ]; then wait -n || true; running=$((running - 1)); fi
+        done <<<"$lines"
+        wait || true
+    )
 
     local fails=0 total=0 pok rtt tok rate detail jsep=""
     [ -z "$json" ] || echo "[" >"$json"
