@@ -23,6 +23,11 @@
 # Every command takes --name LAB (default: $FERRY_LAB, else "ferrylab"); labs with different names coexist.
 # Nodes: n1..nN run ferry, k<i> run the kernel's VXLAN configured like Flannel. Pods: <node>-p<j>.
 # State: /run/ferry-lab/<lab>/. Binaries: $FERRY_BIN_DIR (default target/release of this checkout).
+# Kernel nodes need --encap vxlan (this kernel has no geneve module). Sources: static (one shared file,
+# $STATE/nodes.toml), etcd (Debian's etcd on 192.168.100.254:2379 in the underlay namespace, Flannel
+# leases; a running agent re-takes its own lease, so source-remove wants kill-agent first), kube (the
+# cached kube-apiserver of scripts/build-kube-apiserver.sh on 192.168.100.254:6443, Node objects with
+# spec.podCIDRs and Flannel annotations). check runs $FERRY_LAB_CHECK_JOBS pairs at once (default 6).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
