@@ -211,13 +211,13 @@ fn print_routes(d: &Value) {
 
 fn print_stats(d: &Value) {
     println!(
-        "{:>4}  {:<16} {:<7} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}",
-        "port", "ifname", "kind", "rx pkts", "tx pkts", "rx pps", "tx pps", "rx Mbit/s", "tx Mbit/s"
+        "{:>4}  {:<16} {:<7} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "port", "ifname", "kind", "rx pkts", "tx pkts", "rx pps", "tx pps", "rx Mbit/s", "tx Mbit/s", "socket drops"
     );
     for p in d["ports"].as_array().into_iter().flatten() {
         let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
         println!(
-            "{:>4}  {:<16} {:<7} {:>12} {:>12} {:>10.0} {:>10.0} {:>10.2} {:>10.2}",
+            "{:>4}  {:<16} {:<7} {:>12} {:>12} {:>10.0} {:>10.0} {:>10.2} {:>10.2} {:>12}",
             s(&p["port"]),
             s(&p["ifname"]),
             s(&p["kind"]),
@@ -226,16 +226,30 @@ fn print_stats(d: &Value) {
             f("rx_pps"),
             f("tx_pps"),
             f("rx_bps") / 1e6,
-            f("tx_bps") / 1e6
+            f("tx_bps") / 1e6,
+            s(&p["socket_drops_total"])
         );
     }
-    println!("drops: {} in all, {} ICMP errors sent", s(&d["total_drops"]), s(&d["icmp_errors"]));
+    println!("drops in ferry: {} in all, {} ICMP errors sent", s(&d["total_drops"]), s(&d["icmp_errors"]));
     if let Some(drops) = d["drops"].as_object() {
         for (reason, n) in drops {
             if n.as_u64().unwrap_or(0) > 0 {
                 let rate = d["drop_rates"][reason].as_f64().unwrap_or(0.0);
                 println!("  {reason:<28} {:>12}  ({rate:.0}/s)", s(n));
             }
+        }
+    }
+    for p in d["ports"].as_array().into_iter().flatten() {
+        if p["socket_drops_total"].as_u64().unwrap_or(0) > 0 {
+            let x = &p["socket_drops"];
+            println!(
+                "socket drops on {} (before ferry saw them): receive ring full {}, no free frame {}, dropped {}, invalid descriptors {}",
+                s(&p["ifname"]),
+                s(&x["rx_ring_full"]),
+                s(&x["rx_no_frame"]),
+                s(&x["rx_dropped"]),
+                s(&x["invalid_descs"])
+            );
         }
     }
 }

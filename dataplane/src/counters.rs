@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ferry_encap::DropReason;
 
 use crate::pipeline::PipelineCounters;
+use crate::port::PortStats;
 
 /// Packet and byte counts for one port and direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,6 +28,9 @@ pub struct Counters {
     pub rx: Vec<Flow>,
     /// Transmitted, per port.
     pub tx: Vec<Flow>,
+    /// The ports' own counters (AF_XDP socket statistics: frames the kernel dropped before the
+    /// worker saw them), refreshed about once a second.
+    pub port: Vec<PortStats>,
     /// Drops by reason, and ICMP errors sent.
     pub pipeline: PipelineCounters,
 }
@@ -37,6 +41,7 @@ impl Counters {
         Counters {
             rx: vec![Flow::default(); ports],
             tx: vec![Flow::default(); ports],
+            port: vec![PortStats::default(); ports],
             pipeline: PipelineCounters::default(),
         }
     }
@@ -52,31 +57,45 @@ impl Counters {
     }
 }
 
+/// Cells per port in [`SharedCounters`].
+const PER_PORT: usize = 8;
+
 /// The published copy of one worker's counters.
 #[derive(Debug)]
 pub struct SharedCounters {
     ports: usize,
-    /// rx packets, rx bytes, tx packets, tx bytes per port, then drops, then ICMP errors.
+    /// rx packets, rx bytes, tx packets, tx bytes and the four port statistics per port, then
+    /// drops, then ICMP errors.
     cells: Box<[AtomicU64]>,
 }
 
 impl SharedCounters {
     /// Zeroed cells for `ports` ports.
     pub fn new(ports: usize) -> Self {
-        let cells = (0..ports * 4 + DropReason::COUNT + 1).map(|_| AtomicU64::new(0)).collect();
+        let cells = (0..ports * PER_PORT + DropReason::COUNT + 1).map(|_| AtomicU64::new(0)).collect();
         SharedCounters { ports, cells }
     }
 
     /// Copy a worker's counters in (the worker is the only writer).
     pub fn publish(&self, c: &Counters) {
         for p in 0..self.ports {
-            let base = p * 4;
-            self.cells[base].store(c.rx[p].packets, Ordering::Relaxed);
-            self.cells[base + 1].store(c.rx[p].bytes, Ordering::Relaxed);
-            self.cells[base + 2].store(c.tx[p].packets, Ordering::Relaxed);
-            self.cells[base + 3].store(c.tx[p].bytes, Ordering::Relaxed);
+            let base = p * PER_PORT;
+            let s = c.port[p];
+            let values = [
+                c.rx[p].packets,
+                c.rx[p].bytes,
+                c.tx[p].packets,
+                c.tx[p].bytes,
+                s.rx_no_frame,
+                s.rx_dropped,
+                s.rx_ring_full,
+                s.invalid_descs,
+            ];
+            for (cell, v) in self.cells[base..base + PER_PORT].iter().zip(values) {
+                cell.store(v, Ordering::Relaxed);
+            }
         }
-        let d = self.ports * 4;
+        let d = self.ports * PER_PORT;
         for (i, v) in c.pipeline.drops.iter().enumerate() {
             self.cells[d + i].store(*v, Ordering::Relaxed);
         }
@@ -87,17 +106,13 @@ impl SharedCounters {
     pub fn read(&self) -> Counters {
         let mut c = Counters::new(self.ports);
         for p in 0..self.ports {
-            let base = p * 4;
-            c.rx[p] = Flow {
-                packets: self.cells[base].load(Ordering::Relaxed),
-                bytes: self.cells[base + 1].load(Ordering::Relaxed),
-            };
-            c.tx[p] = Flow {
-                packets: self.cells[base + 2].load(Ordering::Relaxed),
-                bytes: self.cells[base + 3].load(Ordering::Relaxed),
-            };
+            let base = p * PER_PORT;
+            let v = |i: usize| self.cells[base + i].load(Ordering::Relaxed);
+            c.rx[p] = Flow { packets: v(0), bytes: v(1) };
+            c.tx[p] = Flow { packets: v(2), bytes: v(3) };
+            c.port[p] = PortStats { rx_no_frame: v(4), rx_dropped: v(5), rx_ring_full: v(6), invalid_descs: v(7) };
         }
-        let d = self.ports * 4;
+        let d = self.ports * PER_PORT;
         for (i, v) in c.pipeline.drops.iter_mut().enumerate() {
             *v = self.cells[d + i].load(Ordering::Relaxed);
         }
@@ -125,6 +140,12 @@ pub fn sum<'a>(workers: impl IntoIterator<Item = &'a SharedCounters>) -> Option<
                     a.packets += b.packets;
                     a.bytes += b.bytes;
                 }
+                for (a, b) in t.port.iter_mut().zip(&c.port) {
+                    a.rx_no_frame += b.rx_no_frame;
+                    a.rx_dropped += b.rx_dropped;
+                    a.rx_ring_full += b.rx_ring_full;
+                    a.invalid_descs += b.invalid_descs;
+                }
                 for (a, b) in t.pipeline.drops.iter_mut().zip(&c.pipeline.drops) {
                     *a += b;
                 }
@@ -146,6 +167,7 @@ mod tests {
         c.tx[0] = Flow { packets: 2, bytes: 128 };
         c.pipeline.drops[DropReason::NoRoute as usize] = 5;
         c.pipeline.icmp_errors = 2;
+        c.port[1] = PortStats { rx_no_frame: 1, rx_dropped: 2, rx_ring_full: 3, invalid_descs: 4 };
         let (a, b) = (SharedCounters::new(2), SharedCounters::new(2));
         a.publish(&c);
         b.publish(&c);
@@ -154,6 +176,8 @@ mod tests {
         assert_eq!(s.tx[0].packets, 4);
         assert_eq!(s.drops(DropReason::NoRoute), 10);
         assert_eq!(s.pipeline.icmp_errors, 4);
+        assert_eq!(s.port[1], PortStats { rx_no_frame: 2, rx_dropped: 4, rx_ring_full: 6, invalid_descs: 8 });
+        assert_eq!(s.port[0], PortStats::default());
         assert_eq!(s.total_drops(), 10);
     }
 }

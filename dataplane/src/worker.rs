@@ -204,6 +204,7 @@ pub struct Worker<P: Port> {
     out: Vec<Vec<Pkt>>,
     epoch: Instant,
     last_publish: Instant,
+    last_port_stats: Instant,
 }
 
 impl<P: Port> Worker<P> {
@@ -234,6 +235,7 @@ impl<P: Port> Worker<P> {
             out: (0..n).map(|_| Vec::with_capacity(BATCH)).collect(),
             epoch: Instant::now(),
             last_publish: Instant::now(),
+            last_port_stats: Instant::now(),
         }
     }
 
@@ -245,6 +247,7 @@ impl<P: Port> Worker<P> {
         self.index.resize(capacity, NO_PORT);
         self.counters.rx.resize(capacity, Default::default());
         self.counters.tx.resize(capacity, Default::default());
+        self.counters.port.resize(capacity, Default::default());
         self.shared = Arc::new(SharedCounters::new(capacity));
         self
     }
@@ -298,6 +301,7 @@ impl<P: Port> Worker<P> {
         // A new port starts its counters from zero (the id may have served another port before).
         self.counters.rx[i] = Default::default();
         self.counters.tx[i] = Default::default();
+        self.counters.port[i] = Default::default();
         Ok(())
     }
 
@@ -441,6 +445,13 @@ impl<P: Port> Worker<P> {
     }
 
     fn publish(&mut self) {
+        // The ports' own statistics cost a system call each: about once a second is enough.
+        if self.last_port_stats.elapsed() >= Duration::from_secs(1) {
+            for (p, id) in self.ports.iter().zip(&self.ids) {
+                self.counters.port[usize::from(id.0)] = p.stats();
+            }
+            self.last_port_stats = Instant::now();
+        }
         self.shared.publish(&self.counters);
         self.last_publish = Instant::now();
     }

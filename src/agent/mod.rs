@@ -584,6 +584,25 @@ fn dataplane_metrics(shared: &Shared, out: &mut String) {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP ferry_dataplane_socket_drops Frames the kernel dropped at a port's AF_XDP socket before ferry saw them.\n# TYPE ferry_dataplane_socket_drops counter"
+    );
+    for (id, info) in ports.iter() {
+        let s = c.port.get(usize::from(*id)).copied().unwrap_or_default();
+        for (why, v) in [
+            ("rx_ring_full", s.rx_ring_full),
+            ("rx_no_frame", s.rx_no_frame),
+            ("rx_dropped", s.rx_dropped),
+            ("invalid_descs", s.invalid_descs),
+        ] {
+            let _ = writeln!(
+                out,
+                "ferry_dataplane_socket_drops_total{{port=\"{id}\",ifname=\"{}\",why=\"{why}\"}} {v}",
+                info.ifname
+            );
+        }
+    }
     let _ =
         writeln!(out, "# HELP ferry_dataplane_drops Packets dropped, by reason.\n# TYPE ferry_dataplane_drops counter");
     for r in ferry_encap::DropReason::ALL {

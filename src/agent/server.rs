@@ -241,6 +241,7 @@ impl Server {
             .map(|(id, info)| {
                 let i = usize::from(*id);
                 let (rx, tx) = (c1.rx.get(i).copied().unwrap_or_default(), c1.tx.get(i).copied().unwrap_or_default());
+                let xsk = c1.port.get(i).copied().unwrap_or_default();
                 let p = prev.map(|(_, c0)| {
                     (c0.rx.get(i).copied().unwrap_or_default(), c0.tx.get(i).copied().unwrap_or_default())
                 });
@@ -257,6 +258,14 @@ impl Server {
                     "tx_pps": rate(tx.packets, p.map(|p| p.1.packets)),
                     "rx_bps": 8.0 * rate(rx.bytes, p.map(|p| p.0.bytes)),
                     "tx_bps": 8.0 * rate(tx.bytes, p.map(|p| p.1.bytes)),
+                    // Frames the kernel dropped before the worker saw them (AF_XDP statistics).
+                    "socket_drops": {
+                        "rx_ring_full": xsk.rx_ring_full,
+                        "rx_no_frame": xsk.rx_no_frame,
+                        "rx_dropped": xsk.rx_dropped,
+                        "invalid_descs": xsk.invalid_descs,
+                    },
+                    "socket_drops_total": xsk.rx_ring_full + xsk.rx_no_frame + xsk.rx_dropped + xsk.invalid_descs,
                 })
             })
             .collect();

@@ -43,6 +43,9 @@ use crate::xdp::sys::{RealSys, Sys};
 const SO_BUSY_POLL: libc::c_int = 46;
 const SO_PREFER_BUSY_POLL: libc::c_int = 69;
 const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
+/// `XDP_MAX_TX_SKB_BUDGET` from `<linux/if_xdp.h>` (Linux 6.17): frames one copy-mode kick may
+/// send (32 by default). Older kernels refuse the option, and keep kicking 32 at a time.
+const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
 
 /// How long binding retries while the queue is still held by a socket that was just closed
 /// (socket teardown in the kernel is asynchronous).
@@ -219,7 +222,16 @@ impl XskPort {
         if let Some(bp) = cfg.busy_poll {
             set_busy_poll(sys, fd, ifname, bp)?;
         }
-        tracing::info!(ifname, queue, ?mode, busy_poll = cfg.busy_poll.is_some(), "bound AF_XDP socket");
+        // One kick per batch instead of one per 32 frames, where the kernel allows it.
+        let budget_raised = sys.set_sockopt(fd, libc::SOL_XDP, XDP_MAX_TX_SKB_BUDGET, cfg.tx_ring).is_ok();
+        tracing::info!(
+            ifname,
+            queue,
+            ?mode,
+            busy_poll = cfg.busy_poll.is_some(),
+            tx_budget = if budget_raised { cfg.tx_ring } else { 32 },
+            "bound AF_XDP socket"
+        );
 
         let scratch_len = [cfg.rx_ring, cfg.tx_ring, mcfg.fill_ring, mcfg.comp_ring].into_iter().max().unwrap_or(1024);
         Ok(XskPort {
