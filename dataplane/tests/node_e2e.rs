@@ -132,7 +132,7 @@ fn pod_reaches_a_kernel_vxlan_node_through_ferry() {
     let (ports, attachments, mem) = {
         let _inside = InNetns::enter(&n1);
         let mem = XskMem::new(XskMemConfig { frame_count: 2048, ..XskMemConfig::default() }).expect("UMEM");
-        let pcfg = XskPortConfig { rx_ring: 512, tx_ring: 512, busy_poll: None };
+        let pcfg = XskPortConfig { rx_ring: 512, tx_ring: 512, busy_poll: None, fill_target: None };
         let uplink = XskPort::open(&mem, &up.name, 0, &pcfg).expect("uplink socket");
         let pod = XskPort::open(&mem, &pv.name, 0, &pcfg).expect("pod socket");
         let up_prog = XdpProgram::uplink(&UplinkConfig { tunnel_port: 4789, local_v4: Some(NODE1), local_v6: None }, 1)

@@ -343,3 +343,20 @@ fn a_closed_port_hands_back_every_frame_it_held() {
     seen.dedup();
     assert_eq!(seen.len(), count, "no frame came back twice");
 }
+
+#[test]
+fn a_fill_target_keeps_only_that_many_frames_lent() {
+    if !privileged("a_fill_target_keeps_only_that_many_frames_lent") {
+        return;
+    }
+    let t = pair(1);
+    let _in_a = InNetns::enter(&t.a.ns);
+    let mem = XskMem::new(XskMemConfig::default()).expect("UMEM");
+    let mut free = FreeFrames::all(mem.frame_count());
+    let cfg = XskPortConfig { fill_target: Some(64), ..XskPortConfig::default() };
+    let mut port = XskPort::open(&mem, &t.a.name, 0, &cfg).expect("bind");
+    assert_eq!(port.refill(&mut free), 64);
+    assert_eq!(port.refill(&mut free), 0, "topped up already");
+    assert_eq!(port.frames_held(), 64);
+    assert_eq!(free.len(), mem.frame_count() as usize - 64);
+}

@@ -22,7 +22,7 @@
 //! workers = 1
 //! cores = []                      # pin worker i to cores[i]
 //! poll = "adaptive"               # adaptive | busy
-//! frames = 8192                   # UMEM frames per worker
+//! frames = 16384                  # UMEM frames per worker (2 KiB each)
 //! max_ports = 256                 # ports (pods + uplink + host) per worker
 //! xdp_mode = "auto"               # auto | native | generic
 //! [admin]
@@ -187,7 +187,7 @@ fn default_poll() -> String {
     "adaptive".into()
 }
 fn default_frames() -> u32 {
-    8192
+    16384
 }
 fn default_max_ports() -> u32 {
     256
@@ -393,8 +393,8 @@ impl AgentConfig {
             "busy" => Poll::Busy,
             other => return Err(bad("dataplane.poll", format!("`{other}` is not one of adaptive, busy"))),
         };
-        if !(256..=1 << 20).contains(&d.frames) {
-            return Err(bad("dataplane.frames", format!("{} is outside 256..=1048576", d.frames)));
+        if !(4096..=1 << 20).contains(&d.frames) {
+            return Err(bad("dataplane.frames", format!("{} is outside 4096..=1048576", d.frames)));
         }
         if !(3..=4096).contains(&d.max_ports) {
             return Err(bad("dataplane.max_ports", format!("{} is outside 3..=4096", d.max_ports)));

@@ -43,6 +43,11 @@ use crate::netlink::{Netlink, Route, VethSpec};
 /// How long to wait for the route source to name this node's pod CIDRs when the configuration
 /// does not.
 const POD_CIDR_WAIT: Duration = Duration::from_secs(60);
+/// Frames each pod port (and the host port) keeps lent for receiving.
+const POD_FILL: u32 = 256;
+/// Frames the uplink keeps lent for receiving (its whole fill ring).
+const UPLINK_FILL: u32 = 1024;
+
 /// How long learned underlay neighbours stay valid without being confirmed.
 const NEIGHBOUR_REACHABLE: Duration = Duration::from_secs(60);
 
@@ -249,8 +254,21 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut decap = node_cfg.decap;
     decap.port = cfg.tunnel_port;
     let node_cfg = NodeConfig { decap, ..node_cfg };
-    let port_cfg = XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: None };
-    let mem_cfg = XskMemConfig { frame_count: cfg.frames, fill_ring: 1024, comp_ring: 1024, ..XskMemConfig::default() };
+    let port_cfg = XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: None, fill_target: None };
+    // Pods (and the host port) share each worker's frames with the uplink: each keeps a quarter
+    // of a fill ring lent, so that quiet pods do not hold frames the busy ports need.
+    let pod_port_cfg = XskPortConfig { fill_target: Some(POD_FILL), ..port_cfg };
+    let mem_cfg =
+        XskMemConfig { frame_count: cfg.frames, fill_ring: UPLINK_FILL, comp_ring: 1024, ..XskMemConfig::default() };
+    let room = cfg.frames.saturating_sub(UPLINK_FILL + 2 * 1024) / POD_FILL;
+    if room < cfg.max_ports {
+        tracing::info!(
+            frames = cfg.frames,
+            ports_with_full_fill = room,
+            max_ports = cfg.max_ports,
+            "beyond this many pods, ports share frames and quiet ones get fewer (raise dataplane.frames for more)"
+        );
+    }
     let uplink_prog =
         XdpProgram::uplink(&UplinkConfig { tunnel_port: cfg.tunnel_port, local_v4: v4, local_v6: v6 }, cfg.workers)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -299,7 +317,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (nets_v4, nets_v6) = split_nets(&cfg.cluster_cidrs);
     let pods = Pods::new(
         handles,
-        port_cfg,
+        pod_port_cfg,
         PodConfig { nets_v4, nets_v6, gateway_v4, gateway_v6 },
         cfg.xdp_mode,
         pod_cidrs.clone(),

@@ -432,8 +432,12 @@ pub fn run(args: PktgenArgs) -> Result<(), PktgenError> {
         need_wakeup: true,
         huge_pages: false,
     })?;
-    let mut port =
-        XskPort::open(&mem, &args.iface, args.queue, &XskPortConfig { rx_ring: RING, tx_ring: RING, busy_poll: None })?;
+    let mut port = XskPort::open(
+        &mem,
+        &args.iface,
+        args.queue,
+        &XskPortConfig { rx_ring: RING, tx_ring: RING, busy_poll: None, fill_target: None },
+    )?;
     // Fewer, larger kicks where the kernel allows it (6.17+); older kernels keep 32 per kick.
     set_tx_budget(port.fd(), u32::from(args.batch).max(32));
 

@@ -75,11 +75,15 @@ pub struct XskPortConfig {
     pub tx_ring: u32,
     /// Busy polling (`SO_PREFER_BUSY_POLL` and friends), off by default.
     pub busy_poll: Option<BusyPoll>,
+    /// Frames kept lent to the fill ring, at most the UMEM's fill ring size (`None`: all of it).
+    /// Every socket of a worker shares its UMEM's frames: a node with many quiet pods gives each a
+    /// small share and keeps the rest for the uplink and the busy ones.
+    pub fill_target: Option<u32>,
 }
 
 impl Default for XskPortConfig {
     fn default() -> Self {
-        XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: None }
+        XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: None, fill_target: None }
     }
 }
 
@@ -122,6 +126,8 @@ pub struct XskPort {
     tx_held: usize,
     tx_ring: usize,
     comp_ring: usize,
+    /// Frames to keep in the fill ring.
+    fill_target: usize,
     /// Received descriptors that did not start inside their frame and went back to the fill ring.
     bad_rx: u64,
 }
@@ -254,6 +260,7 @@ impl XskPort {
             tx_held: 0,
             tx_ring: cfg.tx_ring as usize,
             comp_ring: mcfg.comp_ring as usize,
+            fill_target: cfg.fill_target.map_or(mcfg.fill_ring, |t| t.clamp(1, mcfg.fill_ring)) as usize,
             bad_rx: 0,
         })
     }
@@ -442,7 +449,7 @@ impl Port for XskPort {
     }
 
     fn refill(&mut self, free: &mut FreeFrames) -> usize {
-        let want = free.len().min(self.scratch.len());
+        let want = free.len().min(self.scratch.len()).min(self.fill_target.saturating_sub(self.fill_held));
         if want == 0 {
             return 0;
         }
