@@ -12,7 +12,8 @@
 //! frame it held back to the worker ([`Port::release`]).
 //!
 //! Idle handling ([`PollMode::Adaptive`]): the worker spins while packets flow and for a short
-//! time after the last one, then sleeps in `poll(2)` on its ports' descriptors (or briefly, for
+//! time after the last one (yielding the core on each empty round, so that a kernel thread or
+//! another worker sharing it is not kept waiting), then sleeps in `poll(2)` on its ports' descriptors (or briefly, for
 //! ports without one) until traffic or a timeout wakes it. A wakeup that finds nothing goes straight
 //! back to sleep: the spin budget restarts only when a packet arrives. [`PollMode::Busy`] never
 //! sleeps, for benchmarks.
@@ -468,6 +469,10 @@ impl<P: Port> Worker<P> {
                 } else if last_packet.elapsed() >= spin {
                     self.publish();
                     self.sleep(sleep);
+                } else {
+                    // Spinning on empty rings: let whatever else is runnable on this core go first
+                    // (the kernel thread filling these rings, another node's worker in a lab).
+                    std::thread::yield_now();
                 }
             }
         }
