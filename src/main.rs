@@ -243,11 +243,11 @@ fn print_stats(d: &Value) {
         if p["socket_drops_total"].as_u64().unwrap_or(0) > 0 {
             let x = &p["socket_drops"];
             println!(
-                "socket drops on {} (before ferry saw them): receive ring full {}, no free frame {}, dropped {}, invalid descriptors {}",
+                "socket drops on {} (before ferry saw them): receive ring full {}, dropped {} (no free frame {}), invalid descriptors {}",
                 s(&p["ifname"]),
                 s(&x["rx_ring_full"]),
-                s(&x["rx_no_frame"]),
                 s(&x["rx_dropped"]),
+                s(&x["rx_no_frame"]),
                 s(&x["invalid_descs"])
             );
         }

@@ -22,7 +22,7 @@
 //! workers = 1
 //! cores = []                      # pin worker i to cores[i]
 //! poll = "adaptive"               # adaptive | busy
-//! frames = 16384                  # UMEM frames per worker (2 KiB each)
+//! frames = 32768                  # UMEM frames per worker (2 KiB each)
 //! max_ports = 256                 # ports (pods + uplink + host) per worker
 //! xdp_mode = "auto"               # auto | native | generic
 //! [admin]
@@ -187,7 +187,7 @@ fn default_poll() -> String {
     "adaptive".into()
 }
 fn default_frames() -> u32 {
-    16384
+    32768
 }
 fn default_max_ports() -> u32 {
     256

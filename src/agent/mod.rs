@@ -44,7 +44,7 @@ use crate::netlink::{Netlink, Route, VethSpec};
 /// does not.
 const POD_CIDR_WAIT: Duration = Duration::from_secs(60);
 /// Frames each pod port (and the host port) keeps lent for receiving.
-const POD_FILL: u32 = 256;
+const POD_FILL: u32 = 512;
 /// Frames the uplink keeps lent for receiving (its whole fill ring).
 const UPLINK_FILL: u32 = 1024;
 
@@ -255,8 +255,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     decap.port = cfg.tunnel_port;
     let node_cfg = NodeConfig { decap, ..node_cfg };
     let port_cfg = XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: None, fill_target: None };
-    // Pods (and the host port) share each worker's frames with the uplink: each keeps a quarter
-    // of a fill ring lent, so that quiet pods do not hold frames the busy ports need.
+    // Pods (and the host port) share each worker's frames with the uplink: each keeps half a fill
+    // ring lent, so that quiet pods do not hold frames the busy ports need. (A quarter was tried:
+    // a TCP burst arriving while the worker slept overflowed it, counted as socket drops.)
     let pod_port_cfg = XskPortConfig { fill_target: Some(POD_FILL), ..port_cfg };
     let mem_cfg =
         XskMemConfig { frame_count: cfg.frames, fill_ring: UPLINK_FILL, comp_ring: 1024, ..XskMemConfig::default() };

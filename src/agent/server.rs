@@ -265,7 +265,9 @@ impl Server {
                         "rx_dropped": xsk.rx_dropped,
                         "invalid_descs": xsk.invalid_descs,
                     },
-                    "socket_drops_total": xsk.rx_ring_full + xsk.rx_no_frame + xsk.rx_dropped + xsk.invalid_descs,
+                    // The kernel counts a frame dropped for want of a free frame under `rx_dropped`
+                    // too, so `rx_no_frame` is part of it, not added.
+                    "socket_drops_total": xsk.rx_ring_full + xsk.rx_dropped + xsk.invalid_descs,
                 })
             })
             .collect();
