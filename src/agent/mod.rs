@@ -221,19 +221,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     } else {
         cfg.pod_cidrs.clone()
     };
-    let first_host = |n: &IpNet| -> IpAddr {
-        match n {
-            IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) + 1)),
-            IpNet::V6(n) => IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) + 1)),
-        }
-    };
-    let gateway_v4 = pod_cidrs.iter().find(|n| n.addr().is_ipv4()).map(first_host).and_then(|a| match a {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(_) => None,
+    // The gateway is the first host address of the first pod CIDR of each family.
+    let gateway_v4 = pod_cidrs.iter().find_map(|n| match n {
+        IpNet::V4(n) => Some(Ipv4Addr::from(u32::from(n.network()) + 1)),
+        IpNet::V6(_) => None,
     });
-    let gateway_v6 = pod_cidrs.iter().find(|n| n.addr().is_ipv6()).map(first_host).and_then(|a| match a {
-        IpAddr::V6(a) => Some(a),
-        IpAddr::V4(_) => None,
+    let gateway_v6 = pod_cidrs.iter().find_map(|n| match n {
+        IpNet::V6(n) => Some(Ipv6Addr::from(u128::from(n.network()) + 1)),
+        IpNet::V4(_) => None,
     });
     let host_addr = pod_cidrs.iter().find_map(|n| match n {
         IpNet::V4(n) => Some(n.network()),
@@ -241,19 +236,18 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     });
 
     // Workers: one UMEM each, the uplink socket on the worker's queue, the uplink program.
+    let mut decap = DecapConfig::new(cfg.tunnel, cfg.vni, underlay_addr);
+    decap.port = cfg.tunnel_port;
     let node_cfg = NodeConfig {
         gateway_mac: cfg.gateway_mac,
         gateway_v4,
         gateway_v6,
         vtep_mac,
-        decap: DecapConfig::new(cfg.tunnel, cfg.vni, underlay_addr),
+        decap,
         uplink: PortId(0),
         underlay_mtu: underlay_mtu as u16,
         icmp_rate: (1000, 100),
     };
-    let mut decap = node_cfg.decap;
-    decap.port = cfg.tunnel_port;
-    let node_cfg = NodeConfig { decap, ..node_cfg };
     let port_cfg = XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: None, fill_target: None };
     // Pods (and the host port) share each worker's frames with the uplink: each keeps half a fill
     // ring lent, so that quiet pods do not hold frames the busy ports need. (A quarter was tried:

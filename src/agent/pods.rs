@@ -18,6 +18,7 @@ use ferry_tables::{LocalPod, Tables};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::lock;
 use crate::admin::PodSpec;
 
 /// How long a worker may take to apply a port change.
@@ -61,7 +62,7 @@ struct Attached {
     spec: PodSpec,
     mac: MacAddr,
     port: PortId,
-    _xdp: XdpAttachment,
+    xdp: XdpAttachment,
 }
 
 /// Why a pod could not be attached.
@@ -181,20 +182,12 @@ impl Pods {
                 tracing::warn!(port = id.0, error = %e, "could not remove a port from a worker");
             }
         }
-        self.ports_lock().remove(&id.0);
+        lock(&self.ports).remove(&id.0);
     }
 
     fn free_port_id(&self) -> Option<PortId> {
-        let used = self.ports_lock();
+        let used = lock(&self.ports);
         (0..self.max_ports).find(|i| !used.contains_key(i)).map(PortId)
-    }
-
-    fn ports_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, PortInfo>> {
-        self.ports.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
-        self.tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Registers a local endpoint (pod or host port) in the tables.
@@ -202,7 +195,7 @@ impl Pods {
     /// # Errors
     /// The tables' refusal, as text.
     pub(super) fn register(&self, pod: LocalPod) -> Result<(), String> {
-        let mut t = self.tables();
+        let mut t = lock(&self.tables);
         let mut d = t.desired().clone();
         d.local_pods.retain(|p| p.port != pod.port);
         d.local_pods.push(pod);
@@ -210,7 +203,7 @@ impl Pods {
     }
 
     fn unregister(&self, port: PortId) {
-        let mut t = self.tables();
+        let mut t = lock(&self.tables);
         let mut d = t.desired().clone();
         d.local_pods.retain(|p| p.port != port);
         if let Err(e) = t.set_desired(d, Instant::now()) {
@@ -220,7 +213,7 @@ impl Pods {
 
     /// Records an agent-made port in the port list.
     pub(super) fn name_port(&self, id: PortId, info: PortInfo) {
-        self.ports_lock().insert(id.0, info);
+        lock(&self.ports).insert(id.0, info);
     }
 
     /// Adds (or confirms) a pod. Idempotent: the same pod again is a success without change; the
@@ -276,7 +269,7 @@ impl Pods {
             tracing::warn!(pod = %spec.id, error = %e, "could not record the pod; it will not survive a restart");
         }
         tracing::info!(pod = %spec.id, ifname = %spec.host_ifname, port = port.0, addrs = ?spec.addrs, "pod attached");
-        self.pods.insert(spec.id.clone(), Attached { spec, mac, port, _xdp: xdp });
+        self.pods.insert(spec.id.clone(), Attached { spec, mac, port, xdp });
         Ok(())
     }
 
@@ -286,7 +279,7 @@ impl Pods {
         let Some(p) = self.pods.remove(id) else { return false };
         self.unregister(p.port);
         // Detach the program first so that nothing is redirected to sockets about to close.
-        drop(p._xdp);
+        drop(p.xdp);
         self.detach_port(p.port);
         tracing::info!(pod = %id, port = p.port.0, "pod detached");
         true
@@ -298,7 +291,7 @@ impl Pods {
             None => Err(format!("pod {} is not registered", spec.id)),
             Some(p) if p.spec != *spec => Err(format!("pod {} is registered as {:?}", spec.id, p.spec)),
             Some(p) => {
-                let snap = self.tables().current();
+                let snap = lock(&self.tables).current();
                 for a in &spec.addrs {
                     if snap.local_pod(*a) != Some((p.port, p.mac)) {
                         return Err(format!("{a} does not lead to pod {}'s port", spec.id));
@@ -344,7 +337,7 @@ impl Pods {
     /// Detaches everything (at shutdown; the records and the pods' wiring stay).
     pub(super) fn detach_all(&mut self) {
         for (_, p) in std::mem::take(&mut self.pods) {
-            drop(p._xdp);
+            drop(p.xdp);
             self.detach_port(p.port);
         }
     }
