@@ -419,7 +419,7 @@ fn host_ifname(lab: &Lab, node: &str, pod: &str) -> String {
 
 /// A bounded TCP transfer of `bytes` from `from` to `to_ip` (python3 server in `to`, client in `from`).
 fn tcp_transfer(lab: &Lab, from: &str, to: &str, to_ip: &str, bytes: usize) -> Result<String, String> {
-    let py = repo().join("tests/e2e/tcp.py").display().to_string();
+    let py = repo().join("scripts/lib/tcp-transfer.py").display().to_string();
     let to_ns = lab.netns(to);
     let mut srv = Command::new("timeout")
         .args(["-k", "2", "20", "ip", "netns", "exec", &to_ns, python(), &py, "serve", "23456"])

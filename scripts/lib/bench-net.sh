@@ -32,21 +32,14 @@ b_vtep_mac() {
     if [ "$1" = ferry ]; then echo "02:fe:$(b_hex "$B_UL.$2")"; else echo "02:fa:$(b_hex "$B_UL.$2")"; fi
 }
 
-# alive PID: exists and is not a zombie.
-b_alive() {
-    local st
-    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-
 # Removes every namespace of this bench (and what runs in them). Safe to call at any time, twice.
 net_down() {
     local n pids pid
     for n in n1 n2; do
         pid=$(cat "$BSTATE/$n/agent.pid" 2>/dev/null || true)
-        if [ -n "$pid" ] && b_alive "$pid"; then
+        if [ -n "$pid" ] && alive "$pid"; then
             kill -TERM "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do b_alive "$pid" || break; sleep 0.1; done
+            for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
         fi
         rm -f "$BSTATE/$n/agent.pid"
     done
@@ -170,27 +163,12 @@ EOF
 
 # b_ferry_node N IDX: starts the agent in node N's namespace and waits for its admin socket.
 b_ferry_node() {
-    local n=$1 idx=$2 dir=$BSTATE/$1 ns i
+    local n=$1 idx=$2 dir=$BSTATE/$1 ns
     ns=$(bns "$n")
     mkdir -p "$dir/state"
     b_static_file >"$BSTATE/nodes.toml"
     b_ferry_config "$n" "$idx" >"$dir/config.toml"
-    setsid ip netns exec "$ns" "$FERRY" run --config "$dir/config.toml" >>"$dir/agent.log" 2>&1 </dev/null &
-    echo $! >"$dir/agent.pid"
-    for ((i = 0; i < 150; i++)); do
-        if ! b_alive "$(cat "$dir/agent.pid")"; then
-            echo "bench: the ferry agent of $n exited at start; $dir/agent.log:" >&2
-            tail -n 20 "$dir/agent.log" >&2
-            return 1
-        fi
-        if [ -S "$dir/ferry.sock" ] && ip netns exec "$ns" "$FERRY" status --socket "$dir/ferry.sock" >/dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "bench: the ferry agent of $n did not answer within 15 s; $dir/agent.log:" >&2
-    tail -n 20 "$dir/agent.log" >&2
-    return 1
+    start_ferry_agent "$FERRY" "$ns" "$dir" "bench: the ferry agent of $n"
 }
 
 # b_kernel_node N IDX REMOTE_IDX REMOTE_MAC: flannel.1 with the entries flanneld would write for the remote.

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for ferry's scripts. Source it; it defines functions only.
 
 # Install Debian packages that are missing (needs root; apt's sources come from the machine).
@@ -30,3 +31,35 @@ require_root_or_skip() {
 }
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# alive PID: true while the process runs (a zombie or a vanished process is dead: this machine's
+# PID 1 does not reap orphans).
+alive() {
+    local st
+    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
+# start_ferry_agent FERRY NETNS DIR WHO: runs `FERRY run --config DIR/config.toml` in NETNS, outliving
+# the caller (setsid; `ip netns exec` execs the agent, so $! is its pid, written to DIR/agent.pid),
+# logging to DIR/agent.log, and waits up to 15 s until its admin socket DIR/ferry.sock answers.
+# WHO names the agent in the messages.
+start_ferry_agent() {
+    local ferry=$1 ns=$2 dir=$3 who=$4 i
+    setsid ip netns exec "$ns" "$ferry" run --config "$dir/config.toml" >>"$dir/agent.log" 2>&1 </dev/null &
+    echo $! >"$dir/agent.pid"
+    for ((i = 0; i < 150; i++)); do
+        if ! alive "$(cat "$dir/agent.pid")"; then
+            echo "$who exited at start; last lines of $dir/agent.log:" >&2
+            tail -n 20 "$dir/agent.log" >&2
+            return 1
+        fi
+        if [ -S "$dir/ferry.sock" ] && ip netns exec "$ns" "$ferry" status --socket "$dir/ferry.sock" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "$who did not answer on $dir/ferry.sock within 15 s; last lines of $dir/agent.log:" >&2
+    tail -n 20 "$dir/agent.log" >&2
+    return 1
+}

@@ -7,59 +7,8 @@
 CHECK_JOBS=${FERRY_LAB_CHECK_JOBS:-6}
 CHECK_BYTES=1048576
 
-# A one-shot TCP server ("serve PORT") and client ("send IP PORT BYTES"): the server counts what it
-# receives and answers with the count; the client checks the answer. Bounded in time on both sides.
-check_tcp_py() {
-    cat <<'EOF'
-import socket, sys, time
-mode = sys.argv[1]
-if mode == "serve":
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(sys.argv[2])))
-    s.listen(1)
-    s.settimeout(8)
-    c, _ = s.accept()
-    c.settimeout(8)
-    n = 0
-    while True:
-        d = c.recv(65536)
-        if not d:
-            break
-        n += len(d)
-    c.sendall(str(n).encode())
-    c.close()
-else:
-    ip, port, size = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    deadline = time.time() + 3
-    while True:
-        try:
-            c = socket.create_connection((ip, port), timeout=3)
-            break
-        except ConnectionRefusedError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.05)
-    c.settimeout(6)
-    t0 = time.time()
-    buf = b"x" * 65536
-    left = size
-    while left > 0:
-        left -= c.send(buf[: min(left, len(buf))])
-    c.shutdown(socket.SHUT_WR)
-    got = b""
-    while True:
-        d = c.recv(64)
-        if not d:
-            break
-        got += d
-    dt = time.time() - t0
-    if got.decode() != str(size):
-        print("server received %s of %d bytes" % (got.decode() or "nothing", size))
-        sys.exit(1)
-    print("%.1f" % (size / dt / 1e6))
-EOF
-}
+# The one-shot TCP server and client (bounded in time on both sides); the end-to-end tests use it too.
+CHECK_TCP=$REPO/scripts/lib/tcp-transfer.py
 
 # check_pair ID FROM_NS TO_NS TO_IP OUTFILE: "ping_ok rtt_ms tcp_ok MB/s detail" into OUTFILE.
 check_pair() {
@@ -70,9 +19,9 @@ check_pair() {
     else
         detail="ping: $(grep -m1 -E 'received|unreachable|error' <<<"$p" || true)"
     fi
-    timeout 10 ip netns exec "$to" "$PY" "$CHECK_DIR/tcp.py" serve "$port" >"$CHECK_DIR/$id.srv" 2>&1 &
+    timeout 10 ip netns exec "$to" "$PY" "$CHECK_TCP" serve "$port" 8 >"$CHECK_DIR/$id.srv" 2>&1 &
     srv=$!
-    if rate=$(timeout 10 ip netns exec "$from" "$PY" "$CHECK_DIR/tcp.py" send "$ip" "$port" "$CHECK_BYTES" 2>&1); then
+    if rate=$(timeout 10 ip netns exec "$from" "$PY" "$CHECK_TCP" send "$ip" "$port" "$CHECK_BYTES" 3 6 2>&1); then
         tok=ok
     else
         detail="${detail:+$detail; }tcp: $(tail -n1 <<<"$rate")"
@@ -117,7 +66,6 @@ check_run() {
     local json=${1:-} lines id=0 running=0 start
     start=$(date +%s.%N)
     CHECK_DIR=$(mktemp -d "$STATE/.check.XXXXXX")
-    check_tcp_py >"$CHECK_DIR/tcp.py"
     lines=$(check_matrix)
     [ -n "$lines" ] || die "the lab has no pods to check"
     local cat from fns to tns ip

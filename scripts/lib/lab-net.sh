@@ -149,13 +149,6 @@ node_delete() {
     rm -rf "$(node_dir "$name")"
 }
 
-# alive PID: the process exists and is not a zombie (PID 1 of a container may never reap orphans).
-alive() {
-    local st
-    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-
 # kill -9 every process still running inside a namespace (only the lab's namespaces are ever passed).
 kill_netns_procs() {
     local pids
@@ -214,30 +207,14 @@ agent_pid() {
 
 # agent_start NODE: starts `ferry run` in the node's namespace and waits until its admin socket answers.
 agent_start() {
-    local name=$1 dir ns pid i
+    local name=$1 dir ns pid
     dir=$(node_dir "$name")
     ns=$(node_ns "$name")
     [ "$(node_get "$name" KIND)" = ferry ] || die "$name is a kernel-VXLAN node: it has no agent"
     if pid=$(agent_pid "$name"); then die "the agent of $name already runs (pid $pid)"; fi
     [ -f "$dir/config.toml" ] || ferry_config "$name" >"$dir/config.toml"
     rm -f "$dir/ferry.sock"
-    # ip netns exec execs the agent itself, so $! is the agent's pid. setsid: it outlives this script.
-    setsid ip netns exec "$ns" "$FERRY" run --config "$dir/config.toml" >>"$dir/agent.log" 2>&1 </dev/null &
-    echo $! >"$dir/agent.pid"
-    for ((i = 0; i < 150; i++)); do
-        if ! alive "$(cat "$dir/agent.pid")"; then
-            echo "the agent of $name exited at start; last lines of $dir/agent.log:" >&2
-            tail -n 20 "$dir/agent.log" >&2
-            return 1
-        fi
-        if [ -S "$dir/ferry.sock" ] && ip netns exec "$ns" "$FERRY" status --socket "$dir/ferry.sock" >/dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "the agent of $name did not answer on $dir/ferry.sock within 15 s; last lines of $dir/agent.log:" >&2
-    tail -n 20 "$dir/agent.log" >&2
-    return 1
+    start_ferry_agent "$FERRY" "$ns" "$dir" "the agent of $name"
 }
 
 # agent_converged NODE: the agent's table holds exactly the other listed nodes, every next hop resolved.
