@@ -249,7 +249,10 @@ fn busy_poll_options_reach_the_socket() {
     let _in_a = InNetns::enter(&t.a.ns);
     let mut mem = XskMem::new(XskMemConfig::default()).expect("UMEM");
     let mut free = FreeFrames::all(mem.frame_count());
-    let cfg = XskPortConfig { busy_poll: Some(BusyPoll { usecs: 30, budget: 16 }), ..Default::default() };
+    let cfg = XskPortConfig {
+        busy_poll: Some(BusyPoll { usecs: 30, budget: 16, ..BusyPoll::default() }),
+        ..Default::default()
+    };
     let mut port = XskPort::open(&mem, &t.a.name, 0, &cfg).expect("bind with busy polling");
     let get = |opt: libc::c_int| {
         let mut v = 0u32;

@@ -25,6 +25,10 @@
 //! frames = 32768                  # UMEM frames per worker (2 KiB each)
 //! max_ports = 256                 # ports (pods + uplink + host) per worker
 //! xdp_mode = "auto"               # auto | native | generic
+//! busy_poll = false               # workers run their devices' receive (NAPI) themselves
+//! busy_poll_budget = 64           # packets per busy-poll round
+//! napi_defer_hard_irqs = 2        # set on each port's device while busy polling
+//! gro_flush_timeout_us = 200      # likewise (the device's gro_flush_timeout)
 //! [admin]
 //! socket = "/run/ferry/ferry.sock"
 //! state_dir = "/run/ferry"
@@ -38,6 +42,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_control::{ControlConfig, EtcdConfig, KubeAuth, KubeConfig};
+use ferry_dataplane::port::xsk::BusyPoll;
 use ferry_dataplane::xdp::XdpMode;
 use ferry_encap::{MacAddr, TunnelKind};
 use ipnet::IpNet;
@@ -165,6 +170,14 @@ struct DataplaneFile {
     max_ports: u32,
     #[serde(default = "default_xdp_mode")]
     xdp_mode: String,
+    #[serde(default)]
+    busy_poll: bool,
+    #[serde(default = "default_busy_poll_budget")]
+    busy_poll_budget: u32,
+    #[serde(default = "default_napi_defer_hard_irqs")]
+    napi_defer_hard_irqs: u32,
+    #[serde(default = "default_gro_flush_timeout_us")]
+    gro_flush_timeout_us: u64,
 }
 
 impl Default for DataplaneFile {
@@ -176,6 +189,10 @@ impl Default for DataplaneFile {
             frames: default_frames(),
             max_ports: default_max_ports(),
             xdp_mode: default_xdp_mode(),
+            busy_poll: false,
+            busy_poll_budget: default_busy_poll_budget(),
+            napi_defer_hard_irqs: default_napi_defer_hard_irqs(),
+            gro_flush_timeout_us: default_gro_flush_timeout_us(),
         }
     }
 }
@@ -194,6 +211,15 @@ fn default_max_ports() -> u32 {
 }
 fn default_xdp_mode() -> String {
     "auto".into()
+}
+fn default_busy_poll_budget() -> u32 {
+    BusyPoll::default().budget
+}
+fn default_napi_defer_hard_irqs() -> u32 {
+    BusyPoll::default().defer_hard_irqs
+}
+fn default_gro_flush_timeout_us() -> u64 {
+    BusyPoll::default().gro_flush_timeout_ns / 1000
 }
 
 #[derive(Debug, Deserialize)]
@@ -299,6 +325,8 @@ pub struct AgentConfig {
     pub max_ports: u32,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
+    /// Preferred busy polling on every port, if on.
+    pub busy_poll: Option<BusyPoll>,
     /// Admin socket path.
     pub socket: PathBuf,
     /// State directory.
@@ -405,6 +433,27 @@ impl AgentConfig {
             "generic" => XdpMode::Generic,
             other => return Err(bad("dataplane.xdp_mode", format!("`{other}` is not one of auto, native, generic"))),
         };
+        if !(1..=1024).contains(&d.busy_poll_budget) {
+            return Err(bad("dataplane.busy_poll_budget", format!("{} is outside 1..=1024", d.busy_poll_budget)));
+        }
+        if !(1..=1000).contains(&d.napi_defer_hard_irqs) {
+            return Err(bad(
+                "dataplane.napi_defer_hard_irqs",
+                format!("{} is outside 1..=1000", d.napi_defer_hard_irqs),
+            ));
+        }
+        if !(1..=100_000).contains(&d.gro_flush_timeout_us) {
+            return Err(bad(
+                "dataplane.gro_flush_timeout_us",
+                format!("{} is outside 1..=100000 (microseconds)", d.gro_flush_timeout_us),
+            ));
+        }
+        let busy_poll = d.busy_poll.then(|| BusyPoll {
+            budget: d.busy_poll_budget,
+            defer_hard_irqs: d.napi_defer_hard_irqs,
+            gro_flush_timeout_ns: d.gro_flush_timeout_us * 1000,
+            ..BusyPoll::default()
+        });
         let tunnel_port = f.tunnel.port.unwrap_or(tunnel.default_port());
 
         let c = &f.control;
@@ -475,6 +524,7 @@ impl AgentConfig {
             frames: d.frames,
             max_ports: d.max_ports,
             xdp_mode,
+            busy_poll,
             socket: f.admin.socket,
             state_dir: f.admin.state_dir,
             control,
@@ -516,9 +566,20 @@ static_file = "/etc/ferry/nodes.toml"
         assert_eq!((c.vni, c.tunnel_port, c.workers), (1, 4789, 1));
         assert_eq!(c.host_if.as_deref(), Some("ferry0"));
         assert_eq!(c.gateway_mac.to_string(), "02:fe:ff:ff:ff:ff");
+        assert_eq!(c.busy_poll, None);
         assert_eq!(c.control.static_file.as_deref(), Some(Path::new("/etc/ferry/nodes.toml")));
         let g = parse(&GOOD.replace("[pods]", "[tunnel]\nkind = \"geneve\"\n[pods]")).expect("geneve");
         assert_eq!(g.tunnel_port, 6081);
+    }
+
+    #[test]
+    fn busy_poll_takes_its_device_settings() {
+        let text = GOOD.replace(
+            "[control]",
+            "[dataplane]\nbusy_poll = true\nbusy_poll_budget = 32\ngro_flush_timeout_us = 50\n[control]",
+        );
+        let bp = parse(&text).expect("valid").busy_poll.expect("busy polling on");
+        assert_eq!((bp.budget, bp.defer_hard_irqs, bp.gro_flush_timeout_ns), (32, 2, 50_000));
     }
 
     #[test]
@@ -532,6 +593,15 @@ static_file = "/etc/ferry/nodes.toml"
             (GOOD.replace("10.244.1.0/24", "10.244.1.0/33"), "pods.pod_cidrs"),
             (GOOD.replace("[control]", "[dataplane]\nworkers = 0\n[control]"), "dataplane.workers"),
             (GOOD.replace("[control]", "[dataplane]\npoll = \"lazy\"\n[control]"), "dataplane.poll"),
+            (GOOD.replace("[control]", "[dataplane]\nbusy_poll_budget = 0\n[control]"), "dataplane.busy_poll_budget"),
+            (
+                GOOD.replace("[control]", "[dataplane]\nnapi_defer_hard_irqs = 0\n[control]"),
+                "dataplane.napi_defer_hard_irqs",
+            ),
+            (
+                GOOD.replace("[control]", "[dataplane]\ngro_flush_timeout_us = 0\n[control]"),
+                "dataplane.gro_flush_timeout_us",
+            ),
             (GOOD.replace("[pods]", "[tunnel]\nvtep_mac = \"01:00:00:00:00:01\"\n[pods]"), "tunnel.vtep_mac"),
             (GOOD.replace("static_file = \"/etc/ferry/nodes.toml\"", ""), "route source"),
             (GOOD.replace("[underlay]", "[underlay]\nmtu = \"big\""), "mtu"),

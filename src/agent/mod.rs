@@ -28,7 +28,7 @@ use ferry_dataplane::counters::{Counters, SharedCounters};
 use ferry_dataplane::frame::{FrameMem, FreeFrames};
 use ferry_dataplane::neighbour::NeighbourSync;
 use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
-use ferry_dataplane::port::xsk::{XskMem, XskMemConfig, XskPort, XskPortConfig};
+use ferry_dataplane::port::xsk::{self, XskMem, XskMemConfig, XskPort, XskPortConfig};
 use ferry_dataplane::worker::{self, PollMode, Worker};
 use ferry_dataplane::xdp::{PodConfig, UplinkConfig, XdpAttachment, XdpProgram};
 use ferry_encap::{DecapConfig, TunnelKind};
@@ -248,7 +248,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         underlay_mtu: underlay_mtu as u16,
         icmp_rate: (1000, 100),
     };
-    let port_cfg = XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: None, fill_target: None };
+    let port_cfg = XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: cfg.busy_poll, fill_target: None };
     // Pods (and the host port) share each worker's frames with the uplink: each keeps half a fill
     // ring lent, so that quiet pods do not hold frames the busy ports need. (A quarter was tried:
     // a TCP burst arriving while the worker slept overflowed it, counted as socket drops.)
@@ -297,6 +297,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         handles.push(WorkerHandle { mem: mem_handle, control, queue: w });
     }
     let uplink_xdp: XdpAttachment = uplink_prog.attach(&cfg.underlay_if, cfg.xdp_mode)?;
+    if let Some(bp) = &cfg.busy_poll {
+        xsk::defer_interrupts(&cfg.underlay_if, bp)?;
+    }
 
     let ports = Arc::new(Mutex::new(BTreeMap::new()));
     lock(&ports).insert(

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_dataplane::pipeline::{PortId, PortRole};
-use ferry_dataplane::port::xsk::{XskMemHandle, XskPort, XskPortConfig};
+use ferry_dataplane::port::xsk::{self, XskMemHandle, XskPort, XskPortConfig};
 use ferry_dataplane::worker::PortControl;
 use ferry_dataplane::xdp::{PodConfig, XdpAttachment, XdpMode, XdpProgram};
 use ferry_encap::MacAddr;
@@ -166,11 +166,18 @@ impl Pods {
             }
             added.push(w);
         }
-        match prog.attach(ifname, self.xdp_mode) {
+        let attached = prog.attach(ifname, self.xdp_mode).map_err(|e| e.to_string()).and_then(|a| {
+            // The device's NAPI exists once the program is attached (veth); set its deferral then.
+            match &self.port_cfg.busy_poll {
+                Some(bp) => xsk::defer_interrupts(ifname, bp).map(|()| a).map_err(|e| e.to_string()),
+                None => Ok(a),
+            }
+        });
+        match attached {
             Ok(a) => Ok((id, a)),
             Err(e) => {
                 undo(&added);
-                Err(e.to_string())
+                Err(e)
             }
         }
     }

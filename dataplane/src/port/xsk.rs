@@ -51,18 +51,31 @@ const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
 /// (socket teardown in the kernel is asynchronous).
 const BUSY_RETRY: Duration = Duration::from_secs(2);
 
-/// Busy polling: the worker drives the driver's NAPI from its own loop instead of interrupts.
+/// Preferred busy polling: the worker runs the device queue's receive (its NAPI poll) in its own
+/// loop, on its own core, each time it looks at the socket, instead of the kernel running it in
+/// softirq wherever the device's interrupt (or, for veth, the sender) scheduled it.
+///
+/// The device side is set on the interface ([`defer_interrupts`]): while a socket keeps polling, `napi_defer_hard_irqs`
+/// and `gro_flush_timeout` keep the device's interrupts (veth: the sender's wake-ups) off, and the
+/// timer only takes over when the worker stops polling for longer than the timeout. These are
+/// per-device settings: on an uplink they also delay the host's own traffic by up to the timeout
+/// while no worker polls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BusyPoll {
-    /// `SO_BUSY_POLL`: microseconds a receive may busy-poll.
+    /// `SO_BUSY_POLL`: microseconds a blocking receive may busy-poll (the worker's non-blocking
+    /// calls poll one round whatever the value; it must be non-zero).
     pub usecs: u32,
     /// `SO_BUSY_POLL_BUDGET`: packets per busy-poll round.
     pub budget: u32,
+    /// The device's `napi_defer_hard_irqs`: empty polls before interrupts come back.
+    pub defer_hard_irqs: u32,
+    /// The device's `gro_flush_timeout`, in nanoseconds: how long interrupts stay off after a poll.
+    pub gro_flush_timeout_ns: u64,
 }
 
 impl Default for BusyPoll {
     fn default() -> Self {
-        BusyPoll { usecs: 20, budget: 64 }
+        BusyPoll { usecs: 20, budget: 64, defer_hard_irqs: 2, gro_flush_timeout_ns: 200_000 }
     }
 }
 
@@ -359,6 +372,32 @@ fn set_busy_poll(sys: &impl Sys, fd: RawFd, ifname: &str, bp: BusyPoll) -> Resul
     Ok(())
 }
 
+/// Sets the device side of busy polling on `ifname` (see [`BusyPoll`]): its
+/// `napi_defer_hard_irqs` and `gro_flush_timeout`. Without them busy polling still works, but the
+/// device keeps raising its interrupts (veth: the sender keeps scheduling the receive NAPI on its
+/// own core) besides the worker's polls.
+///
+/// # Errors
+/// [`XskError::DeviceSetting`]: the attribute could not be written (no CAP_NET_ADMIN, or a /sys
+/// that belongs to another network namespace).
+pub fn defer_interrupts(ifname: &str, bp: &BusyPoll) -> Result<(), XskError> {
+    defer_interrupts_with(&RealSys, ifname, bp)
+}
+
+fn defer_interrupts_with(sys: &impl Sys, ifname: &str, bp: &BusyPoll) -> Result<(), XskError> {
+    let attrs =
+        [("napi_defer_hard_irqs", u64::from(bp.defer_hard_irqs)), ("gro_flush_timeout", bp.gro_flush_timeout_ns)];
+    for (attr, value) in attrs {
+        sys.set_net_attr(ifname, attr, value).map_err(|source| XskError::DeviceSetting {
+            attr,
+            ifname: ifname.to_owned(),
+            value,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 impl Port for XskPort {
     type Mem = XskMem;
 
@@ -367,13 +406,17 @@ impl Port for XskPort {
     }
 
     fn recv(&mut self, _mem: &mut XskMem, out: &mut [Pkt]) -> usize {
-        if self.busy_poll || self.fill.needs_wakeup() {
-            self.kick_rx();
-        }
         let max = out.len().min(self.scratch.len());
+        // What is already in the ring first: a busy-poll kick adds up to two NAPI budgets, so
+        // kicking on every call while frames wait would let the ring grow until the kernel drops.
         // SAFETY: every descriptor the receive ring hands back names a frame this port put on its
         // fill ring, which is now ours; the descriptors are only copied out below.
-        let n = unsafe { self.rx.consume(&mut self.scratch[..max]) };
+        let mut n = unsafe { self.rx.consume(&mut self.scratch[..max]) };
+        if n < max && (self.busy_poll || self.fill.needs_wakeup()) {
+            self.kick_rx();
+            // SAFETY: as above.
+            n += unsafe { self.rx.consume(&mut self.scratch[n..max]) };
+        }
         self.fill_held -= n;
         let mut k = 0;
         for i in 0..n {

@@ -53,6 +53,10 @@ pub(crate) trait Sys {
     /// `getsockopt` of an integer value.
     fn get_sockopt(&self, fd: RawFd, level: c_int, name: c_int) -> io::Result<u32>;
 
+    /// Writes a number to the interface's attribute file `/sys/class/net/<ifname>/<attr>` (the
+    /// caller's network namespace must be the one /sys was mounted in, as under `ip netns exec`).
+    fn set_net_attr(&self, ifname: &str, attr: &str, value: u64) -> io::Result<()>;
+
     /// The XDP programs attached to interface `ifindex`.
     fn xdp_query(&self, ifindex: u32) -> io::Result<XdpProgIds>;
 
@@ -171,6 +175,13 @@ impl Sys for RealSys {
         if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(value) }
     }
 
+    fn set_net_attr(&self, ifname: &str, attr: &str, value: u64) -> io::Result<()> {
+        if ifname.is_empty() || ifname.contains(['/', '\0']) || ifname == "." || ifname == ".." {
+            return Err(io::Error::from_raw_os_error(libc::ENODEV));
+        }
+        std::fs::write(format!("/sys/class/net/{ifname}/{attr}"), value.to_string())
+    }
+
     fn xdp_query(&self, ifindex: u32) -> io::Result<XdpProgIds> {
         // SAFETY: `bpf_xdp_query_opts` is plain data; all-zero is its documented initial state.
         let mut opts: libxdp_sys::bpf_xdp_query_opts = unsafe { mem::zeroed() };
@@ -246,6 +257,7 @@ pub(crate) mod fake {
         pub(crate) link_generic: Result<(), i32>,
         pub(crate) legacy_detach: Result<(), i32>,
         pub(crate) set_sockopt: Result<(), i32>,
+        pub(crate) set_net_attr: Result<(), i32>,
         /// Every call, as text, in order.
         pub(crate) calls: RefCell<Vec<String>>,
     }
@@ -261,6 +273,7 @@ pub(crate) mod fake {
                 link_generic: Ok(()),
                 legacy_detach: Ok(()),
                 set_sockopt: Ok(()),
+                set_net_attr: Ok(()),
                 calls: RefCell::new(Vec::new()),
             }
         }
@@ -308,6 +321,11 @@ pub(crate) mod fake {
         fn get_sockopt(&self, fd: RawFd, level: c_int, name: c_int) -> io::Result<u32> {
             self.record(format!("get_sockopt {fd} {level} {name}"));
             Ok(0)
+        }
+
+        fn set_net_attr(&self, ifname: &str, attr: &str, value: u64) -> io::Result<()> {
+            self.record(format!("set_net_attr {ifname} {attr} {value}"));
+            result(self.set_net_attr)
         }
 
         fn xdp_query(&self, ifindex: u32) -> io::Result<XdpProgIds> {

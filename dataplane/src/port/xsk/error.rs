@@ -161,6 +161,24 @@ pub enum XskError {
         #[source]
         source: io::Error,
     },
+
+    /// An interface setting that busy polling needs could not be written.
+    #[error(
+        "setting /sys/class/net/{ifname}/{attr} to {value} for busy polling failed ({source}): it needs \
+         CAP_NET_ADMIN and a /sys mounted in ferry's network namespace (`ip netns exec` mounts one); or turn \
+         dataplane.busy_poll off"
+    )]
+    DeviceSetting {
+        /// The attribute file.
+        attr: &'static str,
+        /// The interface.
+        ifname: String,
+        /// The value.
+        value: u64,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The error for a failed AF_XDP probe (`socket(AF_XDP)`).

@@ -84,7 +84,8 @@ fn umem_refused_names_memlock_and_the_fixes() {
 #[test]
 fn busy_poll_sets_all_three_options() {
     let sys = FakeSys::default();
-    set_busy_poll(&sys, 7, "eth0", BusyPoll { usecs: 50, budget: 16 }).expect("options set");
+    let bp = BusyPoll { usecs: 50, budget: 16, defer_hard_irqs: 3, gro_flush_timeout_ns: 50_000 };
+    set_busy_poll(&sys, 7, "eth0", bp).expect("options set");
     let sol = libc::SOL_SOCKET;
     assert_eq!(
         sys.calls(),
@@ -97,4 +98,22 @@ fn busy_poll_sets_all_three_options() {
     let sys = FakeSys { set_sockopt: Err(libc::EPERM), ..Default::default() };
     let err = set_busy_poll(&sys, 7, "eth0", BusyPoll::default()).expect_err("refused");
     assert!(err.to_string().contains("SO_PREFER_BUSY_POLL"), "{err}");
+}
+
+#[test]
+fn interrupt_deferral_writes_both_device_attributes() {
+    let sys = FakeSys::default();
+    let bp = BusyPoll { usecs: 50, budget: 16, defer_hard_irqs: 3, gro_flush_timeout_ns: 50_000 };
+    defer_interrupts_with(&sys, "eth0", &bp).expect("attributes set");
+    assert_eq!(
+        sys.calls(),
+        vec![
+            "set_net_attr eth0 napi_defer_hard_irqs 3".to_owned(),
+            "set_net_attr eth0 gro_flush_timeout 50000".to_owned()
+        ]
+    );
+    let sys = FakeSys { set_net_attr: Err(libc::EACCES), ..Default::default() };
+    let err = defer_interrupts_with(&sys, "eth0", &BusyPoll::default()).expect_err("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("/sys/class/net/eth0/napi_defer_hard_irqs") && msg.contains("CAP_NET_ADMIN"), "{msg}");
 }
