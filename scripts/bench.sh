@@ -3,7 +3,7 @@
 # CPUs, one after the other in one run; medians of repeats and ratios ferry/kernel.
 #
 #   sudo scripts/bench.sh [--quick] [--repeats N] [--duration S] [--json FILE] [--poll busy|adaptive]
-#                         [--napi forwarder|sender] [--no-build]
+#                         [--napi rps|forwarder|sender] [--only single|two] [--no-build]
 #
 #   --quick          one short repeat of everything (the CI smoke test; fails on a broken step, never on ratios)
 #   --repeats N      repeats of every measurement (default 5); medians are reported
@@ -12,9 +12,13 @@
 #   --poll MODE      the ferry worker's poll mode on the single-node runs (default adaptive: the worker shares
 #                    CPU 1 with the NAPI thread that fills its ring, and a busy worker takes CPU time from it;
 #                    the 2-node runs always use adaptive: two busy workers cannot share the forwarding CPU)
-#   --napi WHERE     forwarder (default): ferry's XDP-enabled veths get threaded NAPI pinned to the forwarding
-#                    CPU, like RPS does for the kernel; sender: leave veth's receive NAPI on the sending CPU
-#                    (the generator's), which gives ferry part of CPU 0
+#   --napi WHERE     where the receive half of ferry's path (its XDP program and the copy into the socket) runs.
+#                    rps (default): ferry attaches its programs in generic mode (dataplane.xdp_mode), so they run
+#                    after RPS, which steers them to CPU 1 exactly as it steers the kernel's forwarding;
+#                    forwarder: native XDP, the veths' threaded NAPI pinned to CPU 1 at real-time priority beside
+#                    the worker; sender: native XDP left in the veth's NAPI on the sending CPU (the generator's),
+#                    which gives ferry part of CPU 0: a diagnostic, not a comparison
+#   --only PART      single (the single-node encap/decap runs) or two (the 2-node TCP and latency runs)
 #
 # Measures, each direction on one node (n2 is a bare generator/sink):
 #   encap: pod1 -> n1 -> VXLAN on the uplink -> sink on n2;  decap: VXLAN from n2 -> n1 -> sink in pod1
@@ -37,7 +41,8 @@ DURATION=
 TCP_T=
 JSON_OUT=
 POLL=adaptive
-NAPI=forwarder
+NAPI=rps
+ONLY=
 BUILD=1
 while [ $# -gt 0 ]; do
     case $1 in
@@ -47,6 +52,7 @@ while [ $# -gt 0 ]; do
         --json) JSON_OUT=${2:?}; shift ;;
         --poll) POLL=${2:?}; shift ;;
         --napi) NAPI=${2:?}; shift ;;
+        --only) ONLY=${2:?}; shift ;;
         --no-build) BUILD=0 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -54,7 +60,15 @@ while [ $# -gt 0 ]; do
     shift
 done
 case $POLL in busy | adaptive) ;; *) die "--poll busy|adaptive" ;; esac
-case $NAPI in forwarder) STEER_NAPI=1 ;; sender) STEER_NAPI=0 ;; *) die "--napi forwarder|sender" ;; esac
+STEER_NAPI=0
+XDP_MODE=native
+case $NAPI in
+    rps) XDP_MODE=generic ;;
+    forwarder) STEER_NAPI=1 ;;
+    sender) ;;
+    *) die "--napi rps|forwarder|sender" ;;
+esac
+case $ONLY in '' | single | two) ;; *) die "--only single|two" ;; esac
 [[ $REPEATS =~ ^[1-9][0-9]?$ ]] || die "--repeats: 1 to 99"
 if [ "$QUICK" = 1 ]; then
     REPEATS=1
@@ -120,15 +134,18 @@ if awk '{exit !($1 > 1.5)}' /proc/loadavg; then
     echo "warning: load average $LOAD_START is above 1.5: other work shares these CPUs; figures will be noisy" >&2
 fi
 echo "repeats $REPEATS, UDP runs ${DURATION}s, iperf3 ${TCP_T}s, ferry poll $POLL (single node) / adaptive (2 nodes)," \
-    "NAPI of ferry's veths on the $NAPI CPU; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
+    "ferry's veth NAPI: $NAPI; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
+[ "$NAPI" = sender ] && echo "note: --napi sender gives ferry part of CPU $GEN_CPU: not an equal-budget comparison" >&2
 
 for side in ferry kernel; do
+    [ "$ONLY" = two ] && break
     step "$side: single node (encap and decap), n2 is a bare generator/sink"
     net_up "$side" sink
     run_single_node "$side"
     net_down
 done
 for side in ferry kernel; do
+    [ "$ONLY" = single ] && break
     step "$side: 2-node path pod1 -> n1 -> n2 -> pod2 (TCP, latency)"
     POLL_SAVED=$POLL
     POLL=adaptive

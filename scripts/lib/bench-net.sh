@@ -67,9 +67,10 @@ b_mkns() {
 
 # b_steer KIND NS: receive steering of every veth in a node namespace onto the forwarding CPU. RPS moves the
 # kernel's receive work (backlog: IP forwarding, VXLAN, bridge) to CPU $FWD_CPU; without it veth runs the
-# peer's receive softirq on the sending CPU (the generator's). Threaded NAPI, pinned to $FWD_CPU, does the
-# same for ferry's XDP-enabled veths, whose receive runs in NAPI, not the backlog. (Not on kernel nodes: their
-# veths have no NAPI, and threaded GRO cells on the vxlan device were seen to stop draining after an overload.)
+# peer's receive softirq on the sending CPU (the generator's). ferry's programs in generic mode (--napi rps) run
+# in that same backlog, so RPS steers them too. Native XDP runs in the veth's NAPI instead, before RPS:
+# --napi forwarder makes that NAPI threaded, pinned to $FWD_CPU. (Not on kernel nodes: their veths have no NAPI,
+# and threaded GRO cells on the vxlan device were seen to stop draining after an overload.)
 b_steer() {
     local kind=$1 ns=$2 mask d
     mask=$(printf '%x' $((1 << FWD_CPU)))
@@ -153,6 +154,7 @@ interface = ""
 workers = 1
 cores = [$FWD_CPU]
 poll = "$POLL"
+xdp_mode = "$XDP_MODE"
 [admin]
 socket = "$dir/ferry.sock"
 state_dir = "$dir/state"
