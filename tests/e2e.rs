@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod support;
+
 /// Serializes the tests of this binary: one lab at a time.
 static LABS: Mutex<()> = Mutex::new(());
 
@@ -37,13 +39,7 @@ fn bin_dir() -> PathBuf {
 
 /// Root, or SKIP (false), or a failure when CI is set.
 fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "{test} needs root (namespaces, AF_XDP) and CI is set: run as root");
-    eprintln!("SKIP: {test} needs root (network namespaces, AF_XDP)");
-    false
+    support::privileged(test, "network namespaces, AF_XDP")
 }
 
 /// Takes the lab lock (a panicking test must not stop the others).

@@ -28,6 +28,10 @@ use ferry_encap::{DecapConfig, DropReason, FrameBuf, TunnelKind, decap};
 use pcap_file::DataLink;
 use pcap_file::pcap::PcapReader;
 
+mod support;
+
+use support::run;
+
 /// Echo requests sent per test.
 const PINGS: usize = 3;
 /// `ping -p`: the echo payload is this pattern repeated. With `-s 12`, less than a `struct timeval`,
@@ -153,23 +157,6 @@ fn stop(mut child: Child) {
         let _ = child.kill();
     }
     let _ = child.wait();
-}
-
-/// Run a setup command; any failure is a broken environment or test, so panic naming the command.
-fn run(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", cmd.join(" ")));
-    assert!(
-        out.status.success(),
-        "`{}` failed ({}): {}",
-        cmd.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn in_ns<'a>(ns: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {

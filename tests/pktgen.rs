@@ -17,30 +17,12 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_ferry");
 const COUNT: u64 = 20_000;
 
-fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "FAIL: {test} needs root (namespaces, XDP, AF_XDP) and CI is set");
-    eprintln!("SKIP: {test} needs root (namespaces, XDP, AF_XDP); run as root to include it");
-    false
-}
+mod support;
 
-fn run(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", cmd.join(" ")));
-    assert!(
-        out.status.success(),
-        "`{}` failed ({}): {}",
-        cmd.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+use support::run;
+
+fn privileged(test: &str) -> bool {
+    support::privileged(test, "namespaces, XDP, AF_XDP")
 }
 
 /// Two namespaces joined by a veth pair (`pa` in the first, `pb` in the second); dropping deletes

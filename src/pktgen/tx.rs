@@ -186,23 +186,9 @@ impl TokenBucket {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use ferry_dataplane::frame::HeapMem;
-    use ferry_encap::MacAddr;
 
     use super::*;
-
-    fn base() -> FlowAddrs {
-        FlowAddrs {
-            src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
-            dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
-            src_ip: Ipv4Addr::new(10, 0, 0, 1),
-            dst_ip: Ipv4Addr::new(10, 0, 0, 2),
-            src_port: 1024,
-            dst_port: 9,
-        }
-    }
 
     #[test]
     fn imix_is_7_4_1() {
@@ -223,7 +209,7 @@ mod tests {
     #[test]
     fn sequences_are_per_flow_and_untake_leaves_no_gap() {
         let mut mem = HeapMem::new(12, 2048);
-        let mut pool = TxPool::build(&mut mem, 12, &base(), 3, &[60, 100], None, true).expect("pool");
+        let mut pool = TxPool::build(&mut mem, 12, &FlowAddrs::for_tests(), 3, &[60, 100], None, true).expect("pool");
         let mut out = [Pkt { frame: FrameId(0), offset: 0, len: 0 }; 8];
         assert_eq!(pool.take(&mut mem, &mut out, 8, 42), 8);
         let probes: Vec<_> =

@@ -90,6 +90,19 @@ impl FlowAddrs {
         let ip = Ipv4Addr::from_bits(self.src_ip.to_bits().wrapping_add(index / PORTS_PER_ADDRESS));
         FlowAddrs { src_ip: ip, src_port: port, ..*self }
     }
+
+    /// The addresses the unit tests build frames with.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> FlowAddrs {
+        FlowAddrs {
+            src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            src_ip: Ipv4Addr::new(10, 0, 0, 1),
+            dst_ip: Ipv4Addr::new(10, 0, 0, 2),
+            src_port: 1024,
+            dst_port: 9,
+        }
+    }
 }
 
 /// How a prebuilt frame is patched per packet.
@@ -328,17 +341,6 @@ mod tests {
 
     use super::*;
 
-    fn addrs() -> FlowAddrs {
-        FlowAddrs {
-            src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
-            dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
-            src_ip: Ipv4Addr::new(10, 0, 0, 1),
-            dst_ip: Ipv4Addr::new(10, 0, 0, 2),
-            src_port: 1024,
-            dst_port: 9,
-        }
-    }
-
     fn tunnel(kind: TunnelKind, vni: u32) -> TunnelTemplate {
         let p = TemplateParams::new(
             kind,
@@ -364,7 +366,7 @@ mod tests {
     #[test]
     fn builds_a_minimal_frame_etherparse_decodes() {
         let mut buf = [0xaau8; 2048];
-        let slot = build(&mut buf, &addrs().flow(3), 3, 60, None, true).expect("builds");
+        let slot = build(&mut buf, &FlowAddrs::for_tests().flow(3), 3, 60, None, true).expect("builds");
         assert_eq!((slot.len, slot.probe, slot.csum), (60, 42, Some(40)));
         let f = &buf[..60];
         let p = SlicedPacket::from_ethernet(f).expect("parses");
@@ -385,7 +387,7 @@ mod tests {
     #[test]
     fn patch_keeps_the_checksum_correct() {
         let mut buf = [0u8; 2048];
-        let slot = build(&mut buf, &addrs(), 0, 200, None, true).expect("builds");
+        let slot = build(&mut buf, &FlowAddrs::for_tests(), 0, 200, None, true).expect("builds");
         for (seq, t) in [(1, 5), (u64::MAX, (1 << 48) - 1), (0x1234_5678_9abc, 0xdead_beef_cafe), (7, 0)] {
             patch(&mut buf, &slot, seq, t);
             assert!(udp_checksum_ok(&buf[..200]), "seq {seq} time {t}");
@@ -393,7 +395,7 @@ mod tests {
             assert_eq!((p.seq, p.time48), (seq, t & ((1 << 48) - 1)));
         }
         // Checksum off: the field stays zero.
-        let slot = build(&mut buf, &addrs(), 0, 200, None, false).expect("builds");
+        let slot = build(&mut buf, &FlowAddrs::for_tests(), 0, 200, None, false).expect("builds");
         patch(&mut buf, &slot, 99, 99);
         assert_eq!(&buf[40..42], &[0, 0]);
         assert_eq!(find_probe(&buf[..200]).expect("probe").seq, 99);
@@ -401,7 +403,7 @@ mod tests {
 
     #[test]
     fn flows_vary_port_then_address() {
-        let a = addrs();
+        let a = FlowAddrs::for_tests();
         assert_eq!((a.flow(0).src_port, a.flow(0).src_ip), (1024, Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!((a.flow(255).src_port, a.flow(255).src_ip), (1279, Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!((a.flow(256).src_port, a.flow(256).src_ip), (1024, Ipv4Addr::new(10, 0, 0, 2)));
@@ -410,11 +412,17 @@ mod tests {
     #[test]
     fn size_limits() {
         let mut buf = [0u8; 128];
-        assert!(matches!(build(&mut buf, &addrs(), 0, 59, None, true), Err(BuildError::TooShort { min: 60, .. })));
-        assert!(matches!(build(&mut buf, &addrs(), 0, 129, None, true), Err(BuildError::TooLong { .. })));
+        assert!(matches!(
+            build(&mut buf, &FlowAddrs::for_tests(), 0, 59, None, true),
+            Err(BuildError::TooShort { min: 60, .. })
+        ));
+        assert!(matches!(
+            build(&mut buf, &FlowAddrs::for_tests(), 0, 129, None, true),
+            Err(BuildError::TooLong { .. })
+        ));
         let t = tunnel(TunnelKind::Vxlan, 1);
         assert_eq!(min_frame(Some(&t)), 110);
-        let e = build(&mut buf, &addrs(), 0, 100, Some(&t), true).expect_err("too short");
+        let e = build(&mut buf, &FlowAddrs::for_tests(), 0, 100, Some(&t), true).expect_err("too short");
         assert!(e.to_string().contains("smallest is 110 bytes with the tunnel"), "{e}");
     }
 
@@ -422,7 +430,7 @@ mod tests {
     fn vxlan_frame_decodes_and_the_probe_is_found_inside() {
         let mut buf = [0u8; 2048];
         let t = tunnel(TunnelKind::Vxlan, 4242);
-        let slot = build(&mut buf, &addrs().flow(9), 9, 300, Some(&t), true).expect("builds");
+        let slot = build(&mut buf, &FlowAddrs::for_tests().flow(9), 9, 300, Some(&t), true).expect("builds");
         patch(&mut buf, &slot, 77, 1234);
         let f = &buf[..300];
         let p = SlicedPacket::from_ethernet(f).expect("outer parses");
@@ -440,7 +448,7 @@ mod tests {
     fn geneve_frame_probe_is_found() {
         let mut buf = [0u8; 2048];
         let t = tunnel(TunnelKind::Geneve, 7);
-        let slot = build(&mut buf, &addrs(), 1, 150, Some(&t), false).expect("builds");
+        let slot = build(&mut buf, &FlowAddrs::for_tests(), 1, 150, Some(&t), false).expect("builds");
         patch(&mut buf, &slot, 5, 6);
         let probe = find_probe(&buf[..150]).expect("probe");
         assert_eq!((probe.flow, probe.seq, probe.time48, probe.depth), (1, 5, 6, 1));
@@ -449,7 +457,7 @@ mod tests {
     #[test]
     fn foreign_and_truncated_frames_are_not_probes() {
         let mut buf = [0u8; 2048];
-        build(&mut buf, &addrs(), 0, 60, None, true).expect("builds");
+        build(&mut buf, &FlowAddrs::for_tests(), 0, 60, None, true).expect("builds");
         for len in 0..60 {
             assert_eq!(find_probe(&buf[..len]), None, "truncated to {len}");
         }
