@@ -10,7 +10,7 @@
 #   --duration S     seconds of traffic per UDP run (default 3; --quick 1) and per iperf3 run (default 5; quick 2)
 #   --json FILE      results (default: target/bench/bench-<time>.json)
 #   --poll MODE      the ferry worker's poll mode on the single-node runs (default adaptive: the worker shares
-#                    CPU 1 with the NAPI thread that fills its ring, and a busy worker takes CPU time from it;
+#                    CPU 1 with the kernel work that fills its rings, and a busy worker takes CPU time from it;
 #                    the 2-node runs always use adaptive: two busy workers cannot share the forwarding CPU)
 #   --napi WHERE     where the receive half of ferry's path (its XDP program and the copy into the socket) runs.
 #                    rps (default): ferry attaches its programs in generic mode (dataplane.xdp_mode), so they run
