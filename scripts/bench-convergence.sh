@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/common.sh
 
-ensure_apt etcd-server openssl protobuf-compiler libprotobuf-dev
+ensure_build_packages etcd-server openssl
 FERRY_KUBE_APISERVER=$(bash scripts/build-kube-apiserver.sh | tail -n1)
 export FERRY_KUBE_APISERVER
 # The release profile aborts on panic; unwind here so that a failed run still drops (kills) the servers.

@@ -114,7 +114,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step "packages"
-ensure_apt iperf3 ethtool iproute2 procps containernetworking-plugins jq clang pkg-config libelf-dev zlib1g-dev m4
+ensure_build_packages iperf3 ethtool iproute2 procps containernetworking-plugins jq
 
 if [ "$BUILD" = 1 ]; then
     step "build (cargo build --release --locked -p ferry)"

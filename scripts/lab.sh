@@ -99,7 +99,8 @@ ensure_packages() {
     local pkgs=(iproute2 iputils-ping ethtool containernetworking-plugins python3)
     [ "$SOURCE" = etcd ] && pkgs+=(etcd-server etcd-client)
     [ "$SOURCE" = kube ] && pkgs+=(etcd-server etcd-client curl openssl)
-    ensure_apt "${pkgs[@]}"
+    # Building needs its own packages too (a bare machine has none of them); --no-build skips those.
+    if [ "$BUILD" = 1 ] && [ -z "${FERRY_BIN_DIR:-}" ]; then ensure_build_packages "${pkgs[@]}"; else ensure_apt "${pkgs[@]}"; fi
 }
 
 build_binaries() {

@@ -26,9 +26,9 @@ done
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 [[ $EUID -eq 0 ]] || { echo "needs root (network namespaces, XDP, AF_XDP)" >&2; exit 1; }
-for tool in trafgen clang ethtool taskset; do
-    command -v "$tool" >/dev/null || { echo "missing $tool (Debian: netsniff-ng clang ethtool util-linux)" >&2; exit 1; }
-done
+# shellcheck source=scripts/lib/common.sh
+. "$root/scripts/lib/common.sh"
+ensure_build_packages netsniff-ng ethtool util-linux
 if [[ -z "$FERRY" ]]; then
     (cd "$root" && cargo build --release --locked -q -p ferry --bin ferry)
     FERRY="$root/target/release/ferry"

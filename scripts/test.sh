@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 
 step "system packages"
-ensure_apt tshark iproute2 iputils-ping tcpdump netsniff-ng clang pkg-config libelf-dev zlib1g-dev m4 ethtool libbpf-dev linux-libc-dev \
-    etcd-server openssl protobuf-compiler libprotobuf-dev containernetworking-plugins python3
+ensure_build_packages tshark iproute2 iputils-ping tcpdump netsniff-ng ethtool \
+    etcd-server openssl containernetworking-plugins python3
 
 step "format and lints"
 cargo fmt --all --check

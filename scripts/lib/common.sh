@@ -19,6 +19,17 @@ ensure_apt() {
     apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# The Debian packages needed to build ferry (cargo build of the whole workspace), in one place for every script
+# that builds: libbpf-sys/libxdp-sys compile libbpf and ferry's XDP programs (clang, libelf, zlib, m4,
+# pkg-config, kernel headers), etcd-client's build runs protoc.
+FERRY_BUILD_PACKAGES=(gcc clang pkg-config libelf-dev zlib1g-dev m4 libbpf-dev linux-libc-dev
+    protobuf-compiler libprotobuf-dev)
+
+# Install what building ferry needs (see FERRY_BUILD_PACKAGES), plus any extra packages named.
+ensure_build_packages() {
+    ensure_apt "${FERRY_BUILD_PACKAGES[@]}" "$@"
+}
+
 # Fail (CI) or warn (elsewhere) when not root: privileged tests are never skipped in CI.
 require_root_or_skip() {
     if [ "$(id -u)" -eq 0 ]; then return 0; fi
