@@ -10,9 +10,21 @@
  * Configuration (written by the loader, dataplane/src/xdp): `pod_config[0]` for the gateway
  * addresses, and the LPM tries `pod_nets4` / `pod_nets6` for the pod networks.
  */
-#include <linux/if_arp.h>
 #include <linux/icmpv6.h>
 #include "parse.h"
+
+/*
+ * The ARP fixed header (RFC 826), defined here rather than taken from <linux/if_arp.h>: that header
+ * pulls in glibc's <sys/socket.h>, which under `-target bpf` asks for <gnu/stubs-32.h>, a file only
+ * the i386 multilib package ships. A bare machine has no such package, and the build failed there.
+ */
+struct ferry_arphdr {
+	__be16 ar_hrd;
+	__be16 ar_pro;
+	__u8 ar_hln;
+	__u8 ar_pln;
+	__be16 ar_op;
+};
 
 /* Neighbour solicitation (RFC 4861 section 4.3), without options. */
 #define FERRY_ND_NEIGHBOR_SOLICIT 135
@@ -26,7 +38,7 @@ struct nd_solicit {
 
 /* ARP for IPv4 over Ethernet (RFC 826), after the fixed header. */
 struct arp_eth_ipv4 {
-	struct arphdr hdr;
+	struct ferry_arphdr hdr;
 	__u8 sha[ETH_ALEN];
 	__be32 spa;
 	__u8 tha[ETH_ALEN];
