@@ -121,6 +121,16 @@ drop_reasons! {
     NoNeighbour => "no_neighbour", "underlay next hop not resolved yet";
     /// The egress port's transmit ring was full.
     TxRingFull => "tx_ring_full", "transmit ring full";
+    /// A virtio-net header (tap with IFF_VNET_HDR) with unknown flags or GSO type, or a GSO packet
+    /// without a segment size or without NEEDS_CSUM.
+    VnetBadHeader => "vnet_bad_header", "malformed virtio-net header";
+    /// virtio-net csum_start/csum_offset outside the frame, or not at the L4 checksum of a GSO packet.
+    VnetBadChecksumOffset => "vnet_bad_checksum_offset", "virtio-net checksum offsets do not fit the packet";
+    /// A GSO super-packet ferry cannot segment: its GSO type does not match its headers, or it is not
+    /// TCP/UDP directly over IPv4/IPv6 (IPv6 extension headers, IPv4 fragments).
+    GsoUnsupported => "gso_unsupported", "GSO packet ferry cannot segment";
+    /// The buffer given for segments or super-packets is too small (a caller sizing error).
+    GsoNoRoom => "gso_no_room", "no room for the segmented or coalesced packet";
 }
 
 #[cfg(test)]

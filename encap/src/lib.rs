@@ -9,7 +9,9 @@
 //! - **Hot path** (workers): [`flow::classify`] parses an inner frame once; [`encap()`] copies a
 //!   template into the frame's headroom and patches it; [`decap()`] validates and strips the outer
 //!   headers; [`offload::complete_checksum`] finishes checksums a veth left undone;
-//!   [`icmp::build_error`] answers packets that cannot be forwarded.
+//!   [`icmp::build_error`] answers packets that cannot be forwarded; [`gso::Segmenter`] cuts a
+//!   tap's GSO super-packets (behind a [`wire::virtio_net::VirtioNetHdr`]) into wire-sized
+//!   segments and [`gro::Coalescer`] merges received segments back, as Linux's GSO and GRO do.
 //!
 //! Every failure on the hot path is a [`DropReason`], a `#[repr(u8)]` enum the data plane counts
 //! per reason. A pipeline stage reports its decision as a [`Verdict`].
@@ -21,6 +23,8 @@ pub mod ecn;
 pub mod encap;
 pub mod flow;
 mod frame;
+pub mod gro;
+pub mod gso;
 pub mod icmp;
 pub mod offload;
 pub mod template;

@@ -374,6 +374,19 @@ impl TunnelTemplate {
         self.dst_mac
     }
 
+    /// The tunnel header alone (VXLAN, or Geneve with its options): what follows the outer UDP
+    /// header. A UDP socket sending tunnel datagrams (the kernel adds IP and UDP) starts each
+    /// datagram with these bytes.
+    pub fn tunnel_header(&self) -> &[u8] {
+        &self.bytes[self.l4_offset + udp::HEADER_LEN..self.len]
+    }
+
+    /// The outer TOS / traffic class for an inner packet's `inner_tos`: the fixed or inherited
+    /// DSCP and the ECN bits RFC 6040 gives the outer header.
+    pub fn outer_tos(&self, inner_tos: u8) -> u8 {
+        self.fixed_tos.unwrap_or(inner_tos & 0xfc) | crate::ecn::encap(self.ecn, inner_tos)
+    }
+
     /// A copy with a new next-hop MAC (the neighbour changed); everything else, the sums included,
     /// stays valid because MACs are outside the IP header.
     pub fn with_next_hop_mac(&self, mac: MacAddr) -> Self {

@@ -22,6 +22,36 @@ use crate::DropReason;
 pub const HEADER_LEN: usize = 20;
 /// Offset of the checksum field.
 pub const CHECKSUM_OFFSET: usize = 16;
+/// Offset of the sequence number.
+pub const SEQ_OFFSET: usize = 4;
+/// Offset of the acknowledgment number.
+pub const ACK_OFFSET: usize = 8;
+/// Offset of the byte holding the data offset (high nibble).
+pub const DATA_OFFSET_OFFSET: usize = 12;
+/// Offset of the flags byte (CWR ... FIN).
+pub const FLAGS_OFFSET: usize = 13;
+/// Longest header (data offset 15).
+pub const MAX_HEADER_LEN: usize = 60;
+
+/// Bits of the flags byte at [`FLAGS_OFFSET`].
+pub mod flags {
+    /// No more data from the sender.
+    pub const FIN: u8 = 0x01;
+    /// Synchronise sequence numbers.
+    pub const SYN: u8 = 0x02;
+    /// Reset the connection.
+    pub const RST: u8 = 0x04;
+    /// Push.
+    pub const PSH: u8 = 0x08;
+    /// The acknowledgment field is significant.
+    pub const ACK: u8 = 0x10;
+    /// The urgent pointer is significant.
+    pub const URG: u8 = 0x20;
+    /// ECN-Echo (RFC 3168).
+    pub const ECE: u8 = 0x40;
+    /// Congestion window reduced (RFC 3168).
+    pub const CWR: u8 = 0x80;
+}
 
 /// A view of the fixed part of a TCP header.
 #[derive(Debug, Clone)]
