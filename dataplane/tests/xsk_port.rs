@@ -1,8 +1,8 @@
 //! Privileged tests of `XskPort` on veth pairs in private network namespaces (test side): frames
 //! in through `recv` byte for byte, frames out through `send`/`flush` (including batches larger
 //! than one copy-mode kick and packets not at offset 0), forwarding between two interfaces by
-//! descriptor passing on one shared UMEM, multi-queue binding, busy-poll options, and the errors
-//! for a missing interface, a queue out of range and a busy queue.
+//! descriptor passing on one shared UMEM, multi-queue binding, busy-poll options, the errors for a
+//! missing interface, a queue out of range and a busy queue, and a pcap tap over the port.
 //!
 //! Needs root; without it the tests fail when `CI` is set and print SKIP otherwise. Everything
 //! runs in namespaces the tests create; a guard deletes them even when a test panics. Every wait
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferry_dataplane::frame::{FrameId, FrameMem, FreeFrames, Pkt};
 use ferry_dataplane::port::Port;
+use ferry_dataplane::port::pcap::{PcapTap, TapDirection};
 use ferry_dataplane::port::xsk::{BusyPoll, XskError, XskMem, XskMemConfig, XskMode, XskPort, XskPortConfig};
 use ferry_dataplane::xdp::{AttachMode, UplinkConfig, XdpAttachment, XdpMode, XdpProgram};
 use xsk_util::*;
@@ -362,4 +363,54 @@ fn a_fill_target_keeps_only_that_many_frames_lent() {
     assert_eq!(port.refill(&mut free), 0, "topped up already");
     assert_eq!(port.frames_held(), 64);
     assert_eq!(free.len(), mem.frame_count() as usize - 64);
+}
+
+#[test]
+fn a_pcap_tap_records_decapsulated_packets_as_sent() {
+    if !privileged("a_pcap_tap_records_decapsulated_packets_as_sent") {
+        return;
+    }
+    let t = pair(1);
+    let _in_a = InNetns::enter(&t.a.ns);
+    let mut mem = XskMem::new(XskMemConfig::default()).expect("UMEM");
+    let mut free = FreeFrames::all(mem.frame_count());
+    let port = XskPort::open(&mem, &t.a.name, 0, &XskPortConfig::default()).expect("bind");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("tap.pcap");
+    let mut tap = PcapTap::new(port, &path, TapDirection::Tx).expect("pcap file");
+    let peer = {
+        let _in_b = InNetns::enter(&t.b.ns);
+        PacketSocket::bind(&t.b.name)
+    };
+
+    // A tunnel frame as the uplink received it, and the inner frame decapsulation leaves in place:
+    // 50 bytes in (outer Ethernet, IPv4, UDP, VXLAN). `send` moves it to offset 0 of its frame.
+    let mut inner = Vec::new();
+    for i in 0..3u16 {
+        inner.push(udp4(t.a.mac, t.b.mac, A4, B4, 5000, 6002, format!("decapsulated-{i}").as_bytes()));
+    }
+    let mut pkts = Vec::new();
+    for f in &inner {
+        let mut payload = vec![0x08, 0, 0, 0, 0, 0, 42, 0];
+        payload.extend_from_slice(f);
+        let outer = udp4(t.b.mac, t.a.mac, B4, A4, 40000, TUNNEL_PORT, &payload);
+        assert_eq!(outer.len(), 50 + f.len());
+        let id = free.pop().expect("free frame");
+        mem.frame_mut(id)[..outer.len()].copy_from_slice(&outer);
+        pkts.push(Pkt { frame: id, offset: 50, len: f.len() as u16 });
+    }
+    assert_eq!(tap.send(&mut mem, &pkts), pkts.len());
+    tap.flush().expect("kick");
+    let seen = peer.recv_until(deadline(5), inner.len(), |f| udp_of(f).is_some_and(|(p, _)| p == 6002));
+    assert_eq!(seen, inner, "the port sent other bytes than the inner frames");
+
+    assert_eq!(tap.write_errors(), 0);
+    tap.finish().expect("pcap file flushed");
+    let file = std::fs::File::open(&path).expect("pcap file");
+    let mut reader = pcap_file::pcap::PcapReader::new(file).expect("pcap header");
+    let mut recorded = Vec::new();
+    while let Some(pkt) = reader.next_packet() {
+        recorded.push(pkt.expect("pcap record").data.into_owned());
+    }
+    assert_eq!(recorded, inner, "the tap recorded other bytes than the port sent");
 }

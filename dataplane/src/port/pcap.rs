@@ -1,9 +1,11 @@
 //! A pcap-writing tap around any port, for debugging (hot path shaped, but it does I/O: a debug
 //! tool, not for production traffic).
 //!
-//! Every packet received or sent through the wrapped port is appended to a pcap file with its
-//! direction in the interface-description-less classic format (Ethernet link type), readable by
-//! tcpdump and tshark.
+//! Every packet received or sent through the wrapped port is appended to a pcap file in the
+//! classic format (Ethernet link type), readable by tcpdump and tshark. A sent packet is recorded
+//! as it was handed to the port: the bytes are copied before the send, because a port may move
+//! them (AF_XDP moves a packet that does not start its frame, a decapsulated one say, to offset 0),
+//! and only the packets the port took are written.
 
 use std::fs::File;
 use std::io::{self, BufWriter};
@@ -34,6 +36,10 @@ pub struct PcapTap<P> {
     writer: PcapWriter<BufWriter<File>>,
     direction: TapDirection,
     write_errors: u64,
+    /// The bytes of the packets being sent, copied before the send, back to back.
+    staged: Vec<u8>,
+    /// Where each staged packet ends in `staged`.
+    staged_ends: Vec<usize>,
 }
 
 impl<P: Port> PcapTap<P> {
@@ -45,7 +51,7 @@ impl<P: Port> PcapTap<P> {
         let file = BufWriter::new(File::create(path)?);
         let header = PcapHeader { datalink: DataLink::ETHERNET, ..Default::default() };
         let writer = PcapWriter::with_header(file, header).map_err(io::Error::other)?;
-        Ok(PcapTap { inner, writer, direction, write_errors: 0 })
+        Ok(PcapTap { inner, writer, direction, write_errors: 0, staged: Vec::new(), staged_ends: Vec::new() })
     }
 
     /// The wrapped port.
@@ -56,14 +62,6 @@ impl<P: Port> PcapTap<P> {
     /// Packets that could not be written to the file.
     pub fn write_errors(&self) -> u64 {
         self.write_errors
-    }
-
-    fn record(&mut self, bytes: &[u8]) {
-        let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        let pkt = PcapPacket::new(ts, bytes.len() as u32, bytes);
-        if self.writer.write_packet(&pkt).is_err() {
-            self.write_errors += 1;
-        }
     }
 
     /// Finish the pcap file and give the wrapped port back. (Dropping the tap also flushes the file,
@@ -78,6 +76,15 @@ impl<P: Port> PcapTap<P> {
     }
 }
 
+/// Append one packet to the file, counting a failure.
+fn record(writer: &mut PcapWriter<BufWriter<File>>, write_errors: &mut u64, bytes: &[u8]) {
+    let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let pkt = PcapPacket::new(ts, bytes.len() as u32, bytes);
+    if writer.write_packet(&pkt).is_err() {
+        *write_errors += 1;
+    }
+}
+
 impl<P: Port> Port for PcapTap<P> {
     type Mem = P::Mem;
 
@@ -89,19 +96,29 @@ impl<P: Port> Port for PcapTap<P> {
         let n = self.inner.recv(mem, out);
         if self.direction != TapDirection::Tx {
             for p in &out[..n] {
-                self.record(mem.bytes(*p));
+                record(&mut self.writer, &mut self.write_errors, mem.bytes(*p));
             }
         }
         n
     }
 
     fn send(&mut self, mem: &mut Self::Mem, pkts: &[Pkt]) -> usize {
-        // Record before handing over: after `send` the frame belongs to the port.
+        if self.direction == TapDirection::Rx {
+            return self.inner.send(mem, pkts);
+        }
+        // Copy before handing over: after `send` the frame belongs to the port, which may have
+        // moved the bytes. Which packets it takes is known only afterwards.
+        self.staged.clear();
+        self.staged_ends.clear();
+        for p in pkts {
+            self.staged.extend_from_slice(mem.bytes(*p));
+            self.staged_ends.push(self.staged.len());
+        }
         let n = self.inner.send(mem, pkts);
-        if self.direction != TapDirection::Rx {
-            for p in &pkts[..n] {
-                self.record(mem.bytes(*p));
-            }
+        let mut start = 0;
+        for &end in &self.staged_ends[..n] {
+            record(&mut self.writer, &mut self.write_errors, &self.staged[start..end]);
+            start = end;
         }
         n
     }
@@ -132,5 +149,44 @@ impl<P: Port> Port for PcapTap<P> {
 
     fn stats(&self) -> PortStats {
         self.inner.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pcap_file::pcap::PcapReader;
+
+    use super::*;
+    use crate::frame::HeapMem;
+    use crate::port::mem::{MemPort, MemPortConfig};
+
+    fn recorded(path: &Path) -> Vec<Vec<u8>> {
+        let mut reader = PcapReader::new(File::open(path).expect("pcap file")).expect("pcap header");
+        let mut out = Vec::new();
+        while let Some(p) = reader.next_packet() {
+            out.push(p.expect("pcap record").data.into_owned());
+        }
+        out
+    }
+
+    #[test]
+    fn records_only_the_packets_the_port_took() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("tap.pcap");
+        let mut mem = HeapMem::new(8, 2048);
+        let mut free = FreeFrames::all(8);
+        let port = MemPort::new("p0", MemPortConfig { tx_ring: 1, ..MemPortConfig::default() });
+        let mut tap = PcapTap::new(port, &path, TapDirection::Tx).expect("pcap file");
+        // Two packets at offsets other than 0; a one-slot ring takes the first only.
+        let mut pkts = Vec::new();
+        for (payload, offset) in [(&b"first"[..], 50u16), (&b"second"[..], 70)] {
+            let id = free.pop().expect("free frame");
+            let o = usize::from(offset);
+            mem.frame_mut(id)[o..o + payload.len()].copy_from_slice(payload);
+            pkts.push(Pkt { frame: id, offset, len: payload.len() as u16 });
+        }
+        assert_eq!(tap.send(&mut mem, &pkts), 1);
+        tap.finish().expect("flush");
+        assert_eq!(recorded(&path), vec![b"first".to_vec()]);
     }
 }
