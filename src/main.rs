@@ -231,6 +231,9 @@ fn print_stats(d: &Value) {
         );
     }
     println!("drops in ferry: {} in all, {} ICMP errors sent", s(&d["total_drops"]), s(&d["icmp_errors"]));
+    if d["double_frees"].as_u64().unwrap_or(0) > 0 {
+        println!("frames freed twice and refused: {} (a bug in ferry: please report it)", s(&d["double_frees"]));
+    }
     if let Some(drops) = d["drops"].as_object() {
         for (reason, n) in drops {
             if n.as_u64().unwrap_or(0) > 0 {

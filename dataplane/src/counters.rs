@@ -33,6 +33,10 @@ pub struct Counters {
     pub port: Vec<PortStats>,
     /// Drops by reason, and ICMP errors sent.
     pub pipeline: PipelineCounters,
+    /// Frames given back to the free list while already free, or not of the worker's memory, and
+    /// refused there ([`FreeFrames::refused`](crate::frame::FreeFrames::refused)). Not 0 means a
+    /// bug; without the refusal two packets would have shared a frame.
+    pub double_frees: u64,
 }
 
 impl Counters {
@@ -43,6 +47,7 @@ impl Counters {
             tx: vec![Flow::default(); ports],
             port: vec![PortStats::default(); ports],
             pipeline: PipelineCounters::default(),
+            double_frees: 0,
         }
     }
 
@@ -65,14 +70,14 @@ const PER_PORT: usize = 8;
 pub struct SharedCounters {
     ports: usize,
     /// rx packets, rx bytes, tx packets, tx bytes and the four port statistics per port, then
-    /// drops, then ICMP errors.
+    /// drops, then ICMP errors, then double frees.
     cells: Box<[AtomicU64]>,
 }
 
 impl SharedCounters {
     /// Zeroed cells for `ports` ports.
     pub fn new(ports: usize) -> Self {
-        let cells = (0..ports * PER_PORT + DropReason::COUNT + 1).map(|_| AtomicU64::new(0)).collect();
+        let cells = (0..ports * PER_PORT + DropReason::COUNT + 2).map(|_| AtomicU64::new(0)).collect();
         SharedCounters { ports, cells }
     }
 
@@ -100,6 +105,7 @@ impl SharedCounters {
             self.cells[d + i].store(*v, Ordering::Relaxed);
         }
         self.cells[d + DropReason::COUNT].store(c.pipeline.icmp_errors, Ordering::Relaxed);
+        self.cells[d + DropReason::COUNT + 1].store(c.double_frees, Ordering::Relaxed);
     }
 
     /// Read the published values.
@@ -117,6 +123,7 @@ impl SharedCounters {
             *v = self.cells[d + i].load(Ordering::Relaxed);
         }
         c.pipeline.icmp_errors = self.cells[d + DropReason::COUNT].load(Ordering::Relaxed);
+        c.double_frees = self.cells[d + DropReason::COUNT + 1].load(Ordering::Relaxed);
         c
     }
 }
@@ -150,6 +157,7 @@ pub fn sum<'a>(workers: impl IntoIterator<Item = &'a SharedCounters>) -> Option<
                     *a += b;
                 }
                 t.pipeline.icmp_errors += c.pipeline.icmp_errors;
+                t.double_frees += c.double_frees;
             }
         }
     }
@@ -167,6 +175,7 @@ mod tests {
         c.tx[0] = Flow { packets: 2, bytes: 128 };
         c.pipeline.drops[DropReason::NoRoute as usize] = 5;
         c.pipeline.icmp_errors = 2;
+        c.double_frees = 1;
         c.port[1] = PortStats { rx_no_frame: 1, rx_dropped: 2, rx_ring_full: 3, invalid_descs: 4 };
         let (a, b) = (SharedCounters::new(2), SharedCounters::new(2));
         a.publish(&c);
@@ -176,6 +185,7 @@ mod tests {
         assert_eq!(s.tx[0].packets, 4);
         assert_eq!(s.drops(DropReason::NoRoute), 10);
         assert_eq!(s.pipeline.icmp_errors, 4);
+        assert_eq!(s.double_frees, 2);
         assert_eq!(s.port[1], PortStats { rx_no_frame: 2, rx_dropped: 4, rx_ring_full: 6, invalid_descs: 8 });
         assert_eq!(s.port[0], PortStats::default());
         assert_eq!(s.total_drops(), 10);

@@ -98,37 +98,58 @@ impl FrameMem for HeapMem {
     }
 }
 
-/// The worker's free frames: a stack sized once for every frame, so pushing never allocates.
+/// The worker's free frames: a stack sized once for every frame, so pushing never allocates, and
+/// one bit per frame saying whether it is on the stack. A frame returned while already free (a
+/// double free: two owners would share it) or outside the memory is refused and counted, in every
+/// build, so that it can never be handed out twice.
 #[derive(Debug)]
 pub struct FreeFrames {
     stack: Vec<FrameId>,
+    /// Bit `i % 64` of word `i / 64` is set while frame `i` is on `stack`.
+    free: Box<[u64]>,
+    /// Frames the memory has: valid ids are below it.
+    count: u32,
+    refused: u64,
 }
 
 impl FreeFrames {
     /// All `count` frames free.
     pub fn all(count: u32) -> Self {
-        FreeFrames { stack: (0..count).rev().map(FrameId).collect() }
+        let mut f = FreeFrames::empty(count);
+        for id in (0..count).rev() {
+            f.push(FrameId(id));
+        }
+        f
     }
 
-    /// No frame free yet, with room for `capacity` (frames are handed in later).
-    pub fn with_capacity(capacity: u32) -> Self {
-        FreeFrames { stack: Vec::with_capacity(capacity as usize) }
+    /// No frame free yet, for a memory of `count` frames (frames are handed in later).
+    pub fn empty(count: u32) -> Self {
+        FreeFrames {
+            stack: Vec::with_capacity(count as usize),
+            free: vec![0; (count as usize).div_ceil(64)].into_boxed_slice(),
+            count,
+            refused: 0,
+        }
     }
 
     /// Take a free frame.
     #[inline]
     pub fn pop(&mut self) -> Option<FrameId> {
-        self.stack.pop()
+        let id = self.stack.pop()?;
+        self.free[id.0 as usize / 64] &= !(1 << (id.0 % 64));
+        Some(id)
     }
 
-    /// Return a frame.
-    ///
-    /// # Panics
-    /// In debug builds, when more frames come back than were ever allocated, which means a frame was
-    /// freed twice.
+    /// Return a frame. A frame that is free already, or not of this memory, is refused and counted
+    /// under [`refused`](Self::refused): taking it would let two owners share one frame.
     #[inline]
     pub fn push(&mut self, id: FrameId) {
-        debug_assert!(self.stack.len() < self.stack.capacity(), "frame {id:?} freed twice");
+        let (word, bit) = (id.0 as usize / 64, 1u64 << (id.0 % 64));
+        if id.0 >= self.count || self.free[word] & bit != 0 {
+            self.refused += 1;
+            return;
+        }
+        self.free[word] |= bit;
         self.stack.push(id);
     }
 
@@ -140,6 +161,12 @@ impl FreeFrames {
     /// Whether none is free.
     pub fn is_empty(&self) -> bool {
         self.stack.is_empty()
+    }
+
+    /// Frames returned while already free or outside the memory, and refused: each one is a bug
+    /// in whatever returned it (a port, the worker), caught before it could corrupt a packet.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 }
 
@@ -166,5 +193,25 @@ mod tests {
         got.sort();
         assert_eq!(got, vec![FrameId(0), FrameId(1), FrameId(2)]);
         assert!(f.is_empty());
+    }
+
+    /// Not a `debug_assert`: the check holds in release builds too (`cargo test --release`).
+    #[test]
+    fn a_double_free_is_refused_and_counted() {
+        let mut f = FreeFrames::all(70);
+        let a = f.pop().expect("frame");
+        let b = f.pop().expect("frame");
+        f.push(a);
+        f.push(a);
+        f.push(FrameId(69));
+        f.push(FrameId(70));
+        assert_eq!((f.len(), f.refused()), (69, 3), "two frees of free frames and one of a frame not in memory");
+        let mut got: Vec<_> = std::iter::from_fn(|| f.pop()).collect();
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), 69, "every free frame comes out once");
+        assert!(!got.contains(&b), "the frame still taken is not free");
+        f.push(b);
+        assert_eq!((f.pop(), f.refused()), (Some(b), 3), "a frame given back once is taken again");
     }
 }

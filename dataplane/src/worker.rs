@@ -382,6 +382,7 @@ impl<P: Port> Worker<P> {
         for p in 0..self.ports.len() {
             self.flush_port(p);
         }
+        self.counters.double_frees = self.free.refused();
         if received > 0 || self.last_publish.elapsed() >= Duration::from_millis(1) {
             self.publish();
         }

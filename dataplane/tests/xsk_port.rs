@@ -174,7 +174,7 @@ fn shared_umem_forwards_by_descriptor() {
     assert_eq!(seen, sent, "frames left the second interface changed, or some are missing");
 
     // The frames that completed on port 2 are the very frames received on port 1: no copy.
-    let mut back = FreeFrames::with_capacity(mem.frame_count());
+    let mut back = FreeFrames::empty(mem.frame_count());
     reclaim_n(&mut p2, &mut back, forwarded.len(), deadline(5));
     let mut completed: Vec<FrameId> = std::iter::from_fn(|| back.pop()).collect();
     completed.sort();

@@ -629,6 +629,11 @@ fn dataplane_metrics(shared: &Shared, out: &mut String) {
         "# HELP ferry_dataplane_icmp_errors ICMP errors sent.\n# TYPE ferry_dataplane_icmp_errors counter"
     );
     let _ = writeln!(out, "ferry_dataplane_icmp_errors_total {}", c.pipeline.icmp_errors);
+    let _ = writeln!(
+        out,
+        "# HELP ferry_dataplane_double_frees Frames given back twice to a worker's free list and refused (a bug if not 0).\n# TYPE ferry_dataplane_double_frees counter"
+    );
+    let _ = writeln!(out, "ferry_dataplane_double_frees_total {}", c.double_frees);
 }
 
 /// Takes a counter sample for rates.

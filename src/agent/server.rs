@@ -285,6 +285,7 @@ impl Server {
             "drop_rates": drop_rates,
             "total_drops": c1.total_drops(),
             "icmp_errors": c1.pipeline.icmp_errors,
+            "double_frees": c1.double_frees,
         })
     }
 }

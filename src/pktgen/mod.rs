@@ -463,7 +463,7 @@ pub fn run(args: PktgenArgs) -> Result<(), PktgenError> {
     } else {
         None
     };
-    let mut free = FreeFrames::with_capacity(rx_frames);
+    let mut free = FreeFrames::empty(mem.frame_count());
     for id in pool.as_ref().map_or(0, TxPool::len) as u32..mem.frame_count() {
         free.push(FrameId(id));
     }

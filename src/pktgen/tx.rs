@@ -70,7 +70,7 @@ impl TxPool {
             slots,
             ready: (0..count).map(FrameId).collect(),
             seqs: vec![0; flows as usize],
-            done: FreeFrames::with_capacity(count),
+            done: FreeFrames::empty(count),
         })
     }
 
