@@ -31,7 +31,7 @@ use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::xsk::{self, XskMem, XskMemConfig, XskPort, XskPortConfig};
 use ferry_dataplane::worker::{self, PollMode, Worker};
 use ferry_dataplane::xdp::{PodConfig, UplinkConfig, XdpAttachment, XdpProgram};
-use ferry_encap::{DecapConfig, TunnelKind};
+use ferry_encap::{DecapConfig, TemplateError, TemplateParams, TunnelKind, TunnelTemplate};
 use ferry_tables::{LocalPod, Tables, Underlay};
 use ipnet::IpNet;
 
@@ -51,13 +51,15 @@ const UPLINK_FILL: u32 = 1024;
 /// How long learned underlay neighbours stay valid without being confirmed.
 const NEIGHBOUR_REACHABLE: Duration = Duration::from_secs(60);
 
-/// The overhead a tunnel adds to an inner frame (outer IP, UDP, tunnel header, inner Ethernet).
-pub fn tunnel_overhead(kind: TunnelKind, v6_underlay: bool) -> u32 {
-    let ip = if v6_underlay { 40 } else { 20 };
-    let tunnel = match kind {
-        TunnelKind::Vxlan | TunnelKind::Geneve => 8,
-    };
-    ip + 8 + tunnel + 14
+/// What a tunnel costs the pods' MTU: the outer headers as the underlay MTU counts them
+/// ([`TunnelTemplate::ip_overhead`]: outer IP, UDP, the tunnel header and its Geneve options) plus
+/// the inner Ethernet header. Addresses and MACs in `params` do not change the size.
+///
+/// # Errors
+/// The parameters make no valid template.
+pub fn tunnel_overhead(params: &TemplateParams<'_>) -> Result<u32, TemplateError> {
+    let tpl = TunnelTemplate::new(params)?;
+    Ok((tpl.ip_overhead() + ferry_encap::wire::ethernet::HEADER_LEN) as u32)
 }
 
 /// What the agent resolved at startup (reported by `ferry status`).
@@ -176,7 +178,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         IpAddr::V4(a) => (Some(a), None),
         IpAddr::V6(a) => (None, Some(a)),
     };
-    let pod_mtu = underlay_mtu.saturating_sub(tunnel_overhead(cfg.tunnel, v6.is_some()));
+    // The tables build every remote node's template with these parameters (their own MACs and
+    // addresses, which do not change the size).
+    let mut tunnel = TemplateParams::new(cfg.tunnel, cfg.vni, underlay_mac, underlay_mac, underlay_addr, underlay_addr);
+    tunnel.dst_port = cfg.tunnel_port;
+    let pod_mtu = underlay_mtu.saturating_sub(tunnel_overhead(&tunnel).context("the tunnel's parameters")?);
 
     // The tables and the control plane that fills them.
     let tables = Arc::new(Mutex::new(Tables::new(Underlay::new(underlay_mac, v4, v6), NEIGHBOUR_REACHABLE)));
@@ -646,12 +652,50 @@ fn sample(shared: &Shared) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
+    use ferry_encap::wire::geneve::GeneveOption;
+    use ferry_encap::{FrameBuf, MacAddr, encap_with};
+
     use super::*;
 
+    /// The largest inner frame the pods' MTU allows, encapsulated with `params`: its outer IP
+    /// packet, read back by etherparse, is exactly the underlay MTU.
+    fn assert_fills_the_underlay_mtu(params: &TemplateParams<'_>, what: &str) {
+        const UNDERLAY_MTU: u32 = 1500;
+        let pod_mtu = UNDERLAY_MTU - tunnel_overhead(params).expect("valid parameters");
+        let tpl = TunnelTemplate::new(params).expect("valid parameters");
+        let inner = 14 + pod_mtu as usize;
+        let mut buf = vec![0u8; 256 + inner];
+        let mut frame = FrameBuf::new(&mut buf, 256, inner).expect("fits");
+        encap_with(&tpl, &mut frame, 0, 0).expect("encapsulates");
+        let outer = etherparse::SlicedPacket::from_ethernet(frame.data()).expect("outer headers parse");
+        let ip_len = match outer.net.expect("outer IP") {
+            etherparse::NetSlice::Ipv4(ip) => u32::from(ip.header().total_len()),
+            etherparse::NetSlice::Ipv6(ip) => 40 + u32::from(ip.header().payload_length()),
+            other => panic!("{what}: not IP: {other:?}"),
+        };
+        assert_eq!(ip_len, UNDERLAY_MTU, "{what}: a full-sized pod packet must fill the underlay MTU exactly");
+    }
+
     #[test]
-    fn overhead_matches_the_wire() {
-        assert_eq!(tunnel_overhead(TunnelKind::Vxlan, false), 50);
-        assert_eq!(tunnel_overhead(TunnelKind::Geneve, false), 50);
-        assert_eq!(tunnel_overhead(TunnelKind::Vxlan, true), 70);
+    fn overhead_is_the_templates_as_the_wire_shows() {
+        let (mac, v4, v6) =
+            (MacAddr([2, 0, 0, 0, 0, 1]), IpAddr::from([192, 0, 2, 1]), IpAddr::from([0xfd00u16, 0, 0, 0, 0, 0, 0, 1]));
+        let vxlan4 = TemplateParams::new(TunnelKind::Vxlan, 7, mac, mac, v4, v4);
+        let vxlan6 = TemplateParams::new(TunnelKind::Vxlan, 7, mac, mac, v6, v6);
+        assert_eq!(tunnel_overhead(&vxlan4), Ok(50));
+        assert_eq!(tunnel_overhead(&vxlan6), Ok(70));
+        assert_fills_the_underlay_mtu(&vxlan4, "VXLAN over IPv4");
+        assert_fills_the_underlay_mtu(&vxlan6, "VXLAN over IPv6");
+
+        // Geneve options cost MTU; an underlay VLAN tag does not (it is outside the IP packet).
+        let data = [0u8; 8];
+        let options = [GeneveOption { class: 0x0102, kind: 3, data: &data }];
+        let mut geneve = TemplateParams::new(TunnelKind::Geneve, 7, mac, mac, v4, v4);
+        geneve.geneve_options = &options;
+        geneve.vlan = Some(100);
+        assert_eq!(tunnel_overhead(&geneve), Ok(50 + 12));
+        assert_fills_the_underlay_mtu(&geneve, "Geneve with a 12-byte option over IPv4 on VLAN 100");
     }
 }
