@@ -27,30 +27,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::metrics::Metrics;
-use crate::model::{NextHop, NodeKey, NodeSpec, Rejection, Route, SourceKind};
-
-/// One thing a source learned.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Update {
-    /// A node was added or changed (or its new data was rejected while parsing).
-    Upsert(SourceKind, Result<NodeSpec, Rejection>),
-    /// A node is gone.
-    Delete(SourceKind, String),
-    /// The complete set of a source's nodes, after a (re)connect: nodes not listed are removed.
-    Resync(SourceKind, Vec<Result<NodeSpec, Rejection>>),
-    /// The cluster network(s) a source's CIDRs must lie in (Flannel's `Network`); empty: no check
-    /// beyond the configured cluster CIDRs.
-    Network(SourceKind, Vec<IpNet>),
-}
-
-impl Update {
-    /// The source that sent it.
-    pub fn source(&self) -> SourceKind {
-        match self {
-            Update::Upsert(s, _) | Update::Delete(s, _) | Update::Resync(s, _) | Update::Network(s, _) => *s,
-        }
-    }
-}
+use crate::model::{NextHop, NodeKey, NodeSpec, Rejection, Route, SourceKind, Update};
 
 /// The net effect of a batch on the route table.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -24,6 +24,7 @@ pub mod flannel;
 pub mod metrics;
 pub mod model;
 pub mod publish;
+mod shutdown;
 pub mod source;
 pub mod tables;
 
@@ -34,9 +35,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 pub use config::{ConfigError, ControlArgs, ControlConfig, EtcdConfig, KubeAuth, KubeConfig};
-pub use engine::{Diff, Engine, Update};
+pub use engine::{Diff, Engine};
 pub use metrics::Metrics;
-pub use model::{NextHop, NodeKey, NodeSpec, Rejection, Route, SourceKind, TunnelEndpoint};
+pub use model::{NextHop, NodeKey, NodeSpec, Rejection, Route, SourceKind, TunnelEndpoint, Update};
 pub use publish::{FibSnapshot, Publish, RouteTable, SnapshotPublisher, SnapshotReader};
 pub use tables::TablesPublisher;
 
@@ -240,7 +241,7 @@ async fn engine_loop(
     loop {
         let first = tokio::select! {
             ev = rx.recv() => ev,
-            _ = crate::source::stopped(&mut shutdown) => None,
+            _ = shutdown::stopped(&mut shutdown) => None,
         };
         let Some(first) = first else { return };
         batch.push(first);

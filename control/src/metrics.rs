@@ -220,7 +220,7 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Metrics, mut shutdown:
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = crate::source::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
         };
         let (stream, _) = match accepted {
             Ok(a) => a,

@@ -208,6 +208,29 @@ pub fn parse_vtep_mac(s: &str) -> Result<MacAddr, String> {
     Ok(mac)
 }
 
+/// One thing a source learned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// A node was added or changed (or its new data was rejected while parsing).
+    Upsert(SourceKind, Result<NodeSpec, Rejection>),
+    /// A node is gone.
+    Delete(SourceKind, String),
+    /// The complete set of a source's nodes, after a (re)connect: nodes not listed are removed.
+    Resync(SourceKind, Vec<Result<NodeSpec, Rejection>>),
+    /// The cluster network(s) a source's CIDRs must lie in (Flannel's `Network`); empty: no check
+    /// beyond the configured cluster CIDRs.
+    Network(SourceKind, Vec<IpNet>),
+}
+
+impl Update {
+    /// The source that sent it.
+    pub fn source(&self) -> SourceKind {
+        match self {
+            Update::Upsert(s, _) | Update::Delete(s, _) | Update::Resync(s, _) | Update::Network(s, _) => *s,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

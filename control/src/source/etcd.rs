@@ -22,12 +22,13 @@ use ferry_encap::{MacAddr, TunnelKind};
 use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::watch;
 
-use super::{Backoff, EventTx, sleep_or_shutdown};
+use super::{Backoff, EventTx};
 use crate::config::{ControlConfig, EtcdConfig};
-use crate::engine::Update;
 use crate::flannel::{self, BackendData, LeaseAttrs, NetworkConfig, parse_subnet_key, subnet_key};
 use crate::metrics::Metrics;
+use crate::model::Update;
 use crate::model::{NodeSpec, Rejection, SourceKind};
+use crate::shutdown::{sleep_or_shutdown, stopped};
 
 /// Bound on each unary etcd call, so that a hung server ends the session.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -175,7 +176,7 @@ impl EtcdSource {
         let mut shutdown = self.shutdown.clone();
         let mut client = tokio::select! {
             c = self.connect() => c?,
-            _ = super::stopped(&mut shutdown) => return Err(EtcdError::Shutdown),
+            _ = stopped(&mut shutdown) => return Err(EtcdError::Shutdown),
         };
         let seen = Instant::now();
         let network = self.network_config(&mut client).await?;
@@ -213,7 +214,7 @@ impl EtcdSource {
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
         loop {
             tokio::select! {
-                _ = super::stopped(&mut shutdown) => return Err(EtcdError::Shutdown),
+                _ = stopped(&mut shutdown) => return Err(EtcdError::Shutdown),
                 msg = stream.message() => {
                     let seen = Instant::now();
                     let Some(resp) = msg? else { return Err(EtcdError::WatchEnded("stream closed".into())) };

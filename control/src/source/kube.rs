@@ -27,12 +27,13 @@ use kube::runtime::watcher::{self, Event};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Backoff, EventTx, sleep_or_shutdown};
+use super::{Backoff, EventTx};
 use crate::config::{ControlConfig, KubeAuth};
-use crate::engine::Update;
 use crate::flannel::{self, BackendData};
 use crate::metrics::Metrics;
+use crate::model::Update;
 use crate::model::{NodeSpec, Rejection, SourceKind, parse_cidr, parse_tunnel};
+use crate::shutdown::{sleep_or_shutdown, stopped};
 
 /// Credentials could not be turned into a client.
 #[derive(Debug, thiserror::Error)]
@@ -274,7 +275,7 @@ impl KubeSource {
         loop {
             let next = tokio::select! {
                 n = stream.next() => n,
-                _ = super::stopped(&mut self.shutdown) => return SessionEnd::Shutdown,
+                _ = stopped(&mut self.shutdown) => return SessionEnd::Shutdown,
             };
             let seen = Instant::now();
             let event = match next {

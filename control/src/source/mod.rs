@@ -9,9 +9,9 @@ pub mod static_file;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use crate::engine::Update;
+use crate::model::Update;
 
 /// An update and when the source saw it (the start of the convergence measurement).
 #[derive(Debug)]
@@ -65,20 +65,6 @@ impl Backoff {
 
     pub(crate) fn reset(&mut self) {
         self.next = self.min;
-    }
-}
-
-/// Resolves once shutdown is asked for (or the control plane is gone). Holds no guard across
-/// awaits, so futures using it stay `Send`.
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
-/// Sleeps for `d` unless shutdown comes first; returns true on shutdown.
-pub(crate) async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => false,
-        _ = stopped(shutdown) => true,
     }
 }
 

@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::EventTx;
 use crate::config::ControlConfig;
-use crate::engine::Update;
 use crate::metrics::Metrics;
+use crate::model::Update;
 use crate::model::{NodeSpec, Rejection, SourceKind, check_vni, parse_cidr, parse_tunnel, parse_vtep_mac};
 
 /// How often the file is checked even without an inotify event. Short, because a missed event
@@ -184,7 +184,7 @@ impl StaticSource {
         let mut poll = tokio::time::interval(POLL);
         loop {
             tokio::select! {
-                _ = super::stopped(&mut self.shutdown) => return,
+                _ = crate::shutdown::stopped(&mut self.shutdown) => return,
                 _ = poll.tick() => {}
                 Some(()) = nrx.recv() => {
                     // Read once the file has been quiet for SETTLE: an in-place rewrite (truncate,
