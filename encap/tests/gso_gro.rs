@@ -1,0 +1,404 @@
+//! Property tests for segmentation ([`ferry_encap::gso`]) and coalescing ([`ferry_encap::gro`]).
+//!
+//! The oracle is a frame builder written here from the rules Linux applies (`tcp_gso_segment`,
+//! `inet_gso_segment`), not from ferry's code: a super-packet with its virtio-net header, and the
+//! segments Linux would cut it into (IPv4 ID + i, sequence + i * MSS, FIN/PSH only on the last,
+//! CWR only on the first, completed checksums). Three properties:
+//!
+//! 1. `segment` gives exactly the builder's segments, and `coalesce` of those gives back the
+//!    super-packet byte for byte and its virtio-net metadata (GSO type, size, ECN, checksum
+//!    offsets), across MSS, TCP flags, options, TOS/ECN, VLAN, IPv4 and IPv6;
+//! 2. over interleaved flows with breaks (gaps, PSH, pure ACKs, changed fields, non-TCP frames)
+//!    and fewer slots than flows, nothing is lost, duplicated or reordered within a flow:
+//!    re-segmenting what the coalescer emits reproduces each flow's input segments exactly;
+//! 3. each single-field difference Linux refuses to merge is refused, and the ones it accepts
+//!    (PSH, FIN, a shorter last segment, a fixed IPv4 ID with DF) are merged.
+
+use std::collections::HashMap;
+
+use ferry_encap::checksum;
+use ferry_encap::gro::{self, Coalescer, Output};
+use ferry_encap::gso::{Checksum, Segmenter};
+use ferry_encap::offload::{self, ChecksumFix};
+use ferry_encap::wire::tcp::flags;
+use ferry_encap::wire::virtio_net::{Gso, VirtioNetHdr};
+use proptest::prelude::*;
+
+/// Everything that identifies a flow and stays the same across its segments.
+#[derive(Debug, Clone)]
+struct Flow {
+    v6: bool,
+    vlan: Option<u16>,
+    tos: u8,
+    ttl: u8,
+    df: bool,
+    flow_label: u32,
+    sport: u16,
+    dport: u16,
+    ack: u32,
+    window: u16,
+    /// TCP options, a multiple of 4 bytes.
+    options: Vec<u8>,
+    /// Flags every segment carries (ACK, maybe ECE).
+    base_flags: u8,
+    src_last: u8,
+}
+
+impl Flow {
+    fn l3(&self) -> usize {
+        if self.vlan.is_some() { 18 } else { 14 }
+    }
+    fn l4(&self) -> usize {
+        self.l3() + if self.v6 { 40 } else { 20 }
+    }
+    fn hdr_len(&self) -> usize {
+        self.l4() + 20 + self.options.len()
+    }
+}
+
+fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// One TCP frame of `flow`. `partial`: the checksum field holds the pseudo-header sum, as a tap
+/// hands over a TSO packet; otherwise the checksum is complete.
+fn build(flow: &Flow, id: u16, seq: u32, tcp_flags: u8, data: &[u8], partial: bool) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 0xb, 2, 0, 0, 0, 0, 0xa];
+    if let Some(v) = flow.vlan {
+        f.extend([0x81, 0x00]);
+        f.extend(v.to_be_bytes());
+    }
+    let l4_len = 20 + flow.options.len() + data.len();
+    let src4 = [10, 244, 1, flow.src_last];
+    let dst4 = [10, 244, 2, 3];
+    let mut src6 = [0xfd, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    src6[15] = flow.src_last;
+    let dst6 = [0xfd, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3];
+    let pseudo;
+    if flow.v6 {
+        f.extend([0x86, 0xdd]);
+        let word = (6u32 << 28) | (u32::from(flow.tos) << 20) | flow.flow_label;
+        f.extend(word.to_be_bytes());
+        f.extend((l4_len as u16).to_be_bytes());
+        f.extend([6, flow.ttl]);
+        f.extend(src6);
+        f.extend(dst6);
+        pseudo = checksum::pseudo_v6(src6.into(), dst6.into(), 6, l4_len as u32);
+    } else {
+        f.extend([0x08, 0x00]);
+        let at = f.len();
+        f.extend([0x45, flow.tos]);
+        f.extend(((20 + l4_len) as u16).to_be_bytes());
+        f.extend(id.to_be_bytes());
+        f.extend(if flow.df { [0x40, 0] } else { [0, 0] });
+        f.extend([flow.ttl, 6, 0, 0]);
+        f.extend(src4);
+        f.extend(dst4);
+        let c = checksum::of(&f[at..at + 20]);
+        f[at + 10..at + 12].copy_from_slice(&c.to_be_bytes());
+        pseudo = checksum::pseudo_v4(src4.into(), dst4.into(), 6, l4_len as u16);
+    }
+    let l4 = f.len();
+    f.extend(flow.sport.to_be_bytes());
+    f.extend(flow.dport.to_be_bytes());
+    f.extend(seq.to_be_bytes());
+    f.extend(flow.ack.to_be_bytes());
+    f.push(((20 + flow.options.len()) as u8 / 4) << 4);
+    f.push(tcp_flags);
+    f.extend(flow.window.to_be_bytes());
+    f.extend([0, 0, 0, 0]);
+    f.extend(&flow.options);
+    f.extend(data);
+    let c = if partial { !checksum::finish_sum(pseudo) } else { checksum::finish_sum(pseudo + checksum::sum(&f[l4..])) };
+    f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// A super-packet of `flow` and its virtio-net header.
+fn super_packet(flow: &Flow, id: u16, seq: u32, tcp_flags: u8, data: &[u8], mss: usize) -> (Vec<u8>, VirtioNetHdr) {
+    let vnet = VirtioNetHdr {
+        needs_csum: true,
+        data_valid: false,
+        gso: if flow.v6 { Gso::TcpV6 } else { Gso::TcpV4 },
+        ecn: tcp_flags & flags::CWR != 0,
+        hdr_len: flow.hdr_len() as u16,
+        gso_size: mss as u16,
+        csum_start: flow.l4() as u16,
+        csum_offset: 16,
+        num_buffers: 0,
+    };
+    (build(flow, id, seq, tcp_flags, data, true), vnet)
+}
+
+/// The segments Linux cuts that super-packet into.
+fn linux_segments(flow: &Flow, id: u16, seq: u32, tcp_flags: u8, data: &[u8], mss: usize) -> Vec<Vec<u8>> {
+    let chunks: Vec<&[u8]> = data.chunks(mss).collect();
+    let n = chunks.len();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut f = tcp_flags;
+            if i + 1 < n {
+                f &= !(flags::FIN | flags::PSH);
+            }
+            if i > 0 {
+                f &= !flags::CWR;
+            }
+            build(flow, id.wrapping_add(i as u16), seq.wrapping_add((i * mss) as u32), f, c, false)
+        })
+        .collect()
+}
+
+fn options() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(vec![]),
+        // NOP NOP timestamps, as Linux sends on every data segment.
+        any::<(u32, u32)>().prop_map(|(a, b)| {
+            let mut o = vec![1, 1, 8, 10];
+            o.extend(a.to_be_bytes());
+            o.extend(b.to_be_bytes());
+            o
+        }),
+        (1usize..=10).prop_flat_map(|w| proptest::collection::vec(any::<u8>(), w * 4)),
+    ]
+}
+
+fn flow() -> impl Strategy<Value = Flow> {
+    (
+        (any::<bool>(), proptest::option::of(1u16..4095), any::<u8>(), 1u8..=255, any::<bool>(), 0u32..(1 << 20)),
+        (any::<u16>(), any::<u16>(), any::<u32>(), any::<u16>(), options(), any::<bool>(), any::<u8>()),
+    )
+        .prop_map(|((v6, vlan, tos, ttl, df, flow_label), (sport, dport, ack, window, options, ece, src_last))| Flow {
+            v6,
+            vlan,
+            tos,
+            ttl,
+            df,
+            flow_label,
+            sport,
+            dport,
+            ack,
+            window,
+            options,
+            base_flags: flags::ACK | if ece { flags::ECE } else { 0 },
+            src_last,
+        })
+}
+
+/// Coalesce `frames` with a coalescer of `slots` flows; returns what it emitted.
+fn coalesce(frames: &[Vec<u8>], slots: usize) -> Vec<(VirtioNetHdr, Vec<u8>, u16)> {
+    let mut c = Coalescer::new(vec![0u8; gro::storage_len(slots)]).expect("storage for the flows");
+    let mut out = Vec::new();
+    let mut emit = |o: Output<'_>| out.push((o.vnet, o.frame.to_vec(), o.segments));
+    for f in frames {
+        c.push(f, &mut emit);
+    }
+    c.flush(&mut emit);
+    assert_eq!(c.held(), 0);
+    out
+}
+
+/// Re-segment one coalescer output with ferry's segmenter.
+fn resegment(vnet: &VirtioNetHdr, frame: &[u8]) -> Vec<Vec<u8>> {
+    let s = Segmenter::new(frame, vnet).expect("the coalescer's output segments");
+    let mut buf = vec![0u8; 70_000];
+    (0..s.segments())
+        .map(|i| {
+            let n = s.write_segment(i, &mut buf, Checksum::Complete).expect("fits");
+            buf[..n].to_vec()
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Property 1: segment, then coalesce, gives back the super-packet and its metadata.
+    #[test]
+    fn segment_then_coalesce_round_trips(
+        flow in flow(),
+        mss in prop_oneof![1usize..64, 64usize..=1460],
+        segs in 2usize..=48,
+        last_short in any::<prop::sample::Index>(),
+        extra in prop::sample::select(vec![0u8, flags::PSH, flags::FIN, flags::PSH | flags::FIN, flags::CWR, flags::CWR | flags::PSH]),
+        id in any::<u16>(),
+        seq in any::<u32>(),
+        seed in any::<u64>(),
+    ) {
+        let segs = segs.min((65_535 - (flow.hdr_len() - flow.l3())) / mss);
+        prop_assume!(segs >= 2);
+        let len = (segs - 1) * mss + 1 + last_short.index(mss);
+        let data = payload(seed, len);
+        let tcp_flags = flow.base_flags | extra;
+        let (sp, vnet) = super_packet(&flow, id, seq, tcp_flags, &data, mss);
+        let want = linux_segments(&flow, id, seq, tcp_flags, &data, mss);
+
+        let s = Segmenter::new(&sp, &vnet).expect("a valid super-packet");
+        prop_assert_eq!(s.segments(), want.len());
+        let mut buf = vec![0u8; 2000];
+        let mut got = Vec::new();
+        for (i, w) in want.iter().enumerate() {
+            let n = s.write_segment(i, &mut buf, Checksum::Complete).expect("fits");
+            prop_assert_eq!(&buf[..n], &w[..], "segment {}", i);
+            got.push(buf[..n].to_vec());
+            // Partial: the pseudo-header sum, which completes to the same segment.
+            let n = s.write_segment(i, &mut buf, Checksum::Partial).expect("fits");
+            let fix = offload::complete_checksum(&mut buf[..n]);
+            prop_assert!(matches!(fix, Ok(ChecksumFix::Completed | ChecksumFix::AlreadyFinal)), "{:?}", fix);
+            prop_assert_eq!(&buf[..n], &w[..], "partial segment {}", i);
+        }
+        let h = s.segment_header(Checksum::Partial);
+        prop_assert_eq!((h.needs_csum, h.csum_start, h.csum_offset), (true, vnet.csum_start, 16));
+
+        let out = coalesce(&got, 4);
+        prop_assert_eq!(out.len(), 1, "one run: {:?}", out.iter().map(|o| o.2).collect::<Vec<_>>());
+        let (v, f, n) = &out[0];
+        prop_assert_eq!(usize::from(*n), want.len());
+        prop_assert_eq!(v, &vnet);
+        prop_assert!(f == &sp, "coalesced bytes differ from the super-packet");
+    }
+
+    /// Property 2: interleaved flows with breaks, fewer slots than flows; re-segmenting the output
+    /// reproduces every flow's segments in order.
+    #[test]
+    fn coalescing_loses_and_reorders_nothing(
+        flows in proptest::collection::vec(flow(), 1..=4),
+        bursts in proptest::collection::vec((0usize..4, 1usize..=6, 200usize..=1460, 0u8..8, 0u16..3, any::<u64>()), 1..=12),
+        order in proptest::collection::vec(0usize..4, 0..200),
+        slots in 1usize..=3,
+    ) {
+        // Flows differ at least in their source port.
+        let flows: Vec<Flow> = flows.into_iter().enumerate().map(|(i, mut f)| { f.sport = i as u16; f }).collect();
+        let mut state: Vec<(u16, u32)> = flows.iter().map(|f| (f.ttl.into(), f.ack)).collect();
+        let mut per_flow: Vec<Vec<Vec<u8>>> = vec![Vec::new(); flows.len()];
+        for (fi, segs, mss, event, id_gap, seed) in bursts {
+            let fi = fi % flows.len();
+            let mut flow = flows[fi].clone();
+            let (id, seq) = state[fi];
+            let data = payload(seed, segs * mss - (seed as usize % mss));
+            let extra = match event {
+                1 => flags::PSH,
+                2 => flags::CWR,
+                3 => { flow.window ^= 1; 0 }
+                4 => { flow.tos ^= 3; 0 }
+                5 => { flow.ttl = flow.ttl.wrapping_sub(1).max(1); 0 }
+                _ => 0,
+            };
+            let mut segs_out = linux_segments(&flow, id, seq, flow.base_flags | extra, &data, mss);
+            if event == 6 {
+                // A pure ACK in the middle.
+                segs_out.push(build(&flow, id.wrapping_add(segs as u16), seq.wrapping_add(data.len() as u32), flow.base_flags, &[], false));
+            }
+            let gap = if event == 7 { 1 } else { 0 };
+            state[fi] = (id.wrapping_add(segs_out.len() as u16).wrapping_add(id_gap), seq.wrapping_add(data.len() as u32 + gap));
+            per_flow[fi].extend(segs_out);
+        }
+        // Interleave the flows as `order` says, keeping each flow's order; a UDP frame now and then.
+        let udp = {
+            let mut f = build(&flows[0], 1, 1, 0, b"udp", false);
+            let l3 = flows[0].l3();
+            if flows[0].v6 { f[l3 + 6] = 17 } else { f[l3 + 9] = 17 }
+            f
+        };
+        let mut next = vec![0usize; flows.len()];
+        let mut input = Vec::new();
+        let mut pick = order.into_iter();
+        while next.iter().zip(&per_flow).any(|(n, p)| *n < p.len()) {
+            let mut fi = pick.next().unwrap_or(0) % flows.len();
+            while next[fi] >= per_flow[fi].len() {
+                fi = (fi + 1) % flows.len();
+            }
+            input.push(per_flow[fi][next[fi]].clone());
+            next[fi] += 1;
+            if input.len() % 17 == 0 {
+                input.push(udp.clone());
+            }
+        }
+        let out = coalesce(&input, slots);
+        let mut got: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
+        let mut udp_seen = 0;
+        for (vnet, frame, n) in &out {
+            if frame == &udp {
+                udp_seen += 1;
+                continue;
+            }
+            let l4 = if frame[12] == 0x81 { 18 } else { 14 } + if frame[if frame[12] == 0x81 { 16 } else { 12 }] == 0x86 { 40 } else { 20 };
+            let sport = u16::from_be_bytes([frame[l4], frame[l4 + 1]]);
+            let segs = if vnet.gso == Gso::None { vec![frame.clone()] } else { resegment(vnet, frame) };
+            prop_assert_eq!(segs.len(), usize::from(*n));
+            got.entry(sport).or_default().extend(segs);
+        }
+        prop_assert_eq!(udp_seen, input.iter().filter(|f| **f == udp).count());
+        for (i, want) in per_flow.iter().enumerate() {
+            let have = got.remove(&(i as u16)).unwrap_or_default();
+            prop_assert_eq!(have.len(), want.len(), "flow {}", i);
+            for (k, (h, w)) in have.iter().zip(want).enumerate() {
+                prop_assert!(h == w, "flow {} segment {} differs", i, k);
+            }
+        }
+    }
+
+    /// Property 3: a second segment that differs from the first in one field merges exactly when
+    /// Linux's GRO would merge it.
+    #[test]
+    fn coalescing_merges_only_what_linux_merges(
+        flow in flow(),
+        mss in 64usize..=1460,
+        id in any::<u16>(),
+        seq in any::<u32>(),
+        seed in any::<u64>(),
+        mutation in 0usize..MUTATIONS,
+    ) {
+        let a = build(&flow, id, seq, flow.base_flags, &payload(seed, mss), false);
+        let mut g = flow.clone();
+        let (mut id2, mut seq2, mut f2, mut len2) = (id.wrapping_add(1), seq.wrapping_add(mss as u32), flow.base_flags, mss);
+        let expect = match mutation {
+            0 => true,
+            1 => { f2 |= flags::PSH; true }
+            2 => { f2 |= flags::FIN; true }
+            3 => { len2 = mss - 1; true }
+            4 => { id2 = id; flow.v6 || flow.df } // a fixed ID merges only with DF (IPv6: no ID)
+            5 => { f2 |= flags::CWR; false }
+            6 => { f2 |= flags::SYN; false }
+            7 => { f2 |= flags::RST; false }
+            8 => { f2 |= flags::URG; false }
+            9 => { f2 ^= flags::ECE; false }
+            10 => { seq2 = seq2.wrapping_add(1); false }
+            11 => { g.ack ^= 1; false }
+            12 => { g.window ^= 0x100; false }
+            13 => { g.tos ^= 0x03; false } // ECN differs: CE against ECT, or ECT(0) against ECT(1)
+            14 => { g.tos ^= 0x04; false }
+            15 => { g.ttl = if flow.ttl == 255 { 254 } else { flow.ttl + 1 }; false }
+            16 => { len2 = mss + 1; false }
+            17 => { len2 = 0; false }
+            18 => { g.options = vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]; g.options == flow.options }
+            19 => { id2 = id.wrapping_add(2); flow.v6 }
+            20 => { g.df = !g.df; flow.v6 }
+            21 => { g.flow_label ^= 1; !flow.v6 }
+            22 => { g.dport ^= 1; false }
+            23 => { g.src_last ^= 1; false }
+            _ => { g.vlan = if flow.vlan.is_some() { None } else { Some(7) }; false }
+        };
+        let mut b = build(&g, id2, seq2, f2, &payload(seed ^ 1, len2), false);
+        if mutation == 25 {
+            let l = b.len();
+            b[l - 1] ^= 0xff; // a bad TCP checksum
+        }
+        let expect = expect && mutation != 25;
+        let out = coalesce(&[a, b], 4);
+        let merged = out.iter().any(|o| o.2 == 2);
+        prop_assert_eq!(merged, expect, "mutation {} gave {:?}", mutation, out.iter().map(|o| o.2).collect::<Vec<_>>());
+        prop_assert_eq!(out.iter().map(|o| usize::from(o.2)).sum::<usize>(), 2);
+    }
+}
+
+const MUTATIONS: usize = 26;
