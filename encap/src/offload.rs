@@ -51,21 +51,26 @@ pub fn complete_checksum_with(frame: &mut [u8], info: &FlowInfo) -> Result<Check
         _ => return Ok(ChecksumFix::NotApplicable),
     };
     match (info.l3, info.protocol) {
-        (L3::Ipv4, protocol::ICMP) => fix(l4, 2, None, false),
-        (L3::Ipv4, protocol::UDP) => fix(l4, 6, Some(pseudo), true),
-        (L3::Ipv6, protocol::ICMPV6) => fix(l4, 2, Some(pseudo), false),
-        (_, protocol::TCP | protocol::UDP) => fix(l4, csum_offset(info.protocol), Some(pseudo), false),
+        (L3::Ipv4, protocol::ICMP) => fix(l4, 2, None, false, false),
+        (L3::Ipv4, protocol::UDP) => fix(l4, 6, Some(pseudo), true, true),
+        (L3::Ipv6, protocol::UDP) => fix(l4, 6, Some(pseudo), false, true),
+        (L3::Ipv6, protocol::ICMPV6) => fix(l4, 2, Some(pseudo), false, false),
+        (_, protocol::TCP) => fix(l4, tcp::CHECKSUM_OFFSET, Some(pseudo), false, false),
         _ => Ok(ChecksumFix::NotApplicable),
     }
 }
 
-fn csum_offset(proto: u8) -> usize {
-    if proto == protocol::TCP { tcp::CHECKSUM_OFFSET } else { 6 }
-}
-
 /// `pseudo` is the pseudo-header sum, length included (None for ICMPv4, which has none).
 /// `zero_means_none`: a zero UDP-over-IPv4 checksum means "no checksum" and stays zero.
-fn fix(l4: &mut [u8], at: usize, pseudo: Option<u32>, zero_means_none: bool) -> Result<ChecksumFix, DropReason> {
+/// `zero_as_ones`: UDP sends a computed zero as 0xffff (RFC 768; over IPv6 a zero is discarded,
+/// RFC 8200 section 8.1).
+fn fix(
+    l4: &mut [u8],
+    at: usize,
+    pseudo: Option<u32>,
+    zero_means_none: bool,
+    zero_as_ones: bool,
+) -> Result<ChecksumFix, DropReason> {
     if l4.len() < at + 2 {
         return Err(DropReason::Truncated);
     }
@@ -84,7 +89,7 @@ fn fix(l4: &mut [u8], at: usize, pseudo: Option<u32>, zero_means_none: bool) -> 
     }
     l4[at..at + 2].fill(0);
     let mut c = checksum::finish_sum(pseudo.unwrap_or(0) + checksum::sum(l4));
-    if zero_means_none && c == 0 {
+    if zero_as_ones && c == 0 {
         c = 0xffff;
     }
     l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
@@ -163,6 +168,27 @@ mod tests {
             .expect("build");
         none[40..42].fill(0);
         assert_eq!(complete_checksum(&mut none), Ok(ChecksumFix::AlreadyFinal));
+    }
+
+    #[test]
+    fn a_udp6_checksum_that_computes_to_zero_is_sent_as_all_ones() {
+        let build = |word: u16| {
+            let mut f = Vec::new();
+            PacketBuilder::ethernet2([2; 6], [4; 6])
+                .ipv6([0xfd; 16], [0xfe; 16], 64)
+                .udp(1, 2)
+                .write(&mut f, &word.to_be_bytes())
+                .expect("build");
+            f
+        };
+        // With the payload word equal to the checksum of a zero word, the sum is all ones.
+        let c = u16::from_be_bytes(build(0)[60..62].try_into().expect("2 bytes"));
+        let good = build(c);
+        let pseudo = checksum::pseudo_v6([0xfd; 16].into(), [0xfe; 16].into(), 17, 10);
+        let mut bad = partial(good.clone(), 54, 6, pseudo);
+        assert_eq!(complete_checksum(&mut bad), Ok(ChecksumFix::Completed));
+        assert_eq!(bad[60..62], [0xff, 0xff], "RFC 8200: a zero UDP checksum over IPv6 is discarded");
+        assert!(checksum::verifies(pseudo, &bad[54..]));
     }
 
     #[test]

@@ -82,8 +82,7 @@ fn build(flow: &Flow, id: u16, seq: u32, tcp_flags: u8, data: &[u8], partial: bo
     let mut src6 = [0xfd, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
     src6[15] = flow.src_last;
     let dst6 = [0xfd, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3];
-    let pseudo;
-    if flow.v6 {
+    let pseudo = if flow.v6 {
         f.extend([0x86, 0xdd]);
         let word = (6u32 << 28) | (u32::from(flow.tos) << 20) | flow.flow_label;
         f.extend(word.to_be_bytes());
@@ -91,7 +90,7 @@ fn build(flow: &Flow, id: u16, seq: u32, tcp_flags: u8, data: &[u8], partial: bo
         f.extend([6, flow.ttl]);
         f.extend(src6);
         f.extend(dst6);
-        pseudo = checksum::pseudo_v6(src6.into(), dst6.into(), 6, l4_len as u32);
+        checksum::pseudo_v6(src6.into(), dst6.into(), 6, l4_len as u32)
     } else {
         f.extend([0x08, 0x00]);
         let at = f.len();
@@ -104,8 +103,8 @@ fn build(flow: &Flow, id: u16, seq: u32, tcp_flags: u8, data: &[u8], partial: bo
         f.extend(dst4);
         let c = checksum::of(&f[at..at + 20]);
         f[at + 10..at + 12].copy_from_slice(&c.to_be_bytes());
-        pseudo = checksum::pseudo_v4(src4.into(), dst4.into(), 6, l4_len as u16);
-    }
+        checksum::pseudo_v4(src4.into(), dst4.into(), 6, l4_len as u16)
+    };
     let l4 = f.len();
     f.extend(flow.sport.to_be_bytes());
     f.extend(flow.dport.to_be_bytes());
@@ -117,7 +116,8 @@ fn build(flow: &Flow, id: u16, seq: u32, tcp_flags: u8, data: &[u8], partial: bo
     f.extend([0, 0, 0, 0]);
     f.extend(&flow.options);
     f.extend(data);
-    let c = if partial { !checksum::finish_sum(pseudo) } else { checksum::finish_sum(pseudo + checksum::sum(&f[l4..])) };
+    let c =
+        if partial { !checksum::finish_sum(pseudo) } else { checksum::finish_sum(pseudo + checksum::sum(&f[l4..])) };
     f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
     f
 }
@@ -177,20 +177,22 @@ fn flow() -> impl Strategy<Value = Flow> {
         (any::<bool>(), proptest::option::of(1u16..4095), any::<u8>(), 1u8..=255, any::<bool>(), 0u32..(1 << 20)),
         (any::<u16>(), any::<u16>(), any::<u32>(), any::<u16>(), options(), any::<bool>(), any::<u8>()),
     )
-        .prop_map(|((v6, vlan, tos, ttl, df, flow_label), (sport, dport, ack, window, options, ece, src_last))| Flow {
-            v6,
-            vlan,
-            tos,
-            ttl,
-            df,
-            flow_label,
-            sport,
-            dport,
-            ack,
-            window,
-            options,
-            base_flags: flags::ACK | if ece { flags::ECE } else { 0 },
-            src_last,
+        .prop_map(|((v6, vlan, tos, ttl, df, flow_label), (sport, dport, ack, window, options, ece, src_last))| {
+            Flow {
+                v6,
+                vlan,
+                tos,
+                ttl,
+                df,
+                flow_label,
+                sport,
+                dport,
+                ack,
+                window,
+                options,
+                base_flags: flags::ACK | if ece { flags::ECE } else { 0 },
+                src_last,
+            }
         })
 }
 

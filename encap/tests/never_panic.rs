@@ -293,6 +293,41 @@ proptest! {
     }
 
     #[test]
+    fn segmentation_and_coalescing_never_panic(
+        inner in inner_frame(),
+        gso in prop_oneof![Just(0u8), Just(1), Just(4), Just(5), Just(0x81), any::<u8>()],
+        flags in prop_oneof![Just(1u8), any::<u8>()],
+        gso_size in prop_oneof![1u16..100, any::<u16>()],
+        csum_start in any::<Option<u16>>(),
+        writes in vec((any::<Index>(), any::<u8>()), 0..3),
+        stream in vec(inner_frame(), 0..8),
+    ) {
+        // A header that mostly points at the frame's own L4 checksum, so segmentation gets going.
+        let info = flow::classify(&inner).ok();
+        let l4 = info.and_then(|i| i.l4).map_or(34, |(s, _)| s) as u16;
+        let off: u16 = if info.is_some_and(|i| i.protocol == protocol::UDP) { 6 } else { 16 };
+        let mut b = vec![flags, gso];
+        b.extend(0u16.to_le_bytes());
+        b.extend(gso_size.to_le_bytes());
+        b.extend(csum_start.unwrap_or(l4).to_le_bytes());
+        b.extend(off.to_le_bytes());
+        b.extend(0u16.to_le_bytes());
+        b.extend(&inner);
+        for (at, v) in &writes {
+            let i = at.index(b.len());
+            b[i] = *v;
+        }
+        checks::check_segment(&b);
+        let mut packed = Vec::new();
+        for f in stream.iter().chain([&inner]) {
+            packed.extend((f.len() as u16).to_be_bytes());
+            packed.extend(f);
+        }
+        checks::check_coalesce(&packed);
+        checks::check_coalesce(&b);
+    }
+
+    #[test]
     fn unmutated_tunnel_frames_decap_to_their_inner_frame(f in tunnel_frame(), verify in any::<bool>()) {
         let local = if f.outer.v6 { IpAddr::V6(LOCAL_V6) } else { IpAddr::V4(LOCAL_V4) };
         let mut cfg = DecapConfig::new(f.outer.kind, VNI, local);

@@ -17,11 +17,13 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use etherparse::PacketBuilder;
+use ferry_encap::gso::{Checksum, Segmenter};
 use ferry_encap::offload::ChecksumFix;
 use ferry_encap::wire::ethernet::EthernetFrame;
 use ferry_encap::wire::geneve::GeneveOption;
 use ferry_encap::wire::ipv4::{Ipv4Packet, protocol};
 use ferry_encap::wire::ipv6::Ipv6Packet;
+use ferry_encap::wire::virtio_net::{Gso, VirtioNetHdr};
 use ferry_encap::{DropReason, FrameBuf, MacAddr, TemplateParams, TunnelKind, TunnelTemplate, checksum, ecn, encap};
 use ferry_encap_fuzz::{LOCAL_V4, LOCAL_V6, REMOTE_V4, REMOTE_V6, VNI, decap_configs};
 
@@ -92,6 +94,9 @@ fn main() -> std::io::Result<()> {
     targets.push(("classify", inner.clone()));
     targets.push(("complete_checksum", inner.clone()));
     targets.push(("build_error", build_error_seeds(&inner)));
+    let (segment, coalesce) = gso_seeds();
+    targets.push(("segment", segment));
+    targets.push(("coalesce", coalesce));
 
     for (target, seeds) in &targets {
         let dir = root.join(target);
@@ -377,4 +382,57 @@ fn build_error_seeds(inner: &[Frame]) -> Vec<Frame> {
             (*name, input)
         })
         .collect()
+}
+
+/// Super-packets as a tap hands them over (virtio-net header, then a TSO/USO frame with a partial
+/// checksum) for `segment`, and their segments, packed as `coalesce` reads them.
+fn gso_seeds() -> (Vec<Frame>, Vec<Frame>) {
+    let eth = || PacketBuilder::ethernet2(POD_A, POD_B);
+    let data: Vec<u8> = (0..3000u32).map(|i| (i * 13 + 5) as u8).collect();
+    let mut frames: Vec<(&'static str, Vec<u8>, Gso, u16)> = Vec::new();
+    let mut out = Vec::new();
+    eth().ipv4(IP4_A, IP4_B, 64).tcp(40010, 5201, 1, 64000).ack(1).psh().write(&mut out, &data).expect("seed");
+    frames.push(("tso4", out, Gso::TcpV4, 1000));
+    let mut out = Vec::new();
+    eth()
+        .ipv6(IP6_A, IP6_B, 64)
+        .tcp(40011, 5201, 0xffff_ff00, 64000)
+        .ack(1)
+        .cwr()
+        .write(&mut out, &data)
+        .expect("seed");
+    frames.push(("tso6-cwr", out, Gso::TcpV6, 1428));
+    let mut out = Vec::new();
+    eth().ipv4(IP4_A, IP4_B, 64).udp(40012, 4433).write(&mut out, &data).expect("seed");
+    frames.push(("uso4", out, Gso::UdpL4, 1200));
+    let mut out = Vec::new();
+    eth().ipv6(IP6_A, IP6_B, 64).udp(40013, 4433).write(&mut out, &data[..700]).expect("seed");
+    frames.push(("uso6-small", out, Gso::UdpL4, 1200));
+    let (mut segment, mut coalesce) = (Vec::new(), Vec::new());
+    for (name, frame, gso, size) in frames {
+        let frame = partial(&frame);
+        let l4 = l4_offset(&frame);
+        let vnet = VirtioNetHdr {
+            needs_csum: true,
+            gso,
+            ecn: name.contains("cwr"),
+            gso_size: size,
+            csum_start: l4 as u16,
+            csum_offset: if gso == Gso::UdpL4 { 6 } else { 16 },
+            ..VirtioNetHdr::NONE
+        };
+        let mut input = vnet.to_bytes().to_vec();
+        input.extend_from_slice(&frame);
+        segment.push((name, input));
+        let s = Segmenter::new(&frame, &vnet).expect("seed segments");
+        let mut packed = Vec::new();
+        let mut buf = vec![0u8; s.max_segment_len()];
+        for i in 0..s.segments() {
+            let n = s.write_segment(i, &mut buf, Checksum::Complete).expect("fits");
+            packed.extend_from_slice(&(n as u16).to_be_bytes());
+            packed.extend_from_slice(&buf[..n]);
+        }
+        coalesce.push((name, packed));
+    }
+    (segment, coalesce)
 }

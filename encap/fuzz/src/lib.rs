@@ -13,7 +13,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use ferry_encap::checksum;
 use ferry_encap::flow::{self, L3};
+use ferry_encap::gro::{self, Coalescer};
+use ferry_encap::gso::{Checksum, Segmenter};
 use ferry_encap::icmp::{self, ErrorSource, IcmpError, Suppressed};
 use ferry_encap::offload::{self, ChecksumFix};
 use ferry_encap::wire::ethernet::{self, EthernetFrame, EthernetRepr, ethertype};
@@ -22,6 +25,7 @@ use ferry_encap::wire::ipv4::{self, Ipv4Packet, Ipv4Repr, protocol};
 use ferry_encap::wire::ipv6::{self, Ipv6Packet, Ipv6Repr};
 use ferry_encap::wire::tcp::{self, TcpPorts};
 use ferry_encap::wire::udp::{self, UdpPacket, UdpRepr};
+use ferry_encap::wire::virtio_net::{self, Gso, VirtioNetHdr};
 use ferry_encap::wire::vxlan::{self, VxlanPacket, VxlanRepr};
 use ferry_encap::{DecapConfig, DropReason, FrameBuf, MacAddr, TunnelKind, TunnelTemplate, decap, encap};
 
@@ -461,4 +465,96 @@ pub fn check_parsers(b: &[u8]) {
     check_geneve(b);
     check_classify(b);
     check_complete_checksum(b);
+}
+
+/// [`gso::Segmenter`] on a frame described by a virtio-net header, both from a tap: the first
+/// [`virtio_net::HEADER_LEN`] bytes are the header, the rest the frame. Segments fit the lengths
+/// the segmenter announces, carry valid IP lengths and (completed) valid L4 checksums, partial ones
+/// complete to the same bytes, and coalescing them loses nothing.
+pub fn check_segment(b: &[u8]) {
+    let Ok(vnet) = VirtioNetHdr::parse(b) else { return };
+    let frame = &b[virtio_net::HEADER_LEN..];
+    let Ok(s) = Segmenter::new(frame, &vnet) else { return };
+    let n = s.segments();
+    assert!(n >= 1 && s.segment_len(n) == 0);
+    assert_eq!(s.is_gso(), n > 1);
+    let mut out = vec![0u8; s.max_segment_len()];
+    let mut partial = vec![0u8; s.max_segment_len()];
+    let mut segments = Vec::with_capacity(n.min(64));
+    // Inputs are small; a 1-byte MSS can still make thousands of segments, so check the first 64.
+    for i in 0..n.min(64) {
+        let len = s.write_segment(i, &mut out, Checksum::Complete).expect("max_segment_len is enough");
+        assert_eq!(len, s.segment_len(i));
+        assert!(len <= s.max_segment_len());
+        if s.is_gso() {
+            assert!(len > s.header_len() && len - s.header_len() <= s.mss());
+            let info = flow::classify(&out[..len]).expect("a segment classifies");
+            let (start, end) = info.l4.expect("a segment is not a fragment");
+            assert_eq!(end, len, "IP length covers the segment exactly");
+            assert_eq!(start, usize::from(vnet.csum_start));
+            let seg = &out[start..end];
+            let pseudo = match (info.src, info.dst) {
+                (Some(IpAddr::V4(a)), Some(IpAddr::V4(d))) => {
+                    checksum::pseudo_v4(a, d, info.protocol, seg.len() as u16)
+                }
+                (Some(IpAddr::V6(a)), Some(IpAddr::V6(d))) => {
+                    checksum::pseudo_v6(a, d, info.protocol, seg.len() as u32)
+                }
+                other => panic!("segment addresses {other:?}"),
+            };
+            assert!(checksum::verifies(pseudo, seg), "segment {i} L4 checksum");
+            if info.l3 == L3::Ipv4 {
+                let ip = Ipv4Packet::new_checked(&out[info.l3_offset..len]).expect("parses");
+                assert!(ip.verify_checksum());
+            }
+            let plen = s.write_segment(i, &mut partial, Checksum::Partial).expect("same length");
+            assert_eq!(plen, len);
+            let _ = offload::complete_checksum(&mut partial[..plen]);
+            assert_eq!(partial[..plen], out[..len], "partial segment {i} completes to the complete one");
+        }
+        segments.push(out[..len].to_vec());
+    }
+    check_coalesce_frames(&segments);
+}
+
+/// [`gro::Coalescer`] on frames packed as `[len_hi, len_lo, bytes...]*`.
+pub fn check_coalesce(b: &[u8]) {
+    let mut frames = Vec::new();
+    let mut rest = b;
+    while let [hi, lo, tail @ ..] = rest {
+        let n = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
+        frames.push(tail[..n].to_vec());
+        rest = &tail[n..];
+    }
+    check_coalesce_frames(&frames);
+}
+
+/// Coalesce `frames` with two flow slots: every frame comes out exactly once (counted in
+/// [`gro::Output::segments`]), a super-packet segments back into that many segments whose L4
+/// payloads concatenate to its own, and nothing stays held after a flush.
+pub fn check_coalesce_frames(frames: &[Vec<u8>]) {
+    let mut c = Coalescer::new(vec![0u8; gro::storage_len(2)]).expect("room for two flows");
+    let mut total = 0usize;
+    let mut emit = |o: gro::Output<'_>| {
+        total += usize::from(o.segments);
+        if o.vnet.gso == Gso::None {
+            assert_eq!(o.segments, 1);
+            assert!(!o.vnet.needs_csum);
+            return;
+        }
+        assert!(o.segments >= 2 && o.vnet.needs_csum);
+        assert!(o.frame.len() <= gro::SLOT_LEN);
+        let s = Segmenter::new(o.frame, &o.vnet).expect("a coalesced packet segments");
+        assert_eq!(s.segments(), usize::from(o.segments));
+        assert_eq!(s.mss(), usize::from(o.vnet.gso_size));
+    };
+    for f in frames {
+        c.push(f, &mut emit);
+    }
+    c.flush(&mut emit);
+    assert_eq!(total, frames.len(), "every frame leaves exactly once");
+    assert_eq!(c.held(), 0);
+    let st = c.stats();
+    assert_eq!(st.frames_in, frames.len() as u64);
+    assert_eq!(st.single + st.merged + st.super_packets, frames.len() as u64);
 }
