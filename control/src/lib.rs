@@ -13,8 +13,7 @@
 //! - Sources ([`source`]) reconnect with backoff and resync in full; the [`engine`] turns updates
 //!   into a diff, idempotently, keeping the last good state of nodes whose new data is bad;
 //!   a [`Publish`]er hands the table over: [`TablesPublisher`] into the data plane's
-//!   `ferry_tables::Tables` (what workers read), [`SnapshotPublisher`] into a control-side lookup
-//!   snapshot (tests, labs, debugging).
+//!   `ferry_tables::Tables` (what workers read).
 //! - Every event carries the instant its source saw it; the engine loop records the time until
 //!   the table reflecting it is published in the `convergence_seconds` histogram ([`metrics`]).
 
@@ -38,7 +37,7 @@ pub use config::{ConfigError, ControlArgs, ControlConfig, EtcdConfig, KubeAuth, 
 pub use engine::{Diff, Engine};
 pub use metrics::Metrics;
 pub use model::{NextHop, NodeKey, NodeSpec, Rejection, Route, SourceKind, TunnelEndpoint, Update};
-pub use publish::{FibSnapshot, Publish, RouteTable, SnapshotPublisher, SnapshotReader};
+pub use publish::{Publish, RouteTable};
 pub use tables::TablesPublisher;
 
 use source::{EventTx, SourceEvent};

@@ -1,15 +1,17 @@
 //! The Flannel-compatible etcd source against Debian's real etcd: leases added, malformed and
 //! expiring; this node's own lease allocated, renewed, reused and released; etcd killed and
-//! restarted mid-watch.
+//! restarted mid-watch. Published through the production publisher into the data plane's tables,
+//! read as a worker reads them.
 
 mod common;
 
-use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{Etcd, wait_for, wait_until};
+use common::{Etcd, has, is_own, underlay, wait_for, wait_until};
 use etcd_client::{Client, GetOptions, PutOptions};
-use ferry_control::{ControlConfig, ControlPlane, EtcdConfig, FibSnapshot, NextHop, SnapshotPublisher, SourceKind};
+use ferry_control::{ControlConfig, ControlPlane, EtcdConfig, SourceKind};
+use ferry_encap::TunnelKind;
+use ferry_tables::Route;
 
 const WAIT: Duration = Duration::from_secs(15);
 const PREFIX: &str = "/coreos.com/network";
@@ -36,17 +38,6 @@ fn config(etcd: &Etcd, ttl: Duration) -> ControlConfig {
     cfg
 }
 
-fn underlay(s: &FibSnapshot, ip: &str) -> Option<IpAddr> {
-    match s.lookup(ip.parse().expect("ip"))?.next_hop {
-        NextHop::Tunnel(t) => Some(t.underlay),
-        NextHop::Local => None,
-    }
-}
-
-fn is_local(s: &FibSnapshot, ip: &str) -> bool {
-    s.lookup(ip.parse().expect("ip")).is_some_and(|r| r.next_hop == NextHop::Local)
-}
-
 async fn own_lease(c: &mut Client) -> Vec<(String, i64)> {
     let resp = c.get(format!("{PREFIX}/subnets/"), Some(GetOptions::new().with_prefix())).await.expect("get");
     resp.kvs()
@@ -54,6 +45,21 @@ async fn own_lease(c: &mut Client) -> Vec<(String, i64)> {
         .filter(|kv| String::from_utf8_lossy(kv.value()).contains(MY_IP))
         .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()))
         .collect()
+}
+
+/// An address in the subnet this node's lease holds (`.../subnets/10.7.2.0-24` -> `10.7.2.1`),
+/// once it has one.
+async fn own_subnet(c: &mut Client) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let [(key, _)] = own_lease(c).await.as_slice() {
+            let net = key.rsplit('/').next().and_then(|k| k.split_once('-')).map(|(net, _)| net.to_owned());
+            let net: std::net::Ipv4Addr = net.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("lease key {key}"));
+            return std::net::Ipv4Addr::from(u32::from(net) + 1).to_string();
+        }
+        assert!(Instant::now() < deadline, "no lease for this node within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -66,20 +72,27 @@ async fn etcd_leases_allocate_renew_expire_reject_and_release() {
     put(&mut c, "subnets/10.5.1.0-24", &lease_value("192.0.2.1", "02:00:00:00:00:01")).await;
     put(&mut c, "subnets/10.5.3.0-24", &lease_value("192.0.2.3", "02:00:00:00:00:03")).await;
 
-    let (publisher, reader) = SnapshotPublisher::new();
+    let (publisher, mut reader) = common::tables();
     let cp = ControlPlane::spawn(config(&etcd, Duration::from_secs(3)), publisher).expect("starts");
 
     // Both foreign leases, plus our own: the first free subnet (10.5.2.0/24), delivered locally.
-    let s = wait_for(&reader, WAIT, "leases and our own subnet", |s| s.len() == 3).await;
+    let s = wait_for(&mut reader, WAIT, "leases and our own subnet", |s| {
+        has(s, "10.5.1.9") && has(s, "10.5.3.9") && has(s, "10.5.2.9")
+    })
+    .await;
     assert_eq!(underlay(&s, "10.5.1.9"), Some("192.0.2.1".parse().expect("ip")));
     assert_eq!(underlay(&s, "10.5.3.9"), Some("192.0.2.3".parse().expect("ip")));
-    assert!(is_local(&s, "10.5.2.9"), "own subnet is local delivery");
+    assert!(is_own(&s, "10.5.2.9"), "own subnet is local delivery");
     let mine = own_lease(&mut c).await;
     assert_eq!(mine.len(), 1);
     assert!(mine[0].0.ends_with("/subnets/10.5.2.0-24") && mine[0].1 != 0, "{mine:?}");
-    if let NextHop::Tunnel(t) = s.lookup("10.5.1.9".parse().expect("ip")).expect("route").next_hop {
-        assert_eq!((t.vni, t.port, t.vtep_mac.map(|m| m.to_string())), (1, 8472, Some("02:00:00:00:00:01".into())));
-    }
+    let route = s.route("10.5.1.9".parse().expect("ip"));
+    let Route::Remote { template, vtep_mac } = route else { panic!("10.5.1.9 is not tunnelled: {route:?}") };
+    assert_eq!(
+        (template.kind(), template.vni(), template.dst_port(), vtep_mac.to_string()),
+        (TunnelKind::Vxlan, 1, 8472, "02:00:00:00:00:01".to_owned()),
+        "the tunnel Flannel's lease describes"
+    );
 
     // A lease attached to a 2 s etcd lease that nobody renews: added, then expires -> removed.
     let lease = c.lease_grant(2, None).await.expect("grant").id();
@@ -90,13 +103,17 @@ async fn etcd_leases_allocate_renew_expire_reject_and_release() {
     )
     .await
     .expect("put");
-    wait_for(&reader, WAIT, "the short lease", |s| underlay(s, "10.5.4.1").is_some()).await;
-    wait_for(&reader, WAIT, "the short lease to expire", |s| s.lookup("10.5.4.1".parse().expect("ip")).is_none()).await;
+    wait_for(&mut reader, WAIT, "the short lease", |s| underlay(s, "10.5.4.1").is_some()).await;
+    wait_for(&mut reader, WAIT, "the short lease to expire", |s| !has(s, "10.5.4.1")).await;
 
-    // Our own lease has a 3 s TTL; it is renewed, so it outlives it.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(own_lease(&mut c).await.len(), 1, "own lease renewed past its TTL");
-    assert!(is_local(&reader.load(), "10.5.2.9"));
+    // Our own lease has a 3 s TTL; it is renewed, so it outlives it. Time passing is what this
+    // checks: the key must be there throughout 4 s, a second more than the TTL.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert_eq!(own_lease(&mut c).await.len(), 1, "own lease renewed past its TTL");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(is_own(reader.load(), "10.5.2.9"));
 
     // Malformed leases: counted once each, named by field; the good table stays.
     let generation = reader.load().generation();
@@ -110,18 +127,19 @@ async fn etcd_leases_allocate_renew_expire_reject_and_release() {
     assert_eq!(m.rejected_total(SourceKind::Etcd, "PublicIP"), 1);
     assert_eq!(m.rejected_total(SourceKind::Etcd, "key"), 2, "host bits, and outside the network");
     assert_eq!(m.rejected_total(SourceKind::Etcd, "BackendData"), 1);
-    let s = reader.load();
-    assert_eq!(s.generation(), generation, "nothing published for bad data");
-    assert_eq!(underlay(&s, "10.5.1.9"), Some("192.0.2.1".parse().expect("ip")), "last good state kept");
+    assert_eq!(underlay(reader.load(), "10.5.1.9"), Some("192.0.2.1".parse().expect("ip")), "last good state kept");
 
-    // A good update again is taken; deleting a lease removes its route.
+    // A good update again is taken, and it is the first publication since the bad leases: the
+    // engine applied those (it counted them) before this update was even written.
     put(&mut c, "subnets/10.5.1.0-24", &lease_value("192.0.2.101", "02:00:00:00:00:01")).await;
-    c.delete(format!("{PREFIX}/subnets/10.5.3.0-24"), None).await.expect("delete");
-    wait_for(&reader, WAIT, "update and delete", |s| {
+    let s = wait_for(&mut reader, WAIT, "the good update", |s| {
         underlay(s, "10.5.1.9").is_some_and(|u| u.to_string() == "192.0.2.101")
-            && s.lookup("10.5.3.9".parse().expect("ip")).is_none()
     })
     .await;
+    assert_eq!(s.generation(), generation + 1, "nothing published for bad data");
+    // Deleting a lease removes its route.
+    c.delete(format!("{PREFIX}/subnets/10.5.3.0-24"), None).await.expect("delete");
+    wait_for(&mut reader, WAIT, "the delete", |s| !has(s, "10.5.3.9")).await;
 
     // Clean shutdown releases our lease.
     cp.shutdown();
@@ -136,9 +154,9 @@ async fn etcd_reuses_this_nodes_existing_lease() {
     let mut c = client(&etcd).await;
     put(&mut c, "config", r#"{"Network":"10.6.0.0/16"}"#).await;
     put(&mut c, "subnets/10.6.77.0-24", &lease_value(MY_IP, "02:00:00:00:01:00")).await;
-    let (publisher, reader) = SnapshotPublisher::new();
+    let (publisher, mut reader) = common::tables();
     let cp = ControlPlane::spawn(config(&etcd, Duration::from_secs(30)), publisher).expect("starts");
-    wait_for(&reader, WAIT, "our reused subnet", |s| is_local(s, "10.6.77.1")).await;
+    wait_for(&mut reader, WAIT, "our reused subnet", |s| is_own(s, "10.6.77.1")).await;
     let mine = own_lease(&mut c).await;
     assert_eq!(mine.len(), 1, "no second allocation: {mine:?}");
     assert!(mine[0].1 != 0, "the reused key is now attached to our etcd lease");
@@ -153,29 +171,36 @@ async fn etcd_killed_and_restarted_mid_watch() {
     let mut c = client(&etcd).await;
     put(&mut c, "config", r#"{"Network":"10.7.0.0/16"}"#).await;
     put(&mut c, "subnets/10.7.1.0-24", &lease_value("192.0.2.1", "02:00:00:00:00:01")).await;
-    let (publisher, reader) = SnapshotPublisher::new();
+    let (publisher, mut reader) = common::tables();
     let cp = ControlPlane::spawn(config(&etcd, Duration::from_secs(30)), publisher).expect("starts");
-    wait_for(&reader, WAIT, "initial sync", |s| s.len() == 2).await;
+    wait_for(&mut reader, WAIT, "initial sync", |s| has(s, "10.7.1.1")).await;
+    let own = own_subnet(&mut c).await;
+    wait_for(&mut reader, WAIT, "our own subnet", |s| is_own(s, &own)).await;
     let m = cp.metrics().clone();
     wait_until(WAIT, "source up", || m.source_up(SourceKind::Etcd) == Some(true)).await;
 
     etcd.kill();
+    let (published, failed) = (m.publications(), m.reconnects(SourceKind::Etcd));
     wait_until(WAIT, "source down", || m.source_up(SourceKind::Etcd) == Some(false)).await;
-    // Forwarding continues on the last tables.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(reader.load().len(), 2);
+    // Forwarding continues on the last tables, however often reconnecting fails. The lost session
+    // and two failed reconnects are three sessions ended; an update sent in any but the last would
+    // have waited at least one backoff delay (150 ms or more) before the last ended, while the
+    // engine publishes within milliseconds of an update: nothing published means nothing sent.
+    wait_until(WAIT, "two failed reconnects", || m.reconnects(SourceKind::Etcd) >= failed + 3).await;
+    assert_eq!(m.publications(), published, "nothing published while etcd is down");
+    let s = reader.load();
+    assert!(underlay(s, "10.7.1.1").is_some() && is_own(s, &own), "the last tables stay");
 
     etcd.restart();
     let mut c = client(&etcd).await;
     wait_until(Duration::from_secs(30), "source up again", || m.source_up(SourceKind::Etcd) == Some(true)).await;
-    assert!(m.reconnects(SourceKind::Etcd) >= 1);
     put(&mut c, "subnets/10.7.9.0-24", &lease_value("192.0.2.9", "02:00:00:00:00:09")).await;
     c.delete(format!("{PREFIX}/subnets/10.7.1.0-24"), None).await.expect("delete");
-    let s = wait_for(&reader, WAIT, "changes after the restart", |s| {
-        underlay(s, "10.7.9.1").is_some() && s.lookup("10.7.1.1".parse().expect("ip")).is_none()
+    let s = wait_for(&mut reader, WAIT, "changes after the restart", |s| {
+        underlay(s, "10.7.9.1").is_some() && !has(s, "10.7.1.1")
     })
     .await;
-    assert_eq!(s.routes().iter().filter(|(_, r)| r.next_hop == NextHop::Local).count(), 1, "own lease kept");
+    assert!(is_own(&s, &own), "own lease kept");
     assert_eq!(own_lease(&mut c).await.len(), 1);
     drop(cp);
 }

@@ -1,18 +1,16 @@
 //! The Kubernetes source against a real kube-apiserver (built from Debian's `kubernetes` source
 //! package by scripts/build-kube-apiserver.sh) and a real etcd: nodes created, annotated,
 //! malformed, overlapping, deleted and recreated; this node announced; 1,000 nodes churned; the
-//! API server killed and restarted mid-watch.
+//! API server killed and restarted mid-watch. Published through the production publisher into the
+//! data plane's tables, read as a worker reads them.
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use common::{Etcd, KubeApiserver, wait_for, wait_until};
-use ferry_control::{
-    ControlConfig, ControlPlane, FibSnapshot, KubeConfig, NextHop, SnapshotPublisher, SnapshotReader, SourceKind,
-};
+use common::{Etcd, KubeApiserver, has, is_own, underlay, wait_for, wait_until};
+use ferry_control::{ControlConfig, ControlPlane, KubeConfig, SourceKind};
+use ferry_tables::{Reader, Route, Snapshot};
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
@@ -31,17 +29,6 @@ fn node(name: &str, cidrs: &[&str], internal_ip: &str) -> Node {
         "status": { "addresses": [ { "type": "InternalIP", "address": internal_ip } ] }
     }))
     .expect("node")
-}
-
-fn underlay(s: &FibSnapshot, ip: &str) -> Option<IpAddr> {
-    match s.lookup(ip.parse().expect("ip"))?.next_hop {
-        NextHop::Tunnel(t) => Some(t.underlay),
-        NextHop::Local => None,
-    }
-}
-
-fn has(s: &FibSnapshot, ip: &str) -> bool {
-    s.lookup(ip.parse().expect("ip")).is_some()
 }
 
 async fn annotate(api: &Api<Node>, name: &str, annotations: serde_json::Value) {
@@ -79,12 +66,11 @@ async fn kube_nodes_lifecycle_bad_data_announce_and_churn() {
     // This node and a node that already exist before the control plane starts.
     api.create(&pp, &node("self-node", &["10.200.0.0/24"], "192.0.2.250")).await.expect("create");
     api.create(&pp, &node("a", &["10.1.0.0/24", "fd00:1::/64"], "192.0.2.1")).await.expect("create");
-    let (publisher, reader) = SnapshotPublisher::new();
+    let (publisher, mut reader) = common::tables();
     let cp = ControlPlane::spawn(config(&k), publisher).expect("starts");
     let m = cp.metrics().clone();
 
-    let s = wait_for(&reader, WAIT, "initial list", |s| s.len() == 3).await;
-    assert_eq!(s.lookup("10.200.0.5".parse().expect("ip")).map(|r| r.next_hop), Some(NextHop::Local));
+    let s = wait_for(&mut reader, WAIT, "initial list", |s| is_own(s, "10.200.0.5")).await;
     assert_eq!(underlay(&s, "10.1.0.5"), Some("192.0.2.1".parse().expect("ip")));
     assert_eq!(underlay(&s, "fd00:1::5"), Some("192.0.2.1".parse().expect("ip")), "dual-stack CIDRs");
 
@@ -115,7 +101,7 @@ async fn kube_nodes_lifecycle_bad_data_announce_and_churn() {
 
     // Created while watching.
     api.create(&pp, &node("b", &["10.2.0.0/24"], "192.0.2.2")).await.expect("create");
-    wait_for(&reader, WAIT, "b created", |s| has(s, "10.2.0.1")).await;
+    wait_for(&mut reader, WAIT, "b created", |s| has(s, "10.2.0.1")).await;
 
     // Annotated like a Flannel node: public-ip overrides the InternalIP, backend data is taken.
     annotate(
@@ -128,14 +114,13 @@ async fn kube_nodes_lifecycle_bad_data_announce_and_churn() {
         }),
     )
     .await;
-    let s = wait_for(&reader, WAIT, "b annotated", |s| {
+    let s = wait_for(&mut reader, WAIT, "b annotated", |s| {
         underlay(s, "10.2.0.1").is_some_and(|u| u.to_string() == "198.51.100.2")
     })
     .await;
-    let Some(NextHop::Tunnel(tb)) = s.lookup("10.2.0.1".parse().expect("ip")).map(|r| r.next_hop) else {
-        panic!("tunnel")
-    };
-    assert_eq!((tb.vni, tb.vtep_mac.map(|m| m.to_string())), (7, Some("02:00:00:00:00:02".into())));
+    let route = s.route("10.2.0.1".parse().expect("ip"));
+    let Route::Remote { template, vtep_mac } = route else { panic!("10.2.0.1 is not tunnelled: {route:?}") };
+    assert_eq!((template.vni(), vtep_mac.to_string()), (7, "02:00:00:00:00:02".to_owned()));
 
     // A malformed annotation: last good state kept, one warning counted, however often the node
     // is updated afterwards.
@@ -145,39 +130,41 @@ async fn kube_nodes_lifecycle_bad_data_announce_and_churn() {
     wait_until(WAIT, "the rejection", || m.rejected_total(SourceKind::Kube, &field) == 1).await;
     annotate(&api, "b", json!({ "unrelated": "1" })).await;
     annotate(&api, "b", json!({ "unrelated": "2" })).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A node created after those updates: the watch delivers events in order, so once it is
+    // published the engine has applied both updates of b, and it is the only publication since.
+    api.create(&pp, &node("marker", &["10.3.0.0/24"], "192.0.2.5")).await.expect("create");
+    let s = wait_for(&mut reader, WAIT, "the marker node", |s| has(s, "10.3.0.1")).await;
+    assert_eq!(s.generation(), generation + 1, "nothing published for b's bad data");
     assert_eq!(m.rejected_total(SourceKind::Kube, &field), 1, "one warning per bad state");
-    let s = reader.load();
-    assert_eq!(s.generation(), generation, "nothing published");
     assert_eq!(underlay(&s, "10.2.0.1").map(|u| u.to_string()).as_deref(), Some("198.51.100.2"));
 
     // Overlap: c claims a subnet of a's CIDR -> refused; when a goes, c gets it.
     api.create(&pp, &node("c", &["10.1.0.128/25"], "192.0.2.3")).await.expect("create");
     wait_until(WAIT, "the overlap rejection", || m.rejected_total(SourceKind::Kube, "spec.podCIDRs") == 1).await;
-    assert_eq!(underlay(&reader.load(), "10.1.0.200"), Some("192.0.2.1".parse().expect("ip")));
+    assert_eq!(underlay(reader.load(), "10.1.0.200"), Some("192.0.2.1".parse().expect("ip")));
     // Outside the cluster network -> refused.
     api.create(&pp, &node("d", &["172.16.0.0/24"], "192.0.2.4")).await.expect("create");
     wait_until(WAIT, "the out-of-network rejection", || m.rejected_total(SourceKind::Kube, "spec.podCIDRs") == 2).await;
-    assert!(!has(&reader.load(), "172.16.0.1"));
+    assert!(!has(reader.load(), "172.16.0.1"));
 
     // Deleted: routes gone, and the blocked overlap is handed over in the same publication.
     delete(&api, "a").await;
-    let s = wait_for(&reader, WAIT, "a deleted", |s| !has(s, "10.1.0.5") && has(s, "10.1.0.200")).await;
+    let s = wait_for(&mut reader, WAIT, "a deleted", |s| !has(s, "10.1.0.5") && has(s, "10.1.0.200")).await;
     assert_eq!(underlay(&s, "10.1.0.200"), Some("192.0.2.3".parse().expect("ip")));
     assert!(!has(&s, "fd00:1::5"));
 
     // Recreated with another CIDR (a Node's podCIDR cannot change in place on a real server).
     delete(&api, "b").await;
-    wait_for(&reader, WAIT, "b deleted", |s| !has(s, "10.2.0.1")).await;
+    wait_for(&mut reader, WAIT, "b deleted", |s| !has(s, "10.2.0.1")).await;
     api.create(&pp, &node("b", &["10.2.1.0/24"], "192.0.2.22")).await.expect("recreate");
-    let s = wait_for(&reader, WAIT, "b recreated", |s| has(s, "10.2.1.1")).await;
+    let s = wait_for(&mut reader, WAIT, "b recreated", |s| has(s, "10.2.1.1")).await;
     assert_eq!(underlay(&s, "10.2.1.1"), Some("192.0.2.22".parse().expect("ip")));
 
     let h = histogram_count(&m);
     assert!(h > 0, "convergence histogram has observations");
     eprintln!("lifecycle scenario done at {:?}", t.elapsed());
 
-    churn_1000(&api, &reader).await;
+    churn_1000(&api, &mut reader).await;
     eprintln!("whole test {:?}", t.elapsed());
     drop(cp);
 }
@@ -210,12 +197,25 @@ fn churn_ip(i: usize, round: usize) -> String {
     format!("198.18.{}.{}", round * 8 + i / 256, i % 256)
 }
 
+/// An address in `churn_cidr(i, round)`.
+fn churn_dst(i: usize, round: usize) -> String {
+    format!("10.{}.{}.1", 100 + round * 8 + i / 256, i % 256)
+}
+
+/// Whether every destination is tunnelled to the given underlay address, or (`None`) unrouted.
+fn all_as_expected(s: &Snapshot, expected: &[(String, Option<String>)]) -> bool {
+    expected.iter().all(|(dst, want)| match want {
+        Some(ip) => underlay(s, dst).is_some_and(|u| u.to_string() == *ip),
+        None => !has(s, dst),
+    })
+}
+
 /// 1,000 nodes created, half deleted, a quarter recreated with new CIDRs, a quarter re-addressed,
-/// then all deleted; the published table must match the API exactly after each step.
-async fn churn_1000(api: &Api<Node>, reader: &SnapshotReader) {
+/// then all deleted; after each step every churned node's CIDRs (old and new) must route as the API
+/// says.
+async fn churn_1000(api: &Api<Node>, reader: &mut Reader<Snapshot>) {
     const N: usize = 1000;
     let pp = PostParams::default();
-    let base = reader.load().len();
     let t = Instant::now();
     futures_util::stream::iter(0..N)
         .map(|i| {
@@ -228,7 +228,8 @@ async fn churn_1000(api: &Api<Node>, reader: &SnapshotReader) {
         .await
         .expect("create 1000 nodes");
     eprintln!("1,000 nodes created in {:?}", t.elapsed());
-    wait_for(reader, Duration::from_secs(60), "1,000 nodes", |s| s.len() == base + N).await;
+    let created: Vec<_> = (0..N).map(|i| (churn_dst(i, 0), Some(churn_ip(i, 0)))).collect();
+    wait_for(reader, Duration::from_secs(60), "1,000 nodes", |s| all_as_expected(s, &created)).await;
     eprintln!("1,000 nodes published {:?} after the first write", t.elapsed());
 
     // Expected state after churn: even i deleted; i % 4 == 0 recreated with generation-1 CIDRs;
@@ -263,28 +264,19 @@ async fn churn_1000(api: &Api<Node>, reader: &SnapshotReader) {
         .try_collect::<Vec<_>>()
         .await
         .expect("churn");
-    let mut expected: BTreeMap<String, String> = BTreeMap::new();
+    let mut expected = Vec::new();
     for i in 0..N {
-        match (i % 2, i % 4) {
-            (0, 0) => expected.insert(churn_cidr(i, 1), churn_ip(i, 1)),
+        let old = match (i % 2, i % 4) {
             (0, _) => None,
-            (_, 1) => expected.insert(churn_cidr(i, 0), churn_ip(i, 2)),
-            _ => expected.insert(churn_cidr(i, 0), churn_ip(i, 0)),
+            (_, 1) => Some(churn_ip(i, 2)),
+            _ => Some(churn_ip(i, 0)),
         };
+        expected.push((churn_dst(i, 0), old));
+        if i % 4 == 0 {
+            expected.push((churn_dst(i, 1), Some(churn_ip(i, 1))));
+        }
     }
-    let matches = |s: &FibSnapshot| {
-        let churned: BTreeMap<String, String> = s
-            .routes()
-            .iter()
-            .filter(|(_, r)| r.node.starts_with("churn-"))
-            .filter_map(|(n, r)| match r.next_hop {
-                NextHop::Tunnel(t) => Some((n.to_string(), t.underlay.to_string())),
-                NextHop::Local => None,
-            })
-            .collect();
-        churned == expected
-    };
-    wait_for(reader, Duration::from_secs(60), "the churned table", matches).await;
+    wait_for(reader, Duration::from_secs(60), "the churned table", |s| all_as_expected(s, &expected)).await;
     eprintln!("churn of 1,000 writes converged {:?} after the first write", t2.elapsed());
 
     let list = api.list(&Default::default()).await.expect("list");
@@ -299,10 +291,8 @@ async fn churn_1000(api: &Api<Node>, reader: &SnapshotReader) {
         .try_collect::<Vec<_>>()
         .await
         .expect("delete all");
-    wait_for(reader, Duration::from_secs(60), "all churn nodes gone", |s| {
-        s.routes().iter().all(|(_, r)| !r.node.starts_with("churn-"))
-    })
-    .await;
+    let gone: Vec<_> = expected.into_iter().map(|(dst, _)| (dst, None)).collect();
+    wait_for(reader, Duration::from_secs(60), "all churn nodes gone", |s| all_as_expected(s, &gone)).await;
 }
 
 /// The API server is SIGKILLed mid-watch: forwarding continues on the last tables, the source
@@ -321,27 +311,34 @@ async fn kube_apiserver_killed_and_restarted_mid_watch() {
     }
     let mut cfg = config(&k);
     cfg.kube = Some(KubeConfig { auth: k.auth(), announce: false });
-    let (publisher, reader) = SnapshotPublisher::new();
+    let (publisher, mut reader) = common::tables();
     let cp = ControlPlane::spawn(cfg, publisher).expect("starts");
     let m = cp.metrics().clone();
-    wait_for(&reader, WAIT, "initial list", |s| s.len() == 2).await;
+    wait_for(&mut reader, WAIT, "initial list", |s| has(s, "10.31.0.1") && has(s, "10.32.0.1")).await;
     wait_until(WAIT, "source up", || m.source_up(SourceKind::Kube) == Some(true)).await;
 
     k.kill();
+    let (published, failed) = (m.publications(), m.reconnects(SourceKind::Kube));
     wait_until(WAIT, "source down", || m.source_up(SourceKind::Kube) == Some(false)).await;
     // While the API server is down, x1 disappears from etcd behind the watcher's back.
     let mut e = etcd_client::Client::connect([etcd.endpoint()], None).await.expect("etcd");
     let deleted = e.delete("/registry/minions/x1", None).await.expect("delete x1 in etcd").deleted();
     assert_eq!(deleted, 1, "x1 stored where a 1.20 server keeps Nodes");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(reader.load().len(), 2, "forwarding continues on the last tables");
+    // Forwarding continues on the last tables, however often reconnecting fails. The lost session
+    // and two failed reconnects are three sessions ended; an update sent in any but the last would
+    // have waited at least one backoff delay (150 ms or more) before the last ended, while the
+    // engine publishes within milliseconds of an update: nothing published means nothing sent.
+    wait_until(WAIT, "two failed reconnects", || m.reconnects(SourceKind::Kube) >= failed + 3).await;
+    assert_eq!(m.publications(), published, "nothing published while the API server is down");
+    let s = reader.load();
+    assert!(has(s, "10.31.0.1") && has(s, "10.32.0.1"), "forwarding continues on the last tables");
 
     k.restart().await;
     let api: Api<Node> = Api::all(k.client().await);
     wait_until(Duration::from_secs(60), "source up again", || m.source_up(SourceKind::Kube) == Some(true)).await;
     assert!(m.reconnects(SourceKind::Kube) >= 1);
-    wait_for(&reader, WAIT, "x1 removed by the resync", |s| !has(s, "10.31.0.1") && has(s, "10.32.0.1")).await;
+    wait_for(&mut reader, WAIT, "x1 removed by the resync", |s| !has(s, "10.31.0.1") && has(s, "10.32.0.1")).await;
     api.create(&pp, &node("x3", &["10.33.0.0/24"], "192.0.2.33")).await.expect("create");
-    wait_for(&reader, WAIT, "x3 after the restart", |s| has(s, "10.33.0.1")).await;
+    wait_for(&mut reader, WAIT, "x3 after the restart", |s| has(s, "10.33.0.1")).await;
     drop(cp);
 }

@@ -1,15 +1,15 @@
 //! The static file source end to end (no servers needed): load, reload on change (including an
 //! editor-style rename over the file), a broken file keeps the last good table, and the metrics
-//! endpoint serves what happened.
+//! endpoint serves what happened. Published through the production publisher into the data
+//! plane's tables, read as a worker reads them.
 
 mod common;
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{http_get, wait_for};
-use ferry_control::{ControlConfig, ControlPlane, NextHop, SnapshotPublisher, SourceKind};
+use common::{has, http_get, is_own, underlay, wait_for};
+use ferry_control::{ControlConfig, ControlPlane, SourceKind};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -17,13 +17,6 @@ fn write_atomically(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, path).expect("rename");
-}
-
-fn underlay(s: &ferry_control::FibSnapshot, ip: &str) -> Option<IpAddr> {
-    match s.lookup(ip.parse().expect("ip"))?.next_hop {
-        NextHop::Tunnel(t) => Some(t.underlay),
-        NextHop::Local => None,
-    }
 }
 
 #[tokio::test]
@@ -48,11 +41,10 @@ async fn static_file_loads_reloads_and_keeps_last_good_on_errors() {
     let mut cfg = ControlConfig::new("me");
     cfg.static_file = Some(path.clone());
     cfg.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
-    let (publisher, reader) = SnapshotPublisher::new();
+    let (publisher, mut reader) = common::tables();
     let cp = ControlPlane::spawn(cfg, publisher).expect("starts");
 
-    let s = wait_for(&reader, WAIT, "initial load", |s| s.len() == 2).await;
-    assert_eq!(s.lookup("10.244.9.7".parse().expect("ip")).map(|r| r.next_hop), Some(NextHop::Local));
+    let s = wait_for(&mut reader, WAIT, "initial load", |s| is_own(s, "10.244.9.7")).await;
     assert_eq!(underlay(&s, "10.244.1.7"), Some("192.0.2.1".parse().expect("ip")));
 
     // Edit in place: a moves, b appears, and b2 lies outside the cluster network (rejected alone).
@@ -78,11 +70,16 @@ async fn static_file_loads_reloads_and_keeps_last_good_on_errors() {
         "#,
     )
     .expect("write");
-    let s = wait_for(&reader, WAIT, "in-place edit", |s| {
-        s.len() == 3 && underlay(s, "10.244.1.1").is_some_and(|u| u.to_string() == "192.0.2.11")
+    let s = wait_for(&mut reader, WAIT, "in-place edit", |s| {
+        underlay(s, "10.244.1.1").is_some_and(|u| u.to_string() == "192.0.2.11")
     })
     .await;
-    assert!(s.lookup("10.99.2.1".parse().expect("ip")).is_none());
+    assert_eq!(
+        underlay(&s, "10.244.2.1"),
+        Some("192.0.2.2".parse().expect("ip")),
+        "b appeared in the same publication"
+    );
+    assert!(!has(&s, "10.99.2.1"));
     assert_eq!(cp.metrics().rejected_total(SourceKind::Static, "pod_cidrs"), 1);
 
     // Editor-style save (write a temp file, rename over): a is gone.
@@ -90,8 +87,8 @@ async fn static_file_loads_reloads_and_keeps_last_good_on_errors() {
         &path,
         "[[node]]\nname = \"me\"\npod_cidrs = [\"10.244.9.0/24\"]\n[[node]]\nname = \"b\"\npod_cidrs = [\"10.244.2.0/24\"]\nunderlay = \"192.0.2.2\"\n",
     );
-    let s = wait_for(&reader, WAIT, "rename-over reload", |s| s.len() == 2).await;
-    assert!(s.lookup("10.244.1.1".parse().expect("ip")).is_none());
+    let s = wait_for(&mut reader, WAIT, "rename-over reload", |s| !has(s, "10.244.1.1")).await;
+    assert!(has(&s, "10.244.2.1") && is_own(&s, "10.244.9.1"));
     let generation = s.generation();
 
     // A broken file: the table stays, one warning is counted.
@@ -100,8 +97,9 @@ async fn static_file_loads_reloads_and_keeps_last_good_on_errors() {
         cp.metrics().rejected_total(SourceKind::Static, "file") == 1
     })
     .await;
-    assert_eq!(reader.load().generation(), generation);
-    assert_eq!(reader.load().len(), 2);
+    let s = reader.load();
+    assert_eq!(s.generation(), generation, "nothing published for a broken file");
+    assert!(has(s, "10.244.2.1") && is_own(s, "10.244.9.1"));
     assert_eq!(cp.metrics().source_up(SourceKind::Static), Some(false));
 
     // The metrics endpoint serves the counters and the convergence histogram.
@@ -128,12 +126,12 @@ fn metrics_are_off_unless_asked_and_a_bad_source_is_refused() {
     let dir = tempfile::TempDir::new().expect("dir");
     let mut cfg = ControlConfig::new("me");
     cfg.static_file = Some(dir.path().join("absent.toml"));
-    let (publisher, _reader) = SnapshotPublisher::new();
+    let (publisher, _reader) = common::tables();
     let cp = ControlPlane::spawn(cfg, publisher).expect("starts with a missing file (waits for it)");
     assert_eq!(cp.metrics_addr(), None);
     drop(cp);
 
-    let (publisher, _reader) = SnapshotPublisher::new();
+    let (publisher, _reader) = common::tables();
     let err = ControlPlane::spawn(ControlConfig::new("me"), publisher).expect_err("no source");
     assert!(err.to_string().contains("no route source"), "{err}");
 }

@@ -359,6 +359,11 @@ impl TunnelTemplate {
         self.vni
     }
 
+    /// UDP destination port (the remote node's tunnel port).
+    pub fn dst_port(&self) -> u16 {
+        u16::from_be_bytes([self.bytes[self.l4_offset + 2], self.bytes[self.l4_offset + 3]])
+    }
+
     /// Underlay family.
     pub fn family(&self) -> Family {
         self.family
@@ -419,6 +424,7 @@ mod tests {
         let v6 = TunnelTemplate::new(&params(TunnelKind::Geneve, "fd00::1", "fd00::2")).expect("ok");
         assert_eq!((v6.overhead(), v6.ip_overhead()), (70, 56));
         assert_eq!(v6.bytes()[l4_dst_port(&v6)], [0x17, 0xc1]);
+        assert_eq!(v6.dst_port(), 6081);
     }
 
     fn l4_dst_port(t: &TunnelTemplate) -> core::ops::Range<usize> {
