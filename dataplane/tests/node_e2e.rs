@@ -19,6 +19,7 @@
 
 mod xsk_util;
 
+use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,17 +198,20 @@ fn pod_reaches_a_kernel_vxlan_node_through_ferry() {
     assert!(out.contains("3 received"), "ping through ferry: {out}");
 
     // TCP: 2 MB from the pod to a server on the remote node, MTU discovered through ferry's ICMP.
-    let server = std::process::Command::new("ip")
+    // The server says when it listens; `timeout` bounds every read of its output.
+    let mut server = std::process::Command::new("ip")
         .args(["netns", "exec", &n2, "timeout", "20", "python3", "-c"])
         .arg(
             "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('10.244.2.2', 5001)); s.listen(1); c,_=s.accept(); n=0\n\
+             s.bind(('10.244.2.2', 5001)); s.listen(1); print('listening', flush=True); c,_=s.accept(); n=0\n\
              while True:\n    b=c.recv(65536)\n    if not b: break\n    n+=len(b)\nprint(n)",
         )
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start TCP server");
-    std::thread::sleep(Duration::from_millis(500));
+    let mut lines = BufReader::new(server.stdout.take().expect("piped")).lines();
+    let first = lines.next().and_then(Result::ok);
+    assert_eq!(first.as_deref(), Some("listening"), "the TCP server did not start");
     run_in(
         &pod_ns,
         &[
@@ -218,8 +222,9 @@ fn pod_reaches_a_kernel_vxlan_node_through_ferry() {
             "import socket\ns=socket.create_connection(('10.244.2.2', 5001), timeout=15)\ns.sendall(b'x'*2000000)\ns.close()",
         ],
     );
-    let got = server.wait_with_output().expect("TCP server output");
-    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "2000000", "every byte arrived");
+    let got = lines.next().and_then(Result::ok);
+    let _ = server.wait();
+    assert_eq!(got.as_deref(), Some("2000000"), "every byte arrived");
 
     let w = running.finish();
     drop(attachments);

@@ -1,10 +1,12 @@
 //! Readers look up continuously while a writer publishes 1,000 snapshots: every answer must be the
 //! one the snapshot the reader loaded gives, generations only move forward, nothing crashes, and
-//! once the readers stop every snapshot but the current one is freed.
+//! once the readers stop every snapshot but the current one is freed. Every 100 publications the
+//! writer waits until each reader has seen the latest, so every reader sees at least ten
+//! generations however the threads are scheduled.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,8 @@ use ferry_tables::{DesiredState, LocalPod, PortId, RemoteNode, Route, Tables, Un
 
 const SNAPSHOTS: u64 = 1_000;
 const READERS: usize = 2;
+/// The writer waits for the readers every this many publications.
+const CHECKPOINT: u64 = 100;
 
 fn node(underlay: [u8; 4], cidr: String, vni: u32) -> RemoteNode {
     RemoteNode {
@@ -88,11 +92,13 @@ fn readers_only_ever_see_published_answers_and_old_snapshots_are_freed() {
     v4.extend([Ipv4Addr::new(10, 200, 0, 1), Ipv4Addr::new(10, 200, 1, 1), Ipv4Addr::new(11, 0, 0, 1)]);
     let v4 = Arc::new(v4);
     let stop = Arc::new(AtomicBool::new(false));
+    // The last generation each reader checked.
+    let seen: Arc<Vec<AtomicU64>> = Arc::new((0..READERS).map(|_| AtomicU64::new(0)).collect());
 
     let readers: Vec<_> = (0..READERS)
         .map(|n| {
             let mut reader = tables.reader();
-            let (v4, stop) = (Arc::clone(&v4), Arc::clone(&stop));
+            let (v4, stop, seen) = (Arc::clone(&v4), Arc::clone(&stop), Arc::clone(&seen));
             thread::spawn(move || {
                 let (mut last, mut batches, mut generations) = (0, 0u64, 0u64);
                 while !stop.load(Ordering::Relaxed) {
@@ -115,6 +121,7 @@ fn readers_only_ever_see_published_answers_and_old_snapshots_are_freed() {
                     assert_eq!(answer(snapshot.route(pod6)), expected(g, pod6), "reader {n}, generation {g}");
                     assert!(snapshot.source_allowed(PortId((g % 50) as u16), pod6));
                     batches += 1;
+                    seen[n].store(g, Ordering::Release);
                 }
                 (batches, generations)
             })
@@ -129,15 +136,20 @@ fn readers_only_ever_see_published_answers_and_old_snapshots_are_freed() {
         published.push(Arc::downgrade(&tables.current()));
         // Each reader holds at most the one snapshot it loaded last: nothing piles up.
         assert!(tables.retired() <= READERS, "{} retired snapshots with {READERS} readers", tables.retired());
-        if i % 100 == 0 {
-            // Give the readers time to see intermediate generations on a busy machine.
-            thread::sleep(Duration::from_millis(1));
+        if i % CHECKPOINT == 0 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            // A reader that stopped early panicked: joining it below reports why.
+            while seen.iter().any(|s| s.load(Ordering::Acquire) < i) && !readers.iter().any(|r| r.is_finished()) {
+                assert!(Instant::now() < deadline, "a reader did not check generation {i} within 30 s");
+                thread::yield_now();
+            }
         }
     }
     stop.store(true, Ordering::Relaxed);
     for r in readers {
         let (batches, generations) = r.join().expect("reader panicked");
-        assert!(batches > 0 && generations > 1, "reader saw {generations} generations in {batches} batches");
+        // Each checkpoint's generation, at least.
+        assert!(generations >= SNAPSHOTS / CHECKPOINT, "reader saw {generations} generations in {batches} batches");
     }
 
     // Readers are gone (their Reader dropped with the thread): everything retired can go.
