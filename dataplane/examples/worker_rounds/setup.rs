@@ -1,0 +1,140 @@
+//! One node's worker over in-memory ports, with real tables: the fixture shared by the worker
+//! bench (`benches/worker.rs`, which includes this file) and the `worker_rounds` example.
+//!
+//! The node has one pod on port 1 and one remote node (VXLAN, VNI 1) behind the uplink on port 0.
+//! Frames are UDP, 64 different flows; the benches use 64-byte frames.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etherparse::PacketBuilder;
+use ferry_dataplane::frame::{FreeFrames, HeapMem};
+use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
+use ferry_dataplane::port::mem::{MemPort, MemPortConfig};
+use ferry_dataplane::worker::{BATCH, Worker};
+use ferry_encap::{DecapConfig, FrameBuf, MacAddr, TemplateParams, TunnelKind, TunnelTemplate, encap};
+use ferry_tables::{DesiredState, LocalPod, RemoteNode, Snapshot, Tables, Underlay};
+
+const POD: [u8; 4] = [10, 244, 1, 2];
+const REMOTE_POD: [u8; 4] = [10, 244, 2, 2];
+
+/// The uplink's port index.
+pub const UPLINK: usize = 0;
+/// The pod's port index.
+pub const POD_PORT: usize = 1;
+
+/// Port capacity, as the agent sizes its workers (`dataplane.max_ports`' default): the published
+/// counters have this many slots.
+pub const MAX_PORTS: usize = 256;
+
+/// A node with one pod on port 1 and one remote node, in real tables.
+pub fn setup() -> (Worker<MemPort>, Arc<Snapshot>) {
+    let me = Ipv4Addr::new(192, 0, 2, 1);
+    let peer = Ipv4Addr::new(192, 0, 2, 2);
+    let mac = MacAddr([2, 0, 0, 0, 0, 1]);
+    let cfg = NodeConfig {
+        gateway_mac: mac,
+        gateway_v4: Some(Ipv4Addr::new(10, 244, 1, 1)),
+        gateway_v6: None,
+        vtep_mac: mac,
+        decap: DecapConfig::new(TunnelKind::Vxlan, 1, me.into()),
+        uplink: PortId(UPLINK as u16),
+        underlay_mtu: 1500,
+        icmp_rate: (100, 10),
+    };
+    let ring = MemPortConfig { rx_ring: 256, tx_ring: 256, rx_offset: 0 };
+    let ports = vec![MemPort::new("uplink", ring), MemPort::new("pod", ring)];
+    let worker = Worker::new(
+        ports,
+        vec![PortRole::Uplink, PortRole::Pod],
+        HeapMem::new(2048, 2048),
+        FreeFrames::all(2048),
+        Pipeline::new(cfg),
+    )
+    .with_capacity(MAX_PORTS);
+    let now = Instant::now();
+    let mut tables = Tables::new(Underlay::new(mac, Some(me), None), Duration::from_secs(60));
+    let _ = tables.set_static_neighbour(peer.into(), MacAddr([2, 0, 0, 0, 0, 9]), now);
+    let desired = DesiredState {
+        nodes: vec![RemoteNode {
+            name: "peer".into(),
+            pod_cidrs: vec!["10.244.2.0/24".parse().expect("cidr")],
+            underlay: peer.into(),
+            vtep_mac: MacAddr([2, 0, 0, 0, 0, 0xb]),
+            vni: 1,
+            tunnel: TunnelKind::Vxlan,
+            port: 4789,
+        }],
+        local_pods: vec![LocalPod {
+            port: PortId(POD_PORT as u16),
+            mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            addrs: vec![IpAddr::V4(POD.into())],
+        }],
+        blackholes: vec![],
+    };
+    tables.set_desired(desired, now).expect("valid desired state");
+    (worker, tables.current())
+}
+
+/// Ethernet, IPv4 and UDP headers.
+const HEADERS: usize = 14 + 20 + 8;
+
+/// The largest inner frame the node encapsulates: a 1450-byte IP packet (the pod MTU, underlay MTU
+/// 1500 minus VXLAN's 50 bytes) and its Ethernet header.
+pub const MAX_FRAME: usize = 1464;
+
+/// A UDP frame of `size` bytes (at least the headers).
+fn udp(src: [u8; 4], dst: [u8; 4], flow: u16, size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4(src, dst, 64)
+        .udp(10_000 + flow, 5201)
+        .write(&mut out, &vec![0x5a; size.saturating_sub(HEADERS)])
+        .expect("build");
+    out
+}
+
+/// A batch of `size`-byte frames from the pod to the remote pod (to encapsulate).
+pub fn to_remote(size: usize) -> Vec<Vec<u8>> {
+    (0..BATCH as u16).map(|i| udp(POD, REMOTE_POD, i, size)).collect()
+}
+
+/// A batch of tunnel frames as the remote node would send them, `size`-byte inner frames (to
+/// decapsulate).
+pub fn from_remote(size: usize) -> Vec<Vec<u8>> {
+    let peer_mac = MacAddr([2, 0, 0, 0, 0, 9]);
+    let peer_tpl = TunnelTemplate::new(&TemplateParams::new(
+        TunnelKind::Vxlan,
+        1,
+        peer_mac,
+        peer_mac,
+        Ipv4Addr::new(192, 0, 2, 2).into(),
+        Ipv4Addr::new(192, 0, 2, 1).into(),
+    ))
+    .expect("tpl");
+    (0..BATCH as u16)
+        .map(|i| {
+            let inner = udp(REMOTE_POD, POD, i, size);
+            let mut buf = vec![0u8; 128 + inner.len()];
+            buf[128..].copy_from_slice(&inner);
+            let mut f = FrameBuf::new(&mut buf, 128, inner.len()).expect("fits");
+            encap(&peer_tpl, &mut f).expect("encap");
+            f.data().to_vec()
+        })
+        .collect()
+}
+
+/// Inject `frames` on `inp`, run one iteration, drain `outp`; returns packets transmitted.
+pub fn round(w: &mut Worker<MemPort>, fib: &Snapshot, frames: &[Vec<u8>], inp: usize, outp: usize) -> usize {
+    let (mem, ports) = w.mem_and_ports();
+    for f in frames {
+        ports[inp].inject(mem, f);
+    }
+    w.poll_once(fib);
+    let (mem, ports) = w.mem_and_ports();
+    ports[outp].take_sent(mem, usize::MAX, |b| {
+        black_box(b);
+    })
+}
