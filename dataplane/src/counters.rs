@@ -1,15 +1,18 @@
 //! Per-worker counters: plain integers on the hot path, published to atomics off it.
 //!
-//! A worker counts into [`Counters`] (no atomics, no sharing) and every millisecond or so copies
-//! them into its [`SharedCounters`] with relaxed stores: one writer per cell, so readers (the
-//! admin socket, metrics) see each counter monotonic and at most a publish interval old. Readers
-//! sum the shared counters of all workers into a [`CounterSnapshot`].
+//! A worker counts into [`Counters`] (no atomics, no sharing) and copies them into its
+//! [`SharedCounters`] with relaxed stores on a timer (every few milliseconds while busy), before it
+//! sleeps, when a port is added or removed, and when it stops: one writer per cell, so readers (the
+//! admin socket, metrics) see each counter monotonic and at most a publish interval old, and exact
+//! once the worker is idle or stopped. A publish writes only the ports the worker serves (a worker
+//! is sized for 256 ports and usually serves a handful; a removed port's cells keep their last,
+//! exact, values). Readers sum the shared counters of all workers into a [`CounterSnapshot`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_encap::DropReason;
 
-use crate::pipeline::PipelineCounters;
+use crate::pipeline::{PipelineCounters, PortId};
 use crate::port::PortStats;
 
 /// Packet and byte counts for one port and direction.
@@ -81,25 +84,31 @@ impl SharedCounters {
         SharedCounters { ports, cells }
     }
 
-    /// Copy a worker's counters in (the worker is the only writer).
-    pub fn publish(&self, c: &Counters) {
-        for p in 0..self.ports {
-            let base = p * PER_PORT;
-            let s = c.port[p];
-            let values = [
-                c.rx[p].packets,
-                c.rx[p].bytes,
-                c.tx[p].packets,
-                c.tx[p].bytes,
-                s.rx_no_frame,
-                s.rx_dropped,
-                s.rx_ring_full,
-                s.invalid_descs,
-            ];
-            for (cell, v) in self.cells[base..base + PER_PORT].iter().zip(values) {
-                cell.store(v, Ordering::Relaxed);
-            }
+    /// Copy a worker's counters in for the ports in `live` (the ones it serves) and the pipeline's
+    /// (the worker is the only writer). Ids beyond the cells are skipped.
+    pub fn publish(&self, c: &Counters, live: &[PortId]) {
+        for id in live {
+            self.publish_port(c, *id);
         }
+        self.publish_pipeline(c);
+    }
+
+    /// Copy one port's counters in (a port being removed publishes its last values here).
+    pub fn publish_port(&self, c: &Counters, id: PortId) {
+        let p = usize::from(id.0);
+        if p >= self.ports {
+            return;
+        }
+        let (Some(rx), Some(tx), Some(s)) = (c.rx.get(p), c.tx.get(p), c.port.get(p)) else { return };
+        let cells = &self.cells[p * PER_PORT..(p + 1) * PER_PORT];
+        let values =
+            [rx.packets, rx.bytes, tx.packets, tx.bytes, s.rx_no_frame, s.rx_dropped, s.rx_ring_full, s.invalid_descs];
+        for (cell, v) in cells.iter().zip(values) {
+            cell.store(v, Ordering::Relaxed);
+        }
+    }
+
+    fn publish_pipeline(&self, c: &Counters) {
         let d = self.ports * PER_PORT;
         for (i, v) in c.pipeline.drops.iter().enumerate() {
             self.cells[d + i].store(*v, Ordering::Relaxed);
@@ -178,8 +187,9 @@ mod tests {
         c.double_frees = 1;
         c.port[1] = PortStats { rx_no_frame: 1, rx_dropped: 2, rx_ring_full: 3, invalid_descs: 4 };
         let (a, b) = (SharedCounters::new(2), SharedCounters::new(2));
-        a.publish(&c);
-        b.publish(&c);
+        let live = [PortId(0), PortId(1)];
+        a.publish(&c, &live);
+        b.publish(&c, &live);
         let s = sum([&a, &b]).expect("two workers");
         assert_eq!(s.rx[1], Flow { packets: 6, bytes: 600 });
         assert_eq!(s.tx[0].packets, 4);
@@ -189,5 +199,22 @@ mod tests {
         assert_eq!(s.port[1], PortStats { rx_no_frame: 2, rx_dropped: 4, rx_ring_full: 6, invalid_descs: 8 });
         assert_eq!(s.port[0], PortStats::default());
         assert_eq!(s.total_drops(), 10);
+    }
+
+    #[test]
+    fn publish_writes_only_live_ports() {
+        let mut c = Counters::new(3);
+        c.rx[0] = Flow { packets: 1, bytes: 60 };
+        c.rx[2] = Flow { packets: 7, bytes: 700 };
+        let shared = SharedCounters::new(3);
+        shared.publish(&c, &[PortId(2), PortId(9)]);
+        let r = shared.read();
+        assert_eq!(r.rx[2], Flow { packets: 7, bytes: 700 });
+        assert_eq!(r.rx[0], Flow::default(), "port 0 is not live: not published");
+        // A removed port's last values are published once and then left alone.
+        shared.publish_port(&c, PortId(0));
+        c.rx[0].packets = 99;
+        shared.publish(&c, &[PortId(2)]);
+        assert_eq!(shared.read().rx[0], Flow { packets: 1, bytes: 60 });
     }
 }

@@ -4,7 +4,10 @@
 //! Each loop iteration reclaims completed transmissions, refills receive rings, then takes up to
 //! [`BATCH`] packets from each port, runs each through the [`Pipeline`], and queues it for its
 //! egress port; full egress batches go out immediately and the rest at the end of the iteration,
-//! with one kick per port. The forwarding tables are loaded once per iteration.
+//! with one kick per port. The forwarding tables are loaded once per iteration. The counters are
+//! published for readers on other threads every [`PUBLISH_INTERVAL`] while busy (not every
+//! iteration: a publish is a few dozen atomic stores per port), and whenever the worker goes idle,
+//! changes its ports or stops, so readers see exact totals once traffic stops.
 //!
 //! Ports come and go while the worker runs (pods are created and deleted): a [`PortControl`] sends
 //! [`PortCommand`]s that the worker applies between iterations, waking it if it sleeps. A port keeps
@@ -36,6 +39,10 @@ use crate::port::Port;
 
 /// Packets taken from a port per receive call, and the size of an egress batch.
 pub const BATCH: usize = 64;
+
+/// How often a busy worker publishes its counters ([`SharedCounters`]); an idle or stopping worker
+/// publishes at once.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(5);
 
 /// How a worker waits when there is no traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,7 +211,8 @@ pub struct Worker<P: Port> {
     rx: Box<[Pkt]>,
     out: Vec<Vec<Pkt>>,
     epoch: Instant,
-    last_publish: Instant,
+    /// When counters were last published, in nanoseconds since `epoch`.
+    last_publish_ns: u64,
     last_port_stats: Instant,
 }
 
@@ -235,7 +243,7 @@ impl<P: Port> Worker<P> {
             rx: vec![blank; BATCH].into_boxed_slice(),
             out: (0..n).map(|_| Vec::with_capacity(BATCH)).collect(),
             epoch: Instant::now(),
-            last_publish: Instant::now(),
+            last_publish_ns: 0,
             last_port_stats: Instant::now(),
         }
     }
@@ -303,6 +311,7 @@ impl<P: Port> Worker<P> {
         self.counters.rx[i] = Default::default();
         self.counters.tx[i] = Default::default();
         self.counters.port[i] = Default::default();
+        self.shared.publish_port(&self.counters, id);
         Ok(())
     }
 
@@ -323,6 +332,11 @@ impl<P: Port> Worker<P> {
         if let Some(moved) = self.ids.get(d) {
             self.index[usize::from(moved.0)] = d as u32;
         }
+        // Its last counts: later publishes cover live ports only.
+        if let Some(stats) = self.counters.port.get_mut(usize::from(id.0)) {
+            *stats = port.stats();
+        }
+        self.shared.publish_port(&self.counters, id);
         port.release(&mut self.free);
         true
     }
@@ -365,7 +379,8 @@ impl<P: Port> Worker<P> {
 
     /// One iteration over every port; returns the number of packets received.
     pub fn poll_once<F: Fib>(&mut self, fib: &F) -> usize {
-        self.pipeline.set_time(self.epoch.elapsed().as_nanos() as u64);
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.pipeline.set_time(now);
         for p in &mut self.ports {
             p.reclaim(&mut self.free);
             p.refill(&mut self.free);
@@ -383,8 +398,8 @@ impl<P: Port> Worker<P> {
             self.flush_port(p);
         }
         self.counters.double_frees = self.free.refused();
-        if received > 0 || self.last_publish.elapsed() >= Duration::from_millis(1) {
-            self.publish();
+        if now.saturating_sub(self.last_publish_ns) >= PUBLISH_INTERVAL.as_nanos() as u64 {
+            self.publish_at(now);
         }
         received
     }
@@ -446,7 +461,13 @@ impl<P: Port> Worker<P> {
         let _ = self.ports[p].flush();
     }
 
-    fn publish(&mut self) {
+    /// Publish the counters now (the worker does on its own: on a timer while busy, when idle, on
+    /// port changes and when stopping).
+    pub fn publish(&mut self) {
+        self.publish_at(self.epoch.elapsed().as_nanos() as u64);
+    }
+
+    fn publish_at(&mut self, now_ns: u64) {
         // The ports' own statistics cost a system call each: about once a second is enough.
         if self.last_port_stats.elapsed() >= Duration::from_secs(1) {
             for (p, id) in self.ports.iter().zip(&self.ids) {
@@ -454,8 +475,8 @@ impl<P: Port> Worker<P> {
             }
             self.last_port_stats = Instant::now();
         }
-        self.shared.publish(&self.counters);
-        self.last_publish = Instant::now();
+        self.shared.publish(&self.counters, &self.ids);
+        self.last_publish_ns = now_ns;
     }
 
     /// Run until `stop` is set, loading the current tables from `tables` once per iteration.

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etherparse::PacketBuilder;
+use ferry_dataplane::counters::Counters;
 use ferry_dataplane::frame::{FreeFrames, HeapMem};
 use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::Port;
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig, wire};
-use ferry_dataplane::worker::Worker;
+use ferry_dataplane::worker::{self, PollMode, Worker};
 use ferry_encap::{DecapConfig, MacAddr, TunnelKind};
-use ferry_tables::{DesiredState, LocalPod, RemoteNode, Snapshot, Tables, Underlay};
+use ferry_tables::{DesiredState, LocalPod, Publisher, RemoteNode, Snapshot, Tables, Underlay};
 
 /// Few frames, small rings: the worker runs short of frames and ring space all the time.
 const FRAMES: u32 = 96;
@@ -228,4 +229,55 @@ fn ports_removed_and_added_while_running_keep_every_frame() {
     assert_eq!(a.counters().rx[1].packets, 1, "the new port's counters started from zero");
     assert_eq!(a.counters().drops(ferry_encap::DropReason::NoRoute), before);
     assert_eq!(a.frames_accounted(), FRAMES as usize);
+}
+
+/// Received packets, and what became of them: transmitted, dropped, ICMP errors sent.
+fn totals(c: &Counters) -> (u64, u64, u64, u64) {
+    let rx = c.rx.iter().map(|f| f.packets).sum();
+    let tx = c.tx.iter().map(|f| f.packets).sum();
+    (rx, tx, c.total_drops(), c.pipeline.icmp_errors)
+}
+
+#[test]
+fn published_counters_are_exact_once_the_worker_is_idle_and_when_it_stops() {
+    let (w, fib) = node(1);
+    // Sized like the agent's workers: the worker publishes its 2 live ports, not 256.
+    let mut w = w.with_capacity(256);
+    let shared = w.shared_counters();
+    w.poll_once(&*fib);
+    let t = traffic(1);
+    let mut injected = 0u64;
+    let (mem, ports) = w.mem_and_ports();
+    for k in 0..32 {
+        if ports[1].inject(mem, &t[k % t.len()]) {
+            injected += 1;
+        }
+    }
+    assert!(injected > 0, "the pod port was lent frames");
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mode = PollMode::Adaptive { spin: Duration::from_millis(1), sleep: Duration::from_millis(20) };
+    let reader = Publisher::new(fib).reader();
+    let handle = worker::spawn("conservation".into(), w, None, reader, Arc::clone(&stop), mode).expect("spawn");
+    // Every packet received, and each forwarded, answered or dropped, as readers see it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let c = shared.read();
+        let (rx, tx, drops, icmp) = totals(&c);
+        if (rx == injected && rx + icmp == tx + drops) || Instant::now() > deadline {
+            break (rx, tx, drops, icmp);
+        }
+        std::thread::yield_now();
+    };
+    let (rx, tx, drops, icmp) = seen;
+    assert_eq!(rx, injected, "readers see every received packet once the worker is idle");
+    assert_eq!(rx + icmp, tx + drops, "readers see every packet's fate: {seen:?}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let w = handle.join().expect("worker thread");
+    let (exact, published) = (w.counters(), shared.read());
+    assert_eq!(totals(&published), totals(exact), "published totals are the worker's own after it stops");
+    assert_eq!(published.rx[..2], exact.rx[..2]);
+    assert_eq!(published.tx[..2], exact.tx[..2]);
+    assert_eq!(published.pipeline, exact.pipeline);
 }

@@ -21,16 +21,16 @@ const POD: [u8; 4] = [10, 244, 1, 2];
 const REMOTE_POD: [u8; 4] = [10, 244, 2, 2];
 
 /// The uplink's port index.
-pub const UPLINK: usize = 0;
+pub(crate) const UPLINK: usize = 0;
 /// The pod's port index.
-pub const POD_PORT: usize = 1;
+pub(crate) const POD_PORT: usize = 1;
 
 /// Port capacity, as the agent sizes its workers (`dataplane.max_ports`' default): the published
 /// counters have this many slots.
-pub const MAX_PORTS: usize = 256;
+pub(crate) const MAX_PORTS: usize = 256;
 
 /// A node with one pod on port 1 and one remote node, in real tables.
-pub fn setup() -> (Worker<MemPort>, Arc<Snapshot>) {
+pub(crate) fn setup() -> (Worker<MemPort>, Arc<Snapshot>) {
     let me = Ipv4Addr::new(192, 0, 2, 1);
     let peer = Ipv4Addr::new(192, 0, 2, 2);
     let mac = MacAddr([2, 0, 0, 0, 0, 1]);
@@ -83,7 +83,7 @@ const HEADERS: usize = 14 + 20 + 8;
 
 /// The largest inner frame the node encapsulates: a 1450-byte IP packet (the pod MTU, underlay MTU
 /// 1500 minus VXLAN's 50 bytes) and its Ethernet header.
-pub const MAX_FRAME: usize = 1464;
+pub(crate) const MAX_FRAME: usize = 1464;
 
 /// A UDP frame of `size` bytes (at least the headers).
 fn udp(src: [u8; 4], dst: [u8; 4], flow: u16, size: usize) -> Vec<u8> {
@@ -97,13 +97,13 @@ fn udp(src: [u8; 4], dst: [u8; 4], flow: u16, size: usize) -> Vec<u8> {
 }
 
 /// A batch of `size`-byte frames from the pod to the remote pod (to encapsulate).
-pub fn to_remote(size: usize) -> Vec<Vec<u8>> {
+pub(crate) fn to_remote(size: usize) -> Vec<Vec<u8>> {
     (0..BATCH as u16).map(|i| udp(POD, REMOTE_POD, i, size)).collect()
 }
 
 /// A batch of tunnel frames as the remote node would send them, `size`-byte inner frames (to
 /// decapsulate).
-pub fn from_remote(size: usize) -> Vec<Vec<u8>> {
+pub(crate) fn from_remote(size: usize) -> Vec<Vec<u8>> {
     let peer_mac = MacAddr([2, 0, 0, 0, 0, 9]);
     let peer_tpl = TunnelTemplate::new(&TemplateParams::new(
         TunnelKind::Vxlan,
@@ -127,7 +127,7 @@ pub fn from_remote(size: usize) -> Vec<Vec<u8>> {
 }
 
 /// Inject `frames` on `inp`, run one iteration, drain `outp`; returns packets transmitted.
-pub fn round(w: &mut Worker<MemPort>, fib: &Snapshot, frames: &[Vec<u8>], inp: usize, outp: usize) -> usize {
+pub(crate) fn round(w: &mut Worker<MemPort>, fib: &Snapshot, frames: &[Vec<u8>], inp: usize, outp: usize) -> usize {
     let (mem, ports) = w.mem_and_ports();
     for f in frames {
         ports[inp].inject(mem, f);
