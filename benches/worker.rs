@@ -1,6 +1,6 @@
 //! The whole worker loop over in-memory ports: pod -> remote node (classify, anti-spoofing, TTL,
 //! route, encap) and remote node -> pod (decap, known-node check, route, checksum completion),
-//! 64-byte frames, 64 per iteration.
+//! 64-byte and 1464-byte frames (the pod MTU's largest), 64 per iteration.
 //!
 //! Each iteration copies 64 frames into the receive ring (as the kernel does in copy mode), runs one
 //! worker iteration, and takes the transmitted frames out; the copies are part of the figure.
@@ -13,23 +13,30 @@ mod setup;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ferry_dataplane::worker::BATCH;
-use setup::{POD_PORT, UPLINK, from_remote, round, setup, to_remote};
+use setup::{MAX_FRAME, POD_PORT, UPLINK, from_remote, round, setup, to_remote};
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("worker");
     g.throughput(Throughput::Elements(BATCH as u64));
 
-    let (mut w, fib) = setup();
-    let frames = to_remote(64);
-    w.poll_once(&*fib);
-    assert_eq!(round(&mut w, &fib, &frames, POD_PORT, UPLINK), BATCH, "every frame encapsulated");
-    g.bench_function("pod_to_remote_encap_64B", |b| b.iter(|| round(&mut w, &fib, &frames, POD_PORT, UPLINK)));
+    // 64-byte frames, and the largest the pod MTU allows (where moving a packet costs most).
+    for size in [64, MAX_FRAME] {
+        let (mut w, fib) = setup();
+        let frames = to_remote(size);
+        w.poll_once(&*fib);
+        assert_eq!(round(&mut w, &fib, &frames, POD_PORT, UPLINK), BATCH, "every frame encapsulated");
+        g.bench_function(format!("pod_to_remote_encap_{size}B"), |b| {
+            b.iter(|| round(&mut w, &fib, &frames, POD_PORT, UPLINK))
+        });
 
-    let (mut w, fib) = setup();
-    let frames = from_remote(64);
-    w.poll_once(&*fib);
-    assert_eq!(round(&mut w, &fib, &frames, UPLINK, POD_PORT), BATCH, "every frame delivered");
-    g.bench_function("remote_to_pod_decap_64B", |b| b.iter(|| round(&mut w, &fib, &frames, UPLINK, POD_PORT)));
+        let (mut w, fib) = setup();
+        let frames = from_remote(size);
+        w.poll_once(&*fib);
+        assert_eq!(round(&mut w, &fib, &frames, UPLINK, POD_PORT), BATCH, "every frame delivered");
+        g.bench_function(format!("remote_to_pod_decap_{size}B"), |b| {
+            b.iter(|| round(&mut w, &fib, &frames, UPLINK, POD_PORT))
+        });
+    }
     g.finish();
 }
 
