@@ -27,17 +27,9 @@ const MTU: u32 = 1450;
 const QUEUES: u32 = 2;
 const NET_NAME: &str = "ferrytest";
 
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tools = Path::new(CNI_PATH).join("host-local").is_file();
-    if root && tools {
-        return true;
-    }
-    let why = if root { "containernetworking-plugins (host-local in /usr/lib/cni) missing" } else { "needs root" };
-    assert!(std::env::var_os("CI").is_none(), "FAIL: {why} and CI is set");
-    println!("SKIP: {why}");
-    false
+fn privileged(test: &str) -> bool {
+    let host_local = format!("{CNI_PATH}/host-local");
+    ferry_testsupport::privileged(test, "network namespaces", &[&host_local, "ip", "ethtool"])
 }
 
 /// Removes the namespaces and the temporary directory it was given, even when a check failed.
@@ -238,7 +230,7 @@ fn invalid_environment_is_error_4() {
 
 #[test]
 fn add_check_del_in_namespaces() {
-    if !privileged() {
+    if !privileged("add_check_del_in_namespaces") {
         return;
     }
     let tag = format!("fcni{}", std::process::id());

@@ -21,8 +21,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-mod support;
-
 /// Serializes the tests of this binary: one lab at a time.
 static LABS: Mutex<()> = Mutex::new(());
 
@@ -39,7 +37,7 @@ fn bin_dir() -> PathBuf {
 
 /// Root, or SKIP (false), or a failure when CI is set.
 fn privileged(test: &str) -> bool {
-    support::privileged(test, "network namespaces, AF_XDP")
+    ferry_testsupport::privileged(test, "network namespaces, AF_XDP", &[])
 }
 
 /// Takes the lab lock (a panicking test must not stop the others).

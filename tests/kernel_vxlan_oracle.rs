@@ -25,12 +25,9 @@ use std::time::{Duration, Instant};
 use etherparse::{Icmpv4Type, Icmpv6Type, LinkSlice, NetSlice, SlicedPacket, TransportSlice};
 use ferry_encap::offload::complete_checksum;
 use ferry_encap::{DecapConfig, DropReason, FrameBuf, TunnelKind, decap};
+use ferry_testsupport::run;
 use pcap_file::DataLink;
 use pcap_file::pcap::PcapReader;
-
-mod support;
-
-use support::run;
 
 /// Echo requests sent per test.
 const PINGS: usize = 3;
@@ -167,40 +164,10 @@ fn in_ns<'a>(ns: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
 
 const TOOLS: &[&str] = &["ip", "bridge", "tcpdump", "ping", "bash", "timeout", "kill", "ethtool"];
 
-/// Root and the tools present: true. Otherwise fail under CI, where these tests must run, or print
+/// Root and the tools present: true. Otherwise fail under CI, where these tests must run, or
 /// SKIP and return false.
 fn prerequisites(test: &str) -> bool {
-    let mut missing = Vec::new();
-    if !is_root() {
-        missing.push("root (the test creates network namespaces and links)".to_string());
-    }
-    for tool in TOOLS {
-        if !on_path(tool) {
-            missing.push(format!("`{tool}` on PATH"));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let why = format!("{test} needs {}", missing.join(", "));
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{why}; CI is set, so this privileged oracle test must run: run it as root with iproute2, tcpdump, \
-         iputils-ping and ethtool installed"
-    );
-    println!("SKIP: {why}");
-    false
-}
-
-fn is_root() -> bool {
-    // The effective UID is the second field of the `Uid:` line.
-    std::fs::read_to_string("/proc/self/status").ok().is_some_and(|s| {
-        s.lines().any(|l| l.strip_prefix("Uid:").and_then(|r| r.split_whitespace().nth(1)) == Some("0"))
-    })
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+    ferry_testsupport::privileged(test, "the test creates network namespaces and links", TOOLS)
 }
 
 impl Topology {

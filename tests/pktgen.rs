@@ -17,12 +17,10 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_ferry");
 const COUNT: u64 = 20_000;
 
-mod support;
-
-use support::run;
+use ferry_testsupport::run;
 
 fn privileged(test: &str) -> bool {
-    support::privileged(test, "namespaces, XDP, AF_XDP")
+    ferry_testsupport::privileged(test, "namespaces, XDP, AF_XDP", &[])
 }
 
 /// Two namespaces joined by a veth pair (`pa` in the first, `pb` in the second); dropping deletes

@@ -422,22 +422,13 @@ fn write_pcap(path: &Path, frames: &[Vec<u8>]) {
 }
 
 /// Whether tshark can be run. Without it: fail under CI, skip otherwise.
-fn tshark_available() -> bool {
-    match Command::new("tshark").arg("--version").output() {
-        Ok(o) if o.status.success() => true,
-        other => {
-            let why = match other {
-                Ok(o) => format!("`tshark --version` exited with {}", o.status),
-                Err(e) => format!("cannot run tshark: {e}"),
-            };
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{why}; CI is set, so this oracle test must run: install tshark (apt-get install tshark)"
-            );
-            println!("SKIP: {why}; install tshark (apt-get install tshark) to run the tshark oracle");
-            false
-        }
+/// tshark installed: true. Otherwise fail when `CI` is set (CI must run this oracle), or skip.
+fn tshark_available(test: &str) -> bool {
+    let ok = ferry_testsupport::have_tool("tshark");
+    if !ok {
+        ferry_testsupport::skip(test, "needs tshark (apt-get install tshark) for the tshark oracle");
     }
+    ok
 }
 
 /// Decode `pcap` with tshark, checksum validation on, and return one [`Decoded`] per frame.
@@ -641,7 +632,7 @@ fn corrupted(frames: &[Vec<u8>]) -> Vec<Corrupted> {
 
 #[test]
 fn tshark_decodes_ferry_frames_with_valid_checksums() {
-    if !tshark_available() {
+    if !tshark_available("tshark_decodes_ferry_frames_with_valid_checksums") {
         return;
     }
     let mut frames: Vec<Vec<u8>> = CASES.iter().enumerate().map(|(i, c)| encapsulated(i, c)).collect();

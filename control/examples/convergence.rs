@@ -104,7 +104,8 @@ fn main() {
 }
 
 async fn run() {
-    let (Some(etcd_bin), Some(kube_bin)) = (common::etcd_binary(), common::kube_apiserver_binary()) else { return };
+    let Some(etcd_bin) = common::etcd_binary("the convergence benchmark") else { return };
+    let Some(kube_bin) = common::kube_apiserver_binary("the convergence benchmark") else { return };
     let nodes = env("FERRY_BENCH_NODES", 1000);
     let writes = env("FERRY_BENCH_WRITES", 1000);
     let etcd = common::Etcd::start(&etcd_bin);

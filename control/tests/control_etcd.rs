@@ -65,7 +65,7 @@ async fn own_subnet(c: &mut Client) -> String {
 #[tokio::test]
 async fn etcd_leases_allocate_renew_expire_reject_and_release() {
     common::init_tracing();
-    let Some(bin) = common::etcd_binary() else { return };
+    let Some(bin) = common::etcd_binary("etcd_leases_allocate_renew_expire_reject_and_release") else { return };
     let etcd = Etcd::start(&bin);
     let mut c = client(&etcd).await;
     put(&mut c, "config", r#"{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1}}"#).await;
@@ -149,7 +149,7 @@ async fn etcd_leases_allocate_renew_expire_reject_and_release() {
 #[tokio::test]
 async fn etcd_reuses_this_nodes_existing_lease() {
     common::init_tracing();
-    let Some(bin) = common::etcd_binary() else { return };
+    let Some(bin) = common::etcd_binary("etcd_reuses_this_nodes_existing_lease") else { return };
     let etcd = Etcd::start(&bin);
     let mut c = client(&etcd).await;
     put(&mut c, "config", r#"{"Network":"10.6.0.0/16"}"#).await;
@@ -166,7 +166,7 @@ async fn etcd_reuses_this_nodes_existing_lease() {
 #[tokio::test]
 async fn etcd_killed_and_restarted_mid_watch() {
     common::init_tracing();
-    let Some(bin) = common::etcd_binary() else { return };
+    let Some(bin) = common::etcd_binary("etcd_killed_and_restarted_mid_watch") else { return };
     let mut etcd = Etcd::start(&bin);
     let mut c = client(&etcd).await;
     put(&mut c, "config", r#"{"Network":"10.7.0.0/16"}"#).await;

@@ -55,7 +55,10 @@ fn config(k: &KubeApiserver) -> ControlConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_nodes_lifecycle_bad_data_announce_and_churn() {
     common::init_tracing();
-    let (Some(etcd_bin), Some(kube_bin)) = (common::etcd_binary(), common::kube_apiserver_binary()) else { return };
+    let Some(etcd_bin) = common::etcd_binary("kube_nodes_lifecycle_bad_data_announce_and_churn") else { return };
+    let Some(kube_bin) = common::kube_apiserver_binary("kube_nodes_lifecycle_bad_data_announce_and_churn") else {
+        return;
+    };
     let t = Instant::now();
     let etcd = Etcd::start(&etcd_bin);
     let k = KubeApiserver::start(&kube_bin, &etcd).await;
@@ -301,7 +304,8 @@ async fn churn_1000(api: &Api<Node>, reader: &mut Reader<Snapshot>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_apiserver_killed_and_restarted_mid_watch() {
     common::init_tracing();
-    let (Some(etcd_bin), Some(kube_bin)) = (common::etcd_binary(), common::kube_apiserver_binary()) else { return };
+    let Some(etcd_bin) = common::etcd_binary("kube_apiserver_killed_and_restarted_mid_watch") else { return };
+    let Some(kube_bin) = common::kube_apiserver_binary("kube_apiserver_killed_and_restarted_mid_watch") else { return };
     let etcd = Etcd::start(&etcd_bin);
     let mut k = KubeApiserver::start(&kube_bin, &etcd).await;
     let api: Api<Node> = Api::all(k.client().await);

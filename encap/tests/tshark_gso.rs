@@ -237,19 +237,13 @@ fn write_pcap(path: &PathBuf, frames: &[Vec<u8>]) {
     f.write_all(&out).expect("write pcap");
 }
 
-fn tshark_available() -> bool {
-    match Command::new("tshark").arg("--version").output() {
-        Ok(o) if o.status.success() => true,
-        other => {
-            let why = match other {
-                Ok(o) => format!("`tshark --version` exited with {}", o.status),
-                Err(e) => format!("cannot run tshark: {e}"),
-            };
-            assert!(std::env::var_os("CI").is_none(), "{why}; CI is set, so this oracle test must run: install tshark");
-            println!("SKIP: {why}; install tshark (apt-get install tshark) to run the tshark oracle");
-            false
-        }
+/// tshark installed: true. Otherwise fail when `CI` is set (CI must run this oracle), or skip.
+fn tshark_available(test: &str) -> bool {
+    let ok = ferry_testsupport::have_tool("tshark");
+    if !ok {
+        ferry_testsupport::skip(test, "needs tshark (apt-get install tshark) for the tshark oracle");
     }
+    ok
 }
 
 type Decoded = HashMap<&'static str, Vec<String>>;
@@ -317,7 +311,7 @@ fn tshark_decodes_segmented_tunnel_frames() {
         spans.push((frames.len(), f.len()));
         frames.extend(f);
     }
-    if !tshark_available() {
+    if !tshark_available("tshark_decodes_segmented_tunnel_frames") {
         return;
     }
     // A corrupted copy of the first segment: one inner payload byte flipped.

@@ -1,8 +1,9 @@
 //! Test harness: starts the real servers (Debian's `etcd`, a `kube-apiserver` built by
 //! `scripts/build-kube-apiserver.sh`) on 127.0.0.1 with temporary state, and kills them on drop.
 //!
-//! A test that needs a server asks [`need`]: when the binary is missing it FAILS if `CI` is set and
-//! SKIPS (with a message) otherwise.
+//! A test that needs a server asks for its binary ([`etcd_binary`], [`kube_apiserver_binary`]):
+//! when it is missing the test FAILS if `CI` is set and is skipped otherwise
+//! (`ferry_testsupport::skip`: printed, and recorded for `scripts/test.sh`).
 //!
 //! The control plane publishes as the agent wires it: [`TablesPublisher`] into the data plane's
 //! real [`Tables`]; tests read what a worker reads, the published [`Snapshot`], through a
@@ -22,26 +23,23 @@ use ferry_encap::MacAddr;
 use ferry_tables::{Reader, Route, Snapshot, Tables, Underlay};
 use tempfile::TempDir;
 
-/// Returns the binary, or `None` after printing SKIP; panics (FAIL) when `CI` is set.
-pub(crate) fn need(what: &str, found: Option<PathBuf>, how: &str) -> Option<PathBuf> {
-    if found.is_some() {
-        return found;
+/// The binary, or `None` after skipping `test` ([`ferry_testsupport::skip`]: a failure when `CI`
+/// is set).
+fn need(test: &str, what: &str, found: Option<PathBuf>, how: &str) -> Option<PathBuf> {
+    if found.is_none() {
+        ferry_testsupport::skip(test, &format!("needs {what}: {how}"));
     }
-    if std::env::var_os("CI").is_some() {
-        panic!("FAIL: {what} is missing and CI is set; {how}");
-    }
-    eprintln!("SKIP: {what} is missing; {how}");
-    None
+    found
 }
 
-/// Debian's etcd (`FERRY_ETCD` overrides).
-pub(crate) fn etcd_binary() -> Option<PathBuf> {
+/// Debian's etcd (`FERRY_ETCD` overrides), for `test`.
+pub(crate) fn etcd_binary(test: &str) -> Option<PathBuf> {
     let b = need_path(std::env::var_os("FERRY_ETCD").map(PathBuf::from), "etcd");
-    need("etcd", b, "install Debian's etcd-server (sudo scripts/test.sh does)")
+    need(test, "etcd", b, "install Debian's etcd-server (sudo scripts/test.sh does)")
 }
 
-/// The cached kube-apiserver (`FERRY_KUBE_APISERVER` overrides).
-pub(crate) fn kube_apiserver_binary() -> Option<PathBuf> {
+/// The cached kube-apiserver (`FERRY_KUBE_APISERVER` overrides), for `test`.
+pub(crate) fn kube_apiserver_binary(test: &str) -> Option<PathBuf> {
     let cache = std::env::var_os("FERRY_CACHE_DIR").map_or_else(|| PathBuf::from("/var/cache/ferry"), PathBuf::from);
     let cached = std::fs::read_dir(&cache).ok().and_then(|dir| {
         dir.filter_map(Result::ok)
@@ -50,7 +48,7 @@ pub(crate) fn kube_apiserver_binary() -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     let b = std::env::var_os("FERRY_KUBE_APISERVER").map(PathBuf::from).filter(|p| p.is_file()).or(cached);
-    need("kube-apiserver", b, "build it once with: sudo scripts/build-kube-apiserver.sh")
+    need(test, "kube-apiserver", b, "build it once with: sudo scripts/build-kube-apiserver.sh")
 }
 
 fn need_path(explicit: Option<PathBuf>, name: &str) -> Option<PathBuf> {

@@ -1,5 +1,5 @@
-//! Helpers for the privileged AF_XDP tests (`xsk_*.rs`; test side): the root check, network
-//! namespaces and veth pairs behind a guard that deletes them even when a test panics, entering a
+//! Helpers for the privileged AF_XDP tests (`xsk_*.rs`; test side): the root check (the shared
+//! one, `ferry_testsupport`), network namespaces and veth pairs behind a guard that deletes them even when a test panics, entering a
 //! namespace from the test thread, raw frames in and out through AF_PACKET, and frame builders.
 //!
 //! Everything a test creates is named with the process id and a per-process counter, so tests in
@@ -19,37 +19,12 @@ use std::time::{Duration, Instant};
 
 use etherparse::PacketBuilder;
 
-/// Root present: true. Otherwise fail when `CI` is set (privileged tests must run there), or print
-/// SKIP and return false.
-pub fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "FAIL: {test} needs root (network namespaces, XDP, AF_XDP) and CI is set: run the tests as root (sudo \
-         scripts/test.sh)"
-    );
-    eprintln!("SKIP: {test} needs root (network namespaces, XDP, AF_XDP); run as root to include it");
-    false
-}
+pub use ferry_testsupport::run;
 
-/// Run a command; a failure is a broken test environment, so panic naming the command.
-pub fn run(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", cmd.join(" ")));
-    assert!(
-        out.status.success(),
-        "`{}` failed ({}): {}",
-        cmd.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// Root present: true. Otherwise fail when `CI` is set (privileged tests must run there), or skip
+/// (printed, and recorded for `scripts/test.sh`) and return false.
+pub fn privileged(test: &str) -> bool {
+    ferry_testsupport::privileged(test, "network namespaces, XDP, AF_XDP", &[])
 }
 
 /// Run a command inside namespace `ns` (`ip netns exec`).
