@@ -449,6 +449,9 @@ fn kernel_frames_decapsulate(test: &str, topo: &Topology) {
 
     let mut cfg = DecapConfig::new(TunnelKind::Vxlan, topo.vni, topo.underlay_b());
     cfg.port = topo.port;
+    // ferry's defaults: outer UDP checksums verified, zero ones over IPv6 refused. Every frame of
+    // the kernel's VXLAN device must pass with them.
+    assert!(cfg.verify_udp_checksum && !cfg.accept_ipv6_zero_udp_checksum);
     let outer_v6 = topo.underlay_a().is_ipv6();
     let mut seen = Vec::new();
     for (i, frame) in frames.iter().enumerate() {
@@ -513,9 +516,10 @@ fn kernel_vxlan_ipv4_iana_port() {
             pod_gw_b: "10.244.2.0",
             pod_cidr_b: "10.244.2.0/24",
             target: "10.244.2.5",
-            // Left on: ferry's default decap does not verify outer UDP checksums, so the unfinished
-            // ones a veth hands over (see `setup`) must not matter; the test then also finishes
-            // them with `offload::complete_checksum` and verifies.
+            // Left on: the veth hands over the kernel's outer UDP checksums unfinished (see
+            // `setup`), and ferry's default decap, which verifies them, must accept them (the
+            // partial and local-checksum-offload forms); the test then also finishes them with
+            // `offload::complete_checksum` and verifies.
             tx_checksum_off: false,
         },
     );

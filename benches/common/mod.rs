@@ -160,6 +160,7 @@ pub fn cluster(nodes: usize, pods: usize) -> (ferry_tables::Underlay, ferry_tabl
                 port: PortId(u16::from(j)),
                 mac: MacAddr([2, 0x0d, 0, 0, 0, j]),
                 addrs: vec![Ipv4Addr::new(100, 64, 0, j).into()],
+                source_only: vec![],
             }
         })
         .collect();

@@ -243,6 +243,7 @@ mod tests {
             port: PortId(3),
             mac: "02:00:00:00:00:33".parse().expect("mac"),
             addrs: vec!["10.0.9.3".parse().expect("ip")],
+            source_only: vec![],
         };
         let mut d = p.tables().desired().clone();
         d.local_pods.push(pod);

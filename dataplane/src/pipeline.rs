@@ -5,12 +5,19 @@
 //! [`Pipeline::pod_ingress`]'s anti-spoofing check and its route lookup, where the classified
 //! [`FlowInfo`] is at hand, and each will return a verdict the same way.
 //!
-//! From a pod (or the host port): ARP and IPv6 neighbour solicitations for the gateway are
-//! answered; IP packets are checked against the pod's own addresses, their unfinished checksums
-//! completed, their TTL decremented (at 1: ICMP time exceeded), and forwarded to a local pod or
-//! encapsulated toward a remote node (too big with DF, or IPv6: ICMP "fragmentation needed" /
-//! "packet too big"). From the uplink: tunnel packets are validated and decapsulated, their outer
-//! source must be a known node, and the inner packet must be for a local pod.
+//! From a pod (or the host port), an untagged access port: 802.1Q-tagged frames are dropped, and
+//! the source MAC must be the pod's. ARP and IPv6 neighbour solicitations for the gateway are
+//! answered. IP packets must be addressed to the gateway's MAC, IPv4 headers must verify
+//! (RFC 1812), and the source must be one of the pod's own addresses; then their unfinished
+//! checksums are completed, their TTL decremented (at 1: ICMP time exceeded), and they are
+//! forwarded to a local pod or encapsulated toward a remote node (too big with DF, or IPv6: ICMP
+//! "fragmentation needed" / "packet too big").
+//!
+//! From the uplink: tunnel packets are validated and decapsulated (`decap`: outer MAC, addresses,
+//! checksums, tunnel header); the outer source must be a known node; the inner frame's source MAC
+//! must be unicast, its TTL or hop limit non-zero, and its source inside the sending node's pod
+//! CIDRs or that node's own underlay address (anti-spoofing); and it is delivered only to a local
+//! pod or the host port's overlay address, never anywhere else.
 //!
 //! Every drop is counted here, under its [`DropReason`], in the counter array the caller passes.
 
@@ -37,6 +44,9 @@ pub trait Fib {
 
     /// Whether an underlay address belongs to a known node.
     fn is_known_node(&self, underlay: IpAddr) -> bool;
+
+    /// The MAC of the pod on a port (the only source MAC it may send with), if a pod is there.
+    fn port_mac(&self, port: PortId) -> Option<MacAddr>;
 }
 
 impl Fib for Snapshot {
@@ -53,6 +63,11 @@ impl Fib for Snapshot {
     #[inline]
     fn is_known_node(&self, underlay: IpAddr) -> bool {
         Snapshot::is_known_node(self, underlay)
+    }
+
+    #[inline]
+    fn port_mac(&self, port: PortId) -> Option<MacAddr> {
+        Snapshot::port_mac(self, port)
     }
 }
 
@@ -165,11 +180,24 @@ impl Pipeline {
         if !fib.is_known_node(d.outer_src) {
             return Verdict::Drop(DropReason::UnknownSourceNode);
         }
+        // `decap` leaves at least an Ethernet header.
+        if EthernetFrame::new_unchecked(frame.data()).src().is_multicast() {
+            return Verdict::Drop(DropReason::InnerSrcMacMulticast);
+        }
         let info = match flow::classify(frame.data()) {
             Ok(i) => i,
             Err(r) => return Verdict::Drop(r),
         };
-        let Some(dst) = info.dst else { return Verdict::Drop(DropReason::UnsupportedEtherType) };
+        let (Some(src), Some(dst)) = (info.src, info.dst) else {
+            return Verdict::Drop(DropReason::UnsupportedEtherType);
+        };
+        // The sender decremented the TTL; a packet that arrives with none left has expired.
+        if ttl_of(frame.data(), &info) == 0 {
+            return Verdict::Drop(DropReason::InnerTtlZero);
+        }
+        if !sent_by(fib, src, d.outer_src) {
+            return Verdict::Drop(DropReason::InnerSpoofedSource);
+        }
         match fib.route(dst) {
             Route::Local { port, mac } => {
                 // A peer's veth may have left the inner checksum unfinished; the pod would drop it.
@@ -190,6 +218,22 @@ impl Pipeline {
         frame: &mut FrameBuf<'_>,
         counters: &mut PipelineCounters,
     ) -> Verdict<PortId> {
+        // Stage: the access port. A pod's port is untagged, and a pod sends with its own MAC (a
+        // port without a pod forwards nothing anyway: no source address is allowed on it).
+        // (The outer TPID is read before parsing: a double-tagged frame is a tagged frame too.)
+        if let Some(&[a, b]) = frame.data().get(12..14)
+            && matches!(u16::from_be_bytes([a, b]), ethertype::VLAN | ethertype::QINQ)
+        {
+            return Verdict::Drop(DropReason::PodVlanTagged);
+        }
+        let eth = match EthernetFrame::new_checked(frame.data()) {
+            Ok(e) => e,
+            Err(r) => return Verdict::Drop(r),
+        };
+        if fib.port_mac(in_port).is_some_and(|m| m != eth.src()) {
+            return Verdict::Drop(DropReason::PodSrcMacMismatch);
+        }
+        let to_gateway = eth.dst() == self.cfg.gateway_mac;
         // Stage: classify.
         let info = match flow::classify(frame.data()) {
             Ok(i) => i,
@@ -201,8 +245,15 @@ impl Pipeline {
                 _ => Verdict::Drop(DropReason::UnsupportedEtherType),
             };
         };
+        if info.l3 == L3::Ipv4 && !Ipv4Packet::new_unchecked(&frame.data()[info.l3_offset..]).verify_checksum() {
+            return Verdict::Drop(DropReason::PodIpv4BadChecksum);
+        }
+        // Neighbour solicitations go to a multicast MAC; everything routed goes to the gateway.
         if info.l3 == L3::Ipv6 && info.protocol == protocol::ICMPV6 && is_ndisc(frame.data(), &info) {
             return self.answer_nd(frame, &info);
+        }
+        if !to_gateway {
+            return Verdict::Drop(DropReason::PodDstMacNotGateway);
         }
         if !fib.source_allowed(in_port, src) {
             return Verdict::Drop(DropReason::SpoofedSource);
@@ -385,6 +436,18 @@ impl Pipeline {
         self.rewrite_eth(frame, requester);
         Verdict::Reply
     }
+}
+
+/// Whether a decapsulated packet's source belongs to the node that sent it (`outer_src`): inside
+/// that node's pod CIDRs (its overlay address among them), or the node's own underlay address (its
+/// kernel answering a pod that talked to that address).
+fn sent_by<F: Fib>(fib: &F, src: IpAddr, outer_src: IpAddr) -> bool {
+    src == outer_src
+        || match fib.route(src) {
+            Route::Remote { template, .. } => template.remote() == outer_src,
+            Route::Unresolved { underlay } => underlay == outer_src,
+            Route::Local { .. } | Route::Blackhole | Route::NoRoute => false,
+        }
 }
 
 fn smoltcp_checksums() -> smoltcp::phy::ChecksumCapabilities {

@@ -64,6 +64,7 @@ fn node(n: u8) -> (Worker<MemPort>, Arc<Snapshot>) {
             port: PortId(1),
             mac: MacAddr([2, 0, 0, 0, 0, 2]),
             addrs: vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 2))],
+            source_only: vec![],
         }],
         blackholes: vec![],
     };

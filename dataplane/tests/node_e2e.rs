@@ -170,7 +170,12 @@ fn pod_reaches_a_kernel_vxlan_node_through_ferry() {
                     tunnel: TunnelKind::Vxlan,
                     port: 4789,
                 }],
-                local_pods: vec![LocalPod { port: PortId(1), mac: MacAddr(eth0.mac), addrs: vec![IpAddr::V4(POD)] }],
+                local_pods: vec![LocalPod {
+                    port: PortId(1),
+                    mac: MacAddr(eth0.mac),
+                    addrs: vec![IpAddr::V4(POD)],
+                    source_only: vec![],
+                }],
                 blackholes: vec!["10.244.1.0/24".parse().expect("cidr")],
             },
             now,

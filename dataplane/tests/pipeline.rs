@@ -17,6 +17,7 @@ use ferry_tables::{DesiredState, LocalPod, RemoteNode, Snapshot, Tables, Underla
 
 const FRAMES: u32 = 512;
 const UPLINK: usize = 0;
+const HOST: usize = 3;
 
 struct Node {
     worker: Worker<MemPort>,
@@ -48,20 +49,20 @@ fn node_with(n: u8, neighbour_known: bool) -> Node {
         gateway_v4: Some(Ipv4Addr::new(10, 244, n, 1)),
         gateway_v6: Some(GW_V6),
         vtep_mac: mac(0xa0 + n),
-        decap: DecapConfig::new(TunnelKind::Vxlan, 1, me.into()),
+        decap: DecapConfig { local_mac: Some(underlay_mac(n)), ..DecapConfig::new(TunnelKind::Vxlan, 1, me.into()) },
         uplink: PortId(UPLINK as u16),
         underlay_mtu: 1500,
         icmp_rate: (1000, 1000),
     };
-    let ports: Vec<MemPort> = ["uplink", "pod1", "pod2"]
+    let ports: Vec<MemPort> = ["uplink", "pod1", "pod2", "host"]
         .iter()
         .map(|name| MemPort::new(name, MemPortConfig { rx_ring: 64, tx_ring: 64, rx_offset: 0 }))
         .collect();
-    let roles = vec![PortRole::Uplink, PortRole::Pod, PortRole::Pod];
+    let roles = vec![PortRole::Uplink, PortRole::Pod, PortRole::Pod, PortRole::Pod];
     let worker = Worker::new(ports, roles, HeapMem::new(FRAMES, 2048), FreeFrames::all(FRAMES), Pipeline::new(cfg));
 
     let now = Instant::now();
-    let mut tables = Tables::new(Underlay::new(mac(0x10 + n), Some(me), None), Duration::from_secs(60));
+    let mut tables = Tables::new(Underlay::new(underlay_mac(n), Some(me), None), Duration::from_secs(60));
     if neighbour_known {
         let _ = tables.set_static_neighbour(other.into(), mac(0x13 - n), now);
     }
@@ -80,8 +81,21 @@ fn node_with(n: u8, neighbour_known: bool) -> Node {
             port: 4789,
         }],
         local_pods: vec![
-            LocalPod { port: PortId(1), mac: pod_mac(n, 2), addrs: pod1 },
-            LocalPod { port: PortId(2), mac: pod_mac(n, 3), addrs: vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 3))] },
+            LocalPod { port: PortId(1), mac: pod_mac(n, 2), addrs: pod1, source_only: vec![] },
+            LocalPod {
+                port: PortId(2),
+                mac: pod_mac(n, 3),
+                addrs: vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 3))],
+                source_only: vec![],
+            },
+            // The host port as the agent registers it: the overlay address routed to it, the
+            // underlay address only allowed as a source.
+            LocalPod {
+                port: PortId(HOST as u16),
+                mac: host_mac(n),
+                addrs: vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 0))],
+                source_only: vec![me.into()],
+            },
         ],
         blackholes: vec!["10.244.9.0/24".parse().expect("cidr")],
     };
@@ -124,6 +138,16 @@ fn udp4(src_mac: MacAddr, dst_mac: MacAddr, src: [u8; 4], dst: [u8; 4], ttl: u8,
 
 fn pod_mac(n: u8, last: u8) -> MacAddr {
     mac(0x50 + 10 * n + last)
+}
+
+/// Node `n`'s uplink MAC (node 3 - n's next hop toward it).
+fn underlay_mac(n: u8) -> MacAddr {
+    mac(0x10 + n)
+}
+
+/// The MAC of node `n`'s host port (the kernel end of the veth pair).
+fn host_mac(n: u8) -> MacAddr {
+    mac(0x70 + n)
 }
 
 #[test]
@@ -366,4 +390,124 @@ fn unresolved_underlay_neighbour_is_a_counted_drop() {
     a.receive(1, &udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, b"x"));
     assert!(a.sent(UPLINK).is_empty());
     assert_eq!(a.drops(DropReason::NoNeighbour), 1);
+}
+
+/// A tunnel packet from node 2 to node 1 carrying `inner` as is (no check of B's pipeline on the
+/// way), built with ferry's own template; `edit` then changes the outer frame.
+fn tunnel_from_b(inner: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    use ferry_encap::{FrameBuf, TemplateParams, TunnelTemplate, encap_with};
+    let p = TemplateParams::new(
+        TunnelKind::Vxlan,
+        1,
+        underlay_mac(2),
+        underlay_mac(1),
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)),
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+    );
+    let tpl = TunnelTemplate::new(&p).expect("template");
+    let head = tpl.overhead();
+    let mut buf = vec![0u8; head + inner.len()];
+    buf[head..].copy_from_slice(inner);
+    let mut f = FrameBuf::new(&mut buf, head, inner.len()).expect("fits");
+    encap_with(&tpl, &mut f, 0, 7).expect("encap");
+    assert_eq!(f.start(), 0);
+    edit(&mut buf);
+    buf
+}
+
+/// An inner frame from B's VTEP to A's.
+fn inner_from_b(src: [u8; 4], dst: [u8; 4], ttl: u8) -> Vec<u8> {
+    udp4(mac(0xa2), mac(0xa1), src, dst, ttl, b"inner")
+}
+
+/// Every frame class a router must refuse (issue 18) is dropped and counted under its own reason,
+/// and nothing is sent anywhere; the near misses next to each are delivered.
+#[test]
+fn frames_a_router_must_refuse_are_counted_each_under_its_reason() {
+    let mut a = node(1);
+    let gw = mac(0xe1);
+    let mut expect = std::collections::BTreeMap::new();
+    let mut check = |a: &mut Node, port: usize, frame: &[u8], reason: DropReason| {
+        a.receive(port, frame);
+        *expect.entry(reason).or_insert(0u64) += 1;
+        for (r, n) in &expect {
+            assert_eq!(a.drops(*r), *n, "{} after a frame for {}", r.name(), reason.name());
+        }
+        assert_eq!(a.worker.counters().total_drops(), expect.values().sum::<u64>(), "after {}", reason.name());
+        for p in [UPLINK, 1, 2, HOST] {
+            assert!(a.sent(p).is_empty(), "{}: nothing sent on port {p}", reason.name());
+        }
+    };
+    let delivered = |a: &mut Node, frame: &[u8], port: usize, what: &str| {
+        a.receive(UPLINK, frame);
+        assert_eq!(a.sent(port).len(), 1, "{what}: delivered on port {port}");
+    };
+
+    // From the underlay. The control case first: a clean packet from B to pod a1.
+    let clean = inner_from_b(POD_B1, POD_A1, 63);
+    delivered(&mut a, &tunnel_from_b(&clean, |_| {}), 1, "clean");
+    // Outer destination MAC of another host (the kernel's OTHERHOST).
+    check(
+        &mut a,
+        UPLINK,
+        &tunnel_from_b(&clean, |b| b[0..6].copy_from_slice(&mac(0x77).0)),
+        DropReason::OuterDstMacNotOurs,
+    );
+    // A non-zero, wrong outer UDP checksum (ferry sends zero over IPv4; 0x1234 does not verify).
+    check(
+        &mut a,
+        UPLINK,
+        &tunnel_from_b(&clean, |b| b[40..42].copy_from_slice(&[0x12, 0x34])),
+        DropReason::UdpBadChecksum,
+    );
+    // Inner TTL 0.
+    check(&mut a, UPLINK, &tunnel_from_b(&inner_from_b(POD_B1, POD_A1, 0), |_| {}), DropReason::InnerTtlZero);
+    // Inner source MAC multicast, and broadcast.
+    let mut mcast = clean.clone();
+    mcast[6..12].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
+    check(&mut a, UPLINK, &tunnel_from_b(&mcast, |_| {}), DropReason::InnerSrcMacMulticast);
+    mcast[6..12].copy_from_slice(&MacAddr::BROADCAST.0);
+    check(&mut a, UPLINK, &tunnel_from_b(&mcast, |_| {}), DropReason::InnerSrcMacMulticast);
+    // Nested tunnel: aimed at A's underlay address (the kernel's own tunnel port) it reaches
+    // nothing; at A's overlay address it reaches the host port.
+    check(&mut a, UPLINK, &tunnel_from_b(&inner_from_b(POD_B1, [192, 0, 2, 1], 63), |_| {}), DropReason::NotLocalPod);
+    delivered(&mut a, &tunnel_from_b(&inner_from_b(POD_B1, [10, 244, 1, 0], 63), |_| {}), HOST, "overlay address");
+    // Inner sources B does not own: A's own pod CIDR, another network, another node's address.
+    for src in [[10, 244, 1, 99], [172, 16, 0, 1], [192, 0, 2, 1]] {
+        check(&mut a, UPLINK, &tunnel_from_b(&inner_from_b(src, POD_A1, 63), |_| {}), DropReason::InnerSpoofedSource);
+    }
+    // B's overlay address and B's underlay address (its kernel answering a pod) are B's.
+    delivered(&mut a, &tunnel_from_b(&inner_from_b([10, 244, 2, 0], POD_A1, 63), |_| {}), 1, "B's overlay");
+    delivered(&mut a, &tunnel_from_b(&inner_from_b([192, 0, 2, 2], POD_A1, 63), |_| {}), 1, "B's underlay");
+
+    // From a pod. The control case: a1 to a2, delivered.
+    a.receive(1, &udp4(pod_mac(1, 2), gw, POD_A1, POD_A2, 64, b"ok"));
+    assert_eq!(a.sent(2).len(), 1, "clean pod frame delivered");
+    // Another pod's MAC as the source.
+    check(&mut a, 1, &udp4(pod_mac(1, 3), gw, POD_A1, POD_A2, 64, b"x"), DropReason::PodSrcMacMismatch);
+    // Addressed to a MAC that is not the gateway's (a2's, directly), and to broadcast.
+    check(&mut a, 1, &udp4(pod_mac(1, 2), pod_mac(1, 3), POD_A1, POD_A2, 64, b"x"), DropReason::PodDstMacNotGateway);
+    check(
+        &mut a,
+        1,
+        &udp4(pod_mac(1, 2), MacAddr::BROADCAST, POD_A1, POD_A2, 64, b"x"),
+        DropReason::PodDstMacNotGateway,
+    );
+    // A wrong IPv4 header checksum (it would reach the far pod: TTL updates are incremental).
+    let mut bad = udp4(pod_mac(1, 2), gw, POD_A1, POD_B1, 64, b"x");
+    bad[24] ^= 0x01;
+    check(&mut a, 1, &bad, DropReason::PodIpv4BadChecksum);
+    // 802.1Q-tagged, once and twice.
+    let plain = udp4(pod_mac(1, 2), gw, POD_A1, POD_B1, 64, b"x");
+    let tag = |f: &[u8], tpid: [u8; 2]| [&f[..12], &tpid, &[0x00, 0x05], &f[12..]].concat();
+    check(&mut a, 1, &tag(&plain, [0x81, 0x00]), DropReason::PodVlanTagged);
+    check(&mut a, 1, &tag(&tag(&plain, [0x81, 0x00]), [0x88, 0xa8]), DropReason::PodVlanTagged);
+    // ARP for the gateway from a pod's own MAC is still answered.
+    a.receive(1, &arp_request(pod_mac(1, 2), POD_A1, [10, 244, 1, 1]));
+    assert_eq!(a.sent(1).len(), 1, "ARP answered");
+    // The host port may send from the node's underlay address (its kernel answering a pod), but the
+    // underlay address is not routed to it.
+    a.receive(HOST, &udp4(host_mac(1), gw, [192, 0, 2, 1], POD_B1, 64, b"reply from the node"));
+    assert_eq!(a.sent(UPLINK).len(), 1, "host port's underlay-sourced reply encapsulated");
+    assert_eq!(a.worker.counters().total_drops(), expect.values().sum::<u64>());
 }

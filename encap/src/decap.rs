@@ -1,10 +1,20 @@
 //! Decapsulation with full validation (hot path).
 //!
-//! Checks, in order: outer Ethernet and IP headers (IPv4 version, IHL, lengths and checksum, no
-//! fragments; IPv6 version and length), destination is this node, UDP with the tunnel port, the
-//! VXLAN I flag or the Geneve version, protocol and critical options, the VNI, and an inner frame of
-//! at least an Ethernet header. Then RFC 6040 folds the outer ECN into the inner header. Whether the
-//! outer source is a known node is left to the caller, which has the tables.
+//! Checks, in order: the outer destination MAC is this node's (when configured), outer Ethernet and
+//! IP headers (IPv4 version, IHL, lengths and checksum, no fragments; IPv6 version and length),
+//! destination is this node, UDP with the tunnel port, the UDP checksum (zero over IPv6 only when
+//! enabled; a non-zero one verified when enabled, the default), the VXLAN I flag or the Geneve
+//! version, protocol and critical options, the VNI, and an inner frame of at least an Ethernet
+//! header. Then RFC 6040 folds the outer ECN into the inner header. Whether the outer source is a
+//! known node, and what the inner frame may carry, is left to the caller, which has the tables.
+//!
+//! A sender behind a veth hands its tunnel packets over with the checksum work unfinished, and the
+//! kernel's own VXLAN device does two things there: with the inner checksum done it leaves the
+//! outer UDP checksum as the folded pseudo-header sum (CHECKSUM_PARTIAL), and with the inner one
+//! left partial it computes the outer one as if the inner were final (local checksum offload,
+//! LCO). Verification accepts both, as the kernel behind such a veth does: the first carries no
+//! checksum to verify (like a zero one), and the second verifies once the inner checksum is
+//! completed, which is computed on the side, the frame untouched.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -15,7 +25,7 @@ use crate::wire::ipv4::{Ipv4Packet, protocol};
 use crate::wire::ipv6::Ipv6Packet;
 use crate::wire::udp::{self, UdpPacket};
 use crate::wire::vxlan::VxlanPacket;
-use crate::{DropReason, FrameBuf, checksum, ecn};
+use crate::{DropReason, FrameBuf, MacAddr, checksum, ecn, flow, offload};
 
 /// What a node accepts as tunnel traffic for itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,19 +40,36 @@ pub struct DecapConfig {
     pub local_v4: Option<Ipv4Addr>,
     /// This node's IPv6 underlay address, if it has one.
     pub local_v6: Option<Ipv6Addr>,
-    /// Verify non-zero outer UDP checksums (RFC 7348 makes this optional). Off by default: a peer's
-    /// NIC or veth may hand over a checksum it never finished, and the inner headers carry their own.
+    /// Verify non-zero outer UDP checksums (RFC 7348 makes this optional). On by default; turn it
+    /// off only where the NIC has verified them already. Checksums a sending veth left unfinished
+    /// are recognised (see the module documentation).
     pub verify_udp_checksum: bool,
+    /// Accept a zero UDP checksum over an IPv6 underlay (RFC 6935/6936 make this opt-in per port;
+    /// the kernel's `udp6zerocsumrx`). Off by default.
+    pub accept_ipv6_zero_udp_checksum: bool,
+    /// The uplink's MAC: tunnel frames addressed to another MAC are dropped, as the kernel drops
+    /// `PACKET_OTHERHOST` frames (an XDP program sees them first). `None` skips the check.
+    pub local_mac: Option<MacAddr>,
 }
 
 impl DecapConfig {
-    /// A configuration with the IANA port for `kind` and no checksum verification.
+    /// A configuration with the IANA port for `kind`, non-zero UDP checksums verified, zero ones over
+    /// IPv6 refused, and no destination MAC check (set [`DecapConfig::local_mac`]).
     pub fn new(kind: TunnelKind, vni: u32, local: IpAddr) -> Self {
         let (local_v4, local_v6) = match local {
             IpAddr::V4(a) => (Some(a), None),
             IpAddr::V6(a) => (None, Some(a)),
         };
-        DecapConfig { kind, vni, port: kind.default_port(), local_v4, local_v6, verify_udp_checksum: false }
+        DecapConfig {
+            kind,
+            vni,
+            port: kind.default_port(),
+            local_v4,
+            local_v6,
+            verify_udp_checksum: true,
+            accept_ipv6_zero_udp_checksum: false,
+            local_mac: None,
+        }
     }
 }
 
@@ -67,6 +94,9 @@ pub struct Decapped {
 pub fn decap(cfg: &DecapConfig, frame: &mut FrameBuf<'_>) -> Result<Decapped, DropReason> {
     let data = frame.data();
     let eth = EthernetFrame::new_checked(data)?;
+    if cfg.local_mac.is_some_and(|m| m != eth.dst()) {
+        return Err(DropReason::OuterDstMacNotOurs);
+    }
     let l3 = eth.header_len();
     let (outer_src, udp_start, udp_avail, outer_tos, pseudo) = match eth.ethertype() {
         ethertype::IPV4 => {
@@ -107,8 +137,12 @@ pub fn decap(cfg: &DecapConfig, frame: &mut FrameBuf<'_>) -> Result<Decapped, Dr
     if udp.dst_port() != cfg.port {
         return Err(DropReason::UdpPortMismatch);
     }
-    // A zero checksum is always acceptable over IPv4 and, for tunnels, over IPv6 (RFC 6935).
-    if cfg.verify_udp_checksum && udp.checksum() != 0 && !pseudo.verifies(udp.datagram()) {
+    // A zero checksum means none: always acceptable over IPv4, over IPv6 only when enabled.
+    if udp.checksum() == 0 {
+        if matches!(pseudo, PseudoHeader::V6(..)) && !cfg.accept_ipv6_zero_udp_checksum {
+            return Err(DropReason::Udp6ZeroChecksum);
+        }
+    } else if cfg.verify_udp_checksum && !pseudo.verifies_or_unfinished(udp.datagram(), cfg.kind) {
         return Err(DropReason::UdpBadChecksum);
     }
     let tunnel = udp.payload();
@@ -197,13 +231,48 @@ enum PseudoHeader {
 }
 
 impl PseudoHeader {
-    fn verifies(self, datagram: &[u8]) -> bool {
-        let len = datagram.len();
-        let pseudo = match self {
+    fn sum(self, len: usize) -> u32 {
+        match self {
             // UDP lengths fit 16 bits: `UdpPacket` bounds them by its u16 length field.
             PseudoHeader::V4(s, d) => checksum::pseudo_v4(s, d, protocol::UDP, len as u16),
             PseudoHeader::V6(s, d) => checksum::pseudo_v6(s, d, protocol::UDP, len as u32),
+        }
+    }
+
+    /// Whether the non-zero checksum of `datagram` (a whole UDP datagram) verifies, or is one that
+    /// a sending veth left unfinished (see the module documentation).
+    fn verifies_or_unfinished(self, datagram: &[u8], kind: TunnelKind) -> bool {
+        let pseudo = self.sum(datagram.len());
+        let total = pseudo + checksum::sum(datagram);
+        if checksum::finish_sum(total) == 0 {
+            return true;
+        }
+        // CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum (Linux writes
+        // ~csum_tcpudp_magic(..)).
+        let stored = u16::from_be_bytes([datagram[6], datagram[7]]);
+        if stored == !checksum::finish_sum(pseudo) {
+            return true;
+        }
+        // Local checksum offload: the outer checksum covers the inner one as it will be once
+        // completed. Replace the inner checksum word in the sum with its completed value. The
+        // datagram was parsed by `UdpPacket`, so it holds at least the 8-byte UDP header.
+        let tunnel = &datagram[udp::HEADER_LEN..];
+        let header_len = match kind {
+            TunnelKind::Vxlan => crate::wire::vxlan::HEADER_LEN,
+            TunnelKind::Geneve => match GenevePacket::new_checked(tunnel) {
+                Ok(g) => g.header_len(),
+                Err(_) => return false,
+            },
         };
-        checksum::verifies(pseudo, datagram)
+        let inner_at = udp::HEADER_LEN + header_len;
+        let Some(inner) = datagram.get(inner_at..) else { return false };
+        let Ok(info) = flow::classify(inner) else { return false };
+        let Some(fix) = offload::unfinished_checksum(inner, &info) else { return false };
+        // The word must sit at an even offset of the datagram to be one word of its sum (tunnel
+        // and IP headers are multiples of 4 bytes, so it always does for well-formed frames).
+        if !(inner_at + fix.at).is_multiple_of(2) {
+            return false;
+        }
+        checksum::finish_sum(total + u32::from(!fix.stored) + u32::from(fix.completed)) == 0
     }
 }

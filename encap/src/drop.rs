@@ -131,6 +131,29 @@ drop_reasons! {
     GsoUnsupported => "gso_unsupported", "GSO packet ferry cannot segment";
     /// The buffer given for segments or super-packets is too small (a caller sizing error).
     GsoNoRoom => "gso_no_room", "no room for the segmented or coalesced packet";
+
+    // Hardening (issue 18): frames a router must refuse.
+
+    /// A tunnel packet whose outer destination MAC is not the uplink's: on another host's behalf
+    /// (the kernel's `PACKET_OTHERHOST`, which XDP sees before the kernel drops it).
+    OuterDstMacNotOurs => "outer_dst_mac_not_ours", "outer destination MAC is not this node's";
+    /// A zero outer UDP checksum over IPv6, not enabled (RFC 6935/6936; the kernel's `udp6zerocsumrx`).
+    Udp6ZeroChecksum => "udp6_zero_checksum", "zero outer UDP checksum over IPv6 (not enabled)";
+    /// A decapsulated IPv4 packet with TTL 0 or IPv6 packet with hop limit 0.
+    InnerTtlZero => "inner_ttl_zero", "decapsulated packet with TTL or hop limit 0";
+    /// A decapsulated frame whose source MAC is multicast or broadcast.
+    InnerSrcMacMulticast => "inner_src_mac_multicast", "inner source MAC is multicast or broadcast";
+    /// A decapsulated packet whose source is neither in the sending node's pod CIDRs nor that
+    /// node's own address (anti-spoofing on decapsulation).
+    InnerSpoofedSource => "inner_spoofed_source", "inner source not the sending node's";
+    /// A pod sent a frame whose source MAC is not its own.
+    PodSrcMacMismatch => "pod_src_mac_mismatch", "pod used a source MAC that is not its own";
+    /// A pod sent an IP packet to a MAC other than the gateway's.
+    PodDstMacNotGateway => "pod_dst_mac_not_gateway", "pod frame not addressed to the gateway MAC";
+    /// A pod sent an IPv4 packet whose header checksum does not verify (RFC 1812 5.2.2).
+    PodIpv4BadChecksum => "pod_ipv4_bad_checksum", "IPv4 header checksum wrong in a pod's packet";
+    /// A pod sent an 802.1Q-tagged frame: a pod port is an untagged access port.
+    PodVlanTagged => "pod_vlan_tagged", "VLAN-tagged frame from a pod";
 }
 
 #[cfg(test)]

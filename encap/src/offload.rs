@@ -40,60 +40,100 @@ pub fn complete_checksum(frame: &mut [u8]) -> Result<ChecksumFix, DropReason> {
 /// # Errors
 /// [`DropReason::Truncated`] when the L4 header is too short to hold its checksum.
 pub fn complete_checksum_with(frame: &mut [u8], info: &FlowInfo) -> Result<ChecksumFix, DropReason> {
-    let (Some((start, end)), Some(src), Some(dst)) = (info.l4, info.src, info.dst) else {
-        return Ok(ChecksumFix::NotApplicable);
-    };
-    let Some(l4) = frame.get_mut(start..end) else { return Err(DropReason::Truncated) };
-    // L4 lengths are bounded by the 16-bit IP length fields, so the casts cannot truncate.
-    let pseudo = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => checksum::pseudo_v4(s, d, info.protocol, l4.len() as u16),
-        (IpAddr::V6(s), IpAddr::V6(d)) => checksum::pseudo_v6(s, d, info.protocol, l4.len() as u32),
-        _ => return Ok(ChecksumFix::NotApplicable),
-    };
-    match (info.l3, info.protocol) {
-        (L3::Ipv4, protocol::ICMP) => fix(l4, 2, None, false, false),
-        (L3::Ipv4, protocol::UDP) => fix(l4, 6, Some(pseudo), true, true),
-        (L3::Ipv6, protocol::UDP) => fix(l4, 6, Some(pseudo), false, true),
-        (L3::Ipv6, protocol::ICMPV6) => fix(l4, 2, Some(pseudo), false, false),
-        (_, protocol::TCP) => fix(l4, tcp::CHECKSUM_OFFSET, Some(pseudo), false, false),
-        _ => Ok(ChecksumFix::NotApplicable),
-    }
-}
-
-/// `pseudo` is the pseudo-header sum, length included (None for ICMPv4, which has none).
-/// `zero_means_none`: a zero UDP-over-IPv4 checksum means "no checksum" and stays zero.
-/// `zero_as_ones`: UDP sends a computed zero as 0xffff (RFC 768; over IPv6 a zero is discarded,
-/// RFC 8200 section 8.1).
-fn fix(
-    l4: &mut [u8],
-    at: usize,
-    pseudo: Option<u32>,
-    zero_means_none: bool,
-    zero_as_ones: bool,
-) -> Result<ChecksumFix, DropReason> {
-    if l4.len() < at + 2 {
+    let Some(plan) = plan(info) else { return Ok(ChecksumFix::NotApplicable) };
+    let Some(l4) = frame.get_mut(plan.l4.0..plan.l4.1) else { return Err(DropReason::Truncated) };
+    if l4.len() < plan.at + 2 {
         return Err(DropReason::Truncated);
     }
-    let stored = u16::from_be_bytes([l4[at], l4[at + 1]]);
-    if zero_means_none && stored == 0 {
+    let stored = u16::from_be_bytes([l4[plan.at], l4[plan.at + 1]]);
+    if !plan.is_partial(stored) {
         return Ok(ChecksumFix::AlreadyFinal);
     }
-    // The CHECKSUM_PARTIAL signature: the field holds the folded pseudo-header sum itself
-    // (Linux writes ~csum_tcpudp_magic(..)), or zero for ICMP, which has no pseudo-header.
-    let partial = match pseudo {
-        Some(s) => stored == !checksum::finish_sum(s),
-        None => stored == 0,
-    };
-    if !partial {
-        return Ok(ChecksumFix::AlreadyFinal);
-    }
-    l4[at..at + 2].fill(0);
-    let mut c = checksum::finish_sum(pseudo.unwrap_or(0) + checksum::sum(l4));
-    if zero_as_ones && c == 0 {
-        c = 0xffff;
-    }
-    l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    l4[plan.at..plan.at + 2].fill(0);
+    let c = plan.completed(checksum::sum(l4));
+    l4[plan.at..plan.at + 2].copy_from_slice(&c.to_be_bytes());
     Ok(ChecksumFix::Completed)
+}
+
+/// An L4 checksum that a veth left unfinished, as [`complete_checksum_with`] would complete it,
+/// computed without changing the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unfinished {
+    /// Offset of the checksum field in the frame.
+    pub at: usize,
+    /// The value stored there now.
+    pub stored: u16,
+    /// The completed value.
+    pub completed: u16,
+}
+
+/// The checksum [`complete_checksum_with`] would complete in `frame`, if any (`None` when it
+/// looks final, is absent, or the frame has no L4 checksum ferry completes).
+pub fn unfinished_checksum(frame: &[u8], info: &FlowInfo) -> Option<Unfinished> {
+    let plan = plan(info)?;
+    let l4 = frame.get(plan.l4.0..plan.l4.1)?;
+    let stored = u16::from_be_bytes([*l4.get(plan.at)?, *l4.get(plan.at + 1)?]);
+    if !plan.is_partial(stored) {
+        return None;
+    }
+    // The sum with the field zeroed: subtracting `stored` is adding its complement.
+    let sum = checksum::sum(l4) + u32::from(!stored);
+    Some(Unfinished { at: plan.l4.0 + plan.at, stored, completed: plan.completed(sum) })
+}
+
+/// Where the L4 checksum of a classified frame is and how it is computed.
+struct Plan {
+    /// The L4 header and payload in the frame (`start..end`).
+    l4: (usize, usize),
+    /// Offset of the field in the L4 header.
+    at: usize,
+    /// The pseudo-header sum, length included (None for ICMPv4, which has none).
+    pseudo: Option<u32>,
+    /// A zero UDP-over-IPv4 checksum means "no checksum" and stays zero.
+    zero_means_none: bool,
+    /// UDP sends a computed zero as 0xffff (RFC 768; over IPv6 a zero is discarded, RFC 8200
+    /// section 8.1).
+    zero_as_ones: bool,
+}
+
+fn plan(info: &FlowInfo) -> Option<Plan> {
+    let (Some(l4), Some(src), Some(dst)) = (info.l4, info.src, info.dst) else { return None };
+    let len = l4.1.checked_sub(l4.0)?;
+    // L4 lengths are bounded by the 16-bit IP length fields, so the casts cannot truncate.
+    let pseudo = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => checksum::pseudo_v4(s, d, info.protocol, len as u16),
+        (IpAddr::V6(s), IpAddr::V6(d)) => checksum::pseudo_v6(s, d, info.protocol, len as u32),
+        _ => return None,
+    };
+    let (at, pseudo, zero_means_none, zero_as_ones) = match (info.l3, info.protocol) {
+        (L3::Ipv4, protocol::ICMP) => (2, None, false, false),
+        (L3::Ipv4, protocol::UDP) => (6, Some(pseudo), true, true),
+        (L3::Ipv6, protocol::UDP) => (6, Some(pseudo), false, true),
+        (L3::Ipv6, protocol::ICMPV6) => (2, Some(pseudo), false, false),
+        (_, protocol::TCP) => (tcp::CHECKSUM_OFFSET, Some(pseudo), false, false),
+        _ => return None,
+    };
+    Some(Plan { l4, at, pseudo, zero_means_none, zero_as_ones })
+}
+
+impl Plan {
+    /// The CHECKSUM_PARTIAL signature: the field holds the folded pseudo-header sum itself
+    /// (Linux writes ~csum_tcpudp_magic(..)), or zero for ICMP, which has no pseudo-header.
+    fn is_partial(&self, stored: u16) -> bool {
+        if self.zero_means_none && stored == 0 {
+            return false;
+        }
+        match self.pseudo {
+            Some(s) => stored == !checksum::finish_sum(s),
+            None => stored == 0,
+        }
+    }
+
+    /// The checksum over `sum` (the L4 bytes with the field zeroed) and the pseudo-header.
+    fn completed(&self, sum: u32) -> u16 {
+        let c = checksum::finish_sum(self.pseudo.unwrap_or(0) + sum);
+        if self.zero_as_ones && c == 0 { 0xffff } else { c }
+    }
 }
 
 #[cfg(test)]

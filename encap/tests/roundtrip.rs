@@ -355,3 +355,95 @@ fn underlay_families_must_match_config() {
     let r = decap(&cfg, &mut FrameBuf::new(&mut buf, start, len).expect("fits"));
     assert_eq!(r.err(), Some(DropReason::NotForThisNode));
 }
+
+/// Write an outer UDP checksum over IPv4 into the tunnel frame at `s`: the real one over the
+/// datagram as it is, or (`partial`) what a CHECKSUM_PARTIAL veth leaves there.
+fn set_outer_udp_checksum_v4(b: &mut [u8], s: usize, partial: bool) {
+    use ferry_encap::checksum;
+    let (ip, udp) = (s + 14, s + 34);
+    let len = u16::from_be_bytes([b[udp + 4], b[udp + 5]]);
+    let src = Ipv4Addr::new(b[ip + 12], b[ip + 13], b[ip + 14], b[ip + 15]);
+    let dst = Ipv4Addr::new(b[ip + 16], b[ip + 17], b[ip + 18], b[ip + 19]);
+    let pseudo = checksum::pseudo_v4(src, dst, 17, len);
+    b[udp + 6..udp + 8].fill(0);
+    let c = if partial {
+        !checksum::finish_sum(pseudo)
+    } else {
+        checksum::finish_sum(pseudo + checksum::sum(&b[udp..udp + usize::from(len)]))
+    };
+    b[udp + 6..udp + 8].copy_from_slice(&c.to_be_bytes());
+}
+
+#[test]
+fn hardened_defaults_mac_checksums_and_zero_ipv6_checksum() {
+    use TunnelKind::Vxlan;
+    let defaults = DecapConfig::new(Vxlan, 7, addrs(false).1);
+    assert!(defaults.verify_udp_checksum, "non-zero outer UDP checksums are verified by default");
+    assert!(!defaults.accept_ipv6_zero_udp_checksum, "a zero one over IPv6 is refused by default");
+    let run = |cfg: &DecapConfig, v6: bool, inner: &[u8], edit: &dyn Fn(&mut Vec<u8>, usize)| {
+        let (mut buf, start, len) = encapsulate(&template(Vxlan, v6, &[]), inner);
+        edit(&mut buf, start);
+        decap(cfg, &mut FrameBuf::new(&mut buf, start, len).expect("fits")).err()
+    };
+    let inner = inner_udp4(0, b"hardening");
+    let none = |_: &mut Vec<u8>, _: usize| {};
+
+    // The outer destination MAC: this node's passes, another's is dropped.
+    let mut mac = defaults;
+    mac.local_mac = Some(DST_MAC);
+    assert_eq!(run(&mac, false, &inner, &none), None);
+    mac.local_mac = Some(MacAddr([0x02, 0, 0, 0, 0, 0x99]));
+    assert_eq!(run(&mac, false, &inner, &none), Some(DropReason::OuterDstMacNotOurs));
+
+    // IPv4: zero (no checksum), a right one and an unfinished one pass; a wrong one is dropped.
+    assert_eq!(run(&defaults, false, &inner, &none), None);
+    assert_eq!(run(&defaults, false, &inner, &|b, s| set_outer_udp_checksum_v4(b, s, false)), None);
+    assert_eq!(run(&defaults, false, &inner, &|b, s| set_outer_udp_checksum_v4(b, s, true)), None);
+    let wrong = |b: &mut Vec<u8>, s: usize| {
+        set_outer_udp_checksum_v4(b, s, false);
+        b[s + 40] ^= 0x55;
+    };
+    assert_eq!(run(&defaults, false, &inner, &wrong), Some(DropReason::UdpBadChecksum));
+    let mut off = defaults;
+    off.verify_udp_checksum = false;
+    assert_eq!(run(&off, false, &inner, &wrong), None, "verification off: not checked");
+
+    // Local checksum offload, as the kernel's VXLAN sends: the inner UDP checksum left partial, the
+    // outer one computed as if it were final. It passes; a change to the inner headers does not.
+    let mut partial_inner = inner.clone();
+    let pseudo = ferry_encap::checksum::pseudo_v4(
+        Ipv4Addr::new(10, 244, 1, 2),
+        Ipv4Addr::new(10, 244, 2, 3),
+        17,
+        (inner.len() - 34) as u16,
+    );
+    partial_inner[40..42].copy_from_slice(&(!ferry_encap::checksum::finish_sum(pseudo)).to_be_bytes());
+    let lco = |b: &mut Vec<u8>, s: usize| {
+        // The outer checksum over the final inner frame, then the inner checksum made partial.
+        let at = s + 50 + 40;
+        let partial = [b[at], b[at + 1]];
+        b[at..at + 2].copy_from_slice(&inner[40..42]);
+        set_outer_udp_checksum_v4(b, s, false);
+        b[at..at + 2].copy_from_slice(&partial);
+    };
+    assert_eq!(run(&defaults, false, &partial_inner, &lco), None, "LCO frames pass");
+    // (The inner payload is covered by the inner checksum alone there: LCO makes the outer one
+    // independent of it. A change to the headers before it is caught.)
+    let lco_corrupt = |b: &mut Vec<u8>, s: usize| {
+        lco(b, s);
+        b[s + 50 + 14 + 8] ^= 1; // the inner TTL
+    };
+    assert_eq!(run(&defaults, false, &partial_inner, &lco_corrupt), Some(DropReason::UdpBadChecksum));
+    let mut f = partial_inner.clone();
+    assert_eq!(ferry_encap::offload::complete_checksum(&mut f), Ok(ferry_encap::offload::ChecksumFix::Completed));
+    assert_eq!(f, inner, "the LCO fixture's inner checksum is the partial form of the real one");
+
+    // IPv6: a zero checksum is refused unless enabled.
+    let zero6 = |b: &mut Vec<u8>, s: usize| b[s + 14 + 40 + 6..s + 14 + 40 + 8].fill(0);
+    let v6 = DecapConfig::new(Vxlan, 7, addrs(true).1);
+    assert_eq!(run(&v6, true, &inner, &none), None);
+    assert_eq!(run(&v6, true, &inner, &zero6), Some(DropReason::Udp6ZeroChecksum));
+    let mut zero_ok = v6;
+    zero_ok.accept_ipv6_zero_udp_checksum = true;
+    assert_eq!(run(&zero_ok, true, &inner, &zero6), None);
+}

@@ -12,6 +12,8 @@
 //! vni = 1
 //! port = 4789                     # default: 4789 (VXLAN) / 6081 (Geneve)
 //! vtep_mac = "02:fe:c0:a8:64:01"  # default: 02:fe + the underlay IPv4 address
+//! verify_udp_checksum = true      # verify non-zero outer UDP checksums
+//! udp6_zero_checksum_rx = false   # accept zero outer UDP checksums over IPv6 (RFC 6935)
 //! [pods]
 //! cluster_cidrs = ["10.244.0.0/16"]   # required: traffic to these goes through ferry
 //! pod_cidrs = ["10.244.1.0/24"]       # default: this node's entry in the route source
@@ -114,11 +116,22 @@ struct TunnelFile {
     vni: u32,
     port: Option<u16>,
     vtep_mac: Option<String>,
+    #[serde(default = "yes")]
+    verify_udp_checksum: bool,
+    #[serde(default)]
+    udp6_zero_checksum_rx: bool,
 }
 
 impl Default for TunnelFile {
     fn default() -> Self {
-        TunnelFile { kind: default_kind(), vni: default_vni(), port: None, vtep_mac: None }
+        TunnelFile {
+            kind: default_kind(),
+            vni: default_vni(),
+            port: None,
+            vtep_mac: None,
+            verify_udp_checksum: true,
+            udp6_zero_checksum_rx: false,
+        }
     }
 }
 
@@ -305,6 +318,10 @@ pub struct AgentConfig {
     pub tunnel_port: u16,
     /// This node's VTEP MAC, if given (else derived from the underlay address).
     pub vtep_mac: Option<MacAddr>,
+    /// Verify non-zero outer UDP checksums.
+    pub verify_udp_checksum: bool,
+    /// Accept zero outer UDP checksums over an IPv6 underlay.
+    pub udp6_zero_checksum_rx: bool,
     /// Every pod network of the cluster.
     pub cluster_cidrs: Vec<IpNet>,
     /// This node's pod CIDRs, if given (else learned from the source).
@@ -514,6 +531,8 @@ impl AgentConfig {
             vni: f.tunnel.vni,
             tunnel_port,
             vtep_mac,
+            verify_udp_checksum: f.tunnel.verify_udp_checksum,
+            udp6_zero_checksum_rx: f.tunnel.udp6_zero_checksum_rx,
             cluster_cidrs,
             pod_cidrs,
             gateway_mac,
@@ -570,6 +589,12 @@ static_file = "/etc/ferry/nodes.toml"
         assert_eq!(c.control.static_file.as_deref(), Some(Path::new("/etc/ferry/nodes.toml")));
         let g = parse(&GOOD.replace("[pods]", "[tunnel]\nkind = \"geneve\"\n[pods]")).expect("geneve");
         assert_eq!(g.tunnel_port, 6081);
+        assert!(c.verify_udp_checksum && !c.udp6_zero_checksum_rx, "checksums verified, zero IPv6 ones refused");
+        let off = parse(
+            &GOOD.replace("[pods]", "[tunnel]\nverify_udp_checksum = false\nudp6_zero_checksum_rx = true\n[pods]"),
+        )
+        .expect("checksum settings");
+        assert!(!off.verify_udp_checksum && off.udp6_zero_checksum_rx);
     }
 
     #[test]

@@ -244,6 +244,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Workers: one UMEM each, the uplink socket on the worker's queue, the uplink program.
     let mut decap = DecapConfig::new(cfg.tunnel, cfg.vni, underlay_addr);
     decap.port = cfg.tunnel_port;
+    decap.verify_udp_checksum = cfg.verify_udp_checksum;
+    decap.accept_ipv6_zero_udp_checksum = cfg.udp6_zero_checksum_rx;
+    decap.local_mac = Some(underlay_mac);
     let node_cfg = NodeConfig {
         gateway_mac: cfg.gateway_mac,
         gateway_v4,
@@ -526,11 +529,13 @@ fn host_port(nl: &Netlink, pods: &Pods, plan: &HostPlan<'_>, cfg: &AgentConfig) 
             xdp_mode: format!("{:?}", xdp.mode()).to_lowercase(),
         },
     );
-    // The node's kernel answers pods that talk to the node's own addresses with those addresses as
-    // the source (the request reached the kernel directly, not through ferry): they are the host
-    // port's too, as far as source checks go.
-    let addrs = vec![addr.into(), underlay_addr];
-    pods.register(LocalPod { port, mac: host_mac, addrs }).map_err(|e| anyhow::anyhow!(e))?;
+    // Only the overlay address is routed to the host port: decapsulated traffic reaches the node's
+    // kernel there and nowhere else (never at its underlay address, where a tunnel packet nested in
+    // a tunnel packet would reach the kernel's own tunnel port). The node's kernel answers pods that
+    // talked to its underlay address from that address (the request reached the kernel directly,
+    // not through ferry), so that address is allowed as a source without being routed.
+    pods.register(LocalPod { port, mac: host_mac, addrs: vec![addr.into()], source_only: vec![underlay_addr] })
+        .map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!(ifname = host_if, %addr, port = port.0, "host port ready");
     Ok(xdp)
 }

@@ -267,7 +267,7 @@ impl Pods {
                 xdp_mode: mode,
             },
         );
-        if let Err(reason) = self.register(LocalPod { port, mac, addrs: spec.addrs.clone() }) {
+        if let Err(reason) = self.register(LocalPod { port, mac, addrs: spec.addrs.clone(), source_only: vec![] }) {
             drop(xdp);
             self.detach_port(port);
             return Err(PodError::Dataplane { id: spec.id.clone(), what: "registering its addresses", reason });

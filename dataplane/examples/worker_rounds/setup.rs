@@ -71,6 +71,7 @@ pub(crate) fn setup() -> (Worker<MemPort>, Arc<Snapshot>) {
             port: PortId(POD_PORT as u16),
             mac: MacAddr([2, 0, 0, 0, 0, 2]),
             addrs: vec![IpAddr::V4(POD.into())],
+            source_only: vec![],
         }],
         blackholes: vec![],
     };

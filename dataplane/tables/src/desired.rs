@@ -52,9 +52,13 @@ pub struct LocalPod {
     pub port: PortId,
     /// Its MAC.
     pub mac: MacAddr,
-    /// Its addresses: traffic to them is delivered to `port`, and they are the only sources
-    /// `port` may send from (anti-spoofing).
+    /// Its addresses: traffic to them is delivered to `port`, and with
+    /// [`LocalPod::source_only`] they are the only sources `port` may send from (anti-spoofing).
     pub addrs: Vec<IpAddr>,
+    /// Further sources `port` may send from that are not routed to it. The host port needs this:
+    /// the node's kernel answers a pod that talked to the node's underlay address from that address,
+    /// but decapsulated traffic must never be delivered to the node's underlay address.
+    pub source_only: Vec<IpAddr>,
 }
 
 /// This node on the underlay: the fixed half of every outer header.

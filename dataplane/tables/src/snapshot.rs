@@ -22,20 +22,26 @@ use crate::types::{NextHop, PortId, Route};
 /// Lookups done together by the batch methods (stack arrays of this size).
 const BATCH: usize = 32;
 
-/// Per-port allowed source addresses, flattened: `ranges[port]` indexes `addrs`.
+/// Per-port allowed source addresses, flattened: `ranges[port]` indexes `addrs`; and each port's
+/// pod MAC.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PortSources {
     ranges: Box<[(u32, u32)]>,
     addrs: Box<[IpAddr]>,
+    macs: Box<[Option<MacAddr>]>,
 }
 
 impl PortSources {
-    /// `ports` as (port, its addresses); a port listed twice keeps both lists.
-    pub(crate) fn new<'a>(ports: impl Iterator<Item = (PortId, &'a [IpAddr])> + Clone) -> Self {
-        let size = ports.clone().map(|(p, _)| usize::from(p.0) + 1).max().unwrap_or(0);
+    /// `ports` as (port, its MAC, its addresses, its source-only addresses); a port listed twice
+    /// keeps both lists and the last MAC.
+    pub(crate) fn new<'a>(ports: impl Iterator<Item = (PortId, MacAddr, &'a [IpAddr], &'a [IpAddr])> + Clone) -> Self {
+        let size = ports.clone().map(|(p, ..)| usize::from(p.0) + 1).max().unwrap_or(0);
         let mut per_port: Vec<Vec<IpAddr>> = vec![Vec::new(); size];
-        for (p, addrs) in ports {
+        let mut macs = vec![None; size];
+        for (p, mac, addrs, source_only) in ports {
             per_port[usize::from(p.0)].extend_from_slice(addrs);
+            per_port[usize::from(p.0)].extend_from_slice(source_only);
+            macs[usize::from(p.0)] = Some(mac);
         }
         let mut ranges = Vec::with_capacity(size);
         let mut flat = Vec::new();
@@ -44,7 +50,12 @@ impl PortSources {
             ranges.push((flat.len() as u32, addrs.len() as u32));
             flat.extend(addrs);
         }
-        PortSources { ranges: ranges.into_boxed_slice(), addrs: flat.into_boxed_slice() }
+        PortSources { ranges: ranges.into_boxed_slice(), addrs: flat.into_boxed_slice(), macs: macs.into_boxed_slice() }
+    }
+
+    #[inline]
+    fn mac(&self, port: PortId) -> Option<MacAddr> {
+        self.macs.get(usize::from(port.0)).copied().flatten()
     }
 
     #[inline]
@@ -55,7 +66,7 @@ impl PortSources {
     }
 
     fn heap_bytes(&self) -> usize {
-        size_of_val(&*self.ranges) + size_of_val(&*self.addrs)
+        size_of_val(&*self.ranges) + size_of_val(&*self.addrs) + size_of_val(&*self.macs)
     }
 }
 
@@ -163,6 +174,12 @@ impl Snapshot {
     #[inline]
     pub fn source_allowed(&self, port: PortId, src: IpAddr) -> bool {
         self.ports.allowed(port, src)
+    }
+
+    /// The MAC of the pod on `port` (its frames' only allowed source MAC), if a pod is there.
+    #[inline]
+    pub fn port_mac(&self, port: PortId) -> Option<MacAddr> {
+        self.ports.mac(port)
     }
 
     /// Whether `underlay` is a remote node's address (tunnel packets from anything else are

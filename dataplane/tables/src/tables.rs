@@ -279,12 +279,14 @@ fn compile(
     let ports = if desired
         .local_pods
         .iter()
-        .map(|p| (p.port, &p.addrs))
-        .eq(prev_desired.local_pods.iter().map(|p| (p.port, &p.addrs)))
+        .map(|p| (p.port, p.mac, &p.addrs, &p.source_only))
+        .eq(prev_desired.local_pods.iter().map(|p| (p.port, p.mac, &p.addrs, &p.source_only)))
     {
         Arc::clone(&prev.ports)
     } else {
-        Arc::new(PortSources::new(desired.local_pods.iter().map(|p| (p.port, p.addrs.as_slice()))))
+        Arc::new(PortSources::new(
+            desired.local_pods.iter().map(|p| (p.port, p.mac, p.addrs.as_slice(), p.source_only.as_slice())),
+        ))
     };
     let nodes = if desired.nodes.iter().map(|n| n.underlay).eq(prev_desired.nodes.iter().map(|n| n.underlay)) {
         Arc::clone(&prev.nodes)

@@ -44,6 +44,7 @@ fn state(i: u64) -> DesiredState {
             port: PortId((i % 50) as u16),
             mac: MacAddr([2, 0, 0, 0, 0, 0x33]),
             addrs: vec!["10.200.0.1".parse().expect("ip"), "fd00::1".parse().expect("ip")],
+            source_only: vec![],
         }],
         blackholes: vec![format!("10.{x}.1.0/24").parse().expect("cidr")],
     }

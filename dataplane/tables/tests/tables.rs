@@ -41,8 +41,13 @@ fn desired() -> DesiredState {
             node("d", "2001:db8::4", &["fd00:10:0:4::/64"], 7),
         ],
         local_pods: vec![
-            LocalPod { port: PortId(3), mac: mac(0x33), addrs: vec![ip("10.244.0.5"), ip("fd00:10::5")] },
-            LocalPod { port: PortId(4), mac: mac(0x44), addrs: vec![ip("10.244.0.6")] },
+            LocalPod {
+                port: PortId(3),
+                mac: mac(0x33),
+                addrs: vec![ip("10.244.0.5"), ip("fd00:10::5")],
+                source_only: vec![],
+            },
+            LocalPod { port: PortId(4), mac: mac(0x44), addrs: vec![ip("10.244.0.6")], source_only: vec![] },
         ],
         blackholes: vec!["10.244.0.0/24".parse().expect("cidr"), "fd00:10::/64".parse().expect("cidr")],
     }
