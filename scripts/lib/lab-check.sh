@@ -68,6 +68,7 @@ check_run() {
     CHECK_DIR=$(mktemp -d "$STATE/.check.XXXXXX")
     lines=$(check_matrix)
     [ -n "$lines" ] || die "the lab has no pods to check"
+    underlay_check_plain || die "the underlay bridge filters frames (bridge netfilter on): run '$0 down' and '$0 up' again"
     local cat from fns to tns ip
     # In a subshell, whose only children are the check's jobs: in `lab.sh` with no arguments the
     # agents are background children of the main shell, and a bare `wait` there would wait for them.

@@ -103,9 +103,41 @@ underlay_up() {
     ul=$(ul_ns)
     ip netns add "$ul"
     ip -n "$ul" link set lo up
-    ip -n "$ul" link add br0 type bridge
+    ip -n "$ul" link add br0 type bridge nf_call_iptables 0 nf_call_ip6tables 0 nf_call_arptables 0
+    underlay_plain_switch
     ip -n "$ul" addr add "$UL_GW/24" dev br0
     ip -n "$ul" link set br0 up
+}
+
+# The underlay bridge must be a plain switch. With br_netfilter loaded on the host (Docker, Kubernetes
+# nodes), each new namespace starts with net.bridge.bridge-nf-call-{iptables,ip6tables,arptables}=1:
+# the bridge then runs its frames through the IP stack's checks (dropping bad IPv4 headers) and
+# fragments oversize ones before any node sees them, hiding ferry's own handling of such frames.
+# Without br_netfilter the keys do not exist and the bridge is plain already.
+UL_BRIDGE_NF_KEYS="bridge-nf-call-iptables bridge-nf-call-ip6tables bridge-nf-call-arptables"
+underlay_plain_switch() {
+    local ul k
+    ul=$(ul_ns)
+    for k in $UL_BRIDGE_NF_KEYS; do
+        if ip netns exec "$ul" test -e "/proc/sys/net/bridge/$k"; then
+            ip netns exec "$ul" sysctl -qw "net.bridge.$k=0"
+        fi
+    done
+    underlay_check_plain || die "could not turn bridge netfilter off in the underlay namespace $ul"
+}
+
+# underlay_check_plain: true when no bridge-nf-call-* key is on in the underlay namespace (and says which is).
+underlay_check_plain() {
+    local ul k v ok=0
+    ul=$(ul_ns)
+    for k in $UL_BRIDGE_NF_KEYS; do
+        v=$(ip netns exec "$ul" cat "/proc/sys/net/bridge/$k" 2>/dev/null || echo 0)
+        if [ "$v" != 0 ]; then
+            echo "underlay $ul: net.bridge.$k=$v (the underlay bridge is not a plain switch)" >&2
+            ok=1
+        fi
+    done
+    return $ok
 }
 
 # --- nodes ------------------------------------------------------------------------------------------------
