@@ -23,7 +23,6 @@ pub mod track;
 pub mod tx;
 pub mod wire;
 
-use std::fs;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +39,7 @@ use self::report::{Latency, RxSummary, Summary, TxSummary};
 use self::track::SinkStats;
 use self::tx::{IMIX, TokenBucket, TxPool};
 use self::wire::{BuildError, FlowAddrs};
+use crate::netlink::{LinkError, Netlink};
 
 /// Largest batch (descriptors per send or receive call).
 const MAX_BATCH: usize = 256;
@@ -51,8 +51,6 @@ const POOL_MIN: u32 = 4096;
 const POOL_MAX: u32 = 65536;
 /// How long the end of a transmit run waits for outstanding completions.
 const DRAIN: Duration = Duration::from_secs(1);
-/// `XDP_MAX_TX_SKB_BUDGET` (Linux 6.17): frames one copy-mode kick may send (default 32).
-const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
 
 /// What to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -211,7 +209,7 @@ pub struct PktgenArgs {
     #[arg(long)]
     pub zero_checksum: bool,
     /// Descriptors per batch and per kick (1 to 256; the kernel sends at most 32 frames per kick
-    /// before Linux 6.17's XDP_MAX_TX_SKB_BUDGET, which pktgen raises to the batch).
+    /// before Linux 6.17's XDP_MAX_TX_SKB_BUDGET, which the port raises to its ring size).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub batch: u16,
     /// Socket binding: auto, copy or zerocopy.
@@ -242,6 +240,9 @@ pub enum PktgenError {
     /// The receive program.
     #[error(transparent)]
     Xdp(#[from] XdpError),
+    /// Reading the interface.
+    #[error(transparent)]
+    Link(#[from] LinkError),
     /// The tunnel's outer headers.
     #[error("--encap: {0}")]
     Template(#[from] TemplateError),
@@ -277,29 +278,22 @@ fn install_signals() {
     }
 }
 
-/// What `/sys/class/net/<iface>` says.
+/// What the kernel says about the interface (over netlink).
 struct IfaceInfo {
     mac: MacAddr,
     mtu: usize,
+    /// Its first IPv4 address (the default outer source).
+    ipv4: Option<Ipv4Addr>,
 }
 
 fn iface_info(ifname: &str) -> Result<IfaceInfo, PktgenError> {
-    let missing = || PktgenError::Xsk(XskError::NoSuchInterface { ifname: ifname.to_owned() });
-    if ifname.is_empty() || ifname.contains('/') || ifname.contains("..") {
-        return Err(missing());
-    }
-    let dir = format!("/sys/class/net/{ifname}");
-    let mac = fs::read_to_string(format!("{dir}/address")).map_err(|_| missing())?;
-    let mtu = fs::read_to_string(format!("{dir}/mtu")).map_err(|_| missing())?;
-    Ok(IfaceInfo { mac: mac.trim().parse().unwrap_or(MacAddr([0; 6])), mtu: mtu.trim().parse().unwrap_or(1500) })
-}
-
-/// The interface's first IPv4 address (for the outer source), from `ip -4 -o addr`.
-fn iface_ipv4(ifname: &str) -> Option<Ipv4Addr> {
-    let out = std::process::Command::new("ip").args(["-4", "-o", "addr", "show", "dev", ifname]).output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let word = text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
-    word.split('/').next()?.parse().ok()
+    let nl = Netlink::open()?;
+    let link = nl.link(ifname)?.ok_or_else(|| XskError::NoSuchInterface { ifname: ifname.to_owned() })?;
+    let ipv4 = nl.addresses(ifname)?.iter().find_map(|n| match n.addr() {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    });
+    Ok(IfaceInfo { mac: link.mac.unwrap_or(MacAddr([0; 6])), mtu: link.mtu as usize, ipv4 })
 }
 
 /// Everything the loop needs, checked.
@@ -324,7 +318,7 @@ fn plan(args: &PktgenArgs, info: &IfaceInfo) -> Result<Plan, PktgenError> {
             let dst = args
                 .outer_dst
                 .ok_or_else(|| config("--encap needs --outer-dst".to_owned(), "give the node's underlay address"))?;
-            let src = args.outer_src.or_else(|| iface_ipv4(&args.iface)).ok_or_else(|| {
+            let src = args.outer_src.or(info.ipv4).ok_or_else(|| {
                 config(format!("`{}` has no IPv4 address for the outer source", args.iface), "give --outer-src")
             })?;
             let mut p = TemplateParams::new(
@@ -438,8 +432,6 @@ pub fn run(args: PktgenArgs) -> Result<(), PktgenError> {
         args.queue,
         &XskPortConfig { rx_ring: RING, tx_ring: RING, busy_poll: None, fill_target: None },
     )?;
-    // Fewer, larger kicks where the kernel allows it (6.17+); older kernels keep 32 per kick.
-    set_tx_budget(port.fd(), u32::from(args.batch).max(32));
 
     let attachment = if args.mode.rx() {
         let queues = xdp::queue_count(&args.iface)?.unwrap_or(args.queue + 1).max(args.queue + 1);
@@ -494,21 +486,6 @@ fn attach_label(m: AttachMode) -> &'static str {
     match m {
         AttachMode::Native => "native",
         AttachMode::Generic => "generic",
-    }
-}
-
-fn set_tx_budget(fd: libc::c_int, budget: u32) {
-    let v = budget as libc::c_int;
-    // SAFETY: a plain setsockopt with a c_int value on our own socket; an unknown option (older
-    // kernels) fails harmlessly.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_XDP,
-            XDP_MAX_TX_SKB_BUDGET,
-            (&raw const v).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        );
     }
 }
 
@@ -799,7 +776,7 @@ mod tests {
     }
 
     fn info() -> IfaceInfo {
-        IfaceInfo { mac: MacAddr([2, 0, 0, 0, 0, 9]), mtu: 1500 }
+        IfaceInfo { mac: MacAddr([2, 0, 0, 0, 0, 9]), mtu: 1500, ipv4: Some(Ipv4Addr::new(192, 0, 2, 9)) }
     }
 
     #[test]
