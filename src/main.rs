@@ -234,6 +234,12 @@ fn print_stats(d: &Value) {
     if d["double_frees"].as_u64().unwrap_or(0) > 0 {
         println!("frames freed twice and refused: {} (a bug in ferry: please report it)", s(&d["double_frees"]));
     }
+    if d["headroom_moves"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "packets moved to make room for tunnel headers: {} (each a copy of the packet)",
+            s(&d["headroom_moves"])
+        );
+    }
     if let Some(drops) = d["drops"].as_object() {
         for (reason, n) in drops {
             if n.as_u64().unwrap_or(0) > 0 {

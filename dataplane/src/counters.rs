@@ -73,14 +73,14 @@ const PER_PORT: usize = 8;
 pub struct SharedCounters {
     ports: usize,
     /// rx packets, rx bytes, tx packets, tx bytes and the four port statistics per port, then
-    /// drops, then ICMP errors, then double frees.
+    /// drops, then ICMP errors, then double frees, then headroom moves.
     cells: Box<[AtomicU64]>,
 }
 
 impl SharedCounters {
     /// Zeroed cells for `ports` ports.
     pub fn new(ports: usize) -> Self {
-        let cells = (0..ports * PER_PORT + DropReason::COUNT + 2).map(|_| AtomicU64::new(0)).collect();
+        let cells = (0..ports * PER_PORT + DropReason::COUNT + 3).map(|_| AtomicU64::new(0)).collect();
         SharedCounters { ports, cells }
     }
 
@@ -115,6 +115,7 @@ impl SharedCounters {
         }
         self.cells[d + DropReason::COUNT].store(c.pipeline.icmp_errors, Ordering::Relaxed);
         self.cells[d + DropReason::COUNT + 1].store(c.double_frees, Ordering::Relaxed);
+        self.cells[d + DropReason::COUNT + 2].store(c.pipeline.headroom_moves, Ordering::Relaxed);
     }
 
     /// Read the published values.
@@ -133,6 +134,7 @@ impl SharedCounters {
         }
         c.pipeline.icmp_errors = self.cells[d + DropReason::COUNT].load(Ordering::Relaxed);
         c.double_frees = self.cells[d + DropReason::COUNT + 1].load(Ordering::Relaxed);
+        c.pipeline.headroom_moves = self.cells[d + DropReason::COUNT + 2].load(Ordering::Relaxed);
         c
     }
 }
@@ -167,6 +169,7 @@ pub fn sum<'a>(workers: impl IntoIterator<Item = &'a SharedCounters>) -> Option<
                 }
                 t.pipeline.icmp_errors += c.pipeline.icmp_errors;
                 t.double_frees += c.double_frees;
+                t.pipeline.headroom_moves += c.pipeline.headroom_moves;
             }
         }
     }
@@ -185,6 +188,7 @@ mod tests {
         c.pipeline.drops[DropReason::NoRoute as usize] = 5;
         c.pipeline.icmp_errors = 2;
         c.double_frees = 1;
+        c.pipeline.headroom_moves = 3;
         c.port[1] = PortStats { rx_no_frame: 1, rx_dropped: 2, rx_ring_full: 3, invalid_descs: 4 };
         let (a, b) = (SharedCounters::new(2), SharedCounters::new(2));
         let live = [PortId(0), PortId(1)];
@@ -196,6 +200,7 @@ mod tests {
         assert_eq!(s.drops(DropReason::NoRoute), 10);
         assert_eq!(s.pipeline.icmp_errors, 4);
         assert_eq!(s.double_frees, 2);
+        assert_eq!(s.pipeline.headroom_moves, 6);
         assert_eq!(s.port[1], PortStats { rx_no_frame: 2, rx_dropped: 4, rx_ring_full: 6, invalid_descs: 8 });
         assert_eq!(s.port[0], PortStats::default());
         assert_eq!(s.total_drops(), 10);

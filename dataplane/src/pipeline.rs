@@ -119,11 +119,15 @@ pub struct PipelineCounters {
     pub drops: [u64; DropReason::COUNT],
     /// ICMP and ICMPv6 errors built and sent back.
     pub icmp_errors: u64,
+    /// Packets moved within their frame to make room for the outer headers: they arrived with
+    /// less headroom than the tunnel needs (AF_XDP delivers with 256 bytes, so this stays 0 there;
+    /// a port that delivers at offset 0 pays a copy of the whole packet here).
+    pub headroom_moves: u64,
 }
 
 impl Default for PipelineCounters {
     fn default() -> Self {
-        PipelineCounters { drops: [0; DropReason::COUNT], icmp_errors: 0 }
+        PipelineCounters { drops: [0; DropReason::COUNT], icmp_errors: 0, headroom_moves: 0 }
     }
 }
 
@@ -304,8 +308,12 @@ impl Pipeline {
         let mut eth = EthernetFrame::new_unchecked(frame.data_mut());
         eth.set_dst(vtep_mac);
         eth.set_src(self.cfg.vtep_mac);
-        if frame.make_headroom(template.overhead()).is_none() {
-            return Verdict::Drop(DropReason::NoHeadroom);
+        if frame.headroom() < template.overhead() {
+            // The fallback: move the packet back to make room (a copy of all of it).
+            if frame.make_headroom(template.overhead()).is_none() {
+                return Verdict::Drop(DropReason::NoHeadroom);
+            }
+            counters.headroom_moves += 1;
         }
         match encap_with(template, frame, info.tos, info.hash) {
             Ok(()) => Verdict::Forward(self.cfg.uplink),

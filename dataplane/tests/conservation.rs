@@ -13,6 +13,7 @@ use ferry_dataplane::frame::{FreeFrames, HeapMem};
 use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::Port;
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig, wire};
+use ferry_dataplane::port::xsk::RX_HEADROOM;
 use ferry_dataplane::worker::{self, PollMode, Worker};
 use ferry_encap::{DecapConfig, MacAddr, TunnelKind};
 use ferry_tables::{DesiredState, LocalPod, Publisher, RemoteNode, Snapshot, Tables, Underlay};
@@ -36,9 +37,12 @@ fn node(n: u8) -> (Worker<MemPort>, Arc<Snapshot>) {
         underlay_mtu: 1500,
         icmp_rate: (1_000_000, 64),
     };
+    // Node 1 receives where AF_XDP does, with headroom; node 2 at offset 0, so its encapsulation
+    // takes the fallback that moves each packet.
+    let rx_offset = if n == 1 { RX_HEADROOM } else { 0 };
     let ports = vec![
-        MemPort::new("uplink", MemPortConfig { rx_ring: 32, tx_ring: 16, rx_offset: 0 }),
-        MemPort::new("pod", MemPortConfig { rx_ring: 32, tx_ring: 16, rx_offset: 0 }),
+        MemPort::new("uplink", MemPortConfig { rx_ring: 32, tx_ring: 16, rx_offset }),
+        MemPort::new("pod", MemPortConfig { rx_ring: 32, tx_ring: 16, rx_offset }),
     ];
     let w = Worker::new(
         ports,
@@ -163,6 +167,8 @@ fn no_frame_leaks_after_millions_of_packets() {
         assert!(c.pipeline.icmp_errors > 0, "node {name}: the mix drew ICMP errors");
         assert!(c.total_drops() > 0 && tx > 0, "node {name}: the mix exercised both");
     }
+    assert_eq!(a.counters().pipeline.headroom_moves, 0, "node a receives with headroom: nothing moved");
+    assert!(b.counters().pipeline.headroom_moves > 0, "node b receives at offset 0: encapsulation moved packets");
 }
 
 /// Runs `f` on another thread while this one applies `w`'s port commands, as a running worker does

@@ -1,6 +1,6 @@
 //! Privileged tests of `XskPort` on veth pairs in private network namespaces (test side): frames
 //! in through `recv` byte for byte, frames out through `send`/`flush` (including batches larger
-//! than one copy-mode kick and packets not at offset 0), forwarding between two interfaces by
+//! than one copy-mode kick, sent from any offset in their frame), forwarding between two interfaces by
 //! descriptor passing on one shared UMEM, multi-queue binding, busy-poll options, the errors for a
 //! missing interface, a queue out of range and a busy queue, and a pcap tap over the port.
 //!
@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use ferry_dataplane::frame::{FrameId, FrameMem, FreeFrames, Pkt};
 use ferry_dataplane::port::Port;
 use ferry_dataplane::port::pcap::{PcapTap, TapDirection};
-use ferry_dataplane::port::xsk::{BusyPoll, XskError, XskMem, XskMemConfig, XskMode, XskPort, XskPortConfig};
+use ferry_dataplane::port::xsk::{
+    BusyPoll, RX_HEADROOM, XskError, XskMem, XskMemConfig, XskMode, XskPort, XskPortConfig,
+};
 use ferry_dataplane::xdp::{AttachMode, UplinkConfig, XdpAttachment, XdpMode, XdpProgram};
 use xsk_util::*;
 
@@ -90,19 +92,24 @@ fn frames_arrive_byte_for_byte_and_leave_in_batches() {
     let got = recv_n(&mut port, &mut mem, sent.len(), deadline(5));
     let bytes: Vec<Vec<u8>> = got.iter().map(|g| g.1.clone()).collect();
     assert_eq!(bytes, sent, "received frames differ from those sent");
-    assert!(got.iter().all(|g| g.0.offset == 0), "AF_XDP delivers at offset 0");
+    assert!(got.iter().all(|g| g.0.offset == RX_HEADROOM), "AF_XDP delivers after the XDP headroom");
     for (p, _) in &got {
         free.push(p.frame);
     }
 
-    // Out: 100 frames in one batch (more than the 32 a copy-mode kick sends), every other one at
-    // offset 50 (as after decapsulation), so `send` must move it to the front.
+    // Out: 100 frames in one batch (more than the 32 a copy-mode kick sends), at the start of their
+    // frame, where decapsulation leaves them (the headroom plus a 50-byte outer header), and ending
+    // on the frame's last byte: each is sent from where it lies.
     let mut pkts = Vec::new();
     let mut expect = Vec::new();
     for i in 0..100u16 {
         let f = udp4(t.a.mac, t.b.mac, A4, B4, 5000, 6000, format!("ferry-tx-{i:03}").as_bytes());
         let id = free.pop().expect("free frame");
-        let offset = if i % 2 == 0 { 0 } else { 50 };
+        let offset = match i % 3 {
+            0 => 0,
+            1 => usize::from(RX_HEADROOM) + 50,
+            _ => mem.frame_size() - f.len(),
+        };
         mem.frame_mut(id)[offset..offset + f.len()].copy_from_slice(&f);
         pkts.push(Pkt { frame: id, offset: offset as u16, len: f.len() as u16 });
         expect.push(f);
@@ -384,7 +391,7 @@ fn a_pcap_tap_records_decapsulated_packets_as_sent() {
     };
 
     // A tunnel frame as the uplink received it, and the inner frame decapsulation leaves in place:
-    // 50 bytes in (outer Ethernet, IPv4, UDP, VXLAN). `send` moves it to offset 0 of its frame.
+    // 50 bytes in (outer Ethernet, IPv4, UDP, VXLAN). `send` transmits it from there.
     let mut inner = Vec::new();
     for i in 0..3u16 {
         inner.push(udp4(t.a.mac, t.b.mac, A4, B4, 5000, 6002, format!("decapsulated-{i}").as_bytes()));

@@ -645,6 +645,11 @@ fn dataplane_metrics(shared: &Shared, out: &mut String) {
         "# HELP ferry_dataplane_double_frees Frames given back twice to a worker's free list and refused (a bug if not 0).\n# TYPE ferry_dataplane_double_frees counter"
     );
     let _ = writeln!(out, "ferry_dataplane_double_frees_total {}", c.double_frees);
+    let _ = writeln!(
+        out,
+        "# HELP ferry_dataplane_headroom_moves Packets moved within their frame to make room for the tunnel headers (a copy of the whole packet; 0 on AF_XDP ports).\n# TYPE ferry_dataplane_headroom_moves counter"
+    );
+    let _ = writeln!(out, "ferry_dataplane_headroom_moves_total {}", c.pipeline.headroom_moves);
 }
 
 /// Takes a counter sample for rates.

@@ -280,6 +280,7 @@ impl Server {
             "total_drops": c1.total_drops(),
             "icmp_errors": c1.pipeline.icmp_errors,
             "double_frees": c1.double_frees,
+            "headroom_moves": c1.pipeline.headroom_moves,
         })
     }
 }

@@ -411,7 +411,7 @@ pub fn run(args: PktgenArgs) -> Result<(), PktgenError> {
     let pool = if args.mode.tx() { tx::pool_size(args.flows, pattern, POOL_MIN, POOL_MAX) } else { 0 };
     let rx_frames = if args.mode.rx() { 2 * RING } else { 0 };
     let biggest = plan.sizes.iter().copied().max().unwrap_or(0);
-    // Frames are a UMEM chunk minus the kernel's 256-byte headroom.
+    // Received packets start 256 bytes into a UMEM chunk (the XDP headroom): size for those.
     let frame_size = if biggest + 256 > 2048 { 4096 } else { 2048 };
     let mut mem = XskMem::new(XskMemConfig {
         frame_count: pool + rx_frames,

@@ -13,6 +13,7 @@ use etherparse::PacketBuilder;
 use ferry_dataplane::frame::{FreeFrames, HeapMem};
 use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig};
+use ferry_dataplane::port::xsk::RX_HEADROOM;
 use ferry_dataplane::worker::{BATCH, Worker};
 use ferry_encap::{DecapConfig, FrameBuf, MacAddr, TemplateParams, TunnelKind, TunnelTemplate, encap};
 use ferry_tables::{DesiredState, LocalPod, RemoteNode, Snapshot, Tables, Underlay};
@@ -44,7 +45,8 @@ pub(crate) fn setup() -> (Worker<MemPort>, Arc<Snapshot>) {
         underlay_mtu: 1500,
         icmp_rate: (100, 10),
     };
-    let ring = MemPortConfig { rx_ring: 256, tx_ring: 256, rx_offset: 0 };
+    // Packets arrive where AF_XDP puts them, with the XDP headroom in front.
+    let ring = MemPortConfig { rx_ring: 256, tx_ring: 256, rx_offset: RX_HEADROOM };
     let ports = vec![MemPort::new("uplink", ring), MemPort::new("pod", ring)];
     let worker = Worker::new(
         ports,

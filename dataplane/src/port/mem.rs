@@ -19,13 +19,15 @@ pub struct MemPortConfig {
     pub rx_ring: usize,
     /// Transmit and completion ring size.
     pub tx_ring: usize,
-    /// Offset at which received packets are written (AF_XDP through xsk-rs delivers at 0).
+    /// Offset at which received packets are written (AF_XDP delivers at
+    /// [`RX_HEADROOM`](super::xsk::RX_HEADROOM), the default; 0 leaves no room to encapsulate in
+    /// place, which the pipeline survives by moving the packet, and counts).
     pub rx_offset: u16,
 }
 
 impl Default for MemPortConfig {
     fn default() -> Self {
-        MemPortConfig { rx_ring: 512, tx_ring: 512, rx_offset: 0 }
+        MemPortConfig { rx_ring: 512, tx_ring: 512, rx_offset: super::xsk::RX_HEADROOM }
     }
 }
 

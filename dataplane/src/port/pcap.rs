@@ -3,9 +3,9 @@
 //!
 //! Every packet received or sent through the wrapped port is appended to a pcap file in the
 //! classic format (Ethernet link type), readable by tcpdump and tshark. A sent packet is recorded
-//! as it was handed to the port: the bytes are copied before the send, because a port may move
-//! them (AF_XDP moves a packet that does not start its frame, a decapsulated one say, to offset 0),
-//! and only the packets the port took are written.
+//! as it was handed to the port: the bytes are copied before the send, because once sent the frame
+//! belongs to the port (which may reuse or move it), and only the packets the port took are
+//! written.
 
 use std::fs::File;
 use std::io::{self, BufWriter};

@@ -4,11 +4,11 @@
 //!
 //! Frames move by descriptor: the fill ring is topped up from the worker's free frames on every
 //! [`Port::refill`] (an empty fill ring makes the kernel drop), received descriptors become
-//! [`Pkt`]s at offset 0, and [`Port::send`] turns `Pkt`s back into descriptors. xsk-rs transmits
-//! from the start of a frame's data segment and keeps descriptor addresses private, so a packet
-//! that does not start at offset 0 (after decapsulation, say) is first moved there, within its
-//! frame ([`XskMem::move_to_front`]). Completed transmissions come back through
-//! [`Port::reclaim`].
+//! [`Pkt`]s at offset [`RX_HEADROOM`] (the room encapsulation prepends into), and [`Port::send`]
+//! turns `Pkt`s back into descriptors that start at the packet's own offset. xsk-rs can only
+//! transmit from the start of a frame's data segment, so the transmit ring is ferry's own mapping
+//! (`txring`) and no packet is moved before it is sent. Completed transmissions come back
+//! through [`Port::reclaim`].
 //!
 //! Sockets are bound with libxdp's default program inhibited: ferry's own XDP program
 //! ([`crate::xdp`]) decides what reaches them, and [`crate::xdp::XdpProgram::add_port`] puts a
@@ -21,6 +21,7 @@
 
 mod error;
 mod mem;
+mod txring;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -33,7 +34,8 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue};
 
 pub use self::error::XskError;
 use self::error::classify_bind;
-pub use self::mem::{BindMode, XskMem, XskMemConfig, XskMemHandle};
+pub use self::mem::{BindMode, RX_HEADROOM, XskMem, XskMemConfig, XskMemHandle};
+use self::txring::TxRing;
 use super::{Port, PortStats};
 use crate::frame::{FrameId, FreeFrames, Pkt};
 use crate::xdp::sys::{RealSys, Sys};
@@ -120,6 +122,9 @@ pub struct XskPort {
     busy_poll: bool,
     /// Bound with `XDP_USE_NEED_WAKEUP`: kick only when the kernel asks.
     need_wakeup: bool,
+    /// The transmit ring, as ferry maps it: descriptors from any offset in a frame.
+    txr: TxRing,
+    /// xsk-rs's side of the transmit ring: kept for the socket and its kicks, never produced on.
     tx: TxQueue,
     rx: RxQueue,
     fill: FillQueue,
@@ -141,8 +146,6 @@ pub struct XskPort {
     comp_ring: usize,
     /// Frames to keep in the fill ring.
     fill_target: usize,
-    /// Received descriptors that did not start inside their frame and went back to the fill ring.
-    bad_rx: u64,
 }
 
 impl XskPort {
@@ -235,6 +238,12 @@ impl XskPort {
             });
         };
         let fd = rx.fd().as_raw_fd();
+        let txr = TxRing::map(fd, cfg.tx_ring).map_err(|source| XskError::Socket {
+            ifname: ifname.to_owned(),
+            queue,
+            hint: "mapping the transmit ring failed (AF_XDP with need_wakeup needs Linux 5.4 or later)",
+            source,
+        })?;
 
         let options = sys.get_sockopt(fd, libc::SOL_XDP, libc::XDP_OPTIONS).unwrap_or(0);
         let mode = if options & libc::XDP_OPTIONS_ZEROCOPY != 0 { XskMode::ZeroCopy } else { XskMode::Copy };
@@ -261,6 +270,7 @@ impl XskPort {
             fd,
             busy_poll: cfg.busy_poll.is_some(),
             need_wakeup: mcfg.need_wakeup,
+            txr,
             tx,
             rx,
             fill,
@@ -274,7 +284,6 @@ impl XskPort {
             tx_ring: cfg.tx_ring as usize,
             comp_ring: mcfg.comp_ring as usize,
             fill_target: cfg.fill_target.map_or(mcfg.fill_ring, |t| t.clamp(1, mcfg.fill_ring)) as usize,
-            bad_rx: 0,
         })
     }
 
@@ -418,39 +427,24 @@ impl Port for XskPort {
             n += unsafe { self.rx.consume(&mut self.scratch[n..max]) };
         }
         self.fill_held -= n;
-        let mut k = 0;
-        for i in 0..n {
+        for (i, slot) in out[..n].iter_mut().enumerate() {
             let d = self.scratch[i];
-            let id = self.frame_of(d.addr());
-            self.returned(id);
-            let start = self.descs[id].addr();
-            // ferry's programs never move the packet start; a program that grew the head would put
-            // it before the frame's data segment, which a `Pkt` cannot describe. Such a frame is
-            // handed over empty (the worker drops and frees it) and counted.
-            let Some(offset) = d.addr().checked_sub(start).and_then(|o| u16::try_from(o).ok()) else {
-                self.bad_rx += 1;
-                out[k] = Pkt { frame: FrameId(id as u32), offset: 0, len: 0 };
-                k += 1;
-                continue;
-            };
-            out[k] = Pkt { frame: FrameId(id as u32), offset, len: d.lengths().data() as u16 };
-            k += 1;
+            // The packet starts wherever the kernel (or an XDP program that moved its head) put it
+            // in the chunk; a length past the chunk's end is the worker's to catch and count.
+            let (frame, offset) = XskMem::locate(self.shift, d.addr() as u64);
+            self.returned(frame.0 as usize);
+            *slot = Pkt { frame, offset, len: d.lengths().data() as u16 };
         }
-        k
+        n
     }
 
     fn send(&mut self, mem: &mut XskMem, pkts: &[Pkt]) -> usize {
         // Frames completed but not reclaimed occupy the completion ring; never overfill it.
         let room = self.comp_ring.saturating_sub(self.tx_held).min(self.scratch.len());
         let want = pkts.len().min(room);
-        let free = self.tx.nb_free(want as u32) as usize;
-        let n = want.min(free);
-        for (slot, &p) in self.scratch[..n].iter_mut().zip(&pkts[..n]) {
-            *slot = mem.tx_desc(p);
-        }
-        // SAFETY: the frames belong to the caller, who hands them over here; they come back through
-        // the completion ring (`reclaim`). `n` slots are free, so all are taken.
-        let sent = unsafe { self.tx.produce(&self.scratch[..n]) };
+        // The frames belong to the caller, who hands them over here; they come back through the
+        // completion ring (`reclaim`).
+        let sent = self.txr.produce(pkts[..want].iter().map(|p| (mem.addr(*p), u32::from(p.len))));
         self.tx_held += sent;
         for p in &pkts[..sent] {
             self.lend(p.frame.0 as usize);
@@ -460,17 +454,17 @@ impl Port for XskPort {
 
     fn flush(&mut self) -> io::Result<()> {
         // Without need_wakeup the kernel never asks, and copy mode transmits only when kicked.
-        if self.need_wakeup && !self.tx.needs_wakeup() {
+        if self.need_wakeup && !self.txr.needs_wakeup() {
             return Ok(());
         }
         // In copy mode each kick transmits at most 32 frames synchronously: kick until the ring is
         // empty or a kick makes no progress (device busy, completion ring full).
-        let mut pending = self.tx_ring - self.tx.nb_free_exact() as usize;
+        let mut pending = self.txr.pending();
         let mut kicks = 0;
         while pending > 0 && kicks <= self.tx_ring / 32 {
             self.tx.wakeup()?;
             kicks += 1;
-            let now = self.tx_ring - self.tx.nb_free_exact() as usize;
+            let now = self.txr.pending();
             if now >= pending {
                 break;
             }
@@ -521,10 +515,10 @@ impl Port for XskPort {
     }
 
     fn release(self, free: &mut FreeFrames) {
-        let XskPort { name, tx, rx, fill, comp, lent, .. } = self;
+        let XskPort { name, txr, tx, rx, fill, comp, lent, .. } = self;
         // Closing the socket first: once its rings are gone the kernel no longer touches a frame
         // it was lent, and every lent frame is the worker's again.
-        drop((tx, rx, fill, comp));
+        drop((txr, tx, rx, fill, comp));
         let mut n = 0;
         for (w, word) in lent.iter().enumerate() {
             let mut bits = *word;
@@ -540,13 +534,13 @@ impl Port for XskPort {
     fn stats(&self) -> PortStats {
         let s = match self.rx.fd().xdp_statistics() {
             Ok(s) => s,
-            Err(_) => return PortStats { invalid_descs: self.bad_rx, ..PortStats::default() },
+            Err(_) => return PortStats::default(),
         };
         PortStats {
             rx_no_frame: s.rx_fill_ring_empty_descs(),
             rx_dropped: s.rx_dropped(),
             rx_ring_full: s.rx_ring_full(),
-            invalid_descs: s.rx_invalid_descs() + s.tx_invalid_descs() + self.bad_rx,
+            invalid_descs: s.rx_invalid_descs() + s.tx_invalid_descs(),
         }
     }
 }

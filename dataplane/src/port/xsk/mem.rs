@@ -1,13 +1,17 @@
 //! A worker's AF_XDP frame memory: one xsk-rs UMEM shared by all of that worker's sockets
-//! (created on the setup side; [`FrameMem`] access and [`XskMem::move_to_front`] are hot path).
+//! (created on the setup side; [`FrameMem`] access and [`XskMem::addr`] are hot path).
 //!
-//! Frame `i` is the data segment of UMEM chunk `i`: it starts where the kernel writes received
-//! packets (after the 256-byte XDP headroom) and where xsk-rs transmits from, and runs to the end
-//! of the chunk. A table of xsk-rs [`FrameDesc`]s, one per frame, is built once and shared with
-//! the ports (read-only), so a [`FrameId`] turns into a descriptor with one index and a descriptor
-//! into a [`FrameId`] with one shift.
+//! Frame `i` is the whole of UMEM chunk `i`. The kernel writes a received packet
+//! [`RX_HEADROOM`] bytes in (the XDP headroom, in copy and zero-copy mode alike), so every packet
+//! arrives with room in front of it: encapsulation prepends the outer headers there, in place, and
+//! decapsulation just moves the packet's offset. Ports transmit from the packet's own offset
+//! (`super::txring`), so no packet moves on either path. A table of xsk-rs [`FrameDesc`]s, one per
+//! frame, is built once and shared with the ports (read-only) for the fill ring, so a [`FrameId`]
+//! turns into a descriptor with one index and a descriptor address into a [`FrameId`] and an
+//! offset with a shift and a mask.
 
 use std::num::NonZeroU32;
+use std::ptr::NonNull;
 use std::slice;
 use std::sync::Arc;
 
@@ -17,6 +21,11 @@ use xsk_rs::{FrameDesc, Umem};
 use super::error::{XskError, classify_probe, classify_umem};
 use crate::frame::{FrameId, FrameMem, Pkt};
 use crate::xdp::sys::{RealSys, Sys};
+
+/// Where a received packet starts in its frame: the kernel's `XDP_PACKET_HEADROOM` (ferry registers
+/// the UMEM with no headroom of its own). Encapsulation needs at most 70 bytes of it (VXLAN over
+/// IPv6) plus Geneve options.
+pub const RX_HEADROOM: u16 = 256;
 
 /// How sockets on this memory move frames: the first socket bound on a UMEM decides for all of
 /// them (the kernel binds the others with the first one's mode).
@@ -37,8 +46,8 @@ pub struct XskMemConfig {
     /// Number of frames. Enough for every port's fill ring, every port's transmit ring, and one
     /// batch in flight: a port keeps its fill ring full from the free frames.
     pub frame_count: u32,
-    /// Bytes per UMEM chunk, a power of two from 2048 to 4096 (larger only with huge pages); the
-    /// frame for packets is this minus the kernel's 256-byte XDP headroom.
+    /// Bytes per UMEM chunk, a power of two from 2048 to 4096 (larger only with huge pages): the
+    /// frame. Received packets start [`RX_HEADROOM`] bytes in, so they can be this minus 256 long.
     pub frame_size: u32,
     /// Fill ring entries per (interface, queue), a power of two.
     pub fill_ring: u32,
@@ -96,12 +105,19 @@ impl XskMemConfig {
 /// One worker's UMEM and its frames.
 #[derive(Debug)]
 pub struct XskMem {
-    umem: Umem,
-    descs: Arc<[FrameDesc]>,
-    data_size: usize,
+    /// The first byte of the UMEM mapping (kept alive by `handle`'s UMEM).
+    base: NonNull<u8>,
+    frame_size: usize,
+    frame_count: u32,
+    shift: u32,
     cfg: XskMemConfig,
     handle: XskMemHandle,
 }
+
+// SAFETY: `base` points into the UMEM mapping that `handle` (which is `Send`) keeps alive wherever the
+// value goes; frames are reached only through `&self`/`&mut self`, so moving the memory to its
+// worker's thread moves its only accessor with it.
+unsafe impl Send for XskMem {}
 
 /// What opening a socket on a worker's UMEM needs, and nothing that reaches a frame's bytes: it
 /// can be cloned and sent to a setup thread that opens ports for a running worker
@@ -169,18 +185,24 @@ impl XskMem {
             classify_umem(source, cfg.bytes(), cfg.huge_pages)
         })?;
 
-        // Every table entry spans its whole data segment, so `frame` can hand out the segment.
-        for d in &mut descs {
-            // SAFETY: `d` is a descriptor of `umem`, just created; no other view of the frame exists
-            // and the kernel holds no frame yet.
-            unsafe { umem.data_mut(d) }.cursor().set_pos(usize::MAX);
+        // The mapping's first byte: xsk-rs places a descriptor's data segment at the mapping's start
+        // plus the descriptor's address.
+        let first = descs.first_mut().ok_or_else(|| invalid("0 frames".to_owned()))?;
+        let first_addr = first.addr();
+        if first_addr != usize::from(RX_HEADROOM) {
+            return Err(invalid(format!("xsk-rs placed frame 0's data at {first_addr}, not {RX_HEADROOM}")));
         }
-        let data_size = descs.first().map_or(0, |d| d.lengths().data());
-        tracing::debug!(frames = cfg.frame_count, frame_size = cfg.frame_size, data_size, "created UMEM");
+        // SAFETY: `first` is a descriptor of `umem`, just created; the kernel holds no frame yet.
+        let data = unsafe { umem.data_mut(first) }.contents_mut().as_mut_ptr();
+        // SAFETY: the data segment starts `first_addr` bytes into the mapping, so stepping back stays
+        // inside it, at its first byte.
+        let base = NonNull::new(unsafe { data.sub(first_addr) })
+            .ok_or_else(|| invalid("the UMEM mapping is null".to_owned()))?;
+        tracing::debug!(frames = cfg.frame_count, frame_size = cfg.frame_size, "created UMEM");
         let descs: Arc<[FrameDesc]> = descs.into();
         let shift = cfg.frame_size.trailing_zeros();
-        let handle = XskMemHandle { umem: umem.clone(), descs: Arc::clone(&descs), shift, cfg };
-        Ok(XskMem { umem, descs, data_size, cfg, handle })
+        let handle = XskMemHandle { umem, descs: Arc::clone(&descs), shift, cfg };
+        Ok(XskMem { base, frame_size: cfg.frame_size as usize, frame_count: cfg.frame_count, shift, cfg, handle })
     }
 
     /// The configuration the memory was made with.
@@ -193,70 +215,45 @@ impl XskMem {
         &self.handle
     }
 
-    /// Move `pkt` to the start of its frame (xsk-rs transmits from there) and return it as moved.
-    /// A packet already at offset 0 is returned unchanged, without touching memory.
-    ///
-    /// # Panics
-    /// If the packet's frame or range is outside this memory.
+    /// The UMEM address of `pkt`'s first byte: what a transmit descriptor names.
     #[inline]
-    pub fn move_to_front(&mut self, pkt: Pkt) -> Pkt {
-        if pkt.offset == 0 {
-            return pkt;
-        }
-        self.frame_mut(pkt.frame).copy_within(pkt.range(), 0);
-        Pkt { offset: 0, ..pkt }
+    pub fn addr(&self, pkt: Pkt) -> u64 {
+        (u64::from(pkt.frame.0) << self.shift) + u64::from(pkt.offset)
     }
 
-    /// The descriptor that transmits `pkt`, after moving the packet to the front of its frame if
-    /// it is not there (one view of the frame for both).
-    ///
-    /// # Panics
-    /// If the packet's frame or range is outside this memory.
+    /// The frame and offset a descriptor address names (received and completed descriptors).
     #[inline]
-    pub(super) fn tx_desc(&mut self, pkt: Pkt) -> FrameDesc {
-        let mut d = self.descs[pkt.frame.0 as usize];
-        // SAFETY: `d` is a copy of this UMEM's descriptor for a frame the caller owns (the kernel
-        // does not hold it), spanning the frame's data segment; `&mut self` rules out any other
-        // view of it through this value.
-        let mut data = unsafe { self.umem.data_mut(&mut d) };
-        if pkt.offset != 0 {
-            data.contents_mut().copy_within(pkt.range(), 0);
-        }
-        data.cursor().set_pos(usize::from(pkt.len));
-        d
+    pub(super) fn locate(shift: u32, addr: u64) -> (FrameId, u16) {
+        // Offsets are below the frame size, at most 65536 (checked in `validate`); a frame size of
+        // exactly 65536 would need an offset of 65536 to overflow, past the chunk's last byte.
+        (FrameId((addr >> shift) as u32), (addr & ((1 << shift) - 1)) as u16)
     }
 }
 
 impl FrameMem for XskMem {
     fn frame_size(&self) -> usize {
-        self.data_size
+        self.frame_size
     }
 
     fn frame_count(&self) -> u32 {
-        self.descs.len() as u32
+        self.frame_count
     }
 
     #[inline]
     fn frame(&self, id: FrameId) -> &[u8] {
-        let d = &self.descs[id.0 as usize];
-        // SAFETY: `d` is one of this UMEM's descriptors and spans exactly its frame's data segment,
-        // so the slice stays inside the mapping, which lives as long as `self.umem`. The kernel
-        // writes a frame only while it sits in a fill ring, and the `Port` contract keeps such a
-        // frame away from the worker; `&self` rules out a writable view through this value.
-        unsafe { self.umem.data(d) }.contents()
+        assert!(id.0 < self.frame_count, "frame {} of {}", id.0, self.frame_count);
+        // SAFETY: chunk `id` lies inside the mapping (checked above), which lives as long as
+        // `self.handle`. The kernel writes a frame only while it sits in a fill ring, and the `Port`
+        // contract keeps such a frame away from the worker; `&self` rules out a writable view
+        // through this value.
+        unsafe { slice::from_raw_parts(self.base.as_ptr().add((id.0 as usize) << self.shift), self.frame_size) }
     }
 
     #[inline]
     fn frame_mut(&mut self, id: FrameId) -> &mut [u8] {
-        let mut d = self.descs[id.0 as usize];
+        assert!(id.0 < self.frame_count, "frame {} of {}", id.0, self.frame_count);
         // SAFETY: as in `frame`; `&mut self` rules out any other view through this value.
-        let mut data = unsafe { self.umem.data_mut(&mut d) };
-        let bytes = data.contents_mut();
-        let (ptr, len) = (bytes.as_mut_ptr(), bytes.len());
-        // SAFETY: `ptr..ptr + len` is this frame's data segment inside the UMEM mapping, which lives
-        // as long as `self.umem`. xsk-rs ties its view to a local descriptor copy, so the slice is
-        // rebuilt here with the lifetime of `&mut self`, which keeps it exclusive.
-        unsafe { slice::from_raw_parts_mut(ptr, len) }
+        unsafe { slice::from_raw_parts_mut(self.base.as_ptr().add((id.0 as usize) << self.shift), self.frame_size) }
     }
 }
 
