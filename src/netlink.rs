@@ -8,16 +8,18 @@
 //!
 //! Messages are built and parsed with `netlink-packet-route`; each request asks for an
 //! acknowledgement, so every operation either completes or returns a [`LinkError`] naming the
-//! interface and the operation.
+//! interface and the operation. The request/reply exchange and the ioctl itself are
+//! `ferry_dataplane::kernel`'s, shared with the data plane's neighbour sync and XDP setup.
 
 use std::cell::Cell;
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use ferry_dataplane::kernel;
 use ferry_encap::MacAddr;
 use ipnet::IpNet;
 use netlink_packet_core::{
@@ -36,11 +38,6 @@ use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 const RECV_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one request may take in all (a dump spans several datagrams).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Receive buffer per datagram (the kernel never sends dump datagrams above 32 KiB).
-const RECV_BUF: usize = 64 * 1024;
-
-/// `SIOCETHTOOL` from `<linux/sockios.h>`.
-const SIOCETHTOOL: libc::c_ulong = 0x8946;
 /// `ETHTOOL_GTXCSUM` / `ETHTOOL_STXCSUM` from `<linux/ethtool.h>` (legacy commands the kernel maps
 /// onto the `tx-checksum-*` features, exactly what `ethtool -K dev tx off` changes).
 const ETHTOOL_GTXCSUM: u32 = 0x16;
@@ -174,7 +171,7 @@ impl Netlink {
         let sock_err = |source| LinkError::Socket { what: "an rtnetlink socket", source };
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(sock_err)?;
         socket.bind_auto().map_err(sock_err)?;
-        set_recv_timeout(&socket, RECV_TIMEOUT).map_err(sock_err)?;
+        kernel::set_recv_timeout(socket.as_fd(), RECV_TIMEOUT).map_err(sock_err)?;
         // SAFETY: plain socket(2) call; the result is checked before it is wrapped.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
@@ -454,20 +451,8 @@ impl Netlink {
     }
 
     fn ethtool(&self, ifname: &str, value: &mut EthtoolValue) -> io::Result<()> {
-        let bytes = ifname.as_bytes();
-        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
-        // SAFETY: `ifreq` is plain old data; all zeroes is a valid value.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
-            *dst = *src as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_data = (value as *mut EthtoolValue).cast();
-        // SAFETY: SIOCETHTOOL reads `ifr` (a NUL-terminated name and a pointer to a live
-        // `ethtool_value` sized for the command) and writes only within them.
-        let ret = unsafe { libc::ioctl(self.ioctl.as_raw_fd(), SIOCETHTOOL as _, &mut ifr) };
-        if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+        // SAFETY: `EthtoolValue` is the whole `struct ethtool_value` of ETHTOOL_GTXCSUM/STXCSUM.
+        unsafe { kernel::ethtool(self.ioctl.as_fd(), ifname, value) }
     }
 
     /// Sends `msg` with `flags` (plus REQUEST|ACK) and collects the replies until the ack or the
@@ -483,63 +468,18 @@ impl Netlink {
         nl.finalize();
         let mut bytes = vec![0u8; nl.buffer_len()];
         nl.serialize(&mut bytes);
-        self.socket.send(&bytes, 0)?;
-
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let replies = kernel::netlink_request(&self.socket, &bytes, seq, REQUEST_TIMEOUT, &mut Vec::new())?;
+        let invalid = |e: netlink_packet_core::DecodeError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
         let mut out = Vec::new();
-        let mut buf = Vec::with_capacity(RECV_BUF);
-        while Instant::now() < deadline {
-            buf.clear();
-            match self.socket.recv(&mut buf, 0) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the kernel did not answer"));
-                }
-                Err(e) => return Err(e),
-            }
-            let mut offset = 0;
-            while offset < buf.len() {
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let len = reply.header.length as usize;
-                if len == 0 {
-                    break;
-                }
-                offset += len.next_multiple_of(4);
-                if reply.header.sequence_number != seq {
-                    continue;
-                }
-                match reply.payload {
-                    NetlinkPayload::Error(err) if err.code.is_some() => return Err(err.to_io()),
-                    NetlinkPayload::Error(_) | NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::InnerMessage(m) => {
-                        out.push(m);
-                    }
-                    _ => {}
-                }
+        for (_, m) in kernel::netlink_messages(&replies).map_err(invalid)? {
+            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(m).map_err(invalid)?.payload {
+                NetlinkPayload::Error(err) if err.code.is_some() => return Err(err.to_io()),
+                NetlinkPayload::InnerMessage(m) => out.push(m),
+                _ => {}
             }
         }
-        Err(io::Error::new(io::ErrorKind::TimedOut, "the kernel's answer did not end in time"))
+        Ok(out)
     }
-}
-
-fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    // SAFETY: `socket` is open; `tv` is a valid timeval and its size is passed.
-    let ret = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 fn read_link(msg: &LinkMessage) -> Link {

@@ -6,6 +6,7 @@
 
 pub mod counters;
 pub mod frame;
+pub mod kernel;
 pub mod neighbour;
 pub mod pipeline;
 pub mod port;

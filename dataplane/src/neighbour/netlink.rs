@@ -196,31 +196,7 @@ pub(crate) fn use_neighbour(seq: u32, addr: IpAddr, ifindex: u32) -> Vec<u8> {
     request(seq, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, RouteNetlinkMessage::NewNeighbour(m))
 }
 
-/// Whether the request in `bytes` is a dump (its replies end with `NLMSG_DONE`).
-pub(crate) fn is_dump(request: &[u8]) -> bool {
-    request.get(6..8).is_some_and(|f| u16::from_ne_bytes([f[0], f[1]]) & NLM_F_DUMP == NLM_F_DUMP)
-}
-
-/// The netlink messages in `bytes` (one datagram, or several concatenated): each one's sequence
-/// number and bytes.
-///
-/// # Errors
-/// A header whose length does not fit what is left: the stream cannot be framed beyond it.
-pub(crate) fn split(bytes: &[u8]) -> Result<Vec<(u32, &[u8])>, DecodeError> {
-    let mut out = Vec::new();
-    let mut rest = bytes;
-    while rest.len() >= HEADER_LEN {
-        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if len < HEADER_LEN || len > rest.len() {
-            return Err(DecodeError::from(format!("netlink message of length {len} with {} bytes left", rest.len())));
-        }
-        let seq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
-        out.push((seq, &rest[..len]));
-        // Messages are 4-byte aligned; the last one's padding may be missing.
-        rest = rest.get(len.next_multiple_of(4)..).unwrap_or(&[]);
-    }
-    Ok(out)
-}
+pub(crate) use crate::kernel::netlink_messages as split;
 
 /// Decode one message; neighbour entries are kept only for interface `ifindex`.
 pub(crate) fn decode(message: &[u8], ifindex: u32) -> Reply {

@@ -11,18 +11,14 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use netlink_packet_core::{NLMSG_DONE, NLMSG_ERROR};
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
-use super::netlink;
+use crate::kernel::{self, netlink_recv, set_recv_timeout};
 
 /// The discard port (RFC 863): a probe datagram is ignored by whoever receives it.
 const DISCARD_PORT: u16 = 9;
-/// Receive buffer per datagram: the kernel sizes dump datagrams from the reader's buffer but
-/// never above 32 KiB, so 64 KiB holds any of them.
-const RECV_BUF: usize = 64 * 1024;
 /// How long one `recv` waits for the kernel (`SO_RCVTIMEO`).
 const RECV_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one request may take in all, however many datagrams its answer spans.
@@ -37,8 +33,8 @@ const NOTIFICATION_RCVBUF: libc::c_int = 4 << 20;
 /// bounded sequence of them).
 pub(crate) trait NeighbourSys: Send + fmt::Debug {
     /// Send one rtnetlink request (one message with sequence number `seq`) and return the reply
-    /// messages carrying `seq`, concatenated, through the one that ends the exchange:
-    /// `NLMSG_DONE` or `NLMSG_ERROR` for a dump, the first reply otherwise.
+    /// messages carrying `seq`, concatenated, through the one that ends the exchange (as
+    /// [`kernel::netlink_request`] says).
     fn request(&mut self, request: &[u8], seq: u32) -> io::Result<Vec<u8>>;
 
     /// Append to `out` the neighbour notifications already queued, without blocking. `ENOBUFS`
@@ -75,24 +71,6 @@ fn open_err(what: &'static str) -> impl FnOnce(io::Error) -> OpenError {
     move |source| OpenError { what, source }
 }
 
-fn set_timeout(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    // SAFETY: `fd` is an open socket; `tv` is a valid timeval and its size is passed.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
 /// A non-blocking UDP socket on `any`'s family bound to interface `ifname`.
 fn bound_udp(any: SocketAddr, ifname: &str) -> io::Result<UdpSocket> {
     let socket = UdpSocket::bind(any)?;
@@ -120,7 +98,7 @@ impl KernelSys {
     pub(crate) fn open(ifname: &str, subscribe: bool, datagrams: bool) -> Result<Self, OpenError> {
         let mut requests = Socket::new(NETLINK_ROUTE).map_err(open_err("an rtnetlink socket"))?;
         requests.bind_auto().map_err(open_err("an rtnetlink socket"))?;
-        set_timeout(requests.as_fd(), RECV_TIMEOUT).map_err(open_err("an rtnetlink socket"))?;
+        set_recv_timeout(requests.as_fd(), RECV_TIMEOUT).map_err(open_err("an rtnetlink socket"))?;
         let notifications = if subscribe {
             let what = "the neighbour notification socket";
             let mut s = Socket::new(NETLINK_ROUTE).map_err(open_err(what))?;
@@ -145,63 +123,17 @@ impl KernelSys {
         };
         Ok(KernelSys { requests, notifications, udp4, udp6, buf: Vec::new() })
     }
-
-    /// One datagram from `socket` into `self.buf` (replacing it); the datagram's full length.
-    fn recv(socket: &Socket, buf: &mut Vec<u8>, flags: libc::c_int) -> io::Result<usize> {
-        buf.clear();
-        buf.reserve(RECV_BUF);
-        loop {
-            // MSG_TRUNC: the datagram's real length, to detect one larger than the buffer.
-            match socket.recv(buf, flags | libc::MSG_TRUNC) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(n) if n > buf.len() => {
-                    return Err(io::Error::other(format!(
-                        "a {n}-byte netlink datagram exceeds the {RECV_BUF}-byte buffer"
-                    )));
-                }
-                other => return other,
-            }
-        }
-    }
 }
 
 impl NeighbourSys for KernelSys {
     fn request(&mut self, request: &[u8], seq: u32) -> io::Result<Vec<u8>> {
-        let dump = netlink::is_dump(request);
-        self.requests.send(request, 0)?;
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
-        let mut out = Vec::new();
-        // Bounded: every recv waits at most RECV_TIMEOUT and the loop ends at the deadline.
-        while Instant::now() < deadline {
-            match Self::recv(&self.requests, &mut self.buf, 0) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the kernel did not answer within 1 s"));
-                }
-                Err(e) => return Err(e),
-            }
-            let mut end = false;
-            for (s, m) in netlink::split(&self.buf).map_err(io::Error::other)? {
-                // Replies to an earlier request that timed out are skipped.
-                if s != seq {
-                    continue;
-                }
-                out.extend_from_slice(m);
-                out.resize(out.len().next_multiple_of(4), 0);
-                let kind = u16::from_ne_bytes([m[4], m[5]]);
-                end |= !dump || kind == NLMSG_DONE || kind == NLMSG_ERROR;
-            }
-            if end {
-                return Ok(out);
-            }
-        }
-        Err(io::Error::new(io::ErrorKind::TimedOut, "the kernel's answer did not end within 5 s"))
+        kernel::netlink_request(&self.requests, request, seq, REQUEST_TIMEOUT, &mut self.buf)
     }
 
     fn notifications(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
         let Some(socket) = &self.notifications else { return Ok(()) };
         for _ in 0..MAX_NOTIFICATION_READS {
-            match Self::recv(socket, &mut self.buf, libc::MSG_DONTWAIT) {
+            match netlink_recv(socket, &mut self.buf, libc::MSG_DONTWAIT) {
                 Ok(_) => {
                     out.extend_from_slice(&self.buf);
                     out.resize(out.len().next_multiple_of(4), 0);

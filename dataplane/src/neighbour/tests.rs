@@ -381,13 +381,13 @@ fn requests_carry_the_kernel_structures_fields() {
     assert_eq!(r.len(), 36);
 
     let d = netlink::dump_neighbours(8, 9);
-    assert!(netlink::is_dump(&d));
+    assert!(crate::kernel::is_dump(&d));
     assert_eq!(u16::from_ne_bytes([d[4], d[5]]), libc::RTM_GETNEIGH);
     // NDA_IFINDEX (8) = 9 after the 12-byte ndmsg.
     assert_eq!(&d[28..36], &[8, 0, 8, 0, 9, 0, 0, 0]);
 
     let g = netlink::get_route(9, ip("fd99::5"));
-    assert!(!netlink::is_dump(&g));
+    assert!(!crate::kernel::is_dump(&g));
     assert_eq!(u16::from_ne_bytes([g[4], g[5]]), libc::RTM_GETROUTE);
     assert_eq!((g[16], g[17]), (libc::AF_INET6 as u8, 128), "family, destination length");
 }

@@ -11,7 +11,7 @@
 use std::ffi::CString;
 use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 
 use libc::c_int;
@@ -117,10 +117,6 @@ impl Sys for RealSys {
     }
 
     fn queue_count(&self, ifname: &str) -> io::Result<u32> {
-        let name = c_name(ifname)?;
-        if name.as_bytes_with_nul().len() > libc::IFNAMSIZ {
-            return Err(io::Error::from_raw_os_error(libc::ENODEV));
-        }
         // SAFETY: plain socket(2) call; the result is checked before use.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
@@ -129,19 +125,8 @@ impl Sys for RealSys {
         // SAFETY: `fd` is a fresh descriptor this function owns.
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut channels = EthtoolChannels { cmd: ETHTOOL_GCHANNELS, ..Default::default() };
-        // SAFETY: `ifreq` is plain data; all-zero is a valid value.
-        let mut req: libc::ifreq = unsafe { mem::zeroed() };
-        for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes_with_nul()) {
-            *dst = *src as libc::c_char;
-        }
-        req.ifr_ifru.ifru_data = (&raw mut channels).cast();
-        // SAFETY: SIOCETHTOOL reads the interface name and the command from `req` and writes at most
-        // `size_of::<EthtoolChannels>()` bytes through `ifru_data`, which points at `channels`; both
-        // outlive the call.
-        let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut req) };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // SAFETY: `channels` is the whole `struct ethtool_channels` that ETHTOOL_GCHANNELS fills.
+        unsafe { crate::kernel::ethtool(sock.as_fd(), ifname, &mut channels) }?;
         let count = channels.combined_count + channels.rx_count.max(channels.tx_count);
         if count == 0 { Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)) } else { Ok(count) }
     }
