@@ -145,7 +145,27 @@ pub fn decap(cfg: &DecapConfig, frame: &mut FrameBuf<'_>) -> Result<Decapped, Dr
     } else if cfg.verify_udp_checksum && !pseudo.verifies_or_unfinished(udp.datagram(), cfg.kind) {
         return Err(DropReason::UdpBadChecksum);
     }
-    let tunnel = udp.payload();
+    let header_len = tunnel_header(cfg, udp.payload())?;
+    let inner_start = udp_start + udp::HEADER_LEN + header_len;
+    let inner_end = udp_start + usize::from(udp.len());
+    if inner_end < inner_start + ethernet::HEADER_LEN {
+        return Err(DropReason::InnerTooShort);
+    }
+    let outer_src_port = udp.src_port();
+
+    // RFC 6040 decapsulation: only outer ECT(1) and CE can change the inner field.
+    let outer_ecn = outer_tos & 0b11;
+    if outer_ecn == ecn::ECT1 || outer_ecn == ecn::CE {
+        apply_ecn(&mut frame.data_mut()[inner_start..inner_end], outer_ecn)?;
+    }
+    frame.truncate(inner_end);
+    frame.pull_front(inner_start).ok_or(DropReason::Truncated)?;
+    Ok(Decapped { outer_src, outer_src_port, vni: cfg.vni })
+}
+
+/// Validate the VXLAN or Geneve header at the front of `tunnel` (the UDP payload) against `cfg`;
+/// returns its length.
+fn tunnel_header(cfg: &DecapConfig, tunnel: &[u8]) -> Result<usize, DropReason> {
     let (vni, header_len) = match cfg.kind {
         TunnelKind::Vxlan => {
             let v = VxlanPacket::new_checked(tunnel)?;
@@ -179,21 +199,33 @@ pub fn decap(cfg: &DecapConfig, frame: &mut FrameBuf<'_>) -> Result<Decapped, Dr
     if vni != cfg.vni {
         return Err(DropReason::VniMismatch);
     }
-    let inner_start = udp_start + udp::HEADER_LEN + header_len;
-    let inner_end = udp_start + usize::from(udp.len());
-    if inner_end < inner_start + ethernet::HEADER_LEN {
+    Ok(header_len)
+}
+
+/// Decapsulate one tunnel datagram as a UDP socket bound to the tunnel port delivers it: the kernel
+/// has checked the outer IP and UDP headers, the port and the UDP checksum, and `payload` starts at
+/// the VXLAN or Geneve header. Validates that header and the VNI as [`decap`] does, folds the outer
+/// ECN (`outer_tos`, from `IP_RECVTOS` / `IPV6_RECVTCLASS`) into the inner header (RFC 6040), and
+/// returns where the inner frame is in `payload`. With `UDP_GRO` the socket returns several
+/// datagrams of `gso_size` bytes back to back (the last may be shorter), all with the same TOS: call
+/// this on each `chunks_mut(gso_size)`.
+///
+/// # Errors
+/// The [`DropReason`] of the first check that fails; `payload` is then unchanged.
+pub fn decap_payload(
+    cfg: &DecapConfig,
+    outer_tos: u8,
+    payload: &mut [u8],
+) -> Result<core::ops::Range<usize>, DropReason> {
+    let inner_start = tunnel_header(cfg, payload)?;
+    if payload.len() < inner_start + ethernet::HEADER_LEN {
         return Err(DropReason::InnerTooShort);
     }
-    let outer_src_port = udp.src_port();
-
-    // RFC 6040 decapsulation: only outer ECT(1) and CE can change the inner field.
     let outer_ecn = outer_tos & 0b11;
     if outer_ecn == ecn::ECT1 || outer_ecn == ecn::CE {
-        apply_ecn(&mut frame.data_mut()[inner_start..inner_end], outer_ecn)?;
+        apply_ecn(&mut payload[inner_start..], outer_ecn)?;
     }
-    frame.truncate(inner_end);
-    frame.pull_front(inner_start).ok_or(DropReason::Truncated)?;
-    Ok(Decapped { outer_src, outer_src_port, vni })
+    Ok(inner_start..payload.len())
 }
 
 /// Fold an outer ECN codepoint into the inner frame's IP header. Non-IP inner frames have no ECN

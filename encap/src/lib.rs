@@ -30,7 +30,7 @@ pub mod offload;
 pub mod template;
 pub mod wire;
 
-pub use decap::{DecapConfig, Decapped, decap};
+pub use decap::{DecapConfig, Decapped, decap, decap_payload};
 pub use drop::DropReason;
 pub use encap::{encap, encap_with};
 pub use frame::FrameBuf;

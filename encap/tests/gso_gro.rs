@@ -18,10 +18,12 @@ use std::collections::HashMap;
 
 use ferry_encap::checksum;
 use ferry_encap::gro::{self, Coalescer, Output};
-use ferry_encap::gso::{Checksum, Segmenter};
+use ferry_encap::gso::{Checksum, Segmenter, UDP_GSO_MAX_PAYLOAD};
 use ferry_encap::offload::{self, ChecksumFix};
+use ferry_encap::wire::geneve::GeneveOption;
 use ferry_encap::wire::tcp::flags;
 use ferry_encap::wire::virtio_net::{Gso, VirtioNetHdr};
+use ferry_encap::{DecapConfig, MacAddr, TemplateParams, TunnelKind, TunnelTemplate, decap_payload};
 use proptest::prelude::*;
 
 /// Everything that identifies a flow and stays the same across its segments.
@@ -530,4 +532,110 @@ fn ipv4_options_are_copied_to_every_segment_and_never_coalesced() {
     let out = coalesce(&segs, 2);
     assert_eq!(out.iter().map(|o| o.2).collect::<Vec<_>>(), [1, 1, 1]);
     assert!(out.iter().zip(&segs).all(|(o, s)| &o.1 == s && o.0 == VirtioNetHdr::NONE));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The tunnel path over UDP sockets, end to end in memory: a tap's super-packet becomes
+    /// `UDP_SEGMENT` batches; the receiver's `UDP_GRO` buffers (the same datagrams, back to back)
+    /// are decapsulated datagram by datagram with the outer TOS the sender set, coalesced, and
+    /// flushed once: what comes out is the super-packet, bytes and virtio-net header.
+    #[test]
+    fn udp_socket_path_round_trips(
+        flow in flow(),
+        mss in 400usize..=1400,
+        segs in 2usize..=60,
+        geneve in any::<bool>(),
+        outer_v6 in any::<bool>(),
+        id in any::<u16>(),
+        seq in any::<u32>(),
+        seed in any::<u64>(),
+    ) {
+        let segs = segs.min((65_535 - (flow.hdr_len() - flow.l3())) / mss);
+        prop_assume!(segs >= 2);
+        let data = payload(seed, segs * mss - (seed as usize % mss));
+        let (sp, vnet) = super_packet(&flow, id, seq, flow.base_flags | flags::PSH, &data, mss);
+        let (kind, local, remote): (_, std::net::IpAddr, std::net::IpAddr) = match outer_v6 {
+            false => (if geneve { TunnelKind::Geneve } else { TunnelKind::Vxlan }, "192.0.2.2".parse().expect("ip"), "192.0.2.1".parse().expect("ip")),
+            true => (if geneve { TunnelKind::Geneve } else { TunnelKind::Vxlan }, "fd00::2".parse().expect("ip"), "fd00::1".parse().expect("ip")),
+        };
+        let options = [GeneveOption { class: 0x0102, kind: 0x03, data: &[7; 8] }];
+        let mut p = TemplateParams::new(kind, 77, MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]), remote, local);
+        p.geneve_options = &options;
+        let tpl = TunnelTemplate::new(&p).expect("template");
+        let cfg = DecapConfig::new(kind, 77, local);
+
+        let s = Segmenter::new(&sp, &vnet).expect("valid");
+        let mut batch = vec![0u8; UDP_GSO_MAX_PAYLOAD];
+        let mut c = Coalescer::new(vec![0u8; gro::storage_len(2)]).expect("storage");
+        let mut out = Vec::new();
+        let mut emit = |o: Output<'_>| out.push((o.vnet, o.frame.to_vec()));
+        let mut next = 0;
+        while next < s.segments() {
+            let b = s.write_udp_gso(&tpl, next, &mut batch).expect("fits");
+            prop_assert_eq!(b.tos, tpl.outer_tos(flow.tos));
+            for d in batch[..b.len].chunks_mut(usize::from(b.gso_size)) {
+                let r = decap_payload(&cfg, b.tos, d).expect("own datagram decapsulates");
+                c.push(&d[r], &mut emit);
+            }
+            next = b.next;
+        }
+        c.flush(&mut emit);
+        prop_assert_eq!(out.len(), 1);
+        prop_assert_eq!(&out[0].0, &vnet);
+        prop_assert!(out[0].1 == sp, "coalesced bytes differ from the super-packet");
+    }
+}
+
+#[test]
+fn decap_payload_checks_the_tunnel_header_and_applies_rfc_6040() {
+    let tpl = TunnelTemplate::new(&TemplateParams::new(
+        TunnelKind::Vxlan,
+        77,
+        MacAddr([2, 0, 0, 0, 0, 1]),
+        MacAddr([2, 0, 0, 0, 0, 2]),
+        "192.0.2.1".parse().expect("ip"),
+        "192.0.2.2".parse().expect("ip"),
+    ))
+    .expect("template");
+    let mut flow = Flow {
+        v6: false,
+        vlan: None,
+        tos: 0b10, // ECT(0)
+        ttl: 64,
+        df: true,
+        flow_label: 0,
+        sport: 1,
+        dport: 2,
+        ack: 3,
+        window: 4,
+        options: vec![],
+        base_flags: flags::ACK,
+        src_last: 9,
+    };
+    let datagram = |flow: &Flow| {
+        let mut d = tpl.tunnel_header().to_vec();
+        d.extend(build(flow, 1, 2, flags::ACK, b"payload", false));
+        d
+    };
+    let cfg = DecapConfig::new(TunnelKind::Vxlan, 77, "192.0.2.2".parse().expect("ip"));
+
+    let mut d = datagram(&flow);
+    let r = decap_payload(&cfg, 0b11, &mut d).expect("valid");
+    assert_eq!(r, 8..d.len());
+    assert_eq!(d[8 + 15] & 0b11, 0b11, "outer CE marks an ECT inner packet CE");
+    assert_eq!(checksum::of(&d[8 + 14..8 + 34]), 0, "the inner IPv4 checksum follows");
+
+    let other = DecapConfig::new(TunnelKind::Vxlan, 78, "192.0.2.2".parse().expect("ip"));
+    let mut d = datagram(&flow);
+    let before = d.clone();
+    assert_eq!(decap_payload(&other, 0, &mut d), Err(ferry_encap::DropReason::VniMismatch));
+    flow.tos = 0;
+    let mut d = datagram(&flow);
+    let before_ce = d.clone();
+    assert_eq!(decap_payload(&cfg, 0b11, &mut d), Err(ferry_encap::DropReason::EcnCeOnNotEct));
+    assert_eq!((d == before_ce, before.len()), (true, d.len()), "a refused datagram is not modified");
+    assert_eq!(decap_payload(&cfg, 0, &mut d[..8 + 13]), Err(ferry_encap::DropReason::InnerTooShort));
+    assert_eq!(decap_payload(&cfg, 0, &mut d[..7]), Err(ferry_encap::DropReason::Truncated));
 }
