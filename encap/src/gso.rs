@@ -196,6 +196,17 @@ impl<'a> Segmenter<'a> {
         })
     }
 
+    /// Parse what one `read` from a tap opened with `IFF_VNET_HDR` (header size 12) returned: the
+    /// virtio-net header, then the frame.
+    ///
+    /// # Errors
+    /// The header's [`VnetError`] as a [`DropReason`], then as [`new`](Self::new).
+    pub fn from_tap(read: &'a [u8]) -> Result<(VirtioNetHdr, Self), DropReason> {
+        let vnet = VirtioNetHdr::parse(read)?;
+        let seg = Segmenter::new(&read[crate::wire::virtio_net::HEADER_LEN..], &vnet)?;
+        Ok((vnet, seg))
+    }
+
     /// How many segments the packet becomes (1 for a packet that needs no segmentation).
     pub fn segments(&self) -> usize {
         self.count
@@ -488,6 +499,18 @@ mod tests {
         vnet.gso = Gso::None;
         assert_eq!(Segmenter::new(&frame, &vnet).expect("valid").write_segment(0, &mut buf, Checksum::Complete), Ok(n));
         assert_eq!(buf[..n], want[..]);
+    }
+
+    #[test]
+    fn a_tap_read_is_header_then_frame() {
+        let (frame, vnet) = tso4(2500, false);
+        let mut read = vnet.to_bytes().to_vec();
+        read.extend_from_slice(&frame);
+        let (h, s) = Segmenter::from_tap(&read).expect("valid");
+        assert_eq!((h, s.segments()), (vnet, 3));
+        read[0] = 0x10;
+        assert_eq!(Segmenter::from_tap(&read).err(), Some(DropReason::VnetBadHeader));
+        assert_eq!(Segmenter::from_tap(&read[..11]).err(), Some(DropReason::Truncated));
     }
 
     #[test]
