@@ -19,8 +19,17 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
-/* The "more fragments" flag and the fragment offset of the IPv4 frag_off field. */
-#define FERRY_IP_MF_OFFSET 0x3fff
+/* The fragment offset of the IPv4 frag_off field, and of the IPv6 Fragment header's (flags below it). */
+#define FERRY_IP_OFFSET 0x1fff
+#define FERRY_IP6_OFFSET 0xfff8
+
+/* The IPv6 Fragment extension header (RFC 8200 section 4.5). */
+struct ferry_frag_hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 identification;
+};
 
 /* The sockets of this interface, indexed by receive queue; the loader sizes it to the queue count. */
 struct {

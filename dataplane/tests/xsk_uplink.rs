@@ -169,6 +169,20 @@ fn udp6_hop_by_hop(dst: Ipv6Addr, dport: u16) -> Vec<u8> {
     f
 }
 
+/// An IPv6 frame whose UDP follows a Fragment header with `frag_off` (offset << 3 | M).
+fn udp6_fragment(dst: Ipv6Addr, dport: u16, frag_off: u16) -> Vec<u8> {
+    let plain = udp6([2; 6], [4; 6], B6, dst, 1000, dport, b"x");
+    let mut f = plain[..54].to_vec();
+    f[20] = 44; // next header: Fragment
+    let len = u16::from_be_bytes([f[18], f[19]]) + 8;
+    f[18..20].copy_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&[17, 0]); // next: UDP
+    f.extend_from_slice(&frag_off.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0x12, 0x34]);
+    f.extend_from_slice(&plain[54..]);
+    f
+}
+
 #[test]
 fn uplink_verdicts_on_crafted_frames() {
     if !privileged("uplink_verdicts_on_crafted_frames") {
@@ -195,8 +209,35 @@ fn uplink_verdicts_on_crafted_frames() {
         ("802.1ad-tagged IPv6 tunnel", tagged(&tunnel6, 0x88a8), Redirect),
         ("IPv4 with options", with_options(&tunnel4), Redirect),
         ("two VLAN tags", tagged(&tagged(&tunnel4, 0x8100), 0x8100), Pass),
-        ("IPv4 first fragment (MF)", frag(&tunnel4, 0x2000), Pass),
+        // A tunnel datagram's first fragment goes to ferry, which counts it (outer_fragment);
+        // a later one carries no port and passes (the kernel never completes the datagram).
+        ("IPv4 first fragment (MF)", frag(&tunnel4, 0x2000), Redirect),
+        ("IPv4 first fragment, other port", frag(&udp4([2; 6], [4; 6], B4, A4, 1000, OTHER_PORT, b"x"), 0x2000), Pass),
         ("IPv4 later fragment", frag(&tunnel4, 0x0010), Pass),
+        ("IPv4 last fragment", frag(&tunnel4, 0x0020), Pass),
+        ("IPv6 first fragment", udp6_fragment(A6, TUNNEL_PORT, 0x0001), Redirect),
+        ("IPv6 first fragment, other port", udp6_fragment(A6, OTHER_PORT, 0x0001), Pass),
+        ("IPv6 later fragment", udp6_fragment(A6, TUNNEL_PORT, 0x0009), Pass),
+        ("IPv6 first fragment, other address", udp6_fragment(B6, TUNNEL_PORT, 0x0001), Pass),
+        // Malformed IPv4 is left to the kernel (its own statistics count it).
+        (
+            "IPv4 IHL 4",
+            {
+                let mut f = tunnel4.clone();
+                f[14] = 0x44;
+                f
+            },
+            Pass,
+        ),
+        (
+            "IPv4 version 5",
+            {
+                let mut f = tunnel4.clone();
+                f[14] = 0x55;
+                f
+            },
+            Pass,
+        ),
         ("IPv4 DF set", frag(&tunnel4, 0x4000), Redirect),
         ("IPv4 other port", udp4([2; 6], [4; 6], B4, A4, 1000, OTHER_PORT, b"x"), Pass),
         ("IPv4 other address", udp4([2; 6], [4; 6], B4, A4_OTHER, 1000, TUNNEL_PORT, b"x"), Pass),

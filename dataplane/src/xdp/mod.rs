@@ -6,8 +6,9 @@
 //!
 //! - **uplink** ([`XdpProgram::uplink`]), on a node's underlay interface: only tunnel packets for
 //!   this node (IPv4/IPv6, one VLAN tag tolerated, UDP to the tunnel port, addressed to the node's
-//!   underlay address). ARP, the node's own traffic and IPv4 fragments pass, so taking over the
-//!   node's main interface never cuts the node off.
+//!   underlay address), the first fragment of a tunnel datagram among them (ferry drops and counts
+//!   it). ARP, the node's own traffic, later fragments and malformed IPv4 pass, so taking over the
+//!   node's main interface never cuts the node off (see `bpf/uplink.c` for what the kernel counts).
 //! - **pod** ([`XdpProgram::pod`]), on the host end of a pod's veth: packets to the pod networks,
 //!   ARP for the pod gateway's IPv4 address and neighbour solicitations for its IPv6 address.
 //! - **sink** ([`XdpProgram::sink`]), for test tools such as `ferry pktgen`: every frame of a queue
