@@ -4,13 +4,24 @@
 //!
 //! - **Idempotent.** Applying an update that changes nothing yields an empty [`Diff`] and no
 //!   publication; a full resync with unchanged data is free.
-//! - **Last good state.** A node whose new data is bad (a malformed field, a CIDR outside the
-//!   cluster network, a CIDR overlapping another node's) keeps what it had installed; the engine
-//!   logs one warning naming the node and the field (not one per resync) and counts it in
-//!   `rejected_objects_total`. A node that never had good data has no routes.
-//! - **First come keeps.** Of two nodes claiming overlapping CIDRs, the one installed first keeps
-//!   them. The other is retried whenever a route is freed, so deleting the first one hands the
-//!   CIDR over without waiting for the second one's next update.
+//! - **Deterministic.** What is installed is a function of the nodes' current specs alone, not of
+//!   the order they arrived in: every agent, and an agent before and after a restart, installs the
+//!   same routes from the same objects.
+//! - **The senior claim keeps.** Of nodes whose CIDRs overlap, the highest-ranked keeps them and
+//!   the others install nothing at all (not even their CIDRs that overlap nobody): this node's own
+//!   spec first (never displaced), then by source, then by [`Seniority`](crate::model::Seniority)
+//!   (Kubernetes: oldest `creationTimestamp`, then UID; etcd: lowest `create_revision`; static
+//!   file: earliest entry), then by name. A senior claim arriving later displaces a junior one
+//!   already installed. A node that lost is retried whenever a route is freed, so deleting the
+//!   winner hands the CIDR over without waiting for the loser's next update. A spec that fails a
+//!   check of its own (a CIDR outside the cluster network, its own CIDRs overlapping) installs
+//!   nothing either.
+//! - **Last good state** covers malformed data only: an update that does not parse (a bad field,
+//!   reported by the source as a [`Rejection`]) leaves the node's last spec that parsed, as this
+//!   process last saw it, in place. An agent that starts while an object is malformed has no last
+//!   good spec for it, so that node has no routes there until the object is fixed; agents that ran
+//!   through the bad write keep the old routes until then. Every rejection logs one warning naming
+//!   the node and the field (not one per resync) and counts in `rejected_objects_total`.
 //! - **Local delivery.** A spec marked `local` (the node the control plane runs on) maps its CIDRs
 //!   to [`NextHop::Local`], never to a tunnel.
 //! - **Resync** replaces everything one source said: nodes it no longer lists are removed; other
@@ -27,7 +38,14 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::metrics::Metrics;
-use crate::model::{NextHop, NodeKey, NodeSpec, Rejection, Route, SourceKind, Update};
+use crate::model::{NextHop, NodeKey, NodeSpec, Rejection, Route, Seniority, SourceKind, Update};
+
+/// A claim's rank: smaller is stronger (this node's own first, then source, seniority, name).
+type Rank<'a> = (bool, SourceKind, &'a Seniority, &'a str);
+
+fn rank<'a>(key: &'a NodeKey, spec: &'a NodeSpec) -> Rank<'a> {
+    (!spec.local, key.source, &spec.seniority, key.name.as_str())
+}
 
 /// The net effect of a batch on the route table.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -126,7 +144,8 @@ impl Engine {
     /// Ends the batch: retries blocked nodes if anything was freed and returns the net diff. Bumps
     /// the generation when the diff is not empty.
     pub fn finish(&mut self) -> Diff {
-        if std::mem::take(&mut self.freed) {
+        // Retrying can free routes again (a senior claim displacing a junior one).
+        while std::mem::take(&mut self.freed) {
             self.retry_blocked();
         }
         let mut diff = Diff::default();
@@ -217,8 +236,9 @@ impl Engine {
         }
     }
 
-    /// Installs `desired[key]` if it is valid and free of conflicts; otherwise keeps what was
-    /// installed, blocks the node and warns (once).
+    /// Installs `desired[key]` if it is valid and no senior claim overlaps it, displacing the
+    /// junior claims it overlaps; otherwise uninstalls the node (a loser installs nothing), blocks
+    /// it and warns (once).
     fn try_install(&mut self, key: &NodeKey) -> bool {
         let Some(spec) = self.desired.get(key) else { return false };
         if self.accepted.get(key) == Some(spec) {
@@ -226,12 +246,22 @@ impl Engine {
             self.warned.remove(key);
             return true;
         }
-        if let Err(reason) = self.check(key, spec) {
-            self.blocked.insert(key.clone());
-            self.warn_once(key, cidr_field(key.source).to_owned(), reason);
-            return false;
-        }
+        let juniors = match self.check(key, spec) {
+            Ok(juniors) => juniors,
+            Err(reason) => {
+                self.uninstall(key);
+                self.blocked.insert(key.clone());
+                self.warn_once(key, cidr_field(key.source).to_owned(), reason);
+                return false;
+            }
+        };
         let spec = spec.clone();
+        for junior in juniors {
+            let reason = format!("its CIDRs overlap those of node {key}, whose claim is senior");
+            self.uninstall(&junior);
+            self.blocked.insert(junior.clone());
+            self.warn_once(&junior, cidr_field(junior.source).to_owned(), reason);
+        }
         let route = Route { source: key.source, node: Arc::from(key.name.as_str()), next_hop: spec.next_hop() };
         if let Some(old) = self.accepted.remove(key) {
             for net in old.pod_cidrs.iter().filter(|n| !spec.pod_cidrs.contains(n)) {
@@ -253,8 +283,18 @@ impl Engine {
         true
     }
 
-    /// Why `spec` cannot be installed for `key`, if it cannot.
-    fn check(&self, key: &NodeKey, spec: &NodeSpec) -> Result<(), String> {
+    /// Removes every route `key` has installed.
+    fn uninstall(&mut self, key: &NodeKey) {
+        if let Some(old) = self.accepted.remove(key) {
+            for net in &old.pod_cidrs {
+                self.remove_route(*net, key);
+            }
+        }
+    }
+
+    /// Why `spec` cannot be installed for `key`, if it cannot; else the installed junior claims it
+    /// overlaps (to displace).
+    fn check(&self, key: &NodeKey, spec: &NodeSpec) -> Result<Vec<NodeKey>, String> {
         let nets = self.networks.get(&key.source).filter(|n| !n.is_empty()).unwrap_or(&self.cluster);
         for cidr in &spec.pod_cidrs {
             let same_family: Vec<&IpNet> = nets.iter().filter(|n| is_same_family(n, cidr)).collect();
@@ -267,14 +307,28 @@ impl Engine {
                 return Err(format!("its own CIDRs {a} and {b} overlap"));
             }
         }
+        let mine = rank(key, spec);
+        let mut juniors = Vec::new();
         for cidr in &spec.pod_cidrs {
-            if let Some((other, route)) =
-                self.overlapping(*cidr).find(|(_, r)| r.source != key.source || *r.node != *key.name)
+            for (other, route) in
+                self.overlapping(*cidr).filter(|(_, r)| r.source != key.source || *r.node != *key.name)
             {
-                return Err(format!("{cidr} overlaps {other} of node {}/{}", route.source, route.node));
+                let owner = NodeKey::new(route.source, &*route.node);
+                // An installed route always has its owner's accepted spec; without one it is treated
+                // as senior (never displaced by guesswork).
+                let senior = self.accepted.get(&owner).is_none_or(|s| rank(&owner, s) < mine);
+                if senior {
+                    return Err(format!(
+                        "{cidr} overlaps {other} of node {}/{}, whose claim is senior",
+                        route.source, route.node
+                    ));
+                }
+                if !juniors.contains(&owner) {
+                    juniors.push(owner);
+                }
             }
         }
-        Ok(())
+        Ok(juniors)
     }
 
     /// Installed routes overlapping `net` (containing it, equal, or inside it).
@@ -294,7 +348,12 @@ impl Engine {
     fn retry_blocked(&mut self) {
         loop {
             let mut progress = false;
-            let blocked: Vec<NodeKey> = self.blocked.iter().cloned().collect();
+            // Senior claims first: fewer installs that a senior one then displaces.
+            let mut blocked: Vec<NodeKey> = self.blocked.iter().cloned().collect();
+            blocked.sort_by(|a, b| match (self.desired.get(a), self.desired.get(b)) {
+                (Some(sa), Some(sb)) => rank(a, sa).cmp(&rank(b, sb)),
+                _ => a.cmp(b),
+            });
             for key in blocked {
                 let can = self.desired.get(&key).is_some_and(|spec| self.check(&key, spec).is_ok());
                 if can && self.try_install(&key) {
@@ -392,7 +451,13 @@ mod tests {
             tunnel: TunnelKind::Vxlan,
             port: 4789,
             local: false,
+            seniority: Seniority::default(),
         }
+    }
+
+    /// A spec whose Kubernetes object was created at `created` with `uid`.
+    fn aged(name: &str, cidrs: &[&str], underlay: &str, created: i64, uid: &str) -> NodeSpec {
+        NodeSpec { seniority: Seniority { created, uid: uid.to_owned() }, ..spec(name, cidrs, underlay) }
     }
 
     fn batch(e: &mut Engine, updates: Vec<Update>) -> Diff {
@@ -451,11 +516,11 @@ mod tests {
     }
 
     #[test]
-    fn overlap_keeps_first_warns_once_and_hands_over_on_delete() {
+    fn overlap_keeps_senior_warns_once_and_hands_over_on_delete() {
         let m = Metrics::new();
         let mut e = Engine::new(vec![], m.clone());
         batch(&mut e, vec![up(spec("a", &["10.0.0.0/23"], "192.0.2.1"))]);
-        // b claims a subnet of a's: refused, a keeps it.
+        // b claims a subnet of a's: refused, a keeps it (same age: the name ranks).
         let d = batch(&mut e, vec![up(spec("b", &["10.0.1.0/24"], "192.0.2.2"))]);
         assert!(d.is_empty());
         assert_eq!(m.rejected_total(SourceKind::Kube, "spec.podCIDRs"), 1);
@@ -475,11 +540,14 @@ mod tests {
         let m = Metrics::new();
         let mut e = Engine::new(vec![net("10.0.0.0/16")], m.clone());
         batch(&mut e, vec![up(spec("a", &["10.0.1.0/24"], "192.0.2.1"))]);
-        // Moving outside the cluster network: refused, old route stays.
+        // Moving outside the cluster network parses, but fails a check: the node installs nothing
+        // (as an agent started now would), and one warning is counted.
         let d = batch(&mut e, vec![up(spec("a", &["10.9.1.0/24"], "192.0.2.1"))]);
-        assert!(d.is_empty());
-        assert!(e.routes().contains_key(&net("10.0.1.0/24")));
+        assert_eq!((d.added.len(), d.removed.len()), (0, 1));
+        assert!(e.routes().is_empty());
         assert_eq!(m.rejected_total(SourceKind::Kube, "spec.podCIDRs"), 1);
+        batch(&mut e, vec![up(spec("a", &["10.0.1.0/24"], "192.0.2.1"))]);
+        assert!(e.routes().contains_key(&net("10.0.1.0/24")));
         // A malformed annotation: refused by the parser, old route stays.
         let rej = Rejection::new("a", "metadata.annotations[flannel.alpha.coreos.com/backend-data]", "not JSON");
         let d = batch(&mut e, vec![Update::Upsert(SourceKind::Kube, Err(rej.clone()))]);
@@ -593,5 +661,103 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The route table as comparable values.
+    fn table(e: &Engine) -> Vec<(IpNet, String, Option<IpAddr>)> {
+        e.routes()
+            .iter()
+            .map(|(n, r)| {
+                let u = match r.next_hop {
+                    NextHop::Tunnel(t) => Some(t.underlay),
+                    NextHop::Local => None,
+                };
+                (*n, format!("{}/{}", r.source, r.node), u)
+            })
+            .collect()
+    }
+
+    fn permutations(n: usize) -> Vec<Vec<usize>> {
+        if n == 0 {
+            return vec![vec![]];
+        }
+        let mut out = Vec::new();
+        for p in permutations(n - 1) {
+            for i in 0..=p.len() {
+                let mut q = p.clone();
+                q.insert(i, n - 1);
+                out.push(q);
+            }
+        }
+        out
+    }
+
+    /// Issue 18: the same conflicting objects, applied in every order, one by one or as one list
+    /// after a restart, give identical tables: the senior claim keeps, a loser installs nothing, this
+    /// node's own CIDR is never displaced. Deleting the winner hands over the same way everywhere.
+    #[test]
+    fn overlap_resolution_is_the_same_in_every_order_and_after_a_restart() {
+        let mut me = aged("me", &["10.0.9.0/24"], "192.0.2.9", 300, "u-me");
+        me.local = true;
+        let specs = [
+            // A real node, and an older-named but younger object claiming part of it (the issue's
+            // `aa-...` node, which won on a restarted agent only because a fresh list is sorted).
+            aged("real", &["10.0.1.0/24"], "192.0.2.1", 100, "u-real"),
+            aged("aa-squatter", &["10.0.1.128/25", "10.0.5.0/24"], "192.0.2.66", 200, "u-sq"),
+            // Same second as `real`: the UID decides (u-older < u-real).
+            aged("zz-same-second", &["10.0.0.0/16"], "192.0.2.77", 100, "u-older"),
+            // Older than me, claiming my CIDR: never displaces this node's own.
+            aged("ancient", &["10.0.9.0/25"], "192.0.2.88", 1, "u-anc"),
+            me,
+        ];
+        // Ranked: me (this node), ancient (created 1), zz-same-second (100, u-older), real (100,
+        // u-real), aa-squatter (200). me installs; ancient and zz-same-second overlap me and lose;
+        // real installs; aa-squatter overlaps real and loses, so even its free 10.0.5.0/24 is not
+        // installed.
+        let want = vec![
+            (net("10.0.1.0/24"), "kube/real".to_owned(), Some("192.0.2.1".parse().expect("ip"))),
+            (net("10.0.9.0/24"), "kube/me".to_owned(), None),
+        ];
+        let mut want_after_delete = None;
+        for order in permutations(specs.len()) {
+            // One update per batch, in this order.
+            let mut e = Engine::new(vec![], Metrics::new());
+            for &i in &order {
+                batch(&mut e, vec![up(specs[i].clone())]);
+            }
+            assert_eq!(table(&e), want, "one by one in order {order:?}");
+            // A restart: a fresh engine gets the whole list at once, in this order.
+            let mut fresh = Engine::new(vec![], Metrics::new());
+            let list = order.iter().map(|&i| Ok(specs[i].clone())).collect();
+            batch(&mut fresh, vec![Update::Resync(SourceKind::Kube, list)]);
+            assert_eq!(table(&fresh), want, "after a restart, listed in order {order:?}");
+            // Deleting `real` hands 10.0.1.0/24 over identically on both.
+            for engine in [&mut e, &mut fresh] {
+                batch(engine, vec![Update::Delete(SourceKind::Kube, "real".into())]);
+                let t = table(engine);
+                match &want_after_delete {
+                    None => want_after_delete = Some(t),
+                    Some(w) => assert_eq!(&t, w, "after deleting the winner, order {order:?}"),
+                }
+            }
+        }
+        // Without `real`, the squatter is the senior claim left on 10.0.1.128/25 and installs both
+        // its CIDRs.
+        let after = want_after_delete.expect("ran");
+        assert!(after.iter().any(|(n, o, _)| *n == net("10.0.5.0/24") && o == "kube/aa-squatter"), "{after:?}");
+        assert!(after.iter().any(|(n, o, _)| *n == net("10.0.1.128/25") && o == "kube/aa-squatter"), "{after:?}");
+    }
+
+    #[test]
+    fn a_senior_claim_arriving_later_displaces_the_junior_one() {
+        let m = Metrics::new();
+        let mut e = Engine::new(vec![], m.clone());
+        batch(&mut e, vec![up(aged("young", &["10.0.1.0/24", "10.0.2.0/24"], "192.0.2.2", 50, "u2"))]);
+        assert_eq!(e.routes().len(), 2);
+        let d = batch(&mut e, vec![up(aged("old", &["10.0.1.0/25"], "192.0.2.1", 10, "u1"))]);
+        assert_eq!((d.added.len(), d.removed.len()), (1, 2), "the junior claim installs nothing: {d:?}");
+        assert_eq!(underlay_of(&e, "10.0.1.0/25"), Some("192.0.2.1".parse().expect("ip")));
+        assert_eq!(e.blocked().collect::<Vec<_>>(), [&NodeKey::new(SourceKind::Kube, "young")]);
+        assert_eq!(m.rejected_total(SourceKind::Kube, "spec.podCIDRs"), 1);
     }
 }

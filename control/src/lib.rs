@@ -11,7 +11,8 @@
 //! - [`ControlPlane::spawn`] starts a thread named `ferry-control` running its own single-threaded
 //!   tokio runtime; the data plane stays synchronous and only loads published snapshots.
 //! - Sources ([`source`]) reconnect with backoff and resync in full; the [`engine`] turns updates
-//!   into a diff, idempotently, keeping the last good state of nodes whose new data is bad;
+//!   into a diff, idempotently, resolving overlapping claims by seniority the same way on every
+//!   agent and keeping the last good state of nodes whose new data does not parse;
 //!   a [`Publish`]er hands the table over: [`TablesPublisher`] into the data plane's
 //!   `ferry_tables::Tables` (what workers read).
 //! - Every event carries the instant its source saw it; the engine loop records the time until

@@ -83,6 +83,22 @@ pub struct NodeSpec {
     pub port: u16,
     /// Whether this is the node the control plane runs on: its CIDRs are delivered locally.
     pub local: bool,
+    /// How senior its claim is, for CIDRs two nodes claim (see [`Seniority`]).
+    pub seniority: Seniority,
+}
+
+/// How senior a node's claim on its CIDRs is; of two nodes whose CIDRs overlap, the more senior
+/// keeps them and the other installs nothing. Every field comes from the source's own record of the
+/// object, so every agent, whenever it started and in whatever order it heard of the objects, ranks
+/// them alike. Ordered: smaller is more senior. The engine ranks this node's own claim above all,
+/// then by source, then by this, then by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seniority {
+    /// Kubernetes: the Node's `metadata.creationTimestamp` (Unix seconds); etcd: the lease key's
+    /// `create_revision`; static file: the entry's position in the file.
+    pub created: i64,
+    /// Kubernetes: the Node's `metadata.uid` (objects created in the same second); empty elsewhere.
+    pub uid: String,
 }
 
 impl NodeSpec {

@@ -141,7 +141,14 @@ async fn kube_nodes_lifecycle_bad_data_announce_and_churn() {
     assert_eq!(m.rejected_total(SourceKind::Kube, &field), 1, "one warning per bad state");
     assert_eq!(underlay(&s, "10.2.0.1").map(|u| u.to_string()).as_deref(), Some("198.51.100.2"));
 
-    // Overlap: c claims a subnet of a's CIDR -> refused; when a goes, c gets it.
+    // Overlap: c claims a subnet of a's CIDR -> refused (a's claim is senior: created earlier);
+    // when a goes, c gets it. Seniority is by creationTimestamp, whole seconds, then UID: c is
+    // created once the clock is past a's second, so that it is younger, not a UID coin toss.
+    let a_created =
+        api.get("a").await.expect("get a").metadata.creation_timestamp.expect("a's timestamp").0.as_second();
+    let unix_now =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    wait_until(WAIT, "the clock past a's creation second", || unix_now() > a_created).await;
     api.create(&pp, &node("c", &["10.1.0.128/25"], "192.0.2.3")).await.expect("create");
     wait_until(WAIT, "the overlap rejection", || m.rejected_total(SourceKind::Kube, "spec.podCIDRs") == 1).await;
     assert_eq!(underlay(reader.load(), "10.1.0.200"), Some("192.0.2.1".parse().expect("ip")));

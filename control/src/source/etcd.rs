@@ -27,7 +27,7 @@ use crate::config::{ControlConfig, EtcdConfig};
 use crate::flannel::{self, BackendData, LeaseAttrs, NetworkConfig, parse_subnet_key, subnet_key};
 use crate::metrics::Metrics;
 use crate::model::Update;
-use crate::model::{NodeSpec, Rejection, SourceKind};
+use crate::model::{NodeSpec, Rejection, Seniority, SourceKind};
 use crate::shutdown::{sleep_or_shutdown, stopped};
 
 /// Bound on each unary etcd call, so that a hung server ends the session.
@@ -193,7 +193,11 @@ impl EtcdSource {
         let seen = Instant::now();
         let list = timed(client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
         let revision = list.header().map_or(0, |h| h.revision());
-        let specs: Vec<_> = list.kvs().iter().map(|kv| self.lease_spec(kv.key(), kv.value(), &network, own)).collect();
+        let specs: Vec<_> = list
+            .kvs()
+            .iter()
+            .map(|kv| self.lease_spec(kv.key(), kv.value(), kv.create_revision(), &network, own))
+            .collect();
         let n = specs.len();
         self.tx.send(seen, Update::Resync(SourceKind::Etcd, specs)).await?;
         self.metrics.source_event(SourceKind::Etcd);
@@ -229,7 +233,7 @@ impl EtcdSource {
                         self.metrics.source_event(SourceKind::Etcd);
                         match ev.event_type() {
                             EventType::Put => {
-                                let spec = self.lease_spec(kv.key(), kv.value(), &network, own);
+                                let spec = self.lease_spec(kv.key(), kv.value(), kv.create_revision(), &network, own);
                                 let taken_over = own_name.as_deref() == Some(name.as_str()) && !spec.as_ref().is_ok_and(|s| s.local);
                                 self.tx.send(seen, Update::Upsert(SourceKind::Etcd, spec)).await?;
                                 if taken_over {
@@ -345,12 +349,15 @@ impl EtcdSource {
         &self,
         key: &[u8],
         value: &[u8],
+        create_revision: i64,
         network: &NetworkConfig,
         own: Option<(&str, IpAddr)>,
     ) -> Result<NodeSpec, Rejection> {
         let prefix = self.subnets_prefix();
         let name = String::from_utf8_lossy(key.strip_prefix(prefix.as_bytes()).unwrap_or(key)).into_owned();
+        // The key's create_revision ranks overlapping leases: the older lease keeps the subnet.
         lease_spec(&name, value, network, self.port, own)
+            .map(|s| NodeSpec { seniority: Seniority { created: create_revision, uid: String::new() }, ..s })
     }
 }
 
@@ -382,6 +389,7 @@ pub fn lease_spec(
         tunnel: attrs.backend,
         port: network.port.or(port).unwrap_or(default_port),
         local: own == Some((name, attrs.public_ip)),
+        seniority: Seniority::default(),
     })
 }
 

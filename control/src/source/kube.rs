@@ -32,7 +32,7 @@ use crate::config::{ControlConfig, KubeAuth};
 use crate::flannel::{self, BackendData};
 use crate::metrics::Metrics;
 use crate::model::Update;
-use crate::model::{NodeSpec, Rejection, SourceKind, parse_cidr, parse_tunnel};
+use crate::model::{NodeSpec, Rejection, Seniority, SourceKind, parse_cidr, parse_tunnel};
 use crate::shutdown::{sleep_or_shutdown, stopped};
 
 /// Credentials could not be turned into a client.
@@ -156,8 +156,13 @@ pub fn node_spec(node: &Node, ctx: &ParseCtx) -> Result<NodeSpec, Rejection> {
         Some(d) => BackendData::from_annotation(d).map_err(|e| reject(&annotation_field(flannel::BACKEND_DATA), e))?,
         None => BackendData::default(),
     };
+    let seniority = Seniority {
+        created: node.metadata.creation_timestamp.as_ref().map_or(i64::MAX, |t| t.0.as_second()),
+        uid: node.metadata.uid.clone().unwrap_or_default(),
+    };
     Ok(NodeSpec {
         local: name == ctx.own_name,
+        seniority,
         name,
         pod_cidrs,
         underlay,

@@ -34,7 +34,7 @@ use super::EventTx;
 use crate::config::ControlConfig;
 use crate::metrics::Metrics;
 use crate::model::Update;
-use crate::model::{NodeSpec, Rejection, SourceKind, check_vni, parse_cidr, parse_tunnel, parse_vtep_mac};
+use crate::model::{NodeSpec, Rejection, Seniority, SourceKind, check_vni, parse_cidr, parse_tunnel, parse_vtep_mac};
 
 /// How often the file is checked even without an inotify event. Short, because a missed event
 /// was seen with agents started under `ip netns exec` (the end-to-end lab): a peer that has not
@@ -110,11 +110,13 @@ pub fn parse(text: &str, d: &Defaults) -> Result<Parsed, String> {
     let nodes = file
         .nodes
         .into_iter()
-        .map(|e| {
+        .enumerate()
+        .map(|(i, e)| {
             if !seen.insert(e.name.clone()) {
                 return Err(Rejection::new(e.name, "name", "appears twice in the file"));
             }
-            entry_spec(e, d)
+            // The entry's position ranks overlapping claims: the earlier entry keeps the CIDR.
+            entry_spec(e, d).map(|s| NodeSpec { seniority: Seniority { created: i as i64, uid: String::new() }, ..s })
         })
         .collect();
     Ok(Parsed { networks, nodes })
@@ -142,6 +144,7 @@ fn entry_spec(e: Entry, d: &Defaults) -> Result<NodeSpec, Rejection> {
         vni,
         tunnel,
         port: e.port.or(d.port).unwrap_or(tunnel.default_port()),
+        seniority: Seniority::default(),
     }
     .normalized())
 }
