@@ -8,6 +8,21 @@
   badframes.py pod IFACE GW_MAC SRC_IP DST_IP COUNT
       from inside a pod, out of its eth0 toward the gateway: IPv4 header shorter than its IHL,
       spoofed source address, IPv4 total length > frame.
+  badframes.py refuse-uplink IFACE DST_MAC DST_IP KNOWN_SRC PORT VNI INNER_SRC INNER_DST NODE_IP COUNT
+      frames a router must refuse (issue 18), from the underlay toward a node: another host's outer
+      destination MAC, a wrong outer UDP checksum, a wrong outer IPv4 header checksum, an outer first
+      fragment, inner TTL 0, inner multicast source MAC, an inner source that is not the sender's, an
+      inner packet for the node's underlay address (NODE_IP). All but the last are UDP to
+      INNER_DST:9999, the last to NODE_IP:9999, each with a "ferry-bad" payload; then one good frame
+      ("ferry-good") to INNER_DST:9999.
+  badframes.py refuse-pod IFACE GW_MAC SRC_IP DST_IP COUNT
+      from inside a pod: another source MAC, a destination MAC that is not the gateway's, a wrong IPv4
+      header checksum, an 802.1Q tag; UDP to DST_IP:9999 with a "ferry-bad" payload.
+  badframes.py listen PORT SECONDS
+      counts UDP datagrams on PORT ("ferry-bad" and "ferry-good" payloads) until a "ferry-end" one
+      comes or SECONDS pass; prints "listening" first and "bad N good M" at the end.
+  badframes.py end IP PORT
+      sends "ferry-end" to IP:PORT (three times, 0.2 s apart: the listener stops at the first).
 
 Prints one line per class: "<class> <frames sent>". Bounded: COUNT is capped at 10000.
 """
@@ -30,12 +45,19 @@ def csum(b):
     return (~s) & 0xFFFF
 
 
-def ipv4(src, dst, proto, payload, total=None, ihl=5):
+def ipv4(src, dst, proto, payload, total=None, ihl=5, ttl=64, frag=0x4000, bad_csum=False):
     total = 20 + len(payload) if total is None else total
-    h = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 0x1234, 0x4000, 64, proto, 0,
+    h = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 0x1234, frag, ttl, proto, 0,
                     socket.inet_aton(src), socket.inet_aton(dst))
-    h = h[:10] + struct.pack("!H", csum(h)) + h[12:]
+    c = csum(h) ^ (0x5555 if bad_csum else 0)
+    h = h[:10] + struct.pack("!H", c) + h[12:]
     return h + payload
+
+
+def udp4_csum(src, dst, seg):
+    """The UDP checksum of segment `seg` (its checksum field zero) from src to dst."""
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 17, len(seg))
+    return csum(pseudo + seg) or 0xFFFF
 
 
 def udp(sport, dport, payload, length=None):
@@ -62,8 +84,38 @@ def burst(sock, name, frame, count):
     time.sleep(0.05)
 
 
+def listen(port, seconds):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("0.0.0.0", port))
+    u.settimeout(0.5)
+    print("listening", flush=True)
+    bad = good = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            data = u.recv(4096)
+        except socket.timeout:
+            continue
+        if data.startswith(b"ferry-end"):
+            break
+        bad += data.startswith(b"ferry-bad")
+        good += data.startswith(b"ferry-good")
+    print("bad", bad, "good", good, flush=True)
+
+
+def end(ip, port):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(3):
+        u.sendto(b"ferry-end", (ip, port))
+        time.sleep(0.2)
+
+
 def main():
     mode = sys.argv[1]
+    if mode == "listen":
+        return listen(int(sys.argv[2]), min(float(sys.argv[3]), 300))
+    if mode == "end":
+        return end(sys.argv[2], int(sys.argv[3]))
     iface = sys.argv[2]
     count = min(int(sys.argv[-1]), 10000)
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
@@ -85,6 +137,42 @@ def main():
               eth(dst_mac, me, ipv4(known, dst_ip, 17, seg, total=20 + len(seg) + 300)), count)
         burst(s, "udp_length_beyond_ip",
               eth(dst_mac, me, ipv4(known, dst_ip, 17, udp(40004, port, good, length=8 + len(good) + 300))), count)
+    elif mode == "refuse-uplink":
+        (dst_mac, dst_ip, known, port, vni, inner_src, inner_dst, node_ip) = (
+            mac(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8],
+            sys.argv[9], sys.argv[10])
+        vtep = mac("02:fe:ff:ff:ff:ff")
+        peer = mac("02:00:00:e2:e0:02")
+
+        def inner(src=inner_src, dst=inner_dst, ttl=63, src_mac=peer, payload=b"ferry-bad"):
+            return eth(vtep, src_mac, ipv4(src, dst, 17, udp(1000, 9999, payload), ttl=ttl))
+
+        def tunnel(inner_frame, to_mac=dst_mac, **ip):
+            return eth(to_mac, me, ipv4(known, dst_ip, 17, udp(40010, port, vxlan(vni, inner_frame)), **ip))
+
+        seg = udp(40011, port, vxlan(vni, inner()))
+        wrong = udp4_csum(known, dst_ip, seg) ^ 0x5555 or 1
+        bad_udp_csum = seg[:6] + struct.pack("!H", wrong) + seg[8:]
+        burst(s, "outer_dst_mac_not_ours", tunnel(inner(), to_mac=mac("02:00:00:e2:e0:99")), count)
+        burst(s, "udp_bad_checksum", eth(dst_mac, me, ipv4(known, dst_ip, 17, bad_udp_csum)), count)
+        burst(s, "ipv4_bad_checksum", tunnel(inner(), bad_csum=True), count)
+        burst(s, "outer_fragment", tunnel(inner(), frag=0x2000), count)
+        burst(s, "inner_ttl_zero", tunnel(inner(ttl=0)), count)
+        burst(s, "inner_src_mac_multicast", tunnel(inner(src_mac=mac("01:00:5e:00:00:01"))), count)
+        burst(s, "inner_spoofed_source", tunnel(inner(src="10.244.250.2")), count)
+        burst(s, "not_local_pod", tunnel(inner(dst=node_ip)), count)
+        burst(s, "good", tunnel(inner(payload=b"ferry-good")), 1)
+    elif mode == "refuse-pod":
+        gw, src, dst = mac(sys.argv[3]), sys.argv[4], sys.argv[5]
+        with open("/sys/class/net/%s/address" % iface) as f:
+            me = mac(f.read().strip())
+        packet = ipv4(src, dst, 17, udp(1000, 9999, b"ferry-bad"))
+        burst(s, "pod_src_mac_mismatch", eth(gw, mac("02:00:00:e2:e0:77"), packet), count)
+        burst(s, "pod_dst_mac_not_gateway", eth(mac("02:00:00:e2:e0:88"), me, packet), count)
+        burst(s, "pod_ipv4_bad_checksum", eth(gw, me, ipv4(src, dst, 17, udp(1000, 9999, b"ferry-bad"),
+                                                           bad_csum=True)), count)
+        burst(s, "pod_vlan_tagged", gw + me + struct.pack("!HH", 0x8100, 5) + struct.pack("!H", 0x0800) + packet,
+              count)
     elif mode == "pod":
         gw, src, dst = mac(sys.argv[3]), sys.argv[4], sys.argv[5]
         with open("/sys/class/net/%s/address" % iface) as f:
