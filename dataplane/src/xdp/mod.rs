@@ -279,7 +279,22 @@ impl XdpProgram {
         Self::load(ProgramKind::Sink, queues, &[])
     }
 
+    /// [`XdpProgram::sink`], loaded as multi-buffer aware (`BPF_F_XDP_HAS_FRAGS`, what libbpf's
+    /// `xdp.frags` section sets): the kernel may then hand it a frame larger than one page, in
+    /// fragments, and an AF_XDP socket bound with `XDP_USE_SG` receives it as a chain of
+    /// descriptors. For measuring what reaches a socket (`examples/veth_gso.rs`).
+    ///
+    /// # Errors
+    /// As [`XdpProgram::sink`].
+    pub fn sink_multi_buffer(queues: u32) -> Result<Self, XdpError> {
+        Self::load_with(ProgramKind::Sink, queues, &[], libxdp_sys::BPF_F_XDP_HAS_FRAGS)
+    }
+
     fn load(kind: ProgramKind, queues: u32, sizes: &[(&str, usize)]) -> Result<Self, XdpError> {
+        Self::load_with(kind, queues, sizes, 0)
+    }
+
+    fn load_with(kind: ProgramKind, queues: u32, sizes: &[(&str, usize)], flags: u32) -> Result<Self, XdpError> {
         if queues == 0 {
             return Err(XdpError::InvalidConfig {
                 problem: "the program is loaded for 0 queues".to_owned(),
@@ -315,6 +330,18 @@ impl XdpProgram {
             }
         }
 
+        if flags != 0 {
+            // SAFETY: the object is opened, not loaded; the name is a valid C string.
+            let p = unsafe { libxdp_sys::bpf_object__find_program_by_name(prog.obj.as_ptr(), kind.c_name().as_ptr()) };
+            if p.is_null() {
+                return Err(missing("the program"));
+            }
+            // SAFETY: `p` is a program of the opened object, whose flags may change until it loads.
+            let ret = unsafe { libxdp_sys::bpf_program__set_flags(p, libxdp_sys::bpf_program__flags(p) | flags) };
+            if ret < 0 {
+                return Err(XdpError::Load { program, source: io::Error::from_raw_os_error(-ret) });
+            }
+        }
         // SAFETY: `obj` is an opened object that has not been loaded yet.
         let ret = unsafe { libxdp_sys::bpf_object__load(prog.obj.as_ptr()) };
         if ret < 0 {
