@@ -741,3 +741,136 @@ fn bad_input_is_counted_and_survived() {
     assert!(lab.ping_once("n2-p1", &p1, "1"), "n2-p1 -> n1-p1 after the bursts");
     assert!(lab.ping_once("n1-p1", &p2, "1"), "n1-p1 -> n2-p1 after the bursts");
 }
+
+/// A UDP listener in a lab namespace (`badframes.py listen`): counts the "ferry-bad" and
+/// "ferry-good" datagrams that reach it until a "ferry-end" one comes.
+struct Listener {
+    what: String,
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Listener {
+    /// Starts listening on UDP `port` in `target`'s namespace; returns once it is bound.
+    fn start(lab: &Lab, target: &str, port: &str) -> Listener {
+        use std::io::BufRead;
+        let py = repo().join("tests/e2e/badframes.py").display().to_string();
+        let ns = lab.netns(target);
+        let mut child = Command::new("timeout")
+            .args(["-k", "5", "90", "ip", "netns", "exec", &ns, python(), &py, "listen", port, "80"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting a listener in {ns}: {e}"));
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("listener output");
+        assert_eq!(line.trim(), "listening", "the listener in {ns} did not start");
+        Listener { what: target.to_owned(), child, out }
+    }
+
+    /// (bad, good) datagrams received, after `end` made it stop.
+    fn counts(mut self) -> (u64, u64) {
+        use std::io::Read;
+        let mut rest = String::new();
+        self.out.read_to_string(&mut rest).expect("listener output");
+        let status = self.child.wait().expect("listener exit");
+        assert!(status.success(), "listener in {} failed: {status}", self.what);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        match f.as_slice() {
+            ["bad", bad, "good", good] => (bad.parse().expect("count"), good.parse().expect("count")),
+            _ => panic!("listener in {}: unexpected output {rest:?}", self.what),
+        }
+    }
+}
+
+/// Issue 18: every class of frame a router must refuse, injected at a lab node from the underlay
+/// and from a pod, is dropped and counted under exactly its own reason, and none of it reaches the
+/// pod or the node's kernel (UDP listeners in both count what arrives). The underlay bridge is a
+/// plain switch (bridge netfilter off), so the bad IPv4 header checksum reaches ferry at all.
+#[test]
+fn router_refusals_are_counted_and_reach_nothing() {
+    if !privileged("router_refusals_are_counted_and_reach_nothing") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_refuse", &["--nodes", "2", "--pods-per-node", "1"]);
+    const BURST: u64 = 100;
+    for k in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
+        let path = format!("/proc/sys/net/bridge/{k}");
+        let out = lab.exec("ul", &["sh", "-c", &format!("cat {path} 2>/dev/null || echo absent")]);
+        let v = text(&out.stdout).trim().to_owned();
+        assert!(v == "0" || v == "absent", "underlay net.bridge.{k} = {v}: the bridge is not a plain switch");
+    }
+    let n1 = lab.ferry("n1", "status");
+    let mac = n1["node"]["underlay_mac"].as_str().expect("underlay mac").to_owned();
+    let ul_ip = n1["node"]["underlay_addr"].as_str().expect("underlay addr").to_owned();
+    let gw_mac = n1["node"]["gateway_mac"].as_str().expect("gateway mac").to_owned();
+    let port = n1["node"]["tunnel_port"].to_string();
+    let vni = n1["node"]["vni"].to_string();
+    let n2_ul = lab.entry("nodes", "n2")["underlay_ip"].as_str().expect("n2 ip").to_owned();
+    let (p1, p2) = (lab.pod_ip("n1-p1"), lab.pod_ip("n2-p1"));
+    // Something is always listening where a refused frame would land: n1's kernel, both pods.
+    let host = Listener::start(&lab, "n1", "9999");
+    let pod1 = Listener::start(&lab, "n1-p1", "9999");
+    let pod2 = Listener::start(&lab, "n2-p1", "9999");
+    let before = lab.ferry("n1", "stats")["drops"].clone();
+
+    let py = repo().join("tests/e2e/badframes.py").display().to_string();
+    let burst = BURST.to_string();
+    let out = lab.exec(
+        "ul",
+        &[python(), &py, "refuse-uplink", "n1", &mac, &ul_ip, &n2_ul, &port, &vni, &p2, &p1, &ul_ip, &burst],
+    );
+    assert!(out.status.success(), "uplink burst: {}", text(&out.stderr));
+    print!("uplink burst:\n{}", text(&out.stdout));
+    let out = lab.exec("n1-p1", &[python(), &py, "refuse-pod", "eth0", &gw_mac, &p1, &p2, &burst]);
+    assert!(out.status.success(), "pod burst: {}", text(&out.stderr));
+    print!("pod burst:\n{}", text(&out.stdout));
+
+    let want = [
+        ("outer_dst_mac_not_ours", BURST),
+        ("udp_bad_checksum", BURST),
+        ("ipv4_bad_checksum", BURST),
+        ("outer_fragment", BURST),
+        ("inner_ttl_zero", BURST),
+        ("inner_src_mac_multicast", BURST),
+        ("inner_spoofed_source", BURST),
+        ("not_local_pod", BURST),
+        ("pod_src_mac_mismatch", BURST),
+        ("pod_dst_mac_not_gateway", BURST),
+        ("pod_ipv4_bad_checksum", BURST),
+        ("pod_vlan_tagged", BURST),
+    ];
+    let delta = |d: &Value, r: &str| d[r].as_u64().unwrap_or(0).saturating_sub(before[r].as_u64().unwrap_or(0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let drops = loop {
+        let d = lab.ferry("n1", "stats")["drops"].clone();
+        if want.iter().all(|(r, n)| delta(&d, r) >= *n) || Instant::now() > deadline {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    for (r, n) in want {
+        println!("drop reason {r:<24} +{} (sent {n})", delta(&drops, r));
+    }
+    let wrong: Vec<String> = want
+        .iter()
+        .filter(|(r, n)| drops.get(*r).is_none() || delta(&drops, r) != *n)
+        .map(|(r, n)| format!("{r}: +{} after sending {n}", delta(&drops, r)))
+        .collect();
+    assert!(wrong.is_empty(), "drop counters not exactly what was sent:\n{}", wrong.join("\n"));
+
+    // Forwarding still works (the end markers cross the overlay both ways), and nothing refused
+    // reached a pod or the node's kernel; the one good frame did reach n1-p1.
+    for (from, to) in [("n2-p1", p1.as_str()), ("n1-p1", p2.as_str()), ("n1", "127.0.0.1")] {
+        let out = lab.exec(from, &[python(), &py, "end", to, "9999"]);
+        assert!(out.status.success(), "end marker {from} -> {to}: {}", text(&out.stderr));
+    }
+    let (host, pod1, pod2) = (host.counts(), pod1.counts(), pod2.counts());
+    println!("reached n1's kernel {host:?}, n1-p1 {pod1:?}, n2-p1 {pod2:?} (bad, good)");
+    assert_eq!(host, (0, 0), "nothing reached n1's kernel");
+    assert_eq!(pod1, (0, 1), "only the good frame reached n1-p1");
+    assert_eq!(pod2, (0, 0), "nothing reached n2-p1");
+    assert!(lab.entry("nodes", "n1")["agent_pid"].is_u64(), "the agent of n1 died");
+}
