@@ -3,77 +3,35 @@
 //! every frame of each worker is back on its free list or held by a port. Nothing leaks, nothing is
 //! freed twice (the free list refuses and counts that, in every build).
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etherparse::PacketBuilder;
 use ferry_dataplane::counters::Counters;
-use ferry_dataplane::frame::{FreeFrames, HeapMem};
-use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
+use ferry_dataplane::pipeline::{PortId, PortRole};
 use ferry_dataplane::port::Port;
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig, wire};
 use ferry_dataplane::port::xsk::RX_HEADROOM;
 use ferry_dataplane::worker::{self, PollMode, Worker};
-use ferry_encap::{DecapConfig, MacAddr, TunnelKind};
-use ferry_tables::{DesiredState, LocalPod, Publisher, RemoteNode, Snapshot, Tables, Underlay};
+use ferry_tables::{Publisher, Snapshot};
+use ferry_testsupport::node::{TestNode, gateway_mac, pod_mac};
 
 /// Few frames, small rings: the worker runs short of frames and ring space all the time.
 const FRAMES: u32 = 96;
 const PACKETS: u64 = 2_000_000;
 
-/// Node `n` (1 or 2) with one pod on port 1 and the other node behind the uplink, in real tables.
+/// Node `n` (1 or 2) of `ferry_testsupport::node`: one pod on port 1, the other node behind the
+/// uplink, few frames and small rings. Node 1 receives where AF_XDP does, with headroom; node 2 at
+/// offset 0, so its encapsulation takes the fallback that moves each packet.
 fn node(n: u8) -> (Worker<MemPort>, Arc<Snapshot>) {
-    let me = Ipv4Addr::new(192, 0, 2, n);
-    let other = Ipv4Addr::new(192, 0, 2, 3 - n);
-    let mac = MacAddr([2, 0, 0, 0, 0, n]);
-    let cfg = NodeConfig {
-        gateway_mac: mac,
-        gateway_v4: Some(Ipv4Addr::new(10, 244, n, 1)),
-        gateway_v6: None,
-        vtep_mac: mac,
-        decap: DecapConfig::new(TunnelKind::Vxlan, 1, me.into()),
-        uplink: PortId(0),
-        underlay_mtu: 1500,
-        icmp_rate: (1_000_000, 64),
-    };
-    // Node 1 receives where AF_XDP does, with headroom; node 2 at offset 0, so its encapsulation
-    // takes the fallback that moves each packet.
     let rx_offset = if n == 1 { RX_HEADROOM } else { 0 };
-    let ports = vec![
-        MemPort::new("uplink", MemPortConfig { rx_ring: 32, tx_ring: 16, rx_offset }),
-        MemPort::new("pod", MemPortConfig { rx_ring: 32, tx_ring: 16, rx_offset }),
-    ];
-    let w = Worker::new(
-        ports,
-        vec![PortRole::Uplink, PortRole::Pod],
-        HeapMem::new(FRAMES, 2048),
-        FreeFrames::all(FRAMES),
-        Pipeline::new(cfg),
-    );
-    let now = Instant::now();
-    let mut tables = Tables::new(Underlay::new(mac, Some(me), None), Duration::from_secs(60));
-    let _ = tables.set_static_neighbour(other.into(), MacAddr([2, 0, 0, 0, 0, 3 - n]), now);
-    let desired = DesiredState {
-        nodes: vec![RemoteNode {
-            name: "other".into(),
-            pod_cidrs: vec![format!("10.244.{}.0/24", 3 - n).parse().expect("cidr")],
-            underlay: other.into(),
-            vtep_mac: MacAddr([2, 0, 0, 0, 0, 0xa0]),
-            vni: 1,
-            tunnel: TunnelKind::Vxlan,
-            port: 4789,
-        }],
-        local_pods: vec![LocalPod {
-            port: PortId(1),
-            mac: MacAddr([2, 0, 0, 0, 0, 2]),
-            addrs: vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 2))],
-            source_only: vec![],
-        }],
-        blackholes: vec![],
-    };
-    tables.set_desired(desired, now).expect("valid desired state");
-    (w, tables.current())
+    TestNode {
+        frames: FRAMES,
+        ring: MemPortConfig { rx_ring: 32, tx_ring: 16, rx_offset },
+        icmp_rate: (1_000_000, 64),
+        ..TestNode::new(n)
+    }
+    .build()
 }
 
 /// A mix of what pods send: good traffic across, good traffic to itself, spoofed, unroutable,
@@ -81,7 +39,7 @@ fn node(n: u8) -> (Worker<MemPort>, Arc<Snapshot>) {
 fn traffic(n: u8) -> Vec<Vec<u8>> {
     let udp = |src: [u8; 4], dst: [u8; 4], ttl: u8, len: usize| {
         let mut out = Vec::new();
-        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, n])
+        PacketBuilder::ethernet2(pod_mac(n, 1).0, gateway_mac(n).0)
             .ipv4(src, dst, ttl)
             .udp(1000, 2000)
             .write(&mut out, &vec![7u8; len])
@@ -90,7 +48,9 @@ fn traffic(n: u8) -> Vec<Vec<u8>> {
     };
     let me = [10, 244, n, 2];
     let mut arp = vec![0xff; 6];
-    arp.extend_from_slice(&[2, 0, 0, 0, 0, 2, 0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2]);
+    arp.extend_from_slice(&pod_mac(n, 1).0);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&pod_mac(n, 1).0);
     arp.extend_from_slice(&me);
     arp.extend_from_slice(&[0; 6]);
     arp.extend_from_slice(&[10, 244, n, 1]);

@@ -5,18 +5,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use ferry_dataplane::frame::{FreeFrames, HeapMem};
-use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
-use ferry_dataplane::port::mem::{MemPort, MemPortConfig, wire};
+use ferry_dataplane::port::mem::{MemPort, wire};
 use ferry_dataplane::worker::Worker;
-use ferry_encap::{DecapConfig, DropReason, MacAddr, TunnelKind};
-use ferry_tables::{DesiredState, LocalPod, RemoteNode, Snapshot, Tables, Underlay};
+use ferry_encap::{DropReason, MacAddr, TunnelKind};
+use ferry_tables::Snapshot;
+use ferry_testsupport::node::{TestNode, UPLINK, host_mac, pod_mac, underlay_mac};
 
-const FRAMES: u32 = 512;
-const UPLINK: usize = 0;
 const HOST: usize = 3;
 
 struct Node {
@@ -33,74 +29,25 @@ const POD_A2: [u8; 4] = [10, 244, 1, 3];
 const POD_B1: [u8; 4] = [10, 244, 2, 2];
 const POD_A1_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 2);
 const GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 1);
+const _: () = assert!(HOST == 3, "the fixture puts the host port after its two pods");
 
-/// Node `n` (1 or 2): underlay 192.0.2.n, pods 10.244.n.0/24, gateway 10.244.n.1, VNI 1; the
-/// tables are the real ones, built from a desired state as the control plane would.
+/// Node `n` (1 or 2) as `ferry_testsupport::node` builds it, with two pods (ports 1 and 2), the
+/// host port (3) and a blackhole, 10.244.9.0/24.
 fn node(n: u8) -> Node {
     node_with(n, true)
 }
 
 /// Node `n`, with or without a neighbour entry for the other node's underlay address.
 fn node_with(n: u8, neighbour_known: bool) -> Node {
-    let me = Ipv4Addr::new(192, 0, 2, n);
-    let other = Ipv4Addr::new(192, 0, 2, 3 - n);
-    let cfg = NodeConfig {
-        gateway_mac: mac(0xe0 + n),
-        gateway_v4: Some(Ipv4Addr::new(10, 244, n, 1)),
-        gateway_v6: Some(GW_V6),
-        vtep_mac: mac(0xa0 + n),
-        decap: DecapConfig { local_mac: Some(underlay_mac(n)), ..DecapConfig::new(TunnelKind::Vxlan, 1, me.into()) },
-        uplink: PortId(UPLINK as u16),
-        underlay_mtu: 1500,
-        icmp_rate: (1000, 1000),
-    };
-    let ports: Vec<MemPort> = ["uplink", "pod1", "pod2", "host"]
-        .iter()
-        .map(|name| MemPort::new(name, MemPortConfig { rx_ring: 64, tx_ring: 64, rx_offset: 0 }))
-        .collect();
-    let roles = vec![PortRole::Uplink, PortRole::Pod, PortRole::Pod, PortRole::Pod];
-    let worker = Worker::new(ports, roles, HeapMem::new(FRAMES, 2048), FreeFrames::all(FRAMES), Pipeline::new(cfg));
-
-    let now = Instant::now();
-    let mut tables = Tables::new(Underlay::new(underlay_mac(n), Some(me), None), Duration::from_secs(60));
-    if neighbour_known {
-        let _ = tables.set_static_neighbour(other.into(), mac(0x13 - n), now);
-    }
-    let mut pod1 = vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 2))];
-    if n == 1 {
-        pod1.push(IpAddr::V6(POD_A1_V6));
-    }
-    let desired = DesiredState {
-        nodes: vec![RemoteNode {
-            name: format!("node{}", 3 - n),
-            pod_cidrs: vec![format!("10.244.{}.0/24", 3 - n).parse().expect("cidr")],
-            underlay: other.into(),
-            vtep_mac: mac(0xa0 + 3 - n),
-            vni: 1,
-            tunnel: TunnelKind::Vxlan,
-            port: 4789,
-        }],
-        local_pods: vec![
-            LocalPod { port: PortId(1), mac: pod_mac(n, 2), addrs: pod1, source_only: vec![] },
-            LocalPod {
-                port: PortId(2),
-                mac: pod_mac(n, 3),
-                addrs: vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 3))],
-                source_only: vec![],
-            },
-            // The host port as the agent registers it: the overlay address routed to it, the
-            // underlay address only allowed as a source.
-            LocalPod {
-                port: PortId(HOST as u16),
-                mac: host_mac(n),
-                addrs: vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 0))],
-                source_only: vec![me.into()],
-            },
-        ],
+    let spec = TestNode {
+        pods: 2,
+        host_port: true,
+        neighbour_known,
         blackholes: vec!["10.244.9.0/24".parse().expect("cidr")],
+        ..TestNode::new(n)
     };
-    tables.set_desired(desired, now).expect("valid desired state");
-    Node { worker, fib: tables.current() }
+    let (worker, fib) = spec.build();
+    Node { worker, fib }
 }
 
 impl Node {
@@ -136,24 +83,10 @@ fn udp4(src_mac: MacAddr, dst_mac: MacAddr, src: [u8; 4], dst: [u8; 4], ttl: u8,
     out
 }
 
-fn pod_mac(n: u8, last: u8) -> MacAddr {
-    mac(0x50 + 10 * n + last)
-}
-
-/// Node `n`'s uplink MAC (node 3 - n's next hop toward it).
-fn underlay_mac(n: u8) -> MacAddr {
-    mac(0x10 + n)
-}
-
-/// The MAC of node `n`'s host port (the kernel end of the veth pair).
-fn host_mac(n: u8) -> MacAddr {
-    mac(0x70 + n)
-}
-
 #[test]
 fn pod_to_remote_pod_and_back() {
     let (mut a, mut b) = (node(1), node(2));
-    let frame = udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, b"across the overlay");
+    let frame = udp4(pod_mac(1, 1), mac(0xe1), POD_A1, POD_B1, 64, b"across the overlay");
     a.receive(1, &frame);
     let outer = a.sent(UPLINK);
     assert_eq!(outer.len(), 1, "one tunnel packet on A's uplink");
@@ -172,7 +105,7 @@ fn pod_to_remote_pod_and_back() {
     assert_eq!(inner.len(), 1, "delivered to pod b1");
     let p = SlicedPacket::from_ethernet(&inner[0]).expect("inner parses");
     let Some(etherparse::LinkSlice::Ethernet2(eth)) = &p.link else { panic!("ethernet") };
-    assert_eq!((eth.destination(), eth.source()), (pod_mac(2, 2).0, mac(0xe2).0));
+    assert_eq!((eth.destination(), eth.source()), (pod_mac(2, 1).0, mac(0xe2).0));
     let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("IPv4") };
     assert_eq!(ip.header().ttl(), 63, "TTL decremented once, at the sending node");
     let h = ip.header().to_header();
@@ -185,7 +118,7 @@ fn pod_to_remote_pod_and_back() {
     );
 
     // And back: b1 -> a1.
-    let back = udp4(pod_mac(2, 2), mac(0xe2), POD_B1, POD_A1, 64, b"reply");
+    let back = udp4(pod_mac(2, 1), mac(0xe2), POD_B1, POD_A1, 64, b"reply");
     b.receive(1, &back);
     let outer = b.sent(UPLINK);
     a.receive(UPLINK, &outer[0]);
@@ -200,7 +133,7 @@ fn wire_joins_two_workers() {
     a.worker.poll_once(&*a.fib);
     b.worker.poll_once(&*b.fib);
     for i in 0..10u8 {
-        let frame = udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, &[i; 40]);
+        let frame = udp4(pod_mac(1, 1), mac(0xe1), POD_A1, POD_B1, 64, &[i; 40]);
         let (mem, ports) = a.worker.mem_and_ports();
         assert!(ports[1].inject(mem, &frame));
     }
@@ -218,10 +151,10 @@ fn wire_joins_two_workers() {
 #[test]
 fn local_pod_to_pod_is_switched_on_the_node() {
     let mut a = node(1);
-    a.receive(1, &udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_A2, 64, b"next door"));
+    a.receive(1, &udp4(pod_mac(1, 1), mac(0xe1), POD_A1, POD_A2, 64, b"next door"));
     let out = a.sent(2);
     assert_eq!(out.len(), 1);
-    assert_eq!(&out[0][0..12], &[pod_mac(1, 3).0, mac(0xe1).0].concat()[..]);
+    assert_eq!(&out[0][0..12], &[pod_mac(1, 2).0, mac(0xe1).0].concat()[..]);
     assert_eq!(out[0][14 + 8], 63, "TTL decremented");
     assert!(a.sent(UPLINK).is_empty());
 }
@@ -240,17 +173,17 @@ fn arp_request(sender_mac: MacAddr, sender: [u8; 4], target: [u8; 4]) -> Vec<u8>
 #[test]
 fn arp_for_the_gateway_is_answered_and_other_arp_dropped() {
     let mut a = node(1);
-    a.receive(1, &arp_request(pod_mac(1, 2), POD_A1, [10, 244, 1, 1]));
+    a.receive(1, &arp_request(pod_mac(1, 1), POD_A1, [10, 244, 1, 1]));
     let out = a.sent(1);
     assert_eq!(out.len(), 1, "reply on the pod's port");
     let r = &out[0];
-    assert_eq!(&r[0..6], &pod_mac(1, 2).0);
+    assert_eq!(&r[0..6], &pod_mac(1, 1).0);
     assert_eq!(&r[6..12], &mac(0xe1).0);
     assert_eq!(&r[20..22], &[0, 2], "ARP reply");
     assert_eq!(&r[22..28], &mac(0xe1).0, "gateway MAC");
     assert_eq!(&r[28..32], &[10, 244, 1, 1]);
     assert_eq!(&r[38..42], &POD_A1);
-    a.receive(1, &arp_request(pod_mac(1, 2), POD_A1, [10, 244, 1, 77]));
+    a.receive(1, &arp_request(pod_mac(1, 1), POD_A1, [10, 244, 1, 77]));
     assert!(a.sent(1).is_empty());
     assert_eq!(a.drops(DropReason::ArpNotForGateway), 1);
 }
@@ -264,14 +197,14 @@ fn neighbour_solicitation_for_the_gateway_is_answered() {
     use smoltcp::wire::{Icmpv6Packet, Icmpv6Repr, NdiscRepr, RawHardwareAddress};
     let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
         target_addr: GW_V6,
-        lladdr: Some(RawHardwareAddress::from_bytes(&pod_mac(1, 2).0)),
+        lladdr: Some(RawHardwareAddress::from_bytes(&pod_mac(1, 1).0)),
     });
     let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 1);
     let mut icmp = vec![0u8; ns.buffer_len()];
     ns.emit(&POD_A1_V6, &dst, &mut Icmpv6Packet::new_unchecked(&mut icmp[..]), &ChecksumCapabilities::default());
     let mut frame = Vec::new();
     frame.extend_from_slice(&[0x33, 0x33, 0xff, 0, 0, 1]);
-    frame.extend_from_slice(&pod_mac(1, 2).0);
+    frame.extend_from_slice(&pod_mac(1, 1).0);
     frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
     frame.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
     frame.extend_from_slice(&[58, 255]);
@@ -297,7 +230,7 @@ fn neighbour_solicitation_for_the_gateway_is_answered() {
 #[test]
 fn ttl_expiry_sends_time_exceeded() {
     let mut a = node(1);
-    a.receive(1, &udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 1, b"dying"));
+    a.receive(1, &udp4(pod_mac(1, 1), mac(0xe1), POD_A1, POD_B1, 1, b"dying"));
     let out = a.sent(1);
     assert_eq!(out.len(), 1);
     let p = SlicedPacket::from_ethernet(&out[0]).expect("parses");
@@ -314,12 +247,12 @@ fn ttl_expiry_sends_time_exceeded() {
 fn too_big_for_the_tunnel_sends_fragmentation_needed_with_the_mtu() {
     let mut a = node(1);
     // 1450-byte IP packet fits 1500 - 50 (VXLAN over IPv4, inner Ethernet included): sent.
-    let fits = udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, &vec![0u8; 1450 - 28]);
+    let fits = udp4(pod_mac(1, 1), mac(0xe1), POD_A1, POD_B1, 64, &vec![0u8; 1450 - 28]);
     a.receive(1, &fits);
     assert_eq!(a.sent(UPLINK).len(), 1);
     assert_eq!(a.sent(UPLINK).len(), 0);
     // One byte more with DF (etherparse sets DF): ICMP fragmentation needed, MTU 1450.
-    let big = udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, &vec![0u8; 1451 - 28]);
+    let big = udp4(pod_mac(1, 1), mac(0xe1), POD_A1, POD_B1, 64, &vec![0u8; 1451 - 28]);
     a.receive(1, &big);
     let out = a.sent(1);
     assert_eq!(out.len(), 1);
@@ -346,12 +279,12 @@ fn drops_are_counted_by_reason() {
     let mut a = node(1);
     let gw = mac(0xe1);
     // Spoofed: pod1 sends as pod2.
-    a.receive(1, &udp4(pod_mac(1, 2), gw, POD_A2, POD_B1, 64, b"x"));
+    a.receive(1, &udp4(pod_mac(1, 1), gw, POD_A2, POD_B1, 64, b"x"));
     assert_eq!(a.drops(DropReason::SpoofedSource), 1);
     // No route and blackhole.
-    a.receive(1, &udp4(pod_mac(1, 2), gw, POD_A1, [172, 16, 0, 1], 64, b"x"));
+    a.receive(1, &udp4(pod_mac(1, 1), gw, POD_A1, [172, 16, 0, 1], 64, b"x"));
     assert_eq!(a.drops(DropReason::NoRoute), 1);
-    a.receive(1, &udp4(pod_mac(1, 2), gw, POD_A1, [10, 244, 9, 9], 64, b"x"));
+    a.receive(1, &udp4(pod_mac(1, 1), gw, POD_A1, [10, 244, 9, 9], 64, b"x"));
     assert_eq!(a.drops(DropReason::Blackhole), 1);
     // Truncated frame from a pod.
     a.receive(1, &[0u8; 10]);
@@ -360,7 +293,7 @@ fn drops_are_counted_by_reason() {
     // From the uplink: a tunnel packet from an unknown node, one with the wrong VNI, one whose
     // inner destination is not on this node.
     let mut b = node(2);
-    b.receive(1, &udp4(pod_mac(2, 2), mac(0xe2), POD_B1, POD_A1, 64, b"x"));
+    b.receive(1, &udp4(pod_mac(2, 1), mac(0xe2), POD_B1, POD_A1, 64, b"x"));
     let good = b.sent(UPLINK).remove(0);
     let mut unknown = good.clone();
     unknown[26..30].copy_from_slice(&[192, 0, 2, 99]);
@@ -371,7 +304,7 @@ fn drops_are_counted_by_reason() {
     vni[48] = 9;
     a.receive(UPLINK, &vni);
     assert_eq!(a.drops(DropReason::VniMismatch), 1);
-    b.receive(1, &udp4(pod_mac(2, 2), mac(0xe2), POD_B1, POD_B1, 64, b"x"));
+    b.receive(1, &udp4(pod_mac(2, 1), mac(0xe2), POD_B1, POD_B1, 64, b"x"));
     assert!(b.sent(UPLINK).is_empty(), "local destination stays local");
     let mut not_local = good.clone();
     not_local[50 + 14 + 16..50 + 14 + 20].copy_from_slice(&[10, 244, 2, 3]);
@@ -387,7 +320,7 @@ fn drops_are_counted_by_reason() {
 #[test]
 fn unresolved_underlay_neighbour_is_a_counted_drop() {
     let mut a = node_with(1, false);
-    a.receive(1, &udp4(pod_mac(1, 2), mac(0xe1), POD_A1, POD_B1, 64, b"x"));
+    a.receive(1, &udp4(pod_mac(1, 1), mac(0xe1), POD_A1, POD_B1, 64, b"x"));
     assert!(a.sent(UPLINK).is_empty());
     assert_eq!(a.drops(DropReason::NoNeighbour), 1);
 }
@@ -481,29 +414,29 @@ fn frames_a_router_must_refuse_are_counted_each_under_its_reason() {
     delivered(&mut a, &tunnel_from_b(&inner_from_b([192, 0, 2, 2], POD_A1, 63), |_| {}), 1, "B's underlay");
 
     // From a pod. The control case: a1 to a2, delivered.
-    a.receive(1, &udp4(pod_mac(1, 2), gw, POD_A1, POD_A2, 64, b"ok"));
+    a.receive(1, &udp4(pod_mac(1, 1), gw, POD_A1, POD_A2, 64, b"ok"));
     assert_eq!(a.sent(2).len(), 1, "clean pod frame delivered");
     // Another pod's MAC as the source.
-    check(&mut a, 1, &udp4(pod_mac(1, 3), gw, POD_A1, POD_A2, 64, b"x"), DropReason::PodSrcMacMismatch);
+    check(&mut a, 1, &udp4(pod_mac(1, 2), gw, POD_A1, POD_A2, 64, b"x"), DropReason::PodSrcMacMismatch);
     // Addressed to a MAC that is not the gateway's (a2's, directly), and to broadcast.
-    check(&mut a, 1, &udp4(pod_mac(1, 2), pod_mac(1, 3), POD_A1, POD_A2, 64, b"x"), DropReason::PodDstMacNotGateway);
+    check(&mut a, 1, &udp4(pod_mac(1, 1), pod_mac(1, 2), POD_A1, POD_A2, 64, b"x"), DropReason::PodDstMacNotGateway);
     check(
         &mut a,
         1,
-        &udp4(pod_mac(1, 2), MacAddr::BROADCAST, POD_A1, POD_A2, 64, b"x"),
+        &udp4(pod_mac(1, 1), MacAddr::BROADCAST, POD_A1, POD_A2, 64, b"x"),
         DropReason::PodDstMacNotGateway,
     );
     // A wrong IPv4 header checksum (it would reach the far pod: TTL updates are incremental).
-    let mut bad = udp4(pod_mac(1, 2), gw, POD_A1, POD_B1, 64, b"x");
+    let mut bad = udp4(pod_mac(1, 1), gw, POD_A1, POD_B1, 64, b"x");
     bad[24] ^= 0x01;
     check(&mut a, 1, &bad, DropReason::PodIpv4BadChecksum);
     // 802.1Q-tagged, once and twice.
-    let plain = udp4(pod_mac(1, 2), gw, POD_A1, POD_B1, 64, b"x");
+    let plain = udp4(pod_mac(1, 1), gw, POD_A1, POD_B1, 64, b"x");
     let tag = |f: &[u8], tpid: [u8; 2]| [&f[..12], &tpid, &[0x00, 0x05], &f[12..]].concat();
     check(&mut a, 1, &tag(&plain, [0x81, 0x00]), DropReason::PodVlanTagged);
     check(&mut a, 1, &tag(&tag(&plain, [0x81, 0x00]), [0x88, 0xa8]), DropReason::PodVlanTagged);
     // ARP for the gateway from a pod's own MAC is still answered.
-    a.receive(1, &arp_request(pod_mac(1, 2), POD_A1, [10, 244, 1, 1]));
+    a.receive(1, &arp_request(pod_mac(1, 1), POD_A1, [10, 244, 1, 1]));
     assert_eq!(a.sent(1).len(), 1, "ARP answered");
     // The host port may send from the node's underlay address (its kernel answering a pod), but the
     // underlay address is not routed to it.

@@ -7,6 +7,10 @@
 //!   file named by `FERRY_SKIP_LOG`, so that `scripts/test.sh` can say which tests did not run
 //!   (the test harness hides what a passing test prints).
 //! - [`run`]: a setup command whose failure is a broken environment.
+//! - [`node`] (feature `node`): a simulated node, a worker over in-memory ports with real tables.
+
+#[cfg(feature = "node")]
+pub mod node;
 
 use std::io::Write;
 use std::path::Path;

@@ -1,22 +1,20 @@
-//! One node's worker over in-memory ports, with real tables: the fixture shared by the worker
-//! bench (`benches/worker.rs`, which includes this file) and the `worker_rounds` example.
+//! One node's worker over in-memory ports, with real tables (`ferry_testsupport::node`), and its
+//! traffic: shared by the worker bench (`benches/worker.rs`, which includes this file) and the
+//! `worker_rounds` example.
 //!
 //! The node has one pod on port 1 and one remote node (VXLAN, VNI 1) behind the uplink on port 0.
 //! Frames are UDP, 64 different flows; the benches use 64-byte frames.
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use etherparse::PacketBuilder;
-use ferry_dataplane::frame::{FreeFrames, HeapMem};
-use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig};
 use ferry_dataplane::port::xsk::RX_HEADROOM;
 use ferry_dataplane::worker::{BATCH, Worker};
-use ferry_encap::{DecapConfig, FrameBuf, MacAddr, TemplateParams, TunnelKind, TunnelTemplate, encap};
-use ferry_tables::{DesiredState, LocalPod, RemoteNode, Snapshot, Tables, Underlay};
+use ferry_encap::{FrameBuf, MacAddr, TemplateParams, TunnelKind, TunnelTemplate, encap};
+use ferry_tables::Snapshot;
+use ferry_testsupport::node::{TestNode, gateway_mac, pod_mac, underlay_ip, underlay_mac, vtep_mac};
 
 const POD: [u8; 4] = [10, 244, 1, 2];
 const REMOTE_POD: [u8; 4] = [10, 244, 2, 2];
@@ -30,55 +28,17 @@ pub(crate) const POD_PORT: usize = 1;
 /// counters have this many slots.
 pub(crate) const MAX_PORTS: usize = 256;
 
-/// A node with one pod on port 1 and one remote node, in real tables.
+/// Node 1 of `ferry_testsupport::node` with one pod on port 1 and node 2 behind the uplink;
+/// packets arrive where AF_XDP puts them, with the XDP headroom in front.
 pub(crate) fn setup() -> (Worker<MemPort>, Arc<Snapshot>) {
-    let me = Ipv4Addr::new(192, 0, 2, 1);
-    let peer = Ipv4Addr::new(192, 0, 2, 2);
-    let mac = MacAddr([2, 0, 0, 0, 0, 1]);
-    let cfg = NodeConfig {
-        gateway_mac: mac,
-        gateway_v4: Some(Ipv4Addr::new(10, 244, 1, 1)),
-        gateway_v6: None,
-        vtep_mac: mac,
-        decap: DecapConfig::new(TunnelKind::Vxlan, 1, me.into()),
-        uplink: PortId(UPLINK as u16),
-        underlay_mtu: 1500,
+    let (worker, fib) = TestNode {
+        frames: 2048,
+        ring: MemPortConfig { rx_ring: 256, tx_ring: 256, rx_offset: RX_HEADROOM },
         icmp_rate: (100, 10),
-    };
-    // Packets arrive where AF_XDP puts them, with the XDP headroom in front.
-    let ring = MemPortConfig { rx_ring: 256, tx_ring: 256, rx_offset: RX_HEADROOM };
-    let ports = vec![MemPort::new("uplink", ring), MemPort::new("pod", ring)];
-    let worker = Worker::new(
-        ports,
-        vec![PortRole::Uplink, PortRole::Pod],
-        HeapMem::new(2048, 2048),
-        FreeFrames::all(2048),
-        Pipeline::new(cfg),
-    )
-    .with_capacity(MAX_PORTS);
-    let now = Instant::now();
-    let mut tables = Tables::new(Underlay::new(mac, Some(me), None), Duration::from_secs(60));
-    let _ = tables.set_static_neighbour(peer.into(), MacAddr([2, 0, 0, 0, 0, 9]), now);
-    let desired = DesiredState {
-        nodes: vec![RemoteNode {
-            name: "peer".into(),
-            pod_cidrs: vec!["10.244.2.0/24".parse().expect("cidr")],
-            underlay: peer.into(),
-            vtep_mac: MacAddr([2, 0, 0, 0, 0, 0xb]),
-            vni: 1,
-            tunnel: TunnelKind::Vxlan,
-            port: 4789,
-        }],
-        local_pods: vec![LocalPod {
-            port: PortId(POD_PORT as u16),
-            mac: MacAddr([2, 0, 0, 0, 0, 2]),
-            addrs: vec![IpAddr::V4(POD.into())],
-            source_only: vec![],
-        }],
-        blackholes: vec![],
-    };
-    tables.set_desired(desired, now).expect("valid desired state");
-    (worker, tables.current())
+        ..TestNode::new(1)
+    }
+    .build();
+    (worker.with_capacity(MAX_PORTS), fib)
 }
 
 /// Ethernet, IPv4 and UDP headers.
@@ -89,9 +49,9 @@ const HEADERS: usize = 14 + 20 + 8;
 pub(crate) const MAX_FRAME: usize = 1464;
 
 /// A UDP frame of `size` bytes (at least the headers).
-fn udp(src: [u8; 4], dst: [u8; 4], flow: u16, size: usize) -> Vec<u8> {
+fn udp(macs: (MacAddr, MacAddr), src: [u8; 4], dst: [u8; 4], flow: u16, size: usize) -> Vec<u8> {
     let mut out = Vec::new();
-    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+    PacketBuilder::ethernet2(macs.0.0, macs.1.0)
         .ipv4(src, dst, 64)
         .udp(10_000 + flow, 5201)
         .write(&mut out, &vec![0x5a; size.saturating_sub(HEADERS)])
@@ -101,25 +61,24 @@ fn udp(src: [u8; 4], dst: [u8; 4], flow: u16, size: usize) -> Vec<u8> {
 
 /// A batch of `size`-byte frames from the pod to the remote pod (to encapsulate).
 pub(crate) fn to_remote(size: usize) -> Vec<Vec<u8>> {
-    (0..BATCH as u16).map(|i| udp(POD, REMOTE_POD, i, size)).collect()
+    (0..BATCH as u16).map(|i| udp((pod_mac(1, 1), gateway_mac(1)), POD, REMOTE_POD, i, size)).collect()
 }
 
 /// A batch of tunnel frames as the remote node would send them, `size`-byte inner frames (to
 /// decapsulate).
 pub(crate) fn from_remote(size: usize) -> Vec<Vec<u8>> {
-    let peer_mac = MacAddr([2, 0, 0, 0, 0, 9]);
     let peer_tpl = TunnelTemplate::new(&TemplateParams::new(
         TunnelKind::Vxlan,
         1,
-        peer_mac,
-        peer_mac,
-        Ipv4Addr::new(192, 0, 2, 2).into(),
-        Ipv4Addr::new(192, 0, 2, 1).into(),
+        underlay_mac(2),
+        underlay_mac(1),
+        underlay_ip(2).into(),
+        underlay_ip(1).into(),
     ))
     .expect("tpl");
     (0..BATCH as u16)
         .map(|i| {
-            let inner = udp(REMOTE_POD, POD, i, size);
+            let inner = udp((pod_mac(2, 1), vtep_mac(1)), REMOTE_POD, POD, i, size);
             let mut buf = vec![0u8; 128 + inner.len()];
             buf[128..].copy_from_slice(&inner);
             let mut f = FrameBuf::new(&mut buf, 128, inner.len()).expect("fits");
