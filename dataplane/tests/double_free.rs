@@ -3,20 +3,17 @@
 //! metrics read it (`double_frees`).
 
 use std::io;
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use ferry_dataplane::frame::{FreeFrames, HeapMem, Pkt};
-use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
+use ferry_dataplane::pipeline::Pipeline;
 use ferry_dataplane::port::Port;
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig};
 use ferry_dataplane::worker::Worker;
-use ferry_encap::{DecapConfig, MacAddr, TunnelKind};
 use ferry_tables::Snapshot;
+use ferry_testsupport::node::{TestNode, gateway_ip, pod_ip, pod_mac};
 
 const FRAMES: u32 = 64;
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
-const GATEWAY_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
 
 /// An in-memory port with a bug: after reclaiming completed frames, it frees one of them again.
 #[derive(Debug)]
@@ -67,37 +64,28 @@ impl Port for FreesTwice {
 
 /// A pod asking for its gateway's MAC: the worker answers on the same port.
 fn arp_for_gateway() -> Vec<u8> {
-    let pod_mac = [2, 0, 0, 0, 0, 2];
     let mut f = vec![0xff; 6];
-    f.extend_from_slice(&pod_mac);
+    f.extend_from_slice(&pod_mac(1, 1).0);
     f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&pod_mac);
-    f.extend_from_slice(&[10, 244, 1, 2]);
+    f.extend_from_slice(&pod_mac(1, 1).0);
+    f.extend_from_slice(&pod_ip(1, 1).octets());
     f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&GATEWAY.octets());
+    f.extend_from_slice(&gateway_ip(1).octets());
     f
 }
 
 #[test]
 fn a_frame_freed_twice_is_refused_and_counted() {
-    let cfg = NodeConfig {
-        gateway_mac: GATEWAY_MAC,
-        gateway_v4: Some(GATEWAY),
-        gateway_v6: None,
-        vtep_mac: GATEWAY_MAC,
-        decap: DecapConfig::new(TunnelKind::Vxlan, 1, Ipv4Addr::new(192, 0, 2, 1).into()),
-        uplink: PortId(0),
-        underlay_mtu: 1500,
-        icmp_rate: (1000, 100),
-    };
+    // Node 1 of the shared fixture, on ports with the bug.
+    let spec = TestNode::new(1);
     let ring = MemPortConfig { rx_ring: 8, tx_ring: 8, rx_offset: 0 };
     let ports = vec![FreesTwice(MemPort::new("uplink", ring)), FreesTwice(MemPort::new("pod", ring))];
     let mut w = Worker::new(
         ports,
-        vec![PortRole::Uplink, PortRole::Pod],
+        spec.roles(),
         HeapMem::new(FRAMES, 2048),
         FreeFrames::all(FRAMES),
-        Pipeline::new(cfg),
+        Pipeline::new(spec.config()),
     );
     let fib = Snapshot::empty();
     let shared = w.shared_counters();
