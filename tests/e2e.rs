@@ -841,6 +841,12 @@ fn router_refusals_are_counted_and_reach_nothing() {
         ("pod_dst_mac_not_gateway", BURST),
         ("pod_ipv4_bad_checksum", BURST),
         ("pod_vlan_tagged", BURST),
+        // The older classes, sent alongside (the first test above covers them at more length).
+        ("truncated", BURST),
+        ("vni_mismatch", BURST),
+        ("unknown_source_node", BURST),
+        ("spoofed_source", BURST),
+        ("ipv4_bad_ihl", BURST),
     ];
     let delta = |d: &Value, r: &str| d[r].as_u64().unwrap_or(0).saturating_sub(before[r].as_u64().unwrap_or(0));
     let deadline = Instant::now() + Duration::from_secs(5);

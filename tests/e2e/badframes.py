@@ -12,12 +12,16 @@
       frames a router must refuse (issue 18), from the underlay toward a node: another host's outer
       destination MAC, a wrong outer UDP checksum, a wrong outer IPv4 header checksum, an outer first
       fragment, inner TTL 0, inner multicast source MAC, an inner source that is not the sender's, an
-      inner packet for the node's underlay address (NODE_IP). All but the last are UDP to
-      INNER_DST:9999, the last to NODE_IP:9999, each with a "ferry-bad" payload; then one good frame
-      ("ferry-good") to INNER_DST:9999.
+      inner packet for the node's underlay address (NODE_IP), a truncated VXLAN header, a wrong VNI,
+      an unknown source node. Inner packets are UDP to INNER_DST:9999 (NODE_IP:9999) with a
+      "ferry-bad" payload; then one good frame ("ferry-good") to INNER_DST:9999.
   badframes.py refuse-pod IFACE GW_MAC SRC_IP DST_IP COUNT
       from inside a pod: another source MAC, a destination MAC that is not the gateway's, a wrong IPv4
-      header checksum, an 802.1Q tag; UDP to DST_IP:9999 with a "ferry-bad" payload.
+      header checksum, an 802.1Q tag, a spoofed source, an IHL beyond the frame; UDP to DST_IP:9999
+      with a "ferry-bad" payload.
+  badframes.py flood-uplink IFACE <as refuse-uplink, without COUNT> SECONDS RATE
+  badframes.py flood-pod IFACE GW_MAC SRC_IP DST_IP SECONDS RATE
+      the same classes round robin at about RATE frames per second for SECONDS (scripts/flood-bad.sh).
   badframes.py listen PORT SECONDS
       counts UDP datagrams on PORT ("ferry-bad" and "ferry-good" payloads) until a "ferry-end" one
       comes or SECONDS pass; prints "listening" first and "bad N good M" at the end.
@@ -110,6 +114,95 @@ def end(ip, port):
         time.sleep(0.2)
 
 
+VTEP = mac("02:fe:ff:ff:ff:ff")
+PEER = mac("02:00:00:e2:e0:02")
+
+
+def uplink_args(args):
+    return (mac(args[0]), args[1], args[2], int(args[3]), int(args[4]), args[5], args[6], args[7])
+
+
+def uplink_inner(inner_src, inner_dst, ttl=63, src_mac=PEER, payload=b"ferry-bad"):
+    return eth(VTEP, src_mac, ipv4(inner_src, inner_dst, 17, udp(1000, 9999, payload), ttl=ttl))
+
+
+def uplink_good(args, me):
+    dst_mac, dst_ip, known, port, vni, inner_src, inner_dst, _ = uplink_args(args)
+    inner = uplink_inner(inner_src, inner_dst, payload=b"ferry-good")
+    return eth(dst_mac, me, ipv4(known, dst_ip, 17, udp(40010, port, vxlan(vni, inner))))
+
+
+def uplink_refusals(args, me):
+    """(drop reason, frame) for every class a router must refuse from the underlay. `args`: DST_MAC
+    DST_IP KNOWN_SRC PORT VNI INNER_SRC INNER_DST NODE_IP."""
+    dst_mac, dst_ip, known, port, vni, inner_src, inner_dst, node_ip = uplink_args(args)
+
+    def inner(**kw):
+        return uplink_inner(kw.pop("src", inner_src), kw.pop("dst", inner_dst), **kw)
+
+    def tunnel(inner_frame, to_mac=dst_mac, **ip):
+        return eth(to_mac, me, ipv4(known, dst_ip, 17, udp(40010, port, vxlan(vni, inner_frame)), **ip))
+
+    seg = udp(40011, port, vxlan(vni, inner()))
+    wrong = udp4_csum(known, dst_ip, seg) ^ 0x5555 or 1
+    bad_udp_csum = seg[:6] + struct.pack("!H", wrong) + seg[8:]
+    return [
+        ("outer_dst_mac_not_ours", tunnel(inner(), to_mac=mac("02:00:00:e2:e0:99"))),
+        ("udp_bad_checksum", eth(dst_mac, me, ipv4(known, dst_ip, 17, bad_udp_csum))),
+        ("ipv4_bad_checksum", tunnel(inner(), bad_csum=True)),
+        ("outer_fragment", tunnel(inner(), frag=0x2000)),
+        ("inner_ttl_zero", tunnel(inner(ttl=0))),
+        ("inner_src_mac_multicast", tunnel(inner(src_mac=mac("01:00:5e:00:00:01")))),
+        ("inner_spoofed_source", tunnel(inner(src="10.244.250.2"))),
+        ("not_local_pod", tunnel(inner(dst=node_ip))),
+        ("truncated", eth(dst_mac, me, ipv4(known, dst_ip, 17, udp(40014, port, vxlan(vni, inner())[:4])))),
+        ("vni_mismatch", eth(dst_mac, me, ipv4(known, dst_ip, 17, udp(40012, port, vxlan(vni + 76, inner()))))),
+        ("unknown_source_node", eth(dst_mac, me, ipv4("192.168.100.199", dst_ip, 17,
+                                                       udp(40013, port, vxlan(vni, inner()))))),
+    ]
+
+
+def pod_refusals(iface, args):
+    """(drop reason, frame) for every class a router must refuse from a pod. `args`: GW_MAC SRC_IP DST_IP."""
+    gw, src, dst = mac(args[0]), args[1], args[2]
+    with open("/sys/class/net/%s/address" % iface) as f:
+        me = mac(f.read().strip())
+    packet = ipv4(src, dst, 17, udp(1000, 9999, b"ferry-bad"))
+    return [
+        ("pod_src_mac_mismatch", eth(gw, mac("02:00:00:e2:e0:77"), packet)),
+        ("pod_dst_mac_not_gateway", eth(mac("02:00:00:e2:e0:88"), me, packet)),
+        ("pod_ipv4_bad_checksum", eth(gw, me, ipv4(src, dst, 17, udp(1000, 9999, b"ferry-bad"), bad_csum=True))),
+        ("pod_vlan_tagged", gw + me + struct.pack("!HH", 0x8100, 5) + struct.pack("!H", 0x0800) + packet),
+        ("spoofed_source", eth(gw, me, ipv4("10.244.99.99", dst, 17, udp(1000, 9999, b"ferry-bad")))),
+        ("ipv4_bad_ihl", eth(gw, me, ipv4(src, dst, 17, b"x" * 8, ihl=15)[:28])),
+    ]
+
+
+def flood(sock, frames, seconds, rate):
+    """Sends `frames` round robin at about `rate` frames per second for `seconds`; prints one
+    "<reason> <sent>" line per class."""
+    sent = [0] * len(frames)
+    start = time.monotonic()
+    end = start + seconds
+    n = 0
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        due = int((now - start) * rate)
+        while n < due:
+            i = n % len(frames)
+            try:
+                sock.send(frames[i][1])
+                sent[i] += 1
+            except OSError:
+                pass  # a full socket buffer: not sent, not counted
+            n += 1
+        time.sleep(0.001)
+    for (name, _), k in zip(frames, sent):
+        print(name, k, flush=True)
+
+
 def main():
     mode = sys.argv[1]
     if mode == "listen":
@@ -138,41 +231,19 @@ def main():
         burst(s, "udp_length_beyond_ip",
               eth(dst_mac, me, ipv4(known, dst_ip, 17, udp(40004, port, good, length=8 + len(good) + 300))), count)
     elif mode == "refuse-uplink":
-        (dst_mac, dst_ip, known, port, vni, inner_src, inner_dst, node_ip) = (
-            mac(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8],
-            sys.argv[9], sys.argv[10])
-        vtep = mac("02:fe:ff:ff:ff:ff")
-        peer = mac("02:00:00:e2:e0:02")
-
-        def inner(src=inner_src, dst=inner_dst, ttl=63, src_mac=peer, payload=b"ferry-bad"):
-            return eth(vtep, src_mac, ipv4(src, dst, 17, udp(1000, 9999, payload), ttl=ttl))
-
-        def tunnel(inner_frame, to_mac=dst_mac, **ip):
-            return eth(to_mac, me, ipv4(known, dst_ip, 17, udp(40010, port, vxlan(vni, inner_frame)), **ip))
-
-        seg = udp(40011, port, vxlan(vni, inner()))
-        wrong = udp4_csum(known, dst_ip, seg) ^ 0x5555 or 1
-        bad_udp_csum = seg[:6] + struct.pack("!H", wrong) + seg[8:]
-        burst(s, "outer_dst_mac_not_ours", tunnel(inner(), to_mac=mac("02:00:00:e2:e0:99")), count)
-        burst(s, "udp_bad_checksum", eth(dst_mac, me, ipv4(known, dst_ip, 17, bad_udp_csum)), count)
-        burst(s, "ipv4_bad_checksum", tunnel(inner(), bad_csum=True), count)
-        burst(s, "outer_fragment", tunnel(inner(), frag=0x2000), count)
-        burst(s, "inner_ttl_zero", tunnel(inner(ttl=0)), count)
-        burst(s, "inner_src_mac_multicast", tunnel(inner(src_mac=mac("01:00:5e:00:00:01"))), count)
-        burst(s, "inner_spoofed_source", tunnel(inner(src="10.244.250.2")), count)
-        burst(s, "not_local_pod", tunnel(inner(dst=node_ip)), count)
-        burst(s, "good", tunnel(inner(payload=b"ferry-good")), 1)
+        for name, frame in uplink_refusals(sys.argv[3:11], me):
+            burst(s, name, frame, count)
+        burst(s, "good", uplink_good(sys.argv[3:11], me), 1)
     elif mode == "refuse-pod":
-        gw, src, dst = mac(sys.argv[3]), sys.argv[4], sys.argv[5]
-        with open("/sys/class/net/%s/address" % iface) as f:
-            me = mac(f.read().strip())
-        packet = ipv4(src, dst, 17, udp(1000, 9999, b"ferry-bad"))
-        burst(s, "pod_src_mac_mismatch", eth(gw, mac("02:00:00:e2:e0:77"), packet), count)
-        burst(s, "pod_dst_mac_not_gateway", eth(mac("02:00:00:e2:e0:88"), me, packet), count)
-        burst(s, "pod_ipv4_bad_checksum", eth(gw, me, ipv4(src, dst, 17, udp(1000, 9999, b"ferry-bad"),
-                                                           bad_csum=True)), count)
-        burst(s, "pod_vlan_tagged", gw + me + struct.pack("!HH", 0x8100, 5) + struct.pack("!H", 0x0800) + packet,
-              count)
+        for name, frame in pod_refusals(iface, sys.argv[3:6]):
+            burst(s, name, frame, count)
+    elif mode in ("flood-uplink", "flood-pod"):
+        seconds, rate = min(float(sys.argv[-2]), 600), float(sys.argv[-1])
+        if mode == "flood-uplink":
+            frames = uplink_refusals(sys.argv[3:11], me)
+        else:
+            frames = pod_refusals(iface, sys.argv[3:6])
+        flood(s, frames, seconds, rate)
     elif mode == "pod":
         gw, src, dst = mac(sys.argv[3]), sys.argv[4], sys.argv[5]
         with open("/sys/class/net/%s/address" % iface) as f:
