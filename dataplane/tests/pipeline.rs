@@ -395,6 +395,14 @@ fn frames_a_router_must_refuse_are_counted_each_under_its_reason() {
     );
     // Inner TTL 0.
     check(&mut a, UPLINK, &tunnel_from_b(&inner_from_b(POD_B1, POD_A1, 0), |_| {}), DropReason::InnerTtlZero);
+    // Inner IPv6 hop limit 0 (to a1's IPv6 address).
+    let mut hop0 = Vec::new();
+    PacketBuilder::ethernet2(mac(0xa2).0, mac(0xa1).0)
+        .ipv6(Ipv6Addr::new(0xfd00, 0, 0, 2, 0, 0, 0, 2).octets(), POD_A1_V6.octets(), 0)
+        .udp(4000, 5000)
+        .write(&mut hop0, b"x")
+        .expect("build");
+    check(&mut a, UPLINK, &tunnel_from_b(&hop0, |_| {}), DropReason::InnerTtlZero);
     // Inner source MAC multicast, and broadcast.
     let mut mcast = clean.clone();
     mcast[6..12].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);

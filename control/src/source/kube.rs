@@ -390,6 +390,9 @@ mod tests {
         assert_eq!(s.vtep_mac.map(|m| m.to_string()).as_deref(), Some("02:42:c0:00:02:46"));
         assert_eq!(s.vni, 1);
         assert!(!s.local);
+        // Seniority from the server's own record: creationTimestamp 2026-11-21T14:05:54Z, the UID.
+        assert_eq!(s.seniority.created, 1_795_269_954);
+        assert_eq!(s.seniority.uid, "9a1227fb-8e0b-4d3c-82b8-e27ddc736c1f");
     }
 
     #[test]

@@ -285,6 +285,8 @@ mod tests {
         assert_eq!((a.tunnel, a.port, a.pod_cidrs.len()), (TunnelKind::Geneve, 6081, 2));
         assert_eq!(p.nodes[2].as_ref().map_err(|e| e.field.as_str()), Err("vtep_mac"));
         assert_eq!(p.nodes[3].as_ref().map_err(|e| e.field.as_str()), Err("name"));
+        // The entry's position ranks overlapping claims.
+        assert_eq!((me.seniority.created, a.seniority.created), (0, 1));
     }
 
     #[test]
