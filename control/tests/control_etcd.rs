@@ -204,3 +204,32 @@ async fn etcd_killed_and_restarted_mid_watch() {
     assert_eq!(own_lease(&mut c).await.len(), 1);
     drop(cp);
 }
+
+/// Issue 18: overlapping leases resolve by age (the key's create_revision), not by the order a
+/// fresh list returns them in (sorted by key). The older lease, 10.8.1.128/25, sorts after the
+/// younger 10.8.1.0/24, so a control plane that starts now hears of the younger first: it must
+/// still give the older one its subnet, and the younger nothing, as an agent that watched both
+/// being written does.
+#[tokio::test]
+async fn etcd_overlapping_leases_resolve_by_age_not_key_order() {
+    common::init_tracing();
+    let Some(bin) = common::etcd_binary("etcd_overlapping_leases_resolve_by_age_not_key_order") else { return };
+    let etcd = Etcd::start(&bin);
+    let mut c = client(&etcd).await;
+    put(&mut c, "config", r#"{"Network":"10.8.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1}}"#).await;
+    put(&mut c, "subnets/10.8.1.128-25", &lease_value("192.0.2.11", "02:00:00:00:00:11")).await;
+    put(&mut c, "subnets/10.8.1.0-24", &lease_value("192.0.2.12", "02:00:00:00:00:12")).await;
+    put(&mut c, "subnets/10.8.9.0-24", &lease_value("192.0.2.19", "02:00:00:00:00:19")).await;
+    let mut cfg = config(&etcd, Duration::from_secs(30));
+    if let Some(e) = cfg.etcd.as_mut() {
+        e.take_lease = false;
+    }
+    let (publisher, mut reader) = common::tables();
+    let cp = ControlPlane::spawn(cfg, publisher).expect("starts");
+    // 10.8.9.0/24 overlaps nobody: once it is there, the whole list has been applied.
+    let s = wait_for(&mut reader, WAIT, "the list applied", |s| has(s, "10.8.9.1")).await;
+    assert_eq!(underlay(&s, "10.8.1.200"), Some("192.0.2.11".parse().expect("ip")), "the older lease keeps its /25");
+    assert!(!has(&s, "10.8.1.5"), "the younger, overlapping lease installs nothing");
+    assert_eq!(cp.metrics().rejected_total(SourceKind::Etcd, "key"), 1, "one warning for the loser");
+    drop(cp);
+}
