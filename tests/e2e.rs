@@ -719,27 +719,37 @@ fn bad_input_is_counted_and_survived() {
         ("ipv4_bad_ihl", BURST),              // pod: IP header shorter than its IHL
         ("spoofed_source", BURST),            // pod: source not its own
     ];
-    let delta = |d: &Value, r: &str| d[r].as_u64().unwrap_or(0).saturating_sub(before[r].as_u64().unwrap_or(0));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let drops = loop {
-        let d = lab.ferry("n1", "stats")["drops"].clone();
-        if want.iter().all(|(r, n)| delta(&d, r) >= *n) || Instant::now() > deadline {
-            break d;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
-    for (r, n) in want {
-        println!("drop reason {r:<22} +{} (sent {n})", delta(&drops, r));
-    }
-    for (r, n) in want {
-        assert!(drops.get(r).is_some(), "no drop reason {r} in ferry stats: {drops}");
-        assert!(delta(&drops, r) >= n, "{r}: +{} after sending {n}", delta(&drops, r));
+    for (r, n, rise) in drop_rises(&lab, "n1", &before, &want) {
+        let rise = rise.unwrap_or_else(|| panic!("no drop reason {r} in ferry stats"));
+        assert!(rise >= n, "{r}: +{rise} after sending {n}");
     }
 
     // Still running, still forwarding, both ways.
     assert!(lab.entry("nodes", "n1")["agent_pid"].is_u64(), "the agent of n1 died");
     assert!(lab.ping_once("n2-p1", &p1, "1"), "n2-p1 -> n1-p1 after the bursts");
     assert!(lab.ping_once("n1-p1", &p2, "1"), "n1-p1 -> n2-p1 after the bursts");
+}
+
+/// Polls `node`'s drop counters until every reason in `want` has risen by at least its count since
+/// `before`, or 5 s pass (the agent samples counters once a second), and prints each rise. Returns
+/// `(reason, sent, rise)`, the rise `None` where ferry has no such reason.
+fn drop_rises<'a>(lab: &Lab, node: &str, before: &Value, want: &[(&'a str, u64)]) -> Vec<(&'a str, u64, Option<u64>)> {
+    let rise = |d: &Value, r: &str| Some(d.get(r)?.as_u64()?.saturating_sub(before[r].as_u64().unwrap_or(0)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let drops = loop {
+        let d = lab.ferry(node, "stats")["drops"].clone();
+        if want.iter().all(|&(r, n)| rise(&d, r).is_some_and(|x| x >= n)) || Instant::now() > deadline {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    want.iter()
+        .map(|&(r, n)| {
+            let x = rise(&drops, r);
+            println!("drop reason {r:<24} +{} (sent {n})", x.unwrap_or(0));
+            (r, n, x)
+        })
+        .collect()
 }
 
 /// A UDP listener in a lab namespace (`badframes.py listen`): counts the "ferry-bad" and
@@ -848,22 +858,12 @@ fn router_refusals_are_counted_and_reach_nothing() {
         ("spoofed_source", BURST),
         ("ipv4_bad_ihl", BURST),
     ];
-    let delta = |d: &Value, r: &str| d[r].as_u64().unwrap_or(0).saturating_sub(before[r].as_u64().unwrap_or(0));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let drops = loop {
-        let d = lab.ferry("n1", "stats")["drops"].clone();
-        if want.iter().all(|(r, n)| delta(&d, r) >= *n) || Instant::now() > deadline {
-            break d;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
-    for (r, n) in want {
-        println!("drop reason {r:<24} +{} (sent {n})", delta(&drops, r));
-    }
-    let wrong: Vec<String> = want
-        .iter()
-        .filter(|(r, n)| drops.get(*r).is_none() || delta(&drops, r) != *n)
-        .map(|(r, n)| format!("{r}: +{} after sending {n}", delta(&drops, r)))
+    let wrong: Vec<String> = drop_rises(&lab, "n1", &before, &want)
+        .into_iter()
+        .filter(|&(_, n, rise)| rise != Some(n))
+        .map(|(r, n, rise)| {
+            format!("{r}: +{} after sending {n}", rise.map_or("(no such reason)".into(), |x| x.to_string()))
+        })
         .collect();
     assert!(wrong.is_empty(), "drop counters not exactly what was sent:\n{}", wrong.join("\n"));
 
