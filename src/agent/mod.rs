@@ -28,6 +28,7 @@ use ferry_dataplane::counters::{Counters, SharedCounters};
 use ferry_dataplane::frame::{FrameMem, FreeFrames};
 use ferry_dataplane::neighbour::NeighbourSync;
 use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
+use ferry_dataplane::port::any::NodePort;
 use ferry_dataplane::port::xsk::{self, XskMem, XskMemConfig, XskPort, XskPortConfig};
 use ferry_dataplane::worker::{self, PollMode, Worker};
 use ferry_dataplane::xdp::{PodConfig, UplinkConfig, XdpAttachment, XdpProgram};
@@ -277,7 +278,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         XdpProgram::uplink(&UplinkConfig { tunnel_port: cfg.tunnel_port, local_v4: v4, local_v6: v6 }, cfg.workers)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
-    let mut threads: Vec<JoinHandle<Worker<XskPort>>> = Vec::new();
+    let mut threads: Vec<JoinHandle<Worker<NodePort>>> = Vec::new();
     let mut counters = Vec::new();
     for w in 0..cfg.workers {
         let mem = XskMem::new(mem_cfg).context("creating the worker's UMEM (dataplane.frames)")?;
@@ -285,8 +286,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         uplink_prog.add_port(&uplink)?;
         let free = FreeFrames::all(mem.frame_count());
         let mem_handle = mem.handle().clone();
-        let mut worker = Worker::new(vec![uplink], vec![PortRole::Uplink], mem, free, Pipeline::new(node_cfg.clone()))
-            .with_capacity(cfg.max_ports as usize);
+        let mut worker = Worker::new(
+            vec![NodePort::Xsk(uplink)],
+            vec![PortRole::Uplink],
+            mem,
+            free,
+            Pipeline::new(node_cfg.clone()),
+        )
+        .with_capacity(cfg.max_ports as usize);
         let control = worker.control();
         counters.push(worker.shared_counters());
         let mode = match cfg.poll {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_dataplane::pipeline::{PortId, PortRole};
+use ferry_dataplane::port::any::NodePort;
 use ferry_dataplane::port::xsk::{self, XskMemHandle, XskPort, XskPortConfig};
 use ferry_dataplane::worker::PortControl;
 use ferry_dataplane::xdp::{PodConfig, XdpAttachment, XdpMode, XdpProgram};
@@ -30,7 +31,7 @@ pub(super) struct WorkerHandle {
     /// Opens sockets on the worker's UMEM.
     pub(super) mem: XskMemHandle,
     /// Adds and removes the worker's ports.
-    pub(super) control: PortControl<XskPort>,
+    pub(super) control: PortControl<NodePort>,
     /// The worker's queue on every interface.
     pub(super) queue: u32,
 }
@@ -160,7 +161,7 @@ impl Pods {
                 undo(&added);
                 return Err(e.to_string());
             }
-            if let Err(e) = w.control.add(id, port, PortRole::Pod, PORT_COMMAND_TIMEOUT) {
+            if let Err(e) = w.control.add(id, NodePort::Xsk(port), PortRole::Pod, PORT_COMMAND_TIMEOUT) {
                 undo(&added);
                 return Err(e.to_string());
             }

@@ -2,7 +2,8 @@
 //!
 //! A port moves [`Pkt`] descriptors, never bytes, between a worker and something that sends and
 //! receives frames: an AF_XDP socket, an in-memory queue for tests and benches ([`mem::MemPort`]),
-//! or either of those wrapped in a pcap writer ([`pcap::PcapTap`]). Frame ownership passes with
+//! or either of those wrapped in a pcap writer ([`pcap::PcapTap`]). A node's workers hold
+//! [`any::NodePort`], whichever of the kinds each interface uses. Frame ownership passes with
 //! each call, so that every frame is always in exactly one place:
 //!
 //! - [`Port::refill`] hands free frames to the port for receiving;
@@ -13,6 +14,7 @@
 //! All ports of one worker share that worker's frame memory (`Self::Mem`), so forwarding from one
 //! port to another is descriptor passing.
 
+pub mod any;
 pub mod mem;
 pub mod pcap;
 pub mod xsk;

@@ -1,0 +1,90 @@
+//! One port type for a node's workers (hot path): [`NodePort`] is whichever kind of port an
+//! interface got, behind the one [`Port`] type a [`crate::worker::Worker`] is generic over. Every
+//! kind shares the worker's frame memory ([`XskMem`], the AF_XDP UMEM), so forwarding between
+//! kinds stays descriptor passing.
+//!
+//! Each method is a `match` that delegates to the variant, marked `#[inline]` so that the worker's
+//! loop compiles to a branch on the kind and a direct call: no virtual call, no allocation. A new
+//! kind is a new variant and one arm per method.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use super::xsk::{XskMem, XskPort};
+use super::{Port, PortStats};
+use crate::frame::{FreeFrames, Pkt};
+
+/// A port of a node's worker, of whichever kind its interface uses.
+#[derive(Debug)]
+pub enum NodePort {
+    /// An AF_XDP socket on one queue of an interface (the uplink, the host port, veth pods).
+    Xsk(XskPort),
+}
+
+impl From<XskPort> for NodePort {
+    fn from(p: XskPort) -> Self {
+        NodePort::Xsk(p)
+    }
+}
+
+/// Evaluates `$call` with `$p` bound to whichever port `$self` holds.
+macro_rules! each {
+    ($self:expr, $p:ident => $call:expr) => {
+        match $self {
+            NodePort::Xsk($p) => $call,
+        }
+    };
+}
+
+impl Port for NodePort {
+    type Mem = XskMem;
+
+    #[inline]
+    fn name(&self) -> &str {
+        each!(self, p => p.name())
+    }
+
+    #[inline]
+    fn recv(&mut self, mem: &mut XskMem, out: &mut [Pkt]) -> usize {
+        each!(self, p => p.recv(mem, out))
+    }
+
+    #[inline]
+    fn send(&mut self, mem: &mut XskMem, pkts: &[Pkt]) -> usize {
+        each!(self, p => p.send(mem, pkts))
+    }
+
+    #[inline]
+    fn flush(&mut self) -> io::Result<()> {
+        each!(self, p => p.flush())
+    }
+
+    #[inline]
+    fn reclaim(&mut self, free: &mut FreeFrames) -> usize {
+        each!(self, p => p.reclaim(free))
+    }
+
+    #[inline]
+    fn refill(&mut self, free: &mut FreeFrames) -> usize {
+        each!(self, p => p.refill(free))
+    }
+
+    #[inline]
+    fn poll_fd(&self) -> Option<RawFd> {
+        each!(self, p => p.poll_fd())
+    }
+
+    #[inline]
+    fn frames_held(&self) -> usize {
+        each!(self, p => p.frames_held())
+    }
+
+    fn release(self, free: &mut FreeFrames) {
+        each!(self, p => p.release(free))
+    }
+
+    #[inline]
+    fn stats(&self) -> PortStats {
+        each!(self, p => p.stats())
+    }
+}
