@@ -17,6 +17,7 @@
 pub mod any;
 pub mod mem;
 pub mod pcap;
+pub mod udp;
 pub mod xsk;
 
 use std::io;
