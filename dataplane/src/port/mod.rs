@@ -17,6 +17,7 @@
 pub mod any;
 pub mod mem;
 pub mod pcap;
+pub mod tap;
 pub mod udp;
 pub mod xsk;
 
