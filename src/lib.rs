@@ -4,5 +4,6 @@
 pub mod admin;
 pub mod agent;
 pub mod cni;
+pub mod install;
 pub mod netlink;
 pub mod pktgen;

@@ -21,15 +21,25 @@ struct Cli {
 enum Command {
     /// Run the node agent: data plane, control plane and admin socket.
     Run {
-        /// The configuration file (TOML).
-        #[arg(long, short)]
-        config: PathBuf,
+        /// The configuration file (TOML). Given more than once, later files' keys replace earlier
+        /// ones' (the cluster's shared file first, a node's own on top).
+        #[arg(long, short, required = true)]
+        config: Vec<PathBuf>,
         /// Check the configuration and exit.
         #[arg(long)]
         check: bool,
     },
     /// The running agent's configuration and health.
-    Status(Query),
+    Status {
+        #[command(flatten)]
+        query: Query,
+        /// Print nothing but whether the agent is ready; exit 0 if it is, 1 if not (or unreachable).
+        #[arg(long)]
+        ready: bool,
+    },
+    /// Install the CNI plugins and the network configuration into a node's CNI directories (the
+    /// DaemonSet's init step).
+    InstallCni(ferry::install::InstallCniArgs),
     /// The forwarding table the workers use now.
     Routes(Query),
     /// Packets per port (with rates over the last second) and drops by reason.
@@ -54,7 +64,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, check } => run(&config, check),
-        Command::Status(q) => query(&q, Request::Status, print_status),
+        Command::Status { query: q, ready: false } => query(&q, Request::Status, print_status),
+        Command::Status { query: q, ready: true } => ready(&q),
+        Command::InstallCni(args) => match ferry::install::install_cni(&args) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferry install-cni: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Routes(q) => query(&q, Request::Routes, print_routes),
         Command::Stats(q) => query(&q, Request::Stats, print_stats),
         Command::DropReasons => {
@@ -73,8 +94,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &std::path::Path, check: bool) -> ExitCode {
-    let cfg = match ferry::agent::AgentConfig::load(path) {
+fn run(paths: &[PathBuf], check: bool) -> ExitCode {
+    let cfg = match ferry::agent::AgentConfig::load_layers(paths) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ferry run: {e}");
@@ -82,7 +103,8 @@ fn run(path: &std::path::Path, check: bool) -> ExitCode {
         }
     };
     if check {
-        println!("{}: ok", path.display());
+        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        println!("{}: ok", names.join(" + "));
         return ExitCode::SUCCESS;
     }
     tracing_subscriber::fmt()
@@ -99,6 +121,26 @@ fn run(path: &std::path::Path, check: bool) -> ExitCode {
             eprintln!("ferry run: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `ferry status --ready`: one line, and the exit code a readiness probe reads.
+fn ready(q: &Query) -> ExitCode {
+    let resp = match admin::call(&q.socket, &Request::Status, Duration::from_secs(5)) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("not ready: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let data = resp.data.unwrap_or(Value::Null);
+    if resp.ok && data["ready"].as_bool() == Some(true) {
+        println!("ready");
+        ExitCode::SUCCESS
+    } else {
+        let why = resp.error.or_else(|| data["not_ready_because"].as_str().map(str::to_owned)).unwrap_or_default();
+        println!("not ready: {why}");
+        ExitCode::FAILURE
     }
 }
 

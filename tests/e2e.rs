@@ -610,6 +610,26 @@ fn assert_same_wiring(before: &Value, after: &Value, what: &str) {
     panic!("{what} changed the wiring ({} vs {} lines):\n{}", bl.len(), al.len(), diff.join("\n"));
 }
 
+/// The HTTP status of `GET http://127.0.0.1:9100{path}` inside a node's namespace (the health
+/// endpoints the lab's agents serve from deploy/ferry.toml's `metrics_addr`); 0 if nothing answers.
+fn http_status(lab: &Lab, node: &str, path: &str) -> u16 {
+    let py = format!(
+        "import urllib.request, urllib.error\ntry:\n print(urllib.request.urlopen('http://127.0.0.1:9100{path}', timeout=2).status)\n\
+         except urllib.error.HTTPError as e:\n print(e.code)\nexcept OSError:\n print(0)"
+    );
+    let out = run_bounded(10, &["ip", "netns", "exec", &lab.netns(node), python(), "-c", &py]);
+    text(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+/// `ferry status --ready` on a node: its exit status and its one line.
+fn status_ready(lab: &Lab, node: &str) -> (bool, String) {
+    let sock = format!("/run/ferry-lab/{}/nodes/{node}/ferry.sock", lab.name);
+    let ferry = env!("CARGO_BIN_EXE_ferry");
+    let out =
+        run_bounded(10, &["ip", "netns", "exec", &lab.netns(node), ferry, "status", "--ready", "--socket", &sock]);
+    (out.status.success(), text(&out.stdout).trim().to_owned())
+}
+
 #[test]
 fn restart_reachable_within_a_second_wiring_untouched() {
     if !privileged("restart_reachable_within_a_second_wiring_untouched") {
@@ -621,9 +641,15 @@ fn restart_reachable_within_a_second_wiring_untouched() {
     let target = lab.pod_ip("n1-p1");
     assert!(lab.ping_once("n2-p1", &target, "1"), "reachable before the restart");
     let before = wiring(&lab, &pods);
+    // Health, as the DaemonSet's probes and `ferry status --ready` see it.
+    assert_eq!(status_ready(&lab, "n1"), (true, "ready".to_owned()));
+    assert_eq!((http_status(&lab, "n1", "/healthz"), http_status(&lab, "n1", "/readyz")), (200, 200));
 
     lab.ok(&["kill-agent", "n1"]);
     assert!(lab.entry("nodes", "n1")["agent_pid"].is_null(), "the agent is gone");
+    let (ready, line) = status_ready(&lab, "n1");
+    assert!(!ready && line.starts_with("not ready:"), "ferry status --ready with the agent killed: {ready} {line:?}");
+    assert_eq!(http_status(&lab, "n1", "/healthz"), 0, "something answers health checks for a killed agent");
     assert!(!lab.ping_once("n2-p1", &target, "0.5"), "n1-p1 answers with its agent killed?");
     let killed = wiring(&lab, &pods);
     assert_same_wiring(&before, &killed, "kill -9 of the agent");
@@ -678,6 +704,14 @@ fn restart_reachable_within_a_second_wiring_untouched() {
     assert_same_wiring(&before, &after, "the restart");
     let status = lab.ferry("n1", "status");
     assert_eq!(status["pods"].as_array().map(Vec::len), Some(2), "both pods restored: {status}");
+    // Ready again: start-agent returned once the admin socket answered; the first table comes from
+    // the route source at start, so readiness follows within a bounded wait.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !status_ready(&lab, "n1").0 {
+        assert!(Instant::now() < deadline, "n1 not ready 10 s after its restart: {:?}", status_ready(&lab, "n1"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(http_status(&lab, "n1", "/readyz"), 200);
 }
 
 #[test]

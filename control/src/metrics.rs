@@ -54,6 +54,28 @@ pub type ExtraMetrics = Box<dyn Fn(&mut String) + Send + Sync>;
 
 struct Extra(std::sync::Mutex<Option<ExtraMetrics>>);
 
+/// What `/healthz` and `/readyz` answer: see [`Metrics::set_health`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// The process works (`/healthz` answers 200; otherwise 503).
+    pub live: bool,
+    /// It is ready to carry traffic (`/readyz` answers 200; otherwise 503).
+    pub ready: bool,
+    /// Why not, when it is not live or not ready (the response body).
+    pub detail: String,
+}
+
+/// Computes the agent's [`Health`] each time a probe asks.
+pub type HealthCheck = Box<dyn Fn() -> Health + Send + Sync>;
+
+struct HealthSlot(std::sync::Mutex<Option<HealthCheck>>);
+
+impl std::fmt::Debug for HealthSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HealthSlot")
+    }
+}
+
 impl std::fmt::Debug for Extra {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Extra")
@@ -63,6 +85,7 @@ impl std::fmt::Debug for Extra {
 #[derive(Debug)]
 struct Inner {
     extra: Extra,
+    health: HealthSlot,
     registry: Registry,
     routes: Family<NextHopLabels, Gauge>,
     nodes: Gauge,
@@ -114,6 +137,7 @@ impl Metrics {
         Metrics {
             inner: Arc::new(Inner {
                 extra: Extra(std::sync::Mutex::new(None)),
+                health: HealthSlot(std::sync::Mutex::new(None)),
                 registry,
                 routes,
                 nodes,
@@ -194,6 +218,25 @@ impl Metrics {
         *self.inner.extra.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
     }
 
+    /// Answer `/healthz` and `/readyz` with `f`. Until it is set, the endpoint is live and ready
+    /// once the control plane has published a table.
+    pub fn set_health(&self, f: HealthCheck) {
+        *self.inner.health.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+    }
+
+    /// The health the probes see now.
+    pub fn health(&self) -> Health {
+        let slot = self.inner.health.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match slot.as_ref() {
+            Some(f) => f(),
+            None => {
+                let ready = self.publications() > 0;
+                let detail = if ready { String::new() } else { "no table published yet".into() };
+                Health { live: true, ready, detail }
+            }
+        }
+    }
+
     /// The whole registry in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -214,8 +257,8 @@ fn gauge_value(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` turns true. One task per connection;
-/// anything else answers 404.
+/// Serves `GET /metrics`, `GET /healthz` and `GET /readyz` on `listener` until `shutdown` turns
+/// true. One task per connection; anything else answers 404.
 pub(crate) async fn serve(listener: TcpListener, metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
@@ -246,9 +289,26 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Metrics, mut shutdown:
 
 fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
-    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+    if req.method() != Method::GET {
         *resp.status_mut() = StatusCode::NOT_FOUND;
         return resp;
+    }
+    match req.uri().path() {
+        "/metrics" => {}
+        "/healthz" | "/readyz" => {
+            let h = metrics.health();
+            let ok = if req.uri().path() == "/healthz" { h.live } else { h.live && h.ready };
+            let body = if ok { "ok\n".to_owned() } else { format!("{}\n", h.detail) };
+            *resp.body_mut() = Full::new(Bytes::from(body));
+            if !ok {
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            return resp;
+        }
+        _ => {
+            *resp.status_mut() = StatusCode::NOT_FOUND;
+            return resp;
+        }
     }
     *resp.body_mut() = Full::new(Bytes::from(metrics.encode()));
     if let Ok(v) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {

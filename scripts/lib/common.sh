@@ -57,7 +57,10 @@ alive() {
 # WHO names the agent in the messages.
 start_ferry_agent() {
     local ferry=$1 ns=$2 dir=$3 who=$4 i
-    setsid ip netns exec "$ns" "$ferry" run --config "$dir/config.toml" >>"$dir/agent.log" 2>&1 </dev/null &
+    # A base.toml beside the node's config is layered under it (the lab's copy of deploy/ferry.toml).
+    local configs=(--config "$dir/config.toml")
+    [ -f "$dir/base.toml" ] && configs=(--config "$dir/base.toml" "${configs[@]}")
+    setsid ip netns exec "$ns" "$ferry" run "${configs[@]}" >>"$dir/agent.log" 2>&1 </dev/null &
     echo $! >"$dir/agent.pid"
     for ((i = 0; i < 150; i++)); do
         if ! alive "$(cat "$dir/agent.pid")"; then

@@ -244,6 +244,9 @@ agent_start() {
     ns=$(node_ns "$name")
     [ "$(node_get "$name" KIND)" = ferry ] || die "$name is a kernel-VXLAN node: it has no agent"
     if pid=$(agent_pid "$name"); then die "the agent of $name already runs (pid $pid)"; fi
+    # The agent runs the manifests' configuration (deploy/ferry.toml, the ConfigMap's) with the lab
+    # node's own keys on top: what is deployed is what the lab tests.
+    [ -f "$dir/base.toml" ] || cp "$REPO/deploy/ferry.toml" "$dir/base.toml"
     [ -f "$dir/config.toml" ] || ferry_config "$name" >"$dir/config.toml"
     rm -f "$dir/ferry.sock"
     start_ferry_agent "$FERRY" "$ns" "$dir" "the agent of $name"

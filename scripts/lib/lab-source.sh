@@ -11,8 +11,8 @@ STATIC_FILE_NAME=nodes.toml
 # The [control] lines of a ferry node's config.
 source_agent_config() {
     case "$SOURCE" in
-        static) printf 'static_file = "%s"\n' "$STATE/$STATIC_FILE_NAME" ;;
-        etcd) printf 'etcd_endpoints = ["http://%s:2379"]\n' "$UL_GW" ;;
+        static) printf 'kube = false\nstatic_file = "%s"\n' "$STATE/$STATIC_FILE_NAME" ;;
+        etcd) printf 'kube = false\netcd_endpoints = ["http://%s:2379"]\n' "$UL_GW" ;;
         kube)
             printf 'kube = true\nkube_server = "https://%s:%d"\nkube_token_file = "%s"\nkube_ca_file = "%s"\n' \
                 "$UL_GW" "$KUBE_PORT" "$STATE/kube/token" "$STATE/kube/certs/apiserver.crt" ;;

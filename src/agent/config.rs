@@ -2,7 +2,7 @@
 //! An unknown key, a missing one or a bad value is an error naming the key.
 //!
 //! ```toml
-//! node_name = "n1"
+//! node_name = "n1"                 # default: $NODE_NAME (the DaemonSet's downward API)
 //! [underlay]
 //! interface = "ul0"               # required: the uplink
 //! address = "192.168.100.1"       # default: the interface's first IPv4 address
@@ -50,6 +50,21 @@ use ferry_encap::{MacAddr, TunnelKind};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+/// Merges `top` into `base`: tables key by key, anything else replaced.
+fn merge(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// The environment variable naming the node when the file does not (`node_name`).
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
+
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -85,7 +100,7 @@ pub enum ConfigError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    node_name: String,
+    node_name: Option<String>,
     underlay: UnderlayFile,
     #[serde(default)]
     tunnel: TunnelFile,
@@ -368,12 +383,77 @@ impl AgentConfig {
     /// # Errors
     /// [`ConfigError`] naming the key at fault.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with_env(path, text, |k| std::env::var(k).ok())
+    }
+
+    /// [`parse`](Self::parse), reading the environment through `env` (`NODE_NAME`, when the file
+    /// has no `node_name`: the DaemonSet sets it from the pod's `spec.nodeName`).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key at fault.
+    pub fn parse_with_env(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let f: File =
             toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
-        let bad = |key: &'static str, reason: String| ConfigError::Invalid { path: path.to_owned(), key, reason };
-        if f.node_name.is_empty() {
-            return Err(bad("node_name", "must not be empty".into()));
+        Self::check(path, f, env)
+    }
+
+    /// Loads layered configuration files: each later file's keys replace the earlier ones' (tables
+    /// merge key by key), so a node can run the cluster's shared file (the ConfigMap's ferry.toml)
+    /// with a small file of its own on top. One file is [`load`](Self::load).
+    ///
+    /// # Errors
+    /// [`ConfigError`]: a file that cannot be read or is not TOML names the file; a bad key in the
+    /// merged result names the key and all the files.
+    pub fn load_layers(paths: &[PathBuf]) -> Result<Self, ConfigError> {
+        let env = |k: &str| std::env::var(k).ok();
+        match paths {
+            [] => Err(ConfigError::Parse { path: PathBuf::new(), message: "no configuration file given".into() }),
+            [one] => Self::load(one),
+            _ => {
+                let mut layers = Vec::new();
+                for p in paths {
+                    let text =
+                        std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+                    layers.push((p.clone(), text));
+                }
+                Self::parse_layers(&layers, env)
+            }
         }
+    }
+
+    /// [`load_layers`](Self::load_layers) on texts already read (`(path, text)`, earliest first).
+    ///
+    /// # Errors
+    /// As [`load_layers`](Self::load_layers).
+    pub fn parse_layers(
+        layers: &[(PathBuf, String)],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut merged = toml::Table::new();
+        for (path, text) in layers {
+            let t: toml::Table =
+                toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?;
+            merge(&mut merged, t);
+        }
+        let names: Vec<String> = layers.iter().map(|(p, _)| p.display().to_string()).collect();
+        let path = PathBuf::from(names.join(" + "));
+        let f = File::deserialize(toml::Value::Table(merged))
+            .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?;
+        Self::check(&path, f, env)
+    }
+
+    fn check(path: &Path, mut f: File, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let bad = |key: &'static str, reason: String| ConfigError::Invalid { path: path.to_owned(), key, reason };
+        let node_name = match f.node_name.take() {
+            Some(n) if n.is_empty() => return Err(bad("node_name", "must not be empty".into())),
+            Some(n) => n,
+            None => env(NODE_NAME_ENV).filter(|n| !n.is_empty()).ok_or_else(|| {
+                bad(
+                    "node_name",
+                    format!("missing, and {NODE_NAME_ENV} is not set (set one: the DaemonSet sets {NODE_NAME_ENV} from spec.nodeName)"),
+                )
+            })?,
+        };
         if f.underlay.interface.is_empty() || f.underlay.interface.len() > 15 {
             return Err(bad("underlay.interface", "must be an interface name of 1 to 15 characters".into()));
         }
@@ -474,7 +554,7 @@ impl AgentConfig {
         let tunnel_port = f.tunnel.port.unwrap_or(tunnel.default_port());
 
         let c = &f.control;
-        let mut control = ControlConfig::new(f.node_name.clone());
+        let mut control = ControlConfig::new(node_name.clone());
         control.public_ip = f.underlay.address;
         control.vtep_mac = vtep_mac;
         control.vni = f.tunnel.vni;
@@ -523,7 +603,7 @@ impl AgentConfig {
         }
         Ok(AgentConfig {
             path: path.to_owned(),
-            node_name: f.node_name,
+            node_name,
             underlay_if: f.underlay.interface,
             underlay_addr: f.underlay.address,
             underlay_mtu: f.underlay.mtu,
@@ -575,7 +655,50 @@ static_file = "/etc/ferry/nodes.toml"
 "#;
 
     fn parse(text: &str) -> Result<AgentConfig, String> {
-        AgentConfig::parse(Path::new("ferry.toml"), text).map_err(|e| e.to_string())
+        AgentConfig::parse_with_env(Path::new("ferry.toml"), text, |_| None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn layers_merge_key_by_key_and_errors_name_the_files() {
+        let base = (PathBuf::from("base.toml"), include_str!("../../deploy/ferry.toml").to_owned());
+        let node = (
+            PathBuf::from("node.toml"),
+            "node_name = \"lab-1\"\n[underlay]\ninterface = \"ul0\"\n[control]\nkube = false\nstatic_file = \"/x/nodes.toml\"\n"
+                .to_owned(),
+        );
+        let c = AgentConfig::parse_layers(&[base.clone(), node], |_| None).expect("merged");
+        assert_eq!((c.node_name.as_str(), c.underlay_if.as_str()), ("lab-1", "ul0"));
+        assert!(c.control.kube.is_none() && c.control.static_file.is_some());
+        // Kept from the base, which the top layer does not mention.
+        assert_eq!(c.cluster_cidrs, vec!["10.244.0.0/16".parse::<IpNet>().expect("net")]);
+        assert_eq!(c.socket, Path::new("/run/ferry/ferry.sock"));
+        let bad = (PathBuf::from("node.toml"), "[tunnel]\nvni = 16777216\n".to_owned());
+        let e = AgentConfig::parse_layers(&[base.clone(), bad], |_| Some("n".into())).expect_err("bad vni").to_string();
+        assert!(e.contains("tunnel.vni") && e.contains("base.toml + node.toml"), "{e}");
+        let typo = (PathBuf::from("node.toml"), "[tunnel]\nvnii = 3\n".to_owned());
+        let e = AgentConfig::parse_layers(&[base, typo], |_| Some("n".into())).expect_err("unknown key").to_string();
+        assert!(e.contains("vnii"), "{e}");
+    }
+
+    #[test]
+    fn the_manifests_configuration_is_valid() {
+        let text = include_str!("../../deploy/ferry.toml");
+        let env = |k: &str| (k == NODE_NAME_ENV).then(|| "node-a".to_owned());
+        let c = AgentConfig::parse_with_env(Path::new("deploy/ferry.toml"), text, env).expect("deploy/ferry.toml");
+        assert_eq!(c.node_name, "node-a");
+        assert!(c.control.kube.is_some(), "the cluster configuration reads Nodes from the API");
+    }
+
+    #[test]
+    fn node_name_comes_from_the_environment_when_the_file_has_none() {
+        let text = GOOD.replace("node_name = \"n1\"", "");
+        let env = |k: &str| (k == NODE_NAME_ENV).then(|| "worker-7".to_owned());
+        let c = AgentConfig::parse_with_env(Path::new("ferry.toml"), &text, env).expect("from NODE_NAME");
+        assert_eq!(c.node_name, "worker-7");
+        let c = AgentConfig::parse_with_env(Path::new("ferry.toml"), GOOD, env).expect("the file wins");
+        assert_eq!(c.node_name, "n1");
+        let e = parse(&text).expect_err("neither");
+        assert!(e.contains("node_name") && e.contains(NODE_NAME_ENV), "{e}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ mod server;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -108,6 +108,42 @@ struct Shared {
     counters: Vec<Arc<SharedCounters>>,
     rates: Mutex<Rates>,
     skipped: Arc<Mutex<Vec<(String, String)>>>,
+    /// The control plane's metrics (its publication count decides readiness).
+    control_metrics: ferry_control::Metrics,
+    /// Set once the uplink, the host port and the restored pods are attached and the admin socket
+    /// listens: the agent can carry traffic once a table is published too.
+    running: AtomicBool,
+    /// When the main loop last went round (milliseconds since `started`): liveness.
+    heartbeat_ms: AtomicU64,
+}
+
+/// The main loop goes round every second; this much longer without it and the agent is not live.
+const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
+
+/// Liveness and readiness, for `/healthz`, `/readyz` and `ferry status --ready`.
+fn health(s: &Shared) -> ferry_control::metrics::Health {
+    let beat = Duration::from_millis(s.heartbeat_ms.load(Ordering::Relaxed));
+    let age = s.started.elapsed().saturating_sub(beat);
+    let live = age < HEARTBEAT_STALE;
+    let running = s.running.load(Ordering::Relaxed);
+    let published = s.control_metrics.publications() > 0;
+    let detail = if !live {
+        format!("the agent's main loop has not run for {age:?}")
+    } else if !running {
+        "starting: the uplink, host port and pods are not all attached yet".into()
+    } else if !published {
+        "no forwarding table published by the route source yet".into()
+    } else {
+        String::new()
+    };
+    ferry_control::metrics::Health { live, ready: live && running && published, detail }
+}
+
+impl Shared {
+    fn beat(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -396,11 +432,16 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         counters,
         rates: Mutex::new(Rates::default()),
         skipped,
+        control_metrics: control_plane.metrics().clone(),
+        running: AtomicBool::new(false),
+        heartbeat_ms: AtomicU64::new(0),
     });
 
     if metrics_addr.is_some() {
         let s2 = Arc::clone(&shared);
         control_plane.metrics().set_extra(Box::new(move |out| dataplane_metrics(&s2, out)));
+        let s3 = Arc::clone(&shared);
+        control_plane.metrics().set_health(Box::new(move || health(&s3)));
     }
 
     // Pods from before a restart, then the admin socket.
@@ -426,8 +467,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         "ferry is running"
     );
 
+    shared.running.store(true, Ordering::Relaxed);
+
     // Main loop: sample counters every second until a signal comes.
     loop {
+        shared.beat();
         sample(&shared);
         if wait_signal(&signals, Duration::from_secs(1)) {
             break;

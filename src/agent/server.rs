@@ -150,7 +150,11 @@ impl Server {
         let t = lock(&s.tables);
         let snap = t.current();
         let d = t.desired();
+        let h = super::health(s);
         json!({
+            "ready": h.ready,
+            "live": h.live,
+            "not_ready_because": (!h.ready).then_some(h.detail),
             "node": s.resolved,
             "uptime_seconds": s.started.elapsed().as_secs_f64(),
             "version": env!("CARGO_PKG_VERSION"),
