@@ -46,6 +46,8 @@ pub struct FlowInfo {
     pub l4: Option<(usize, usize)>,
     /// Flow hash over the 5-tuple (IP) or MACs and EtherType (non-IP).
     pub hash: u32,
+    /// IPv4 TTL or IPv6 hop limit as received; 0 for non-IP.
+    pub ttl: u8,
 }
 
 /// Parse an Ethernet frame far enough to route and encapsulate it.
@@ -78,6 +80,7 @@ pub fn classify(frame: &[u8]) -> Result<FlowInfo, DropReason> {
                 ports,
                 l4,
                 hash,
+                ttl: ip.ttl(),
             })
         }
         ethertype::IPV6 => {
@@ -99,6 +102,7 @@ pub fn classify(frame: &[u8]) -> Result<FlowInfo, DropReason> {
                 ports,
                 l4,
                 hash,
+                ttl: ip.hop_limit(),
             })
         }
         other => {
@@ -117,6 +121,7 @@ pub fn classify(frame: &[u8]) -> Result<FlowInfo, DropReason> {
                 ports: (0, 0),
                 l4: None,
                 hash,
+                ttl: 0,
             })
         }
     }
