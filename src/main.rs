@@ -37,6 +37,13 @@ enum Command {
         #[arg(long)]
         ready: bool,
     },
+    /// Remove ferry from this node: the host port and the CNI configuration list (`[uninstall]`).
+    /// Stop the agent first (it detaches its XDP programs as it stops).
+    Uninstall {
+        /// The agent's configuration file(s), as given to `ferry run`.
+        #[arg(long, short, required = true)]
+        config: Vec<PathBuf>,
+    },
     /// Install the CNI plugins and the network configuration into a node's CNI directories (the
     /// DaemonSet's init step).
     InstallCni(ferry::install::InstallCniArgs),
@@ -66,6 +73,7 @@ fn main() -> ExitCode {
         Command::Run { config, check } => run(&config, check),
         Command::Status { query: q, ready: false } => query(&q, Request::Status, print_status),
         Command::Status { query: q, ready: true } => ready(&q),
+        Command::Uninstall { config } => uninstall(&config),
         Command::InstallCni(args) => match ferry::install::install_cni(&args) {
             Ok(report) => {
                 print!("{report}");
@@ -119,6 +127,36 @@ fn run(paths: &[PathBuf], check: bool) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("ferry run: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn uninstall(paths: &[PathBuf]) -> ExitCode {
+    let cfg = match ferry::agent::AgentConfig::load_layers(paths) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry uninstall: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if admin::call(&cfg.socket, &Request::Status, Duration::from_secs(2)).is_ok() {
+        eprintln!("ferry uninstall: an agent answers on {}: stop it first", cfg.socket.display());
+        return ExitCode::FAILURE;
+    }
+    match ferry::agent::uninstall_node(&cfg) {
+        Ok(done) if done.is_empty() => {
+            println!("nothing to remove");
+            ExitCode::SUCCESS
+        }
+        Ok(done) => {
+            for d in done {
+                println!("removed {d}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry uninstall: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -106,3 +106,58 @@ fn install_cni_installs_is_idempotent_replaces_and_refuses_bad_config() {
         .collect();
     assert!(stray.is_empty(), "temporary files left: {stray:?}");
 }
+
+/// Deletes the namespace even when the test fails.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn uninstall_removes_the_host_port_and_the_conflist_and_is_idempotent() {
+    if !ferry_testsupport::privileged("uninstall_removes_the_host_port_and_the_conflist", "network namespaces", &["ip"])
+    {
+        return;
+    }
+    let ns = Netns(format!("ferry-uninst-{}", std::process::id()));
+    ferry_testsupport::run(&["ip", "netns", "add", &ns.0]);
+    ferry_testsupport::run(&["ip", "-n", &ns.0, "link", "add", "ferry0", "type", "veth", "peer", "name", "ferry0p"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conflist = dir.path().join("10-ferry.conflist");
+    fs::write(&conflist, MANIFEST_CONFLIST).expect("write");
+    // The manifests' configuration with this node's keys on top, as the lab layers it.
+    let base = dir.path().join("ferry.toml");
+    fs::write(&base, include_str!("../deploy/ferry.toml")).expect("write");
+    let node = dir.path().join("node.toml");
+    fs::write(
+        &node,
+        format!(
+            "node_name = \"n1\"\n[admin]\nsocket = \"{0}/ferry.sock\"\nstate_dir = \"{0}\"\n[uninstall]\ncni_conf = \"{1}\"\n",
+            dir.path().display(),
+            conflist.display()
+        ),
+    )
+    .expect("write");
+    let uninstall = || {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns.0, FERRY, "uninstall", "--config"])
+            .arg(&base)
+            .arg("--config")
+            .arg(&node)
+            .output()
+            .expect("runs ferry uninstall");
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    let out = uninstall();
+    assert!(out.contains("removed link ferry0") && out.contains("10-ferry.conflist"), "{out}");
+    for link in ["ferry0", "ferry0p"] {
+        let o = Command::new("ip").args(["-n", &ns.0, "link", "show", link]).output().expect("ip");
+        assert!(!o.status.success(), "{link} is still there");
+    }
+    assert!(!conflist.exists(), "the conflist is still there");
+    assert_eq!(uninstall().trim(), "nothing to remove");
+}

@@ -19,6 +19,7 @@
 //!   the table reflecting it is published in the `convergence_seconds` histogram ([`metrics`]).
 
 pub mod config;
+pub mod deployment;
 pub mod engine;
 pub mod flannel;
 pub mod metrics;

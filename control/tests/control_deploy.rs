@@ -9,13 +9,16 @@
 //! - least privilege: with a token the server issues for the manifests' ServiceAccount (the
 //!   TokenRequest API, as the kubelet gets one for the pod), ferry's control plane lists and
 //!   watches Nodes and announces its own, and the same token is refused everything else tried:
-//!   Secrets, ConfigMaps, Pods, creating or deleting Nodes, escalating its own role.
+//!   Secrets, ConfigMaps, Pods, creating or deleting Nodes, escalating its own role;
+//! - stopping: with its DaemonSet present the agent keeps the node wired; with it deleted, or its
+//!   service account and role gone, it is told to clean the node; with no server, it keeps it.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::{Etcd, KubeApiserver, has, is_own, underlay, wait_for};
+use ferry_control::deployment::Deployment;
 use ferry_control::{ControlConfig, ControlPlane, KubeAuth, KubeConfig};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -39,6 +42,8 @@ fn resource(kind: &str, api_version: &str) -> (ApiResource, bool) {
         "ServiceAccount" => ("serviceaccounts", true),
         "ClusterRole" => ("clusterroles", false),
         "ClusterRoleBinding" => ("clusterrolebindings", false),
+        "Role" => ("roles", true),
+        "RoleBinding" => ("rolebindings", true),
         "ConfigMap" => ("configmaps", true),
         "DaemonSet" => ("daemonsets", true),
         other => panic!("deploy/ferry.yaml has a {other}: teach this test its resource"),
@@ -103,7 +108,16 @@ async fn manifests_apply_to_a_real_server_and_the_service_account_has_least_priv
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(
         kinds,
-        ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"],
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "ConfigMap",
+            "DaemonSet"
+        ],
         "the objects deploy/ferry.yaml is expected to hold, in the order they can be created"
     );
 
@@ -160,6 +174,7 @@ async fn manifests_apply_to_a_real_server_and_the_service_account_has_least_priv
         KubeAuth::Token { server, ca_file, insecure, .. } => KubeAuth::Token { server, token_file, ca_file, insecure },
         other => panic!("the harness gives token credentials, not {other:?}"),
     };
+    let sa_auth = auth.clone();
     let sa = ferry_control::source::kube::client(&auth).await.expect("client");
 
     // What ferry does works: ferry's own control plane, on that token, lists and watches Nodes and
@@ -197,6 +212,19 @@ async fn manifests_apply_to_a_real_server_and_the_service_account_has_least_priv
     }
     cp.shutdown();
 
+    // Stopping: an update leaves the DaemonSet (keep the node wired); a deletion does not.
+    let own = |auth: KubeAuth| async move {
+        ferry_control::deployment::own_daemonset(&auth, "ferry-system", "ferry", WAIT).await
+    };
+    assert_eq!(own(sa_auth.clone()).await, Deployment::Present);
+    let unreachable = KubeAuth::Token {
+        server: format!("https://127.0.0.1:{}", common::free_port()),
+        token_file: dir.path().join("token"),
+        ca_file: None,
+        insecure: true,
+    };
+    assert!(matches!(own(unreachable).await, Deployment::Unknown(_)), "no server: keep the node wired");
+
     // And nothing else.
     let ns = "ferry-system";
     is_forbidden("list Secrets", Api::<Secret>::namespaced(sa.clone(), ns).list(&ListParams::default()).await).await;
@@ -211,6 +239,11 @@ async fn manifests_apply_to_a_real_server_and_the_service_account_has_least_priv
     is_forbidden("delete a Node", Api::<Node>::all(sa.clone()).delete("other", &DeleteParams::default()).await).await;
     is_forbidden("create a Node", Api::<Node>::all(sa.clone()).create(&PostParams::default(), &n).await).await;
     is_forbidden(
+        "get another DaemonSet",
+        Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(sa.clone(), "kube-system").get("kube-proxy").await,
+    )
+    .await;
+    is_forbidden(
         "widen its own ClusterRole",
         Api::<ClusterRole>::all(sa.clone())
             .patch(
@@ -221,4 +254,34 @@ async fn manifests_apply_to_a_real_server_and_the_service_account_has_least_priv
             .await,
     )
     .await;
+
+    // `kubectl delete -f`: the DaemonSet goes (then the service account and its role): the agent
+    // stopping now cleans the node.
+    let ds_ar = resource("DaemonSet", "apps/v1").0;
+    Api::<DynamicObject>::namespaced_with(admin.clone(), "ferry-system", &ds_ar)
+        .delete("ferry", &DeleteParams::default())
+        .await
+        .expect("delete the DaemonSet");
+    let gone = own(sa_auth.clone()).await;
+    assert!(matches!(&gone, Deployment::Removed(why) if why.contains("no longer exists")), "{gone:?}");
+    // Then the service account and the role binding: the agent's credentials stop working (the
+    // server caches a good token for up to 10 s, and RBAC follows its informers: poll, bounded).
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), "ferry-system")
+        .delete("ferry", &DeleteParams::default())
+        .await
+        .expect("delete the service account");
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), "ferry-system")
+        .delete("ferry", &DeleteParams::default())
+        .await
+        .expect("delete the role binding");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match own(sa_auth.clone()).await {
+            Deployment::Removed(why) if why.contains("credentials") => break,
+            Deployment::Removed(why) if why.contains("no longer exists") => {}
+            other => panic!("after deleting the service account: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the deleted service account's token still works after {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

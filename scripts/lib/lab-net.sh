@@ -224,6 +224,9 @@ state_dir = "$dir/state"
 
 [control]
 $(source_agent_config "$name")
+
+[uninstall]
+daemonset = ""                  # no DaemonSet in the lab: never clean the node on stop
 EOF
 }
 

@@ -36,7 +36,11 @@
 //! state_dir = "/run/ferry"
 //! [control]
 //! static_file = "/etc/ferry/nodes.toml"   # and/or etcd_endpoints = [...], kube = true
-//! metrics_addr = "127.0.0.1:9100"
+//! metrics_addr = "127.0.0.1:9100"   # also /healthz and /readyz
+//! [uninstall]
+//! daemonset = "ferry-system/ferry"  # when stopped while this DaemonSet is being deleted: clean the
+//!                                   # node ("" or absent: never)
+//! cni_conf = "/host/etc/cni/net.d/10-ferry.conflist"   # removed then, and by `ferry uninstall`
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -112,6 +116,25 @@ struct File {
     #[serde(default)]
     admin: AdminFile,
     control: ControlFile,
+    #[serde(default)]
+    uninstall: UninstallFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UninstallFile {
+    daemonset: Option<String>,
+    cni_conf: Option<PathBuf>,
+}
+
+/// What removing ferry from a node takes away, and when the agent does it by itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Uninstall {
+    /// The agent's own DaemonSet (`namespace`, `name`): when the agent stops and the API says it
+    /// is being deleted, the agent cleans the node (see `ferry_control::deployment`).
+    pub daemonset: Option<(String, String)>,
+    /// The CNI configuration list the DaemonSet's init step installed; removed on uninstall.
+    pub cni_conf: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -359,6 +382,8 @@ pub struct AgentConfig {
     pub xdp_mode: XdpMode,
     /// Preferred busy polling on every port, if on.
     pub busy_poll: Option<BusyPoll>,
+    /// What uninstalling removes, and whether the agent checks for its own deletion.
+    pub uninstall: Uninstall,
     /// Admin socket path.
     pub socket: PathBuf,
     /// State directory.
@@ -598,6 +623,20 @@ impl AgentConfig {
             };
             control.kube = Some(KubeConfig { auth, announce: c.kube_announce });
         }
+        let daemonset = match &f.uninstall.daemonset {
+            None => None,
+            Some(s) if s.is_empty() => None,
+            Some(s) => match s.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    Some((ns.to_owned(), name.to_owned()))
+                }
+                _ => return Err(bad("uninstall.daemonset", format!("`{s}` is not namespace/name"))),
+            },
+        };
+        if daemonset.is_some() && control.kube.is_none() {
+            return Err(bad("uninstall.daemonset", "needs control.kube = true (the agent asks the API)".into()));
+        }
+        let uninstall = Uninstall { daemonset, cni_conf: f.uninstall.cni_conf.clone() };
         if control.kube.is_none() && control.etcd.is_none() && control.static_file.is_none() {
             return Err(bad("control", "give a route source: static_file, etcd_endpoints or kube = true".into()));
         }
@@ -624,6 +663,7 @@ impl AgentConfig {
             max_ports: d.max_ports,
             xdp_mode,
             busy_poll,
+            uninstall,
             socket: f.admin.socket,
             state_dir: f.admin.state_dir,
             control,
@@ -663,7 +703,7 @@ static_file = "/etc/ferry/nodes.toml"
         let base = (PathBuf::from("base.toml"), include_str!("../../deploy/ferry.toml").to_owned());
         let node = (
             PathBuf::from("node.toml"),
-            "node_name = \"lab-1\"\n[underlay]\ninterface = \"ul0\"\n[control]\nkube = false\nstatic_file = \"/x/nodes.toml\"\n"
+            "node_name = \"lab-1\"\n[underlay]\ninterface = \"ul0\"\n[control]\nkube = false\nstatic_file = \"/x/nodes.toml\"\n[uninstall]\ndaemonset = \"\"\n"
                 .to_owned(),
         );
         let c = AgentConfig::parse_layers(&[base.clone(), node], |_| None).expect("merged");
@@ -753,6 +793,8 @@ static_file = "/etc/ferry/nodes.toml"
             (GOOD.replace("[pods]", "[tunnel]\nvtep_mac = \"01:00:00:00:00:01\"\n[pods]"), "tunnel.vtep_mac"),
             (GOOD.replace("static_file = \"/etc/ferry/nodes.toml\"", ""), "route source"),
             (GOOD.replace("[underlay]", "[underlay]\nmtu = \"big\""), "mtu"),
+            (format!("{GOOD}[uninstall]\ndaemonset = \"ferry\"\n"), "uninstall.daemonset"),
+            (format!("{GOOD}[uninstall]\ndaemonset = \"a/b\"\n"), "needs control.kube"),
         ];
         for (text, key) in cases {
             let e = parse(&text).expect_err(key);

@@ -494,7 +494,56 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     drop(uplink_xdp);
     control_plane.shutdown();
     drop(socket_file);
+    removed_with_its_daemonset(&cfg);
     Ok(())
+}
+
+/// After a stop: if the agent runs from a DaemonSet that is being deleted, clean the node (the
+/// stop was `kubectl delete`, not an update: see `ferry_control::deployment`).
+fn removed_with_its_daemonset(cfg: &AgentConfig) {
+    let (Some((ns, name)), Some(kube)) = (&cfg.uninstall.daemonset, &cfg.control.kube) else { return };
+    match ferry_control::deployment::own_daemonset_blocking(&kube.auth, ns, name, Duration::from_secs(5)) {
+        ferry_control::deployment::Deployment::Present => {
+            tracing::info!(daemonset = %format!("{ns}/{name}"), "the DaemonSet remains: the node keeps its wiring");
+        }
+        ferry_control::deployment::Deployment::Unknown(why) => {
+            tracing::warn!(%why, "cannot tell whether ferry is being removed: the node keeps its wiring");
+        }
+        ferry_control::deployment::Deployment::Removed(why) => {
+            tracing::info!(%why, "ferry is being removed from this node");
+            match uninstall_node(cfg) {
+                Ok(done) => tracing::info!(removed = ?done, "node cleaned"),
+                Err(e) => tracing::error!("cleaning the node: {e:#}"),
+            }
+        }
+    }
+}
+
+/// Removes what ferry leaves on a node when it stops: the host port (both ends of its veth pair)
+/// and the CNI configuration list (`uninstall.cni_conf`). A stopped agent has already detached
+/// its XDP programs. Returns what was removed; what is already gone is not an error.
+///
+/// Pods still running keep their interfaces, but nothing forwards their traffic any more; they
+/// need recreating under whatever network replaces ferry.
+///
+/// # Errors
+/// A link or file that exists but cannot be removed.
+pub fn uninstall_node(cfg: &AgentConfig) -> anyhow::Result<Vec<String>> {
+    let mut done = Vec::new();
+    if let Some(host) = &cfg.host_if {
+        let nl = Netlink::open().context("opening rtnetlink")?;
+        if nl.delete_link(host).with_context(|| format!("deleting the host port {host}"))? {
+            done.push(format!("link {host}"));
+        }
+    }
+    if let Some(conf) = &cfg.uninstall.cni_conf {
+        match std::fs::remove_file(conf) {
+            Ok(()) => done.push(conf.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", conf.display())),
+        }
+    }
+    Ok(done)
 }
 
 fn is_link_local(a: IpAddr) -> bool {
