@@ -105,6 +105,7 @@ fn raw_wire(
                 unsafe { libc::poll(fds.as_mut_ptr(), 2, 50) };
             }
         }
+        loops.cpu = thread_cpu();
         (frames, bytes, loops)
     })
 }
@@ -114,6 +115,16 @@ fn raw_wire(
 struct Loops {
     iterations: u64,
     sleeps: u64,
+    /// The loop thread's CPU time.
+    cpu: Duration,
+}
+
+/// This thread's CPU time so far.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn wire(
@@ -153,6 +164,7 @@ fn wire(
                 unsafe { libc::poll(fds.as_mut_ptr(), 2, 50) };
             }
         }
+        loops.cpu = thread_cpu();
         for p in [&mut a, &mut b] {
             p.reclaim(&mut free);
         }
@@ -257,10 +269,12 @@ fn main() {
     if let Some(r) = reference {
         let (frames, bytes, loops) = r.join().expect("wire thread");
         println!(
-            "  copied {frames} frames, {} B per read; loop: {} iterations, {} slept",
+            "  copied {frames} frames, {} B per read; loop: {} iterations, {} slept, {:.2} s CPU, {:.2} s CPU per GB",
             bytes / frames.max(1),
             loops.iterations,
-            loops.sleeps
+            loops.sleeps,
+            loops.cpu.as_secs_f64(),
+            loops.cpu.as_secs_f64() / (bytes as f64 / 1e9),
         );
         return;
     }
@@ -268,5 +282,12 @@ fn main() {
     let (sa, sb, loops, conserved) = ports.join().expect("wire thread");
     show("A (sender's tap)", &sa);
     show("B (receiver's tap)", &sb);
-    println!("  loop: {} iterations, {} slept; frames conserved: {conserved}", loops.iterations, loops.sleeps);
+    let moved = (sa.read_bytes + sb.read_bytes) as f64;
+    println!(
+        "  loop: {} iterations, {} slept, {:.2} s CPU, {:.2} s CPU per GB; frames conserved: {conserved}",
+        loops.iterations,
+        loops.sleeps,
+        loops.cpu.as_secs_f64(),
+        loops.cpu.as_secs_f64() / (moved / 1e9),
+    );
 }

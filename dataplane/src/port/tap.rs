@@ -13,7 +13,10 @@
 //!   encapsulation prepends in place), checksums completed: segments go on the wire. When the
 //!   frames or the caller's batch run out in the middle of a super-packet, the rest waits in the
 //!   buffer for the next call: nothing is dropped for want of a frame, and nothing more is read
-//!   until it is delivered (the kernel holds further frames in the tap's queue).
+//!   until it is delivered (the kernel holds further frames in the tap's queue). A super-packet
+//!   that does not fit whole in what is left of a batch waits for the next one (unless the batch
+//!   is still empty), so a batch carries whole super-packets and the far side coalesces whole runs
+//!   (64 KB writes rather than two halves).
 //! - **Transmit** ([`Port::send`]): each packet goes through a [`Coalescer`] (Linux's GRO rules);
 //!   what leaves it (a super-packet, a segment that could not merge, a non-TCP frame) is written at
 //!   once with `writev(virtio-net header, frame)`. The packet's bytes are copied (into the
@@ -305,8 +308,8 @@ impl<M: FrameMem> Port for TapPort<M> {
         // Each read yields at least one packet or a counted drop: bounded by the batch.
         let mut reads = 0;
         while n < out.len() && !self.lent.is_empty() {
-            let (len, next) = match self.pending.take() {
-                Some(p) => (p.len, p.next),
+            let (len, next, fresh) = match self.pending.take() {
+                Some(p) => (p.len, p.next, false),
                 None => {
                     if reads == out.len() {
                         break;
@@ -319,7 +322,7 @@ impl<M: FrameMem> Port for TapPort<M> {
                         self.stats.rx_drops[DropReason::Truncated as usize] += 1;
                         continue;
                     }
-                    (len, 0)
+                    (len, 0, true)
                 }
             };
             let TapPort { buf, lent, stats, pending, cfg, .. } = self;
@@ -335,8 +338,15 @@ impl<M: FrameMem> Port for TapPort<M> {
                 stats.rx_drops[DropReason::GsoNoRoom as usize] += 1;
                 continue;
             }
-            if next == 0 && seg.is_gso() {
+            if fresh && seg.is_gso() {
                 stats.gso_reads += 1;
+            }
+            let left = seg.segments() - next;
+            if n > 0 && next == 0 && (left > out.len() - n || left > lent.len()) {
+                // A super-packet that does not fit whole waits for the next batch, so a batch
+                // holds whole super-packets and the other side coalesces whole runs again.
+                *pending = Some(Pending { len, next });
+                break;
             }
             let mut i = next;
             while i < seg.segments() && n < out.len() {

@@ -330,3 +330,26 @@ fn release_writes_held_runs_and_returns_every_frame() {
     assert_eq!(recs.len(), 1, "the held run was written on release");
     assert_eq!(&recs[0].1[HDR..], &data[..]);
 }
+
+#[test]
+fn a_batch_carries_whole_super_packets_when_it_can() {
+    let mut r = rig(128, TapConfig::default());
+    let data = payload(11, 15 * MSS);
+    put(&r.peer, &tso(), &tcp(1, 0, 0x10, &data, true));
+    put(&r.peer, &tso(), &tcp(16, (15 * MSS) as u32, 0x18, &data, true));
+    r.port.refill(&mut r.free);
+    let mut out = [blank(); 20];
+    assert_eq!(r.port.recv(&mut r.mem, &mut out), 15, "the second super-packet does not fit the 5 left: it waits");
+    assert!(r.port.has_pending());
+    assert_eq!(r.port.recv(&mut r.mem, &mut out), 15);
+    assert!(!r.port.has_pending());
+    let s = r.port.tap_stats();
+    assert_eq!((s.reads, s.gso_reads, s.rx_packets), (2, 2, 30), "a deferred super-packet is counted once");
+    // Larger than a whole batch: cut across batches rather than never delivered.
+    let big = payload(12, 30 * MSS);
+    put(&r.peer, &tso(), &tcp(40, 0, 0x10, &big, true));
+    r.port.refill(&mut r.free);
+    assert_eq!(r.port.recv(&mut r.mem, &mut out), 20);
+    assert_eq!(r.port.recv(&mut r.mem, &mut out), 10);
+    r.conserved(60);
+}
