@@ -36,8 +36,8 @@ cargo test --workspace --locked
 step "fuzz smoke (every encap/fuzz target, bounded in runs and time)"
 bash scripts/fuzz-smoke.sh
 
-step "benchmarks compile"
-cargo bench --workspace --locked --no-run >/dev/null
+step "benchmarks build (unoptimised, on the tests' build: this checks they build and link; cargo bench optimises)"
+cargo build --workspace --benches --locked
 
 step "end-to-end bench smoke (scripts/bench.sh --quick: every step must work; ratios are not judged here)"
 cargo build --release --locked -p ferry
