@@ -353,3 +353,10 @@ fn a_batch_carries_whole_super_packets_when_it_can() {
     assert_eq!(r.port.recv(&mut r.mem, &mut out), 10);
     r.conserved(60);
 }
+
+#[test]
+fn a_tap_port_on_the_agents_memory_can_move_to_a_worker_thread() {
+    fn send<T: Send>() {}
+    send::<TapPort<crate::port::xsk::XskMem>>();
+    send::<TapPort<HeapMem>>();
+}
