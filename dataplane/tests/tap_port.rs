@@ -11,7 +11,7 @@
 mod xsk_util;
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,16 +51,14 @@ fn pod_tap(taps: &mut Taps, ns: &str, name: &str, mac: u8, cidr: &str) -> TapPor
     TapPort::new(fd, name, TapConfig::default())
 }
 
+/// Two ports, the memory they share and its free frames: what the wire runs on.
+type Rig = (TapPort<HeapMem>, TapPort<HeapMem>, HeapMem, FreeFrames);
+
 /// The wire: everything one port receives goes out of the other. Runs until `stop`, then hands
 /// back the ports, the memory and the free frames.
-fn wire(
-    mut a: TapPort<HeapMem>,
-    mut b: TapPort<HeapMem>,
-    stop: Arc<AtomicBool>,
-) -> thread::JoinHandle<(TapPort<HeapMem>, TapPort<HeapMem>, HeapMem, FreeFrames)> {
+fn wire(rig: Rig, stop: Arc<AtomicBool>) -> thread::JoinHandle<Rig> {
     thread::spawn(move || {
-        let mut mem = HeapMem::new(1024, 2048);
-        let mut free = FreeFrames::all(mem.frame_count());
+        let (mut a, mut b, mut mem, mut free) = rig;
         let mut batch = [Pkt { frame: FrameId(0), offset: 0, len: 0 }; 64];
         while !stop.load(Ordering::Relaxed) {
             let mut moved = 0;
@@ -113,27 +111,17 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
     })
 }
 
-const TOTAL: usize = 64 << 20;
 const DEADLINE: Duration = Duration::from_secs(60);
 
-#[test]
-fn tcp_between_two_namespaces_moves_super_packets_through_tap_ports_and_conserves_frames() {
-    if !privileged("tcp_between_two_namespaces_moves_super_packets_through_tap_ports_and_conserves_frames") {
-        return;
-    }
-    let tg = tag();
-    let mut ns = Netns::default();
-    let (na, nb) = (ns.add(&format!("{tg}-ta")), ns.add(&format!("{tg}-tb")));
-    let mut taps = Taps(Vec::new());
-    let a = pod_tap(&mut taps, &na, &format!("fta{tg}"), 1, "10.77.0.1/24");
-    let b = pod_tap(&mut taps, &nb, &format!("ftb{tg}"), 2, "10.77.0.2/24");
+/// Send `total` bytes of the pattern over TCP from namespace `from` to a listener at `to` in
+/// namespace `into`, through `rig`'s wire; the receiver checks every byte in order. Returns the rig
+/// (wire stopped) and how many bytes arrived intact.
+fn transfer(rig: Rig, from: &str, into: &str, to: SocketAddr, total: usize, pat: &Arc<Vec<u8>>) -> (Rig, usize) {
     let stop = Arc::new(AtomicBool::new(false));
-    let wire = wire(a, b, Arc::clone(&stop));
-    let pat = Arc::new(pattern());
-
-    let listener = in_ns(&nb, || TcpListener::bind("10.77.0.2:5001")).join().expect("thread").expect("listen");
+    let wire = wire(rig, Arc::clone(&stop));
+    let listener = in_ns(into, move || TcpListener::bind(to)).join().expect("thread").expect("listen");
     listener.set_nonblocking(true).expect("nonblocking");
-    let check = Arc::clone(&pat);
+    let check = Arc::clone(pat);
     let receiver = thread::spawn(move || -> io::Result<usize> {
         let deadline = Instant::now() + DEADLINE;
         let mut conn = loop {
@@ -170,15 +158,14 @@ fn tcp_between_two_namespaces_moves_super_packets_through_tap_ports_and_conserve
         }
     });
     let started = Instant::now();
-    let send = Arc::clone(&pat);
-    let sender = in_ns(&na, move || -> io::Result<()> {
-        let to = SocketAddr::from((Ipv4Addr::new(10, 77, 0, 2), 5001));
+    let send = Arc::clone(pat);
+    let sender = in_ns(from, move || -> io::Result<()> {
         let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
         c.set_write_timeout(Some(Duration::from_secs(10)))?;
         let mut sent = 0;
-        while sent < TOTAL {
+        while sent < total {
             let at = sent % PERIOD;
-            let n = (TOTAL - sent).min(PERIOD - at).min(256 * 1024);
+            let n = (total - sent).min(PERIOD - at).min(256 * 1024);
             c.write_all(&send[at..at + n])?;
             sent += n;
         }
@@ -186,22 +173,64 @@ fn tcp_between_two_namespaces_moves_super_packets_through_tap_ports_and_conserve
     });
     let sent = sender.join().expect("sender thread");
     let received = receiver.join().expect("receiver thread");
-    let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let (a, b, mem, mut free) = wire.join().expect("wire thread");
-    let (sa, sb) = (a.tap_stats(), b.tap_stats());
-    eprintln!("{TOTAL} bytes in {elapsed:?}\nA: {sa:?}\nB: {sb:?}");
+    let rig = wire.join().expect("wire thread");
+    eprintln!(
+        "{total} bytes to {to} in {:?}\nA: {:?}\nB: {:?}",
+        started.elapsed(),
+        rig.0.tap_stats(),
+        rig.1.tap_stats()
+    );
     sent.expect("send");
-    assert_eq!(received.expect("receive"), TOTAL, "every byte, in order");
+    (rig, received.expect("receive"))
+}
+
+/// Every frame free or held by a port.
+fn conserved(rig: &Rig) {
+    let (a, b, mem, free) = rig;
+    assert_eq!(free.len() + a.frames_held() + b.frames_held(), mem.frame_count() as usize, "frames conserved");
+}
+
+#[test]
+fn tcp_between_two_namespaces_moves_super_packets_through_tap_ports_and_conserves_frames() {
+    if !privileged("tcp_between_two_namespaces_moves_super_packets_through_tap_ports_and_conserves_frames") {
+        return;
+    }
+    let tg = tag();
+    let mut ns = Netns::default();
+    let (na, nb) = (ns.add(&format!("{tg}-ta")), ns.add(&format!("{tg}-tb")));
+    let mut taps = Taps(Vec::new());
+    let a = pod_tap(&mut taps, &na, &format!("fta{tg}"), 1, "10.77.0.1/24");
+    let b = pod_tap(&mut taps, &nb, &format!("ftb{tg}"), 2, "10.77.0.2/24");
+    run(&["ip", "-n", &na, "addr", "add", "fd77::1/64", "dev", &format!("fta{tg}"), "nodad"]);
+    run(&["ip", "-n", &nb, "addr", "add", "fd77::2/64", "dev", &format!("ftb{tg}"), "nodad"]);
+    let mem = HeapMem::new(1024, 2048);
+    let free = FreeFrames::all(mem.frame_count());
+    let pat = Arc::new(pattern());
+
+    let total = 64 << 20;
+    let to = SocketAddr::from((Ipv4Addr::new(10, 77, 0, 2), 5001));
+    let (rig, received) = transfer((a, b, mem, free), &na, &nb, to, total, &pat);
+    assert_eq!(received, total, "every byte, in order (IPv4)");
+    let (sa, sb) = (rig.0.tap_stats(), rig.1.tap_stats());
     assert!(sa.gso_reads > 0, "the sender's tap handed over super-packets: {sa:?}");
     assert!(sb.gso_writes > 0, "segments were coalesced into the receiver's tap: {sb:?}");
     assert!(sb.gro.merged > sb.gro.super_packets, "runs of several segments: {sb:?}");
-    assert_eq!((sa.rx_dropped(), sb.rx_dropped(), sa.tx_errors, sb.tx_errors), (0, 0, 0, 0));
-    let count = mem.frame_count() as usize;
-    assert_eq!(free.len() + a.frames_held() + b.frames_held(), count, "frames conserved while open");
+    conserved(&rig);
+
+    let total6 = 16 << 20;
+    let to6 = SocketAddr::from((Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2), 5001));
+    let (rig, received) = transfer(rig, &na, &nb, to6, total6, &pat);
+    assert_eq!(received, total6, "every byte, in order (IPv6)");
+    let (sa6, sb6) = (rig.0.tap_stats(), rig.1.tap_stats());
+    assert!(sa6.gso_reads > sa.gso_reads, "TSO6 super-packets read: {sa6:?}");
+    assert!(sb6.gso_writes > sb.gso_writes, "IPv6 segments coalesced: {sb6:?}");
+    assert_eq!((sa6.rx_dropped(), sb6.rx_dropped(), sa6.tx_errors, sb6.tx_errors), (0, 0, 0, 0));
+    conserved(&rig);
+    let (a, b, mem, mut free) = rig;
     a.release(&mut free);
     b.release(&mut free);
-    assert_eq!((free.len(), free.refused()), (count, 0), "every frame back, none twice");
+    assert_eq!((free.len(), free.refused()), (mem.frame_count() as usize, 0), "every frame back, none twice");
 }
 
 #[test]

@@ -132,7 +132,7 @@ impl Default for TapConfig {
 }
 
 /// What a tap port did (exact, kept on the worker's thread).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TapStats {
     /// Frames read from the tap.
     pub reads: u64,
@@ -178,6 +178,31 @@ impl Default for TapStats {
             tx_errors: 0,
             gro: GroStats::default(),
         }
+    }
+}
+
+impl std::fmt::Debug for TapStats {
+    /// Drop reasons by name, the ones counted only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let drops: Vec<_> = DropReason::ALL
+            .iter()
+            .filter(|r| self.rx_drops[**r as usize] > 0)
+            .map(|r| (r.name(), self.rx_drops[*r as usize]))
+            .collect();
+        f.debug_struct("TapStats")
+            .field("reads", &self.reads)
+            .field("gso_reads", &self.gso_reads)
+            .field("read_bytes", &self.read_bytes)
+            .field("rx_packets", &self.rx_packets)
+            .field("rx_drops", &drops)
+            .field("read_errors", &self.read_errors)
+            .field("writes", &self.writes)
+            .field("gso_writes", &self.gso_writes)
+            .field("write_bytes", &self.write_bytes)
+            .field("tx_dropped", &self.tx_dropped)
+            .field("tx_errors", &self.tx_errors)
+            .field("gro", &self.gro)
+            .finish()
     }
 }
 
