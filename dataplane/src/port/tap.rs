@@ -16,7 +16,9 @@
 //!   until it is delivered (the kernel holds further frames in the tap's queue). A super-packet
 //!   that does not fit whole in what is left of a batch waits for the next one (unless the batch
 //!   is still empty), so a batch carries whole super-packets and the far side coalesces whole runs
-//!   (64 KB writes rather than two halves).
+//!   (64 KB writes rather than two halves). A tap needs no frame until ferry reads, so an idle port
+//!   keeps only [`TapConfig::idle_frames`] lent and gives the rest back: many pods on one worker
+//!   do not hoard its frames.
 //! - **Transmit** ([`Port::send`]): each packet goes through a [`Coalescer`] (Linux's GRO rules);
 //!   what leaves it (a super-packet, a segment that could not merge, a non-TCP frame) is written at
 //!   once with `writev(virtio-net header, frame)`. The packet's bytes are copied (into the
@@ -115,8 +117,13 @@ const READ_BUF: usize = 72 * 1024;
 /// How the port uses frames and memory.
 #[derive(Debug, Clone, Copy)]
 pub struct TapConfig {
-    /// Frames kept lent for receiving (at least one 64 KB super-packet's segments fit in 64).
+    /// Frames kept lent for receiving while traffic flows (a 64 KB super-packet is 47 segments
+    /// at MSS 1398).
     pub rx_frames: usize,
+    /// Frames kept lent while the port is idle (no packet received since the last refill). A tap,
+    /// unlike an AF_XDP socket, needs no frame until ferry reads, so an idle pod's port gives the
+    /// rest back to the worker, and many pods on one worker do not hoard its frames.
+    pub idle_frames: usize,
     /// Offset in a frame at which received packets are written: the AF_XDP headroom, so the
     /// pipeline encapsulates in place.
     pub rx_offset: u16,
@@ -127,7 +134,7 @@ pub struct TapConfig {
 
 impl Default for TapConfig {
     fn default() -> Self {
-        TapConfig { rx_frames: 128, rx_offset: super::xsk::RX_HEADROOM, gro_flows: 8 }
+        TapConfig { rx_frames: 128, idle_frames: 16, rx_offset: super::xsk::RX_HEADROOM, gro_flows: 8 }
     }
 }
 
@@ -237,6 +244,8 @@ pub struct TapPort<M> {
     done: Vec<FrameId>,
     buf: Box<[u8]>,
     pending: Option<Pending>,
+    /// A packet was received since the last refill.
+    busy: bool,
     gro: Coalescer<Box<[u8]>>,
     stats: TapStats,
     _mem: PhantomData<fn() -> M>,
@@ -274,6 +283,7 @@ impl<M: FrameMem> TapPort<M> {
             done: Vec::with_capacity(4 * crate::worker::BATCH),
             buf: vec![0u8; READ_BUF].into_boxed_slice(),
             pending: None,
+            busy: false,
             gro,
             stats: TapStats::default(),
             _mem: PhantomData,
@@ -394,6 +404,7 @@ impl<M: FrameMem> Port for TapPort<M> {
             }
         }
         self.stats.rx_packets += n as u64;
+        self.busy |= n > 0;
         n
     }
 
@@ -427,9 +438,19 @@ impl<M: FrameMem> Port for TapPort<M> {
         n
     }
 
+    /// Top the lent frames up to [`TapConfig::rx_frames`] while traffic flows; when the port is
+    /// idle, hand frames beyond [`TapConfig::idle_frames`] back to `free` first. Returns how many
+    /// were taken.
     fn refill(&mut self, free: &mut FreeFrames) -> usize {
+        let busy = std::mem::take(&mut self.busy) || self.pending.is_some();
+        let target = if busy { self.cfg.rx_frames } else { self.cfg.idle_frames.min(self.cfg.rx_frames) };
+        while self.lent.len() > target
+            && let Some(f) = self.lent.pop()
+        {
+            free.push(f);
+        }
         let mut n = 0;
-        while self.lent.len() < self.cfg.rx_frames
+        while self.lent.len() < target
             && let Some(f) = free.pop()
         {
             self.lent.push(f);

@@ -310,7 +310,7 @@ fn a_full_tap_queue_is_a_counted_transmit_drop_never_a_block() {
 
 #[test]
 fn release_writes_held_runs_and_returns_every_frame() {
-    let mut r = rig(64, TapConfig { rx_frames: 20, ..TapConfig::default() });
+    let mut r = rig(64, TapConfig { rx_frames: 20, idle_frames: 20, ..TapConfig::default() });
     let data = payload(1, 3 * MSS);
     let mut pkts = Vec::new();
     for (i, c) in data.chunks(MSS).enumerate() {
@@ -341,6 +341,7 @@ fn a_batch_carries_whole_super_packets_when_it_can() {
     let mut out = [blank(); 20];
     assert_eq!(r.port.recv(&mut r.mem, &mut out), 15, "the second super-packet does not fit the 5 left: it waits");
     assert!(r.port.has_pending());
+    r.port.refill(&mut r.free);
     assert_eq!(r.port.recv(&mut r.mem, &mut out), 15);
     assert!(!r.port.has_pending());
     let s = r.port.tap_stats();
@@ -359,4 +360,25 @@ fn a_tap_port_on_the_agents_memory_can_move_to_a_worker_thread() {
     fn send<T: Send>() {}
     send::<TapPort<crate::port::xsk::XskMem>>();
     send::<TapPort<HeapMem>>();
+}
+
+#[test]
+fn an_idle_port_keeps_few_frames_and_a_busy_one_many() {
+    let mut r = rig(256, TapConfig { rx_frames: 100, idle_frames: 8, ..TapConfig::default() });
+    assert_eq!(r.port.refill(&mut r.free), 8, "idle from the start");
+    let data = payload(4, 20 * MSS);
+    put(&r.peer, &tso(), &tcp(1, 0, 0x10, &data, true));
+    let mut out = [blank(); 64];
+    assert_eq!(r.port.recv(&mut r.mem, &mut out), 8, "a burst meets the idle reserve");
+    assert!(r.port.has_pending());
+    assert_eq!(r.port.refill(&mut r.free), 100, "busy: topped up to rx_frames");
+    assert_eq!(r.port.recv(&mut r.mem, &mut out), 12, "the rest of the super-packet");
+    r.conserved(20);
+    assert_eq!(r.port.refill(&mut r.free), 12, "still busy after receiving");
+    assert_eq!(r.port.frames_held(), 100);
+    assert_eq!(r.port.recv(&mut r.mem, &mut out), 0);
+    assert_eq!(r.port.refill(&mut r.free), 0, "idle again: nothing taken");
+    assert_eq!(r.port.frames_held(), 8, "and the surplus given back");
+    r.conserved(20);
+    assert_eq!(r.free.refused(), 0);
 }
