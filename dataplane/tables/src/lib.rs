@@ -21,12 +21,14 @@ mod exact;
 pub mod lpm;
 pub mod neigh;
 pub mod publish;
+pub mod services;
 mod snapshot;
 mod tables;
 mod types;
 
 pub use desired::{DesiredState, LocalPod, RemoteNode, Underlay};
 pub use publish::{Publisher, Reader};
+pub use services::{Backend, EndpointSpec, Protocol, Service, ServiceError, ServiceSpec, Services};
 pub use snapshot::Snapshot;
 pub use tables::{BuildError, Publication, Tables};
 pub use types::{NextHop, PortId, Route};

@@ -17,6 +17,7 @@ use ferry_encap::MacAddr;
 
 use crate::exact::AddrSet;
 use crate::lpm::{Lpm, Poptrie, RouteSet};
+use crate::services::Services;
 use crate::types::{NextHop, PortId, Route};
 
 /// Lookups done together by the batch methods (stack arrays of this size).
@@ -78,6 +79,8 @@ pub struct Snapshot {
     pub(crate) hops: Box<[NextHop]>,
     pub(crate) ports: Arc<PortSources>,
     pub(crate) nodes: Arc<AddrSet>,
+    /// Services: their own part, replaced without touching the routes.
+    pub(crate) services: Arc<Services>,
 }
 
 impl fmt::Debug for Snapshot {
@@ -103,6 +106,7 @@ impl Snapshot {
             hops: Box::new([]),
             ports: Arc::default(),
             nodes: Arc::new(AddrSet::new(std::iter::empty())),
+            services: Arc::default(),
         }
     }
 
@@ -187,6 +191,12 @@ impl Snapshot {
     #[inline]
     pub fn is_known_node(&self, underlay: IpAddr) -> bool {
         self.nodes.contains(underlay)
+    }
+
+    /// The services (VIPs and their backends).
+    #[inline]
+    pub fn services(&self) -> &Services {
+        &self.services
     }
 
     /// Number of next hops.

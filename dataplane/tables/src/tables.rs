@@ -27,6 +27,7 @@ use crate::exact::AddrSet;
 use crate::lpm::{Address, LpmError, MAX_VALUE, Poptrie, Prefix, RouteSet};
 use crate::neigh::Neighbours;
 use crate::publish::{Publisher, Reader};
+use crate::services::{ServiceError, ServiceSpec, Services};
 use crate::snapshot::{PortSources, Snapshot};
 use crate::types::{NextHop, PortId};
 
@@ -158,6 +159,10 @@ pub struct Tables {
     templates: Vec<Arc<TunnelTemplate>>,
     publisher: Publisher<Snapshot>,
     generation: u64,
+    /// The compiled services, published with every snapshot.
+    services: Arc<Services>,
+    /// How many service sets were compiled (each gets the next number).
+    services_built: u64,
 }
 
 fn owner_name(plan: &[HopPlan], nodes: &[RemoteNode], hop: u32) -> String {
@@ -335,8 +340,10 @@ impl Tables {
             desired: DesiredState::default(),
             compiled,
             templates: Vec::new(),
+            services: Arc::clone(&empty.services),
             publisher: Publisher::new(Arc::new(empty)),
             generation: 0,
+            services_built: 0,
         }
     }
 
@@ -427,9 +434,28 @@ impl Tables {
             hops: hops.into_boxed_slice(),
             ports: Arc::clone(&self.compiled.ports),
             nodes: Arc::clone(&self.compiled.nodes),
+            services: Arc::clone(&self.services),
         };
         let freed = self.publisher.publish(Arc::new(snapshot));
         Publication { generation: self.generation, freed, unresolved }
+    }
+
+    /// Replace the services and publish them. Only the service part is compiled (Maglev tables
+    /// included); the new snapshot shares the routes, ports and nodes with the previous one, and
+    /// its next hops are rebuilt from the current neighbours as on any publication.
+    ///
+    /// # Errors
+    /// A [`ServiceError`] naming the services at fault; nothing is published.
+    pub fn set_services(&mut self, specs: &[ServiceSpec], now: Instant) -> Result<Publication, ServiceError> {
+        let services = Services::build(specs, self.services_built + 1)?;
+        self.services_built += 1;
+        self.services = Arc::new(services);
+        Ok(self.publish(now))
+    }
+
+    /// The services last published.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
     }
 
     /// Whether the next hops depend on the neighbour entry for `addr`.

@@ -1,0 +1,546 @@
+//! Services: virtual IPs and the backends behind them, with Maglev consistent hashing (compiled on
+//! the control side, looked up on the hot path).
+//!
+//! Control describes every Service as a [`ServiceSpec`] (VIP, port, protocol, endpoints with their
+//! conditions); [`Services::build`] compiles them into an immutable table that is published as its
+//! own part of the [`crate::Snapshot`] ([`crate::Tables::set_services`]): an endpoint change
+//! rebuilds this part only, never the routes.
+//!
+//! - **Match**: `(VIP, port, protocol)` -> service, an exact-match table (open addressing, one
+//!   multiplication to hash).
+//! - **Backends**: the ready endpoints; when none is ready, the serving-and-terminating ones (as
+//!   kube-proxy does); none at all, and the service has no backend ([`Service::pick`] answers
+//!   `None`: the data plane rejects).
+//! - **Pick**: Maglev (Eisenbud et al., NSDI 2016). Each backend, identified by its address and
+//!   port, has a permutation of the table's `M` slots (`M` prime: 16,381, or 65,537 for services
+//!   with more than [`LARGE_BACKENDS`] backends, as Cilium and Katran size theirs); the backends take
+//!   turns claiming their next free slot. A flow hash picks a slot. Adding or removing one backend
+//!   moves about 1/N of the slots, and only to or from that backend.
+//! - **Reverse match**: the set of every backend's `(address, port, protocol)`, so that a packet
+//!   from a backend is looked up in connection tracking only if it can be a service reply.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Maglev table size for most services (prime).
+pub const MAGLEV_DEFAULT: usize = 16_381;
+/// Maglev table size for large services (prime).
+pub const MAGLEV_LARGE: usize = 65_537;
+/// Services with more backends than this get the large table: `M >= 100 N` keeps every backend's
+/// share within about 1% of the others'.
+pub const LARGE_BACKENDS: usize = MAGLEV_DEFAULT / 100;
+/// Most backends a service may have (table entries are 16-bit backend indices).
+pub const MAX_BACKENDS: usize = 32_768;
+
+/// A transport protocol a service listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP (IP protocol 6).
+    Tcp,
+    /// UDP (IP protocol 17).
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    /// The protocol for an IP protocol number, if services carry it.
+    pub const fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    /// `TCP` or `UDP`, as Kubernetes spells them.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+/// One endpoint of a service, with its conditions (EndpointSlice `ready`, `serving`,
+/// `terminating`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// The pod's address.
+    pub addr: IpAddr,
+    /// The target port on it.
+    pub port: u16,
+    /// Ready: takes new connections.
+    pub ready: bool,
+    /// Serving: could take connections (true while terminating, until it stops).
+    pub serving: bool,
+    /// Terminating: its pod is being deleted.
+    pub terminating: bool,
+}
+
+impl EndpointSpec {
+    /// A ready endpoint.
+    pub fn ready(addr: IpAddr, port: u16) -> Self {
+        EndpointSpec { addr, port, ready: true, serving: true, terminating: false }
+    }
+}
+
+/// A service port as control describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// `namespace/name:port` (for reports).
+    pub name: String,
+    /// The virtual IP (ClusterIP).
+    pub vip: IpAddr,
+    /// The service port.
+    pub port: u16,
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// Its endpoints, whatever their conditions.
+    pub endpoints: Vec<EndpointSpec>,
+    /// `sessionAffinity: ClientIP` with its timeout; `None` for no affinity.
+    pub affinity: Option<Duration>,
+}
+
+/// Why a set of services was refused (nothing is published; the previous set stays).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    /// Two services with the same VIP, port and protocol.
+    #[error("services {first} and {second} both claim {vip} port {port}/{}", protocol.name())]
+    Duplicate {
+        /// The first one listed.
+        first: String,
+        /// The second.
+        second: String,
+        /// Their VIP.
+        vip: IpAddr,
+        /// Their port.
+        port: u16,
+        /// Their protocol.
+        protocol: Protocol,
+    },
+    /// More endpoints than a Maglev table can index.
+    #[error("service {name}: {count} endpoints; at most {MAX_BACKENDS} are supported")]
+    TooManyEndpoints {
+        /// The service.
+        name: String,
+        /// Its endpoints.
+        count: usize,
+    },
+}
+
+/// A backend in a compiled service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backend {
+    /// The pod's address.
+    pub addr: IpAddr,
+    /// Its target port.
+    pub port: u16,
+}
+
+/// A compiled service (hot path reads).
+#[derive(Debug, Clone)]
+pub struct Service {
+    name: Box<str>,
+    vip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    /// The backends Maglev picks from (ready, else serving-and-terminating).
+    backends: Box<[Backend]>,
+    /// Every endpoint still serving (ready or terminating), sorted: existing connections to these
+    /// go on; a connection whose backend left this list is reset.
+    alive: Box<[Backend]>,
+    /// Maglev: slot -> index into `backends`; empty when there is no backend.
+    table: Box<[u16]>,
+    affinity: Option<Duration>,
+}
+
+impl Service {
+    /// `namespace/name:port`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The VIP.
+    pub fn vip(&self) -> IpAddr {
+        self.vip
+    }
+
+    /// The service port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The protocol.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// The backends new connections go to.
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The Maglev table (slot -> backend index).
+    pub fn table(&self) -> &[u16] {
+        &self.table
+    }
+
+    /// `sessionAffinity: ClientIP` timeout, if set.
+    pub fn affinity(&self) -> Option<Duration> {
+        self.affinity
+    }
+
+    /// The backend for a new flow with this hash; `None` when the service has no usable backend.
+    #[inline]
+    pub fn pick(&self, hash: u32) -> Option<Backend> {
+        if self.table.is_empty() {
+            return None;
+        }
+        // Spread the 32-bit hash over the table with a multiply-shift, not a division.
+        let slot = ((u64::from(hash) * self.table.len() as u64) >> 32) as usize;
+        let i = *self.table.get(slot)?;
+        self.backends.get(usize::from(i)).copied()
+    }
+
+    /// Whether an existing connection to `backend` may go on (the endpoint still serves).
+    #[inline]
+    pub fn is_alive(&self, backend: Backend) -> bool {
+        self.alive.binary_search_by(|b| cmp_backend(b, &backend)).is_ok()
+    }
+}
+
+fn cmp_backend(a: &Backend, b: &Backend) -> std::cmp::Ordering {
+    (a.addr, a.port).cmp(&(b.addr, b.port))
+}
+
+/// A flow-independent 64-bit hash of a backend (its Maglev offset and skip come from it).
+fn backend_hash(b: &Backend, seed: u64) -> u64 {
+    let a = match b.addr {
+        IpAddr::V4(a) => u128::from(a.to_bits()),
+        IpAddr::V6(a) => a.to_bits() ^ (1 << 127),
+    };
+    let x = (a as u64) ^ ((a >> 64) as u64).rotate_left(23) ^ (u64::from(b.port) << 48) ^ seed;
+    fmix64(fmix64(x) ^ seed.rotate_left(31))
+}
+
+#[inline]
+const fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    k
+}
+
+/// Fill a Maglev lookup table of `m` slots (`m` prime) for `backends`: each backend walks its own
+/// permutation `(offset + j * skip) mod m` and the backends take turns claiming their next free
+/// slot (the paper's Pseudocode 1). Empty for no backends.
+///
+/// # Panics
+/// Never for `backends.len() <= MAX_BACKENDS` and `m >= 2` (indices fit in `u16`).
+pub fn maglev_table(backends: &[Backend], m: usize) -> Box<[u16]> {
+    if backends.is_empty() || m < 2 {
+        return Box::new([]);
+    }
+    let m64 = m as u64;
+    let perm: Vec<(u64, u64)> = backends
+        .iter()
+        .map(|b| {
+            let offset = backend_hash(b, 0x5eed_0ff5) % m64;
+            let skip = backend_hash(b, 0x5eed_5c1b) % (m64 - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0u64; backends.len()];
+    let mut table = vec![u16::MAX; m];
+    let mut filled = 0;
+    'fill: loop {
+        for (i, &(offset, skip)) in perm.iter().enumerate() {
+            // Walk this backend's permutation to its next free slot. Every permutation visits
+            // all m slots (skip is in 1..m and m is prime), so this ends while a slot is free.
+            let mut c = ((offset + next[i] * skip) % m64) as usize;
+            while table[c] != u16::MAX {
+                next[i] += 1;
+                c = ((offset + next[i] * skip) % m64) as usize;
+            }
+            // i < MAX_BACKENDS <= u16::MAX (checked by the caller).
+            table[c] = i as u16;
+            next[i] += 1;
+            filled += 1;
+            if filled == m {
+                break 'fill;
+            }
+        }
+    }
+    table.into_boxed_slice()
+}
+
+/// The packed key of a service or a backend: address (IPv4 mapped into 128 bits), port, protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Key {
+    addr: u128,
+    port: u16,
+    proto: u8,
+}
+
+impl Key {
+    #[inline]
+    fn new(addr: IpAddr, port: u16, proto: u8) -> Key {
+        let addr = match addr {
+            IpAddr::V4(a) => u128::from(a.to_bits()) | (0xffff << 32),
+            IpAddr::V6(a) => a.to_bits(),
+        };
+        Key { addr, port, proto }
+    }
+
+    #[inline]
+    fn hash(&self) -> u64 {
+        let x = (self.addr as u64) ^ ((self.addr >> 64) as u64).rotate_left(29);
+        (x ^ (u64::from(self.port) << 40) ^ (u64::from(self.proto) << 56)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+/// Exact-match map from [`Key`] to a `u32`, open addressing, at most half full.
+#[derive(Debug, Clone)]
+struct KeyMap {
+    slots: Box<[(Key, u32)]>,
+    bits: u32,
+}
+
+const EMPTY: u32 = u32::MAX;
+
+impl KeyMap {
+    fn new(entries: usize) -> KeyMap {
+        let capacity = (entries * 2).next_power_of_two().max(2);
+        let empty = (Key { addr: 0, port: 0, proto: 0 }, EMPTY);
+        KeyMap { slots: vec![empty; capacity].into_boxed_slice(), bits: capacity.trailing_zeros() }
+    }
+
+    #[inline]
+    fn home(&self, key: &Key) -> usize {
+        (key.hash() >> (64 - self.bits)) as usize
+    }
+
+    /// Insert; returns the value already there for `key`, if any (which stays).
+    fn insert(&mut self, key: Key, value: u32) -> Option<u32> {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(&key);
+        loop {
+            let (k, v) = self.slots[i];
+            if v == EMPTY {
+                self.slots[i] = (key, value);
+                return None;
+            }
+            if k == key {
+                return Some(v);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    #[inline]
+    fn get(&self, key: &Key) -> Option<u32> {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        // At most half full, so an empty slot ends every probe.
+        loop {
+            let (k, v) = self.slots.get(i)?;
+            if *v == EMPTY {
+                return None;
+            }
+            if k == key {
+                return Some(*v);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+}
+
+/// Every service, compiled (one part of the snapshot).
+#[derive(Debug, Clone)]
+pub struct Services {
+    services: Box<[Service]>,
+    by_vip: KeyMap,
+    backends: KeyMap,
+    generation: u64,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Services { services: Box::new([]), by_vip: KeyMap::new(0), backends: KeyMap::new(0), generation: 0 }
+    }
+}
+
+impl Services {
+    /// Compile `specs`; `generation` numbers this build (connection tracking uses it to tell
+    /// whether the backends may have changed since it last checked an entry).
+    ///
+    /// # Errors
+    /// [`ServiceError`] naming the services at fault.
+    pub fn build(specs: &[ServiceSpec], generation: u64) -> Result<Services, ServiceError> {
+        let mut services = Vec::with_capacity(specs.len());
+        let mut by_vip = KeyMap::new(specs.len());
+        let backend_count: usize = specs.iter().map(|s| s.endpoints.len()).sum();
+        let mut backend_set = KeyMap::new(backend_count);
+        for (i, s) in specs.iter().enumerate() {
+            if s.endpoints.len() > MAX_BACKENDS {
+                return Err(ServiceError::TooManyEndpoints { name: s.name.clone(), count: s.endpoints.len() });
+            }
+            let key = Key::new(s.vip, s.port, s.protocol.number());
+            // Fewer than u32::MAX services: a Vec of that many would not fit in memory anyway.
+            if let Some(first) = by_vip.insert(key, i as u32) {
+                return Err(ServiceError::Duplicate {
+                    first: specs[first as usize].name.clone(),
+                    second: s.name.clone(),
+                    vip: s.vip,
+                    port: s.port,
+                    protocol: s.protocol,
+                });
+            }
+            services.push(compile(s));
+            for e in &s.endpoints {
+                backend_set.insert(Key::new(e.addr, e.port, s.protocol.number()), 0);
+            }
+        }
+        Ok(Services { services: services.into_boxed_slice(), by_vip, backends: backend_set, generation })
+    }
+
+    /// The service at `vip:port` for IP protocol `proto`.
+    #[inline]
+    pub fn lookup(&self, vip: IpAddr, port: u16, proto: u8) -> Option<&Service> {
+        if self.services.is_empty() {
+            return None;
+        }
+        let i = self.by_vip.get(&Key::new(vip, port, proto))?;
+        self.services.get(i as usize)
+    }
+
+    /// Whether `addr:port` over `proto` is some service's endpoint (a packet from it may be a
+    /// service reply).
+    #[inline]
+    pub fn is_backend(&self, addr: IpAddr, port: u16, proto: u8) -> bool {
+        !self.services.is_empty() && self.backends.get(&Key::new(addr, port, proto)).is_some()
+    }
+
+    /// Every service.
+    pub fn iter(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter()
+    }
+
+    /// Number of services.
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// The build number given to [`Services::build`].
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// The backends of `s` that take new connections: the ready ones, else the serving-and-terminating
+/// ones; and those that keep their existing connections (serving or ready).
+fn compile(s: &ServiceSpec) -> Service {
+    let to_backend = |e: &EndpointSpec| Backend { addr: e.addr, port: e.port };
+    let mut backends: Vec<Backend> = s.endpoints.iter().filter(|e| e.ready).map(to_backend).collect();
+    if backends.is_empty() {
+        backends = s.endpoints.iter().filter(|e| e.serving && e.terminating).map(to_backend).collect();
+    }
+    // The order must not matter to the table (a reordered slice is the same service).
+    backends.sort_by(cmp_backend);
+    backends.dedup();
+    let mut alive: Vec<Backend> = s.endpoints.iter().filter(|e| e.ready || e.serving).map(to_backend).collect();
+    alive.sort_by(cmp_backend);
+    alive.dedup();
+    let m = if backends.len() > LARGE_BACKENDS { MAGLEV_LARGE } else { MAGLEV_DEFAULT };
+    Service {
+        name: s.name.as_str().into(),
+        vip: s.vip,
+        port: s.port,
+        protocol: s.protocol,
+        table: maglev_table(&backends, m),
+        backends: backends.into_boxed_slice(),
+        alive: alive.into_boxed_slice(),
+        affinity: s.affinity,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn b(i: u32) -> Backend {
+        Backend { addr: IpAddr::V4(Ipv4Addr::from_bits(0x0af4_0000 + i)), port: 8080 }
+    }
+
+    #[test]
+    fn every_slot_is_filled_and_shares_are_even() {
+        let backends: Vec<Backend> = (0..7).map(b).collect();
+        let t = maglev_table(&backends, 251);
+        assert_eq!(t.len(), 251);
+        let mut counts = [0usize; 7];
+        for &i in t.iter() {
+            counts[usize::from(i)] += 1;
+        }
+        // Maglev gives each backend floor(M/N) or ceil(M/N) slots, give or take the turn order.
+        assert!(counts.iter().all(|&c| (35..=37).contains(&c)), "{counts:?}");
+    }
+
+    #[test]
+    fn lookup_and_duplicates() {
+        let spec = |name: &str, port| ServiceSpec {
+            name: name.into(),
+            vip: "10.96.0.10".parse().expect("ip"),
+            port,
+            protocol: Protocol::Tcp,
+            endpoints: vec![EndpointSpec::ready("10.244.1.2".parse().expect("ip"), 8080)],
+            affinity: None,
+        };
+        let s = Services::build(&[spec("a", 80), spec("b", 443)], 1).expect("valid");
+        assert_eq!(s.lookup("10.96.0.10".parse().expect("ip"), 443, 6).map(Service::name), Some("b"));
+        assert!(s.lookup("10.96.0.10".parse().expect("ip"), 443, 17).is_none());
+        assert!(s.is_backend("10.244.1.2".parse().expect("ip"), 8080, 6));
+        assert!(!s.is_backend("10.244.1.2".parse().expect("ip"), 8080, 17));
+        let e = Services::build(&[spec("a", 80), spec("c", 80)], 2).expect_err("duplicate");
+        assert_eq!(e.to_string(), "services a and c both claim 10.96.0.10 port 80/TCP");
+    }
+
+    #[test]
+    fn terminating_endpoints_only_when_none_is_ready() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let term = EndpointSpec { addr: ip("10.244.1.3"), port: 80, ready: false, serving: true, terminating: true };
+        let mut spec = ServiceSpec {
+            name: "t".into(),
+            vip: ip("10.96.0.1"),
+            port: 80,
+            protocol: Protocol::Tcp,
+            endpoints: vec![EndpointSpec::ready(ip("10.244.1.2"), 80), term],
+            affinity: None,
+        };
+        let s = compile(&spec);
+        assert_eq!(s.backends(), &[Backend { addr: ip("10.244.1.2"), port: 80 }]);
+        assert!(s.is_alive(Backend { addr: ip("10.244.1.3"), port: 80 }), "terminating keeps its connections");
+        spec.endpoints.remove(0);
+        let s = compile(&spec);
+        assert_eq!(s.backends(), &[Backend { addr: ip("10.244.1.3"), port: 80 }]);
+        spec.endpoints[0].serving = false;
+        let s = compile(&spec);
+        assert!(s.backends().is_empty());
+        assert_eq!(s.pick(12345), None);
+        assert!(!s.is_alive(Backend { addr: ip("10.244.1.3"), port: 80 }));
+    }
+}
