@@ -4,11 +4,14 @@
 //! Setup code (opening ports, loading XDP programs, starting workers) lives apart from the
 //! per-packet path (`frame`, `port`, the pipeline); each module's doc says which side it is on.
 
+pub mod conntrack;
 pub mod counters;
 pub mod frame;
 pub mod kernel;
+pub mod nat;
 pub mod neighbour;
 pub mod pipeline;
 pub mod port;
+pub mod service;
 pub mod worker;
 pub mod xdp;

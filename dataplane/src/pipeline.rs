@@ -38,8 +38,12 @@ use ferry_encap::wire::ipv4::{Ipv4Packet, protocol};
 use ferry_encap::wire::ipv6::Ipv6Packet;
 use ferry_encap::wire::{ArpOperation, ArpPacket, ArpRepr, Icmpv6Packet, Icmpv6Repr, NdiscRepr};
 use ferry_encap::{DecapConfig, DropReason, FrameBuf, MacAddr, TunnelTemplate, Verdict, decap, encap_with, offload};
-use ferry_tables::Snapshot;
 pub use ferry_tables::{PortId, Route};
+use ferry_tables::{Services, Snapshot};
+use std::sync::Arc;
+
+use crate::conntrack::{Conntrack, Timeouts};
+use crate::service::{self, Outcome};
 
 /// What the pipeline asks of the forwarding tables. The published [`Snapshot`] implements it (a
 /// worker loads one per batch and passes it in); tests and benches may implement it with less.
@@ -55,6 +59,9 @@ pub trait Fib {
 
     /// The MAC of the pod on a port (the only source MAC it may send with), if a pod is there.
     fn port_mac(&self, port: PortId) -> Option<MacAddr>;
+
+    /// The services (VIPs and their backends).
+    fn services(&self) -> &Services;
 }
 
 impl Fib for Snapshot {
@@ -76,6 +83,11 @@ impl Fib for Snapshot {
     #[inline]
     fn port_mac(&self, port: PortId) -> Option<MacAddr> {
         Snapshot::port_mac(self, port)
+    }
+
+    #[inline]
+    fn services(&self) -> &Services {
+        Snapshot::services(self)
     }
 }
 
@@ -189,7 +201,15 @@ pub struct Pipeline {
     limiter: RateLimiter,
     scratch: Box<[u8]>,
     now_ns: u64,
+    /// Connection tracking, shared with the other workers.
+    conntrack: Arc<Conntrack>,
+    /// Its clock, read once per batch.
+    ct_now: u32,
 }
+
+/// Connection-tracking slots of a pipeline made with [`Pipeline::new`] (its own table; the agent
+/// shares one among its workers with [`Pipeline::with_conntrack`]).
+pub const OWN_CONNTRACK_SLOTS: usize = 1 << 14;
 
 /// What the pipeline counts: drops by [`DropReason`], and ICMP errors sent. A packet answered with
 /// an ICMP error counts under its drop reason (it was not forwarded) and as an ICMP error sent.
@@ -212,8 +232,14 @@ impl Default for PipelineCounters {
 }
 
 impl Pipeline {
-    /// A pipeline for a node.
+    /// A pipeline for a node, with a connection-tracking table of its own
+    /// ([`OWN_CONNTRACK_SLOTS`]).
     pub fn new(cfg: NodeConfig) -> Self {
+        Self::with_conntrack(cfg, Arc::new(Conntrack::new(OWN_CONNTRACK_SLOTS, Timeouts::default())))
+    }
+
+    /// A pipeline for a node that tracks connections in `conntrack` (shared by every worker).
+    pub fn with_conntrack(cfg: NodeConfig, conntrack: Arc<Conntrack>) -> Self {
         let icmp_source = ErrorSource { mac: cfg.gateway_mac, ipv4: cfg.gateway_v4, ipv6: cfg.gateway_v6 };
         let limiter = RateLimiter::new(cfg.icmp_rate.0, cfg.icmp_rate.1);
         Pipeline {
@@ -222,6 +248,8 @@ impl Pipeline {
             limiter,
             scratch: vec![0u8; icmp::MAX_ERROR_FRAME_LEN].into_boxed_slice(),
             now_ns: 0,
+            ct_now: conntrack.now(),
+            conntrack,
         }
     }
 
@@ -230,9 +258,16 @@ impl Pipeline {
         &self.cfg
     }
 
-    /// Set the time used for rate limiting (call once per batch).
+    /// Set the time used for rate limiting, and read connection tracking's clock (call once per
+    /// batch).
     pub fn set_time(&mut self, now_ns: u64) {
         self.now_ns = now_ns;
+        self.ct_now = self.conntrack.now();
+    }
+
+    /// The connection-tracking table.
+    pub fn conntrack(&self) -> &Arc<Conntrack> {
+        &self.conntrack
     }
 
     /// Decide a frame's fate, rewriting it in place. `Forward(p)` means transmit on port `p`;
@@ -294,8 +329,9 @@ impl Pipeline {
             if is_arp(frame.data()) { self.answer_arp(frame) } else { Verdict::Drop(DropReason::UnsupportedEtherType) }
         );
         step!(self.pod_ip_checks(fib, in_port, &ctx, frame));
-        // (Stages policy and service go here, on `ctx`.)
+        // (Stage policy goes here, on `ctx`.)
         step!(self.prepare_forward(&ctx, frame, counters));
+        step!(self.service_stage(fib, &mut ctx, frame, counters));
         match fib.route(ctx.dst()) {
             Route::Local { port, mac } => {
                 decrement_ttl(frame, &ctx.flow);
@@ -362,6 +398,56 @@ impl Pipeline {
         Step::Continue
     }
 
+    /// Stage (from a pod, checksums final): services. A packet to a service VIP is translated to
+    /// its backend (or refused: no endpoint, or its backend gone); a reply from a backend on this
+    /// node to a client on this node (or to itself, hairpin) gets the VIP back.
+    #[inline]
+    fn service_stage<F: Fib>(
+        &mut self,
+        fib: &F,
+        ctx: &mut Ctx,
+        frame: &mut FrameBuf<'_>,
+        counters: &mut PipelineCounters,
+    ) -> Step {
+        let services = fib.services();
+        if services.is_empty() {
+            return Step::Continue;
+        }
+        let hairpin_src = match ctx.src() {
+            IpAddr::V4(_) => self.cfg.gateway_v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.cfg.gateway_v6.map(IpAddr::V6),
+        };
+        match service::forward(&self.conntrack, self.ct_now, services, ctx, frame.data_mut(), hairpin_src) {
+            Outcome::Translated => Step::Continue,
+            Outcome::NotService => {
+                service::reply(&self.conntrack, self.ct_now, services, ctx, frame.data_mut());
+                Step::Continue
+            }
+            Outcome::BackendGone => Step::Done(Verdict::Drop(DropReason::ServiceBackendGone)),
+            Outcome::NoEndpoint => Step::Done(self.reject(ctx, frame, counters)),
+        }
+    }
+
+    /// Refuse a connection to a service without endpoints as kube-proxy does: TCP with a RST, the
+    /// rest with ICMP port unreachable (both rate limited like every ICMP error ferry sends).
+    fn reject(&mut self, ctx: &Ctx, frame: &mut FrameBuf<'_>, counters: &mut PipelineCounters) -> Verdict<PortId> {
+        let reason = DropReason::ServiceNoEndpoint;
+        if ctx.flow.protocol != protocol::TCP {
+            return self.icmp_error(frame, IcmpError::PortUnreachable, reason, counters);
+        }
+        if !self.limiter.allow(self.now_ns) {
+            return Verdict::Drop(reason);
+        }
+        let Some(n) = crate::nat::tcp_reset(frame.data_mut(), ctx, self.cfg.gateway_mac.0) else {
+            return Verdict::Drop(reason);
+        };
+        if frame.set_len(n).is_none() {
+            return Verdict::Drop(reason);
+        }
+        counters.drops[reason as usize] += 1;
+        Verdict::Reply
+    }
+
     /// Stage (decapsulated): what the sending node may send. The TTL is not spent (the sender
     /// decremented it), and the source is one of the sender's.
     #[inline(always)]
@@ -382,7 +468,7 @@ impl Pipeline {
     #[inline(always)]
     fn deliver<F: Fib>(
         &mut self,
-        _fib: &F,
+        fib: &F,
         ctx: &mut Ctx,
         frame: &mut FrameBuf<'_>,
         port: PortId,
@@ -395,6 +481,9 @@ impl Pipeline {
             if let Err(r) = offload::complete_checksum_with(frame.data_mut(), &ctx.flow) {
                 return Verdict::Drop(r);
             }
+            // A service reply to a client on this node. (From a pod on this node the service
+            // stage has looked already.)
+            service::reply(&self.conntrack, self.ct_now, fib.services(), ctx, frame.data_mut());
         }
         self.rewrite_eth(frame, mac);
         Verdict::Forward(port)

@@ -154,6 +154,15 @@ drop_reasons! {
     PodIpv4BadChecksum => "pod_ipv4_bad_checksum", "IPv4 header checksum wrong in a pod's packet";
     /// A pod sent an 802.1Q-tagged frame: a pod port is an untagged access port.
     PodVlanTagged => "pod_vlan_tagged", "VLAN-tagged frame from a pod";
+
+    // Services (issue 14).
+
+    /// A connection to a service VIP and port with no usable endpoint: refused with ICMP port
+    /// unreachable (UDP) or a TCP RST, rate limited, as kube-proxy rejects it.
+    ServiceNoEndpoint => "service_no_endpoint", "service has no usable endpoint (rejected)";
+    /// A packet of a tracked service connection whose backend endpoint is gone: dropped, never sent
+    /// to another backend mid-connection.
+    ServiceBackendGone => "service_backend_gone", "service connection's backend is gone";
 }
 
 #[cfg(test)]

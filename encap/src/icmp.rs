@@ -12,7 +12,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::icmpv4::{DestUnreachableHeader, TimeExceededCode};
-use etherparse::icmpv6::TimeExceededCode as TimeExceededCode6;
+use etherparse::icmpv6::{DestUnreachableCode as DestUnreachableCode6, TimeExceededCode as TimeExceededCode6};
 use etherparse::{Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpNumber, Ipv4Header, Ipv6Header};
 
 use crate::wire::ethernet::{EthernetFrame, EthernetRepr, MacAddr, ethertype};
@@ -36,6 +36,9 @@ pub enum IcmpError {
     },
     /// TTL or hop limit reached zero in transit: IPv4 type 11 code 0, ICMPv6 type 3 code 0.
     TimeExceeded,
+    /// Nothing listens on the destination port (a service without endpoints): IPv4 type 3 code 3,
+    /// ICMPv6 type 1 code 4.
+    PortUnreachable,
 }
 
 /// The address the error comes from: the pod gateway as the pod sees it.
@@ -96,6 +99,7 @@ pub fn build_error(
                     Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu })
                 }
                 IcmpError::TimeExceeded => Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+                IcmpError::PortUnreachable => Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
             };
             let quoted = &offending[off..off + usize::from(ip.total_len())];
             let quoted = &quoted[..quoted.len().min(ICMPV4_MAX_LEN - 20 - 8)];
@@ -124,6 +128,7 @@ pub fn build_error(
             let icmp_type = match error {
                 IcmpError::TooBig { mtu } => Icmpv6Type::PacketTooBig { mtu: u32::from(mtu) },
                 IcmpError::TimeExceeded => Icmpv6Type::TimeExceeded(TimeExceededCode6::HopLimitExceeded),
+                IcmpError::PortUnreachable => Icmpv6Type::DestinationUnreachable(DestUnreachableCode6::Port),
             };
             let quoted = &offending[off..off + crate::wire::ipv6::HEADER_LEN + usize::from(ip.payload_len())];
             let quoted = &quoted[..quoted.len().min(ICMPV6_MAX_LEN - 40 - 8)];
