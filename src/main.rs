@@ -51,6 +51,20 @@ enum Command {
     Routes(Query),
     /// Packets per port (with rates over the last second) and drops by reason.
     Stats(Query),
+    /// Tracked connections (services' translations), with filters.
+    Conntrack {
+        #[command(flatten)]
+        query: Query,
+        /// Only connections with this address (source, destination or translation).
+        #[arg(long)]
+        addr: Option<std::net::IpAddr>,
+        /// Only connections with this port (source, destination or translation).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only this protocol: tcp or udp.
+        #[arg(long, value_parser = ["tcp", "udp"])]
+        proto: Option<String>,
+    },
     /// List every drop reason the data plane counts, with its metric name.
     DropReasons,
     /// Generate and/or receive test traffic on an interface queue over AF_XDP.
@@ -86,6 +100,10 @@ fn main() -> ExitCode {
         },
         Command::Routes(q) => query(&q, Request::Routes, print_routes),
         Command::Stats(q) => query(&q, Request::Stats, print_stats),
+        Command::Conntrack { query: q, addr, port, proto } => {
+            let proto = proto.map(|p| if p == "tcp" { 6 } else { 17 });
+            query(&q, Request::Conntrack { addr, port, proto }, print_conntrack)
+        }
         Command::DropReasons => {
             for r in DropReason::ALL {
                 println!("{:>3}  {:<26} {}", *r as u8, r.name(), r.description());
@@ -287,6 +305,43 @@ fn print_routes(d: &Value) {
     for b in d["blackholes"].as_array().into_iter().flatten() {
         println!("{:<26} {:<16}", s(b), "blackhole (this node's CIDR)");
     }
+}
+
+fn print_conntrack(d: &Value) {
+    println!(
+        "{:<5} {:<40} {:<40} {:<9} {:<28} {:<12} {:>9}",
+        "proto", "source", "destination", "direction", "translation", "state", "idle ms"
+    );
+    for e in d["entries"].as_array().into_iter().flatten() {
+        let proto = match e["proto"].as_u64() {
+            Some(6) => "tcp".to_owned(),
+            Some(17) => "udp".to_owned(),
+            Some(255) => "aff".to_owned(),
+            other => other.map_or_else(String::new, |p| p.to_string()),
+        };
+        let ep = |a: &str, p: &str| {
+            let (a, p) = (s(&e[a]), s(&e[p]));
+            if a.contains(':') { format!("[{a}]:{p}") } else { format!("{a}:{p}") }
+        };
+        println!(
+            "{:<5} {:<40} {:<40} {:<9} {:<28} {:<12} {:>9}",
+            proto,
+            ep("src", "sport"),
+            ep("dst", "dport"),
+            s(&e["direction"]),
+            format!("{} -> {}", s(&e["rewrite"]), ep("nat", "nat_port")),
+            s(&e["state"]),
+            s(&e["idle_ms"])
+        );
+    }
+    println!(
+        "{} entries shown; table: {} slots of {} bytes, {} inserted, {} evicted",
+        d["entries"].as_array().map_or(0, Vec::len),
+        s(&d["capacity"]),
+        s(&d["entry_bytes"]),
+        s(&d["inserts"]),
+        s(&d["evictions"])
+    );
 }
 
 fn print_stats(d: &Value) {

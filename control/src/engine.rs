@@ -137,6 +137,8 @@ impl Engine {
             Update::Delete(source, name) => self.delete(&NodeKey::new(source, name)),
             Update::Resync(source, specs) => self.resync(source, specs),
             Update::Network(source, nets) => self.set_network(source, nets),
+            // Not routes: the engine loop hands services to the publisher directly.
+            Update::Services(..) => {}
         }
         self.writes != writes
     }

@@ -253,6 +253,11 @@ async fn engine_loop(
             }
         }
         for ev in batch.drain(..) {
+            if let crate::model::Update::Services(_, services) = &ev.update {
+                publisher.services(services);
+                metrics.published();
+                continue;
+            }
             if engine.apply(ev.update) {
                 mattered.push(ev.seen);
             }

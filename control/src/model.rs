@@ -236,13 +236,20 @@ pub enum Update {
     /// The cluster network(s) a source's CIDRs must lie in (Flannel's `Network`); empty: no check
     /// beyond the configured cluster CIDRs.
     Network(SourceKind, Vec<IpNet>),
+    /// The complete set of a source's services (each load of the static file). They bypass the
+    /// route engine: the publisher compiles them into their own part of the snapshot.
+    Services(SourceKind, Vec<ferry_tables::ServiceSpec>),
 }
 
 impl Update {
     /// The source that sent it.
     pub fn source(&self) -> SourceKind {
         match self {
-            Update::Upsert(s, _) | Update::Delete(s, _) | Update::Resync(s, _) | Update::Network(s, _) => *s,
+            Update::Upsert(s, _)
+            | Update::Delete(s, _)
+            | Update::Resync(s, _)
+            | Update::Network(s, _)
+            | Update::Services(s, _) => *s,
         }
     }
 }

@@ -28,4 +28,8 @@ pub struct RouteTable<'a> {
 pub trait Publish: Send + 'static {
     /// Publishes a new table.
     fn publish(&mut self, table: &RouteTable<'_>);
+
+    /// Publishes a new set of services (the whole set). The default ignores them (a publisher
+    /// without a data plane).
+    fn services(&mut self, _services: &[ferry_tables::ServiceSpec]) {}
 }

@@ -159,6 +159,15 @@ impl Publish for TablesPublisher {
             hook(&tables.current(), table.diff);
         }
     }
+
+    fn services(&mut self, services: &[ferry_tables::ServiceSpec]) {
+        let tables = Arc::clone(&self.tables);
+        let mut tables = tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match tables.set_services(services, Instant::now()) {
+            Ok(p) => tracing::info!(services = services.len(), generation = p.generation, "services published"),
+            Err(e) => tracing::warn!(error = %e, "services refused; keeping the previous ones"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,18 @@ pub enum Request {
     Routes,
     /// Counters: per port and per drop reason, with rates over the last second.
     Stats,
+    /// Tracked connections matching the filter (every field optional).
+    Conntrack {
+        /// Only entries with this address as source, destination or translation.
+        #[serde(default)]
+        addr: Option<std::net::IpAddr>,
+        /// Only entries with this port as source, destination or translation port.
+        #[serde(default)]
+        port: Option<u16>,
+        /// Only this IP protocol (6 TCP, 17 UDP).
+        #[serde(default)]
+        proto: Option<u8>,
+    },
     /// Attach a pod's host-side interface and register the pod (idempotent for the same pod).
     PodAdd {
         /// The pod.

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ferry_control::{ControlPlane, TablesPublisher};
+use ferry_dataplane::conntrack::{Conntrack, Timeouts};
 use ferry_dataplane::counters::{Counters, SharedCounters};
 use ferry_dataplane::frame::{FrameMem, FreeFrames};
 use ferry_dataplane::neighbour::NeighbourSync;
@@ -115,7 +116,12 @@ struct Shared {
     running: AtomicBool,
     /// When the main loop last went round (milliseconds since `started`): liveness.
     heartbeat_ms: AtomicU64,
+    /// Connection tracking, shared by the workers; collected by the main loop.
+    conntrack: Arc<Conntrack>,
 }
+
+/// Connection-tracking slots (64 bytes each: 16 MiB; a translated connection takes two).
+const CONNTRACK_SLOTS: usize = ferry_dataplane::conntrack::DEFAULT_SLOTS;
 
 /// The main loop goes round every second; this much longer without it and the agent is not live.
 const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
@@ -316,6 +322,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     let mut threads: Vec<JoinHandle<Worker<NodePort>>> = Vec::new();
     let mut counters = Vec::new();
+    // One table for every worker: the two directions of a connection reach different workers.
+    let conntrack = Arc::new(Conntrack::new(CONNTRACK_SLOTS, Timeouts::default()));
     for w in 0..cfg.workers {
         let mem = XskMem::new(mem_cfg).context("creating the worker's UMEM (dataplane.frames)")?;
         let uplink = XskPort::open(&mem, &cfg.underlay_if, w, &port_cfg)?;
@@ -327,7 +335,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             vec![PortRole::Uplink],
             mem,
             free,
-            Pipeline::new(node_cfg.clone()),
+            Pipeline::with_conntrack(node_cfg.clone(), Arc::clone(&conntrack)),
         )
         .with_capacity(cfg.max_ports as usize);
         let control = worker.control();
@@ -435,6 +443,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         control_metrics: control_plane.metrics().clone(),
         running: AtomicBool::new(false),
         heartbeat_ms: AtomicU64::new(0),
+        conntrack,
     });
 
     if metrics_addr.is_some() {
@@ -473,6 +482,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     loop {
         shared.beat();
         sample(&shared);
+        // Off the hot path: expired connections go once a second (a scan of the table's slots).
+        shared.conntrack.gc(shared.conntrack.now());
         if wait_signal(&signals, Duration::from_secs(1)) {
             break;
         }

@@ -142,7 +142,43 @@ impl Server {
             Request::Status => Response::data(self.status()),
             Request::Routes => Response::data(self.routes()),
             Request::Stats => Response::data(self.stats()),
+            Request::Conntrack { addr, port, proto } => Response::data(self.conntrack(addr, port, proto)),
         }
+    }
+
+    fn conntrack(&self, addr: Option<std::net::IpAddr>, port: Option<u16>, proto: Option<u8>) -> serde_json::Value {
+        let ct = &self.shared.conntrack;
+        let entries: Vec<serde_json::Value> = ct
+            .entries()
+            .into_iter()
+            .filter(|e| {
+                let t = &e.tuple;
+                addr.is_none_or(|a| t.src == a || t.dst == a || e.nat.addr == a)
+                    && port.is_none_or(|p| t.sport == p || t.dport == p || e.nat.port == p)
+                    && proto.is_none_or(|p| t.proto == p)
+            })
+            .map(|e| {
+                let t = &e.tuple;
+                let reply = e.flags & ferry_dataplane::conntrack::flags::REPLY != 0;
+                json!({
+                    "proto": t.proto,
+                    "src": t.src.to_string(), "sport": t.sport,
+                    "dst": t.dst.to_string(), "dport": t.dport,
+                    "direction": if reply { "reply" } else { "original" },
+                    "rewrite": if reply { "source" } else { "destination" },
+                    "nat": e.nat.addr.to_string(), "nat_port": e.nat.port,
+                    "state": e.state(),
+                    "idle_ms": e.idle_ms,
+                })
+            })
+            .collect();
+        json!({
+            "capacity": ct.capacity(),
+            "entry_bytes": ferry_dataplane::conntrack::Conntrack::entry_bytes(),
+            "inserts": ct.inserts(),
+            "evictions": ct.evictions(),
+            "entries": entries,
+        })
     }
 
     fn status(&self) -> serde_json::Value {

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_encap::TunnelKind;
+use ferry_tables::{EndpointSpec, Protocol, ServiceSpec};
 use ipnet::IpNet;
 use notify::Watcher;
 use serde::Deserialize;
@@ -51,6 +52,22 @@ struct File {
     cluster_cidrs: Vec<String>,
     #[serde(default, rename = "node")]
     nodes: Vec<Entry>,
+    #[serde(default, rename = "service")]
+    services: Vec<ServiceEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceEntry {
+    name: String,
+    vip: String,
+    port: u16,
+    protocol: Option<String>,
+    #[serde(default)]
+    endpoints: Vec<String>,
+    #[serde(default)]
+    terminating: Vec<String>,
+    session_affinity_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,13 +103,15 @@ impl Defaults {
     }
 }
 
-/// A parsed file: the cluster networks and one result per node entry.
+/// A parsed file: the cluster networks, one result per node entry, one per service entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Parsed {
     /// `cluster_cidrs`.
     pub networks: Vec<IpNet>,
     /// One per `[[node]]`.
     pub nodes: Vec<Result<NodeSpec, Rejection>>,
+    /// One per `[[service]]` (a rejection names the service in its `node` field).
+    pub services: Vec<Result<ServiceSpec, Rejection>>,
 }
 
 /// Parses the file's text.
@@ -119,7 +138,58 @@ pub fn parse(text: &str, d: &Defaults) -> Result<Parsed, String> {
             entry_spec(e, d).map(|s| NodeSpec { seniority: Seniority { created: i as i64, uid: String::new() }, ..s })
         })
         .collect();
-    Ok(Parsed { networks, nodes })
+    let mut seen = BTreeSet::new();
+    let services = file
+        .services
+        .into_iter()
+        .map(|e| {
+            if !seen.insert(e.name.clone()) {
+                return Err(Rejection::new(e.name, "name", "appears twice in the file"));
+            }
+            service_spec(e)
+        })
+        .collect();
+    Ok(Parsed { networks, nodes, services })
+}
+
+/// `ADDRESS:PORT` or `[V6]:PORT`.
+fn endpoint(s: &str) -> Result<(IpAddr, u16), String> {
+    let a: std::net::SocketAddr = s.trim().parse().map_err(|_| format!("{s:?} is not ADDRESS:PORT"))?;
+    Ok((a.ip(), a.port()))
+}
+
+fn service_spec(e: ServiceEntry) -> Result<ServiceSpec, Rejection> {
+    let reject = |field: &str, reason: String| Rejection::new(e.name.clone(), field, reason);
+    let vip = e.vip.trim().parse::<IpAddr>().map_err(|_| reject("vip", format!("{:?} is not an IP address", e.vip)))?;
+    let protocol = match e.protocol.as_deref().map(str::trim) {
+        None | Some("TCP" | "tcp") => Protocol::Tcp,
+        Some("UDP" | "udp") => Protocol::Udp,
+        Some(other) => return Err(reject("protocol", format!("`{other}` is not one of TCP, UDP"))),
+    };
+    if e.port == 0 {
+        return Err(reject("port", "0 is not a port".into()));
+    }
+    let mut endpoints = Vec::with_capacity(e.endpoints.len() + e.terminating.len());
+    for (field, list, ready) in [("endpoints", &e.endpoints, true), ("terminating", &e.terminating, false)] {
+        for s in list {
+            let (addr, port) = endpoint(s).map_err(|r| reject(field, r))?;
+            if addr.is_ipv4() != vip.is_ipv4() {
+                return Err(reject(field, format!("{s} is not in the VIP's address family")));
+            }
+            if port == 0 {
+                return Err(reject(field, format!("{s}: 0 is not a port")));
+            }
+            endpoints.push(EndpointSpec { addr, port, ready, serving: true, terminating: !ready });
+        }
+    }
+    Ok(ServiceSpec {
+        name: e.name,
+        vip,
+        port: e.port,
+        protocol,
+        endpoints,
+        affinity: e.session_affinity_seconds.map(Duration::from_secs),
+    })
 }
 
 fn entry_spec(e: Entry, d: &Defaults) -> Result<NodeSpec, Rejection> {
@@ -228,9 +298,22 @@ impl StaticSource {
                     warned = None;
                     self.metrics.set_source_up(SourceKind::Static, true);
                     self.metrics.source_event(SourceKind::Static);
-                    tracing::info!(file = %self.path.display(), nodes = p.nodes.len(), "static routes loaded");
+                    tracing::info!(file = %self.path.display(), nodes = p.nodes.len(), services = p.services.len(), "static routes loaded");
+                    let mut services = Vec::with_capacity(p.services.len());
+                    for s in p.services {
+                        match s {
+                            Ok(s) => services.push(s),
+                            Err(r) => {
+                                tracing::warn!(service = %r.node, field = %r.field, reason = %r.reason, "service entry rejected");
+                                self.metrics.rejected(SourceKind::Static, &r.field);
+                            }
+                        }
+                    }
                     let net = self.tx.send(seen, Update::Network(SourceKind::Static, p.networks)).await;
-                    if net.is_err() || self.tx.send(seen, Update::Resync(SourceKind::Static, p.nodes)).await.is_err() {
+                    if net.is_err()
+                        || self.tx.send(seen, Update::Resync(SourceKind::Static, p.nodes)).await.is_err()
+                        || self.tx.send(seen, Update::Services(SourceKind::Static, services)).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -287,6 +370,50 @@ mod tests {
         assert_eq!(p.nodes[3].as_ref().map_err(|e| e.field.as_str()), Err("name"));
         // The entry's position ranks overlapping claims.
         assert_eq!((me.seniority.created, a.seniority.created), (0, 1));
+    }
+
+    #[test]
+    fn parses_services_and_names_bad_fields() {
+        let text = r#"
+            [[service]]
+            name = "default/web"
+            vip = "10.244.255.10"
+            port = 80
+            endpoints = ["10.244.1.2:8080", "10.244.2.2:8080"]
+            terminating = ["10.244.1.3:8080"]
+            session_affinity_seconds = 60
+            [[service]]
+            name = "default/dns"
+            vip = "10.244.255.53"
+            port = 53
+            protocol = "UDP"
+            [[service]]
+            name = "bad/proto"
+            vip = "10.244.255.54"
+            port = 53
+            protocol = "SCTP"
+            [[service]]
+            name = "bad/endpoint"
+            vip = "10.244.255.55"
+            port = 80
+            endpoints = ["10.244.1.2"]
+            [[service]]
+            name = "bad/family"
+            vip = "10.244.255.56"
+            port = 80
+            endpoints = ["[fd00::1]:80"]
+        "#;
+        let p = parse(text, &defaults()).expect("parses");
+        let web = p.services[0].as_ref().expect("web");
+        assert_eq!((web.protocol, web.port, web.endpoints.len()), (Protocol::Tcp, 80, 3));
+        assert!(web.endpoints[2].terminating && !web.endpoints[2].ready);
+        assert_eq!(web.affinity, Some(Duration::from_secs(60)));
+        let dns = p.services[1].as_ref().expect("dns");
+        assert!(dns.endpoints.is_empty() && dns.protocol == Protocol::Udp);
+        let field = |i: usize| p.services[i].as_ref().map_err(|e| (e.node.as_str(), e.field.as_str())).err();
+        assert_eq!(field(2), Some(("bad/proto", "protocol")));
+        assert_eq!(field(3), Some(("bad/endpoint", "endpoints")));
+        assert_eq!(field(4), Some(("bad/family", "endpoints")));
     }
 
     #[test]
