@@ -3,7 +3,7 @@
 #
 #   sudo scripts/lab.sh                   install what is missing, build, up, check, show stats, explain
 #   sudo scripts/lab.sh up [--nodes N] [--pods-per-node M] [--encap vxlan|geneve] [--source static|etcd|kube]
-#                          [--kernel-nodes K] [--port P] [--name LAB] [--no-build]
+#                          [--kernel-nodes K] [--port P] [--ip-family ipv4|dual] [--name LAB] [--no-build]
 #   sudo scripts/lab.sh check [--json FILE]        the connectivity matrix; non-zero exit on any failure
 #   sudo scripts/lab.sh down                        remove everything of the lab (also after a crash)
 #   sudo scripts/lab.sh list [--json]               nodes and pods with their addresses
@@ -28,6 +28,8 @@
 # leases; a running agent re-takes its own lease, so source-remove wants kill-agent first), kube (the
 # cached kube-apiserver of scripts/build-kube-apiserver.sh on 192.168.100.254:6443, Node objects with
 # spec.podCIDRs and Flannel annotations). check runs $FERRY_LAB_CHECK_JOBS pairs at once (default 6).
+# --ip-family dual gives every pod an IPv6 address too (node i: fd00:10:244:<i>::/64, over the IPv4
+# underlay), and check adds every pod pair over IPv6; ferry nodes with the static or kube source only.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,6 +59,7 @@ NODES=3
 PODS=2
 ENCAP=vxlan
 SOURCE=static
+IP_FAMILY=ipv4
 KNODES=0
 PORT=
 VNI=1
@@ -77,8 +80,8 @@ check_name() {
 }
 
 save_settings() {
-    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nVNI=%q\nBIN_DIR=%q\n' \
-        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$VNI" "$BIN_DIR" >"$STATE/lab.env"
+    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\n' \
+        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$VNI" "$BIN_DIR" "$IP_FAMILY" >"$STATE/lab.env"
 }
 
 load_settings() {
@@ -133,6 +136,10 @@ cmd_up() {
     [[ $NODES =~ ^[0-9]+$ && $PODS =~ ^[0-9]+$ && $KNODES =~ ^[0-9]+$ && $PORT =~ ^[0-9]+$ ]] ||
         die "--nodes, --pods-per-node, --kernel-nodes and --port take numbers"
     if [ $((NODES + KNODES)) -lt 1 ] || [ $((NODES + KNODES)) -gt 250 ]; then die "between 1 and 250 nodes in all"; fi
+    case "$IP_FAMILY" in ipv4 | dual) ;; *) die "--ip-family: ipv4 or dual, not '$IP_FAMILY'" ;; esac
+    if [ "$IP_FAMILY" = dual ] && { [ "$KNODES" -gt 0 ] || [ "$SOURCE" = etcd ]; }; then
+        die "--ip-family dual: ferry nodes with the static or kube source only (the lab's kernel-VXLAN nodes and its Flannel etcd config are IPv4-only)"
+    fi
     if [ "$KNODES" -gt 0 ] && [ "$ENCAP" != vxlan ]; then
         die "--kernel-nodes needs --encap vxlan: kernel nodes run the kernel's VXLAN device (Flannel-style), and this kernel has no geneve module to match ferry's Geneve"
     fi
@@ -343,6 +350,7 @@ main() {
             --wait) WAIT=${2:?}; shift 2 ;;
             --encap) ENCAP=${2:?}; shift 2 ;;
             --source) SOURCE=${2:?}; shift 2 ;;
+            --ip-family) IP_FAMILY=${2:?}; shift 2 ;;
             --kernel-nodes) KNODES=${2:?}; shift 2 ;;
             --port) PORT=${2:?}; shift 2 ;;
             --no-build) BUILD=0; shift ;;

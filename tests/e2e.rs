@@ -283,6 +283,28 @@ fn matrix_vxlan() {
     assert_full_matrix(&rows, 3, 2);
 }
 
+/// Dual-stack pods over the IPv4 underlay: every pod gets an address of each family from its
+/// node's two pod CIDRs (host-local, two ranges), and every pod pair passes over both.
+#[test]
+fn matrix_dual_stack_pods() {
+    if !privileged("matrix_dual_stack_pods") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_dual", &["--nodes", "2", "--pods-per-node", "2", "--ip-family", "dual"]);
+    let rows = lab.check();
+    assert_full_matrix(&rows, 2, 2);
+    let c = categories(&rows);
+    assert_eq!((c.get("pod-pod6(same-node)"), c.get("pod-pod6(cross-node)")), (Some(&4), Some(&8)), "{c:?}");
+    for r in rows.iter().filter(|r| r["category"].as_str().is_some_and(|c| c.starts_with("pod-pod6"))) {
+        let a = r["address"].as_str().expect("address");
+        assert!(a.parse::<std::net::Ipv6Addr>().is_ok_and(|a| a.segments()[..3] == [0xfd00, 0x10, 0x244]), "{r}");
+    }
+    // The IPv6 routes are in the agent's table: the other node's /64 is tunnelled.
+    let routes = lab.ferry("n1", "routes");
+    assert!(routes.to_string().contains("fd00:10:244:2::/64"), "n1's routes lack n2's IPv6 pod CIDR: {routes}");
+}
+
 #[test]
 fn matrix_geneve_with_underlay_capture() {
     if !privileged("matrix_geneve_with_underlay_capture") {

@@ -45,6 +45,12 @@ check_matrix() {
             nb=$(pod_node "$b")
             if [ "$na" = "$nb" ]; then echo "pod-pod(same-node) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"
             else echo "pod-pod(cross-node) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"; fi
+            # Dual stack: the same pair over IPv6 (pods only: the node's host port is IPv4).
+            local ip6
+            ip6=$(pod_get "$b" IP6 2>/dev/null || true)
+            [ -z "$ip6" ] && continue
+            if [ "$na" = "$nb" ]; then echo "pod-pod6(same-node) $a $(node_ns "$a") $b $(node_ns "$b") $ip6"
+            else echo "pod-pod6(cross-node) $a $(node_ns "$a") $b $(node_ns "$b") $ip6"; fi
         done
     done
     for a in $nodes; do

@@ -7,13 +7,14 @@
 #   <lab>-<node>          a node: uplink ul0 192.168.100.<i>/24 (veth, peer <node> on br0)
 #   <lab>-<node>-p<j>     a pod of that node, wired by ferry-cni (ferry nodes) or bridge+host-local (kernel nodes)
 # ferry nodes are n<i>, kernel-VXLAN (Flannel-style) nodes k<i>; <i> is the node's index for addresses:
-# underlay 192.168.100.<i>, pod CIDR 10.244.<i>.0/24.
+# underlay 192.168.100.<i>, pod CIDR 10.244.<i>.0/24 (and fd00:10:244:<i>::/64 with --ip-family dual).
 # State: $STATE/nodes/<node>/node.env (settings), config.toml, agent.log, agent.pid, ferry.sock, state/,
 #        $STATE/nodes/<node>/pods/<pod>.env, $STATE/nodes.toml (the static route file).
 
 UL_PREFIX=192.168.100
 UL_GW=$UL_PREFIX.254
 CLUSTER_CIDR=10.244.0.0/16
+CLUSTER_CIDR6=fd00:10:244::/48   # --ip-family dual: pod CIDR fd00:10:244:<i>::/64
 POD_MTU_KERNEL=1450   # Flannel's: underlay 1500 - 50 bytes of VXLAN over IPv4
 
 ul_ns() { echo "$LAB-ul"; }
@@ -153,6 +154,7 @@ node_create() {
     {
         printf 'NAME=%q\nKIND=%q\nIDX=%q\nNS=%q\n' "$name" "$kind" "$idx" "$ns"
         printf 'UL_IP=%q\nPOD_CIDR=%q\nGW=%q\nVTEP_MAC=%q\nLISTED=1\n' "$ulip" "10.244.$idx.0/24" "10.244.$idx.1" "$mac"
+        if [ "${IP_FAMILY:-ipv4}" = dual ]; then printf 'POD_CIDR6=%q\n' "fd00:10:244:$idx::/64"; else printf 'POD_CIDR6=\n'; fi
     } >"$dir/node.env"
     ip netns add "$ns"
     ip -n "$ns" link set lo up
@@ -190,6 +192,18 @@ kill_netns_procs() {
     kill -9 $pids 2>/dev/null || true
 }
 
+# The cluster's and a node's pod CIDRs as TOML list items ("a", "b"): IPv4, plus IPv6 in a dual lab.
+cluster_cidrs_toml() {
+    if [ "${IP_FAMILY:-ipv4}" = dual ]; then printf '"%s", "%s"' "$CLUSTER_CIDR" "$CLUSTER_CIDR6"
+    else printf '"%s"' "$CLUSTER_CIDR"; fi
+}
+node_cidrs_toml() {
+    local six
+    six=$(node_get "$1" POD_CIDR6 2>/dev/null || true)
+    printf '"%s"' "$(node_get "$1" POD_CIDR)"
+    [ -z "$six" ] || printf ', "%s"' "$six"
+}
+
 # --- ferry agents -----------------------------------------------------------------------------------------
 ferry_config() {
     local name=$1 dir
@@ -209,8 +223,8 @@ port = $PORT
 vtep_mac = "$(node_get "$name" VTEP_MAC)"
 
 [pods]
-cluster_cidrs = ["$CLUSTER_CIDR"]
-pod_cidrs = ["$(node_get "$name" POD_CIDR)"]
+cluster_cidrs = [$(cluster_cidrs_toml)]
+pod_cidrs = [$(node_cidrs_toml "$name")]
 
 [host]
 interface = "ferry0"
@@ -378,7 +392,7 @@ cni() {
 
 # pod_add NODE J: creates pod <node>-p<J> and wires it with the node's CNI plugin.
 pod_add() {
-    local node=$1 j=$2 pod ns dir out ip
+    local node=$1 j=$2 pod ns dir out ip ip6
     pod="$node-p$j"
     ns=$(node_ns "$pod")
     dir=$(node_dir "$node")
@@ -392,7 +406,12 @@ pod_add() {
     printf '%s\n' "$out" >"$dir/pods/$pod.result.json"
     ip=$(ip -n "$ns" -4 -o addr show dev eth0 | awk '{split($4, a, "/"); print a[1]; exit}')
     [ -n "$ip" ] || { echo "pod $pod has no IPv4 address on eth0 after CNI ADD: $out" >&2; return 1; }
-    printf 'POD=%q\nNODE=%q\nNS=%q\nIP=%q\n' "$pod" "$node" "$ns" "$ip" >"$dir/pods/$pod.env"
+    ip6=
+    if [ -n "$(node_get "$node" POD_CIDR6 2>/dev/null || true)" ]; then
+        ip6=$(ip -n "$ns" -6 -o addr show dev eth0 scope global | awk '{split($4, a, "/"); print a[1]; exit}')
+        [ -n "$ip6" ] || { echo "pod $pod has no IPv6 address on eth0 after CNI ADD in a dual-stack lab: $out" >&2; return 1; }
+    fi
+    printf 'POD=%q\nNODE=%q\nNS=%q\nIP=%q\nIP6=%q\n' "$pod" "$node" "$ns" "$ip" "$ip6" >"$dir/pods/$pod.env"
 }
 
 pod_del() {
