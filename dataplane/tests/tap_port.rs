@@ -3,7 +3,9 @@
 //! one `HeapMem` (a wire, no pipeline). A real TCP transfer between the namespaces must arrive
 //! byte for byte, as super-packets read from one tap (segmented) and coalesced into the other,
 //! with every frame accounted for at the end; then, as after an agent restart, the queues are
-//! closed and attached again and an IPv6 transfer must arrive the same way.
+//! closed and attached again and an IPv6 transfer must arrive the same way. A third test puts two
+//! pods wired as the CNI wires them (a /32, the default route via the gateway) on taps of a real
+//! worker with its pipeline, and moves TCP between them.
 //!
 //! Needs root; without it the tests fail when `CI` is set and print SKIP otherwise. Everything
 //! runs in namespaces the tests create; guards delete the taps and the namespaces even when a test
@@ -21,9 +23,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_dataplane::frame::{FrameId, FrameMem, FreeFrames, HeapMem, Pkt};
+use ferry_dataplane::pipeline::Pipeline;
 use ferry_dataplane::port::Port;
 use ferry_dataplane::port::tap::{self, TapConfig, TapPort};
+use ferry_dataplane::worker::Worker;
 use ferry_encap::MacAddr;
+use ferry_testsupport::node;
 use xsk_util::*;
 
 /// Taps created by a test, deleted (in their namespaces) when dropped.
@@ -114,12 +119,27 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Send `total` bytes of the pattern over TCP from namespace `from` to a listener at `to` in
-/// namespace `into`, through `rig`'s wire; the receiver checks every byte in order. Returns the rig
-/// (wire stopped) and how many bytes arrived intact.
+/// [`tcp`] through `rig`'s wire. Returns the rig (wire stopped) and how many bytes arrived intact.
 fn transfer(rig: Rig, from: &str, into: &str, to: SocketAddr, total: usize, pat: &Arc<Vec<u8>>) -> (Rig, usize) {
     let stop = Arc::new(AtomicBool::new(false));
     let wire = wire(rig, Arc::clone(&stop));
+    let started = Instant::now();
+    let received = tcp(from, into, to, total, pat);
+    stop.store(true, Ordering::Relaxed);
+    let rig = wire.join().expect("wire thread");
+    eprintln!(
+        "{total} bytes to {to} in {:?}\nA: {:?}\nB: {:?}",
+        started.elapsed(),
+        rig.0.tap_stats(),
+        rig.1.tap_stats()
+    );
+    (rig, received)
+}
+
+/// Send `total` bytes of the pattern over TCP from namespace `from` to a listener at `to` in
+/// namespace `into` (something must forward between them); the receiver checks every byte in
+/// order. Returns how many bytes arrived intact.
+fn tcp(from: &str, into: &str, to: SocketAddr, total: usize, pat: &Arc<Vec<u8>>) -> usize {
     let listener = in_ns(into, move || TcpListener::bind(to)).join().expect("thread").expect("listen");
     listener.set_nonblocking(true).expect("nonblocking");
     let check = Arc::clone(pat);
@@ -158,7 +178,6 @@ fn transfer(rig: Rig, from: &str, into: &str, to: SocketAddr, total: usize, pat:
             }
         }
     });
-    let started = Instant::now();
     let send = Arc::clone(pat);
     let sender = in_ns(from, move || -> io::Result<()> {
         let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
@@ -174,16 +193,8 @@ fn transfer(rig: Rig, from: &str, into: &str, to: SocketAddr, total: usize, pat:
     });
     let sent = sender.join().expect("sender thread");
     let received = receiver.join().expect("receiver thread");
-    stop.store(true, Ordering::Relaxed);
-    let rig = wire.join().expect("wire thread");
-    eprintln!(
-        "{total} bytes to {to} in {:?}\nA: {:?}\nB: {:?}",
-        started.elapsed(),
-        rig.0.tap_stats(),
-        rig.1.tap_stats()
-    );
     sent.expect("send");
-    (rig, received.expect("receive"))
+    received.expect("receive")
 }
 
 /// Every frame free or held by a port.
@@ -285,4 +296,87 @@ fn set_up_is_idempotent_refuses_missing_taps_and_deletes() {
     assert_eq!(bad.kind(), io::ErrorKind::InvalidInput);
     let bad = tap::open_queue(Some(&path), "sixteen-bytes-xx").expect_err("name too long");
     assert_eq!(bad.kind(), io::ErrorKind::InvalidInput);
+}
+
+/// A pod as the CNI wires one: tap `name` in `ns` with the fixture's MAC for port `port` of node 1,
+/// its address as /32, an on-link route to the gateway and the default route via it.
+fn wired_pod(taps: &mut Taps, ns: &str, name: &str, port: u8) -> TapPort<HeapMem> {
+    let path = ns_path(ns);
+    tap::create_persistent(Some(&path), name, Some(node::pod_mac(1, port)), 1).expect("create tap");
+    taps.0.push((path.clone(), name.to_owned()));
+    let fd = tap::open_queue(Some(&path), name).expect("open queue");
+    let gw = node::gateway_ip(1).to_string();
+    run(&["ip", "-n", ns, "addr", "add", &format!("{}/32", node::pod_ip(1, port)), "dev", name]);
+    run(&["ip", "-n", ns, "link", "set", name, "mtu", "1450", "up"]);
+    run(&["ip", "-n", ns, "route", "add", &gw, "dev", name]);
+    run(&["ip", "-n", ns, "route", "add", "default", "via", &gw]);
+    TapPort::new(fd, name, TapConfig::default())
+}
+
+#[test]
+fn tcp_between_two_pods_on_taps_through_a_real_worker() {
+    if !privileged("tcp_between_two_pods_on_taps_through_a_real_worker") {
+        return;
+    }
+    let tg = tag();
+    let mut ns = Netns::default();
+    let (nu, n1, n2) = (ns.add(&format!("{tg}-wu")), ns.add(&format!("{tg}-w1")), ns.add(&format!("{tg}-w2")));
+    let mut taps = Taps(Vec::new());
+    // Node 1 of the fixture with two pods on ports 1 and 2; its uplink (port 0) is a tap that is
+    // never up: this traffic stays on the node.
+    let fixture = node::TestNode { pods: 2, frames: 1024, ..node::TestNode::new(1) };
+    let uplink = {
+        let path = ns_path(&nu);
+        tap::create_persistent(Some(&path), &format!("fwu{tg}"), None, 1).expect("create uplink tap");
+        taps.0.push((path.clone(), format!("fwu{tg}")));
+        TapPort::new(tap::open_queue(Some(&path), &format!("fwu{tg}")).expect("queue"), "uplink", TapConfig::default())
+    };
+    let ports = vec![
+        uplink,
+        wired_pod(&mut taps, &n1, &format!("fw1{tg}"), 1),
+        wired_pod(&mut taps, &n2, &format!("fw2{tg}"), 2),
+    ];
+    let frames = fixture.frames;
+    let mut worker = Worker::new(
+        ports,
+        fixture.roles(),
+        HeapMem::new(frames, 2048),
+        FreeFrames::all(frames),
+        Pipeline::new(fixture.config()),
+    );
+    let fib = fixture.tables().current();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let running = thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            if worker.poll_once(&*fib) == 0 {
+                let mut fds: Vec<_> = worker
+                    .ports()
+                    .iter()
+                    .filter_map(|p| p.poll_fd())
+                    .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+                    .collect();
+                // SAFETY: a live array of pollfd and its length.
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+            }
+        }
+        worker
+    });
+    let pat = Arc::new(pattern());
+    let total = 32 << 20;
+    let to = SocketAddr::from((node::pod_ip(1, 2), 5001));
+    let received = tcp(&n1, &n2, to, total, &pat);
+    stop.store(true, Ordering::Relaxed);
+    let worker = running.join().expect("worker thread");
+    let c = worker.counters();
+    let (s1, s2) = (worker.ports()[1].tap_stats(), worker.ports()[2].tap_stats());
+    eprintln!("pod 1: {s1:?}\npod 2: {s2:?}\nrx {:?} tx {:?} drops {}", c.rx, c.tx, c.total_drops());
+    assert_eq!(received, total, "every byte, in order, through the pipeline");
+    assert!(s1.gso_reads > 0, "pod 1's TSO super-packets were read and cut: {s1:?}");
+    assert!(s2.gso_writes > 0, "and coalesced again into pod 2's tap: {s2:?}");
+    assert!(c.rx[1].packets > s1.reads, "the worker forwarded segments, not super-packets");
+    assert_eq!(c.drops(ferry_encap::DropReason::TxRingFull), 0);
+    assert_eq!((s1.rx_dropped(), s2.rx_dropped(), s1.tx_errors, s2.tx_errors), (0, 0, 0, 0));
+    assert_eq!(worker.frames_accounted(), frames as usize, "every frame free or held by a port");
+    assert_eq!(c.double_frees, 0);
 }
