@@ -3,7 +3,7 @@
 # CPUs, one after the other in one run; medians of repeats and ratios ferry/kernel.
 #
 #   sudo scripts/bench.sh [--quick] [--repeats N] [--duration S] [--json FILE] [--poll busy|adaptive]
-#                         [--napi rps|forwarder|sender] [--only single|two] [--no-build]
+#                         [--napi rps|forwarder|sender] [--only single|two] [--uplink-port afxdp|udp] [--no-build]
 #
 #   --quick          one short repeat of everything (the CI smoke test; fails on a broken step, never on ratios)
 #   --repeats N      repeats of every measurement (default 5); medians are reported
@@ -19,6 +19,8 @@
 #                    the worker; sender: native XDP left in the veth's NAPI on the sending CPU (the generator's),
 #                    which gives ferry part of CPU 0: a diagnostic, not a comparison
 #   --only PART      single (the single-node encap/decap runs) or two (the 2-node TCP and latency runs)
+#   --uplink-port K  the ferry nodes' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
+#                    UDP_SEGMENT/UDP_GRO on the uplink, no XDP program there)
 #
 # Measures, each direction on one node (n2 is a bare generator/sink):
 #   encap: pod1 -> n1 -> VXLAN on the uplink -> sink on n2;  decap: VXLAN from n2 -> n1 -> sink in pod1
@@ -43,6 +45,7 @@ JSON_OUT=
 POLL=adaptive
 NAPI=rps
 ONLY=
+UPLINK_PORT=afxdp
 BUILD=1
 while [ $# -gt 0 ]; do
     case $1 in
@@ -53,6 +56,7 @@ while [ $# -gt 0 ]; do
         --poll) POLL=${2:?}; shift ;;
         --napi) NAPI=${2:?}; shift ;;
         --only) ONLY=${2:?}; shift ;;
+        --uplink-port) UPLINK_PORT=${2:?}; shift ;;
         --no-build) BUILD=0 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -69,6 +73,7 @@ case $NAPI in
     *) die "--napi rps|forwarder|sender" ;;
 esac
 case $ONLY in '' | single | two) ;; *) die "--only single|two" ;; esac
+case $UPLINK_PORT in afxdp | udp) ;; *) die "--uplink-port afxdp|udp" ;; esac
 [[ $REPEATS =~ ^[1-9][0-9]?$ ]] || die "--repeats: 1 to 99"
 if [ "$QUICK" = 1 ]; then
     REPEATS=1
@@ -134,7 +139,7 @@ if awk '{exit !($1 > 1.5)}' /proc/loadavg; then
     echo "warning: load average $LOAD_START is above 1.5: other work shares these CPUs; figures will be noisy" >&2
 fi
 echo "repeats $REPEATS, UDP runs ${DURATION}s, iperf3 ${TCP_T}s, ferry poll $POLL (single node) / adaptive (2 nodes)," \
-    "ferry's veth NAPI: $NAPI; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
+    "ferry's veth NAPI: $NAPI, uplink port $UPLINK_PORT; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
 [ "$NAPI" = sender ] && echo "note: --napi sender gives ferry part of CPU $GEN_CPU: not an equal-budget comparison" >&2
 
 for side in ferry kernel; do

@@ -3,7 +3,8 @@
 #
 #   sudo scripts/lab.sh                   install what is missing, build, up, check, show stats, explain
 #   sudo scripts/lab.sh up [--nodes N] [--pods-per-node M] [--encap vxlan|geneve] [--source static|etcd|kube]
-#                          [--kernel-nodes K] [--port P] [--ip-family ipv4|dual] [--name LAB] [--no-build]
+#                          [--kernel-nodes K] [--port P] [--ip-family ipv4|dual] [--uplink-port afxdp|udp|auto]
+#                          [--name LAB] [--no-build]
 #   sudo scripts/lab.sh check [--json FILE]        the connectivity matrix; non-zero exit on any failure
 #   sudo scripts/lab.sh down                        remove everything of the lab (also after a crash)
 #   sudo scripts/lab.sh list [--json]               nodes and pods with their addresses
@@ -23,7 +24,8 @@
 # Every command takes --name LAB (default: $FERRY_LAB, else "ferrylab"); labs with different names coexist.
 # Nodes: n1..nN run ferry, k<i> run the kernel's VXLAN configured like Flannel. Pods: <node>-p<j>.
 # State: /run/ferry-lab/<lab>/. Binaries: $FERRY_BIN_DIR (default target/release of this checkout).
-# Kernel nodes need --encap vxlan (this kernel has no geneve module). Sources: static (one shared file,
+# --uplink-port: the agents' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
+# UDP_SEGMENT/UDP_GRO and no XDP program on the uplink). Kernel nodes need --encap vxlan (this kernel has no geneve module). Sources: static (one shared file,
 # $STATE/nodes.toml), etcd (Debian's etcd on 192.168.100.254:2379 in the underlay namespace, Flannel
 # leases; a running agent re-takes its own lease, so source-remove wants kill-agent first), kube (the
 # cached kube-apiserver of scripts/build-kube-apiserver.sh on 192.168.100.254:6443, Node objects with
@@ -62,6 +64,7 @@ SOURCE=static
 IP_FAMILY=ipv4
 KNODES=0
 PORT=
+UPLINK_PORT=afxdp
 VNI=1
 BUILD=1
 PODS_ARG=
@@ -80,8 +83,8 @@ check_name() {
 }
 
 save_settings() {
-    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\n' \
-        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$VNI" "$BIN_DIR" "$IP_FAMILY" >"$STATE/lab.env"
+    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nUPLINK_PORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\n' \
+        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$UPLINK_PORT" "$VNI" "$BIN_DIR" "$IP_FAMILY" >"$STATE/lab.env"
 }
 
 load_settings() {
@@ -131,6 +134,7 @@ build_binaries() {
 cmd_up() {
     [ -z "$PORT" ] && { [ "$ENCAP" = geneve ] && PORT=6081 || PORT=4789; }
     case "$ENCAP" in vxlan | geneve) ;; *) die "--encap: vxlan or geneve, not '$ENCAP'" ;; esac
+    case "$UPLINK_PORT" in afxdp | udp | auto) ;; *) die "--uplink-port: afxdp, udp or auto, not '$UPLINK_PORT'" ;; esac
     case "$SOURCE" in static | etcd | kube) ;;
         *) die "--source: static, etcd or kube, not '$SOURCE'" ;; esac
     [[ $NODES =~ ^[0-9]+$ && $PODS =~ ^[0-9]+$ && $KNODES =~ ^[0-9]+$ && $PORT =~ ^[0-9]+$ ]] ||
@@ -353,6 +357,7 @@ main() {
             --ip-family) IP_FAMILY=${2:?}; shift 2 ;;
             --kernel-nodes) KNODES=${2:?}; shift 2 ;;
             --port) PORT=${2:?}; shift 2 ;;
+            --uplink-port) UPLINK_PORT=${2:?}; shift 2 ;;
             --no-build) BUILD=0; shift ;;
             --kernel) kind=kernel; shift ;;
             --json)

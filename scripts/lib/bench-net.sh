@@ -155,6 +155,7 @@ workers = 1
 cores = [$FWD_CPU]
 poll = "$POLL"
 xdp_mode = "$XDP_MODE"
+uplink_port = "${UPLINK_PORT:-afxdp}"
 [admin]
 socket = "$dir/ferry.sock"
 state_dir = "$dir/state"

@@ -231,6 +231,7 @@ interface = "ferry0"
 
 [dataplane]
 workers = 1
+uplink_port = "${UPLINK_PORT:-afxdp}"
 
 [admin]
 socket = "$dir/ferry.sock"

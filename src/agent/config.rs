@@ -27,6 +27,7 @@
 //! frames = 32768                  # UMEM frames per worker (2 KiB each)
 //! max_ports = 256                 # ports (pods + uplink + host) per worker
 //! xdp_mode = "auto"               # auto | native | generic
+//! uplink_port = "afxdp"           # afxdp | udp | auto: the uplink as AF_XDP or a UDP socket (UDP_SEGMENT/GRO)
 //! busy_poll = false               # workers run their devices' receive (NAPI) themselves
 //! busy_poll_budget = 64           # packets per busy-poll round
 //! napi_defer_hard_irqs = 2        # set on each port's device while busy polling
@@ -221,6 +222,8 @@ struct DataplaneFile {
     max_ports: u32,
     #[serde(default = "default_xdp_mode")]
     xdp_mode: String,
+    #[serde(default = "default_uplink_port")]
+    uplink_port: String,
     #[serde(default)]
     busy_poll: bool,
     #[serde(default = "default_busy_poll_budget")]
@@ -240,6 +243,7 @@ impl Default for DataplaneFile {
             frames: default_frames(),
             max_ports: default_max_ports(),
             xdp_mode: default_xdp_mode(),
+            uplink_port: default_uplink_port(),
             busy_poll: false,
             busy_poll_budget: default_busy_poll_budget(),
             napi_defer_hard_irqs: default_napi_defer_hard_irqs(),
@@ -262,6 +266,9 @@ fn default_max_ports() -> u32 {
 }
 fn default_xdp_mode() -> String {
     "auto".into()
+}
+fn default_uplink_port() -> String {
+    "afxdp".into()
 }
 fn default_busy_poll_budget() -> u32 {
     BusyPoll::default().budget
@@ -335,6 +342,20 @@ pub enum Poll {
     Busy,
 }
 
+/// The kind of port the uplink is (`dataplane.uplink_port`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UplinkPort {
+    /// An AF_XDP socket per worker on the uplink interface, behind ferry's uplink XDP program.
+    AfXdp,
+    /// A kernel UDP socket per worker bound to the underlay address and the tunnel port, with
+    /// `UDP_SEGMENT` and `UDP_GRO`; no XDP program on the uplink (IPv4 underlays only).
+    Udp,
+    /// `udp` when the underlay address is IPv4 and the uplink is a virtual device (no
+    /// `/sys/class/net/IF/device`: veth, bridge), where AF_XDP runs in copy mode only; `afxdp`
+    /// otherwise (a NIC, where AF_XDP may run zero-copy; an IPv6 underlay).
+    Auto,
+}
+
 /// A checked configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -380,6 +401,8 @@ pub struct AgentConfig {
     pub max_ports: u32,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
+    /// What kind of port the uplink is.
+    pub uplink_port: UplinkPort,
     /// Preferred busy polling on every port, if on.
     pub busy_poll: Option<BusyPoll>,
     /// What uninstalling removes, and whether the agent checks for its own deletion.
@@ -555,6 +578,12 @@ impl AgentConfig {
             "generic" => XdpMode::Generic,
             other => return Err(bad("dataplane.xdp_mode", format!("`{other}` is not one of auto, native, generic"))),
         };
+        let uplink_port = match d.uplink_port.as_str() {
+            "afxdp" => UplinkPort::AfXdp,
+            "udp" => UplinkPort::Udp,
+            "auto" => UplinkPort::Auto,
+            other => return Err(bad("dataplane.uplink_port", format!("`{other}` is not one of afxdp, udp, auto"))),
+        };
         if !(1..=1024).contains(&d.busy_poll_budget) {
             return Err(bad("dataplane.busy_poll_budget", format!("{} is outside 1..=1024", d.busy_poll_budget)));
         }
@@ -662,6 +691,7 @@ impl AgentConfig {
             frames: d.frames,
             max_ports: d.max_ports,
             xdp_mode,
+            uplink_port,
             busy_poll,
             uninstall,
             socket: f.admin.socket,
@@ -749,6 +779,11 @@ static_file = "/etc/ferry/nodes.toml"
         assert_eq!(c.host_if.as_deref(), Some("ferry0"));
         assert_eq!(c.gateway_mac.to_string(), "02:fe:ff:ff:ff:ff");
         assert_eq!(c.busy_poll, None);
+        assert_eq!(c.uplink_port, UplinkPort::AfXdp);
+        for (v, want) in [("udp", UplinkPort::Udp), ("auto", UplinkPort::Auto), ("afxdp", UplinkPort::AfXdp)] {
+            let t = GOOD.replace("[control]", &format!("[dataplane]\nuplink_port = \"{v}\"\n[control]"));
+            assert_eq!(parse(&t).expect("valid").uplink_port, want, "{v}");
+        }
         assert_eq!(c.control.static_file.as_deref(), Some(Path::new("/etc/ferry/nodes.toml")));
         let g = parse(&GOOD.replace("[pods]", "[tunnel]\nkind = \"geneve\"\n[pods]")).expect("geneve");
         assert_eq!(g.tunnel_port, 6081);
@@ -781,6 +816,7 @@ static_file = "/etc/ferry/nodes.toml"
             (GOOD.replace("10.244.1.0/24", "10.244.1.0/33"), "pods.pod_cidrs"),
             (GOOD.replace("[control]", "[dataplane]\nworkers = 0\n[control]"), "dataplane.workers"),
             (GOOD.replace("[control]", "[dataplane]\npoll = \"lazy\"\n[control]"), "dataplane.poll"),
+            (GOOD.replace("[control]", "[dataplane]\nuplink_port = \"tap\"\n[control]"), "dataplane.uplink_port"),
             (GOOD.replace("[control]", "[dataplane]\nbusy_poll_budget = 0\n[control]"), "dataplane.busy_poll_budget"),
             (
                 GOOD.replace("[control]", "[dataplane]\nnapi_defer_hard_irqs = 0\n[control]"),

@@ -16,7 +16,7 @@ mod pods;
 mod server;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -30,6 +30,7 @@ use ferry_dataplane::frame::{FrameMem, FreeFrames};
 use ferry_dataplane::neighbour::NeighbourSync;
 use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::any::NodePort;
+use ferry_dataplane::port::udp::{UdpPort, UdpPortConfig};
 use ferry_dataplane::port::xsk::{self, XskMem, XskMemConfig, XskPort, XskPortConfig};
 use ferry_dataplane::worker::{self, PollMode, Worker};
 use ferry_dataplane::xdp::{PodConfig, UplinkConfig, XdpAttachment, XdpProgram};
@@ -38,7 +39,7 @@ use ferry_tables::{LocalPod, Tables, Underlay};
 use ipnet::IpNet;
 
 pub use self::config::AgentConfig;
-use self::config::Poll;
+use self::config::{Poll, UplinkPort};
 use self::pods::{Pods, PortInfo, WorkerHandle};
 use crate::netlink::{Netlink, Route, VethSpec};
 
@@ -179,6 +180,19 @@ fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> bool {
     r == libc::SIGINT || r == libc::SIGTERM
 }
 
+/// The uplink's port kind once `auto` is decided (see [`UplinkPort::Auto`] for the rule).
+fn uplink_kind(configured: UplinkPort, ifname: &str, addr: IpAddr) -> UplinkPort {
+    match configured {
+        UplinkPort::Auto => {
+            // A NIC has a bus device behind it; a veth or a bridge has none, and AF_XDP runs in
+            // copy mode there, where the kernel's UDP GSO/GRO moves 64 KB per packet instead.
+            let virtual_dev = !std::path::Path::new(&format!("/sys/class/net/{ifname}/device")).exists();
+            if addr.is_ipv4() && virtual_dev { UplinkPort::Udp } else { UplinkPort::AfXdp }
+        }
+        k => k,
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 ///
 /// # Errors
@@ -207,8 +221,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             })?,
     };
     let underlay_mtu = cfg.underlay_mtu.unwrap_or(link.mtu);
+    let uplink_kind = uplink_kind(cfg.uplink_port, &cfg.underlay_if, underlay_addr);
     let queues = link.rx_queues.min(link.tx_queues).max(1);
-    if queues < cfg.workers {
+    if uplink_kind == UplinkPort::AfXdp && queues < cfg.workers {
         bail!(
             "dataplane.workers = {} but `{}` has only {queues} queue(s): give it one queue per worker \
              (for a veth: numrxqueues/numtxqueues) or lower dataplane.workers",
@@ -316,8 +331,16 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             "beyond this many pods, ports share frames and quiet ones get fewer (raise dataplane.frames for more)"
         );
     }
-    let uplink_prog =
-        XdpProgram::uplink(&UplinkConfig { tunnel_port: cfg.tunnel_port, local_v4: v4, local_v6: v6 }, cfg.workers)?;
+    // A UDP uplink leaves the tunnel port to the kernel: no uplink XDP program at all.
+    let uplink_prog = match uplink_kind {
+        UplinkPort::Udp => None,
+        _ => Some(XdpProgram::uplink(
+            &UplinkConfig { tunnel_port: cfg.tunnel_port, local_v4: v4, local_v6: v6 },
+            cfg.workers,
+        )?),
+    };
+    let mut udp_cfg = UdpPortConfig::new(SocketAddr::new(underlay_addr, cfg.tunnel_port), underlay_mac);
+    udp_cfg.rx_frames = UPLINK_FILL as usize;
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     let mut threads: Vec<JoinHandle<Worker<NodePort>>> = Vec::new();
@@ -326,12 +349,20 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let conntrack = Arc::new(Conntrack::new(CONNTRACK_SLOTS, Timeouts::default()));
     for w in 0..cfg.workers {
         let mem = XskMem::new(mem_cfg).context("creating the worker's UMEM (dataplane.frames)")?;
-        let uplink = XskPort::open(&mem, &cfg.underlay_if, w, &port_cfg)?;
-        uplink_prog.add_port(&uplink)?;
+        let uplink = match &uplink_prog {
+            Some(prog) => {
+                let port = XskPort::open(&mem, &cfg.underlay_if, w, &port_cfg)?;
+                prog.add_port(&port)?;
+                NodePort::Xsk(port)
+            }
+            // One socket per worker on the same address (SO_REUSEPORT): the kernel spreads what
+            // arrives among them by 4-tuple.
+            None => NodePort::Udp(UdpPort::open(&udp_cfg).context("opening the UDP uplink (dataplane.uplink_port)")?),
+        };
         let free = FreeFrames::all(mem.frame_count());
         let mem_handle = mem.handle().clone();
         let mut worker = Worker::new(
-            vec![NodePort::Xsk(uplink)],
+            vec![uplink],
             vec![PortRole::Uplink],
             mem,
             free,
@@ -356,10 +387,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         threads.push(t);
         handles.push(WorkerHandle { mem: mem_handle, control, queue: w });
     }
-    let uplink_xdp: XdpAttachment = uplink_prog.attach(&cfg.underlay_if, cfg.xdp_mode)?;
-    if let Some(bp) = &cfg.busy_poll {
+    let uplink_xdp: Option<XdpAttachment> =
+        uplink_prog.map(|p| p.attach(&cfg.underlay_if, cfg.xdp_mode)).transpose()?;
+    if let (Some(bp), Some(_)) = (&cfg.busy_poll, &uplink_xdp) {
         xsk::defer_interrupts(&cfg.underlay_if, bp)?;
     }
+    tracing::info!(uplink_port = ?uplink_kind, configured = ?cfg.uplink_port, "uplink port kind");
 
     let ports = Arc::new(Mutex::new(BTreeMap::new()));
     lock(&ports).insert(
@@ -369,7 +402,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             kind: "uplink",
             pod: None,
             addrs: vec![underlay_addr],
-            xdp_mode: format!("{:?}", uplink_xdp.mode()).to_lowercase(),
+            xdp_mode: uplink_xdp
+                .as_ref()
+                .map_or_else(|| "none (udp socket)".to_owned(), |x| format!("{:?}", x.mode()).to_lowercase()),
         },
     );
     let (nets_v4, nets_v6) = split_nets(&cfg.cluster_cidrs);

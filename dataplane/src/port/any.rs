@@ -10,6 +10,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use super::udp::UdpPort;
 use super::xsk::{XskMem, XskPort};
 use super::{Port, PortStats};
 use crate::frame::{FreeFrames, Pkt};
@@ -19,6 +20,14 @@ use crate::frame::{FreeFrames, Pkt};
 pub enum NodePort {
     /// An AF_XDP socket on one queue of an interface (the uplink, the host port, veth pods).
     Xsk(XskPort),
+    /// The uplink as a kernel UDP socket with `UDP_SEGMENT` and `UDP_GRO`.
+    Udp(UdpPort<XskMem>),
+}
+
+impl From<UdpPort<XskMem>> for NodePort {
+    fn from(p: UdpPort<XskMem>) -> Self {
+        NodePort::Udp(p)
+    }
 }
 
 impl From<XskPort> for NodePort {
@@ -32,6 +41,7 @@ macro_rules! each {
     ($self:expr, $p:ident => $call:expr) => {
         match $self {
             NodePort::Xsk($p) => $call,
+            NodePort::Udp($p) => $call,
         }
     };
 }
