@@ -4,7 +4,7 @@
 #   sudo scripts/lab.sh                   install what is missing, build, up, check, show stats, explain
 #   sudo scripts/lab.sh up [--nodes N] [--pods-per-node M] [--encap vxlan|geneve] [--source static|etcd|kube]
 #                          [--kernel-nodes K] [--port P] [--ip-family ipv4|dual] [--uplink-port afxdp|udp|auto]
-#                          [--name LAB] [--no-build]
+#                          [--pod-port veth|tap|auto] [--name LAB] [--no-build]
 #   sudo scripts/lab.sh check [--json FILE]        the connectivity matrix; non-zero exit on any failure
 #   sudo scripts/lab.sh down                        remove everything of the lab (also after a crash)
 #   sudo scripts/lab.sh list [--json]               nodes and pods with their addresses
@@ -25,7 +25,9 @@
 # Nodes: n1..nN run ferry, k<i> run the kernel's VXLAN configured like Flannel. Pods: <node>-p<j>.
 # State: /run/ferry-lab/<lab>/. Binaries: $FERRY_BIN_DIR (default target/release of this checkout).
 # --uplink-port: the agents' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
-# UDP_SEGMENT/UDP_GRO and no XDP program on the uplink). Kernel nodes need --encap vxlan (this kernel has no geneve module). Sources: static (one shared file,
+# UDP_SEGMENT/UDP_GRO and no XDP program on the uplink). --pod-port: the interface ferry nodes give their pods
+# (the agents' dataplane.pod_port; default auto: a tap when /dev/net/tun opens, else a veth).
+# Kernel nodes need --encap vxlan (this kernel has no geneve module). Sources: static (one shared file,
 # $STATE/nodes.toml), etcd (Debian's etcd on 192.168.100.254:2379 in the underlay namespace, Flannel
 # leases; a running agent re-takes its own lease, so source-remove wants kill-agent first), kube (the
 # cached kube-apiserver of scripts/build-kube-apiserver.sh on 192.168.100.254:6443, Node objects with
@@ -65,6 +67,7 @@ IP_FAMILY=ipv4
 KNODES=0
 PORT=
 UPLINK_PORT=afxdp
+POD_PORT=auto
 VNI=1
 BUILD=1
 PODS_ARG=
@@ -83,8 +86,8 @@ check_name() {
 }
 
 save_settings() {
-    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nUPLINK_PORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\n' \
-        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$UPLINK_PORT" "$VNI" "$BIN_DIR" "$IP_FAMILY" >"$STATE/lab.env"
+    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nUPLINK_PORT=%q\nPOD_PORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\n' \
+        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$UPLINK_PORT" "$POD_PORT" "$VNI" "$BIN_DIR" "$IP_FAMILY" >"$STATE/lab.env"
 }
 
 load_settings() {
@@ -137,6 +140,7 @@ cmd_up() {
     case "$UPLINK_PORT" in afxdp | udp | auto) ;; *) die "--uplink-port: afxdp, udp or auto, not '$UPLINK_PORT'" ;; esac
     case "$SOURCE" in static | etcd | kube) ;;
         *) die "--source: static, etcd or kube, not '$SOURCE'" ;; esac
+    case "$POD_PORT" in veth | tap | auto) ;; *) die "--pod-port: veth, tap or auto, not '$POD_PORT'" ;; esac
     [[ $NODES =~ ^[0-9]+$ && $PODS =~ ^[0-9]+$ && $KNODES =~ ^[0-9]+$ && $PORT =~ ^[0-9]+$ ]] ||
         die "--nodes, --pods-per-node, --kernel-nodes and --port take numbers"
     if [ $((NODES + KNODES)) -lt 1 ] || [ $((NODES + KNODES)) -gt 250 ]; then die "between 1 and 250 nodes in all"; fi
@@ -153,7 +157,7 @@ cmd_up() {
     ensure_packages
     build_binaries
 
-    step "lab $LAB: $NODES ferry node(s) + $KNODES kernel-VXLAN node(s), $PODS pod(s) each, $ENCAP port $PORT, source $SOURCE"
+    step "lab $LAB: $NODES ferry node(s) + $KNODES kernel-VXLAN node(s), $PODS pod(s) each, $ENCAP port $PORT, source $SOURCE, pod port $POD_PORT"
     mkdir -p "$STATE/nodes"
     save_settings
     trap 'echo "lab.sh: up failed; what exists is left for inspection; remove it with: sudo $0 down --name $LAB" >&2' ERR
@@ -196,8 +200,8 @@ json_str() { printf '"%s"' "${1//\"/\\\"}"; }
 cmd_list() {
     local json=$1 n p sep=""
     if [ "$json" = 1 ]; then
-        printf '{"name":%s,"state_dir":%s,"encap":%s,"port":%s,"vni":%s,"source":%s,"underlay_netns":%s,' \
-            "$(json_str "$LAB")" "$(json_str "$STATE")" "$(json_str "$ENCAP")" "$PORT" "$VNI" \
+        printf '{"name":%s,"state_dir":%s,"encap":%s,"port":%s,"pod_port":%s,"vni":%s,"source":%s,"underlay_netns":%s,' \
+            "$(json_str "$LAB")" "$(json_str "$STATE")" "$(json_str "$ENCAP")" "$PORT" "$(json_str "$POD_PORT")" "$VNI" \
             "$(json_str "$SOURCE")" "$(json_str "$(ul_ns)")"
         printf '"underlay_gateway":%s,"cluster_cidr":%s,"static_file":%s,\n"nodes":[' "$(json_str "$UL_GW")" \
             "$(json_str "$CLUSTER_CIDR")" "$(json_str "$STATE/$STATIC_FILE_NAME")"
@@ -358,6 +362,7 @@ main() {
             --kernel-nodes) KNODES=${2:?}; shift 2 ;;
             --port) PORT=${2:?}; shift 2 ;;
             --uplink-port) UPLINK_PORT=${2:?}; shift 2 ;;
+            --pod-port) POD_PORT=${2:?}; shift 2 ;;
             --no-build) BUILD=0; shift ;;
             --kernel) kind=kernel; shift ;;
             --json)

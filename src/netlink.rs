@@ -134,6 +134,8 @@ pub struct Link {
     pub tx_queues: u32,
     /// RX queues.
     pub rx_queues: u32,
+    /// The link's kind (`veth`, `tun`, ...), if it has one.
+    pub kind: Option<String>,
 }
 
 /// A route to install or as read back.
@@ -491,6 +493,7 @@ fn read_link(msg: &LinkMessage) -> Link {
         up: msg.header.flags.contains(LinkFlags::Up),
         tx_queues: 0,
         rx_queues: 0,
+        kind: None,
     };
     for attr in &msg.attributes {
         match attr {
@@ -499,6 +502,12 @@ fn read_link(msg: &LinkMessage) -> Link {
             LinkAttribute::Mtu(m) => link.mtu = *m,
             LinkAttribute::NumTxQueues(q) => link.tx_queues = *q,
             LinkAttribute::NumRxQueues(q) => link.rx_queues = *q,
+            LinkAttribute::LinkInfo(infos) => {
+                link.kind = infos.iter().find_map(|i| match i {
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                });
+            }
             _ => {}
         }
     }

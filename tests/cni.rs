@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use ferry::admin::{NodeInfo, Request, Response};
+use ferry::admin::{NodeInfo, PodPort, Request, Response};
 use serde_json::{Value, json};
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_ferry-cni");
@@ -252,6 +252,7 @@ fn add_check_del_in_namespaces() {
         mtu: MTU,
         underlay_mtu: Some(1500),
         queues: QUEUES,
+        pod_port: PodPort::Veth,
         ipam_data_dir: ipam_dir.display().to_string(),
     };
     let mut agent = FakeAgent::start(dir.join("ferry.sock"), info);
@@ -384,5 +385,112 @@ fn add_check_del_in_namespaces() {
     let (ok, out) = plugin.run("ADD", "ctr4", Some(&p1), None);
     assert!(!ok && out["code"] == 11, "ADD without agent: {out}");
     assert!(!link_exists(&p1, "eth0"));
+    drop(guard);
+}
+
+/// A tap pod (the agent says `pod_port: tap`): ADD makes a persistent multi-queue tap as the pod's
+/// own interface, with the pods' MTU, the address and routes a veth pod gets, and no host
+/// interface; CHECK passes and catches a wrong MTU; DEL (twice, and for a pod never added) leaves
+/// no tap and no allocation; an ADD the agent refuses leaves nothing either.
+#[test]
+fn tap_add_check_del_in_namespaces() {
+    if !privileged("tap_add_check_del_in_namespaces") {
+        return;
+    }
+    let tag = format!("fctap{}", std::process::id());
+    let node = format!("{tag}-node");
+    let (p1, p2) = (format!("{tag}-p1"), format!("{tag}-p2"));
+    let dir = std::env::temp_dir().join(&tag);
+    let guard = Guard { netns: vec![node.clone(), p1.clone(), p2.clone()], dir: dir.clone() };
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for ns in &guard.netns {
+        sh(&["ip", "netns", "add", ns]);
+    }
+    let ipam_dir = dir.join("ipam");
+    let info = NodeInfo {
+        node_name: "n1".into(),
+        pod_cidrs: vec!["10.244.8.0/24".parse().expect("net")],
+        gateway_v4: Some("10.244.8.1".parse().expect("ip")),
+        gateway_v6: None,
+        gateway_mac: GW_MAC.into(),
+        mtu: MTU,
+        underlay_mtu: Some(1500),
+        queues: QUEUES,
+        pod_port: PodPort::Tap,
+        ipam_data_dir: ipam_dir.display().to_string(),
+    };
+    let agent = FakeAgent::start(dir.join("ferry.sock"), info);
+    let plugin = Plugin {
+        node: &node,
+        netconf: json!({
+            "cniVersion": "1.0.0",
+            "name": NET_NAME,
+            "type": "ferry-cni",
+            "adminSocket": agent.socket.display().to_string(),
+            "dataDir": dir.join("cni").display().to_string(),
+        }),
+    };
+
+    let (ok, result) = plugin.run("ADD", "tap1", Some(&p1), None);
+    assert!(ok, "ADD failed: {result}");
+    let pod_link = &json_of(&["ip", "-n", &p1, "-j", "-d", "link", "show", "eth0"])[0];
+    let pod_mac = pod_link["address"].as_str().expect("pod MAC").to_owned();
+    let ip = result["ips"][0]["address"].as_str().expect("address").to_owned();
+    let addr = ip.trim_end_matches("/32").to_owned();
+    assert_eq!(
+        result,
+        json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "mac": pod_mac, "sandbox": format!("/var/run/netns/{p1}")}],
+            "ips": [{"address": ip, "gateway": "10.244.8.1", "interface": 0}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.8.1"}],
+            "dns": {}
+        })
+    );
+    // A persistent multi-queue tap with the pods' MTU (its queues are the agent's to open).
+    let tun = &pod_link["linkinfo"]["info_data"];
+    assert_eq!(pod_link["linkinfo"]["info_kind"], "tun", "{pod_link}");
+    assert_eq!(tun["type"], "tap", "{pod_link}");
+    assert_eq!(tun["persist"], true, "{pod_link}");
+    assert_eq!(tun["multi_queue"], true, "{pod_link}");
+    assert_eq!(pod_link["mtu"], MTU, "{pod_link}");
+    assert!(pod_link["flags"].as_array().expect("flags").contains(&json!("UP")), "{pod_link}");
+    let addrs = json_of(&["ip", "-n", &p1, "-j", "-4", "addr", "show", "eth0"]);
+    assert_eq!(addrs[0]["addr_info"][0]["local"], addr.as_str(), "{addrs}");
+    assert_eq!(addrs[0]["addr_info"][0]["prefixlen"], 32, "{addrs}");
+    let routes = json_of(&["ip", "-n", &p1, "-j", "-4", "route", "show"]);
+    let default = routes.as_array().expect("routes").iter().find(|r| r["dst"] == "default").expect("default route");
+    assert_eq!(default["gateway"], "10.244.8.1", "{routes}");
+    assert!(default["flags"].as_array().expect("flags").contains(&json!("onlink")), "{routes}");
+    let host = ferry::cni::host_ifname("tap1", "eth0");
+    assert!(!link_exists(&node, &host), "a tap pod has no host interface");
+    let calls = agent.take_calls();
+    let Some(Request::PodAdd { pod }) = calls.get(1) else { panic!("expected Info, PodAdd: {calls:?}") };
+    assert_eq!((pod.kind, pod.host_ifname.as_str(), pod.mac.as_str()), (PodPort::Tap, "eth0", pod_mac.as_str()));
+    assert_eq!(pod.netns, format!("/var/run/netns/{p1}"));
+
+    // CHECK passes, and fails once the tap's MTU is not the pods'.
+    let (ok, out) = plugin.run("CHECK", "tap1", Some(&p1), Some(&result));
+    assert!(ok, "CHECK failed: {out}");
+    sh(&["ip", "-n", &p1, "link", "set", "eth0", "mtu", "1500"]);
+    let (ok, out) = plugin.run("CHECK", "tap1", Some(&p1), Some(&result));
+    assert!(!ok && out["code"] == 103 && out["msg"].as_str().is_some_and(|m| m.contains("MTU")), "{out}");
+
+    // DEL twice, and DEL of a pod never added: nothing left.
+    for (round, ctr) in ["tap1", "tap1", "never"].iter().enumerate() {
+        let (ok, out) = plugin.run("DEL", ctr, Some(&p1), Some(&result));
+        assert!(ok, "DEL #{round} ({ctr}) failed: {out}");
+        assert!(!link_exists(&p1, "eth0"), "tap left after DEL #{round}");
+        assert!(allocations(&ipam_dir).is_empty(), "IPAM allocation left: {:?}", allocations(&ipam_dir));
+    }
+
+    // ADD the agent refuses: rolled back, tap and allocation gone.
+    agent.fail_pod_add.store(true, Ordering::SeqCst);
+    let (ok, out) = plugin.run("ADD", "tap2", Some(&p2), None);
+    assert!(!ok && out["code"] == 100, "ADD must fail when the agent refuses: {out}");
+    assert!(!link_exists(&p2, "eth0"), "tap left after a failed ADD");
+    assert!(allocations(&ipam_dir).is_empty(), "IPAM allocation left after a failed ADD");
+    // The agent first: its socket is in the directory the guard removes.
+    drop(agent);
     drop(guard);
 }

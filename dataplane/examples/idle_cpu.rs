@@ -75,6 +75,7 @@ fn measure(mode: PollMode, seconds: u64) -> f64 {
         uplink: PortId(0),
         underlay_mtu: 1500,
         icmp_rate: (100, 10),
+        host_exit: None,
     };
     let tables = Tables::new(
         Underlay::new(MacAddr(up.mac), Some(Ipv4Addr::new(192, 168, 61, 1)), None),

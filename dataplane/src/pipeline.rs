@@ -19,7 +19,8 @@
 //! (RFC 1812), and the source must be one of the pod's own addresses; then their unfinished
 //! checksums are completed, their TTL decremented (at 1: ICMP time exceeded), and they are
 //! forwarded to a local pod or encapsulated toward a remote node (too big with DF, or IPv6: ICMP
-//! "fragmentation needed" / "packet too big").
+//! "fragmentation needed" / "packet too big"). A pod's packet for outside the cluster goes to the
+//! node's kernel through the host port when the node has a [`HostExit`] (pods on taps).
 //!
 //! From the uplink: tunnel packets are validated and decapsulated (`decap`: outer MAC, addresses,
 //! checksums, tunnel header); the outer source must be a known node; the inner frame's source MAC
@@ -41,6 +42,8 @@ use ferry_encap::{DecapConfig, DropReason, FrameBuf, MacAddr, TunnelTemplate, Ve
 pub use ferry_tables::{PortId, Route};
 use ferry_tables::{Services, Snapshot};
 use std::sync::Arc;
+
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::conntrack::{Conntrack, Timeouts};
 use crate::service::{self, Outcome};
@@ -119,6 +122,36 @@ pub struct NodeConfig {
     pub underlay_mtu: u16,
     /// ICMP errors per second per worker, and burst.
     pub icmp_rate: (u32, u32),
+    /// Where a pod's packets for outside the cluster go, if anywhere (see [`HostExit`]).
+    pub host_exit: Option<HostExit>,
+}
+
+/// The node's kernel as a pod's way out of the cluster: a packet from a pod port to an address
+/// outside the cluster's pod networks (the node's own underlay address, another host, the
+/// internet) is routed to the host port, addressed to the kernel end's MAC, and the node's kernel
+/// takes it from there as it would from a veth pod. Only a pod on a tap needs it: a veth pod's
+/// XDP program hands such packets to the node's kernel before ferry sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostExit {
+    /// The host port (never an exit for packets that came in on it: no loop).
+    pub port: PortId,
+    /// The MAC of the host port's kernel end.
+    pub mac: MacAddr,
+    /// The cluster's IPv4 pod networks: a destination inside them without a route is dropped
+    /// (`no_route`), as before.
+    pub cluster_v4: Vec<Ipv4Net>,
+    /// The cluster's IPv6 pod networks.
+    pub cluster_v6: Vec<Ipv6Net>,
+}
+
+impl HostExit {
+    fn takes(&self, in_port: PortId, dst: IpAddr) -> bool {
+        in_port != self.port
+            && match dst {
+                IpAddr::V4(a) => !self.cluster_v4.iter().any(|n| n.contains(&a)),
+                IpAddr::V6(a) => !self.cluster_v6.iter().any(|n| n.contains(&a)),
+            }
+    }
 }
 
 /// What a stage decided: go on to the next stage, or this is the packet's fate.
@@ -340,7 +373,21 @@ impl Pipeline {
             Route::Remote { template, vtep_mac } => self.encap_stage(frame, &ctx.flow, template, vtep_mac, counters),
             Route::Unresolved { .. } => Verdict::Drop(DropReason::NoNeighbour),
             Route::Blackhole => Verdict::Drop(DropReason::Blackhole),
-            Route::NoRoute => Verdict::Drop(DropReason::NoRoute),
+            Route::NoRoute => self.host_exit_stage(in_port, &ctx, frame),
+        }
+    }
+
+    /// Stage (from a pod, no route): out of the cluster through the node's kernel, where the node
+    /// has a [`HostExit`] and the destination is outside the cluster's pod networks.
+    #[inline]
+    fn host_exit_stage(&self, in_port: PortId, ctx: &Ctx, frame: &mut FrameBuf<'_>) -> Verdict<PortId> {
+        match &self.cfg.host_exit {
+            Some(h) if h.takes(in_port, ctx.dst()) => {
+                decrement_ttl(frame, &ctx.flow);
+                self.rewrite_eth(frame, h.mac);
+                Verdict::Forward(h.port)
+            }
+            _ => Verdict::Drop(DropReason::NoRoute),
         }
     }
 

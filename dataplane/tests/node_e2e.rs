@@ -190,6 +190,7 @@ fn pod_reaches_a_kernel_vxlan_node_through_ferry() {
         uplink: PortId(0),
         underlay_mtu: 1500,
         icmp_rate: (100, 20),
+        host_exit: None,
     };
     let free = FreeFrames::all(mem.frame_count());
     let w = Worker::new(ports, vec![PortRole::Uplink, PortRole::Pod], mem, free, Pipeline::new(cfg));

@@ -274,6 +274,33 @@ fn too_big_for_the_tunnel_sends_fragmentation_needed_with_the_mtu() {
     assert_eq!(a.drops(DropReason::TooBigNoFragmentation), 1);
 }
 
+/// With a host exit (pods on taps), a pod's packet for outside the cluster goes to the host port,
+/// addressed to the kernel end's MAC with its TTL decremented; an unrouted cluster address is
+/// still `no_route`, and nothing that came in on the host port goes back out of it.
+#[test]
+fn host_exit_takes_pod_traffic_for_outside_the_cluster() {
+    let (worker, fib) = TestNode { pods: 2, host_port: true, host_exit: true, ..TestNode::new(1) }.build();
+    let mut a = Node { worker, fib };
+    let gw = mac(0xe1);
+    a.receive(1, &udp4(pod_mac(1, 1), gw, POD_A1, [192, 0, 2, 1], 64, b"to the node"));
+    let out = a.sent(HOST);
+    assert_eq!(out.len(), 1, "to the host port");
+    let p = SlicedPacket::from_ethernet(&out[0]).expect("parses");
+    let Some(etherparse::LinkSlice::Ethernet2(eth)) = &p.link else { panic!("ethernet") };
+    assert_eq!((eth.destination(), eth.source()), (host_mac(1).0, gw.0));
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("IPv4") };
+    assert_eq!((ip.header().destination(), ip.header().ttl()), ([192, 0, 2, 1], 63));
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum());
+    assert_eq!(a.drops(DropReason::NoRoute), 0);
+
+    a.receive(1, &udp4(pod_mac(1, 1), gw, POD_A1, [10, 244, 77, 1], 64, b"x"));
+    assert_eq!(a.drops(DropReason::NoRoute), 1, "a cluster address without a route");
+    a.receive(HOST, &udp4(host_mac(1), gw, [10, 244, 1, 0], [172, 16, 0, 1], 64, b"x"));
+    assert_eq!(a.drops(DropReason::NoRoute), 2, "from the host port: no way back out of it");
+    assert!(a.sent(HOST).is_empty());
+}
+
 #[test]
 fn drops_are_counted_by_reason() {
     let mut a = node(1);

@@ -232,6 +232,7 @@ interface = "ferry0"
 [dataplane]
 workers = 1
 uplink_port = "${UPLINK_PORT:-afxdp}"
+pod_port = "${POD_PORT:-auto}"
 
 [admin]
 socket = "$dir/ferry.sock"

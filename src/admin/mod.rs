@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use proto::{NodeInfo, PodSpec, Request, Response};
+pub use proto::{NodeInfo, PodPort, PodSpec, Request, Response};
 
 /// The admin socket's default path.
 pub const DEFAULT_SOCKET: &str = "/run/ferry/ferry.sock";

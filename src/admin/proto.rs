@@ -55,15 +55,44 @@ pub enum Request {
     },
 }
 
+/// What kind of interface a pod gets: the agent decides (`dataplane.pod_port`), and tells the CNI
+/// plugin in [`NodeInfo::pod_port`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodPort {
+    /// A veth pair: the pod's end in its namespace, the host end in the node's, where ferry
+    /// attaches an AF_XDP socket per worker behind its pod XDP program.
+    #[default]
+    Veth,
+    /// A persistent multi-queue tap inside the pod's namespace (the pod's own interface), one queue
+    /// per worker opened by the agent, with virtio-net headers: super-packets cross it whole.
+    Tap,
+}
+
+impl PodPort {
+    /// `veth` or `tap`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PodPort::Veth => "veth",
+            PodPort::Tap => "tap",
+        }
+    }
+}
+
 /// A pod as the CNI plugin wired it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodSpec {
     /// Stable identity: `<CNI_CONTAINERID>/<CNI_IFNAME>`.
     pub id: String,
-    /// The pod's network namespace path (informational; the agent never enters it).
+    /// The pod's network namespace path. The agent enters it only for a tap pod, to open the
+    /// tap's queues.
     pub netns: String,
-    /// The host-side veth, in the agent's namespace.
+    /// A veth pod: the host-side veth, in the agent's namespace. A tap pod: the tap's name inside
+    /// the pod's namespace (`netns`).
     pub host_ifname: String,
+    /// The kind of interface (absent in records of agents before taps: a veth).
+    #[serde(default)]
+    pub kind: PodPort,
     /// The pod's own interface MAC (`eth0` inside the pod), `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
     /// The pod's addresses (no prefix length).
@@ -131,8 +160,11 @@ pub struct NodeInfo {
     /// drops frames above the receiving end's MTU silently). `None`: the pods' MTU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underlay_mtu: Option<u32>,
-    /// Queues each pod veth needs: one per worker.
+    /// Queues each pod veth or tap needs: one per worker.
     pub queues: u32,
+    /// The kind of interface to give pods (an agent before taps answers without it: veth).
+    #[serde(default)]
+    pub pod_port: PodPort,
     /// Where host-local IPAM keeps this node's allocations.
     pub ipam_data_dir: String,
 }

@@ -28,6 +28,7 @@
 //! max_ports = 256                 # ports (pods + uplink + host) per worker
 //! xdp_mode = "auto"               # auto | native | generic
 //! uplink_port = "afxdp"           # afxdp | udp | auto: the uplink as AF_XDP or a UDP socket (UDP_SEGMENT/GRO)
+//! pod_port = "auto"               # veth | tap | auto (tap when /dev/net/tun opens)
 //! busy_poll = false               # workers run their devices' receive (NAPI) themselves
 //! busy_poll_budget = 64           # packets per busy-poll round
 //! napi_defer_hard_irqs = 2        # set on each port's device while busy polling
@@ -54,6 +55,8 @@ use ferry_dataplane::xdp::XdpMode;
 use ferry_encap::{MacAddr, TunnelKind};
 use ipnet::IpNet;
 use serde::Deserialize;
+
+use crate::admin::PodPort;
 
 /// Merges `top` into `base`: tables key by key, anything else replaced.
 fn merge(base: &mut toml::Table, top: toml::Table) {
@@ -224,6 +227,8 @@ struct DataplaneFile {
     xdp_mode: String,
     #[serde(default = "default_uplink_port")]
     uplink_port: String,
+    #[serde(default = "default_pod_port")]
+    pod_port: String,
     #[serde(default)]
     busy_poll: bool,
     #[serde(default = "default_busy_poll_budget")]
@@ -244,6 +249,7 @@ impl Default for DataplaneFile {
             max_ports: default_max_ports(),
             xdp_mode: default_xdp_mode(),
             uplink_port: default_uplink_port(),
+            pod_port: default_pod_port(),
             busy_poll: false,
             busy_poll_budget: default_busy_poll_budget(),
             napi_defer_hard_irqs: default_napi_defer_hard_irqs(),
@@ -269,6 +275,9 @@ fn default_xdp_mode() -> String {
 }
 fn default_uplink_port() -> String {
     "afxdp".into()
+}
+fn default_pod_port() -> String {
+    "auto".into()
 }
 fn default_busy_poll_budget() -> u32 {
     BusyPoll::default().budget
@@ -356,6 +365,15 @@ pub enum UplinkPort {
     Auto,
 }
 
+/// What kind of interface pods get (`dataplane.pod_port`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPortChoice {
+    /// Always this kind.
+    Fixed(PodPort),
+    /// A tap when this node can make one (`/dev/net/tun` opens read-write), else a veth.
+    Auto,
+}
+
 /// A checked configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -403,6 +421,8 @@ pub struct AgentConfig {
     pub xdp_mode: XdpMode,
     /// What kind of port the uplink is.
     pub uplink_port: UplinkPort,
+    /// The kind of interface pods get.
+    pub pod_port: PodPortChoice,
     /// Preferred busy polling on every port, if on.
     pub busy_poll: Option<BusyPoll>,
     /// What uninstalling removes, and whether the agent checks for its own deletion.
@@ -584,6 +604,12 @@ impl AgentConfig {
             "auto" => UplinkPort::Auto,
             other => return Err(bad("dataplane.uplink_port", format!("`{other}` is not one of afxdp, udp, auto"))),
         };
+        let pod_port = match d.pod_port.as_str() {
+            "veth" => PodPortChoice::Fixed(PodPort::Veth),
+            "tap" => PodPortChoice::Fixed(PodPort::Tap),
+            "auto" => PodPortChoice::Auto,
+            other => return Err(bad("dataplane.pod_port", format!("`{other}` is not one of veth, tap, auto"))),
+        };
         if !(1..=1024).contains(&d.busy_poll_budget) {
             return Err(bad("dataplane.busy_poll_budget", format!("{} is outside 1..=1024", d.busy_poll_budget)));
         }
@@ -692,6 +718,7 @@ impl AgentConfig {
             max_ports: d.max_ports,
             xdp_mode,
             uplink_port,
+            pod_port,
             busy_poll,
             uninstall,
             socket: f.admin.socket,
@@ -784,6 +811,9 @@ static_file = "/etc/ferry/nodes.toml"
             let t = GOOD.replace("[control]", &format!("[dataplane]\nuplink_port = \"{v}\"\n[control]"));
             assert_eq!(parse(&t).expect("valid").uplink_port, want, "{v}");
         }
+        assert_eq!(c.pod_port, PodPortChoice::Auto);
+        let tap = parse(&GOOD.replace("[control]", "[dataplane]\npod_port = \"tap\"\n[control]")).expect("tap");
+        assert_eq!(tap.pod_port, PodPortChoice::Fixed(PodPort::Tap));
         assert_eq!(c.control.static_file.as_deref(), Some(Path::new("/etc/ferry/nodes.toml")));
         let g = parse(&GOOD.replace("[pods]", "[tunnel]\nkind = \"geneve\"\n[pods]")).expect("geneve");
         assert_eq!(g.tunnel_port, 6081);
@@ -817,6 +847,7 @@ static_file = "/etc/ferry/nodes.toml"
             (GOOD.replace("[control]", "[dataplane]\nworkers = 0\n[control]"), "dataplane.workers"),
             (GOOD.replace("[control]", "[dataplane]\npoll = \"lazy\"\n[control]"), "dataplane.poll"),
             (GOOD.replace("[control]", "[dataplane]\nuplink_port = \"tap\"\n[control]"), "dataplane.uplink_port"),
+            (GOOD.replace("[control]", "[dataplane]\npod_port = \"tun\"\n[control]"), "dataplane.pod_port"),
             (GOOD.replace("[control]", "[dataplane]\nbusy_poll_budget = 0\n[control]"), "dataplane.busy_poll_budget"),
             (
                 GOOD.replace("[control]", "[dataplane]\nnapi_defer_hard_irqs = 0\n[control]"),

@@ -28,24 +28,27 @@ use ferry_dataplane::conntrack::{Conntrack, Timeouts};
 use ferry_dataplane::counters::{Counters, SharedCounters};
 use ferry_dataplane::frame::{FrameMem, FreeFrames};
 use ferry_dataplane::neighbour::NeighbourSync;
-use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
+use ferry_dataplane::pipeline::{HostExit, NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::any::NodePort;
 use ferry_dataplane::port::udp::{UdpPort, UdpPortConfig};
 use ferry_dataplane::port::xsk::{self, XskMem, XskMemConfig, XskPort, XskPortConfig};
 use ferry_dataplane::worker::{self, PollMode, Worker};
 use ferry_dataplane::xdp::{PodConfig, UplinkConfig, XdpAttachment, XdpProgram};
-use ferry_encap::{DecapConfig, TemplateError, TemplateParams, TunnelKind, TunnelTemplate};
+use ferry_encap::{DecapConfig, MacAddr, TemplateError, TemplateParams, TunnelKind, TunnelTemplate};
 use ferry_tables::{LocalPod, Tables, Underlay};
 use ipnet::IpNet;
 
 pub use self::config::AgentConfig;
-use self::config::{Poll, UplinkPort};
+use self::config::{PodPortChoice, Poll, UplinkPort};
 use self::pods::{Pods, PortInfo, WorkerHandle};
+use crate::admin::PodPort;
 use crate::netlink::{Netlink, Route, VethSpec};
 
 /// How long to wait for the route source to name this node's pod CIDRs when the configuration
 /// does not.
 const POD_CIDR_WAIT: Duration = Duration::from_secs(60);
+/// The host port's id on every worker (the uplink is 0; pods take the ids after it).
+const HOST_PORT: PortId = PortId(1);
 /// Frames each pod port (and the host port) keeps lent for receiving.
 const POD_FILL: u32 = 512;
 /// Frames the uplink keeps lent for receiving (its whole fill ring).
@@ -85,6 +88,8 @@ pub struct Resolved {
     host_if: Option<String>,
     host_addr: Option<Ipv4Addr>,
     pod_mtu: u32,
+    /// The kind of interface pods get (`auto` resolved).
+    pod_port: PodPort,
     workers: u32,
     poll: String,
     sources: Vec<&'static str>,
@@ -222,6 +227,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let underlay_mtu = cfg.underlay_mtu.unwrap_or(link.mtu);
     let uplink_kind = uplink_kind(cfg.uplink_port, &cfg.underlay_if, underlay_addr);
+    let pod_port = resolve_pod_port(cfg.pod_port)?;
     let queues = link.rx_queues.min(link.tx_queues).max(1);
     if uplink_kind == UplinkPort::AfXdp && queues < cfg.workers {
         bail!(
@@ -305,6 +311,21 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     decap.verify_udp_checksum = cfg.verify_udp_checksum;
     decap.accept_ipv6_zero_udp_checksum = cfg.udp6_zero_checksum_rx;
     decap.local_mac = Some(underlay_mac);
+    // The host port: the node's own way into the overlay, and (pods on taps) the pods' way out of
+    // it. Its veth exists before the workers start, so that they know the kernel end's MAC.
+    let host_plan = match (&cfg.host_if, host_addr, gateway_v4) {
+        (Some(host_if), Some(addr), Some(gateway)) => {
+            Some(HostPlan { host_if, addr, gateway, underlay_addr, mtu: pod_mtu, underlay_mtu })
+        }
+        (Some(_), _, _) => {
+            tracing::warn!("no IPv4 pod CIDR: the host port is IPv4 only and is not created");
+            None
+        }
+        _ => None,
+    };
+    let host_mac =
+        host_plan.as_ref().map(|p| host_veth(&nl, p, &cfg)).transpose().context("setting up the host port")?;
+    let (nets_v4, nets_v6) = split_nets(&cfg.cluster_cidrs);
     let node_cfg = NodeConfig {
         gateway_mac: cfg.gateway_mac,
         gateway_v4,
@@ -314,6 +335,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         uplink: PortId(0),
         underlay_mtu: underlay_mtu as u16,
         icmp_rate: (1000, 100),
+        host_exit: host_mac.map(|mac| HostExit {
+            port: HOST_PORT,
+            mac,
+            cluster_v4: nets_v4.clone(),
+            cluster_v6: nets_v6.clone(),
+        }),
     };
     let port_cfg = XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: cfg.busy_poll, fill_target: None };
     // Pods (and the host port) share each worker's frames with the uplink: each keeps half a fill
@@ -400,6 +427,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         PortInfo {
             ifname: cfg.underlay_if.clone(),
             kind: "uplink",
+            io: "af_xdp",
             pod: None,
             addrs: vec![underlay_addr],
             xdp_mode: uplink_xdp
@@ -407,7 +435,6 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .map_or_else(|| "none (udp socket)".to_owned(), |x| format!("{:?}", x.mode()).to_lowercase()),
         },
     );
-    let (nets_v4, nets_v6) = split_nets(&cfg.cluster_cidrs);
     let pods = Pods::new(
         handles,
         pod_port_cfg,
@@ -421,21 +448,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     )
     .with_context(|| format!("admin.state_dir {}", cfg.state_dir.display()))?;
 
-    // The host port: the node's own way into the overlay.
-    let host_xdp = match (&cfg.host_if, host_addr, gateway_v4) {
-        (Some(host_if), Some(addr), Some(gw)) => Some(
-            host_port(
-                &nl,
-                &pods,
-                &HostPlan { host_if, addr, gateway: gw, underlay_addr, mtu: pod_mtu, underlay_mtu },
-                &cfg,
-            )
-            .context("setting up the host port")?,
-        ),
-        (Some(_), _, _) => {
-            tracing::warn!("no IPv4 pod CIDR: the host port is IPv4 only and is not created");
-            None
-        }
+    // The host port's ferry end, on every worker.
+    let host_xdp = match (&host_plan, host_mac) {
+        (Some(plan), Some(mac)) => Some(host_attach(&pods, plan, mac, HOST_PORT).context("attaching the host port")?),
         _ => None,
     };
 
@@ -460,6 +475,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         host_if: cfg.host_if.clone(),
         host_addr,
         pod_mtu,
+        pod_port,
         workers: cfg.workers,
         poll: format!("{:?}", cfg.poll).to_lowercase(),
         sources,
@@ -491,7 +507,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Pods from before a restart, then the admin socket.
     {
         let nl2 = Netlink::open()?;
-        lock(&shared.pods).restore(|ifname| nl2.link_exists(ifname).unwrap_or(false));
+        lock(&shared.pods).restore(|pod| match pod.kind {
+            PodPort::Veth => nl2.link_exists(&pod.host_ifname).unwrap_or(false),
+            PodPort::Tap => pods::tap_exists(std::path::Path::new(&pod.netns), &pod.host_ifname),
+        });
     }
     let server = server::Server::bind(&cfg.socket, Arc::clone(&shared))?;
     let (server_thread, socket_file) = server.spawn(Arc::clone(&stop))?;
@@ -592,6 +611,30 @@ pub fn uninstall_node(cfg: &AgentConfig) -> anyhow::Result<Vec<String>> {
     Ok(done)
 }
 
+/// `dataplane.pod_port` resolved: `auto` is a tap when `/dev/net/tun` opens read-write here (the
+/// device exists and the agent may use it), else a veth.
+///
+/// # Errors
+/// `tap` was configured but `/dev/net/tun` does not open.
+fn resolve_pod_port(choice: PodPortChoice) -> anyhow::Result<PodPort> {
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open(TUN_DEVICE);
+    match (choice, tun) {
+        (PodPortChoice::Fixed(PodPort::Tap), Err(e)) => bail!(
+            "dataplane.pod_port = \"tap\" but {TUN_DEVICE} does not open ({e}): load the tun module \
+             (modprobe tun) and run the agent as root, or set pod_port = \"veth\""
+        ),
+        (PodPortChoice::Fixed(kind), _) => Ok(kind),
+        (PodPortChoice::Auto, Ok(_)) => Ok(PodPort::Tap),
+        (PodPortChoice::Auto, Err(e)) => {
+            tracing::info!(error = %e, "pod_port = auto: {TUN_DEVICE} does not open, so pods get veths");
+            Ok(PodPort::Veth)
+        }
+    }
+}
+
+/// The TUN/TAP clone device.
+const TUN_DEVICE: &str = "/dev/net/tun";
+
 fn is_link_local(a: IpAddr) -> bool {
     match a {
         IpAddr::V4(a) => a.is_link_local(),
@@ -628,8 +671,10 @@ struct HostPlan<'a> {
     underlay_mtu: u32,
 }
 
-fn host_port(nl: &Netlink, pods: &Pods, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Result<XdpAttachment> {
-    let HostPlan { host_if, addr, gateway, underlay_addr, mtu, underlay_mtu } = *plan;
+/// The host port's veth pair, addresses and routes (made before the workers start, which need the
+/// kernel end's MAC for their [`HostExit`]); returns the kernel end's MAC.
+fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Result<MacAddr> {
+    let HostPlan { host_if, addr, gateway, mtu, underlay_mtu, .. } = *plan;
     let peer = format!("{host_if}p");
     let usable = match (nl.link(host_if)?, nl.link(&peer)?) {
         (Some(h), Some(p)) => {
@@ -663,13 +708,21 @@ fn host_port(nl: &Netlink, pods: &Pods, plan: &HostPlan<'_>, cfg: &AgentConfig) 
     for c in cfg.cluster_cidrs.iter().filter(|c| c.addr().is_ipv4()) {
         nl.add_route(host_if, &Route { dst: *c, via: Some(gateway.into()), onlink: true, src: Some(addr.into()) })?;
     }
-    let host_mac = nl.link(host_if)?.and_then(|l| l.mac).context("the host port has no MAC")?;
-    let (port, xdp) = pods.attach_port(&peer).map_err(|e| anyhow::anyhow!("attaching {peer}: {e}"))?;
+    nl.link(host_if)?.and_then(|l| l.mac).context("the host port has no MAC")
+}
+
+/// Attaches the host port's ferry end to every worker as `port` and registers the node's overlay
+/// address behind it.
+fn host_attach(pods: &Pods, plan: &HostPlan<'_>, host_mac: MacAddr, port: PortId) -> anyhow::Result<XdpAttachment> {
+    let HostPlan { host_if, addr, underlay_addr, .. } = *plan;
+    let peer = format!("{host_if}p");
+    let xdp = pods.attach_port(&peer, port).map_err(|e| anyhow::anyhow!("attaching {peer}: {e}"))?;
     pods.name_port(
         port,
         PortInfo {
             ifname: peer.clone(),
             kind: "host",
+            io: "af_xdp",
             pod: None,
             addrs: vec![addr.into(), underlay_addr],
             xdp_mode: format!("{:?}", xdp.mode()).to_lowercase(),

@@ -1,7 +1,12 @@
-//! Pods on this node (setup side): attaching a pod's host-side veth to every worker (one AF_XDP
-//! socket per worker, on the worker's queue, behind a pod XDP program), registering its addresses
-//! in the forwarding tables, and keeping a record on disk so that a restarted agent re-attaches the
-//! pods it had without the pods noticing.
+//! Pods on this node (setup side): attaching a pod's interface to every worker, registering its
+//! addresses in the forwarding tables, and keeping a record on disk so that a restarted agent
+//! re-attaches the pods it had without the pods noticing.
+//!
+//! - A veth pod: one AF_XDP socket per worker on the host-side veth, on the worker's queue, behind
+//!   a pod XDP program.
+//! - A tap pod: one queue of the pod's persistent tap per worker, opened inside the pod's network
+//!   namespace (where the tap lives), no XDP program. The tap outlives the agent; a restarted
+//!   agent opens its queues again.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -11,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use ferry_dataplane::pipeline::{PortId, PortRole};
 use ferry_dataplane::port::any::NodePort;
+use ferry_dataplane::port::tap::{self, TapConfig, TapPort};
 use ferry_dataplane::port::xsk::{self, XskMemHandle, XskPort, XskPortConfig};
 use ferry_dataplane::worker::PortControl;
 use ferry_dataplane::xdp::{PodConfig, XdpAttachment, XdpMode, XdpProgram};
@@ -20,7 +26,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::lock;
-use crate::admin::PodSpec;
+use crate::admin::{PodPort, PodSpec};
+use crate::netlink::Netlink;
 
 /// How long a worker may take to apply a port change.
 const PORT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,6 +50,8 @@ pub(super) struct PortInfo {
     pub(super) ifname: String,
     /// `uplink`, `host` or `pod`.
     pub(super) kind: &'static str,
+    /// What ferry moves the port's frames through: `af_xdp` or `tap`.
+    pub(super) io: &'static str,
     /// The pod's id, for pod ports.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) pod: Option<String>,
@@ -63,7 +72,8 @@ struct Attached {
     spec: PodSpec,
     mac: MacAddr,
     port: PortId,
-    xdp: XdpAttachment,
+    /// The pod XDP program of a veth pod (a tap pod has none).
+    xdp: Option<XdpAttachment>,
 }
 
 /// Why a pod could not be attached.
@@ -135,13 +145,12 @@ impl Pods {
         })
     }
 
-    /// Attaches an interface as a port on every worker (socket per worker on its queue, the pod
-    /// XDP program in front), under a fresh port id.
+    /// Attaches an interface as port `id` on every worker (socket per worker on its queue, the pod
+    /// XDP program in front).
     ///
     /// # Errors
     /// The first step that failed, described; nothing stays attached.
-    pub(super) fn attach_port(&self, ifname: &str) -> Result<(PortId, XdpAttachment), String> {
-        let id = self.free_port_id().ok_or_else(|| format!("no free port: all {} are in use", self.max_ports))?;
+    pub(super) fn attach_port(&self, ifname: &str, id: PortId) -> Result<XdpAttachment, String> {
         let prog = XdpProgram::pod(&self.xdp, self.workers.len() as u32).map_err(|e| e.to_string())?;
         let mut added = Vec::new();
         let undo = |added: &[&WorkerHandle]| {
@@ -174,13 +183,38 @@ impl Pods {
                 None => Ok(a),
             }
         });
-        match attached {
-            Ok(a) => Ok((id, a)),
-            Err(e) => {
-                undo(&added);
-                Err(e)
-            }
+        attached.inspect_err(|_| undo(&added))
+    }
+
+    /// Attaches a pod's tap as port `id` on every worker: one queue per worker, opened inside the
+    /// pod's namespace.
+    ///
+    /// # Errors
+    /// The tap is not there, or a queue could not be opened or added; nothing stays attached.
+    fn attach_tap(&self, spec: &PodSpec, id: PortId) -> Result<(), String> {
+        let netns = Path::new(&spec.netns);
+        // Opening a queue of a tap that is not there would make a new one: look first.
+        if !tap_exists(netns, &spec.host_ifname) {
+            return Err(format!("there is no tap {} in {}", spec.host_ifname, netns.display()));
         }
+        let mut added: Vec<&WorkerHandle> = Vec::new();
+        for w in &self.workers {
+            let name = format!("{}/{}", tap_port_name(spec), w.queue);
+            let r = tap::open_queue(Some(netns), &spec.host_ifname)
+                .map_err(|e| format!("opening a queue of the tap {} in {}: {e}", spec.host_ifname, netns.display()))
+                .and_then(|fd| {
+                    let port = NodePort::from(TapPort::new(fd, &name, TapConfig::default()));
+                    w.control.add(id, port, PortRole::Pod, PORT_COMMAND_TIMEOUT).map_err(|e| e.to_string())
+                });
+            if let Err(e) = r {
+                for w in added {
+                    let _ = w.control.remove(id, PORT_COMMAND_TIMEOUT);
+                }
+                return Err(e);
+            }
+            added.push(w);
+        }
+        Ok(())
     }
 
     /// Detaches a port from every worker.
@@ -193,7 +227,7 @@ impl Pods {
         lock(&self.ports).remove(&id.0);
     }
 
-    fn free_port_id(&self) -> Option<PortId> {
+    pub(super) fn free_port_id(&self) -> Option<PortId> {
         let used = lock(&self.ports);
         (0..self.max_ports).find(|i| !used.contains_key(i)).map(PortId)
     }
@@ -252,20 +286,32 @@ impl Pods {
             }
             self.remove(&spec.id.clone());
         }
-        let (port, xdp) = self.attach_port(&spec.host_ifname).map_err(|reason| PodError::Dataplane {
-            id: spec.id.clone(),
-            what: "attaching its interface",
-            reason,
+        let dataplane = |what, reason| PodError::Dataplane { id: spec.id.clone(), what, reason };
+        let port = self.free_port_id().ok_or_else(|| {
+            dataplane("attaching its interface", format!("no free port: all {} are in use", self.max_ports))
         })?;
-        let mode = format!("{:?}", xdp.mode()).to_lowercase();
+        let xdp = match spec.kind {
+            PodPort::Veth => {
+                Some(self.attach_port(&spec.host_ifname, port).map_err(|r| dataplane("attaching its interface", r))?)
+            }
+            PodPort::Tap => {
+                self.attach_tap(&spec, port).map_err(|r| dataplane("attaching its tap", r))?;
+                None
+            }
+        };
+        let (ifname, io) = match spec.kind {
+            PodPort::Veth => (spec.host_ifname.clone(), "af_xdp"),
+            PodPort::Tap => (tap_port_name(&spec), "tap"),
+        };
         self.name_port(
             port,
             PortInfo {
-                ifname: spec.host_ifname.clone(),
+                ifname,
                 kind: "pod",
+                io,
                 pod: Some(spec.id.clone()),
                 addrs: spec.addrs.clone(),
-                xdp_mode: mode,
+                xdp_mode: xdp.as_ref().map_or_else(|| "none".to_owned(), |x| format!("{:?}", x.mode()).to_lowercase()),
             },
         );
         if let Err(reason) = self.register(LocalPod { port, mac, addrs: spec.addrs.clone(), source_only: vec![] }) {
@@ -276,7 +322,7 @@ impl Pods {
         if persist && let Err(e) = self.save(&spec) {
             tracing::warn!(pod = %spec.id, error = %e, "could not record the pod; it will not survive a restart");
         }
-        tracing::info!(pod = %spec.id, ifname = %spec.host_ifname, port = port.0, addrs = ?spec.addrs, "pod attached");
+        tracing::info!(pod = %spec.id, kind = spec.kind.name(), ifname = %spec.host_ifname, port = port.0, addrs = ?spec.addrs, "pod attached");
         self.pods.insert(spec.id.clone(), Attached { spec, mac, port, xdp });
         Ok(())
     }
@@ -315,8 +361,9 @@ impl Pods {
         self.pods.values().map(|p| (p.spec.clone(), p.port)).collect()
     }
 
-    /// Re-attaches the pods recorded on disk whose interface still exists; forgets the others.
-    pub(super) fn restore(&mut self, mut exists: impl FnMut(&str) -> bool) {
+    /// Re-attaches the pods recorded on disk whose interface still exists (`exists`); forgets the
+    /// others.
+    pub(super) fn restore(&mut self, mut exists: impl FnMut(&PodSpec) -> bool) {
         let Ok(dir) = std::fs::read_dir(&self.records) else { return };
         for entry in dir.flatten() {
             let path = entry.path();
@@ -330,7 +377,7 @@ impl Pods {
                 continue;
             };
             let id = record.pod.id.clone();
-            if !exists(&record.pod.host_ifname) {
+            if !exists(&record.pod) {
                 tracing::info!(pod = %id, ifname = %record.pod.host_ifname, "pod interface gone; forgetting the pod");
                 let _ = std::fs::remove_file(&path);
                 continue;
@@ -366,4 +413,20 @@ impl Pods {
         std::fs::write(&tmp, bytes)?;
         std::fs::rename(&tmp, &path)
     }
+}
+
+/// Whether the pod's namespace at `netns` holds a tap named `ifname`.
+pub(super) fn tap_exists(netns: &Path, ifname: &str) -> bool {
+    Netlink::open_in_netns(netns)
+        .ok()
+        .and_then(|nl| nl.link(ifname).ok().flatten())
+        .is_some_and(|l| l.kind.as_deref() == Some("tun"))
+}
+
+/// How a tap pod's port is named in status and statistics: the tap and the namespace it is in
+/// (every tap pod's interface has the same name, `eth0`).
+fn tap_port_name(spec: &PodSpec) -> String {
+    let ns =
+        Path::new(&spec.netns).file_name().map_or_else(|| spec.netns.clone(), |n| n.to_string_lossy().into_owned());
+    format!("{}@{ns}", spec.host_ifname)
 }

@@ -122,6 +122,7 @@ impl Server {
                         mtu: r.pod_mtu,
                         underlay_mtu: Some(r.underlay_mtu),
                         queues: r.workers,
+                        pod_port: r.pod_port,
                         ipam_data_dir: r.ipam_data_dir.clone(),
                     }),
                     ..Response::ok()
@@ -201,7 +202,7 @@ impl Server {
                 "next_hops": snap.next_hops(),
             },
             "pods": lock(&s.pods).list().iter().map(|(p, port)| json!({
-                "id": p.id, "ifname": p.host_ifname, "addrs": p.addrs, "mac": p.mac, "port": port.0,
+                "id": p.id, "kind": p.kind, "ifname": p.host_ifname, "netns": p.netns, "addrs": p.addrs, "mac": p.mac, "port": port.0,
             })).collect::<Vec<_>>(),
             "ports": *lock(&s.ports),
             "skipped_nodes": *lock(&s.skipped),

@@ -156,6 +156,7 @@ mod tests {
             mtu: 1450,
             underlay_mtu: None,
             queues: 1,
+            pod_port: crate::admin::PodPort::Veth,
             ipam_data_dir: "/run/ferry/ipam".into(),
         };
         assert_eq!(

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use ferry_dataplane::port::tap;
 use ferry_encap::MacAddr;
 use ipnet::IpNet;
 use serde_json::Value;
@@ -14,7 +15,7 @@ use super::config::{Command, Env, NetConf, has_check, host_ifname};
 use super::error::{CniError, Code};
 use super::ipam;
 use super::result::{CniResult, Interface, IpConfig, RouteConfig};
-use crate::admin::{self, CallError, NodeInfo, PodSpec, Request, Response};
+use crate::admin::{self, CallError, NodeInfo, PodPort, PodSpec, Request, Response};
 use crate::netlink::{Netlink, Route, VethSpec};
 
 /// How long the agent may take to answer one request.
@@ -78,9 +79,10 @@ pub(crate) fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
     let mac = gateway_mac(&info)?;
     let host = host_ifname(&env.container_id, &env.ifname);
     let nl = Netlink::open()?;
-    // A host end of that name is a leftover of an earlier ADD of the same container that never
-    // finished (the name is derived from the container): it is ours to remove.
+    // A host end or a tap of that name is a leftover of an earlier ADD of the same container that
+    // never finished (the names are the container's): it is ours to remove.
     nl.delete_link(&host)?;
+    remove_tap(netns, &env.ifname)?;
 
     let ipam_conf = conf.ipam.clone().unwrap_or_else(|| ipam::host_local_config(&info));
     // Saved before the allocation: a crash right after it still leaves DEL able to release.
@@ -103,6 +105,9 @@ pub(crate) fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
             if let Err(d) = nl.delete_link(&host) {
                 eprintln!("ferry-cni: rollback: {d}");
             }
+            if let Err(d) = remove_tap(netns, &env.ifname) {
+                eprintln!("ferry-cni: rollback: {d}");
+            }
             match ipam::exec(conf, env, Command::Del, &ipam_conf, None) {
                 Ok(_) => ipam::forget(conf, env),
                 Err(d) => eprintln!("ferry-cni: rollback: {d}"),
@@ -111,6 +116,20 @@ pub(crate) fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
         }
     }
 }
+
+/// Removes the tap `ifname` from the pod's namespace, if there is one (only a tap: any other link
+/// of that name is not ferry's to remove). A namespace that is gone took its taps with it.
+fn remove_tap(netns: &Path, ifname: &str) -> Result<(), CniError> {
+    let Ok(pod) = Netlink::open_in_netns(netns) else { return Ok(()) };
+    match pod.link(ifname)? {
+        Some(l) if l.kind.as_deref() == Some(TUN_KIND) => tap::delete(Some(netns), ifname)
+            .map_err(|e| CniError::with_source(Code::Link, format!("removing the tap {ifname} from the pod"), &e)),
+        _ => Ok(()),
+    }
+}
+
+/// The link kind of TUN/TAP devices.
+const TUN_KIND: &str = "tun";
 
 #[expect(clippy::too_many_arguments, reason = "one call site; a struct would only rename the arguments")]
 fn wire(
@@ -128,22 +147,38 @@ fn wire(
     let pod = Netlink::open_in_netns(netns).map_err(|e| {
         CniError::with_source(Code::UnknownContainer, format!("network namespace {}", netns.display()), &e)
     })?;
-    nl.create_veth(&VethSpec {
-        name: host,
-        peer_name: &env.ifname,
-        mac: Some(mac),
-        peer_mac: None,
-        mtu: Some(info.mtu),
-        queues: info.queues,
-        peer_netns: Some(ns_file),
-    })?;
-    if info.host_mtu() != info.mtu {
-        nl.set_mtu(host, info.host_mtu())?;
+    match info.pod_port {
+        PodPort::Veth => {
+            nl.create_veth(&VethSpec {
+                name: host,
+                peer_name: &env.ifname,
+                mac: Some(mac),
+                peer_mac: None,
+                mtu: Some(info.mtu),
+                queues: info.queues,
+                peer_netns: Some(ns_file),
+            })?;
+            if info.host_mtu() != info.mtu {
+                nl.set_mtu(host, info.host_mtu())?;
+            }
+            nl.set_up(host)?;
+            // Offload off before the link is up: no frame leaves with a partial checksum.
+            pod.set_tx_checksum(&env.ifname, false)?;
+        }
+        PodPort::Tap => {
+            // The pod's own interface is the tap; ferry opens its queues (one per worker). Its
+            // offloads stay on: partial checksums and super-packets cross with their metadata.
+            tap::create_persistent(Some(netns), &env.ifname, None, info.queues).map_err(|e| {
+                CniError::with_source(
+                    Code::Link,
+                    format!("creating the tap {} ({} queues) in {}", env.ifname, info.queues, netns.display()),
+                    &e,
+                )
+            })?;
+            pod.set_mtu(&env.ifname, info.mtu)?;
+        }
     }
-    nl.set_up(host)?;
 
-    // Offload off before the link is up: no frame leaves with a partial checksum.
-    pod.set_tx_checksum(&env.ifname, false)?;
     let mut ips = Vec::new();
     let mut routes = Vec::new();
     for ip in &allocated.ips {
@@ -166,22 +201,31 @@ fn wire(
         .ok_or_else(|| CniError::new(Code::Link, format!("{} vanished from the pod after wiring", env.ifname)))?;
     let pod_mac = link.mac.map(|m| m.to_string()).unwrap_or_default();
 
+    let (host_ifname, mut interfaces) = match info.pod_port {
+        PodPort::Veth => {
+            (host.to_owned(), vec![Interface { name: host.to_owned(), mac: mac.to_string(), sandbox: None }])
+        }
+        PodPort::Tap => (env.ifname.clone(), Vec::new()),
+    };
     let spec = PodSpec {
         id: env.pod_id(),
         netns: netns.display().to_string(),
-        host_ifname: host.to_owned(),
+        host_ifname,
+        kind: info.pod_port,
         mac: pod_mac.clone(),
         addrs: ips.iter().map(|(a, _)| *a).collect(),
     };
     *pod_added = true;
     agent(conf, &Request::PodAdd { pod: spec }, &format!("adding pod {}", env.pod_id()))?;
 
+    let pod_index = interfaces.len();
+    interfaces.push(Interface { name: env.ifname.clone(), mac: pod_mac, sandbox: Some(netns.display().to_string()) });
     Ok(CniResult {
-        interfaces: vec![
-            Interface { name: host.to_owned(), mac: mac.to_string(), sandbox: None },
-            Interface { name: env.ifname.clone(), mac: pod_mac, sandbox: Some(netns.display().to_string()) },
-        ],
-        ips: ips.iter().map(|(a, gw)| IpConfig { address: host_route(*a), gateway: *gw, interface: Some(1) }).collect(),
+        interfaces,
+        ips: ips
+            .iter()
+            .map(|(a, gw)| IpConfig { address: host_route(*a), gateway: *gw, interface: Some(pod_index) })
+            .collect(),
         routes,
     })
 }
@@ -196,8 +240,13 @@ pub(crate) fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         Err(e) => eprintln!("ferry-cni: DEL {}: {e} (continuing)", env.pod_id()),
     }
     let nl = Netlink::open()?;
-    // With a veth, deleting the host end takes the pod's end along, wherever its namespace is.
+    // With a veth, deleting the host end takes the pod's end along, wherever its namespace is. A
+    // tap lives in the pod's namespace (and goes with it). Both are looked for: the agent, which
+    // knows the pod's kind, may be down.
     nl.delete_link(&host_ifname(&env.container_id, &env.ifname))?;
+    if let Some(netns) = env.netns.as_deref() {
+        remove_tap(netns, &env.ifname)?;
+    }
 
     let ipam_conf = match conf.ipam.clone().or_else(|| ipam::load(conf, env)) {
         Some(c) => Some(c),
@@ -238,13 +287,15 @@ pub(crate) fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     let mac = gateway_mac(&info)?;
     let host = host_ifname(&env.container_id, &env.ifname);
 
-    let nl = Netlink::open()?;
-    let h = nl.link(&host)?.ok_or_else(|| mismatch(format!("host interface {host} does not exist")))?;
-    if h.mac != Some(mac) {
-        return Err(mismatch(format!("host interface {host} has MAC {:?}, not the gateway MAC {mac}", h.mac)));
-    }
-    if h.mtu != info.host_mtu() {
-        return Err(mismatch(format!("host interface {host} has MTU {}, not {}", h.mtu, info.host_mtu())));
+    if info.pod_port == PodPort::Veth {
+        let nl = Netlink::open()?;
+        let h = nl.link(&host)?.ok_or_else(|| mismatch(format!("host interface {host} does not exist")))?;
+        if h.mac != Some(mac) {
+            return Err(mismatch(format!("host interface {host} has MAC {:?}, not the gateway MAC {mac}", h.mac)));
+        }
+        if h.mtu != info.host_mtu() {
+            return Err(mismatch(format!("host interface {host} has MTU {}, not {}", h.mtu, info.host_mtu())));
+        }
     }
 
     let pod = Netlink::open_in_netns(netns).map_err(|e| {
@@ -262,6 +313,14 @@ pub(crate) fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     if !p.up {
         return Err(mismatch(format!("{} is down", env.ifname)));
     }
+    if info.pod_port == PodPort::Tap {
+        if p.kind.as_deref() != Some(TUN_KIND) {
+            return Err(mismatch(format!("{} is not a tap (its kind is {:?})", env.ifname, p.kind)));
+        }
+        if p.mtu != info.mtu {
+            return Err(mismatch(format!("{} has MTU {}, not {}", env.ifname, p.mtu, info.mtu)));
+        }
+    }
     let have = pod.addresses(&env.ifname)?;
     let ours: Vec<&IpConfig> = prev.ips.iter().filter(|ip| ip.interface.is_none() || ip.interface == index).collect();
     for ip in &ours {
@@ -276,7 +335,7 @@ pub(crate) fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
             return Err(mismatch(format!("{} lacks route {}{via}", env.ifname, r.dst)));
         }
     }
-    if pod.tx_checksum(&env.ifname)? {
+    if info.pod_port == PodPort::Veth && pod.tx_checksum(&env.ifname)? {
         return Err(mismatch(format!("{} has tx checksum offload on", env.ifname)));
     }
 
@@ -287,7 +346,8 @@ pub(crate) fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     let spec = PodSpec {
         id: env.pod_id(),
         netns: netns.display().to_string(),
-        host_ifname: host,
+        host_ifname: if info.pod_port == PodPort::Tap { env.ifname.clone() } else { host },
+        kind: info.pod_port,
         mac: pod_mac,
         addrs: ours.iter().map(|ip| ip.address.addr()).collect(),
     };

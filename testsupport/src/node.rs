@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_dataplane::frame::{FreeFrames, HeapMem};
-use ferry_dataplane::pipeline::{NodeConfig, Pipeline, PortId, PortRole};
+use ferry_dataplane::pipeline::{HostExit, NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::mem::{MemPort, MemPortConfig};
 use ferry_dataplane::worker::Worker;
 use ferry_encap::{DecapConfig, MacAddr, TunnelKind};
@@ -97,6 +97,8 @@ pub struct TestNode {
     pub icmp_rate: (u32, u32),
     /// Prefixes dropped on purpose.
     pub blackholes: Vec<IpNet>,
+    /// With a host port: pods' packets for outside 10.244.0.0/16 go to it (as for pods on taps).
+    pub host_exit: bool,
 }
 
 impl TestNode {
@@ -112,6 +114,7 @@ impl TestNode {
             neighbour_known: true,
             icmp_rate: (1000, 1000),
             blackholes: Vec::new(),
+            host_exit: false,
         }
     }
 
@@ -130,6 +133,12 @@ impl TestNode {
             uplink: PortId(UPLINK as u16),
             underlay_mtu: 1500,
             icmp_rate: self.icmp_rate,
+            host_exit: (self.host_exit && self.host_port).then(|| HostExit {
+                port: PortId(u16::from(self.pods) + 1),
+                mac: host_mac(n),
+                cluster_v4: vec![ipnet::Ipv4Net::new(Ipv4Addr::new(10, 244, 0, 0), 16).expect("/16")],
+                cluster_v6: Vec::new(),
+            }),
         }
     }
 

@@ -10,6 +10,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use super::tap::TapPort;
 use super::udp::UdpPort;
 use super::xsk::{XskMem, XskPort};
 use super::{Port, PortStats};
@@ -20,6 +21,10 @@ use crate::frame::{FreeFrames, Pkt};
 pub enum NodePort {
     /// An AF_XDP socket on one queue of an interface (the uplink, the host port, veth pods).
     Xsk(XskPort),
+    /// One queue of a pod's tap, with virtio-net headers (super-packets segmented on receive,
+    /// coalesced on send). Boxed: it carries about 5 KB of counters and state inline, and a
+    /// worker's ports sit side by side in one vector that its loop walks.
+    Tap(Box<TapPort<XskMem>>),
     /// The uplink as a kernel UDP socket with `UDP_SEGMENT` and `UDP_GRO`.
     Udp(UdpPort<XskMem>),
 }
@@ -36,12 +41,19 @@ impl From<XskPort> for NodePort {
     }
 }
 
+impl From<TapPort<XskMem>> for NodePort {
+    fn from(p: TapPort<XskMem>) -> Self {
+        NodePort::Tap(Box::new(p))
+    }
+}
+
 /// Evaluates `$call` with `$p` bound to whichever port `$self` holds.
 macro_rules! each {
     ($self:expr, $p:ident => $call:expr) => {
         match $self {
             NodePort::Xsk($p) => $call,
             NodePort::Udp($p) => $call,
+            NodePort::Tap($p) => $call,
         }
     };
 }
@@ -90,7 +102,11 @@ impl Port for NodePort {
     }
 
     fn release(self, free: &mut FreeFrames) {
-        each!(self, p => p.release(free))
+        match self {
+            NodePort::Xsk(p) => p.release(free),
+            NodePort::Udp(p) => p.release(free),
+            NodePort::Tap(p) => p.release(free),
+        }
     }
 
     #[inline]
