@@ -37,9 +37,10 @@
 //!
 //! # Bounded, with counted eviction
 //!
-//! An entry lives in a window of [`WINDOW`] slots (four cache lines) from its hash. Inserting into
-//! a full window takes the slot of an expired entry, else evicts the one seen least recently, and
-//! counts it ([`Conntrack::evictions`]). Lookups read the whole window (no tombstones needed).
+//! An entry lives in one of two buckets of [`WINDOW`] slots (four cache lines each) chosen by its
+//! hash ("two choices"). Inserting when both are full takes the slot of an expired entry, else
+//! evicts the one seen least recently, and counts it ([`Conntrack::evictions`]). Lookups read the
+//! first bucket, then the second (no tombstones needed).
 //! Expired entries are removed by [`Conntrack::gc`], which control calls now and then: never on the
 //! hot path. Entries hold addresses, never indices into the forwarding tables, so they survive every
 //! table publication.
@@ -52,7 +53,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
-/// Slots an entry may occupy, from its hash (one group of four cache lines).
+/// Slots in a bucket (four cache lines); an entry may occupy either of two buckets.
 pub const WINDOW: usize = 4;
 
 /// Default table size (slots; two per translated connection).
@@ -270,9 +271,9 @@ pub enum InsertOutcome {
 }
 
 impl Conntrack {
-    /// A table of `slots` slots (rounded up to a power of two, at least [`WINDOW`]); 64 bytes each.
+    /// A table of `slots` slots (rounded up to a power of two, at least two buckets); 64 bytes each.
     pub fn new(slots: usize, timeouts: Timeouts) -> Conntrack {
-        let n = slots.max(WINDOW).next_power_of_two();
+        let n = slots.max(2 * WINDOW).next_power_of_two();
         let slots: Box<[Slot]> = (0..n).map(|_| Slot::default()).collect();
         Conntrack {
             slots,
@@ -319,18 +320,38 @@ impl Conntrack {
         t.saturating_duration_since(self.epoch).as_millis() as u32
     }
 
+    /// The entry's two candidate buckets ("two choices": an entry lives in either, so a bucket
+    /// overflows only when both are full; one bucket alone overflowed for 3% of the entries at
+    /// half load).
     #[inline]
-    fn window(&self, h: u64) -> usize {
-        (h as usize) & self.mask & !(WINDOW - 1)
+    fn buckets(&self, h: u64) -> [usize; 2] {
+        let a = (h as usize) & self.mask & !(WINDOW - 1);
+        let mut b = (h.rotate_left(32) as usize) & self.mask & !(WINDOW - 1);
+        if b == a {
+            b = (a + WINDOW) & self.mask;
+        }
+        [a, b]
+    }
+
+    /// The slots an entry may occupy: its two buckets.
+    #[inline]
+    fn candidates(&self, h: u64) -> impl Iterator<Item = usize> {
+        self.buckets(h).into_iter().flat_map(|b| b..b + WINDOW)
     }
 
     /// The entry for `t`, if any.
     #[inline]
     pub fn lookup(&self, t: &Tuple) -> Option<Hit> {
         let (src, dst, meta) = key_of(t);
-        let base = self.window(hash_key(&src, &dst, meta));
-        for i in base..base + WINDOW {
-            let s = &self.slots[i];
+        let [a, b] = self.buckets(hash_key(&src, &dst, meta));
+        self.probe(a, &src, &dst, meta).or_else(|| self.probe(b, &src, &dst, meta))
+    }
+
+    /// Look for a key in the bucket at `base`.
+    #[inline]
+    fn probe(&self, base: usize, src: &[u64; 2], dst: &[u64; 2], meta: u64) -> Option<Hit> {
+        let bucket = self.slots.get(base..base + WINDOW)?;
+        for (k, s) in bucket.iter().enumerate() {
             let seq = s.seq.load(Ordering::Acquire);
             if seq & (WRITING | VALID) != VALID {
                 continue;
@@ -355,7 +376,7 @@ impl Conntrack {
                 nat: Nat { addr: words_addr(nat), port: (m >> 32) as u16 },
                 flags: (m >> 56) as u8,
                 last_seen,
-                slot: i as u32,
+                slot: (base + k) as u32,
             });
         }
         None
@@ -376,9 +397,9 @@ impl Conntrack {
     /// Insert (or overwrite) the entry for `t`.
     pub fn insert(&self, t: &Tuple, nat: Nat, entry_flags: u8, now: u32) -> InsertOutcome {
         let (src, dst, meta) = key_of(t);
-        let base = self.window(hash_key(&src, &dst, meta));
+        let h = hash_key(&src, &dst, meta);
         // An entry for the same tuple is rewritten in place (a new connection reusing the tuple).
-        let same = (base..base + WINDOW).find(|&i| {
+        let same = self.candidates(h).find(|&i| {
             let s = &self.slots[i];
             s.seq.load(Ordering::Acquire) & VALID != 0
                 && s.meta.load(Ordering::Relaxed) & KEY_MASK == meta
@@ -389,14 +410,14 @@ impl Conntrack {
         });
         // Candidates, best first: the same tuple's slot; else the free slots; else (a full window)
         // expired entries, then the least recently seen.
-        let mut order = [0usize; WINDOW];
+        let mut order = [0usize; 2 * WINDOW];
         let mut count = 0;
         let mut evicting = false;
         if let Some(i) = same {
             order[0] = i;
             count = 1;
         } else {
-            for i in base..base + WINDOW {
+            for i in self.candidates(h) {
                 if self.slots[i].seq.load(Ordering::Relaxed) & VALID == 0 {
                     order[count] = i;
                     count += 1;
@@ -410,9 +431,11 @@ impl Conntrack {
                     let expired = u64::from(idle) >= self.timeout_ms((m >> 48) as u8, (m >> 56) as u8);
                     (expired, idle)
                 };
-                order = std::array::from_fn(|k| base + k);
+                for (o, i) in order.iter_mut().zip(self.candidates(h)) {
+                    *o = i;
+                }
                 order.sort_by_key(|&i| std::cmp::Reverse(age(i)));
-                count = WINDOW;
+                count = 2 * WINDOW;
                 evicting = !age(order[0]).0;
             }
         }

@@ -251,29 +251,33 @@ pub fn maglev_table(backends: &[Backend], m: usize) -> Box<[u16]> {
         return Box::new([]);
     }
     let m64 = m as u64;
-    let perm: Vec<(u64, u64)> = backends
-        .iter()
-        .map(|b| {
-            let offset = backend_hash(b, 0x5eed_0ff5) % m64;
-            let skip = backend_hash(b, 0x5eed_5c1b) % (m64 - 1) + 1;
-            (offset, skip)
-        })
-        .collect();
-    let mut next = vec![0u64; backends.len()];
+    // Each backend's next position in its permutation, and its step. Advancing by a conditional
+    // subtraction instead of `(offset + j * skip) % m` keeps divisions out of the loop (a 1,000-
+    // backend table took 6.5 ms with them).
+    let mut pos: Vec<usize> = Vec::with_capacity(backends.len());
+    let mut skip: Vec<usize> = Vec::with_capacity(backends.len());
+    for b in backends {
+        pos.push((backend_hash(b, 0x5eed_0ff5) % m64) as usize);
+        skip.push((backend_hash(b, 0x5eed_5c1b) % (m64 - 1) + 1) as usize);
+    }
     let mut table = vec![u16::MAX; m];
     let mut filled = 0;
     'fill: loop {
-        for (i, &(offset, skip)) in perm.iter().enumerate() {
+        for i in 0..backends.len() {
             // Walk this backend's permutation to its next free slot. Every permutation visits
             // all m slots (skip is in 1..m and m is prime), so this ends while a slot is free.
-            let mut c = ((offset + next[i] * skip) % m64) as usize;
-            while table[c] != u16::MAX {
-                next[i] += 1;
-                c = ((offset + next[i] * skip) % m64) as usize;
-            }
+            let c = loop {
+                let c = pos[i];
+                pos[i] += skip[i];
+                if pos[i] >= m {
+                    pos[i] -= m;
+                }
+                if table[c] == u16::MAX {
+                    break c;
+                }
+            };
             // i < MAX_BACKENDS <= u16::MAX (checked by the caller).
             table[c] = i as u16;
-            next[i] += 1;
             filled += 1;
             if filled == m {
                 break 'fill;
