@@ -981,3 +981,93 @@ fn router_refusals_are_counted_and_reach_nothing() {
     assert_eq!(pod2, (0, 0), "nothing reached n2-p1");
     assert!(lab.entry("nodes", "n1")["agent_pid"].is_u64(), "the agent of n1 died");
 }
+
+/// `svc-probe.py connect` from `from` to `ip:port`, `count` connections: one answer per line.
+fn svc_connect(lab: &Lab, from: &str, ip: &str, port: u16, count: usize) -> Vec<String> {
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let out = run_bounded(
+        30,
+        &["ip", "netns", "exec", &lab.netns(from), python(), &py, "connect", ip, &port.to_string(), &count.to_string()],
+    );
+    text(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn services_cluster_ip_from_the_static_file() {
+    if !privileged("services_cluster_ip_from_the_static_file") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_svc", &["--nodes", "2", "--pods-per-node", "2"]);
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    // Backends: n1-p2 (on the client's node) and n2-p1 (across the tunnel), each answering its name.
+    let mut servers = Vec::new();
+    for pod in ["n1-p2", "n2-p1"] {
+        let child = Command::new("timeout")
+            .args(["-k", "2", "120", "ip", "netns", "exec", &lab.netns(pod), python(), &py, "serve", "8080", pod])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("server");
+        servers.push(child);
+    }
+    // VIPs inside the cluster CIDR (the pod XDP program hands ferry only that), outside every
+    // node's pod CIDR.
+    let (vip, empty_vip) = ("10.244.255.10", "10.244.255.11");
+    let file = lab.list()["static_file"].as_str().expect("static_file in list --json").to_owned();
+    let mut text_file = std::fs::read_to_string(&file).expect("static file");
+    text_file.push_str(&format!(
+        "\n[[service]]\nname = \"default/web\"\nvip = \"{vip}\"\nport = 80\nendpoints = [\"{}:8080\", \"{}:8080\"]\n\
+         \n[[service]]\nname = \"default/empty\"\nvip = \"{empty_vip}\"\nport = 80\n",
+        lab.pod_ip("n1-p2"),
+        lab.pod_ip("n2-p1")
+    ));
+    std::fs::write(&file, text_file).expect("write static file");
+
+    // Wait (bounded) until n1 has the services: the first connection that gets an answer.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = svc_connect(&lab, "n1-p1", vip, 80, 1);
+        if got.iter().any(|l| l.starts_with("n1-p2") || l.starts_with("n2-p1")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no answer through the VIP within 15 s: {got:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // 40 connections from a pod on n1: every one answered by a backend, both backends used.
+    let answers = svc_connect(&lab, "n1-p1", vip, 80, 40);
+    let local = answers.iter().filter(|l| *l == "n1-p2").count();
+    let remote = answers.iter().filter(|l| *l == "n2-p1").count();
+    println!("40 connections to {vip}:80 from n1-p1: {local} to n1-p2, {remote} to n2-p1");
+    assert_eq!(local + remote, 40, "every connection answered by a backend: {answers:?}");
+    assert!(local >= 5 && remote >= 5, "both backends take connections: {local} / {remote}");
+    // From n2 too (its own node translates).
+    let from_n2 = svc_connect(&lab, "n2-p2", vip, 80, 10);
+    assert!(from_n2.iter().all(|l| l == "n1-p2" || l == "n2-p1"), "from n2-p2: {from_n2:?}");
+
+    // No endpoint: refused at once (a RST from ferry), counted.
+    let refused = svc_connect(&lab, "n1-p1", empty_vip, 80, 3);
+    assert_eq!(refused, ["refused", "refused", "refused"], "a service without endpoints is refused");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let st = lab.ferry("n1", "stats");
+        let n = st["drops"]["service_no_endpoint"].as_u64().unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "service_no_endpoint not counted: {}", st["drops"]);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // The connections are tracked on n1, both directions, translated to the two backends.
+    let ct = lab.ferry("n1", "conntrack");
+    let entries = ct["entries"].as_array().expect("entries");
+    let originals = entries.iter().filter(|e| e["direction"] == "original" && e["dst"] == vip).count();
+    println!("n1 conntrack: {} entries, {originals} original-direction to {vip}", entries.len());
+    assert!(originals >= 41, "n1 tracks the connections it translated: {originals}");
+    assert!(entries.iter().any(|e| e["direction"] == "reply" && e["nat"] == vip));
+    for mut s in servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}

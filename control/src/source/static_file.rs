@@ -13,6 +13,15 @@
 //! vni = 1                                 # optional (default: --vni)
 //! tunnel = "vxlan"                        # optional (default: --tunnel)
 //! port = 4789                             # optional (default: --tunnel-port)
+//!
+//! [[service]]                             # a ClusterIP service (the data plane translates it)
+//! name = "default/web"
+//! vip = "10.244.255.10"
+//! port = 80
+//! protocol = "TCP"                        # optional: TCP (default) | UDP
+//! endpoints = ["10.244.1.2:8080"]         # ready endpoints
+//! terminating = ["10.244.1.3:8080"]       # optional: serving and terminating
+//! session_affinity_seconds = 10800        # optional: sessionAffinity ClientIP
 //! ```
 //!
 //! Each load is a full resync. A file that does not parse as a whole keeps the last good routes
