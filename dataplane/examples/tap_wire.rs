@@ -15,12 +15,18 @@
 //! one tap, virtio-net header and all, is written unchanged to the other (no segmentation, no
 //! coalescing, no frames), in the same loop, for a same-run ceiling.
 //!
-//! Run: `sudo cargo run --release -p ferry-dataplane --example tap_wire -- [SECONDS] [STREAMS] [--pin CORE] [--raw]`
+//! `--worker` puts the two taps on a real worker instead, as two pods of one node (the test
+//! fixture's node 1: pipeline, tables, the pods wired as the CNI wires them, a /32 and the default
+//! route via the gateway), in the agent's adaptive poll loop: same-node pod-to-pod TCP through
+//! ferry, every segment through the pipeline.
+//!
+//! Run: `sudo cargo run --release -p ferry-dataplane --example tap_wire -- [SECONDS] [STREAMS] [--pin CORE] [--raw | --worker]`
 //! (defaults 5 seconds, 1 stream, unpinned, ports).
 
 #[path = "../tests/xsk_util/mod.rs"]
 mod xsk_util;
 
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -30,9 +36,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_dataplane::frame::{FrameId, FrameMem, FreeFrames, HeapMem, Pkt};
+use ferry_dataplane::pipeline::Pipeline;
 use ferry_dataplane::port::Port;
 use ferry_dataplane::port::tap::{self, TapConfig, TapPort, TapStats};
+use ferry_dataplane::worker::Worker;
 use ferry_encap::MacAddr;
+use ferry_testsupport::node;
 use xsk_util::{Netns, privileged, run, tag};
 
 struct Taps(Vec<(PathBuf, String)>);
@@ -57,14 +66,69 @@ impl Drop for Server {
     }
 }
 
-fn pod_tap(taps: &mut Taps, ns: &str, name: &str, mac: u8, cidr: &str) -> OwnedFd {
+/// Tap `name` in `ns`, MTU 1450 (a pod's), up; with `pod_ip`, wired as the CNI wires a pod: the
+/// address as /32, an on-link route to the fixture's gateway, the default route via it.
+fn pod_tap(taps: &mut Taps, ns: &str, name: &str, mac: Option<MacAddr>, pod_ip: Option<Ipv4Addr>) -> OwnedFd {
     let path = PathBuf::from(format!("/run/netns/{ns}"));
-    tap::create_persistent(Some(&path), name, Some(MacAddr([0x02, 0xfa, 0, 0, 0, mac])), 1).expect("create tap");
+    tap::create_persistent(Some(&path), name, mac, 1).expect("create tap");
     taps.0.push((path.clone(), name.to_owned()));
     let fd = tap::open_queue(Some(&path), name).expect("open queue");
-    run(&["ip", "-n", ns, "addr", "add", cidr, "dev", name]);
     run(&["ip", "-n", ns, "link", "set", name, "mtu", "1450", "up"]);
+    if let Some(ip) = pod_ip {
+        let gw = node::gateway_ip(1).to_string();
+        run(&["ip", "-n", ns, "addr", "add", &format!("{ip}/32"), "dev", name]);
+        run(&["ip", "-n", ns, "route", "add", &gw, "dev", name]);
+        run(&["ip", "-n", ns, "route", "add", "default", "via", &gw]);
+    }
     fd
+}
+
+/// The fixture's node 1 with the uplink and two pods on these taps, run as the agent runs a
+/// worker (spin 200 us after the last packet, yielding, then sleep in `poll`).
+fn on_a_worker(
+    fds: [OwnedFd; 3],
+    stop: Arc<AtomicBool>,
+    pin: Option<usize>,
+) -> thread::JoinHandle<(TapStats, TapStats, Loops, bool, u64)> {
+    thread::spawn(move || {
+        if let Some(core) = pin {
+            assert!(core_affinity::set_for_current(core_affinity::CoreId { id: core }), "cannot pin to core {core}");
+        }
+        let fixture = node::TestNode { pods: 2, frames: 4096, ..node::TestNode::new(1) };
+        let ports: Vec<_> = fds.into_iter().map(|fd| TapPort::new(fd, "pod", TapConfig::default())).collect();
+        let mut w = Worker::new(
+            ports,
+            fixture.roles(),
+            HeapMem::new(fixture.frames, 2048),
+            FreeFrames::all(fixture.frames),
+            Pipeline::new(fixture.config()),
+        );
+        let fib = fixture.tables().current();
+        let mut loops = Loops::default();
+        let mut last = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            loops.iterations += 1;
+            if w.poll_once(&*fib) > 0 {
+                last = Instant::now();
+            } else if last.elapsed() > Duration::from_micros(200) {
+                loops.sleeps += 1;
+                let mut fds: Vec<_> = w
+                    .ports()
+                    .iter()
+                    .filter_map(|p| p.poll_fd())
+                    .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+                    .collect();
+                // SAFETY: a live array of pollfd and its length.
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
+            } else {
+                thread::yield_now();
+            }
+        }
+        loops.cpu = thread_cpu();
+        let conserved = w.frames_accounted() == fixture.frames as usize;
+        let drops = w.counters().total_drops();
+        (w.ports()[1].tap_stats(), w.ports()[2].tap_stats(), loops, conserved, drops)
+    })
 }
 
 /// The reference: copy every read from one tap to the other, unchanged.
@@ -206,10 +270,13 @@ fn main() {
     let mut streams = 1u32;
     let mut pin = None;
     let mut raw = false;
+    let mut on_worker = false;
     let mut pos = 0;
     while let Some(a) = args.next() {
         if a == "--raw" {
             raw = true;
+        } else if a == "--worker" {
+            on_worker = true;
         } else if a == "--pin" {
             pin = Some(args.next().and_then(|c| c.parse().ok()).expect("--pin CORE"));
         } else {
@@ -226,20 +293,33 @@ fn main() {
     let mut ns = Netns::default();
     let (na, nb) = (ns.add(&format!("{tg}-wa")), ns.add(&format!("{tg}-wb")));
     let mut taps = Taps(Vec::new());
-    let a = pod_tap(&mut taps, &na, &format!("fwa{tg}"), 1, "10.78.0.1/24");
-    let b = pod_tap(&mut taps, &nb, &format!("fwb{tg}"), 2, "10.78.0.2/24");
     let stop = Arc::new(AtomicBool::new(false));
-    let (mut ports, mut reference) = (None, None);
-    if raw {
-        reference = Some(raw_wire(a, b, Arc::clone(&stop), pin));
+    let (mut ports, mut reference, mut worker) = (None, None, None);
+    let server_ip;
+    if on_worker {
+        let nu = ns.add(&format!("{tg}-wu"));
+        let uplink = pod_tap(&mut taps, &nu, &format!("fwu{tg}"), None, None);
+        let a = pod_tap(&mut taps, &na, &format!("fwa{tg}"), Some(node::pod_mac(1, 1)), Some(node::pod_ip(1, 1)));
+        let b = pod_tap(&mut taps, &nb, &format!("fwb{tg}"), Some(node::pod_mac(1, 2)), Some(node::pod_ip(1, 2)));
+        server_ip = node::pod_ip(1, 2).to_string();
+        worker = Some(on_a_worker([uplink, a, b], Arc::clone(&stop), pin));
     } else {
-        let (a, b) = (TapPort::new(a, "a", TapConfig::default()), TapPort::new(b, "b", TapConfig::default()));
-        ports = Some(wire(a, b, Arc::clone(&stop), pin));
+        let a = pod_tap(&mut taps, &na, &format!("fwa{tg}"), Some(MacAddr([2, 0xfa, 0, 0, 0, 1])), None);
+        let b = pod_tap(&mut taps, &nb, &format!("fwb{tg}"), Some(MacAddr([2, 0xfa, 0, 0, 0, 2])), None);
+        run(&["ip", "-n", &na, "addr", "add", "10.78.0.1/24", "dev", &format!("fwa{tg}")]);
+        run(&["ip", "-n", &nb, "addr", "add", "10.78.0.2/24", "dev", &format!("fwb{tg}")]);
+        server_ip = "10.78.0.2".to_owned();
+        if raw {
+            reference = Some(raw_wire(a, b, Arc::clone(&stop), pin));
+        } else {
+            let (a, b) = (TapPort::new(a, "a", TapConfig::default()), TapPort::new(b, "b", TapConfig::default()));
+            ports = Some(wire(a, b, Arc::clone(&stop), pin));
+        }
     }
 
     let server = Server(
         Command::new("ip")
-            .args(["netns", "exec", &nb, "iperf3", "-s", "-1", "-B", "10.78.0.2"])
+            .args(["netns", "exec", &nb, "iperf3", "-s", "-1", "-B", &server_ip])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -249,7 +329,7 @@ fn main() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let out = loop {
         let out = Command::new("ip")
-            .args(["netns", "exec", &na, "iperf3", "-c", "10.78.0.2", "-t", &secs.to_string()])
+            .args(["netns", "exec", &na, "iperf3", "-c", &server_ip, "-t", &secs.to_string()])
             .args(["-P", &streams.to_string()])
             .output()
             .expect("run iperf3 -c");
@@ -261,7 +341,11 @@ fn main() {
     };
     drop(server);
     stop.store(true, Ordering::Relaxed);
-    let how = if raw { "a raw copy loop (reference)" } else { "two tap ports" };
+    let how = match (raw, on_worker) {
+        (true, _) => "a raw copy loop (reference)",
+        (_, true) => "two pods' tap ports on a worker (pipeline)",
+        _ => "two tap ports",
+    };
     println!("iperf3 -c -t {secs} -P {streams}, TCP A -> B through {how}:");
     for line in out.lines().filter(|l| l.contains("sender") || l.contains("receiver") || l.contains("error")) {
         println!("  {line}");
@@ -275,6 +359,20 @@ fn main() {
             loops.sleeps,
             loops.cpu.as_secs_f64(),
             loops.cpu.as_secs_f64() / (bytes as f64 / 1e9),
+        );
+        return;
+    }
+    if let Some(w) = worker {
+        let (sa, sb, loops, conserved, drops) = w.join().expect("worker thread");
+        show("A (sender's tap)", &sa);
+        show("B (receiver's tap)", &sb);
+        let moved = (sa.read_bytes + sb.read_bytes) as f64;
+        println!(
+            "  worker: {} iterations, {} slept, {:.2} s CPU, {:.2} s CPU per GB; pipeline drops {drops}; frames conserved: {conserved}",
+            loops.iterations,
+            loops.sleeps,
+            loops.cpu.as_secs_f64(),
+            loops.cpu.as_secs_f64() / (moved / 1e9),
         );
         return;
     }
