@@ -5,7 +5,7 @@
 //! The tap is opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE`, a 12-byte
 //! virtio-net header and the offloads `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6` (and `TSO_ECN`), so
 //! every `read` returns one frame, a TCP super-packet of up to 64 KB among them, behind a
-//! [`VirtioNetHdr`] that says how to cut it, and every `write` may hand the kernel one.
+//! [`VirtioNetHdr`](ferry_encap::wire::virtio_net::VirtioNetHdr) that says how to cut it, and every `write` may hand the kernel one.
 //!
 //! - **Receive** ([`Port::recv`]): one non-blocking `read` into the port's own 64 KB+ buffer, then
 //!   [`Segmenter`] writes the packet, or each MSS-sized segment of a super-packet, into a frame the
@@ -30,6 +30,12 @@
 //! Drops the port makes itself are counted in [`TapStats`] by reason, and summed in
 //! [`PortStats::rx_dropped`] (receive side). Transmit drops are in [`TapStats::tx_dropped`] and
 //! [`TapStats::tx_errors`] only: [`PortStats`] has no transmit field yet.
+//!
+//! With several queues (one per worker), the kernel picks the queue each frame the pod sends is
+//! read from (`tun_automq_select_queue`): by the flow's hash, or, once ferry has written packets of
+//! the flow's other direction, the queue that wrote them. So a flow stays on one worker as long as
+//! its replies are always written by the same worker; a flow whose replies change worker moves
+//! with them (which can reorder the few packets in flight at that moment).
 //!
 //! A tap outlives the agent ([`create_persistent`]: `TUNSETPERSIST`), so a restarted agent attaches
 //! its queues again with [`open_queue`]. `TUNSETIFF` looks the name up in the calling thread's
