@@ -20,8 +20,8 @@
 //! route via the gateway), in the agent's adaptive poll loop: same-node pod-to-pod TCP through
 //! ferry, every segment through the pipeline.
 //!
-//! Run: `sudo cargo run --release -p ferry-dataplane --example tap_wire -- [SECONDS] [STREAMS] [--pin CORE] [--raw | --worker]`
-//! (defaults 5 seconds, 1 stream, unpinned, ports).
+//! Run (defaults 5 seconds, 1 stream, unpinned, ports):
+//! `sudo cargo run --release -p ferry-dataplane --example tap_wire -- [SECONDS] [STREAMS] [--pin CORE] [--raw | --worker]`
 
 #[path = "../tests/xsk_util/mod.rs"]
 mod xsk_util;
@@ -368,7 +368,8 @@ fn main() {
         show("B (receiver's tap)", &sb);
         let moved = (sa.read_bytes + sb.read_bytes) as f64;
         println!(
-            "  worker: {} iterations, {} slept, {:.2} s CPU, {:.2} s CPU per GB; pipeline drops {drops}; frames conserved: {conserved}",
+            "  worker: {} iterations, {} slept, {:.2} s CPU, {:.2} s CPU per GB; pipeline drops {drops}; \
+             frames conserved: {conserved}",
             loops.iterations,
             loops.sleeps,
             loops.cpu.as_secs_f64(),

@@ -5,7 +5,8 @@
 //! The tap is opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE`, a 12-byte
 //! virtio-net header and the offloads `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6` (and `TSO_ECN`), so
 //! every `read` returns one frame, a TCP super-packet of up to 64 KB among them, behind a
-//! [`VirtioNetHdr`](ferry_encap::wire::virtio_net::VirtioNetHdr) that says how to cut it, and every `write` may hand the kernel one.
+//! [`VirtioNetHdr`](ferry_encap::wire::virtio_net::VirtioNetHdr) that says how to cut it, and
+//! every `write` may hand the kernel one.
 //!
 //! - **Receive** ([`Port::recv`]): one non-blocking `read` into the port's own 64 KB+ buffer, then
 //!   [`Segmenter`] writes the packet, or each MSS-sized segment of a super-packet, into a frame the
