@@ -135,7 +135,8 @@ pub struct TapConfig {
     /// pipeline encapsulates in place.
     pub rx_offset: u16,
     /// TCP flows the coalescer holds runs for at once (each takes [`gro::SLOT_LEN`] bytes, about
-    /// 64 KB); clamped to 1..=[`gro::MAX_FLOWS`].
+    /// 64 KB); clamped to 1..=[`gro::MAX_FLOWS`]. The storage is allocated zeroed, so the kernel
+    /// commits a slot's pages only once a flow uses it: a pod with one bulk flow costs one slot.
     pub gro_flows: usize,
 }
 
