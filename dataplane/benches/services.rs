@@ -6,9 +6,10 @@
 //! - `service_path/*`: what the service stage does per packet at 10,000 services, 100,000
 //!   endpoints and 1,000,000 tracked connections (2,000,000 entries: both directions): the
 //!   service match, a Maglev pick and the connection-tracking lookup (with the liveness check of
-//!   the backend it names). `hot_1k` cycles over 1,024 connections (cache-resident, a busy worker
-//!   with a working set of active flows); `random_1m` over all of them (every lookup a cache
-//!   miss: DRAM latency).
+//!   the backend it names). `hot_64` cycles over 64 connections (one batch's worth, cache- and
+//!   TLB-resident: the cost of the work itself); `hot_1k` over 1,024 connections of 1,024
+//!   different services; `random_1m` over all of them (every lookup a cache and TLB miss: memory
+//!   latency).
 //!
 //! Run: `cargo bench -p ferry-dataplane --bench services`.
 
@@ -110,6 +111,13 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("service_path");
     g.throughput(Throughput::Elements(1));
     let mut k = 0usize;
+    g.bench_function("hot_64", |b| {
+        b.iter(|| {
+            k = (k + 1) & 63;
+            let (t, h) = &flows[k * 15_601];
+            black_box(per_packet(t, *h))
+        })
+    });
     g.bench_function("hot_1k", |b| {
         b.iter(|| {
             k = (k + 1) & 1023;
