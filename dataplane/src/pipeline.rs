@@ -236,8 +236,9 @@ pub struct Pipeline {
     now_ns: u64,
     /// Connection tracking, shared with the other workers.
     conntrack: Arc<Conntrack>,
-    /// Its clock, read once per batch.
-    ct_now: u32,
+    /// Its clock, read at most once per batch, and only by a batch that has services to look up
+    /// (`None` until then): a node without services never reads it.
+    ct_now: Option<u32>,
 }
 
 /// Connection-tracking slots of a pipeline made with [`Pipeline::new`] (its own table; the agent
@@ -281,7 +282,7 @@ impl Pipeline {
             limiter,
             scratch: vec![0u8; icmp::MAX_ERROR_FRAME_LEN].into_boxed_slice(),
             now_ns: 0,
-            ct_now: conntrack.now(),
+            ct_now: None,
             conntrack,
         }
     }
@@ -291,11 +292,17 @@ impl Pipeline {
         &self.cfg
     }
 
-    /// Set the time used for rate limiting, and read connection tracking's clock (call once per
-    /// batch).
+    /// Set the time used for rate limiting (call once per batch); connection tracking's clock is
+    /// read again when the batch first needs it.
     pub fn set_time(&mut self, now_ns: u64) {
         self.now_ns = now_ns;
-        self.ct_now = self.conntrack.now();
+        self.ct_now = None;
+    }
+
+    /// Connection tracking's clock for this batch.
+    #[inline]
+    fn ct_now(&mut self) -> u32 {
+        *self.ct_now.get_or_insert_with(|| self.conntrack.now())
     }
 
     /// The connection-tracking table.
@@ -464,10 +471,11 @@ impl Pipeline {
             IpAddr::V4(_) => self.cfg.gateway_v4.map(IpAddr::V4),
             IpAddr::V6(_) => self.cfg.gateway_v6.map(IpAddr::V6),
         };
-        match service::forward(&self.conntrack, self.ct_now, services, ctx, frame.data_mut(), hairpin_src) {
+        let now = self.ct_now();
+        match service::forward(&self.conntrack, now, services, ctx, frame.data_mut(), hairpin_src) {
             Outcome::Translated => Step::Continue,
             Outcome::NotService => {
-                service::reply(&self.conntrack, self.ct_now, services, ctx, frame.data_mut());
+                service::reply(&self.conntrack, now, services, ctx, frame.data_mut());
                 Step::Continue
             }
             Outcome::BackendGone => Step::Done(Verdict::Drop(DropReason::ServiceBackendGone)),
@@ -530,7 +538,11 @@ impl Pipeline {
             }
             // A service reply to a client on this node. (From a pod on this node the service
             // stage has looked already.)
-            service::reply(&self.conntrack, self.ct_now, fib.services(), ctx, frame.data_mut());
+            let services = fib.services();
+            if !services.is_empty() {
+                let now = self.ct_now();
+                service::reply(&self.conntrack, now, services, ctx, frame.data_mut());
+            }
         }
         self.rewrite_eth(frame, mac);
         Verdict::Forward(port)

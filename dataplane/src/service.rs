@@ -69,6 +69,19 @@ pub fn forward(
     if services.is_empty() || ctx.flow.l4.is_none() {
         return Outcome::NotService;
     }
+    forward_lookup(ct, now, services, ctx, frame, hairpin_src)
+}
+
+/// The body of [`forward`], out of line: a node without services pays only the check above.
+#[inline(never)]
+fn forward_lookup(
+    ct: &Conntrack,
+    now: u32,
+    services: &Services,
+    ctx: &mut Ctx,
+    frame: &mut [u8],
+    hairpin_src: Option<IpAddr>,
+) -> Outcome {
     let (sport, dport) = ctx.flow.ports;
     let proto = ctx.flow.protocol;
     let (client, vip) = (ctx.src(), ctx.dst());
@@ -164,6 +177,12 @@ pub fn reply(ct: &Conntrack, now: u32, services: &Services, ctx: &mut Ctx, frame
     if services.is_empty() || ctx.flow.l4.is_none() {
         return false;
     }
+    reply_lookup(ct, now, services, ctx, frame)
+}
+
+/// The body of [`reply`], out of line (as [`forward_lookup`]).
+#[inline(never)]
+fn reply_lookup(ct: &Conntrack, now: u32, services: &Services, ctx: &mut Ctx, frame: &mut [u8]) -> bool {
     let (sport, dport) = ctx.flow.ports;
     let proto = ctx.flow.protocol;
     let src = ctx.src();
