@@ -42,9 +42,11 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use ferry_encap::MacAddr;
+use ferry_encap::gso::{Checksum, Segmenter};
 use ferry_encap::wire::ethernet::{self, ethertype};
 use ferry_encap::wire::ipv4::{self, Ipv4Repr, protocol};
 use ferry_encap::wire::udp::{self, UdpRepr};
+use ferry_encap::wire::virtio_net::{Gso, VirtioNetHdr};
 
 use super::xsk::RX_HEADROOM;
 use super::{Port, PortStats};
@@ -160,6 +162,8 @@ pub struct UdpStats {
     pub rx_dropped: u64,
     /// Datagrams the kernel dropped at the socket (its receive buffer was full: `SO_RXQ_OVFL`).
     pub rx_socket_drops: u64,
+    /// Tunnel datagrams that arrived carrying a whole TCP super-packet, cut into segments here.
+    pub rx_super: u64,
 }
 
 /// Where an outer frame goes, and what of it is sent: the parse of [`Port::send`].
@@ -318,6 +322,9 @@ pub struct RxMsg {
     pub seg: usize,
     /// Bytes in the buffer.
     pub len: usize,
+    /// Not 0: the buffer is one tunnel datagram carrying a TCP super-packet (see
+    /// [`super_datagram`]) whose inner frame starts here, cut into `seg`-byte TCP segments.
+    pub inner: usize,
 }
 
 impl RxMsg {
@@ -326,6 +333,88 @@ impl RxMsg {
         let (seg, len) = (self.seg.max(1), self.len);
         (0..len.div_ceil(seg)).map(move |i| i * seg..((i + 1) * seg).min(len))
     }
+}
+
+/// Whether `buf`, received with `UDP_GRO` segment size `seg`, is not a run of `seg`-byte datagrams
+/// but one tunnel datagram carrying a TCP super-packet: what a kernel VXLAN or Geneve device sends
+/// as one `SKB_GSO_UDP_TUNNEL` packet, which veths and bridges keep whole and the kernel delivers
+/// to a UDP socket unsegmented, with the inner MSS as its segment size. Returns the inner frame's
+/// offset (the tunnel header's length). Recognised by the inner IP packet's own length, which
+/// covers the whole buffer (a run of datagrams' first one ends at `seg`).
+pub fn super_datagram(buf: &[u8], seg: usize) -> Option<usize> {
+    if buf.len() <= seg {
+        return None;
+    }
+    let be16 = |at: usize| buf.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    // Geneve carries TEB in its protocol field; VXLAN has zeros there.
+    let h = if be16(2)? == ethertype::TEB { 8 + usize::from(buf[0] & 0x3f) * 4 } else { 8 };
+    let l3 = h + ethernet::HEADER_LEN;
+    let (ip_len, proto) = match be16(h + 12)? {
+        ethertype::IPV4 => (usize::from(be16(l3 + 2)?), *buf.get(l3 + 9)?),
+        ethertype::IPV6 => (40 + usize::from(be16(l3 + 4)?), *buf.get(l3 + 6)?),
+        _ => return None,
+    };
+    (l3 + ip_len == buf.len() && proto == protocol::TCP).then_some(h)
+}
+
+/// Write TCP segment `i` of the super-packet in `payload` (a tunnel header of `inner` bytes, then
+/// an inner TCP frame whose checksum the sender left partial) into `frame` at `offset`, as one
+/// tunnel datagram behind a synthesized outer header (see [`write_received`]). Returns the packet
+/// length, or `None` when the super-packet cannot be cut or the segment does not fit.
+#[allow(clippy::too_many_arguments, reason = "the receive context, spelled out")]
+pub fn write_super_segment(
+    frame: &mut [u8],
+    offset: usize,
+    local: SocketAddrV4,
+    local_mac: MacAddr,
+    src: SocketAddrV4,
+    tos: u8,
+    payload: &[u8],
+    inner: usize,
+    mss: usize,
+    i: usize,
+) -> Option<usize> {
+    let seg = super_segmenter(&payload[inner..], mss)?;
+    let body = frame.get_mut(offset + SYNTH_HEADER..)?;
+    body.get_mut(..inner)?.copy_from_slice(&payload[..inner]);
+    let n = seg.write_segment(i, &mut body[inner..], Checksum::Complete).ok()?;
+    // Same header as for a plain datagram; `write_received` would copy the bytes over themselves.
+    let total = SYNTH_HEADER + inner + n;
+    let mut hdr = [0u8; SYNTH_HEADER];
+    write_received(&mut hdr, 0, local, local_mac, src, tos, &[])?;
+    let udp_len = u16::try_from(udp::HEADER_LEN + inner + n).ok()?;
+    let ip_len = udp_len.checked_add(ipv4::HEADER_LEN as u16)?;
+    hdr[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    hdr[24..26].fill(0);
+    ferry_encap::wire::ipv4::Ipv4Packet::new_unchecked(&mut hdr[14..34]).fill_checksum();
+    hdr[38..40].copy_from_slice(&udp_len.to_be_bytes());
+    frame[offset..offset + SYNTH_HEADER].copy_from_slice(&hdr);
+    Some(total)
+}
+
+/// The segmenter of an inner TCP super-packet with its checksum left partial, and its segments.
+fn super_segmenter(inner: &[u8], mss: usize) -> Option<Segmenter<'_>> {
+    let info = ferry_encap::flow::classify(inner).ok()?;
+    let (l4, _) = info.l4?;
+    let gso = match info.l3 {
+        ferry_encap::flow::L3::Ipv4 => Gso::TcpV4,
+        ferry_encap::flow::L3::Ipv6 => Gso::TcpV6,
+        _ => return None,
+    };
+    let hdr = VirtioNetHdr {
+        needs_csum: true,
+        gso,
+        gso_size: u16::try_from(mss).ok()?,
+        csum_start: u16::try_from(l4).ok()?,
+        csum_offset: 16,
+        ..VirtioNetHdr::NONE
+    };
+    Segmenter::new(inner, &hdr).ok()
+}
+
+/// Segments of the TCP super-packet in `payload` after a tunnel header of `inner` bytes.
+pub fn super_segments(payload: &[u8], inner: usize, mss: usize) -> Option<usize> {
+    super_segmenter(payload.get(inner..)?, mss).map(|s| s.segments())
 }
 
 /// Write `datagram` (a tunnel packet's UDP payload) into `frame` at `offset` behind a synthesized
@@ -446,7 +535,7 @@ impl<M: FrameMem> UdpPort<M> {
             fill: VecDeque::with_capacity(cfg.rx_frames),
             rx_frames: cfg.rx_frames,
             rx_buf: vec![0; RX_MSGS * RX_BUF].into_boxed_slice(),
-            rx_msgs: [RxMsg { src: local, tos: 0, seg: 0, len: 0 }; RX_MSGS],
+            rx_msgs: [RxMsg { src: local, tos: 0, seg: 0, len: 0, inner: 0 }; RX_MSGS],
             rx_count: 0,
             rx_next: (0, 0),
             stage: TxStage::default(),
@@ -582,7 +671,13 @@ impl<M: FrameMem> UdpPort<M> {
             if idx != count {
                 self.rx_buf.copy_within(idx * RX_BUF..idx * RX_BUF + len, count * RX_BUF);
             }
-            self.rx_msgs[count] = RxMsg { src, tos, seg, len };
+            let seg = seg.min(len.max(1));
+            let buf = &self.rx_buf[count * RX_BUF..count * RX_BUF + len];
+            let inner = super_datagram(buf, seg).unwrap_or(0);
+            if inner > 0 {
+                self.stats.rx_super += 1;
+            }
+            self.rx_msgs[count] = RxMsg { src, tos, seg, len, inner };
             self.stats.rx_messages += 1;
             count += 1;
         }
@@ -682,11 +777,21 @@ impl<M: FrameMem> Port for UdpPort<M> {
                 continue;
             }
             let m = self.rx_msgs[mi];
-            let end = (at + m.seg.max(1)).min(m.len);
-            self.rx_next = if end >= m.len { (mi + 1, 0) } else { (mi, end) };
-            let datagram = &self.rx_buf[mi * RX_BUF + at..mi * RX_BUF + end];
             let Some(frame) = self.fill.pop_front() else { break };
-            match write_received(mem.frame_mut(frame), off, self.local, self.local_mac, m.src, m.tos, datagram) {
+            let written = if m.inner > 0 {
+                // A super-packet: `at` counts its TCP segments.
+                let payload = &self.rx_buf[mi * RX_BUF..mi * RX_BUF + m.len];
+                let count = super_segments(payload, m.inner, m.seg).unwrap_or(0);
+                self.rx_next = if at + 1 >= count { (mi + 1, 0) } else { (mi, at + 1) };
+                let buf = mem.frame_mut(frame);
+                write_super_segment(buf, off, self.local, self.local_mac, m.src, m.tos, payload, m.inner, m.seg, at)
+            } else {
+                let end = (at + m.seg.max(1)).min(m.len);
+                self.rx_next = if end >= m.len { (mi + 1, 0) } else { (mi, end) };
+                let datagram = &self.rx_buf[mi * RX_BUF + at..mi * RX_BUF + end];
+                write_received(mem.frame_mut(frame), off, self.local, self.local_mac, m.src, m.tos, datagram)
+            };
+            match written {
                 Some(len) => {
                     // Frame sizes are at most 65535 (checked when the memory was made).
                     out[n] = Pkt { frame, offset: RX_HEADROOM, len: len as u16 };

@@ -93,7 +93,7 @@ fn a_full_stage_refuses_until_cleared() {
 
 #[test]
 fn received_buffers_split_at_the_gro_segment_size() {
-    let m = |seg, len| RxMsg { src: dst(2), tos: 0, seg, len };
+    let m = |seg, len| RxMsg { src: dst(2), tos: 0, seg, len, inner: 0 };
     let split = |r: RxMsg| r.datagrams().collect::<Vec<_>>();
     assert_eq!(split(m(300, 1000)), vec![0..300, 300..600, 600..900, 900..1000]);
     assert_eq!(split(m(300, 900)), vec![0..300, 300..600, 600..900]);
@@ -156,7 +156,7 @@ fn staged_messages_split_and_decapsulate_back_to_the_inner_frames() {
     let mut got = Vec::new();
     for m in stage.messages() {
         let bytes = stage.bytes(m);
-        let rx = RxMsg { src: SocketAddrV4::new(PEER, 4789), tos: m.tos, seg: m.seg, len: m.len };
+        let rx = RxMsg { src: SocketAddrV4::new(PEER, 4789), tos: m.tos, seg: m.seg, len: m.len, inner: 0 };
         for r in rx.datagrams() {
             let mut frame = vec![0u8; 2048];
             let n = write_received(&mut frame, 256, local, LOCAL_MAC, rx.src, rx.tos, &bytes[r]).expect("fits");
@@ -237,4 +237,57 @@ fn parse_outer_refuses_what_is_not_ipv4_udp() {
     tagged.extend_from_slice(&good[12..]);
     let (a, b) = (parse_outer(&good).expect("untagged"), parse_outer(&tagged).expect("tagged"));
     assert_eq!((b.dst, b.tos, b.start, b.len), (a.dst, a.tos, a.start + 4, a.len));
+}
+
+/// A kernel VXLAN device's TCP super-packet, delivered whole (one datagram, the inner MSS as its
+/// `UDP_GRO` size): recognised, cut into MSS-sized segments with completed checksums, each one
+/// accepted by `decap`, their payloads together the original's; a run of plain datagrams is not
+/// mistaken for one.
+#[test]
+fn a_tunnel_super_datagram_is_cut_into_tcp_segments() {
+    let mss = 1000;
+    let data: Vec<u8> = (0..4500u32).map(|i| (i * 7) as u8).collect();
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 9, 1], [2, 0, 0, 0, 9, 2])
+        .ipv4([10, 244, 3, 5], [10, 244, 0, 7], 63)
+        .tcp(40000, 5201, 1000, 65535)
+        .ack(1);
+    let mut inner = Vec::new();
+    b.write(&mut inner, &data).expect("build");
+    // The sender's TSO leaves the pseudo-header sum (of the whole length) in the checksum field.
+    let tcp_len = inner.len() - 34;
+    let pseudo =
+        ferry_encap::checksum::pseudo_v4(Ipv4Addr::new(10, 244, 3, 5), Ipv4Addr::new(10, 244, 0, 7), 6, tcp_len as u16);
+    let folded = !ferry_encap::checksum::finish_sum(pseudo);
+    inner[34 + 16..34 + 18].copy_from_slice(&folded.to_be_bytes());
+    let mut payload = vec![0x08, 0, 0, 0, 0, 0, 42, 0];
+    payload.extend_from_slice(&inner);
+
+    assert_eq!(super_datagram(&payload, mss), Some(8));
+    assert_eq!(super_datagram(&payload, payload.len()), None, "one plain datagram");
+    let mut run = payload[..1062].to_vec();
+    run.extend_from_slice(&payload[..1062]);
+    assert_eq!(super_datagram(&run, 1062), None, "a run of datagrams: the first ends at the segment size");
+    assert_eq!(super_segments(&payload, 8, mss), Some(5));
+
+    let mut cfg = DecapConfig::new(TunnelKind::Vxlan, 42, IpAddr::V4(LOCAL));
+    cfg.local_mac = Some(LOCAL_MAC);
+    let local = SocketAddrV4::new(LOCAL, 4789);
+    let src = SocketAddrV4::new(PEER, 40000);
+    let mut got = Vec::new();
+    for i in 0..5 {
+        let mut frame = vec![0u8; 2048];
+        let n = write_super_segment(&mut frame, 256, local, LOCAL_MAC, src, 0, &payload, 8, mss, i).expect("segment");
+        let mut fb = FrameBuf::new(&mut frame, 256, n).expect("frame");
+        ferry_encap::decap(&cfg, &mut fb).expect("decap accepts each segment");
+        let seg = fb.data().to_vec();
+        let p = etherparse::SlicedPacket::from_ethernet(&seg).expect("parses");
+        let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else { panic!("TCP") };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("IPv4") };
+        let want = t.calc_checksum_ipv4(ip.header().source(), ip.header().destination()).expect("checksum");
+        assert_eq!(t.checksum(), want, "segment {i}'s TCP checksum is complete");
+        assert_eq!(t.sequence_number(), 1000 + (i * mss) as u32);
+        got.extend_from_slice(t.payload());
+    }
+    assert_eq!(got, data);
+    assert_eq!(write_super_segment(&mut [0u8; 2048], 256, local, LOCAL_MAC, src, 0, &payload, 8, mss, 5), None);
 }
