@@ -3,7 +3,8 @@
 # CPUs, one after the other in one run; medians of repeats and ratios ferry/kernel.
 #
 #   sudo scripts/bench.sh [--quick] [--repeats N] [--duration S] [--json FILE] [--poll busy|adaptive]
-#                         [--napi rps|forwarder|sender] [--only single|two] [--uplink-port afxdp|udp] [--no-build]
+#                         [--napi rps|forwarder|sender] [--only single|two] [--uplink-port afxdp|udp]
+#                         [--pod-port veth|tap] [--no-build]
 #
 #   --quick          one short repeat of everything (the CI smoke test; fails on a broken step, never on ratios)
 #   --repeats N      repeats of every measurement (default 5); medians are reported
@@ -21,6 +22,8 @@
 #   --only PART      single (the single-node encap/decap runs) or two (the 2-node TCP and latency runs)
 #   --uplink-port K  the ferry nodes' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
 #                    UDP_SEGMENT/UDP_GRO on the uplink, no XDP program there)
+#   --pod-port K     the ferry nodes' dataplane.pod_port (default veth; tap: each pod's eth0 is a persistent
+#                    multi-queue tap with virtio-net headers, so TCP super-packets reach ferry whole)
 #
 # Measures, each direction on one node (n2 is a bare generator/sink):
 #   encap: pod1 -> n1 -> VXLAN on the uplink -> sink on n2;  decap: VXLAN from n2 -> n1 -> sink in pod1
@@ -46,6 +49,7 @@ POLL=adaptive
 NAPI=rps
 ONLY=
 UPLINK_PORT=afxdp
+POD_PORT=veth
 BUILD=1
 while [ $# -gt 0 ]; do
     case $1 in
@@ -57,6 +61,7 @@ while [ $# -gt 0 ]; do
         --napi) NAPI=${2:?}; shift ;;
         --only) ONLY=${2:?}; shift ;;
         --uplink-port) UPLINK_PORT=${2:?}; shift ;;
+        --pod-port) POD_PORT=${2:?}; shift ;;
         --no-build) BUILD=0 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -74,6 +79,7 @@ case $NAPI in
 esac
 case $ONLY in '' | single | two) ;; *) die "--only single|two" ;; esac
 case $UPLINK_PORT in afxdp | udp) ;; *) die "--uplink-port afxdp|udp" ;; esac
+case $POD_PORT in veth | tap) ;; *) die "--pod-port veth|tap" ;; esac
 [[ $REPEATS =~ ^[1-9][0-9]?$ ]] || die "--repeats: 1 to 99"
 if [ "$QUICK" = 1 ]; then
     REPEATS=1
@@ -139,7 +145,7 @@ if awk '{exit !($1 > 1.5)}' /proc/loadavg; then
     echo "warning: load average $LOAD_START is above 1.5: other work shares these CPUs; figures will be noisy" >&2
 fi
 echo "repeats $REPEATS, UDP runs ${DURATION}s, iperf3 ${TCP_T}s, ferry poll $POLL (single node) / adaptive (2 nodes)," \
-    "ferry's veth NAPI: $NAPI, uplink port $UPLINK_PORT; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
+    "ferry's veth NAPI: $NAPI, uplink port $UPLINK_PORT, pod port $POD_PORT; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
 [ "$NAPI" = sender ] && echo "note: --napi sender gives ferry part of CPU $GEN_CPU: not an equal-budget comparison" >&2
 
 for side in ferry kernel; do

@@ -156,6 +156,7 @@ cores = [$FWD_CPU]
 poll = "$POLL"
 xdp_mode = "$XDP_MODE"
 uplink_port = "${UPLINK_PORT:-afxdp}"
+pod_port = "${POD_PORT:-veth}"
 [admin]
 socket = "$dir/ferry.sock"
 state_dir = "$dir/state"
