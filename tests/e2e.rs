@@ -296,7 +296,8 @@ fn matrix_dual_stack_pods() {
     assert_full_matrix(&rows, 2, 2);
     let c = categories(&rows);
     assert_eq!((c.get("pod-pod6(same-node)"), c.get("pod-pod6(cross-node)")), (Some(&4), Some(&8)), "{c:?}");
-    for r in rows.iter().filter(|r| r["category"].as_str().is_some_and(|c| c.starts_with("pod-pod6"))) {
+    assert_eq!((c.get("node-pod6(local)"), c.get("node-pod6(remote)")), (Some(&4), Some(&4)), "{c:?}");
+    for r in rows.iter().filter(|r| r["category"].as_str().is_some_and(|c| c.contains("-pod6"))) {
         let a = r["address"].as_str().expect("address");
         assert!(a.parse::<std::net::Ipv6Addr>().is_ok_and(|a| a.segments()[..3] == [0xfd00, 0x10, 0x244]), "{r}");
     }

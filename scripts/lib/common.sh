@@ -60,7 +60,8 @@ start_ferry_agent() {
     # A base.toml beside the node's config is layered under it (the lab's copy of deploy/ferry.toml).
     local configs=(--config "$dir/config.toml")
     [ -f "$dir/base.toml" ] && configs=(--config "$dir/base.toml" "${configs[@]}")
-    setsid ip netns exec "$ns" "$ferry" run "${configs[@]}" >>"$dir/agent.log" 2>&1 </dev/null &
+    # Descriptors 3-9 closed: a daemon must not keep a caller's lock (`flock FILE lab.sh up`) held.
+    setsid ip netns exec "$ns" "$ferry" run "${configs[@]}" >>"$dir/agent.log" 2>&1 </dev/null 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     echo $! >"$dir/agent.pid"
     for ((i = 0; i < 150; i++)); do
         if ! alive "$(cat "$dir/agent.pid")"; then

@@ -57,6 +57,12 @@ check_matrix() {
         for b in $pods; do
             if [ "$(pod_node "$b")" = "$a" ]; then echo "node-pod(local) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"
             else echo "node-pod(remote) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"; fi
+            # Dual stack: the node reaches the pod over IPv6 too (from its host port's IPv6 address).
+            local ip6
+            ip6=$(pod_get "$b" IP6 2>/dev/null || true)
+            [ -z "$ip6" ] && continue
+            if [ "$(pod_node "$b")" = "$a" ]; then echo "node-pod6(local) $a $(node_ns "$a") $b $(node_ns "$b") $ip6"
+            else echo "node-pod6(remote) $a $(node_ns "$a") $b $(node_ns "$b") $ip6"; fi
         done
     done
     for a in $pods; do

@@ -97,7 +97,8 @@ etcd_up() {
     setsid ip netns exec "$ul" etcd --name "$LAB" --data-dir "$STATE/etcd/data" \
         --listen-client-urls "http://$UL_GW:2379" --advertise-client-urls "http://$UL_GW:2379" \
         --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-        --initial-cluster "$LAB=http://127.0.0.1:2380" --unsafe-no-fsync >"$STATE/etcd/etcd.log" 2>&1 </dev/null &
+        --initial-cluster "$LAB=http://127.0.0.1:2380" --unsafe-no-fsync >"$STATE/etcd/etcd.log" 2>&1 </dev/null \
+        3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     echo $! >"$STATE/etcd.pid"
     for ((i = 0; i < 100; i++)); do
         if etcdctl_ul endpoint health >/dev/null 2>&1; then break; fi
@@ -161,7 +162,8 @@ kube_up() {
         --token-auth-file="$k/tokens.csv" --authorization-mode=RBAC \
         --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$k/sa.pub" \
         --service-account-signing-key-file="$k/sa.key" --service-cluster-ip-range=10.96.0.0/16 \
-        --profiling=false --feature-gates=IPv6DualStack=true >"$k/apiserver.log" 2>&1 </dev/null &
+        --profiling=false --feature-gates=IPv6DualStack=true >"$k/apiserver.log" 2>&1 </dev/null \
+        3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     echo $! >"$STATE/apiserver.pid"
     for ((i = 0; i < 600; i++)); do
         if [ -f "$k/certs/apiserver.crt" ] && [ "$(kube_api GET /readyz 2>/dev/null)" = ok ]; then return 0; fi

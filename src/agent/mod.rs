@@ -87,6 +87,7 @@ pub struct Resolved {
     gateway_mac: String,
     host_if: Option<String>,
     host_addr: Option<Ipv4Addr>,
+    host_addr6: Option<Ipv6Addr>,
     pod_mtu: u32,
     /// The kind of interface pods get (`auto` resolved).
     pod_port: PodPort,
@@ -304,6 +305,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         IpNet::V4(n) => Some(n.network()),
         IpNet::V6(_) => None,
     });
+    // IPv6: the pod CIDR's network address is its subnet-router anycast address, so the host port
+    // takes the one before the last (host-local is told to stop short of it: `cni::ipam`).
+    let host_addr6 = pod_cidrs.iter().find_map(|n| match n {
+        IpNet::V6(n) => Some(Ipv6Addr::from(u128::from(n.broadcast()) - 1)),
+        IpNet::V4(_) => None,
+    });
 
     // Workers: one UMEM each, the uplink socket on the worker's queue, the uplink program.
     let mut decap = DecapConfig::new(cfg.tunnel, cfg.vni, underlay_addr);
@@ -314,9 +321,15 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // The host port: the node's own way into the overlay, and (pods on taps) the pods' way out of
     // it. Its veth exists before the workers start, so that they know the kernel end's MAC.
     let host_plan = match (&cfg.host_if, host_addr, gateway_v4) {
-        (Some(host_if), Some(addr), Some(gateway)) => {
-            Some(HostPlan { host_if, addr, gateway, underlay_addr, mtu: pod_mtu, underlay_mtu })
-        }
+        (Some(host_if), Some(addr), Some(gateway)) => Some(HostPlan {
+            host_if,
+            addr,
+            gateway,
+            v6: host_addr6.zip(gateway_v6),
+            underlay_addr,
+            mtu: pod_mtu,
+            underlay_mtu,
+        }),
         (Some(_), _, _) => {
             tracing::warn!("no IPv4 pod CIDR: the host port is IPv4 only and is not created");
             None
@@ -474,6 +487,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         gateway_mac: cfg.gateway_mac.to_string(),
         host_if: cfg.host_if.clone(),
         host_addr,
+        host_addr6: host_plan.as_ref().and_then(|p| p.v6).map(|(a, _)| a),
         pod_mtu,
         pod_port,
         workers: cfg.workers,
@@ -664,6 +678,8 @@ struct HostPlan<'a> {
     /// The node's overlay address (the pod CIDR's network address).
     addr: Ipv4Addr,
     gateway: Ipv4Addr,
+    /// The node's IPv6 overlay address and the pods' IPv6 gateway, with an IPv6 pod CIDR.
+    v6: Option<(Ipv6Addr, Ipv6Addr)>,
     underlay_addr: IpAddr,
     /// The kernel end's MTU (the pods').
     mtu: u32,
@@ -674,7 +690,7 @@ struct HostPlan<'a> {
 /// The host port's veth pair, addresses and routes (made before the workers start, which need the
 /// kernel end's MAC for their [`HostExit`]); returns the kernel end's MAC.
 fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Result<MacAddr> {
-    let HostPlan { host_if, addr, gateway, mtu, underlay_mtu, .. } = *plan;
+    let HostPlan { host_if, addr, gateway, v6, mtu, underlay_mtu, .. } = *plan;
     let peer = format!("{host_if}p");
     let usable = match (nl.link(host_if)?, nl.link(&peer)?) {
         (Some(h), Some(p)) => {
@@ -708,13 +724,24 @@ fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Re
     for c in cfg.cluster_cidrs.iter().filter(|c| c.addr().is_ipv4()) {
         nl.add_route(host_if, &Route { dst: *c, via: Some(gateway.into()), onlink: true, src: Some(addr.into()) })?;
     }
+    if let Some((addr6, gateway6)) = v6 {
+        let net6 = IpNet::V6(ipnet::Ipv6Net::new(addr6, 128)?);
+        if !nl.addresses(host_if)?.contains(&net6) {
+            nl.add_address(host_if, net6)?;
+        }
+        for c in cfg.cluster_cidrs.iter().filter(|c| c.addr().is_ipv6()) {
+            let r = Route { dst: *c, via: Some(gateway6.into()), onlink: true, src: Some(addr6.into()) };
+            nl.add_route(host_if, &r)?;
+        }
+    }
     nl.link(host_if)?.and_then(|l| l.mac).context("the host port has no MAC")
 }
 
 /// Attaches the host port's ferry end to every worker as `port` and registers the node's overlay
 /// address behind it.
 fn host_attach(pods: &Pods, plan: &HostPlan<'_>, host_mac: MacAddr, port: PortId) -> anyhow::Result<XdpAttachment> {
-    let HostPlan { host_if, addr, underlay_addr, .. } = *plan;
+    let HostPlan { host_if, addr, v6, underlay_addr, .. } = *plan;
+    let overlay: Vec<IpAddr> = std::iter::once(addr.into()).chain(v6.map(|(a, _)| a.into())).collect();
     let peer = format!("{host_if}p");
     let xdp = pods.attach_port(&peer, port).map_err(|e| anyhow::anyhow!("attaching {peer}: {e}"))?;
     pods.name_port(
@@ -724,7 +751,7 @@ fn host_attach(pods: &Pods, plan: &HostPlan<'_>, host_mac: MacAddr, port: PortId
             kind: "host",
             io: "af_xdp",
             pod: None,
-            addrs: vec![addr.into(), underlay_addr],
+            addrs: overlay.iter().copied().chain([underlay_addr]).collect(),
             xdp_mode: format!("{:?}", xdp.mode()).to_lowercase(),
         },
     );
@@ -733,9 +760,9 @@ fn host_attach(pods: &Pods, plan: &HostPlan<'_>, host_mac: MacAddr, port: PortId
     // a tunnel packet would reach the kernel's own tunnel port). The node's kernel answers pods that
     // talked to its underlay address from that address (the request reached the kernel directly,
     // not through ferry), so that address is allowed as a source without being routed.
-    pods.register(LocalPod { port, mac: host_mac, addrs: vec![addr.into()], source_only: vec![underlay_addr] })
+    pods.register(LocalPod { port, mac: host_mac, addrs: overlay.clone(), source_only: vec![underlay_addr] })
         .map_err(|e| anyhow::anyhow!(e))?;
-    tracing::info!(ifname = host_if, %addr, port = port.0, "host port ready");
+    tracing::info!(ifname = host_if, addrs = ?overlay, port = port.0, "host port ready");
     Ok(xdp)
 }
 

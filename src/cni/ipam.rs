@@ -18,7 +18,8 @@ use crate::admin::NodeInfo;
 
 /// The default IPAM configuration: host-local with one range set per address family (one address
 /// of each family per pod), each pod CIDR a range with the family's gateway, which host-local
-/// then never hands out, and the agent's data directory.
+/// then never hands out, and the agent's data directory. An IPv6 range stops two short of its
+/// last address, which is the host port's.
 pub fn host_local_config(info: &NodeInfo) -> Value {
     let range_set = |v4: bool| -> Vec<Value> {
         let gateway = if v4 { info.gateway_v4 } else { info.gateway_v6 };
@@ -29,6 +30,13 @@ pub fn host_local_config(info: &NodeInfo) -> Value {
                 let mut r = json!({ "subnet": c.to_string() });
                 if let Some(g) = gateway.filter(|g| c.contains(g)) {
                     r["gateway"] = json!(g.to_string());
+                }
+                // IPv6: the agent's host port takes the address before the last (the network
+                // address is the subnet-router anycast address); host-local would hand out the last.
+                if let IpNet::V6(n) = c
+                    && n.prefix_len() <= 126
+                {
+                    r["rangeEnd"] = json!(std::net::Ipv6Addr::from(u128::from(n.broadcast()) - 2).to_string());
                 }
                 r
             })
@@ -165,7 +173,7 @@ mod tests {
                 "type": "host-local",
                 "ranges": [
                     [{"subnet": "10.244.1.0/24", "gateway": "10.244.1.1"}],
-                    [{"subnet": "fd00:1::/64", "gateway": "fd00:1::1"}]
+                    [{"subnet": "fd00:1::/64", "gateway": "fd00:1::1", "rangeEnd": "fd00:1::ffff:ffff:ffff:fffd"}]
                 ],
                 "dataDir": "/run/ferry/ipam"
             })
