@@ -316,6 +316,13 @@ agent_stop() {
         kill -9 "$pid" 2>/dev/null || true
         sleep 0.2
     fi
+    # A killed agent's main thread turns zombie while its other threads still exit, and its sockets
+    # (the metrics port among them) close only with the last: a restart at once could find the port
+    # taken. Wait (bounded) until only the zombie leader is left.
+    for ((i = 0; i < 50; i++)); do
+        [ "$(find "/proc/$pid/task" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)" -le 1 ] && break
+        sleep 0.1
+    done
     rm -f "$(node_dir "$name")/agent.pid"
 }
 
