@@ -66,8 +66,10 @@ pub const TX_MSGS: usize = 64;
 const TX_STAGE: usize = 256 * 1024;
 /// Buffers per `recvmmsg`; each holds one GRO'd message of up to 64 KB.
 pub const RX_MSGS: usize = 8;
-/// One receive buffer: the largest UDP payload a GRO'd message can have.
-const RX_BUF: usize = 65_536;
+/// One receive buffer: the largest UDP payload a GRO'd message can have, with room for a tunnel
+/// datagram that carries a whole 64 KB TCP super-packet (its inner IP packet alone may be 65,535
+/// bytes, and a shorter buffer truncates it).
+const RX_BUF: usize = 68 * 1024;
 /// The synthesized outer header in front of each received datagram.
 pub const SYNTH_HEADER: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + udp::HEADER_LEN;
 /// Control message space: `IP_TOS` (an int) and `UDP_SEGMENT` (a u16) on send; `IP_TOS` (a byte),
