@@ -56,10 +56,14 @@ proptest! {
         // Every slot of the removed backend moves, and they are about 1/N of the table.
         let share = MAGLEV_DEFAULT / before.len();
         prop_assert!(from_gone == share || from_gone == share + 1);
-        // Slots moving between surviving backends: the paper's "near minimal"; bound it at 2% of
-        // the table (measured well below that).
+        // Slots moving between surviving backends: the paper's "near minimal", not minimal. Usually
+        // under 2% of the table, but an unlucky pair of permutations can move far more: CI found
+        // {0, 133332, 135246} minus 0 moving 4,497 slots (27%) between the two survivors. Per case,
+        // bound it by the larger of the removed backend's own share and 2% of the table; the typical
+        // figure is checked over many sets in `collateral_is_small_over_many_sets`.
         let collateral = moved.len() - from_gone;
-        prop_assert!(collateral * 50 <= MAGLEV_DEFAULT, "{} slots moved between survivors", collateral);
+        let bound = share.max(MAGLEV_DEFAULT / 50);
+        prop_assert!(collateral <= bound, "{} slots moved between survivors (bound {})", collateral, bound);
     }
 
     #[test]
@@ -75,7 +79,8 @@ proptest! {
         let share = MAGLEV_DEFAULT / after.len();
         prop_assert!(to_new == share || to_new == share + 1);
         let collateral = moved.len() - to_new;
-        prop_assert!(collateral * 50 <= MAGLEV_DEFAULT, "{} slots moved between old backends", collateral);
+        let bound = share.max(MAGLEV_DEFAULT / 50);
+        prop_assert!(collateral <= bound, "{} slots moved between old backends (bound {})", collateral, bound);
     }
 }
 
@@ -87,4 +92,38 @@ fn same_backends_same_table() {
     let a = maglev_table(&backends(&set), MAGLEV_DEFAULT);
     let b = maglev_table(&backends(&set), MAGLEV_DEFAULT);
     assert_eq!(a, b);
+}
+
+/// Removing one backend, over 400 fixed pseudo-random sets of 2 to 119 backends: slots moving
+/// between survivors stay under 1.5% of the table on average and under 2% in 95% of the sets (the
+/// unlucky cases the property test allows are rare), and the case CI found stays below its share.
+#[test]
+fn collateral_is_small_over_many_sets() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) as u32
+    };
+    let mut fractions = Vec::new();
+    for _ in 0..400 {
+        let n = 2 + (rnd() as usize) % 118;
+        let set: BTreeSet<u32> = (0..n).map(|_| rnd() % 200_000).collect();
+        let before = backends(&set);
+        let gone = before[(rnd() as usize) % before.len()];
+        let after: Vec<Backend> = before.iter().copied().filter(|b| *b != gone).collect();
+        let (ta, tb) = (maglev_table(&before, MAGLEV_DEFAULT), maglev_table(&after, MAGLEV_DEFAULT));
+        let collateral = moved(&ta, &before, &tb, &after).iter().filter(|(x, _)| *x != gone).count();
+        fractions.push(collateral as f64 / MAGLEV_DEFAULT as f64);
+    }
+    fractions.sort_by(f64::total_cmp);
+    let mean = fractions.iter().sum::<f64>() / fractions.len() as f64;
+    let p95 = fractions[fractions.len() * 95 / 100];
+    // Measured on this implementation: mean 1.02%, p95 1.42%.
+    assert!(mean < 0.015 && p95 < 0.02, "collateral mean {mean:.4}, p95 {p95:.4}");
+
+    let before = backends(&BTreeSet::from([0, 133_332, 135_246]));
+    let after = backends(&BTreeSet::from([133_332, 135_246]));
+    let (ta, tb) = (maglev_table(&before, MAGLEV_DEFAULT), maglev_table(&after, MAGLEV_DEFAULT));
+    let collateral = moved(&ta, &before, &tb, &after).iter().filter(|(x, _)| *x != before[0]).count();
+    assert!(collateral <= MAGLEV_DEFAULT / 3, "{collateral}");
 }
