@@ -11,7 +11,7 @@ use ferry_dataplane::port::mem::{MemPort, wire};
 use ferry_dataplane::worker::Worker;
 use ferry_encap::{DropReason, MacAddr, TunnelKind};
 use ferry_tables::Snapshot;
-use ferry_testsupport::node::{TestNode, UPLINK, host_mac, pod_mac, underlay_mac};
+use ferry_testsupport::node::{self, TestNode, UPLINK, host_mac, pod_mac, underlay_mac};
 
 const HOST: usize = 3;
 
@@ -53,19 +53,12 @@ fn node_with(n: u8, neighbour_known: bool) -> Node {
 impl Node {
     /// Deliver `frame` on `port` and run one worker iteration.
     fn receive(&mut self, port: usize, frame: &[u8]) {
-        // An iteration first lends the ports frames to receive into.
-        self.worker.poll_once(&*self.fib);
-        let (mem, ports) = self.worker.mem_and_ports();
-        assert!(ports[port].inject(mem, frame), "port {port} accepted the frame");
-        self.worker.poll_once(&*self.fib);
+        node::receive(&mut self.worker, &self.fib, port, frame);
     }
 
     /// Everything sent on `port` since the last call.
     fn sent(&mut self, port: usize) -> Vec<Vec<u8>> {
-        let (mem, ports) = self.worker.mem_and_ports();
-        let mut out = Vec::new();
-        ports[port].take_sent(mem, usize::MAX, |b| out.push(b.to_vec()));
-        out
+        node::sent(&mut self.worker, port)
     }
 
     fn drops(&self, r: DropReason) -> u64 {

@@ -15,7 +15,7 @@ use ferry_dataplane::port::mem::MemPort;
 use ferry_dataplane::worker::Worker;
 use ferry_encap::DropReason;
 use ferry_tables::{EndpointSpec, Protocol, ServiceSpec, Snapshot, Tables};
-use ferry_testsupport::node::{TestNode, UPLINK, gateway_ip, gateway_mac, pod_ip, pod_mac};
+use ferry_testsupport::node::{self, TestNode, UPLINK, gateway_ip, gateway_mac, pod_ip, pod_mac};
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const VPORT: u16 = 80;
@@ -44,17 +44,11 @@ impl Node {
     }
 
     fn receive(&mut self, port: usize, frame: &[u8]) {
-        self.worker.poll_once(&*self.fib);
-        let (mem, ports) = self.worker.mem_and_ports();
-        assert!(ports[port].inject(mem, frame), "port {port} accepted the frame");
-        self.worker.poll_once(&*self.fib);
+        node::receive(&mut self.worker, &self.fib, port, frame);
     }
 
     fn sent(&mut self, port: usize) -> Vec<Vec<u8>> {
-        let (mem, ports) = self.worker.mem_and_ports();
-        let mut out = Vec::new();
-        ports[port].take_sent(mem, usize::MAX, |b| out.push(b.to_vec()));
-        out
+        node::sent(&mut self.worker, port)
     }
 
     fn drops(&self, r: DropReason) -> u64 {

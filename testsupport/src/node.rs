@@ -218,3 +218,23 @@ impl TestNode {
         (worker, self.tables().current())
     }
 }
+
+/// Delivers `frame` on `port` of a built node's worker and runs it once more: an iteration first
+/// lends the ports frames to receive into, so one runs before the frame goes in.
+///
+/// # Panics
+/// If the port's receive ring has no room for the frame.
+pub fn receive(worker: &mut Worker<MemPort>, fib: &Snapshot, port: usize, frame: &[u8]) {
+    worker.poll_once(fib);
+    let (mem, ports) = worker.mem_and_ports();
+    assert!(ports[port].inject(mem, frame), "port {port} accepted the frame");
+    worker.poll_once(fib);
+}
+
+/// Everything the worker sent on `port` since the last call, one buffer per frame.
+pub fn sent(worker: &mut Worker<MemPort>, port: usize) -> Vec<Vec<u8>> {
+    let (mem, ports) = worker.mem_and_ports();
+    let mut out = Vec::new();
+    ports[port].take_sent(mem, usize::MAX, |b| out.push(b.to_vec()));
+    out
+}
