@@ -179,6 +179,55 @@ impl Plugin<'_> {
 }
 
 /// Addresses host-local has handed out (its files named after an address).
+/// What a CNI test in namespaces starts from: a node namespace and `pods` pod namespaces named
+/// after `prefix` and this process (removed by the guard, with the temporary directory), a fake
+/// agent for a node owning 10.244.`net`.0/24 whose pods get `pod_port`, and the plugin's netconf.
+struct Rig {
+    guard: Guard,
+    node: String,
+    pods: Vec<String>,
+    ipam_dir: PathBuf,
+    agent: FakeAgent,
+    netconf: Value,
+}
+
+impl Rig {
+    fn new(prefix: &str, pods: usize, net: u8, pod_port: PodPort) -> Rig {
+        let tag = format!("{prefix}{}", std::process::id());
+        let node = format!("{tag}-node");
+        let pods: Vec<String> = (1..=pods).map(|i| format!("{tag}-p{i}")).collect();
+        let dir = std::env::temp_dir().join(&tag);
+        let guard =
+            Guard { netns: std::iter::once(node.clone()).chain(pods.iter().cloned()).collect(), dir: dir.clone() };
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for ns in &guard.netns {
+            sh(&["ip", "netns", "add", ns]);
+        }
+        let ipam_dir = dir.join("ipam");
+        let info = NodeInfo {
+            node_name: "n1".into(),
+            pod_cidrs: vec![format!("10.244.{net}.0/24").parse().expect("net")],
+            gateway_v4: Some(format!("10.244.{net}.1").parse().expect("ip")),
+            gateway_v6: None,
+            gateway_mac: GW_MAC.into(),
+            mtu: MTU,
+            underlay_mtu: Some(1500),
+            queues: QUEUES,
+            pod_port,
+            ipam_data_dir: ipam_dir.display().to_string(),
+        };
+        let agent = FakeAgent::start(dir.join("ferry.sock"), info);
+        let netconf = json!({
+            "cniVersion": "1.0.0",
+            "name": NET_NAME,
+            "type": "ferry-cni",
+            "adminSocket": agent.socket.display().to_string(),
+            "dataDir": dir.join("cni").display().to_string(),
+        });
+        Rig { guard, node, pods, ipam_dir, agent, netconf }
+    }
+}
+
 fn allocations(ipam_dir: &Path) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(ipam_dir.join(NET_NAME)) else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -233,39 +282,11 @@ fn add_check_del_in_namespaces() {
     if !privileged("add_check_del_in_namespaces") {
         return;
     }
-    let tag = format!("fcni{}", std::process::id());
-    let node = format!("{tag}-node");
-    let (p1, p2, p3) = (format!("{tag}-p1"), format!("{tag}-p2"), format!("{tag}-p3"));
-    let dir = std::env::temp_dir().join(&tag);
-    let guard = Guard { netns: vec![node.clone(), p1.clone(), p2.clone(), p3.clone()], dir: dir.clone() };
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    for ns in &guard.netns {
-        sh(&["ip", "netns", "add", ns]);
-    }
-    let ipam_dir = dir.join("ipam");
-    let info = NodeInfo {
-        node_name: "n1".into(),
-        pod_cidrs: vec!["10.244.7.0/24".parse().expect("net")],
-        gateway_v4: Some("10.244.7.1".parse().expect("ip")),
-        gateway_v6: None,
-        gateway_mac: GW_MAC.into(),
-        mtu: MTU,
-        underlay_mtu: Some(1500),
-        queues: QUEUES,
-        pod_port: PodPort::Veth,
-        ipam_data_dir: ipam_dir.display().to_string(),
-    };
-    let mut agent = FakeAgent::start(dir.join("ferry.sock"), info);
-    let plugin = Plugin {
-        node: &node,
-        netconf: json!({
-            "cniVersion": "1.0.0",
-            "name": NET_NAME,
-            "type": "ferry-cni",
-            "adminSocket": agent.socket.display().to_string(),
-            "dataDir": dir.join("cni").display().to_string(),
-        }),
-    };
+    let rig = Rig::new("fcni", 3, 7, PodPort::Veth);
+    let (node, ipam_dir, guard) = (rig.node, rig.ipam_dir, rig.guard);
+    let (p1, p2, p3) = (rig.pods[0].clone(), rig.pods[1].clone(), rig.pods[2].clone());
+    let mut agent = rig.agent;
+    let plugin = Plugin { node: &node, netconf: rig.netconf };
 
     // ADD.
     let (ok, result) = plugin.run("ADD", "ctr1", Some(&p1), None);
@@ -397,39 +418,11 @@ fn tap_add_check_del_in_namespaces() {
     if !privileged("tap_add_check_del_in_namespaces") {
         return;
     }
-    let tag = format!("fctap{}", std::process::id());
-    let node = format!("{tag}-node");
-    let (p1, p2) = (format!("{tag}-p1"), format!("{tag}-p2"));
-    let dir = std::env::temp_dir().join(&tag);
-    let guard = Guard { netns: vec![node.clone(), p1.clone(), p2.clone()], dir: dir.clone() };
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    for ns in &guard.netns {
-        sh(&["ip", "netns", "add", ns]);
-    }
-    let ipam_dir = dir.join("ipam");
-    let info = NodeInfo {
-        node_name: "n1".into(),
-        pod_cidrs: vec!["10.244.8.0/24".parse().expect("net")],
-        gateway_v4: Some("10.244.8.1".parse().expect("ip")),
-        gateway_v6: None,
-        gateway_mac: GW_MAC.into(),
-        mtu: MTU,
-        underlay_mtu: Some(1500),
-        queues: QUEUES,
-        pod_port: PodPort::Tap,
-        ipam_data_dir: ipam_dir.display().to_string(),
-    };
-    let agent = FakeAgent::start(dir.join("ferry.sock"), info);
-    let plugin = Plugin {
-        node: &node,
-        netconf: json!({
-            "cniVersion": "1.0.0",
-            "name": NET_NAME,
-            "type": "ferry-cni",
-            "adminSocket": agent.socket.display().to_string(),
-            "dataDir": dir.join("cni").display().to_string(),
-        }),
-    };
+    let rig = Rig::new("fctap", 2, 8, PodPort::Tap);
+    let (node, ipam_dir, guard) = (rig.node, rig.ipam_dir, rig.guard);
+    let (p1, p2) = (rig.pods[0].clone(), rig.pods[1].clone());
+    let agent = rig.agent;
+    let plugin = Plugin { node: &node, netconf: rig.netconf };
 
     let (ok, result) = plugin.run("ADD", "tap1", Some(&p1), None);
     assert!(ok, "ADD failed: {result}");
