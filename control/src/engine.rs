@@ -139,6 +139,8 @@ impl Engine {
             Update::Network(source, nets) => self.set_network(source, nets),
             // Not routes: the engine loop hands services to the publisher directly.
             Update::Services(..) => {}
+            // Not routes either: the policy store keeps them.
+            Update::ObjectUpsert(..) | Update::ObjectDelete(..) | Update::ObjectResync(..) => {}
         }
         self.writes != writes
     }

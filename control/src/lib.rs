@@ -24,6 +24,7 @@ pub mod engine;
 pub mod flannel;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod publish;
 mod shutdown;
 pub mod source;
@@ -239,6 +240,7 @@ async fn engine_loop(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut mattered = Vec::with_capacity(MAX_BATCH);
+    let mut store = policy::PolicyStore::new(metrics.clone());
     loop {
         let first = tokio::select! {
             ev = rx.recv() => ev,
@@ -258,9 +260,16 @@ async fn engine_loop(
                 metrics.published();
                 continue;
             }
+            if store.apply(&ev.update) {
+                continue;
+            }
             if engine.apply(ev.update) {
                 mattered.push(ev.seen);
             }
+        }
+        let objects = store.take_changes();
+        if !objects.is_empty() {
+            publisher.objects(&store, &objects);
         }
         let diff = engine.finish();
         if diff.is_empty() {

@@ -239,6 +239,78 @@ pub enum Update {
     /// The complete set of a source's services (each load of the static file). They bypass the
     /// route engine: the publisher compiles them into their own part of the snapshot.
     Services(SourceKind, Vec<ferry_tables::ServiceSpec>),
+    /// A namespace, pod or NetworkPolicy was added or changed (or its new data was rejected: the
+    /// rejection's `node` is then the object's [key](PolicyObject::key), and the object keeps its
+    /// last good state). They bypass the route engine: the policy store keeps them and the
+    /// policy compiler turns them into their own part of the snapshot.
+    ObjectUpsert(SourceKind, ObjectKind, Result<PolicyObject, Rejection>),
+    /// A namespace, pod or NetworkPolicy is gone (by its [key](PolicyObject::key)).
+    ObjectDelete(SourceKind, ObjectKind, String),
+    /// The complete set of a source's objects of one kind (after a list, or each load of the
+    /// static file): objects of that kind and source not listed are removed; a listed rejection
+    /// keeps its object's last good state.
+    ObjectResync(SourceKind, ObjectKind, Vec<Result<PolicyObject, Rejection>>),
+}
+
+/// The kinds of object NetworkPolicy needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKind {
+    /// `v1` Namespace.
+    Namespace,
+    /// `v1` Pod.
+    Pod,
+    /// `networking.k8s.io/v1` NetworkPolicy.
+    NetworkPolicy,
+}
+
+impl ObjectKind {
+    /// As Kubernetes names the kind.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ObjectKind::Namespace => "Namespace",
+            ObjectKind::Pod => "Pod",
+            ObjectKind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One namespace, pod or NetworkPolicy, as a source read it (a policy is checked by the store with
+/// [`ferry_tables::policy::Policy::from_spec`]; a source may check it first to name the field in
+/// its own logs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicyObject {
+    /// A namespace.
+    Namespace(ferry_tables::policy::NamespaceSpec),
+    /// A pod.
+    Pod(ferry_tables::policy::PodSpec),
+    /// A NetworkPolicy.
+    NetworkPolicy(ferry_tables::policy::NetworkPolicySpec),
+}
+
+impl PolicyObject {
+    /// Its kind.
+    pub fn kind(&self) -> ObjectKind {
+        match self {
+            PolicyObject::Namespace(_) => ObjectKind::Namespace,
+            PolicyObject::Pod(_) => ObjectKind::Pod,
+            PolicyObject::NetworkPolicy(_) => ObjectKind::NetworkPolicy,
+        }
+    }
+
+    /// Its key within its kind: the namespace's name; `namespace/name` for pods and policies.
+    pub fn key(&self) -> String {
+        match self {
+            PolicyObject::Namespace(n) => n.name.clone(),
+            PolicyObject::Pod(p) => p.key(),
+            PolicyObject::NetworkPolicy(p) => p.key(),
+        }
+    }
 }
 
 impl Update {
@@ -249,7 +321,10 @@ impl Update {
             | Update::Delete(s, _)
             | Update::Resync(s, _)
             | Update::Network(s, _)
-            | Update::Services(s, _) => *s,
+            | Update::Services(s, _)
+            | Update::ObjectUpsert(s, ..)
+            | Update::ObjectDelete(s, ..)
+            | Update::ObjectResync(s, ..) => *s,
         }
     }
 }

@@ -32,4 +32,9 @@ pub trait Publish: Send + 'static {
     /// Publishes a new set of services (the whole set). The default ignores them (a publisher
     /// without a data plane).
     fn services(&mut self, _services: &[ferry_tables::ServiceSpec]) {}
+
+    /// Namespaces, pods or NetworkPolicies changed: `changed` lists the kinds and keys whose
+    /// effective object in `store` differs from the previous call's. The default ignores them (a
+    /// publisher without a data plane).
+    fn objects(&mut self, _store: &crate::policy::PolicyStore, _changed: &[(crate::model::ObjectKind, String)]) {}
 }

@@ -22,18 +22,49 @@
 //! endpoints = ["10.244.1.2:8080"]         # ready endpoints
 //! terminating = ["10.244.1.3:8080"]       # optional: serving and terminating
 //! session_affinity_seconds = 10800        # optional: sessionAffinity ClientIP
+//!
+//! [[namespace]]                           # NetworkPolicy's objects (see below)
+//! name = "x"
+//! labels = { team = "a" }                 # `kubernetes.io/metadata.name` is implied
+//!
+//! [[pod]]
+//! namespace = "x"
+//! name = "a"
+//! labels = { pod = "a" }
+//! ips = ["10.244.1.2"]
+//! node = "node-a"
+//! ports = [{ name = "http", port = 80, protocol = "TCP" }]   # named container ports
+//!
+//! [[network_policy]]                      # networking.k8s.io/v1, field names in snake_case
+//! namespace = "x"
+//! name = "allow-b"
+//! pod_selector = { match_labels = { pod = "a" } }
+//! policy_types = ["Ingress"]              # optional, defaulted as Kubernetes does
+//! [[network_policy.ingress]]
+//! ports = [{ protocol = "TCP", port = 80, end_port = 81 }, { port = "http" }]
+//! from = [{ pod_selector = { match_expressions = [{ key = "pod", operator = "In", values = ["b"] }] },
+//!           namespace_selector = { match_labels = { team = "a" } } },
+//!         { ip_block = { cidr = "10.0.0.0/8", except = ["10.1.0.0/16"] } }]
+//! [[network_policy.egress]]
+//! to = [{ namespace_selector = {} }]
 //! ```
 //!
 //! Each load is a full resync. A file that does not parse as a whole keeps the last good routes
 //! (one warning, counted under field `file`); a bad node entry is rejected on its own, naming the
-//! node and the field.
+//! node and the field. A bad `[[namespace]]`, `[[pod]]` or `[[network_policy]]` entry (a wrong
+//! type or an unknown key too) is rejected on its own, naming the object and the field; the policy
+//! store logs it once, counts it and keeps the object's last good state.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_encap::TunnelKind;
+use ferry_tables::policy::{
+    IpBlockSpec, LabelSelectorSpec, NamedPort, NamespaceSpec, NetworkPolicySpec, PeerSpec, PodSpec, Policy,
+    PolicyProtocol, PortSpec, PortValue, RequirementSpec, RuleSpec,
+};
 use ferry_tables::{EndpointSpec, Protocol, ServiceSpec};
 use ipnet::IpNet;
 use notify::Watcher;
@@ -43,8 +74,8 @@ use tokio::sync::{mpsc, watch};
 use super::EventTx;
 use crate::config::ControlConfig;
 use crate::metrics::Metrics;
-use crate::model::Update;
 use crate::model::{NodeSpec, Rejection, Seniority, SourceKind, check_vni, parse_cidr, parse_tunnel, parse_vtep_mac};
+use crate::model::{ObjectKind, PolicyObject, Update};
 
 /// How often the file is checked even without an inotify event. Short, because a missed event
 /// was seen with agents started under `ip netns exec` (the end-to-end lab): a peer that has not
@@ -63,6 +94,120 @@ struct File {
     nodes: Vec<Entry>,
     #[serde(default, rename = "service")]
     services: Vec<ServiceEntry>,
+    // NetworkPolicy's objects are read one entry at a time, so that one bad entry (a wrong type,
+    // an unknown key) is rejected alone rather than the whole file.
+    #[serde(default, rename = "namespace")]
+    namespaces: Vec<toml::Value>,
+    #[serde(default, rename = "pod")]
+    pods: Vec<toml::Value>,
+    #[serde(default, rename = "network_policy")]
+    policies: Vec<toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceEntry {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodEntry {
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    ips: Vec<String>,
+    #[serde(default)]
+    node: String,
+    #[serde(default)]
+    ports: Vec<PodPortEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodPortEntry {
+    name: String,
+    port: i64,
+    protocol: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelectorEntry {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    match_expressions: Vec<ExpressionEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpressionEntry {
+    key: String,
+    operator: String,
+    #[serde(default)]
+    values: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyEntry {
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    pod_selector: SelectorEntry,
+    policy_types: Option<Vec<String>>,
+    #[serde(default)]
+    ingress: Vec<RuleEntry>,
+    #[serde(default)]
+    egress: Vec<RuleEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleEntry {
+    #[serde(default)]
+    ports: Vec<PortEntry>,
+    // `from` in ingress rules, `to` in egress rules (the other one is refused).
+    #[serde(default)]
+    from: Option<Vec<PeerEntry>>,
+    #[serde(default)]
+    to: Option<Vec<PeerEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerEntry {
+    pod_selector: Option<SelectorEntry>,
+    namespace_selector: Option<SelectorEntry>,
+    ip_block: Option<IpBlockEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IpBlockEntry {
+    cidr: String,
+    #[serde(default)]
+    except: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortEntry {
+    protocol: Option<String>,
+    port: Option<PortEntryValue>,
+    end_port: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PortEntryValue {
+    Number(i64),
+    Name(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +266,12 @@ pub struct Parsed {
     pub nodes: Vec<Result<NodeSpec, Rejection>>,
     /// One per `[[service]]` (a rejection names the service in its `node` field).
     pub services: Vec<Result<ServiceSpec, Rejection>>,
+    /// One per `[[namespace]]` (a rejection names the object by its key in its `node` field).
+    pub namespaces: Vec<Result<PolicyObject, Rejection>>,
+    /// One per `[[pod]]`.
+    pub pods: Vec<Result<PolicyObject, Rejection>>,
+    /// One per `[[network_policy]]`.
+    pub policies: Vec<Result<PolicyObject, Rejection>>,
 }
 
 /// Parses the file's text.
@@ -158,7 +309,138 @@ pub fn parse(text: &str, d: &Defaults) -> Result<Parsed, String> {
             service_spec(e)
         })
         .collect();
-    Ok(Parsed { networks, nodes, services })
+    let namespaces = objects(file.namespaces, ObjectKind::Namespace);
+    let pods = objects(file.pods, ObjectKind::Pod);
+    let policies = objects(file.policies, ObjectKind::NetworkPolicy);
+    Ok(Parsed { networks, nodes, services, namespaces, pods, policies })
+}
+
+/// The key of an entry that may not have deserialized: `namespace/name`, or `name` for a
+/// namespace; `#i` (its position) without a name.
+fn entry_key(v: &toml::Value, kind: ObjectKind, i: usize) -> String {
+    let s = |k: &str| v.get(k).and_then(toml::Value::as_str);
+    match (kind, s("namespace"), s("name")) {
+        (ObjectKind::Namespace, _, Some(n)) => n.to_owned(),
+        (_, Some(ns), Some(n)) => format!("{ns}/{n}"),
+        _ => format!("#{i}"),
+    }
+}
+
+/// Each entry of one kind, converted and checked on its own; a key listed twice is refused.
+fn objects(values: Vec<toml::Value>, kind: ObjectKind) -> Vec<Result<PolicyObject, Rejection>> {
+    let mut seen = BTreeSet::new();
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let key = entry_key(&v, kind, i);
+            if !seen.insert(key.clone()) {
+                return Err(Rejection::new(key, "name", "appears twice in the file"));
+            }
+            // serde names the offending key in its message ("unknown field `form`", "invalid type").
+            let bad = |e: toml::de::Error| Rejection::new(key.clone(), "entry", e.message().to_owned());
+            match kind {
+                ObjectKind::Namespace => {
+                    let e = NamespaceEntry::deserialize(v).map_err(bad)?;
+                    Ok(PolicyObject::Namespace(NamespaceSpec { name: e.name, labels: e.labels }))
+                }
+                ObjectKind::Pod => pod_spec(PodEntry::deserialize(v).map_err(bad)?).map(PolicyObject::Pod),
+                ObjectKind::NetworkPolicy => {
+                    policy_spec(PolicyEntry::deserialize(v).map_err(bad)?).map(PolicyObject::NetworkPolicy)
+                }
+            }
+        })
+        .collect()
+}
+
+fn pod_spec(e: PodEntry) -> Result<PodSpec, Rejection> {
+    let key = format!("{}/{}", e.namespace, e.name);
+    let reject = |field: String, reason: String| Rejection::new(key.clone(), field, reason);
+    let ips = e
+        .ips
+        .iter()
+        .map(|a| a.trim().parse::<IpAddr>().map_err(|_| reject("ips".into(), format!("{a:?} is not an IP address"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ports = Vec::with_capacity(e.ports.len());
+    for (i, p) in e.ports.iter().enumerate() {
+        let protocol = match &p.protocol {
+            None => PolicyProtocol::Tcp,
+            Some(s) => PolicyProtocol::parse(s).map_err(|r| reject(format!("ports[{i}].protocol"), r))?,
+        };
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| reject(format!("ports[{i}].port"), format!("{} is not in 1-65535", p.port)))?;
+        if p.name.is_empty() {
+            return Err(reject(format!("ports[{i}].name"), "empty".into()));
+        }
+        ports.push(NamedPort { name: p.name.clone(), protocol, port });
+    }
+    Ok(PodSpec { namespace: e.namespace, name: e.name, labels: e.labels, ips, node: e.node, ports })
+}
+
+fn selector_spec(s: SelectorEntry) -> LabelSelectorSpec {
+    LabelSelectorSpec {
+        match_labels: s.match_labels,
+        match_expressions: s
+            .match_expressions
+            .into_iter()
+            .map(|e| RequirementSpec { key: e.key, operator: e.operator, values: e.values })
+            .collect(),
+    }
+}
+
+fn rule_spec(r: RuleEntry, field: String, ingress: bool) -> Result<RuleSpec, (String, String)> {
+    let peers = match (ingress, r.from, r.to) {
+        (true, _, Some(_)) => return Err((format!("{field}.to"), "an ingress rule has `from`, not `to`".into())),
+        (false, Some(_), _) => return Err((format!("{field}.from"), "an egress rule has `to`, not `from`".into())),
+        (_, Some(p), None) | (_, None, Some(p)) => p,
+        (_, None, None) => Vec::new(),
+    };
+    Ok(RuleSpec {
+        ports: r
+            .ports
+            .into_iter()
+            .map(|p| PortSpec {
+                protocol: p.protocol,
+                port: p.port.map(|v| match v {
+                    PortEntryValue::Number(n) => PortValue::Number(n),
+                    PortEntryValue::Name(n) => PortValue::Name(n),
+                }),
+                end_port: p.end_port,
+            })
+            .collect(),
+        peers: peers
+            .into_iter()
+            .map(|p| PeerSpec {
+                pod_selector: p.pod_selector.map(selector_spec),
+                namespace_selector: p.namespace_selector.map(selector_spec),
+                ip_block: p.ip_block.map(|b| IpBlockSpec { cidr: b.cidr, except: b.except }),
+            })
+            .collect(),
+    })
+}
+
+/// The spec, checked here too so that the rejection is named as the file's entry is.
+fn policy_spec(e: PolicyEntry) -> Result<NetworkPolicySpec, Rejection> {
+    let key = format!("{}/{}", e.namespace, e.name);
+    let rules = |list: Vec<RuleEntry>, dir: &str, ingress: bool| {
+        list.into_iter()
+            .enumerate()
+            .map(|(i, r)| rule_spec(r, format!("spec.{dir}[{i}]"), ingress))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|(f, r)| Rejection::new(key.clone(), f, r))
+    };
+    let spec = NetworkPolicySpec {
+        ingress: rules(e.ingress, "ingress", true)?,
+        egress: rules(e.egress, "egress", false)?,
+        namespace: e.namespace,
+        name: e.name,
+        pod_selector: selector_spec(e.pod_selector),
+        policy_types: e.policy_types,
+    };
+    Policy::from_spec(&spec).map_err(|err| Rejection::new(key.clone(), err.field, err.reason))?;
+    Ok(spec)
 }
 
 /// `ADDRESS:PORT` or `[V6]:PORT`.
@@ -325,6 +607,15 @@ impl StaticSource {
                     {
                         return;
                     }
+                    for (kind, objs) in [
+                        (ObjectKind::Namespace, p.namespaces),
+                        (ObjectKind::Pod, p.pods),
+                        (ObjectKind::NetworkPolicy, p.policies),
+                    ] {
+                        if self.tx.send(seen, Update::ObjectResync(SourceKind::Static, kind, objs)).await.is_err() {
+                            return;
+                        }
+                    }
                 }
                 Err(reason) => {
                     let msg = format!("{}: {reason}", self.path.display());
@@ -423,6 +714,79 @@ mod tests {
         assert_eq!(field(2), Some(("bad/proto", "protocol")));
         assert_eq!(field(3), Some(("bad/endpoint", "endpoints")));
         assert_eq!(field(4), Some(("bad/family", "endpoints")));
+    }
+
+    #[test]
+    fn parses_policy_objects_and_rejects_bad_entries_alone() {
+        let text = r#"
+            [[namespace]]
+            name = "x"
+            labels = { team = "a" }
+            [[namespace]]
+            name = "y"
+            labels = { team = 3 }
+            [[pod]]
+            namespace = "x"
+            name = "a"
+            labels = { pod = "a" }
+            ips = ["10.244.1.2"]
+            node = "n1"
+            ports = [{ name = "http", port = 80 }, { name = "dns", port = 53, protocol = "UDP" }]
+            [[pod]]
+            namespace = "x"
+            name = "b"
+            ips = ["10.244.1.300"]
+            [[network_policy]]
+            namespace = "x"
+            name = "allow"
+            pod_selector = { match_labels = { pod = "a" } }
+            [[network_policy.ingress]]
+            ports = [{ protocol = "TCP", port = 80, end_port = 81 }, { port = "http" }]
+            from = [{ pod_selector = { match_expressions = [{ key = "pod", operator = "In", values = ["b"] }] }, namespace_selector = { match_labels = { team = "a" } } },
+                    { ip_block = { cidr = "10.0.0.0/8", except = ["10.1.0.0/16"] } }]
+            [[network_policy.egress]]
+            to = [{ namespace_selector = {} }]
+            [[network_policy]]
+            namespace = "x"
+            name = "bad-except"
+            [[network_policy.ingress]]
+            from = [{ ip_block = { cidr = "10.0.0.0/8", except = ["11.0.0.0/16"] } }]
+            [[network_policy]]
+            namespace = "x"
+            name = "typo"
+            [[network_policy.ingress]]
+            form = []
+            [[network_policy]]
+            namespace = "x"
+            name = "wrong-key"
+            [[network_policy.ingress]]
+            to = []
+            [[network_policy]]
+            namespace = "x"
+            name = "allow"
+        "#;
+        let p = parse(text, &defaults()).expect("parses");
+        assert!(matches!(&p.namespaces[0], Ok(PolicyObject::Namespace(n)) if n.labels["team"] == "a"));
+        let err = |r: &Result<PolicyObject, Rejection>| r.as_ref().err().map(|e| (e.node.clone(), e.field.clone()));
+        assert_eq!(err(&p.namespaces[1]), Some(("y".into(), "entry".into())));
+        let Ok(PolicyObject::Pod(a)) = &p.pods[0] else { panic!("pod a: {:?}", p.pods[0]) };
+        assert_eq!(a.ports[1], NamedPort { name: "dns".into(), protocol: PolicyProtocol::Udp, port: 53 });
+        assert_eq!(err(&p.pods[1]), Some(("x/b".into(), "ips".into())));
+        let Ok(PolicyObject::NetworkPolicy(allow)) = &p.policies[0] else { panic!("{:?}", p.policies[0]) };
+        let checked = Policy::from_spec(allow).expect("valid");
+        assert_eq!(checked.ingress.as_ref().map(|r| r[0].peers.len()), Some(2));
+        assert_eq!(
+            checked.egress.as_ref().map(|r| r[0].peers[0].to_string()).as_deref(),
+            Some("pods {} in namespaces {}")
+        );
+        assert_eq!(
+            err(&p.policies[1]),
+            Some(("x/bad-except".into(), "spec.ingress[0].from[0].ipBlock.except[0]".into()))
+        );
+        let typo = p.policies[2].as_ref().expect_err("typo");
+        assert!(typo.field == "entry" && typo.reason.contains("form"), "{typo:?}");
+        assert_eq!(err(&p.policies[3]), Some(("x/wrong-key".into(), "spec.ingress[0].to".into())));
+        assert_eq!(err(&p.policies[4]), Some(("x/allow".into(), "name".into())));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod desired;
 mod exact;
 pub mod lpm;
 pub mod neigh;
+pub mod policy;
 pub mod publish;
 pub mod services;
 mod snapshot;
