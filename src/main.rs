@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ferry::admin::proto::{ConntrackList, Routes, Stats, Status};
 use ferry::admin::{self, Request, Response};
 use ferry_encap::DropReason;
-use serde_json::Value;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// ferry: userspace AF_XDP overlay data plane for Kubernetes pod networks.
 #[derive(Debug, Parser)]
@@ -182,25 +184,27 @@ fn uninstall(paths: &[PathBuf]) -> ExitCode {
 
 /// `ferry status --ready`: one line, and the exit code a readiness probe reads.
 fn ready(q: &Query) -> ExitCode {
-    let resp = match admin::call(&q.socket, &Request::Status, Duration::from_secs(5)) {
-        Ok(r) => r,
+    let status = admin::call(&q.socket, &Request::Status, Duration::from_secs(5))
+        .map_err(|e| e.to_string())
+        .and_then(Response::decode::<Status>);
+    match status {
+        Ok(st) if st.ready => {
+            println!("ready");
+            ExitCode::SUCCESS
+        }
+        Ok(st) => {
+            println!("not ready: {}", st.not_ready_because.unwrap_or_default());
+            ExitCode::FAILURE
+        }
         Err(e) => {
             println!("not ready: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    let data = resp.data.unwrap_or(Value::Null);
-    if resp.ok && data["ready"].as_bool() == Some(true) {
-        println!("ready");
-        ExitCode::SUCCESS
-    } else {
-        let why = resp.error.or_else(|| data["not_ready_because"].as_str().map(str::to_owned)).unwrap_or_default();
-        println!("not ready: {why}");
-        ExitCode::FAILURE
     }
 }
 
-fn query(q: &Query, req: Request, print: fn(&Value)) -> ExitCode {
+/// Sends `req`, decodes its answer as a `T`, and prints it: JSON with `--json`, else `print`.
+fn query<T: DeserializeOwned + Serialize>(q: &Query, req: Request, print: fn(&T)) -> ExitCode {
     let resp: Response = match admin::call(&q.socket, &req, Duration::from_secs(10)) {
         Ok(r) => r,
         Err(e) => {
@@ -208,191 +212,178 @@ fn query(q: &Query, req: Request, print: fn(&Value)) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if !resp.ok {
-        eprintln!("ferry: the agent says: {}", resp.error.unwrap_or_default());
-        return ExitCode::FAILURE;
-    }
-    let data = resp.data.unwrap_or(Value::Null);
+    let answer = match resp.decode::<T>() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ferry: the agent says: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if q.json {
-        println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+        println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
     } else {
-        print(&data);
+        print(&answer);
     }
     ExitCode::SUCCESS
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join(","),
-        other => other.to_string(),
-    }
+/// An optional value, or `-`.
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-fn print_status(d: &Value) {
-    let n = &d["node"];
-    println!(
-        "node        {} (up {:.0} s, ferry {})",
-        s(&n["node_name"]),
-        d["uptime_seconds"].as_f64().unwrap_or(0.0),
-        s(&d["version"])
-    );
-    println!(
-        "underlay    {} {} mac {} mtu {}",
-        s(&n["underlay_if"]),
-        s(&n["underlay_addr"]),
-        s(&n["underlay_mac"]),
-        s(&n["underlay_mtu"])
-    );
-    println!(
-        "tunnel      {} vni {} port {} vtep {}",
-        s(&n["tunnel"]),
-        s(&n["vni"]),
-        s(&n["tunnel_port"]),
-        s(&n["vtep_mac"])
-    );
+/// A list, comma-separated.
+fn list<T: std::fmt::Display>(v: &[T]) -> String {
+    v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn print_status(d: &Status) {
+    let n = &d.node;
+    println!("node        {} (up {:.0} s, ferry {})", n.node_name, d.uptime_seconds, d.version);
+    println!("underlay    {} {} mac {} mtu {}", n.underlay_if, n.underlay_addr, n.underlay_mac, n.underlay_mtu);
+    println!("tunnel      {} vni {} port {} vtep {}", n.tunnel, n.vni, n.tunnel_port, n.vtep_mac);
     println!(
         "pods        cidrs {} gateway {} mtu {}; cluster {}",
-        s(&n["pod_cidrs"]),
-        s(&n["gateway_v4"]),
-        s(&n["pod_mtu"]),
-        s(&n["cluster_cidrs"])
+        list(&n.pod_cidrs),
+        opt(n.gateway_v4),
+        n.pod_mtu,
+        list(&n.cluster_cidrs)
     );
-    println!("host port   {} {}", s(&n["host_if"]), s(&n["host_addr"]));
-    println!("workers     {} ({} polling); sources {}", s(&n["workers"]), s(&n["poll"]), s(&n["sources"]));
-    let t = &d["tables"];
+    println!("host port   {} {}", opt(n.host_if.as_deref()), opt(n.host_addr));
+    println!("workers     {} ({} polling); sources {}", n.workers, n.poll, n.sources.join(","));
+    let t = &d.tables;
     println!(
         "tables      generation {}, {} remote nodes, {} local endpoints",
-        s(&t["generation"]),
-        s(&t["remote_nodes"]),
-        s(&t["local_endpoints"])
+        t.generation, t.remote_nodes, t.local_endpoints
     );
-    println!("ports");
-    if let Some(ports) = d["ports"].as_object() {
-        for (id, p) in ports {
-            println!(
-                "  {id:>4}  {:<16} {:<7} {:<8} {}  {}",
-                s(&p["ifname"]),
-                s(&p["kind"]),
-                s(&p["xdp_mode"]),
-                s(&p["addrs"]),
-                s(&p["pod"])
-            );
+    if !d.skipped_nodes.is_empty() {
+        println!("left out    {} node(s) the tables could not build:", d.skipped_nodes.len());
+        for s in &d.skipped_nodes {
+            println!("  {:<16} {}", s.node, s.reason);
         }
     }
-}
-
-fn print_routes(d: &Value) {
-    println!("generation {}", s(&d["generation"]));
-    println!("{:<26} {:<16} {:<18} {:<8} {:<6} next hop", "destination", "node", "underlay", "tunnel", "vni");
-    for r in d["remote"].as_array().into_iter().flatten() {
-        let nh = &r["next_hop"];
+    println!("ports");
+    for (id, p) in &d.ports {
         println!(
-            "{:<26} {:<16} {:<18} {:<8} {:<6} {} {}",
-            s(&r["pod_cidrs"]),
-            s(&r["node"]),
-            format!("{}:{}", s(&r["underlay"]), s(&r["port"])),
-            s(&r["tunnel"]),
-            s(&r["vni"]),
-            s(&nh["state"]),
-            s(&nh["underlay_mac"])
+            "  {id:>4}  {:<16} {:<7} {:<8} {}  {}",
+            p.ifname,
+            p.kind,
+            p.xdp_mode,
+            list(&p.addrs),
+            opt(p.pod.as_deref())
         );
     }
-    for l in d["local"].as_array().into_iter().flatten() {
-        println!("{:<26} {:<16} port {} {} {}", s(&l["addrs"]), "local", s(&l["port"]), s(&l["ifname"]), s(&l["pod"]));
+}
+
+fn print_routes(d: &Routes) {
+    println!("generation {}", d.generation);
+    println!("{:<26} {:<16} {:<18} {:<8} {:<6} next hop", "destination", "node", "underlay", "tunnel", "vni");
+    for r in &d.remote {
+        let (state, mac) =
+            r.next_hop.as_ref().map_or(("-", "-"), |nh| (nh.state.as_str(), nh.underlay_mac.as_deref().unwrap_or("-")));
+        println!(
+            "{:<26} {:<16} {:<18} {:<8} {:<6} {} {}",
+            list(&r.pod_cidrs),
+            r.node,
+            format!("{}:{}", r.underlay, r.port),
+            r.tunnel,
+            r.vni,
+            state,
+            mac
+        );
     }
-    for b in d["blackholes"].as_array().into_iter().flatten() {
-        println!("{:<26} {:<16}", s(b), "blackhole (this node's CIDR)");
+    for l in &d.local {
+        println!(
+            "{:<26} {:<16} port {} {} {}",
+            list(&l.addrs),
+            "local",
+            l.port,
+            opt(l.ifname.as_deref()),
+            opt(l.pod.as_deref())
+        );
+    }
+    for b in &d.blackholes {
+        println!("{:<26} {:<16}", b.to_string(), "blackhole (this node's CIDR)");
     }
 }
 
-fn print_conntrack(d: &Value) {
+/// `addr:port`, bracketed for IPv6.
+fn endpoint(a: std::net::IpAddr, p: u16) -> String {
+    std::net::SocketAddr::new(a, p).to_string()
+}
+
+fn print_conntrack(d: &ConntrackList) {
     println!(
         "{:<5} {:<40} {:<40} {:<9} {:<28} {:<12} {:>9}",
         "proto", "source", "destination", "direction", "translation", "state", "idle ms"
     );
-    for e in d["entries"].as_array().into_iter().flatten() {
-        let proto = match e["proto"].as_u64() {
-            Some(6) => "tcp".to_owned(),
-            Some(17) => "udp".to_owned(),
-            Some(255) => "aff".to_owned(),
-            other => other.map_or_else(String::new, |p| p.to_string()),
-        };
-        let ep = |a: &str, p: &str| {
-            let (a, p) = (s(&e[a]), s(&e[p]));
-            if a.contains(':') { format!("[{a}]:{p}") } else { format!("{a}:{p}") }
+    for e in &d.entries {
+        let proto = match e.proto {
+            6 => "tcp".to_owned(),
+            17 => "udp".to_owned(),
+            255 => "aff".to_owned(),
+            p => p.to_string(),
         };
         println!(
             "{:<5} {:<40} {:<40} {:<9} {:<28} {:<12} {:>9}",
             proto,
-            ep("src", "sport"),
-            ep("dst", "dport"),
-            s(&e["direction"]),
-            format!("{} -> {}", s(&e["rewrite"]), ep("nat", "nat_port")),
-            s(&e["state"]),
-            s(&e["idle_ms"])
+            endpoint(e.src, e.sport),
+            endpoint(e.dst, e.dport),
+            e.direction,
+            format!("{} -> {}", e.rewrite, endpoint(e.nat, e.nat_port)),
+            e.state,
+            e.idle_ms
         );
     }
     println!(
         "{} entries shown; table: {} slots of {} bytes, {} inserted, {} evicted",
-        d["entries"].as_array().map_or(0, Vec::len),
-        s(&d["capacity"]),
-        s(&d["entry_bytes"]),
-        s(&d["inserts"]),
-        s(&d["evictions"])
+        d.entries.len(),
+        d.capacity,
+        d.entry_bytes,
+        d.inserts,
+        d.evictions
     );
 }
 
-fn print_stats(d: &Value) {
+fn print_stats(d: &Stats) {
     println!(
         "{:>4}  {:<16} {:<7} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>12}",
         "port", "ifname", "kind", "rx pkts", "tx pkts", "rx pps", "tx pps", "rx Mbit/s", "tx Mbit/s", "socket drops"
     );
-    for p in d["ports"].as_array().into_iter().flatten() {
-        let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+    for p in &d.ports {
         println!(
             "{:>4}  {:<16} {:<7} {:>12} {:>12} {:>10.0} {:>10.0} {:>10.2} {:>10.2} {:>12}",
-            s(&p["port"]),
-            s(&p["ifname"]),
-            s(&p["kind"]),
-            s(&p["rx_packets"]),
-            s(&p["tx_packets"]),
-            f("rx_pps"),
-            f("tx_pps"),
-            f("rx_bps") / 1e6,
-            f("tx_bps") / 1e6,
-            s(&p["socket_drops_total"])
+            p.port,
+            p.ifname,
+            p.kind,
+            p.rx_packets,
+            p.tx_packets,
+            p.rx_pps,
+            p.tx_pps,
+            p.rx_bps / 1e6,
+            p.tx_bps / 1e6,
+            p.socket_drops_total
         );
     }
-    println!("drops in ferry: {} in all, {} ICMP errors sent", s(&d["total_drops"]), s(&d["icmp_errors"]));
-    if d["double_frees"].as_u64().unwrap_or(0) > 0 {
-        println!("frames freed twice and refused: {} (a bug in ferry: please report it)", s(&d["double_frees"]));
+    println!("drops in ferry: {} in all, {} ICMP errors sent", d.total_drops, d.icmp_errors);
+    if d.double_frees > 0 {
+        println!("frames freed twice and refused: {} (a bug in ferry: please report it)", d.double_frees);
     }
-    if d["headroom_moves"].as_u64().unwrap_or(0) > 0 {
-        println!(
-            "packets moved to make room for tunnel headers: {} (each a copy of the packet)",
-            s(&d["headroom_moves"])
-        );
+    if d.headroom_moves > 0 {
+        println!("packets moved to make room for tunnel headers: {} (each a copy of the packet)", d.headroom_moves);
     }
-    if let Some(drops) = d["drops"].as_object() {
-        for (reason, n) in drops {
-            if n.as_u64().unwrap_or(0) > 0 {
-                let rate = d["drop_rates"][reason].as_f64().unwrap_or(0.0);
-                println!("  {reason:<28} {:>12}  ({rate:.0}/s)", s(n));
-            }
+    for (reason, n) in &d.drops {
+        if *n > 0 {
+            let rate = d.drop_rates.get(reason).copied().unwrap_or(0.0);
+            println!("  {reason:<28} {n:>12}  ({rate:.0}/s)");
         }
     }
-    for p in d["ports"].as_array().into_iter().flatten() {
-        if p["socket_drops_total"].as_u64().unwrap_or(0) > 0 {
-            let x = &p["socket_drops"];
+    for p in &d.ports {
+        if p.socket_drops_total > 0 {
+            let x = &p.socket_drops;
             println!(
                 "socket drops on {} (before ferry saw them): receive ring full {}, dropped {} (no free frame {}), invalid descriptors {}",
-                s(&p["ifname"]),
-                s(&x["rx_ring_full"]),
-                s(&x["rx_dropped"]),
-                s(&x["rx_no_frame"]),
-                s(&x["invalid_descs"])
+                p.ifname, x.rx_ring_full, x.rx_dropped, x.rx_no_frame, x.invalid_descs
             );
         }
     }

@@ -102,7 +102,7 @@ impl FakeAgent {
                                 Response::ok()
                             }
                             Request::PodCheck { pod } if registered.contains(&pod.id) => {
-                                Response::data(json!({ "registered": true }))
+                                Response::with(&ferry::admin::proto::PodChecked { registered: true })
                             }
                             Request::PodCheck { pod } => Response::err(format!("pod {} is not registered", pod.id)),
                             _ => Response::err("not implemented by the fake agent"),

@@ -12,6 +12,9 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// A request to the agent.
@@ -97,6 +100,12 @@ pub struct PodSpec {
     pub mac: String,
     /// The pod's addresses (no prefix length).
     pub addrs: Vec<IpAddr>,
+    /// The pod's Kubernetes namespace (`K8S_POD_NAMESPACE` in `CNI_ARGS`), when the runtime gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The pod's Kubernetes name (`K8S_POD_NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl NodeInfo {
@@ -117,8 +126,9 @@ pub struct Response {
     /// For [`Request::Info`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<NodeInfo>,
-    /// For [`Request::Status`], [`Request::Routes`], [`Request::Stats`], [`Request::PodCheck`]:
-    /// free-form JSON documented with each command.
+    /// The request's answer, one of this module's types: [`Status`], [`Routes`], [`Stats`],
+    /// [`ConntrackList`], [`PodRemoved`] (see [`Request`]). Built with
+    /// [`Response::with`] and read with [`Response::decode`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
 }
@@ -129,9 +139,25 @@ impl Response {
         Response { ok: true, error: None, info: None, data: None }
     }
 
-    /// A success carrying `data`.
-    pub fn data(data: serde_json::Value) -> Self {
-        Response { data: Some(data), ..Response::ok() }
+    /// A success carrying `payload` (one of this module's answer types).
+    pub fn with<T: Serialize>(payload: &T) -> Self {
+        match serde_json::to_value(payload) {
+            Ok(v) => Response { data: Some(v), ..Response::ok() },
+            Err(e) => Response::err(format!("encoding the answer: {e}")),
+        }
+    }
+
+    /// The payload as the answer type `T`.
+    ///
+    /// # Errors
+    /// A failed request (its error), a missing payload, or one that is not a `T` (an agent of
+    /// another version).
+    pub fn decode<T: DeserializeOwned>(self) -> Result<T, String> {
+        if !self.ok {
+            return Err(self.error.unwrap_or_else(|| "the agent refused without saying why".into()));
+        }
+        let data = self.data.ok_or("the agent's answer carries no payload")?;
+        serde_json::from_value(data).map_err(|e| format!("the agent's answer is not what this ferry expects: {e}"))
     }
 
     /// A failure.
@@ -167,4 +193,336 @@ pub struct NodeInfo {
     pub pod_port: PodPort,
     /// Where host-local IPAM keeps this node's allocations.
     pub ipam_data_dir: String,
+}
+
+/// What the agent resolved at startup (in [`Status::node`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    /// The node's name.
+    pub node_name: String,
+    /// The underlay interface.
+    pub underlay_if: String,
+    /// Its address.
+    pub underlay_addr: IpAddr,
+    /// Its MAC.
+    pub underlay_mac: String,
+    /// Its MTU.
+    pub underlay_mtu: u32,
+    /// `vxlan` or `geneve`.
+    pub tunnel: String,
+    /// The VNI.
+    pub vni: u32,
+    /// The tunnel's UDP port.
+    pub tunnel_port: u16,
+    /// This node's VTEP MAC.
+    pub vtep_mac: String,
+    /// The cluster's pod networks.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// This node's pod CIDRs.
+    pub pod_cidrs: Vec<IpNet>,
+    /// The pods' IPv4 gateway.
+    pub gateway_v4: Option<std::net::Ipv4Addr>,
+    /// The pods' IPv6 gateway.
+    pub gateway_v6: Option<std::net::Ipv6Addr>,
+    /// The gateway's MAC.
+    pub gateway_mac: String,
+    /// The host port's kernel end.
+    pub host_if: Option<String>,
+    /// The node's IPv4 overlay address.
+    pub host_addr: Option<std::net::Ipv4Addr>,
+    /// The node's IPv6 overlay address.
+    pub host_addr6: Option<std::net::Ipv6Addr>,
+    /// The pods' MTU.
+    pub pod_mtu: u32,
+    /// The kind of interface pods get (`auto` resolved).
+    pub pod_port: PodPort,
+    /// Worker threads.
+    pub workers: u32,
+    /// `adaptive` or `busy`.
+    pub poll: String,
+    /// Route sources: `static`, `etcd`, `kube`.
+    pub sources: Vec<String>,
+    /// The Prometheus endpoint, if on.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where host-local IPAM keeps its allocations.
+    pub ipam_data_dir: String,
+}
+
+/// A port as the agent knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortInfo {
+    /// The interface.
+    pub ifname: String,
+    /// `uplink`, `host` or `pod`.
+    pub kind: String,
+    /// What ferry moves the port's frames through: `af_xdp` or `tap`.
+    pub io: String,
+    /// The pod's id, for pod ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The addresses behind the port.
+    pub addrs: Vec<IpAddr>,
+    /// XDP attach mode.
+    pub xdp_mode: String,
+}
+
+/// The forwarding tables in brief (in [`Status::tables`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TablesSummary {
+    /// The snapshot's generation.
+    pub generation: u64,
+    /// Remote nodes in the desired state.
+    pub remote_nodes: usize,
+    /// Local pods (and the host port).
+    pub local_endpoints: usize,
+    /// Distinct underlay next hops.
+    pub next_hops: usize,
+}
+
+/// A registered pod (in [`Status::pods`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodEntry {
+    /// [`PodSpec::id`].
+    pub id: String,
+    /// Its Kubernetes namespace, when the CNI runtime said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Its Kubernetes name, when the CNI runtime said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// veth or tap.
+    pub kind: PodPort,
+    /// The interface.
+    pub ifname: String,
+    /// Its network namespace.
+    pub netns: String,
+    /// Its addresses.
+    pub addrs: Vec<IpAddr>,
+    /// Its MAC.
+    pub mac: String,
+    /// Its port id.
+    pub port: u16,
+}
+
+/// A node the forwarding tables could not build, left out of them (in [`Status::skipped_nodes`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedNode {
+    /// The node.
+    pub node: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The answer to [`Request::Status`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Ready to carry traffic.
+    pub ready: bool,
+    /// The agent's main loop goes round.
+    pub live: bool,
+    /// Why not ready.
+    pub not_ready_because: Option<String>,
+    /// What the agent resolved at startup.
+    pub node: NodeSummary,
+    /// Seconds since the agent started.
+    pub uptime_seconds: f64,
+    /// ferry's version.
+    pub version: String,
+    /// The tables in brief.
+    pub tables: TablesSummary,
+    /// Registered pods.
+    pub pods: Vec<PodEntry>,
+    /// Ports by id.
+    pub ports: BTreeMap<u16, PortInfo>,
+    /// Nodes left out of the tables, and why.
+    pub skipped_nodes: Vec<SkippedNode>,
+}
+
+/// A remote node's next hop state (in [`RemoteRoute::next_hop`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextHopState {
+    /// `resolved`, `unresolved` or `overridden`.
+    pub state: String,
+    /// The underlay MAC, when resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_mac: Option<String>,
+}
+
+/// A remote node's route (in [`Routes::remote`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteRoute {
+    /// The node.
+    pub node: String,
+    /// Its pod CIDRs.
+    pub pod_cidrs: Vec<IpNet>,
+    /// Its underlay address.
+    pub underlay: IpAddr,
+    /// Its VTEP MAC.
+    pub vtep_mac: String,
+    /// The VNI.
+    pub vni: u32,
+    /// `vxlan` or `geneve`.
+    pub tunnel: String,
+    /// The tunnel's UDP port.
+    pub port: u16,
+    /// The underlay next hop; `None` for a node without a pod CIDR.
+    pub next_hop: Option<NextHopState>,
+}
+
+/// A local endpoint (in [`Routes::local`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalRoute {
+    /// Its addresses.
+    pub addrs: Vec<IpAddr>,
+    /// Its MAC.
+    pub mac: String,
+    /// Its port.
+    pub port: u16,
+    /// The port's interface.
+    pub ifname: Option<String>,
+    /// The pod's id.
+    pub pod: Option<String>,
+}
+
+/// The answer to [`Request::Routes`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Routes {
+    /// The snapshot's generation.
+    pub generation: u64,
+    /// Remote nodes.
+    pub remote: Vec<RemoteRoute>,
+    /// Local endpoints.
+    pub local: Vec<LocalRoute>,
+    /// This node's own CIDRs (dropped where no pod is).
+    pub blackholes: Vec<IpNet>,
+}
+
+/// The AF_XDP socket's own drop counters (in [`PortCounters::socket_drops`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketDrops {
+    /// Receive ring full.
+    pub rx_ring_full: u64,
+    /// No free frame (part of `rx_dropped`).
+    pub rx_no_frame: u64,
+    /// Dropped.
+    pub rx_dropped: u64,
+    /// Invalid descriptors.
+    pub invalid_descs: u64,
+}
+
+/// One port's counters and rates (in [`Stats::ports`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortCounters {
+    /// The port id.
+    pub port: u16,
+    /// Its interface.
+    pub ifname: String,
+    /// `uplink`, `host` or `pod`.
+    pub kind: String,
+    /// The pod's id.
+    #[serde(default)]
+    pub pod: Option<String>,
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Received per second.
+    pub rx_pps: f64,
+    /// Sent per second.
+    pub tx_pps: f64,
+    /// Received bits per second.
+    pub rx_bps: f64,
+    /// Sent bits per second.
+    pub tx_bps: f64,
+    /// Frames the kernel dropped before the worker saw them (AF_XDP statistics).
+    pub socket_drops: SocketDrops,
+    /// Their sum (`rx_no_frame` is part of `rx_dropped`, not added).
+    pub socket_drops_total: u64,
+}
+
+/// The answer to [`Request::Stats`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Seconds between the two samples the rates come from.
+    #[serde(default)]
+    pub interval_seconds: f64,
+    /// Per port.
+    pub ports: Vec<PortCounters>,
+    /// Drops by reason name.
+    pub drops: BTreeMap<String, u64>,
+    /// Drops per second by reason name.
+    #[serde(default)]
+    pub drop_rates: BTreeMap<String, f64>,
+    /// All drops.
+    #[serde(default)]
+    pub total_drops: u64,
+    /// ICMP errors sent.
+    #[serde(default)]
+    pub icmp_errors: u64,
+    /// Frames freed twice and refused (a bug if not 0).
+    #[serde(default)]
+    pub double_frees: u64,
+    /// Packets moved to make room for the tunnel headers.
+    #[serde(default)]
+    pub headroom_moves: u64,
+}
+
+/// A tracked connection (in [`ConntrackList::entries`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackEntry {
+    /// IP protocol.
+    pub proto: u8,
+    /// Source.
+    pub src: IpAddr,
+    /// Source port.
+    pub sport: u16,
+    /// Destination.
+    pub dst: IpAddr,
+    /// Destination port.
+    pub dport: u16,
+    /// `original` or `reply`.
+    pub direction: String,
+    /// `destination` or `source`: what the translation rewrites.
+    pub rewrite: String,
+    /// The translation's address.
+    pub nat: IpAddr,
+    /// The translation's port.
+    pub nat_port: u16,
+    /// The connection's state.
+    pub state: String,
+    /// Milliseconds since last seen.
+    pub idle_ms: u64,
+}
+
+/// The answer to [`Request::Conntrack`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackList {
+    /// Slots in the table.
+    pub capacity: usize,
+    /// Bytes per slot.
+    pub entry_bytes: usize,
+    /// Entries inserted since start.
+    pub inserts: u64,
+    /// Entries evicted since start.
+    pub evictions: u64,
+    /// The matching entries.
+    pub entries: Vec<ConntrackEntry>,
+}
+
+/// The answer to [`Request::PodDel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRemoved {
+    /// Whether the agent knew the pod.
+    pub removed: bool,
+}
+
+/// The answer to [`Request::PodCheck`] when the pod is there (a pod that is not is an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodChecked {
+    /// Whether the agent has the pod registered, attached and routed.
+    pub registered: bool,
 }

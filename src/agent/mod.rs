@@ -69,34 +69,7 @@ pub fn tunnel_overhead(params: &TemplateParams<'_>) -> Result<u32, TemplateError
 }
 
 /// What the agent resolved at startup (reported by `ferry status`).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Resolved {
-    node_name: String,
-    underlay_if: String,
-    underlay_addr: IpAddr,
-    underlay_mac: String,
-    underlay_mtu: u32,
-    tunnel: String,
-    vni: u32,
-    tunnel_port: u16,
-    vtep_mac: String,
-    cluster_cidrs: Vec<IpNet>,
-    pod_cidrs: Vec<IpNet>,
-    gateway_v4: Option<Ipv4Addr>,
-    gateway_v6: Option<Ipv6Addr>,
-    gateway_mac: String,
-    host_if: Option<String>,
-    host_addr: Option<Ipv4Addr>,
-    host_addr6: Option<Ipv6Addr>,
-    pod_mtu: u32,
-    /// The kind of interface pods get (`auto` resolved).
-    pod_port: PodPort,
-    workers: u32,
-    poll: String,
-    sources: Vec<&'static str>,
-    metrics_addr: Option<std::net::SocketAddr>,
-    ipam_data_dir: String,
-}
+type Resolved = crate::admin::proto::NodeSummary;
 
 /// Counter samples for rates.
 #[derive(Debug, Default)]
@@ -439,8 +412,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         0,
         PortInfo {
             ifname: cfg.underlay_if.clone(),
-            kind: "uplink",
-            io: "af_xdp",
+            kind: "uplink".into(),
+            io: "af_xdp".into(),
             pod: None,
             addrs: vec![underlay_addr],
             xdp_mode: uplink_xdp
@@ -492,7 +465,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         pod_port,
         workers: cfg.workers,
         poll: format!("{:?}", cfg.poll).to_lowercase(),
-        sources,
+        sources: sources.iter().map(|s| (*s).to_owned()).collect(),
         metrics_addr,
         ipam_data_dir: cfg.state_dir.join("ipam").display().to_string(),
     };
@@ -748,8 +721,8 @@ fn host_attach(pods: &Pods, plan: &HostPlan<'_>, host_mac: MacAddr, port: PortId
         port,
         PortInfo {
             ifname: peer.clone(),
-            kind: "host",
-            io: "af_xdp",
+            kind: "host".into(),
+            io: "af_xdp".into(),
             pod: None,
             addrs: overlay.iter().copied().chain([underlay_addr]).collect(),
             xdp_mode: format!("{:?}", xdp.mode()).to_lowercase(),

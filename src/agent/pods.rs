@@ -9,7 +9,6 @@
 //!   agent opens its queues again.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,23 +42,7 @@ pub(super) struct WorkerHandle {
     pub(super) queue: u32,
 }
 
-/// What a port is, for status and statistics.
-#[derive(Debug, Clone, Serialize)]
-pub(super) struct PortInfo {
-    /// The interface.
-    pub(super) ifname: String,
-    /// `uplink`, `host` or `pod`.
-    pub(super) kind: &'static str,
-    /// What ferry moves the port's frames through: `af_xdp` or `tap`.
-    pub(super) io: &'static str,
-    /// The pod's id, for pod ports.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) pod: Option<String>,
-    /// The addresses behind the port.
-    pub(super) addrs: Vec<IpAddr>,
-    /// XDP attach mode.
-    pub(super) xdp_mode: String,
-}
+pub(super) use crate::admin::proto::PortInfo;
 
 /// A record on disk: what is needed to attach the pod again after a restart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,8 +290,8 @@ impl Pods {
             port,
             PortInfo {
                 ifname,
-                kind: "pod",
-                io,
+                kind: "pod".into(),
+                io: io.into(),
                 pod: Some(spec.id.clone()),
                 addrs: spec.addrs.clone(),
                 xdp_mode: xdp.as_ref().map_or_else(|| "none".to_owned(), |x| format!("{:?}", x.mode()).to_lowercase()),

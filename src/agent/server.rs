@@ -3,6 +3,7 @@
 //! The thread waits in `poll(2)` and serves each connection as it arrives; the poll's timeout only
 //! bounds how long a stop takes to be noticed.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,13 +13,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::{Shared, lock};
+use crate::admin::proto::{
+    ConntrackEntry, ConntrackList, LocalRoute, NextHopState, PodChecked, PodEntry, PodRemoved, PortCounters,
+    RemoteRoute, Routes, SkippedNode, SocketDrops, Stats, Status, TablesSummary,
+};
+use crate::admin::{NodeInfo, Request, Response};
 use anyhow::Context;
 use ferry_encap::DropReason;
 use ferry_tables::Route;
-use serde_json::json;
-
-use super::{Shared, lock};
-use crate::admin::{NodeInfo, Request, Response};
 
 /// Largest request accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -134,22 +137,22 @@ impl Server {
             },
             Request::PodDel { id } => {
                 let known = lock(&s.pods).remove(&id);
-                Response::data(json!({ "removed": known }))
+                Response::with(&PodRemoved { removed: known })
             }
             Request::PodCheck { pod } => match lock(&s.pods).check(&pod) {
-                Ok(()) => Response::ok(),
+                Ok(()) => Response::with(&PodChecked { registered: true }),
                 Err(e) => Response::err(e),
             },
-            Request::Status => Response::data(self.status()),
-            Request::Routes => Response::data(self.routes()),
-            Request::Stats => Response::data(self.stats()),
-            Request::Conntrack { addr, port, proto } => Response::data(self.conntrack(addr, port, proto)),
+            Request::Status => Response::with(&self.status()),
+            Request::Routes => Response::with(&self.routes()),
+            Request::Stats => Response::with(&self.stats()),
+            Request::Conntrack { addr, port, proto } => Response::with(&self.conntrack(addr, port, proto)),
         }
     }
 
-    fn conntrack(&self, addr: Option<std::net::IpAddr>, port: Option<u16>, proto: Option<u8>) -> serde_json::Value {
+    fn conntrack(&self, addr: Option<std::net::IpAddr>, port: Option<u16>, proto: Option<u8>) -> ConntrackList {
         let ct = &self.shared.conntrack;
-        let entries: Vec<serde_json::Value> = ct
+        let entries = ct
             .entries()
             .into_iter()
             .filter(|e| {
@@ -161,109 +164,125 @@ impl Server {
             .map(|e| {
                 let t = &e.tuple;
                 let reply = e.flags & ferry_dataplane::conntrack::flags::REPLY != 0;
-                json!({
-                    "proto": t.proto,
-                    "src": t.src.to_string(), "sport": t.sport,
-                    "dst": t.dst.to_string(), "dport": t.dport,
-                    "direction": if reply { "reply" } else { "original" },
-                    "rewrite": if reply { "source" } else { "destination" },
-                    "nat": e.nat.addr.to_string(), "nat_port": e.nat.port,
-                    "state": e.state(),
-                    "idle_ms": e.idle_ms,
-                })
+                ConntrackEntry {
+                    proto: t.proto,
+                    src: t.src,
+                    sport: t.sport,
+                    dst: t.dst,
+                    dport: t.dport,
+                    direction: if reply { "reply" } else { "original" }.into(),
+                    rewrite: if reply { "source" } else { "destination" }.into(),
+                    nat: e.nat.addr,
+                    nat_port: e.nat.port,
+                    state: e.state().into(),
+                    idle_ms: u64::from(e.idle_ms),
+                }
             })
             .collect();
-        json!({
-            "capacity": ct.capacity(),
-            "entry_bytes": ferry_dataplane::conntrack::Conntrack::entry_bytes(),
-            "inserts": ct.inserts(),
-            "evictions": ct.evictions(),
-            "entries": entries,
-        })
+        ConntrackList {
+            capacity: ct.capacity(),
+            entry_bytes: ferry_dataplane::conntrack::Conntrack::entry_bytes(),
+            inserts: ct.inserts(),
+            evictions: ct.evictions(),
+            entries,
+        }
     }
 
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> Status {
         let s = &self.shared;
         let t = lock(&s.tables);
         let snap = t.current();
         let d = t.desired();
         let h = super::health(s);
-        json!({
-            "ready": h.ready,
-            "live": h.live,
-            "not_ready_because": (!h.ready).then_some(h.detail),
-            "node": s.resolved,
-            "uptime_seconds": s.started.elapsed().as_secs_f64(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "tables": {
-                "generation": snap.generation(),
-                "remote_nodes": d.nodes.len(),
-                "local_endpoints": d.local_pods.len(),
-                "next_hops": snap.next_hops(),
+        Status {
+            ready: h.ready,
+            live: h.live,
+            not_ready_because: (!h.ready).then_some(h.detail),
+            node: s.resolved.clone(),
+            uptime_seconds: s.started.elapsed().as_secs_f64(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            tables: TablesSummary {
+                generation: snap.generation(),
+                remote_nodes: d.nodes.len(),
+                local_endpoints: d.local_pods.len(),
+                next_hops: snap.next_hops(),
             },
-            "pods": lock(&s.pods).list().iter().map(|(p, port)| json!({
-                "id": p.id, "kind": p.kind, "ifname": p.host_ifname, "netns": p.netns, "addrs": p.addrs, "mac": p.mac, "port": port.0,
-            })).collect::<Vec<_>>(),
-            "ports": *lock(&s.ports),
-            "skipped_nodes": *lock(&s.skipped),
-        })
+            pods: lock(&s.pods)
+                .list()
+                .into_iter()
+                .map(|(p, port)| PodEntry {
+                    id: p.id,
+                    namespace: p.namespace,
+                    name: p.name,
+                    kind: p.kind,
+                    ifname: p.host_ifname,
+                    netns: p.netns,
+                    addrs: p.addrs,
+                    mac: p.mac,
+                    port: port.0,
+                })
+                .collect(),
+            ports: lock(&s.ports).clone(),
+            skipped_nodes: lock(&s.skipped)
+                .iter()
+                .map(|(node, reason)| SkippedNode { node: node.clone(), reason: reason.clone() })
+                .collect(),
+        }
     }
 
-    fn routes(&self) -> serde_json::Value {
+    fn routes(&self) -> Routes {
         let s = &self.shared;
         let t = lock(&s.tables);
         let snap = t.current();
         let d = t.desired();
-        let remote: Vec<_> = d
+        let remote = d
             .nodes
             .iter()
             .map(|n| {
-                let state = n.pod_cidrs.first().map(|c| match snap.route(c.addr()) {
-                    Route::Remote { template, .. } => {
-                        json!({ "state": "resolved", "underlay_mac": template.next_hop_mac().to_string() })
+                let next_hop = n.pod_cidrs.first().map(|c| match snap.route(c.addr()) {
+                    Route::Remote { template, .. } => NextHopState {
+                        state: "resolved".into(),
+                        underlay_mac: Some(template.next_hop_mac().to_string()),
+                    },
+                    Route::Unresolved { .. } => NextHopState { state: "unresolved".into(), underlay_mac: None },
+                    Route::Local { .. } | Route::Blackhole | Route::NoRoute => {
+                        NextHopState { state: "overridden".into(), underlay_mac: None }
                     }
-                    Route::Unresolved { .. } => json!({ "state": "unresolved" }),
-                    Route::Local { .. } | Route::Blackhole | Route::NoRoute => json!({ "state": "overridden" }),
                 });
-                json!({
-                    "node": n.name,
-                    "pod_cidrs": n.pod_cidrs,
-                    "underlay": n.underlay,
-                    "vtep_mac": n.vtep_mac.to_string(),
-                    "vni": n.vni,
-                    "tunnel": format!("{:?}", n.tunnel).to_lowercase(),
-                    "port": n.port,
-                    "next_hop": state,
-                })
+                RemoteRoute {
+                    node: n.name.clone(),
+                    pod_cidrs: n.pod_cidrs.clone(),
+                    underlay: n.underlay,
+                    vtep_mac: n.vtep_mac.to_string(),
+                    vni: n.vni,
+                    tunnel: format!("{:?}", n.tunnel).to_lowercase(),
+                    port: n.port,
+                    next_hop,
+                }
             })
             .collect();
         let ports = lock(&s.ports);
-        let local: Vec<_> = d
+        let local = d
             .local_pods
             .iter()
             .map(|p| {
                 let info = ports.get(&p.port.0);
-                json!({
-                    "addrs": p.addrs,
-                    "mac": p.mac.to_string(),
-                    "port": p.port.0,
-                    "ifname": info.map(|i| i.ifname.clone()),
-                    "pod": info.and_then(|i| i.pod.clone()),
-                })
+                LocalRoute {
+                    addrs: p.addrs.clone(),
+                    mac: p.mac.to_string(),
+                    port: p.port.0,
+                    ifname: info.map(|i| i.ifname.clone()),
+                    pod: info.and_then(|i| i.pod.clone()),
+                }
             })
             .collect();
-        json!({
-            "generation": snap.generation(),
-            "remote": remote,
-            "local": local,
-            "blackholes": d.blackholes,
-        })
+        Routes { generation: snap.generation(), remote, local, blackholes: d.blackholes.clone() }
     }
 
-    fn stats(&self) -> serde_json::Value {
+    fn stats(&self) -> Stats {
         let s = &self.shared;
         let rates = lock(&s.rates);
-        let Some((t1, c1)) = &rates.last else { return json!({ "ports": [], "drops": {} }) };
+        let Some((t1, c1)) = &rates.last else { return Stats::default() };
         let prev = rates.prev.as_ref();
         let secs = prev.map_or(0.0, |(t0, _)| t1.duration_since(*t0).as_secs_f64());
         let rate = |now: u64, then: Option<u64>| match then {
@@ -271,7 +290,7 @@ impl Server {
             _ => 0.0,
         };
         let ports = lock(&s.ports);
-        let list: Vec<_> = ports
+        let list = ports
             .iter()
             .map(|(id, info)| {
                 let i = usize::from(*id);
@@ -280,49 +299,48 @@ impl Server {
                 let p = prev.map(|(_, c0)| {
                     (c0.rx.get(i).copied().unwrap_or_default(), c0.tx.get(i).copied().unwrap_or_default())
                 });
-                json!({
-                    "port": id,
-                    "ifname": info.ifname,
-                    "kind": info.kind,
-                    "pod": info.pod,
-                    "rx_packets": rx.packets,
-                    "rx_bytes": rx.bytes,
-                    "tx_packets": tx.packets,
-                    "tx_bytes": tx.bytes,
-                    "rx_pps": rate(rx.packets, p.map(|p| p.0.packets)),
-                    "tx_pps": rate(tx.packets, p.map(|p| p.1.packets)),
-                    "rx_bps": 8.0 * rate(rx.bytes, p.map(|p| p.0.bytes)),
-                    "tx_bps": 8.0 * rate(tx.bytes, p.map(|p| p.1.bytes)),
-                    // Frames the kernel dropped before the worker saw them (AF_XDP statistics).
-                    "socket_drops": {
-                        "rx_ring_full": xsk.rx_ring_full,
-                        "rx_no_frame": xsk.rx_no_frame,
-                        "rx_dropped": xsk.rx_dropped,
-                        "invalid_descs": xsk.invalid_descs,
+                PortCounters {
+                    port: *id,
+                    ifname: info.ifname.clone(),
+                    kind: info.kind.clone(),
+                    pod: info.pod.clone(),
+                    rx_packets: rx.packets,
+                    rx_bytes: rx.bytes,
+                    tx_packets: tx.packets,
+                    tx_bytes: tx.bytes,
+                    rx_pps: rate(rx.packets, p.map(|p| p.0.packets)),
+                    tx_pps: rate(tx.packets, p.map(|p| p.1.packets)),
+                    rx_bps: 8.0 * rate(rx.bytes, p.map(|p| p.0.bytes)),
+                    tx_bps: 8.0 * rate(tx.bytes, p.map(|p| p.1.bytes)),
+                    socket_drops: SocketDrops {
+                        rx_ring_full: xsk.rx_ring_full,
+                        rx_no_frame: xsk.rx_no_frame,
+                        rx_dropped: xsk.rx_dropped,
+                        invalid_descs: xsk.invalid_descs,
                     },
                     // The kernel counts a frame dropped for want of a free frame under `rx_dropped`
                     // too, so `rx_no_frame` is part of it, not added.
-                    "socket_drops_total": xsk.rx_ring_full + xsk.rx_dropped + xsk.invalid_descs,
-                })
+                    socket_drops_total: xsk.rx_ring_full + xsk.rx_dropped + xsk.invalid_descs,
+                }
             })
             .collect();
-        let mut drops = serde_json::Map::new();
-        let mut drop_rates = serde_json::Map::new();
+        let mut drops = BTreeMap::new();
+        let mut drop_rates = BTreeMap::new();
         for r in DropReason::ALL {
             let n = c1.drops(*r);
-            drops.insert(r.name().to_owned(), json!(n));
-            drop_rates.insert(r.name().to_owned(), json!(rate(n, prev.map(|(_, c0)| c0.drops(*r)))));
+            drops.insert(r.name().to_owned(), n);
+            drop_rates.insert(r.name().to_owned(), rate(n, prev.map(|(_, c0)| c0.drops(*r))));
         }
-        json!({
-            "interval_seconds": secs,
-            "ports": list,
-            "drops": drops,
-            "drop_rates": drop_rates,
-            "total_drops": c1.total_drops(),
-            "icmp_errors": c1.pipeline.icmp_errors,
-            "double_frees": c1.double_frees,
-            "headroom_moves": c1.pipeline.headroom_moves,
-        })
+        Stats {
+            interval_seconds: secs,
+            ports: list,
+            drops,
+            drop_rates,
+            total_drops: c1.total_drops(),
+            icmp_errors: c1.pipeline.icmp_errors,
+            double_frees: c1.double_frees,
+            headroom_moves: c1.pipeline.headroom_moves,
+        }
     }
 }
 

@@ -224,6 +224,11 @@ impl Env {
     pub fn pod_id(&self) -> String {
         format!("{}/{}", self.container_id, self.ifname)
     }
+
+    /// A `CNI_ARGS` value (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`), if given and not empty.
+    pub fn arg(&self, key: &str) -> Option<String> {
+        self.args.iter().find(|(k, v)| k == key && !v.is_empty()).map(|(_, v)| v.clone())
+    }
 }
 
 /// The host-side veth's name for a container's interface: `fy` and 11 hex digits of a stable hash

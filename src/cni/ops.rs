@@ -15,6 +15,7 @@ use super::config::{Command, Env, NetConf, has_check, host_ifname};
 use super::error::{CniError, Code};
 use super::ipam;
 use super::result::{CniResult, Interface, IpConfig, RouteConfig};
+use crate::admin::proto::PodChecked;
 use crate::admin::{self, CallError, NodeInfo, PodPort, PodSpec, Request, Response};
 use crate::netlink::{Netlink, Route, VethSpec};
 
@@ -214,6 +215,8 @@ fn wire(
         kind: info.pod_port,
         mac: pod_mac.clone(),
         addrs: ips.iter().map(|(a, _)| *a).collect(),
+        namespace: env.arg("K8S_POD_NAMESPACE"),
+        name: env.arg("K8S_POD_NAME"),
     };
     *pod_added = true;
     agent(conf, &Request::PodAdd { pod: spec }, &format!("adding pod {}", env.pod_id()))?;
@@ -350,12 +353,16 @@ pub(crate) fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         kind: info.pod_port,
         mac: pod_mac,
         addrs: ours.iter().map(|ip| ip.address.addr()).collect(),
+        namespace: env.arg("K8S_POD_NAMESPACE"),
+        name: env.arg("K8S_POD_NAME"),
     };
     let answer =
         agent(conf, &Request::PodCheck { pod: spec }, &format!("checking pod {}", env.pod_id())).map_err(|e| {
             if e.code == Code::AgentRefused as u32 { CniError { code: Code::CheckFailed as u32, ..e } } else { e }
         })?;
-    if answer.data.as_ref().and_then(|d| d.get("registered")).and_then(Value::as_bool) == Some(false) {
+    // An agent from before typed answers says nothing but ok.
+    let registered = answer.data.is_none() || answer.decode::<PodChecked>().is_ok_and(|c| c.registered);
+    if !registered {
         return Err(mismatch(format!("the ferry agent does not have pod {} registered", env.pod_id())));
     }
     Ok(())
