@@ -41,7 +41,7 @@ pub use engine::{Diff, Engine};
 pub use metrics::Metrics;
 pub use model::{NextHop, NodeKey, NodeSpec, Rejection, Route, SourceKind, TunnelEndpoint, Update};
 pub use publish::{Publish, RouteTable};
-pub use tables::TablesPublisher;
+pub use tables::{SkippedNodes, TablesPublisher};
 
 use source::{EventTx, SourceEvent};
 

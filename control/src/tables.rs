@@ -72,12 +72,32 @@ pub fn desired_state(routes: &BTreeMap<IpNet, Route>, local_pods: Vec<LocalPod>)
 
 type Hook = Box<dyn FnMut(&Arc<Snapshot>, &Diff) + Send>;
 
+/// The nodes the last publication left out of the tables, and why: a handle readable from any
+/// thread (the agent's `ferry status`) while the control thread owns the publisher.
+#[derive(Debug, Clone, Default)]
+pub struct SkippedNodes(Arc<Mutex<BTreeMap<String, String>>>);
+
+impl SkippedNodes {
+    /// `(node, reason)`, by node name.
+    pub fn list(&self) -> Vec<(String, String)> {
+        let g = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.iter().map(|(n, r)| (n.clone(), r.clone())).collect()
+    }
+
+    fn set(&self, skipped: &HashMap<String, String>) {
+        let mut g = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *g = skipped.iter().map(|(n, r)| (n.clone(), r.clone())).collect();
+    }
+}
+
 /// Publishes into the data plane's [`Tables`]. Owns them on the control thread; workers hold
 /// [`Tables::reader`]s taken before handing the tables over.
 pub struct TablesPublisher {
     tables: Arc<Mutex<Tables>>,
     /// Nodes left out of the last publications, and why (warned once per reason).
     skipped: HashMap<String, String>,
+    /// The same, for readers on other threads.
+    skipped_shared: SkippedNodes,
     hook: Option<Hook>,
 }
 
@@ -99,7 +119,7 @@ impl TablesPublisher {
     /// Publishes into tables that other control-side writers (pod registration, neighbour
     /// resolution) share.
     pub fn shared(tables: Arc<Mutex<Tables>>) -> Self {
-        TablesPublisher { tables, skipped: HashMap::new(), hook: None }
+        TablesPublisher { tables, skipped: HashMap::new(), skipped_shared: SkippedNodes::default(), hook: None }
     }
 
     /// The tables (locked; a writer that panicked left them consistent, so poisoning is ignored).
@@ -117,6 +137,12 @@ impl TablesPublisher {
     /// Nodes currently left out, with the reason.
     pub fn skipped(&self) -> &HashMap<String, String> {
         &self.skipped
+    }
+
+    /// A handle on the nodes left out, kept current by every publication (take it before handing
+    /// the publisher to the control plane).
+    pub fn skipped_nodes(&self) -> SkippedNodes {
+        self.skipped_shared.clone()
     }
 }
 
@@ -154,6 +180,7 @@ impl Publish for TablesPublisher {
                 tracing::warn!(node = %node, reason = %reason, "node left out of the forwarding tables");
             }
         }
+        self.skipped_shared.set(&skipped);
         self.skipped = skipped;
         if let Some(hook) = &mut self.hook {
             hook(&tables.current(), table.diff);
@@ -235,11 +262,17 @@ mod tests {
                 *g = snap.generation();
             }
         });
+        let handle = p.skipped_nodes();
         let mut r = routes();
         // An IPv6 underlay: this node has no IPv6 underlay address, so the tables cannot reach it.
         r.insert(net("10.0.3.0/24"), tunnel("v6", "2001:db8::3", None));
         p.publish(&RouteTable { generation: 1, routes: &r, diff: &Diff::default() });
         assert!(p.skipped().contains_key("v6"), "{:?}", p.skipped());
+        // What `ferry status` reads, from another thread.
+        let listed = std::thread::spawn(move || handle.list()).join().expect("reader");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].0, "v6");
+        assert!(!listed[0].1.is_empty(), "a reason: {listed:?}");
         let generation = *seen.lock().expect("lock");
         assert!(generation > 0, "published");
         let snap = p.tables().current();

@@ -88,7 +88,8 @@ struct Shared {
     ports: Arc<Mutex<BTreeMap<u16, PortInfo>>>,
     counters: Vec<Arc<SharedCounters>>,
     rates: Mutex<Rates>,
-    skipped: Arc<Mutex<Vec<(String, String)>>>,
+    /// Nodes the tables could not build (kept current by the control thread's publisher).
+    skipped: ferry_control::SkippedNodes,
     /// The control plane's metrics (its publication count decides readiness).
     control_metrics: ferry_control::Metrics,
     /// Set once the uplink, the host port and the restored pods are attached and the admin socket
@@ -237,8 +238,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if control.kube.is_some() {
         sources.push("kube");
     }
-    let skipped = Arc::new(Mutex::new(Vec::new()));
     let publisher = TablesPublisher::shared(Arc::clone(&tables));
+    let skipped = publisher.skipped_nodes();
     let control_plane = ControlPlane::spawn(control, publisher).context("starting the control plane")?;
     let metrics_addr = control_plane.metrics_addr();
 

@@ -223,10 +223,7 @@ impl Server {
                 })
                 .collect(),
             ports: lock(&s.ports).clone(),
-            skipped_nodes: lock(&s.skipped)
-                .iter()
-                .map(|(node, reason)| SkippedNode { node: node.clone(), reason: reason.clone() })
-                .collect(),
+            skipped_nodes: s.skipped.list().into_iter().map(|(node, reason)| SkippedNode { node, reason }).collect(),
         }
     }
 
