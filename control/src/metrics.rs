@@ -22,6 +22,7 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -49,10 +50,9 @@ struct NextHopLabels {
     next_hop: &'static str,
 }
 
-/// Renders more metric families (OpenMetrics text, without `# EOF`) after the registry's.
-pub type ExtraMetrics = Box<dyn Fn(&mut String) + Send + Sync>;
-
-struct Extra(std::sync::Mutex<Option<ExtraMetrics>>);
+/// More metric families, served after the control plane's: a registry of their own (no prefix),
+/// typically holding a [`Collector`] that reads the data plane's counters at each scrape.
+struct Extra(std::sync::Mutex<Option<Registry>>);
 
 /// What `/healthz` and `/readyz` answer: see [`Metrics::set_health`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,10 +212,12 @@ impl Metrics {
         self.inner.publications.get()
     }
 
-    /// Serve more metric families with these (the data plane's counters, say): `f` appends
-    /// OpenMetrics text, without the final `# EOF`, each time the endpoint is scraped.
-    pub fn set_extra(&self, f: ExtraMetrics) {
-        *self.inner.extra.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+    /// Serve more metric families with `collector` (the data plane's counters, say), asked at
+    /// each scrape. Its names are its own: the control plane's prefix is not added. Calling it
+    /// again adds another.
+    pub fn add_collector(&self, collector: Box<dyn Collector>) {
+        let mut extra = self.inner.extra.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        extra.get_or_insert_with(Registry::default).register_collector(collector);
     }
 
     /// Answer `/healthz` and `/readyz` with `f`. Until it is set, the endpoint is live and ready
@@ -239,16 +241,18 @@ impl Metrics {
 
     /// The whole registry in the OpenMetrics text format.
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text;
         let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        // Writing into a String cannot fail; a collector that fails leaves its families out.
+        let _ = text::encode_registry(&mut out, &self.inner.registry);
         let extra = self.inner.extra.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(f) = extra.as_ref() {
-            let body = out.strip_suffix("# EOF\n").map(str::len).unwrap_or(out.len());
-            out.truncate(body);
-            f(&mut out);
-            out.push_str("# EOF\n");
+        if let Some(r) = extra.as_ref() {
+            let mark = out.len();
+            if text::encode_registry(&mut out, r).is_err() {
+                out.truncate(mark);
+            }
         }
+        let _ = text::encode_eof(&mut out);
         out
     }
 }
@@ -331,13 +335,35 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct Seven;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct Why {
+        why: String,
+    }
+
+    impl Collector for Seven {
+        fn encode(
+            &self,
+            mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+        ) -> Result<(), std::fmt::Error> {
+            use prometheus_client::encoding::EncodeMetric;
+            use prometheus_client::metrics::counter::ConstCounter;
+            let c = ConstCounter::new(7u64);
+            let mut family = encoder.encode_descriptor("x", "Seven", None, c.metric_type())?;
+            c.encode(family.encode_family(&Why { why: "a \"quoted\" \\ value".into() })?)?;
+            Ok(())
+        }
+    }
+
     #[test]
-    fn extra_families_come_before_the_end_marker() {
+    fn collected_families_come_before_the_end_marker_unprefixed_and_escaped() {
         let m = Metrics::new();
-        m.set_extra(Box::new(|out| out.push_str("# TYPE x counter\nx_total 7\n")));
+        m.add_collector(Box::new(Seven));
         let text = m.encode();
         assert!(text.contains("ferry_control_publications_total 0\n"), "{text}");
-        assert!(text.ends_with("x_total 7\n# EOF\n"), "{text}");
+        assert!(text.ends_with("x_total{why=\"a \\\"quoted\\\" \\\\ value\"} 7\n# EOF\n"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1);
     }
 

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod config;
+mod metrics;
 mod pods;
 mod server;
 
@@ -486,8 +487,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     });
 
     if metrics_addr.is_some() {
-        let s2 = Arc::clone(&shared);
-        control_plane.metrics().set_extra(Box::new(move |out| dataplane_metrics(&s2, out)));
+        control_plane.metrics().add_collector(Box::new(metrics::DataplaneCollector(Arc::clone(&shared))));
         let s3 = Arc::clone(&shared);
         control_plane.metrics().set_health(Box::new(move || health(&s3)));
     }
@@ -785,71 +785,6 @@ fn spawn_neighbours(
             }
         }
     })?)
-}
-
-/// The data plane's counters in the OpenMetrics text format (summed over workers).
-fn dataplane_metrics(shared: &Shared, out: &mut String) {
-    use std::fmt::Write;
-    let Some(c) = ferry_dataplane::counters::sum(shared.counters.iter().map(|a| &**a)) else { return };
-    let ports = lock(&shared.ports);
-    let families = [
-        ("rx_packets", "Packets received, by port"),
-        ("rx_bytes", "Bytes received, by port"),
-        ("tx_packets", "Packets transmitted, by port"),
-        ("tx_bytes", "Bytes transmitted, by port"),
-    ];
-    for (i, (name, help)) in families.iter().enumerate() {
-        let _ = writeln!(out, "# HELP ferry_dataplane_{name} {help}.\n# TYPE ferry_dataplane_{name} counter");
-        for (id, info) in ports.iter() {
-            let p = usize::from(*id);
-            let flow = if i < 2 { c.rx.get(p) } else { c.tx.get(p) };
-            let v = flow.map_or(0, |f| if i % 2 == 0 { f.packets } else { f.bytes });
-            let _ = writeln!(
-                out,
-                "ferry_dataplane_{name}_total{{port=\"{id}\",ifname=\"{}\",kind=\"{}\"}} {v}",
-                info.ifname, info.kind
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ferry_dataplane_socket_drops Frames the kernel dropped at a port's AF_XDP socket before ferry saw them.\n# TYPE ferry_dataplane_socket_drops counter"
-    );
-    for (id, info) in ports.iter() {
-        let s = c.port.get(usize::from(*id)).copied().unwrap_or_default();
-        for (why, v) in [
-            ("rx_ring_full", s.rx_ring_full),
-            ("rx_no_frame", s.rx_no_frame),
-            ("rx_dropped", s.rx_dropped),
-            ("invalid_descs", s.invalid_descs),
-        ] {
-            let _ = writeln!(
-                out,
-                "ferry_dataplane_socket_drops_total{{port=\"{id}\",ifname=\"{}\",why=\"{why}\"}} {v}",
-                info.ifname
-            );
-        }
-    }
-    let _ =
-        writeln!(out, "# HELP ferry_dataplane_drops Packets dropped, by reason.\n# TYPE ferry_dataplane_drops counter");
-    for r in ferry_encap::DropReason::ALL {
-        let _ = writeln!(out, "ferry_dataplane_drops_total{{reason=\"{}\"}} {}", r.name(), c.drops(*r));
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ferry_dataplane_icmp_errors ICMP errors sent.\n# TYPE ferry_dataplane_icmp_errors counter"
-    );
-    let _ = writeln!(out, "ferry_dataplane_icmp_errors_total {}", c.pipeline.icmp_errors);
-    let _ = writeln!(
-        out,
-        "# HELP ferry_dataplane_double_frees Frames given back twice to a worker's free list and refused (a bug if not 0).\n# TYPE ferry_dataplane_double_frees counter"
-    );
-    let _ = writeln!(out, "ferry_dataplane_double_frees_total {}", c.double_frees);
-    let _ = writeln!(
-        out,
-        "# HELP ferry_dataplane_headroom_moves Packets moved within their frame to make room for the tunnel headers (a copy of the whole packet; 0 on AF_XDP ports).\n# TYPE ferry_dataplane_headroom_moves counter"
-    );
-    let _ = writeln!(out, "ferry_dataplane_headroom_moves_total {}", c.pipeline.headroom_moves);
 }
 
 /// Takes a counter sample for rates.
