@@ -356,6 +356,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let mut udp_cfg = UdpPortConfig::new(SocketAddr::new(underlay_addr, cfg.tunnel_port), underlay_mac);
     udp_cfg.rx_frames = UPLINK_FILL as usize;
+    // What a kernel VXLAN node's unsegmented super-packets are cut to: the pods' MTU.
+    udp_cfg.inner_mtu = u16::try_from(pod_mtu).unwrap_or(u16::MAX);
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     let mut threads: Vec<JoinHandle<Worker<NodePort>>> = Vec::new();

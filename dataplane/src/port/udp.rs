@@ -95,12 +95,24 @@ pub struct UdpPortConfig {
     /// Socket receive and send buffer sizes in bytes (`SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`, falling
     /// back to the unprivileged options, capped by `net.core.rmem_max`/`wmem_max`).
     pub socket_buffer: usize,
+    /// The largest inner IP packet (the pod MTU: the underlay MTU less the tunnel overhead). A
+    /// tunnel datagram that arrives carrying a larger TCP packet is a kernel VXLAN device's
+    /// super-packet ([`tunnel_super_packet`]), cut into segments of at most this size.
+    pub inner_mtu: u16,
 }
 
 impl UdpPortConfig {
     /// Defaults for a socket bound to `local`.
     pub fn new(local: SocketAddr, local_mac: MacAddr) -> Self {
-        UdpPortConfig { local, local_mac, reuse_port: true, rx_frames: 512, tx_ring: 1024, socket_buffer: 4 << 20 }
+        UdpPortConfig {
+            local,
+            local_mac,
+            reuse_port: true,
+            rx_frames: 512,
+            tx_ring: 1024,
+            socket_buffer: 4 << 20,
+            inner_mtu: 1450,
+        }
     }
 }
 
@@ -337,12 +349,11 @@ impl RxMsg {
     }
 }
 
-/// Whether `buf`, received with `UDP_GRO` segment size `seg`, is not a run of `seg`-byte datagrams
-/// but one tunnel datagram carrying a TCP super-packet: what a kernel VXLAN or Geneve device sends
-/// as one `SKB_GSO_UDP_TUNNEL` packet, which veths and bridges keep whole and the kernel delivers
-/// to a UDP socket unsegmented, with the inner MSS as its segment size. Returns the inner frame's
-/// offset (the tunnel header's length). Recognised by the inner IP packet's own length, which
-/// covers the whole buffer (a run of datagrams' first one ends at `seg`).
+/// Whether `buf`, received with `UDP_GRO` segment size `seg` (0: none), is not a run of
+/// `seg`-byte datagrams but one tunnel datagram carrying a TCP super-packet. Returns the inner
+/// frame's offset (the tunnel header's length). Recognised by the inner IP packet's own length,
+/// which covers the whole buffer (a run of datagrams' first one ends at `seg`). See
+/// [`tunnel_super_packet`] for how such a datagram arrives.
 pub fn super_datagram(buf: &[u8], seg: usize) -> Option<usize> {
     if buf.len() <= seg {
         return None;
@@ -357,6 +368,28 @@ pub fn super_datagram(buf: &[u8], seg: usize) -> Option<usize> {
         _ => return None,
     };
     (l3 + ip_len == buf.len() && proto == protocol::TCP).then_some(h)
+}
+
+/// A tunnel datagram carrying a whole TCP super-packet, as the kernel delivers one: where its inner
+/// frame starts and the MSS to cut it at, or `None` for anything else.
+///
+/// A kernel VXLAN (or Geneve) device sends a TCP super-packet as one `SKB_GSO_UDP_TUNNEL` packet;
+/// veths and bridges keep it whole, and the kernel hands it to a plain UDP socket unsegmented, as
+/// one datagram of up to 64 KB. It attaches no `UDP_GRO` control message (the kernel gives one only
+/// for `SKB_GSO_UDP_L4` packets), so the sender's MSS is not known: the datagram is recognised by
+/// its inner IP packet, TCP and longer than `inner_mtu`, whose length covers the whole buffer, and
+/// cut at the MSS that fills `inner_mtu` (IP and TCP headers, options included, plus the MSS), the
+/// segments the sender's TCP would have made for that path MTU.
+pub fn tunnel_super_packet(buf: &[u8], inner_mtu: usize) -> Option<(usize, usize)> {
+    let h = super_datagram(buf, 0)?;
+    let l3 = h + ethernet::HEADER_LEN;
+    if buf.len() - l3 <= inner_mtu {
+        return None;
+    }
+    let l4 = l3 + if buf[l3] >> 4 == 4 { usize::from(buf[l3] & 0x0f) * 4 } else { 40 };
+    let tcp_hdr = usize::from(*buf.get(l4 + 12)? >> 4) * 4;
+    let mss = inner_mtu.checked_sub(l4 + tcp_hdr - l3).filter(|&m| m > 0)?;
+    Some((h, mss))
 }
 
 /// Write TCP segment `i` of the super-packet in `payload` (a tunnel header of `inner` bytes, then
@@ -461,6 +494,7 @@ pub struct UdpPort<M: FrameMem> {
     fd: OwnedFd,
     local: SocketAddrV4,
     local_mac: MacAddr,
+    inner_mtu: usize,
     /// Frames lent for receiving.
     fill: VecDeque<FrameId>,
     rx_frames: usize,
@@ -534,6 +568,7 @@ impl<M: FrameMem> UdpPort<M> {
             fd,
             local,
             local_mac: cfg.local_mac,
+            inner_mtu: usize::from(cfg.inner_mtu),
             fill: VecDeque::with_capacity(cfg.rx_frames),
             rx_frames: cfg.rx_frames,
             rx_buf: vec![0; RX_MSGS * RX_BUF].into_boxed_slice(),
@@ -667,15 +702,25 @@ impl<M: FrameMem> UdpPort<M> {
             }
             let src =
                 SocketAddrV4::new(Ipv4Addr::from(u32::from_be(name.sin_addr.s_addr)), u16::from_be(name.sin_port));
-            let seg = seg.filter(|&s| s > 0).unwrap_or(len.max(1));
+            let gro = seg.filter(|&s| s > 0);
             // After a dropped buffer, later ones move down so that buffer `k` holds message `k`
             // (rare: only a truncated or foreign message is dropped).
             if idx != count {
                 self.rx_buf.copy_within(idx * RX_BUF..idx * RX_BUF + len, count * RX_BUF);
             }
-            let seg = seg.min(len.max(1));
             let buf = &self.rx_buf[count * RX_BUF..count * RX_BUF + len];
-            let inner = super_datagram(buf, seg).unwrap_or(0);
+            let (seg, inner) = match gro {
+                // A run of datagrams (`SKB_GSO_UDP_L4`, what ferry's `UDP_SEGMENT` sends make).
+                Some(s) => {
+                    let s = s.min(len.max(1));
+                    (s, super_datagram(buf, s).unwrap_or(0))
+                }
+                // One datagram, or a kernel tunnel device's super-packet.
+                None => match tunnel_super_packet(buf, self.inner_mtu) {
+                    Some((inner, mss)) => (mss, inner),
+                    None => (len.max(1), 0),
+                },
+            };
             if inner > 0 {
                 self.stats.rx_super += 1;
             }

@@ -239,8 +239,8 @@ fn parse_outer_refuses_what_is_not_ipv4_udp() {
     assert_eq!((b.dst, b.tos, b.start, b.len), (a.dst, a.tos, a.start + 4, a.len));
 }
 
-/// A kernel VXLAN device's TCP super-packet, delivered whole (one datagram, the inner MSS as its
-/// `UDP_GRO` size): recognised, cut into MSS-sized segments with completed checksums, each one
+/// A kernel VXLAN device's TCP super-packet, delivered whole (one datagram with no `UDP_GRO`
+/// message, so the MSS comes from the inner MTU): recognised, cut into MSS-sized segments with completed checksums, each one
 /// accepted by `decap`, their payloads together the original's; a run of plain datagrams is not
 /// mistaken for one.
 #[test]
@@ -268,6 +268,10 @@ fn a_tunnel_super_datagram_is_cut_into_tcp_segments() {
     run.extend_from_slice(&payload[..1062]);
     assert_eq!(super_datagram(&run, 1062), None, "a run of datagrams: the first ends at the segment size");
     assert_eq!(super_segments(&payload, 8, mss), Some(5));
+    // Without a segment size: the MSS that fills the inner MTU (20 bytes of IPv4, 20 of TCP).
+    assert_eq!(tunnel_super_packet(&payload, 1040), Some((8, mss)));
+    assert_eq!(tunnel_super_packet(&payload, inner.len() - 14), None, "fits the inner MTU: one packet");
+    assert_eq!(tunnel_super_packet(&run, 1040), None, "not one tunnel packet");
 
     let mut cfg = DecapConfig::new(TunnelKind::Vxlan, 42, IpAddr::V4(LOCAL));
     cfg.local_mac = Some(LOCAL_MAC);
