@@ -138,7 +138,7 @@ impl Engine {
             Update::Resync(source, specs) => self.resync(source, specs),
             Update::Network(source, nets) => self.set_network(source, nets),
             // Not routes: the engine loop hands services to the publisher directly.
-            Update::Services(..) => {}
+            Update::Services(..) | Update::ServicesChanged(..) => {}
             // Not routes either: the policy store keeps them.
             Update::ObjectUpsert(..) | Update::ObjectDelete(..) | Update::ObjectResync(..) => {}
         }

@@ -6,6 +6,8 @@
 //!  kube: list+watch Nodes  ─┐
 //!  etcd: Flannel leases     ├─ Update ─> batch -> Engine::apply ... finish -> Publish::publish
 //!  static: TOML file       ─┘   (mpsc)            (diff, last good state)    (compile + swap)
+//!  kube: Services + EndpointSlices, static: [[service]]
+//!                           ── Update::Services{,Changed} ───────────────> Publish::services{,_changed}
 //! ```
 //!
 //! - [`ControlPlane::spawn`] starts a thread named `ferry-control` running its own single-threaded
@@ -39,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 pub use config::{ConfigError, ControlArgs, ControlConfig, EtcdConfig, KubeAuth, KubeConfig};
 pub use engine::{Diff, Engine};
 pub use metrics::Metrics;
-pub use model::{NextHop, NodeKey, NodeSpec, Rejection, Route, SourceKind, TunnelEndpoint, Update};
+pub use model::{NextHop, NodeKey, NodeSpec, Rejection, Route, ServiceDelta, SourceKind, TunnelEndpoint, Update};
 pub use publish::{Publish, RouteTable};
 pub use tables::{SkippedNodes, TablesPublisher};
 
@@ -191,6 +193,16 @@ async fn run(
         };
         let announce = if k.announce { source::kube::Announcement::from_config(&config) } else { None };
         tasks.spawn(
+            source::kube_services::KubeServiceSource {
+                client: client.clone(),
+                own_node: config.node_name.clone(),
+                tx: tx.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            }
+            .run(),
+        );
+        tasks.spawn(
             source::kube::KubeSource {
                 api: kube::Api::all(client),
                 ctx: source::kube::ParseCtx::from_config(&config),
@@ -230,6 +242,14 @@ async fn run(
     }
 }
 
+fn flush_services(publisher: &mut impl Publish, pending: &mut ServiceDelta, metrics: &Metrics) {
+    if !pending.is_empty() {
+        publisher.services_changed(pending);
+        metrics.published();
+        *pending = ServiceDelta::default();
+    }
+}
+
 /// Receives updates, applies them in batches and publishes each batch that changed the table.
 async fn engine_loop(
     mut engine: Engine,
@@ -254,19 +274,29 @@ async fn engine_loop(
                 Err(_) => break,
             }
         }
+        // Service changes in a row are merged into one publication (a burst of EndpointSlice
+        // events rebuilds the service index once), in order with the other updates.
+        let mut pending = ServiceDelta::default();
         for ev in batch.drain(..) {
-            if let crate::model::Update::Services(_, services) = &ev.update {
+            let SourceEvent { seen, update } = ev;
+            if let crate::model::Update::ServicesChanged(_, delta) = update {
+                pending.merge(delta);
+                continue;
+            }
+            flush_services(&mut publisher, &mut pending, metrics);
+            if let crate::model::Update::Services(_, services) = &update {
                 publisher.services(services);
                 metrics.published();
                 continue;
             }
-            if store.apply(&ev.update) {
+            if store.apply(&update) {
                 continue;
             }
-            if engine.apply(ev.update) {
-                mattered.push(ev.seen);
+            if engine.apply(update) {
+                mattered.push(seen);
             }
         }
+        flush_services(&mut publisher, &mut pending, metrics);
         let objects = store.take_changes();
         if !objects.is_empty() {
             publisher.objects(&store, &objects);

@@ -250,6 +250,9 @@ pub enum Update {
     /// static file): objects of that kind and source not listed are removed; a listed rejection
     /// keeps its object's last good state.
     ObjectResync(SourceKind, ObjectKind, Vec<Result<PolicyObject, Rejection>>),
+    /// Some services changed (the Kubernetes source, per Service or EndpointSlice event): only
+    /// these are recompiled.
+    ServicesChanged(SourceKind, ServiceDelta),
 }
 
 /// The kinds of object NetworkPolicy needs.
@@ -313,6 +316,35 @@ impl PolicyObject {
     }
 }
 
+/// An incremental change to the published services.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceDelta {
+    /// Services (by [`ServiceSpec::name`](ferry_tables::ServiceSpec)) that are gone.
+    pub removed: Vec<String>,
+    /// Services added or changed (each replaces the one of the same name).
+    pub upserted: Vec<ferry_tables::ServiceSpec>,
+}
+
+impl ServiceDelta {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.upserted.is_empty()
+    }
+
+    /// `self` then `later`, as one delta.
+    pub fn merge(&mut self, later: ServiceDelta) {
+        if self.is_empty() {
+            *self = later;
+            return;
+        }
+        let names: std::collections::HashSet<&str> =
+            later.removed.iter().map(String::as_str).chain(later.upserted.iter().map(|s| s.name.as_str())).collect();
+        self.upserted.retain(|s| !names.contains(s.name.as_str()));
+        self.removed.extend(later.removed);
+        self.upserted.extend(later.upserted);
+    }
+}
+
 impl Update {
     /// The source that sent it.
     pub fn source(&self) -> SourceKind {
@@ -322,6 +354,7 @@ impl Update {
             | Update::Resync(s, _)
             | Update::Network(s, _)
             | Update::Services(s, _)
+            | Update::ServicesChanged(s, _)
             | Update::ObjectUpsert(s, ..)
             | Update::ObjectDelete(s, ..)
             | Update::ObjectResync(s, ..) => *s,
@@ -339,6 +372,24 @@ mod tests {
         assert!(parse_cidr("10.1.2.5/24").expect_err("host bits").contains("host bits"));
         assert!(parse_cidr("10.1.2.0").is_err());
         assert!(parse_cidr("fd00::/64").is_ok());
+    }
+
+    #[test]
+    fn service_deltas_merge_in_order() {
+        let spec = |name: &str, port| ferry_tables::ServiceSpec {
+            name: name.into(),
+            vip: "10.96.0.1".parse().expect("ip"),
+            port,
+            protocol: ferry_tables::Protocol::Tcp,
+            endpoints: Vec::new(),
+            affinity: None,
+        };
+        let mut d = ServiceDelta { removed: vec!["x".into()], upserted: vec![spec("a", 1), spec("b", 2)] };
+        d.merge(ServiceDelta { removed: vec!["a".into()], upserted: vec![spec("b", 3), spec("x", 4)] });
+        assert_eq!(d.removed, ["x", "a"]);
+        let up: Vec<_> = d.upserted.iter().map(|s| (s.name.as_str(), s.port)).collect();
+        // a's upsert is undone by its removal, b's replaced by the later one, x comes back.
+        assert_eq!(up, [("b", 3), ("x", 4)]);
     }
 
     #[test]

@@ -37,4 +37,8 @@ pub trait Publish: Send + 'static {
     /// effective object in `store` differs from the previous call's. The default ignores them (a
     /// publisher without a data plane).
     fn objects(&mut self, _store: &crate::policy::PolicyStore, _changed: &[(crate::model::ObjectKind, String)]) {}
+
+    /// Publishes a change to the services: only the changed ones are recompiled. The default
+    /// ignores it.
+    fn services_changed(&mut self, _delta: &crate::model::ServiceDelta) {}
 }

@@ -195,6 +195,20 @@ impl Publish for TablesPublisher {
             Err(e) => tracing::warn!(error = %e, "services refused; keeping the previous ones"),
         }
     }
+
+    fn services_changed(&mut self, delta: &crate::model::ServiceDelta) {
+        let tables = Arc::clone(&self.tables);
+        let mut tables = tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match tables.update_services(&delta.removed, &delta.upserted, Instant::now()) {
+            Ok(p) => tracing::debug!(
+                removed = delta.removed.len(),
+                upserted = delta.upserted.len(),
+                generation = p.generation,
+                "services changed"
+            ),
+            Err(e) => tracing::warn!(error = %e, "service change refused; keeping the previous services"),
+        }
+    }
 }
 
 #[cfg(test)]

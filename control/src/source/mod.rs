@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod kube;
+pub mod kube_services;
 pub mod static_file;
 
 use std::time::{Duration, Instant, SystemTime};

@@ -19,7 +19,9 @@
 //! - **Reverse match**: the set of every backend's `(address, port, protocol)`, so that a packet
 //!   from a backend is looked up in connection tracking only if it can be a service reply.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Maglev table size for most services (prime).
@@ -144,20 +146,25 @@ pub struct Backend {
     pub port: u16,
 }
 
-/// A compiled service (hot path reads).
+/// A compiled service (hot path reads). Its slices are shared (`Arc`), so that an incremental
+/// update ([`Services::updated`]) copies the services it keeps for the price of a few reference
+/// counts, not their Maglev tables (32 KiB each); reading through an `Arc` slice costs what a
+/// `Box` slice does.
 #[derive(Debug, Clone)]
 pub struct Service {
-    name: Box<str>,
+    name: Arc<str>,
     vip: IpAddr,
     port: u16,
     protocol: Protocol,
     /// The backends Maglev picks from (ready, else serving-and-terminating).
-    backends: Box<[Backend]>,
+    backends: Arc<[Backend]>,
     /// Every endpoint still serving (ready or terminating), sorted: existing connections to these
     /// go on; a connection whose backend left this list is reset.
-    alive: Box<[Backend]>,
+    alive: Arc<[Backend]>,
     /// Maglev: slot -> index into `backends`; empty when there is no backend.
-    table: Box<[u16]>,
+    table: Arc<[u16]>,
+    /// Every endpoint, whatever its conditions (for the reverse match).
+    endpoints: Arc<[Backend]>,
     affinity: Option<Duration>,
 }
 
@@ -391,27 +398,56 @@ impl Services {
     /// [`ServiceError`] naming the services at fault.
     pub fn build(specs: &[ServiceSpec], generation: u64) -> Result<Services, ServiceError> {
         let mut services = Vec::with_capacity(specs.len());
-        let mut by_vip = KeyMap::new(specs.len());
-        let backend_count: usize = specs.iter().map(|s| s.endpoints.len()).sum();
+        for s in specs {
+            check(s)?;
+            services.push(compile(s));
+        }
+        Services::index(services, generation)
+    }
+
+    /// A copy of these services with the ones named in `removed` or in `upserted` taken out and
+    /// `upserted` compiled in: only the changed services' Maglev tables are built; the others are
+    /// shared with `self`. The exact-match indices are rebuilt (a few milliseconds at 10,000
+    /// services and 100,000 endpoints, against a second or more to rebuild every table).
+    ///
+    /// # Errors
+    /// [`ServiceError`] naming the services at fault; `self` is unchanged.
+    pub fn updated(
+        &self,
+        removed: &[String],
+        upserted: &[ServiceSpec],
+        generation: u64,
+    ) -> Result<Services, ServiceError> {
+        let gone: HashSet<&str> =
+            removed.iter().map(String::as_str).chain(upserted.iter().map(|s| s.name.as_str())).collect();
+        let mut services: Vec<Service> = Vec::with_capacity(self.services.len() + upserted.len());
+        services.extend(self.services.iter().filter(|s| !gone.contains(&*s.name)).cloned());
+        for s in upserted {
+            check(s)?;
+            services.push(compile(s));
+        }
+        Services::index(services, generation)
+    }
+
+    /// The exact-match indices over compiled services.
+    fn index(services: Vec<Service>, generation: u64) -> Result<Services, ServiceError> {
+        let mut by_vip = KeyMap::new(services.len());
+        let backend_count: usize = services.iter().map(|s| s.endpoints.len()).sum();
         let mut backend_set = KeyMap::new(backend_count);
-        for (i, s) in specs.iter().enumerate() {
-            if s.endpoints.len() > MAX_BACKENDS {
-                return Err(ServiceError::TooManyEndpoints { name: s.name.clone(), count: s.endpoints.len() });
-            }
+        for (i, s) in services.iter().enumerate() {
             let key = Key::new(s.vip, s.port, s.protocol.number());
             // Fewer than u32::MAX services: a Vec of that many would not fit in memory anyway.
             if let Some(first) = by_vip.insert(key, i as u32) {
                 return Err(ServiceError::Duplicate {
-                    first: specs[first as usize].name.clone(),
-                    second: s.name.clone(),
+                    first: services[first as usize].name.to_string(),
+                    second: s.name.to_string(),
                     vip: s.vip,
                     port: s.port,
                     protocol: s.protocol,
                 });
             }
-            services.push(compile(s));
-            for e in &s.endpoints {
-                backend_set.insert(Key::new(e.addr, e.port, s.protocol.number()), 0);
+            for b in s.endpoints.iter() {
+                backend_set.insert(Key::new(b.addr, b.port, s.protocol.number()), 0);
             }
         }
         Ok(Services { services: services.into_boxed_slice(), by_vip, backends: backend_set, generation })
@@ -455,6 +491,13 @@ impl Services {
     }
 }
 
+fn check(s: &ServiceSpec) -> Result<(), ServiceError> {
+    if s.endpoints.len() > MAX_BACKENDS {
+        return Err(ServiceError::TooManyEndpoints { name: s.name.clone(), count: s.endpoints.len() });
+    }
+    Ok(())
+}
+
 /// The backends of `s` that take new connections: the ready ones, else the serving-and-terminating
 /// ones; and those that keep their existing connections (serving or ready).
 fn compile(s: &ServiceSpec) -> Service {
@@ -475,9 +518,10 @@ fn compile(s: &ServiceSpec) -> Service {
         vip: s.vip,
         port: s.port,
         protocol: s.protocol,
-        table: maglev_table(&backends, m),
-        backends: backends.into_boxed_slice(),
-        alive: alive.into_boxed_slice(),
+        table: maglev_table(&backends, m).into(),
+        endpoints: s.endpoints.iter().map(to_backend).collect(),
+        backends: backends.into(),
+        alive: alive.into(),
         affinity: s.affinity,
     }
 }
@@ -521,6 +565,39 @@ mod tests {
         assert!(!s.is_backend("10.244.1.2".parse().expect("ip"), 8080, 17));
         let e = Services::build(&[spec("a", 80), spec("c", 80)], 2).expect_err("duplicate");
         assert_eq!(e.to_string(), "services a and c both claim 10.96.0.10 port 80/TCP");
+    }
+
+    #[test]
+    fn an_update_rebuilds_only_what_changed() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let spec = |name: &str, vip: &str, backend: &str| ServiceSpec {
+            name: name.into(),
+            vip: ip(vip),
+            port: 80,
+            protocol: Protocol::Tcp,
+            endpoints: vec![EndpointSpec::ready(ip(backend), 8080)],
+            affinity: None,
+        };
+        let s = Services::build(&[spec("a", "10.96.0.1", "10.244.1.1"), spec("b", "10.96.0.2", "10.244.1.2")], 1)
+            .expect("valid");
+        let a_table = s.lookup(ip("10.96.0.1"), 80, 6).expect("a").table.clone();
+        let u = s
+            .updated(&["b".into()], &[spec("c", "10.96.0.3", "10.244.1.3"), spec("a", "10.96.0.1", "10.244.1.9")], 2)
+            .expect("valid");
+        assert_eq!(u.generation(), 2);
+        assert_eq!(u.len(), 2);
+        assert!(u.lookup(ip("10.96.0.2"), 80, 6).is_none(), "b removed");
+        assert!(!u.is_backend(ip("10.244.1.2"), 8080, 6), "and its backend");
+        assert_eq!(u.lookup(ip("10.96.0.3"), 80, 6).map(Service::name), Some("c"));
+        let a = u.lookup(ip("10.96.0.1"), 80, 6).expect("a replaced, not doubled");
+        assert_eq!(a.backends(), &[Backend { addr: ip("10.244.1.9"), port: 8080 }]);
+        assert!(u.is_backend(ip("10.244.1.9"), 8080, 6) && !u.is_backend(ip("10.244.1.1"), 8080, 6));
+        // An unchanged service shares its table with the previous build.
+        let c = s.updated(&[], &[spec("c", "10.96.0.3", "10.244.1.3")], 3).expect("valid");
+        assert!(Arc::ptr_eq(&c.lookup(ip("10.96.0.1"), 80, 6).expect("a").table, &a_table));
+        // A clash is refused, naming both.
+        let e = s.updated(&[], &[spec("d", "10.96.0.1", "10.244.1.4")], 4).expect_err("duplicate");
+        assert_eq!(e.to_string(), "services a and d both claim 10.96.0.1 port 80/TCP");
     }
 
     #[test]
