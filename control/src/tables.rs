@@ -19,11 +19,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use ferry_encap::MacAddr;
+use ferry_tables::policy::PolicyCompiler;
 use ferry_tables::{BuildError, DesiredState, LocalPod, RemoteNode, Snapshot, Tables};
 use ipnet::IpNet;
 
 use crate::engine::Diff;
-use crate::model::{NextHop, Route};
+use crate::model::{NextHop, ObjectKind, Route};
+use crate::policy::PolicyStore;
 use crate::publish::{Publish, RouteTable};
 
 /// The VTEP MAC assumed for a node that announced none: locally administered, unicast, derived
@@ -94,6 +96,10 @@ impl SkippedNodes {
 /// [`Tables::reader`]s taken before handing the tables over.
 pub struct TablesPublisher {
     tables: Arc<Mutex<Tables>>,
+    /// NetworkPolicy: this node's pods' rule tables, compiled incrementally.
+    policy: PolicyCompiler,
+    /// Addresses of this node that are not in its pod CIDRs (its underlay address).
+    node_extra: Vec<IpAddr>,
     /// Nodes left out of the last publications, and why (warned once per reason).
     skipped: HashMap<String, String>,
     /// The same, for readers on other threads.
@@ -119,7 +125,29 @@ impl TablesPublisher {
     /// Publishes into tables that other control-side writers (pod registration, neighbour
     /// resolution) share.
     pub fn shared(tables: Arc<Mutex<Tables>>) -> Self {
-        TablesPublisher { tables, skipped: HashMap::new(), skipped_shared: SkippedNodes::default(), hook: None }
+        TablesPublisher {
+            tables,
+            policy: PolicyCompiler::new("", Vec::new()),
+            node_extra: Vec::new(),
+            skipped: HashMap::new(),
+            skipped_shared: SkippedNodes::default(),
+            hook: None,
+        }
+    }
+
+    /// Names this node, whose pods get NetworkPolicy rule tables, and its addresses outside its
+    /// pod CIDRs (the underlay address). Traffic between a pod and its node is always allowed: the
+    /// node's addresses are these plus, for each of its pod CIDRs, the network address (the host
+    /// port's overlay address) and the first host address (the pod gateway, a hairpin's source).
+    pub fn for_node(mut self, name: &str, addrs: Vec<IpAddr>) -> Self {
+        self.policy = PolicyCompiler::new(name, addrs.clone());
+        self.node_extra = addrs;
+        self
+    }
+
+    /// The NetworkPolicy compiler (for `ferry policy`'s explanations).
+    pub fn policy(&self) -> &PolicyCompiler {
+        &self.policy
     }
 
     /// The tables (locked; a writer that panicked left them consistent, so poisoning is ignored).
@@ -182,6 +210,20 @@ impl Publish for TablesPublisher {
         }
         self.skipped_shared.set(&skipped);
         self.skipped = skipped;
+        // This node's addresses follow its pod CIDRs.
+        let mut addrs = self.node_extra.clone();
+        for net in table.routes.iter().filter(|(_, r)| r.next_hop == NextHop::Local).map(|(n, _)| n) {
+            addrs.push(net.network());
+            if let Some(gw) = first_host(net) {
+                addrs.push(gw);
+            }
+        }
+        if addrs != self.policy.node_addrs() {
+            self.policy.set_node_addrs(addrs);
+            if !tables.policy().is_empty() {
+                tables.set_policy(self.policy.build(), Instant::now());
+            }
+        }
         if let Some(hook) = &mut self.hook {
             hook(&tables.current(), table.diff);
         }
@@ -208,6 +250,40 @@ impl Publish for TablesPublisher {
             ),
             Err(e) => tracing::warn!(error = %e, "service change refused; keeping the previous services"),
         }
+    }
+
+    fn objects(&mut self, store: &PolicyStore, changed: &[(ObjectKind, String)]) {
+        for (kind, key) in changed {
+            match kind {
+                ObjectKind::Namespace => self.policy.set_namespace(key, store.namespace(key).map(|n| &n.labels)),
+                ObjectKind::Pod => self.policy.set_pod(key, store.pod(key)),
+                ObjectKind::NetworkPolicy => self.policy.set_policy(key, store.policy(key)),
+            }
+        }
+        let started = Instant::now();
+        let compiled = self.policy.build();
+        let compile_us = started.elapsed().as_micros() as u64;
+        let (generation, pods) = (compiled.generation(), compiled.pods().len());
+        let tables = Arc::clone(&self.tables);
+        let mut tables = tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let p = tables.set_policy(compiled, Instant::now());
+        tracing::info!(
+            changed = changed.len(),
+            policy_generation = generation,
+            isolated_pods = pods,
+            compile_us,
+            generation = p.generation,
+            "network policy published"
+        );
+    }
+}
+
+/// The first host address of a network (its network address + 1), if it has one.
+fn first_host(net: &IpNet) -> Option<IpAddr> {
+    match net {
+        IpNet::V4(n) if n.prefix_len() < 32 => Some(IpAddr::V4(std::net::Ipv4Addr::from(u32::from(n.network()) + 1))),
+        IpNet::V6(n) if n.prefix_len() < 128 => Some(IpAddr::V6(std::net::Ipv6Addr::from(u128::from(n.network()) + 1))),
+        _ => None,
     }
 }
 
@@ -312,5 +388,60 @@ mod tests {
             ferry_tables::Route::Local { port: PortId(3), .. }
         ));
         assert!(matches!(snap.route("10.0.2.5".parse().expect("ip")), ferry_tables::Route::NoRoute));
+    }
+
+    #[test]
+    fn policy_objects_compile_into_their_own_part_of_the_snapshot() {
+        use ferry_tables::policy::{LabelSelectorSpec, NetworkPolicySpec, PodSpec, PolicyVerdict};
+
+        use crate::model::{PolicyObject, Update};
+        use crate::policy::PolicyStore;
+
+        let underlay = Underlay::new("02:00:00:00:00:aa".parse().expect("mac"), None, None);
+        let mut p = TablesPublisher::new(Tables::new(underlay, Duration::from_secs(30)))
+            .for_node("me", vec!["192.0.2.100".parse().expect("ip")]);
+        let pod = |name: &str, ip: &str| {
+            Ok(PolicyObject::Pod(PodSpec {
+                namespace: "x".into(),
+                name: name.into(),
+                labels: [("pod".to_owned(), name.to_owned())].into(),
+                ips: vec![ip.parse().expect("ip")],
+                node: "me".into(),
+                ports: vec![],
+            }))
+        };
+        let deny = Ok(PolicyObject::NetworkPolicy(NetworkPolicySpec {
+            namespace: "x".into(),
+            name: "deny-a".into(),
+            pod_selector: LabelSelectorSpec {
+                match_labels: [("pod".to_owned(), "a".to_owned())].into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }));
+        let mut store = PolicyStore::new(crate::Metrics::new());
+        store.apply(&Update::ObjectResync(
+            SourceKind::Static,
+            ObjectKind::Pod,
+            vec![pod("a", "10.0.9.2"), pod("b", "10.0.9.3")],
+        ));
+        store.apply(&Update::ObjectResync(SourceKind::Static, ObjectKind::NetworkPolicy, vec![deny]));
+        let routes = routes();
+        p.publish(&RouteTable { generation: 1, routes: &routes, diff: &Diff::default() });
+        let before = p.tables().current().generation();
+        let changed = store.take_changes();
+        p.objects(&store, &changed);
+        let snap = p.tables().current();
+        assert!(snap.generation() > before);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(snap.policy().verdict(ip("10.0.9.3"), ip("10.0.9.2"), 6, 80), PolicyVerdict::DenyIngress);
+        assert_eq!(snap.policy().verdict(ip("10.0.9.2"), ip("10.0.9.3"), 6, 80), PolicyVerdict::Allow);
+        // The node: its underlay address, its CIDR's network address and gateway.
+        for node in ["192.0.2.100", "10.0.9.0", "10.0.9.1"] {
+            assert_eq!(snap.policy().verdict(ip(node), ip("10.0.9.2"), 6, 80), PolicyVerdict::Allow, "{node}");
+        }
+        // A route publication keeps the policy part.
+        p.publish(&RouteTable { generation: 2, routes: &routes, diff: &Diff::default() });
+        assert!(!p.tables().current().policy().is_empty());
     }
 }

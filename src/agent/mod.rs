@@ -239,7 +239,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if control.kube.is_some() {
         sources.push("kube");
     }
-    let publisher = TablesPublisher::shared(Arc::clone(&tables));
+    let publisher = TablesPublisher::shared(Arc::clone(&tables)).for_node(&cfg.node_name, vec![underlay_addr]);
     let skipped = publisher.skipped_nodes();
     let control_plane = ControlPlane::spawn(control, publisher).context("starting the control plane")?;
     let metrics_addr = control_plane.metrics_addr();

@@ -17,6 +17,7 @@ use ferry_encap::MacAddr;
 
 use crate::exact::AddrSet;
 use crate::lpm::{Lpm, Poptrie, RouteSet};
+use crate::policy::PolicyTables;
 use crate::services::Services;
 use crate::types::{NextHop, PortId, Route};
 
@@ -81,6 +82,8 @@ pub struct Snapshot {
     pub(crate) nodes: Arc<AddrSet>,
     /// Services: their own part, replaced without touching the routes.
     pub(crate) services: Arc<Services>,
+    /// NetworkPolicy: its own part, replaced without touching the rest.
+    pub(crate) policy: Arc<PolicyTables>,
 }
 
 impl fmt::Debug for Snapshot {
@@ -107,6 +110,7 @@ impl Snapshot {
             ports: Arc::default(),
             nodes: Arc::new(AddrSet::new(std::iter::empty())),
             services: Arc::default(),
+            policy: Arc::default(),
         }
     }
 
@@ -191,6 +195,12 @@ impl Snapshot {
     #[inline]
     pub fn is_known_node(&self, underlay: IpAddr) -> bool {
         self.nodes.contains(underlay)
+    }
+
+    /// The NetworkPolicy tables (this node's pods' compiled rules).
+    #[inline]
+    pub fn policy(&self) -> &PolicyTables {
+        &self.policy
     }
 
     /// The services (VIPs and their backends).

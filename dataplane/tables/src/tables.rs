@@ -26,6 +26,7 @@ use crate::desired::{DesiredState, RemoteNode, Underlay};
 use crate::exact::AddrSet;
 use crate::lpm::{Address, LpmError, MAX_VALUE, Poptrie, Prefix, RouteSet};
 use crate::neigh::Neighbours;
+use crate::policy::PolicyTables;
 use crate::publish::{Publisher, Reader};
 use crate::services::{ServiceError, ServiceSpec, Services};
 use crate::snapshot::{PortSources, Snapshot};
@@ -163,6 +164,8 @@ pub struct Tables {
     services: Arc<Services>,
     /// How many service sets were compiled (each gets the next number).
     services_built: u64,
+    /// The compiled NetworkPolicy tables, published with every snapshot.
+    policy: Arc<PolicyTables>,
 }
 
 fn owner_name(plan: &[HopPlan], nodes: &[RemoteNode], hop: u32) -> String {
@@ -341,6 +344,7 @@ impl Tables {
             compiled,
             templates: Vec::new(),
             services: Arc::clone(&empty.services),
+            policy: Arc::clone(&empty.policy),
             publisher: Publisher::new(Arc::new(empty)),
             generation: 0,
             services_built: 0,
@@ -435,6 +439,7 @@ impl Tables {
             ports: Arc::clone(&self.compiled.ports),
             nodes: Arc::clone(&self.compiled.nodes),
             services: Arc::clone(&self.services),
+            policy: Arc::clone(&self.policy),
         };
         let freed = self.publisher.publish(Arc::new(snapshot));
         Publication { generation: self.generation, freed, unresolved }
@@ -469,6 +474,18 @@ impl Tables {
         self.services_built += 1;
         self.services = Arc::new(services);
         Ok(self.publish(now))
+    }
+
+    /// Replace the NetworkPolicy tables (compiled by a [`crate::policy::PolicyCompiler`]) and
+    /// publish them; the routes, ports, nodes and services are shared with the previous snapshot.
+    pub fn set_policy(&mut self, policy: PolicyTables, now: Instant) -> Publication {
+        self.policy = Arc::new(policy);
+        self.publish(now)
+    }
+
+    /// The NetworkPolicy tables last published.
+    pub fn policy(&self) -> &Arc<PolicyTables> {
+        &self.policy
     }
 
     /// The services last published.

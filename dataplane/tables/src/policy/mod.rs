@@ -1,7 +1,10 @@
 //! NetworkPolicy (`networking.k8s.io/v1`): the objects as sources describe them and their checked
 //! form ([`spec`], shared by control and the data plane).
 
+pub mod compile;
 pub mod spec;
+
+pub use compile::{DirRules, Identity, PodRules, PolicyCompiler, PolicyTables, PolicyVerdict, PortSet, RuleOrigin};
 
 pub use spec::{
     Direction, IpBlockSpec, LabelSelectorSpec, Labels, NAMESPACE_NAME_LABEL, NamedPort, NamespaceSpec, Namespaces,

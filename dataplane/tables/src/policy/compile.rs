@@ -1,0 +1,822 @@
+//! The policy compiler (control side) and what it publishes (hot path): selectors and policies
+//! turned into per-pod rule tables for this node's pods, both directions.
+//!
+//! # Identities
+//!
+//! Pods with the same namespace, labels and named ports are indistinguishable to every policy, so
+//! they share one *identity* (Cilium's idea). The published [`PolicyTables`] hold:
+//!
+//! - the identity of every pod address in the cluster (one hash lookup);
+//! - for each local pod, by its addresses, a [`PodRules`]: per direction, `None` when no policy
+//!   selects the pod for that direction (open), else the allowed ports per peer identity, the
+//!   `ipBlock` rules, and the ports open to every peer.
+//!
+//! A verdict is at most two address lookups and two identity lookups; the hot path never
+//! evaluates a selector.
+//!
+//! # Incremental
+//!
+//! [`PolicyCompiler`] keeps the objects and recomputes only what a change touches:
+//!
+//! - a pod's labels or ports change: its addresses move to another identity (made if new: its
+//!   entries are added to each local pod's tables by checking it against the rules of the policies
+//!   selecting that pod; dropped when its last pod goes); if the pod is local, its own tables are
+//!   recomputed (the policies selecting it may differ);
+//! - a pod's addresses change: the address map only;
+//! - a policy changes: the local pods it selected before or selects now are recomputed;
+//! - a namespace's labels change: every local pod (namespace selectors are everywhere).
+//!
+//! Every [`PolicyCompiler::build`] publishes a new generation; the data plane's connection
+//! tracking re-evaluates a connection whose verdict was cached under another generation.
+//!
+//! Named ports resolve against the pod receiving the traffic: for ingress the local pod (at
+//! compile time), for egress the destination's identity (also at compile time for pod peers; at
+//! lookup for an `ipBlock` rule with a named port, which then matches pod destinations only).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::spec::{
+    Direction, Labels, NAMESPACE_NAME_LABEL, NamedPort, Namespaces, Peer, PodSpec, Policy, PolicyProtocol, PortMatch,
+    Rule,
+};
+
+/// A multiply-and-fold hasher for the hot path's small keys (addresses, identities): `std`'s
+/// SipHash costs more than the rest of a lookup.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+/// A peer identity (see the module doc).
+pub type Identity = u32;
+
+/// Which ports of which protocols a rule set allows toward one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortSet {
+    /// Every protocol, every port (a rule without `ports`): ICMP and the rest included.
+    pub all: bool,
+    /// `(protocol number, first, last)`, sorted.
+    pub ranges: Vec<(u8, u16, u16)>,
+    /// Named ports left to resolve against the destination's identity (egress `ipBlock` rules).
+    pub named: Vec<(u8, Arc<str>)>,
+}
+
+impl PortSet {
+    /// Whether it allows nothing.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.ranges.is_empty() && self.named.is_empty()
+    }
+
+    /// Whether it allows `proto`/`port` (numeric part only).
+    #[inline]
+    pub fn allows(&self, proto: u8, port: u16) -> bool {
+        self.all || self.ranges.iter().any(|&(p, a, b)| p == proto && a <= port && port <= b)
+    }
+
+    fn add(&mut self, proto: u8, a: u16, b: u16) {
+        if !self.ranges.contains(&(proto, a, b)) {
+            self.ranges.push((proto, a, b));
+            self.ranges.sort_unstable();
+        }
+    }
+
+    fn union(&mut self, o: &PortSet) {
+        self.all |= o.all;
+        for &(p, a, b) in &o.ranges {
+            self.add(p, a, b);
+        }
+        for n in &o.named {
+            if !self.named.contains(n) {
+                self.named.push(n.clone());
+            }
+        }
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.all {
+            return f.write_str("all ports");
+        }
+        let name = |p: u8| PolicyProtocol::from_number(p).map_or("?", PolicyProtocol::name);
+        let mut parts: Vec<String> = self
+            .ranges
+            .iter()
+            .map(|&(p, a, b)| if a == b { format!("{}/{a}", name(p)) } else { format!("{}/{a}-{b}", name(p)) })
+            .collect();
+        parts.extend(self.named.iter().map(|(p, n)| format!("{}/{n}", name(*p))));
+        if parts.is_empty() {
+            return f.write_str("no ports");
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// One direction's compiled rules of a local pod that policies select for that direction.
+#[derive(Debug, Clone, Default)]
+pub struct DirRules {
+    /// Ports open to every peer.
+    pub any: PortSet,
+    /// Ports open per peer identity.
+    pub by_identity: FastMap<Identity, PortSet>,
+    /// `ipBlock` rules: `(cidr, except, ports)`.
+    pub blocks: Vec<(IpNet, Vec<IpNet>, PortSet)>,
+}
+
+/// Where a compiled rule came from, for `ferry policy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleOrigin {
+    /// The direction.
+    pub direction: Direction,
+    /// `namespace/name` of the policy.
+    pub policy: String,
+    /// The rule's index in the policy's `ingress` or `egress` list; `None` for a policy with no
+    /// rules in that direction (it isolates and allows nothing).
+    pub rule: Option<usize>,
+    /// The peers, as text (`all peers` for a rule without).
+    pub peers: String,
+    /// The ports, as text.
+    pub ports: String,
+}
+
+/// A local pod's compiled rules.
+#[derive(Debug, Clone)]
+pub struct PodRules {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Ingress: `None` when no policy selects the pod for ingress.
+    pub ingress: Option<DirRules>,
+    /// Egress: likewise.
+    pub egress: Option<DirRules>,
+    /// Every rule that contributed, in policy order.
+    pub origins: Vec<RuleOrigin>,
+}
+
+impl PodRules {
+    /// One direction's rules.
+    pub fn rules(&self, d: Direction) -> Option<&DirRules> {
+        match d {
+            Direction::Ingress => self.ingress.as_ref(),
+            Direction::Egress => self.egress.as_ref(),
+        }
+    }
+}
+
+/// What a policy verdict says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyVerdict {
+    /// Allowed (or nothing applies).
+    Allow,
+    /// The source pod's egress rules refuse it.
+    DenyEgress,
+    /// The destination pod's ingress rules refuse it.
+    DenyIngress,
+}
+
+/// The published policy part of the snapshot (hot path reads).
+#[derive(Debug, Default)]
+pub struct PolicyTables {
+    generation: u64,
+    /// Every pod address -> its identity.
+    identity_of: FastMap<IpAddr, Identity>,
+    /// Each identity's named ports (for egress `ipBlock` rules with a named port).
+    identity_ports: FastMap<Identity, Arc<[NamedPort]>>,
+    /// This node's pods that some policy selects, by address.
+    local: FastMap<IpAddr, Arc<PodRules>>,
+    /// This node's own addresses: always allowed both ways.
+    node_addrs: Vec<IpAddr>,
+}
+
+impl PolicyTables {
+    /// Which compilation this is (0: none yet).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether no local pod is isolated in any direction: the data plane skips the stage.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.local.is_empty()
+    }
+
+    /// The rules of the local pod with this address, if policies select it.
+    #[inline]
+    pub fn local(&self, addr: IpAddr) -> Option<&PodRules> {
+        self.local.get(&addr).map(|r| &**r)
+    }
+
+    /// Every local pod with rules, once each (by its first address).
+    pub fn pods(&self) -> Vec<Arc<PodRules>> {
+        let mut seen = HashSet::new();
+        let mut out: Vec<Arc<PodRules>> =
+            self.local.values().filter(|r| seen.insert(r.pod.clone())).map(Arc::clone).collect();
+        out.sort_by(|a, b| a.pod.cmp(&b.pod));
+        out
+    }
+
+    /// The identity of a pod address.
+    #[inline]
+    pub fn identity(&self, addr: IpAddr) -> Option<Identity> {
+        self.identity_of.get(&addr).copied()
+    }
+
+    /// Whether `rules` let traffic with `peer` through on `proto`/`port` (`port` 0 for protocols
+    /// without ports).
+    #[inline]
+    pub fn allows(&self, rules: &DirRules, peer: IpAddr, proto: u8, port: u16) -> bool {
+        if rules.any.allows(proto, port) {
+            return true;
+        }
+        let id = self.identity(peer);
+        if let Some(ps) = id.and_then(|i| rules.by_identity.get(&i))
+            && ps.allows(proto, port)
+        {
+            return true;
+        }
+        rules.blocks.iter().any(|(cidr, except, ps)| {
+            cidr.contains(&peer)
+                && !except.iter().any(|e| e.contains(&peer))
+                && (ps.allows(proto, port) || (!ps.named.is_empty() && self.named_allows(ps, id, proto, port)))
+        })
+    }
+
+    #[cold]
+    fn named_allows(&self, ps: &PortSet, id: Option<Identity>, proto: u8, port: u16) -> bool {
+        let Some(ports) = id.and_then(|i| self.identity_ports.get(&i)) else { return false };
+        ps.named.iter().any(|(p, n)| {
+            *p == proto && ports.iter().any(|np| np.protocol.number() == proto && np.port == port && *np.name == **n)
+        })
+    }
+
+    /// Whether an address is this node's own.
+    #[inline]
+    fn is_node(&self, a: IpAddr) -> bool {
+        self.node_addrs.contains(&a)
+    }
+
+    /// The verdict for a packet from `src` to `dst` (real addresses: after a service's
+    /// translation): the source's egress rules if it is a local pod, the destination's ingress
+    /// rules if it is one. A pod reaching itself, and traffic between a pod and this node, are
+    /// always allowed.
+    #[inline]
+    pub fn verdict(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> PolicyVerdict {
+        if src == dst {
+            return PolicyVerdict::Allow;
+        }
+        if let Some(e) = self.local(src).and_then(|r| r.egress.as_ref())
+            && !self.is_node(dst)
+            && !self.allows(e, dst, proto, port)
+        {
+            return PolicyVerdict::DenyEgress;
+        }
+        if let Some(i) = self.local(dst).and_then(|r| r.ingress.as_ref())
+            && !self.is_node(src)
+            && !self.allows(i, src, proto, port)
+        {
+            return PolicyVerdict::DenyIngress;
+        }
+        PolicyVerdict::Allow
+    }
+}
+
+/// An identity's defining values.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct IdentityKey {
+    namespace: String,
+    labels: Labels,
+    ports: Vec<NamedPort>,
+}
+
+#[derive(Debug)]
+struct IdentityInfo {
+    key: IdentityKey,
+    ports: Arc<[NamedPort]>,
+    pods: usize,
+}
+
+/// The compiler's state: every object, the identities, and the local pods' compiled tables. See
+/// the module doc.
+#[derive(Debug, Default)]
+pub struct PolicyCompiler {
+    node: String,
+    node_addrs: Vec<IpAddr>,
+    namespaces: HashMap<String, Labels>,
+    pods: HashMap<String, (PodSpec, Identity)>,
+    policies: HashMap<String, Arc<Policy>>,
+    policies_by_ns: HashMap<String, BTreeSet<String>>,
+    identity_ids: HashMap<IdentityKey, Identity>,
+    identities: HashMap<Identity, IdentityInfo>,
+    identities_by_ns: HashMap<String, BTreeSet<Identity>>,
+    next_identity: Identity,
+    /// Local pods' compiled rules (only pods some policy selects).
+    local: HashMap<String, Arc<PodRules>>,
+    /// Local pods to recompute at the next build.
+    dirty: BTreeSet<String>,
+    /// Every local pod is dirty.
+    all_dirty: bool,
+    /// Identities made or dropped since the last build.
+    new_identities: Vec<Identity>,
+    dead_identities: Vec<Identity>,
+    generation: u64,
+}
+
+/// A namespace's labels as selectors see them: its own plus `kubernetes.io/metadata.name`.
+fn namespace_labels(name: &str, labels: &Labels) -> Labels {
+    let mut l = labels.clone();
+    l.insert(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned());
+    l
+}
+
+impl PolicyCompiler {
+    /// A compiler for the node `node` (its pods get rule tables), whose own addresses are
+    /// `node_addrs` (always allowed).
+    pub fn new(node: impl Into<String>, node_addrs: Vec<IpAddr>) -> Self {
+        PolicyCompiler { node: node.into(), node_addrs, next_identity: 1, ..Default::default() }
+    }
+
+    /// Sets this node's own addresses.
+    pub fn set_node_addrs(&mut self, addrs: Vec<IpAddr>) {
+        if self.node_addrs != addrs {
+            self.node_addrs = addrs;
+            // Published with the next build; the tables do not depend on them.
+        }
+    }
+
+    /// This node's own addresses.
+    pub fn node_addrs(&self) -> &[IpAddr] {
+        &self.node_addrs
+    }
+
+    /// Sets (or, with `None`, removes) a namespace's labels.
+    pub fn set_namespace(&mut self, name: &str, labels: Option<&Labels>) {
+        let new = labels.map(|l| namespace_labels(name, l));
+        let old = self.namespaces.get(name);
+        if old == new.as_ref() {
+            return;
+        }
+        match new {
+            Some(l) => self.namespaces.insert(name.to_owned(), l),
+            None => self.namespaces.remove(name),
+        };
+        self.all_dirty = true;
+    }
+
+    /// Sets (or removes) the pod `key` (`namespace/name`).
+    pub fn set_pod(&mut self, key: &str, pod: Option<&PodSpec>) {
+        if self.pods.get(key).map(|(p, _)| p) == pod {
+            return;
+        }
+        let old = self.pods.remove(key);
+        if let Some((old_pod, old_id)) = &old {
+            if old_pod.node == self.node {
+                self.dirty.insert(key.to_owned());
+            }
+            self.release_identity(*old_id);
+        }
+        if let Some(p) = pod {
+            let mut ports = p.ports.clone();
+            ports.sort();
+            ports.dedup();
+            let id = self.identity_for(IdentityKey { namespace: p.namespace.clone(), labels: p.labels.clone(), ports });
+            if p.node == self.node {
+                self.dirty.insert(key.to_owned());
+            }
+            self.pods.insert(key.to_owned(), (p.clone(), id));
+        }
+    }
+
+    /// Sets (or removes) the policy `key` (`namespace/name`).
+    pub fn set_policy(&mut self, key: &str, policy: Option<&Policy>) {
+        let old = self.policies.remove(key);
+        for p in old.iter().map(|p| &**p).chain(policy) {
+            // The local pods it selected before or selects now.
+            for (k, (pod, _)) in &self.pods {
+                if pod.node == self.node && pod.namespace == p.namespace && p.pod_selector.matches(&pod.labels) {
+                    self.dirty.insert(k.clone());
+                }
+            }
+        }
+        if let Some(p) = &old
+            && let Some(set) = self.policies_by_ns.get_mut(&p.namespace)
+        {
+            set.remove(key);
+        }
+        if let Some(p) = policy {
+            self.policies_by_ns.entry(p.namespace.clone()).or_default().insert(key.to_owned());
+            self.policies.insert(key.to_owned(), Arc::new(p.clone()));
+        }
+    }
+
+    fn identity_for(&mut self, key: IdentityKey) -> Identity {
+        if let Some(&id) = self.identity_ids.get(&key) {
+            if let Some(info) = self.identities.get_mut(&id) {
+                info.pods += 1;
+            }
+            return id;
+        }
+        let id = self.next_identity;
+        self.next_identity += 1;
+        self.identity_ids.insert(key.clone(), id);
+        self.identities_by_ns.entry(key.namespace.clone()).or_default().insert(id);
+        let ports: Arc<[NamedPort]> = key.ports.clone().into();
+        self.identities.insert(id, IdentityInfo { key, ports, pods: 1 });
+        self.new_identities.push(id);
+        id
+    }
+
+    fn release_identity(&mut self, id: Identity) {
+        let Some(info) = self.identities.get_mut(&id) else { return };
+        info.pods -= 1;
+        if info.pods > 0 {
+            return;
+        }
+        if let Some(info) = self.identities.remove(&id) {
+            self.identity_ids.remove(&info.key);
+            if let Some(s) = self.identities_by_ns.get_mut(&info.key.namespace) {
+                s.remove(&id);
+            }
+        }
+        self.dead_identities.push(id);
+    }
+
+    /// A namespace's labels; one the sources did not report has only its name label (every pod's
+    /// namespace exists in Kubernetes; a static file may leave it out).
+    fn ns_labels(&self, ns: &str) -> std::borrow::Cow<'_, Labels> {
+        match self.namespaces.get(ns) {
+            Some(l) => std::borrow::Cow::Borrowed(l),
+            None => std::borrow::Cow::Owned(namespace_labels(ns, &Labels::new())),
+        }
+    }
+
+    /// Whether a pod peer covers an identity.
+    fn peer_matches(
+        &self,
+        policy_ns: &str,
+        namespaces: &Namespaces,
+        pods: &super::spec::Selector,
+        id: &IdentityKey,
+    ) -> bool {
+        let ns_ok = match namespaces {
+            Namespaces::Own => id.namespace == policy_ns,
+            Namespaces::Matching(sel) => sel.matches(&self.ns_labels(&id.namespace)),
+        };
+        ns_ok && pods.matches(&id.labels)
+    }
+
+    /// The ports of `rule` toward a destination whose named ports are `dst_ports` (`None`: not a
+    /// pod, or not known yet: named ports stay unresolved).
+    fn rule_ports(rule: &Rule, dst_ports: Option<&[NamedPort]>) -> PortSet {
+        let mut ps = PortSet::default();
+        if rule.ports.is_empty() {
+            ps.all = true;
+            return ps;
+        }
+        for p in &rule.ports {
+            let proto = p.protocol.number();
+            match &p.port {
+                PortMatch::Any => ps.add(proto, 0, u16::MAX),
+                PortMatch::Range(a, b) => ps.add(proto, *a, *b),
+                PortMatch::Named(n) => match dst_ports {
+                    Some(ports) => {
+                        for np in ports.iter().filter(|np| np.name == *n && np.protocol == p.protocol) {
+                            ps.add(proto, np.port, np.port);
+                        }
+                    }
+                    None => {
+                        let n: Arc<str> = Arc::from(n.as_str());
+                        if !ps.named.contains(&(proto, n.clone())) {
+                            ps.named.push((proto, n));
+                        }
+                    }
+                },
+            }
+        }
+        ps
+    }
+
+    /// The policies of `namespace` whose selector takes `labels`, sorted by key.
+    fn selecting(&self, namespace: &str, labels: &Labels) -> Vec<Arc<Policy>> {
+        self.policies_by_ns
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.policies.get(k))
+            .filter(|p| p.pod_selector.matches(labels))
+            .cloned()
+            .collect()
+    }
+
+    /// A local pod's tables from scratch.
+    fn compile_pod(&self, key: &str, pod: &PodSpec, peers: &mut PeerCache) -> Option<PodRules> {
+        let policies = self.selecting(&pod.namespace, &pod.labels);
+        if policies.is_empty() {
+            return None;
+        }
+        let mut own_ports = pod.ports.clone();
+        own_ports.sort();
+        let mut rules = PodRules { pod: key.to_owned(), ingress: None, egress: None, origins: Vec::new() };
+        for p in &policies {
+            for d in [Direction::Ingress, Direction::Egress] {
+                let Some(list) = p.rules(d) else { continue };
+                let dir = match d {
+                    Direction::Ingress => rules.ingress.get_or_insert_with(DirRules::default),
+                    Direction::Egress => rules.egress.get_or_insert_with(DirRules::default),
+                };
+                if list.is_empty() {
+                    rules.origins.push(RuleOrigin {
+                        direction: d,
+                        policy: p.key(),
+                        rule: None,
+                        peers: "no peers".into(),
+                        ports: "no ports".into(),
+                    });
+                }
+                for (i, rule) in list.iter().enumerate() {
+                    self.add_rule(dir, d, &p.namespace, rule, &own_ports, peers);
+                    let peers_text = if rule.peers.is_empty() {
+                        "all peers".to_owned()
+                    } else {
+                        rule.peers.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                    };
+                    let ports_text = if rule.ports.is_empty() {
+                        "all ports".to_owned()
+                    } else {
+                        rule.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                    };
+                    rules.origins.push(RuleOrigin {
+                        direction: d,
+                        policy: p.key(),
+                        rule: Some(i),
+                        peers: peers_text,
+                        ports: ports_text,
+                    });
+                }
+            }
+        }
+        Some(rules)
+    }
+
+    /// Adds one rule's contribution to a direction's tables.
+    fn add_rule(
+        &self,
+        dir: &mut DirRules,
+        d: Direction,
+        policy_ns: &str,
+        rule: &Rule,
+        own_ports: &[NamedPort],
+        peers: &mut PeerCache,
+    ) {
+        let ingress = d == Direction::Ingress;
+        if rule.peers.is_empty() {
+            if ingress || !rule.ports.iter().any(|p| matches!(p.port, PortMatch::Named(_))) {
+                dir.any.union(&Self::rule_ports(rule, Some(own_ports)));
+            } else {
+                // Egress to every peer on a named port: resolved per destination identity; the
+                // numeric ports go to every peer.
+                let numeric = Rule {
+                    peers: vec![],
+                    ports: rule.ports.iter().filter(|p| !matches!(p.port, PortMatch::Named(_))).cloned().collect(),
+                };
+                if !numeric.ports.is_empty() {
+                    dir.any.union(&Self::rule_ports(&numeric, None));
+                }
+                for (id, info) in &self.identities {
+                    let ps = Self::rule_ports(rule, Some(&info.ports));
+                    if !ps.is_empty() {
+                        dir.by_identity.entry(*id).or_default().union(&ps);
+                    }
+                }
+            }
+            return;
+        }
+        for peer in &rule.peers {
+            match peer {
+                Peer::IpBlock { cidr, except } => {
+                    let ps = Self::rule_ports(rule, if ingress { Some(own_ports) } else { None });
+                    dir.blocks.push((*cidr, except.clone(), ps));
+                }
+                Peer::Pods { namespaces, pods } => {
+                    for &id in peers.resolve(self, policy_ns, namespaces, pods).iter() {
+                        let dst_ports =
+                            if ingress { Some(own_ports) } else { self.identities.get(&id).map(|i| &*i.ports) };
+                        let ps = Self::rule_ports(rule, Some(dst_ports.unwrap_or(&[])));
+                        if !ps.is_empty() {
+                            dir.by_identity.entry(id).or_default().union(&ps);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds a new identity's entries to a local pod's tables (the pod itself unchanged).
+    fn patch_identity(&self, rules: &mut PodRules, pod: &PodSpec, id: Identity) {
+        let Some(info) = self.identities.get(&id) else { return };
+        let mut own_ports = pod.ports.clone();
+        own_ports.sort();
+        for p in self.selecting(&pod.namespace, &pod.labels) {
+            for d in [Direction::Ingress, Direction::Egress] {
+                let Some(list) = p.rules(d) else { continue };
+                let dir = match d {
+                    Direction::Ingress => rules.ingress.as_mut(),
+                    Direction::Egress => rules.egress.as_mut(),
+                };
+                let Some(dir) = dir else { continue };
+                for rule in list {
+                    let named = rule.ports.iter().any(|p| matches!(p.port, PortMatch::Named(_)));
+                    let covers = if rule.peers.is_empty() {
+                        d == Direction::Egress && named
+                    } else {
+                        rule.peers.iter().any(|peer| match peer {
+                            Peer::Pods { namespaces, pods } => {
+                                self.peer_matches(&p.namespace, namespaces, pods, &info.key)
+                            }
+                            Peer::IpBlock { .. } => false,
+                        })
+                    };
+                    if !covers {
+                        continue;
+                    }
+                    let ps = if d == Direction::Ingress {
+                        Self::rule_ports(rule, Some(&own_ports))
+                    } else if rule.peers.is_empty() {
+                        // Only the named part: the numeric ports are in `any` already.
+                        let only_named = Rule {
+                            peers: vec![],
+                            ports: rule
+                                .ports
+                                .iter()
+                                .filter(|p| matches!(p.port, PortMatch::Named(_)))
+                                .cloned()
+                                .collect(),
+                        };
+                        Self::rule_ports(&only_named, Some(&info.ports))
+                    } else {
+                        Self::rule_ports(rule, Some(&info.ports))
+                    };
+                    if !ps.is_empty() {
+                        dir.by_identity.entry(id).or_default().union(&ps);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Recomputes what changed and publishes a new generation of the tables.
+    pub fn build(&mut self) -> PolicyTables {
+        let mut peers = PeerCache::default();
+        let local_keys: Vec<String> = if std::mem::take(&mut self.all_dirty) {
+            self.dirty.clear();
+            self.local.clear();
+            self.pods.iter().filter(|(_, (p, _))| p.node == self.node).map(|(k, _)| k.clone()).collect()
+        } else {
+            std::mem::take(&mut self.dirty).into_iter().collect()
+        };
+        let recomputed: HashSet<&String> = local_keys.iter().collect();
+        let new_ids = std::mem::take(&mut self.new_identities);
+        let dead_ids = std::mem::take(&mut self.dead_identities);
+        // Identities made or dropped: patch the local pods not recomputed anyway.
+        if !new_ids.is_empty() || !dead_ids.is_empty() {
+            let keys: Vec<String> = self.local.keys().filter(|k| !recomputed.contains(k)).cloned().collect();
+            for k in keys {
+                let Some((pod, _)) = self.pods.get(&k) else { continue };
+                let Some(old) = self.local.get(&k) else { continue };
+                let mut rules = (**old).clone();
+                for dir in [rules.ingress.as_mut(), rules.egress.as_mut()].into_iter().flatten() {
+                    for id in &dead_ids {
+                        dir.by_identity.remove(id);
+                    }
+                }
+                for id in new_ids.iter().filter(|id| self.identities.contains_key(id)) {
+                    self.patch_identity(&mut rules, pod, *id);
+                }
+                self.local.insert(k, Arc::new(rules));
+            }
+        }
+        for k in &local_keys {
+            let compiled = match self.pods.get(k) {
+                Some((pod, _)) if pod.node == self.node => self.compile_pod(k, pod, &mut peers),
+                _ => None,
+            };
+            match compiled {
+                Some(r) => self.local.insert(k.clone(), Arc::new(r)),
+                None => self.local.remove(k),
+            };
+        }
+        self.generation += 1;
+        let mut identity_of = FastMap::default();
+        identity_of.reserve(self.pods.len());
+        let mut local = FastMap::default();
+        for (k, (pod, id)) in &self.pods {
+            for a in &pod.ips {
+                identity_of.insert(*a, *id);
+            }
+            if let Some(r) = self.local.get(k) {
+                for a in &pod.ips {
+                    local.insert(*a, Arc::clone(r));
+                }
+            }
+        }
+        let identity_ports = self
+            .identities
+            .iter()
+            .filter(|(_, i)| !i.ports.is_empty())
+            .map(|(id, i)| (*id, Arc::clone(&i.ports)))
+            .collect();
+        PolicyTables {
+            generation: self.generation,
+            identity_of,
+            identity_ports,
+            local,
+            node_addrs: self.node_addrs.clone(),
+        }
+    }
+
+    /// How many identities there are.
+    pub fn identities(&self) -> usize {
+        self.identities.len()
+    }
+}
+
+/// Each pod peer's identities, resolved once per build (peers repeat across policies and pods).
+#[derive(Debug, Default)]
+struct PeerCache {
+    resolved: HashMap<(String, Namespaces, super::spec::Selector), Arc<[Identity]>>,
+}
+
+impl PeerCache {
+    fn resolve(
+        &mut self,
+        c: &PolicyCompiler,
+        policy_ns: &str,
+        namespaces: &Namespaces,
+        pods: &super::spec::Selector,
+    ) -> Arc<[Identity]> {
+        let own = match namespaces {
+            Namespaces::Own => policy_ns.to_owned(),
+            Namespaces::Matching(_) => String::new(),
+        };
+        let key = (own, namespaces.clone(), pods.clone());
+        if let Some(r) = self.resolved.get(&key) {
+            return Arc::clone(r);
+        }
+        let ids: Vec<Identity> = match namespaces {
+            Namespaces::Own => c.identities_by_ns.get(policy_ns).into_iter().flatten().copied().collect(),
+            Namespaces::Matching(sel) => c
+                .identities_by_ns
+                .iter()
+                .filter(|(n, _)| sel.matches(&c.ns_labels(n)))
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .collect(),
+        };
+        let ids: Arc<[Identity]> = ids
+            .into_iter()
+            .filter(|id| c.identities.get(id).is_some_and(|i| pods.matches(&i.key.labels)))
+            .collect::<Vec<_>>()
+            .into();
+        self.resolved.insert(key, Arc::clone(&ids));
+        ids
+    }
+}
