@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ferry::admin::proto::{ConntrackList, Routes, Stats, Status};
+use ferry::admin::proto::{ConntrackList, FlowEvent, FlowFilter, FlowList, Routes, Stats, Status};
 use ferry::admin::{self, Request, Response};
 use ferry_encap::DropReason;
 use serde::Serialize;
@@ -67,10 +67,48 @@ enum Command {
         #[arg(long, value_parser = ["tcp", "udp"])]
         proto: Option<String>,
     },
+    /// Flow records and dropped packets, newest last, in the spirit of `hubble observe`.
+    Flows(FlowsArgs),
     /// List every drop reason the data plane counts, with its metric name.
     DropReasons,
     /// Generate and/or receive test traffic on an interface queue over AF_XDP.
     Pktgen(ferry::pktgen::PktgenArgs),
+}
+
+#[derive(Debug, Args)]
+struct FlowsArgs {
+    #[command(flatten)]
+    query: Query,
+    /// Keep printing new events as they come (until interrupted).
+    #[arg(long, short)]
+    follow: bool,
+    /// How many of the newest matching events to print first.
+    #[arg(long, default_value_t = 20)]
+    last: usize,
+    /// A pod at either end: namespace/name, or a name.
+    #[arg(long)]
+    pod: Option<String>,
+    /// A namespace at either end.
+    #[arg(long, short)]
+    namespace: Option<String>,
+    /// The node that recorded the event.
+    #[arg(long)]
+    node: Option<String>,
+    /// forwarded, replied or dropped.
+    #[arg(long, value_parser = ["forwarded", "replied", "dropped"])]
+    verdict: Option<String>,
+    /// A drop reason (see `ferry drop-reasons`).
+    #[arg(long)]
+    reason: Option<String>,
+    /// tcp, udp, icmp, icmpv6, or a protocol number.
+    #[arg(long)]
+    protocol: Option<String>,
+    /// A port at either end.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Only events seen within this long: 30s, 5m, 2h.
+    #[arg(long)]
+    since: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +144,7 @@ fn main() -> ExitCode {
             let proto = proto.map(|p| if p == "tcp" { 6 } else { 17 });
             query(&q, Request::Conntrack { addr, port, proto }, print_conntrack)
         }
+        Command::Flows(args) => flows(&args),
         Command::DropReasons => {
             for r in DropReason::ALL {
                 println!("{:>3}  {:<26} {}", *r as u8, r.name(), r.description());
@@ -386,5 +425,173 @@ fn print_stats(d: &Stats) {
                 p.ifname, x.rx_ring_full, x.rx_dropped, x.rx_no_frame, x.invalid_descs
             );
         }
+    }
+}
+
+/// `30s`, `5m`, `2h`, `1d` (a bare number is seconds).
+fn parse_duration(s: &str) -> Option<Duration> {
+    let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86400)?,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
+}
+
+fn protocol_number(p: &str) -> Option<u8> {
+    match p {
+        "tcp" => Some(6),
+        "udp" => Some(17),
+        "icmp" => Some(1),
+        "icmpv6" => Some(58),
+        "sctp" => Some(132),
+        n => n.parse().ok(),
+    }
+}
+
+fn protocol_name(p: Option<u8>) -> String {
+    match p {
+        Some(6) => "tcp".into(),
+        Some(17) => "udp".into(),
+        Some(1) => "icmp".into(),
+        Some(58) => "icmpv6".into(),
+        Some(n) => n.to_string(),
+        None => "-".into(),
+    }
+}
+
+/// `ferry flows`.
+fn flows(a: &FlowsArgs) -> ExitCode {
+    let since_ms = match a.since.as_deref().map(|s| (s, parse_duration(s))) {
+        None => None,
+        Some((_, Some(d))) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            Some(now.saturating_sub(d).as_millis() as u64)
+        }
+        Some((s, None)) => {
+            eprintln!("ferry flows: --since {s:?} is not a duration like 30s, 5m or 2h");
+            return ExitCode::from(2);
+        }
+    };
+    let proto = match a.protocol.as_deref().map(|p| (p, protocol_number(p))) {
+        None => None,
+        Some((_, Some(n))) => Some(n),
+        Some((p, None)) => {
+            eprintln!("ferry flows: --protocol {p:?} is not tcp, udp, icmp, icmpv6 or a number");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = FlowFilter {
+        pod: a.pod.clone(),
+        namespace: a.namespace.clone(),
+        node: a.node.clone(),
+        verdict: a.verdict.clone(),
+        reason: a.reason.clone(),
+        proto,
+        port: a.port,
+        since_ms,
+    };
+    let mut after = None;
+    let mut limit = a.last;
+    let mut shown_losses = (0, 0, 0);
+    let mut header = !a.query.json;
+    loop {
+        let req = Request::Flows { filter: filter.clone(), after, limit };
+        let list = match admin::call(&a.query.socket, &req, Duration::from_secs(10))
+            .map_err(|e| e.to_string())
+            .and_then(Response::decode::<FlowList>)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("ferry flows: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if !list.enabled {
+            eprintln!("ferry flows: flow records are off on this node (dataplane.flows = false)");
+            return ExitCode::FAILURE;
+        }
+        if header && !list.events.is_empty() {
+            println!(
+                "{:<12} {:<8} {:<9} {:<34}    {:<34} {:<6} {:<12} {:>8} {:>10}  stage / reason",
+                "time (UTC)", "node", "verdict", "source", "destination", "proto", "tcp flags", "packets", "bytes"
+            );
+            header = false;
+        }
+        for e in &list.events {
+            if a.query.json {
+                println!("{}", serde_json::to_string(e).unwrap_or_default());
+            } else {
+                print_flow(e);
+            }
+        }
+        let losses = (list.lost_records, list.lost_drop_events, list.rate_limited_drop_events);
+        if losses != shown_losses && (losses.0 > 0 || losses.1 > 0 || losses.2 > 0) {
+            eprintln!(
+                "ferry flows: lost {} flow records and {} drop events (export ring full); {} drop events left out by the rate limit",
+                losses.0, losses.1, losses.2
+            );
+            shown_losses = losses;
+        }
+        if !a.follow {
+            return ExitCode::SUCCESS;
+        }
+        after = Some(list.last_seq);
+        limit = 10_000;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `HH:MM:SS.mmm` of a Unix time (UTC).
+fn clock(t: f64) -> String {
+    let ms = (t * 1000.0) as u64;
+    let (s, ms) = (ms / 1000, ms % 1000);
+    format!("{:02}:{:02}:{:02}.{ms:03}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
+fn print_flow(e: &FlowEvent) {
+    let end = |pod: &Option<String>, a: Option<std::net::IpAddr>, p: Option<u16>| {
+        let addr = match (a, p) {
+            (Some(a), Some(p)) if p != 0 => endpoint(a, p),
+            (Some(a), _) => a.to_string(),
+            _ => "-".into(),
+        };
+        match pod {
+            Some(pod) => format!("{pod} ({addr})"),
+            None => addr,
+        }
+    };
+    let mut decided = e.stage.clone();
+    if let Some(r) = &e.reason {
+        decided = format!("{decided}: {r}");
+    }
+    if let Some(s) = &e.service {
+        decided = format!(
+            "{decided} (service {} -> backend {})",
+            endpoint(s.vip, s.port),
+            endpoint(s.backend, s.backend_port)
+        );
+    }
+    if let Some(p) = &e.policy {
+        decided = format!("{decided} (policy {p})");
+    }
+    println!(
+        "{:<12} {:<8} {:<9} {:<34} -> {:<34} {:<6} {:<12} {:>8} {:>10}  {decided}",
+        clock(e.time),
+        e.node,
+        if e.kind == "drop" { "DROPPED" } else { e.verdict.as_str() },
+        end(&e.src_pod, e.src, e.sport),
+        end(&e.dst_pod, e.dst, e.dport),
+        protocol_name(e.proto),
+        if e.tcp_flags.is_empty() { "-" } else { e.tcp_flags.as_str() },
+        e.packets,
+        e.bytes,
+    );
+    if let Some(p) = &e.packet {
+        println!("{:<12} first bytes: {p}", "");
     }
 }

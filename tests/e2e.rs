@@ -1113,3 +1113,87 @@ fn services_cluster_ip_from_the_static_file() {
         let _ = s.wait();
     }
 }
+
+/// `ferry flows --json ARGS` on a node: its events (JSON lines).
+fn flows_json(lab: &Lab, node: &str, args: &[&str]) -> Vec<Value> {
+    let sock = format!("/run/ferry-lab/{}/nodes/{node}/ferry.sock", lab.name);
+    let ns = lab.netns(node);
+    let mut argv = vec!["ip", "netns", "exec", &ns, env!("CARGO_BIN_EXE_ferry"), "flows", "--json", "--socket", &sock];
+    argv.extend_from_slice(args);
+    let out = run_bounded(20, &argv);
+    assert!(out.status.success(), "ferry flows on {node} failed: {}", text(&out.stderr));
+    text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+}
+
+/// Waits (up to 5 s) for an event of `ferry flows --json ARGS` on `node` that `want` accepts.
+fn wait_flow(lab: &Lab, node: &str, args: &[&str], want: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let events = flows_json(lab, node, args);
+        if let Some(e) = events.iter().find(|e| want(e)) {
+            return e.clone();
+        }
+        assert!(Instant::now() < deadline, "no such event on {node} within 5 s; ferry flows {args:?} gave {events:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `GET http://127.0.0.1:9100/PATH` in a node's namespace: the body ("" when nothing answers).
+fn http_body(lab: &Lab, node: &str, path: &str) -> String {
+    let py = format!(
+        "import urllib.request\ntry:\n print(urllib.request.urlopen('http://127.0.0.1:9100{path}', timeout=2).read().decode())\n\
+         except OSError:\n pass"
+    );
+    text(&run_bounded(10, &["ip", "netns", "exec", &lab.netns(node), python(), "-c", &py]).stdout)
+}
+
+/// A ping across nodes shows up in `ferry flows` on both (named pods, verdict, stage); a ping to an
+/// address inside the cluster that no node has is a drop event with its reason and first bytes;
+/// the Prometheus endpoint counts both by namespace. (About 10 s.)
+#[test]
+fn flows_recorded_and_drops_explained() {
+    if !privileged("flows_recorded_and_drops_explained") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_flows", &["--nodes", "2", "--pods-per-node", "1"]);
+    let (src, dst) = (lab.pod_ip("n1-p1"), lab.pod_ip("n2-p1"));
+    assert!(lab.ping_once("n1-p1", &dst, "1"), "n1-p1 -> n2-p1");
+    let sent = wait_flow(&lab, "n1", &["--pod", "default/n1-p1", "--protocol", "icmp"], |e| {
+        e["dst"] == dst.as_str() && e["verdict"] == "forwarded"
+    });
+    assert_eq!(sent["src"], src.as_str(), "{sent:#}");
+    assert_eq!(sent["src_pod"], "default/n1-p1", "{sent:#}");
+    assert_eq!(sent["stage"], "encap", "{sent:#}");
+    assert_eq!(sent["kind"], "flow", "{sent:#}");
+    let got = wait_flow(&lab, "n2", &["--namespace", "default", "--verdict", "forwarded"], |e| {
+        e["src"] == src.as_str() && e["dst"] == dst.as_str()
+    });
+    assert_eq!((&got["dst_pod"], &got["stage"]), (&Value::from("default/n2-p1"), &Value::from("deliver")), "{got:#}");
+
+    // Inside the cluster's network, on no node: no route.
+    let cidr = lab.list()["cluster_cidr"].as_str().expect("cluster_cidr").to_owned();
+    let net: ipnet::Ipv4Net = cidr.parse().expect("an IPv4 cluster CIDR");
+    let nowhere = std::net::Ipv4Addr::from(u32::from(net.broadcast()) - 6).to_string();
+    assert!(!lab.ping_once("n1-p1", &nowhere, "0.3"), "{nowhere} answered");
+    let dropped = wait_flow(&lab, "n1", &["--verdict", "dropped", "--reason", "no_route"], |e| {
+        e["kind"] == "drop" && e["dst"] == nowhere.as_str()
+    });
+    assert_eq!((&dropped["src_pod"], &dropped["stage"]), (&Value::from("default/n1-p1"), &Value::from("route")));
+    let bytes = dropped["packet"].as_str().expect("the dropped packet's first bytes");
+    // Ethernet + IPv4 + ICMP echo of ping's 84-byte packet: 98 bytes, all kept (under 128).
+    assert_eq!(bytes.len(), 2 * 98, "{dropped:#}");
+    // The flow's record says the same.
+    wait_flow(&lab, "n1", &["--verdict", "dropped"], |e| {
+        e["kind"] == "flow" && e["dst"] == nowhere.as_str() && e["reason"] == "no_route"
+    });
+    let metrics = http_body(&lab, "n1", "/metrics");
+    for want in [
+        "ferry_dataplane_flows_total{namespace=\"default\",verdict=\"forwarded\"}",
+        "ferry_dataplane_flow_drops_total{namespace=\"default\",reason=\"no_route\"} 1",
+        "ferry_dataplane_flow_records_lost_total 0",
+        "ferry_dataplane_rx_packets_total{port=\"0\",ifname=\"ul0\",kind=\"uplink\"}",
+    ] {
+        assert!(metrics.contains(want), "no {want} in n1's metrics:\n{metrics}");
+    }
+}

@@ -6,6 +6,7 @@
 
 pub mod conntrack;
 pub mod counters;
+pub mod flows;
 pub mod frame;
 pub mod kernel;
 pub mod nat;

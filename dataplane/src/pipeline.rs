@@ -46,6 +46,7 @@ use std::sync::Arc;
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::conntrack::{Conntrack, Timeouts};
+use crate::flows::Seen;
 use crate::service::{self, Outcome};
 
 /// What the pipeline asks of the forwarding tables. The published [`Snapshot`] implements it (a
@@ -239,6 +240,9 @@ pub struct Pipeline {
     /// Its clock, read at most once per batch, and only by a batch that has services to look up
     /// (`None` until then): a node without services never reads it.
     ct_now: Option<u32>,
+    /// What the last packet's stages saw, for its flow record (filled only when `observe` is on).
+    seen: Seen,
+    observe: bool,
 }
 
 /// Connection-tracking slots of a pipeline made with [`Pipeline::new`] (its own table; the agent
@@ -284,7 +288,20 @@ impl Pipeline {
             now_ns: 0,
             ct_now: None,
             conntrack,
+            seen: Seen::default(),
+            observe: false,
         }
+    }
+
+    /// Whether the stages note what they see for flow records ([`Pipeline::seen`]); off by default.
+    pub fn set_observe(&mut self, on: bool) {
+        self.observe = on;
+    }
+
+    /// What the last packet's stages saw (with observation on).
+    #[inline(always)]
+    pub fn seen(&self) -> &Seen {
+        &self.seen
     }
 
     /// The node configuration.
@@ -321,6 +338,7 @@ impl Pipeline {
         frame: &mut FrameBuf<'_>,
         counters: &mut PipelineCounters,
     ) -> Verdict<PortId> {
+        self.seen.reset();
         let v = match role {
             PortRole::Uplink => self.uplink_ingress(fib, frame),
             PortRole::Pod => self.pod_ingress(fib, in_port, frame, counters),
@@ -346,6 +364,7 @@ impl Pipeline {
             return Verdict::Drop(DropReason::InnerSrcMacMulticast);
         }
         let mut ctx = classify!(frame.data(), Verdict::Drop(DropReason::UnsupportedEtherType));
+        self.observe(&ctx, frame);
         step!(self.decapsulated_checks(fib, &ctx, outer_src));
         match fib.route(ctx.dst()) {
             Route::Local { port, mac } => self.deliver(fib, &mut ctx, frame, port, mac, Arrival::Decapsulated),
@@ -368,6 +387,7 @@ impl Pipeline {
             frame.data(),
             if is_arp(frame.data()) { self.answer_arp(frame) } else { Verdict::Drop(DropReason::UnsupportedEtherType) }
         );
+        self.observe(&ctx, frame);
         step!(self.pod_ip_checks(fib, in_port, &ctx, frame));
         // (Stage policy goes here, on `ctx`.)
         step!(self.prepare_forward(&ctx, frame, counters));
@@ -381,6 +401,14 @@ impl Pipeline {
             Route::Unresolved { .. } => Verdict::Drop(DropReason::NoNeighbour),
             Route::Blackhole => Verdict::Drop(DropReason::Blackhole),
             Route::NoRoute => self.host_exit_stage(in_port, &ctx, frame),
+        }
+    }
+
+    /// Note the classified packet for its flow record (a flag test when flows are off).
+    #[inline(always)]
+    fn observe(&mut self, ctx: &Ctx, frame: &FrameBuf<'_>) {
+        if self.observe {
+            self.seen.classified(&ctx.flow, frame.data());
         }
     }
 
@@ -473,7 +501,12 @@ impl Pipeline {
         };
         let now = self.ct_now();
         match service::forward(&self.conntrack, now, services, ctx, frame.data_mut(), hairpin_src) {
-            Outcome::Translated => Step::Continue,
+            Outcome::Translated => {
+                if self.observe {
+                    self.seen.translate(ctx.dst(), ctx.flow.ports.1);
+                }
+                Step::Continue
+            }
             Outcome::NotService => {
                 service::reply(&self.conntrack, now, services, ctx, frame.data_mut());
                 Step::Continue

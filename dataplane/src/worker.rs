@@ -33,12 +33,17 @@ use ferry_tables::Reader;
 use ferry_encap::{DropReason, FrameBuf, Verdict};
 
 use crate::counters::{Counters, SharedCounters};
+use crate::flows::{FlowExport, FlowTable, FlowVerdict, NO_PORT as FLOW_NO_PORT, Stage};
 use crate::frame::{FrameId, FrameMem, FreeFrames, Pkt};
 use crate::pipeline::{Fib, Pipeline, PortId, PortRole};
 use crate::port::Port;
 
 /// Packets taken from a port per receive call, and the size of an egress batch.
 pub const BATCH: usize = 64;
+
+/// Flow table slots a busy worker looks at for changes each time it publishes (an idle one looks
+/// at all of them).
+const BUSY_SWEEP: usize = 512;
 
 /// How often a busy worker publishes its counters ([`SharedCounters`]); an idle or stopping worker
 /// publishes at once.
@@ -213,6 +218,10 @@ pub struct Worker<P: Port> {
     epoch: Instant,
     /// When counters were last published, in nanoseconds since `epoch`.
     last_publish_ns: u64,
+    /// This batch's time, nanoseconds since `epoch`.
+    now_ns: u64,
+    /// Flow records, when on ([`Worker::with_flows`]).
+    flows: Option<FlowTable>,
     last_port_stats: Instant,
 }
 
@@ -244,6 +253,8 @@ impl<P: Port> Worker<P> {
             out: (0..n).map(|_| Vec::with_capacity(BATCH)).collect(),
             epoch: Instant::now(),
             last_publish_ns: 0,
+            now_ns: 0,
+            flows: None,
             last_port_stats: Instant::now(),
         }
     }
@@ -259,6 +270,20 @@ impl<P: Port> Worker<P> {
         self.counters.port.resize(capacity, Default::default());
         self.shared = Arc::new(SharedCounters::new(capacity));
         self
+    }
+
+    /// Keep flow records: a table of `slots` flows exporting into a ring of `ring` records (see
+    /// [`crate::flows`]); `worker` names this worker in them. The pipeline notes what it sees.
+    #[must_use]
+    pub fn with_flows(mut self, slots: usize, ring: usize, worker: u16) -> Self {
+        self.pipeline.set_observe(true);
+        self.flows = Some(FlowTable::new(slots, ring, self.epoch, worker));
+        self
+    }
+
+    /// The flow records' export handle, when flows are on.
+    pub fn flow_export(&self) -> Option<Arc<FlowExport>> {
+        self.flows.as_ref().map(FlowTable::export)
     }
 
     /// A handle that adds and removes ports while the worker runs ([`Worker::run`] applies its
@@ -380,6 +405,7 @@ impl<P: Port> Worker<P> {
     /// One iteration over every port; returns the number of packets received.
     pub fn poll_once<F: Fib>(&mut self, fib: &F) -> usize {
         let now = self.epoch.elapsed().as_nanos() as u64;
+        self.now_ns = now;
         self.pipeline.set_time(now);
         for p in &mut self.ports {
             p.reclaim(&mut self.free);
@@ -399,7 +425,7 @@ impl<P: Port> Worker<P> {
         }
         self.counters.double_frees = self.free.refused();
         if now.saturating_sub(self.last_publish_ns) >= PUBLISH_INTERVAL.as_nanos() as u64 {
-            self.publish_at(now);
+            self.publish_at(now, BUSY_SWEEP);
         }
         received
     }
@@ -417,6 +443,27 @@ impl<P: Port> Worker<P> {
             return;
         };
         let v = self.pipeline.process(fib, in_id, self.roles[in_port], &mut frame, &mut self.counters.pipeline);
+        if let Some(flows) = self.flows.as_mut() {
+            let seen = self.pipeline.seen();
+            let (out, verdict, reason, stage) = match v {
+                Verdict::Forward(p) => {
+                    let to_uplink = self
+                        .index
+                        .get(usize::from(p.0))
+                        .is_some_and(|&d| d != NO_PORT && self.roles.get(d as usize) == Some(&PortRole::Uplink));
+                    (p.0, FlowVerdict::Forwarded, 0, if to_uplink { Stage::Encap } else { Stage::Deliver })
+                }
+                Verdict::Reply => (in_id.0, FlowVerdict::Replied, 0, Stage::Reply),
+                Verdict::Drop(r) => {
+                    flows.drop_event(seen, r, in_id.0, frame.data(), self.now_ns);
+                    let uplink = self.roles[in_port] == PortRole::Uplink;
+                    (FLOW_NO_PORT, FlowVerdict::Dropped, r as u8, Stage::of_drop(r, uplink))
+                }
+            };
+            if seen.valid {
+                flows.record(seen, in_id.0, out, verdict, reason, stage, u32::from(pkt.len), self.now_ns);
+            }
+        }
         let out = match v {
             Verdict::Forward(PortId(p)) => match self.index.get(usize::from(p)) {
                 Some(&d) if d != NO_PORT => d as usize,
@@ -464,10 +511,14 @@ impl<P: Port> Worker<P> {
     /// Publish the counters now (the worker does on its own: on a timer while busy, when idle, on
     /// port changes and when stopping).
     pub fn publish(&mut self) {
-        self.publish_at(self.epoch.elapsed().as_nanos() as u64);
+        self.publish_at(self.epoch.elapsed().as_nanos() as u64, usize::MAX);
     }
 
-    fn publish_at(&mut self, now_ns: u64) {
+    /// Publish the counters, and export up to `sweep` flow slots' changes.
+    fn publish_at(&mut self, now_ns: u64, sweep: usize) {
+        if let Some(f) = self.flows.as_mut() {
+            f.sweep(sweep);
+        }
         // The ports' own statistics cost a system call each: about once a second is enough.
         if self.last_port_stats.elapsed() >= Duration::from_secs(1) {
             for (p, id) in self.ports.iter().zip(&self.ids) {

@@ -396,6 +396,7 @@ cni() {
         conf=$(bridge_netconf "$node")
     fi
     ip netns exec "$(node_ns "$node")" env CNI_COMMAND="$cmd" CNI_CONTAINERID="$pod" \
+        CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=$pod" \
         CNI_NETNS="/var/run/netns/$(node_ns "$pod")" CNI_IFNAME=eth0 CNI_PATH="$CNI_DIR" "$plugin" <<<"$conf"
 }
 

@@ -41,6 +41,18 @@ pub enum Request {
         #[serde(default)]
         proto: Option<u8>,
     },
+    /// Flow and drop events (newest last) matching the filter.
+    Flows {
+        /// Which events.
+        #[serde(default)]
+        filter: FlowFilter,
+        /// Only events after this sequence number (`--follow` passes the last it got).
+        #[serde(default)]
+        after: Option<u64>,
+        /// At most this many (the newest).
+        #[serde(default = "default_flow_limit")]
+        limit: usize,
+    },
     /// Attach a pod's host-side interface and register the pod (idempotent for the same pod).
     PodAdd {
         /// The pod.
@@ -525,4 +537,148 @@ pub struct PodRemoved {
 pub struct PodChecked {
     /// Whether the agent has the pod registered, attached and routed.
     pub registered: bool,
+}
+
+fn default_flow_limit() -> usize {
+    20
+}
+
+/// Which flow events to return (every field optional; all given must match).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowFilter {
+    /// A pod at either end: `namespace/name`, or a name in any namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// A namespace at either end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The node that recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// `forwarded`, `replied` or `dropped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    /// A drop reason's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// IP protocol number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<u8>,
+    /// A port at either end (or the service's or backend's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Only events last seen at or after this Unix time (milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+}
+
+impl FlowFilter {
+    /// Whether `e` passes.
+    pub fn matches(&self, e: &FlowEvent) -> bool {
+        let pod = |want: &str, p: &Option<String>| {
+            p.as_deref().is_some_and(|p| p == want || (!want.contains('/') && p.rsplit('/').next() == Some(want)))
+        };
+        let ns = |want: &str, p: &Option<String>| p.as_deref().is_some_and(|p| p.split('/').next() == Some(want));
+        let svc_ports = e.service.as_ref().map(|s| [s.port, s.backend_port]);
+        self.pod.as_deref().is_none_or(|w| pod(w, &e.src_pod) || pod(w, &e.dst_pod))
+            && self.namespace.as_deref().is_none_or(|w| ns(w, &e.src_pod) || ns(w, &e.dst_pod))
+            && self.node.as_deref().is_none_or(|w| e.node == w)
+            && self.verdict.as_deref().is_none_or(|w| e.verdict == w)
+            && self.reason.as_deref().is_none_or(|w| e.reason.as_deref() == Some(w))
+            && self.proto.is_none_or(|w| e.proto == Some(w))
+            && self
+                .port
+                .is_none_or(|w| e.sport == Some(w) || e.dport == Some(w) || svc_ports.is_some_and(|p| p.contains(&w)))
+            && self.since_ms.is_none_or(|w| e.time * 1000.0 >= w as f64)
+    }
+}
+
+/// The Service a flow was sent to and the backend chosen (in [`FlowEvent::service`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceHit {
+    /// The VIP.
+    pub vip: IpAddr,
+    /// The service port.
+    pub port: u16,
+    /// The backend chosen.
+    pub backend: IpAddr,
+    /// Its port.
+    pub backend_port: u16,
+}
+
+/// One flow record's update, or one dropped packet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowEvent {
+    /// Increasing per agent.
+    pub seq: u64,
+    /// `flow` (a flow's record) or `drop` (one dropped packet, with its first bytes).
+    pub kind: String,
+    /// Last seen, Unix seconds.
+    pub time: f64,
+    /// First seen, Unix seconds.
+    pub first_seen: f64,
+    /// The node.
+    pub node: String,
+    /// IP protocol (a drop event of a frame that was not IP has none).
+    pub proto: Option<u8>,
+    /// Source address.
+    pub src: Option<IpAddr>,
+    /// Source port.
+    pub sport: Option<u16>,
+    /// Destination address (a Service's VIP when translated: see `service`).
+    pub dst: Option<IpAddr>,
+    /// Destination port.
+    pub dport: Option<u16>,
+    /// The source pod, `namespace/name` (or the pod's id when the runtime did not name it).
+    pub src_pod: Option<String>,
+    /// The destination pod (the backend's, when translated).
+    pub dst_pod: Option<String>,
+    /// The port it came in on, and its interface.
+    pub in_port: u16,
+    /// The interface.
+    pub in_if: Option<String>,
+    /// The port it went out on.
+    pub out_port: Option<u16>,
+    /// Its interface.
+    pub out_if: Option<String>,
+    /// `forwarded`, `replied` or `dropped`.
+    pub verdict: String,
+    /// The drop reason, when dropped.
+    pub reason: Option<String>,
+    /// The stage that decided.
+    pub stage: String,
+    /// Packets so far (1 for a drop event).
+    pub packets: u64,
+    /// Bytes so far.
+    pub bytes: u64,
+    /// TCP flags seen, e.g. `SYN,ACK`.
+    pub tcp_flags: String,
+    /// The Service and backend, when the service stage translated it.
+    pub service: Option<ServiceHit>,
+    /// The policy that allowed or denied it (none until a policy stage fills it).
+    pub policy: Option<String>,
+    /// A drop event's first bytes (up to 128), hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packet: Option<String>,
+    /// The worker that recorded it.
+    pub worker: u16,
+}
+
+/// The answer to [`Request::Flows`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowList {
+    /// Whether flow records are on (`dataplane.flows`).
+    pub enabled: bool,
+    /// The matching events, oldest first.
+    pub events: Vec<FlowEvent>,
+    /// The newest sequence number the agent has (pass it as `after` to follow).
+    pub last_seq: u64,
+    /// Flow records the workers could not export (their ring was full).
+    pub lost_records: u64,
+    /// Drop events the workers could not export.
+    pub lost_drop_events: u64,
+    /// Drop events left out by the per-reason rate limit.
+    pub rate_limited_drop_events: u64,
+    /// Events that fell out of the agent's window before this request.
+    pub aged_out: u64,
 }

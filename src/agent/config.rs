@@ -30,6 +30,8 @@
 //! uplink_port = "afxdp"           # afxdp | udp | auto: the uplink as AF_XDP or a UDP socket (UDP_SEGMENT/GRO)
 //! pod_port = "auto"               # veth | tap | auto (tap when /dev/net/tun opens)
 //! busy_poll = false               # workers run their devices' receive (NAPI) themselves
+//! flows = true                    # flow records (`ferry flows`, flow metrics)
+//! flow_slots = 4096               # flows each worker's table holds (a power of two, 64..=1048576)
 //! busy_poll_budget = 64           # packets per busy-poll round
 //! napi_defer_hard_irqs = 2        # set on each port's device while busy polling
 //! gro_flush_timeout_us = 200      # likewise (the device's gro_flush_timeout)
@@ -237,6 +239,10 @@ struct DataplaneFile {
     napi_defer_hard_irqs: u32,
     #[serde(default = "default_gro_flush_timeout_us")]
     gro_flush_timeout_us: u64,
+    #[serde(default = "yes")]
+    flows: bool,
+    #[serde(default = "default_flow_slots")]
+    flow_slots: u32,
 }
 
 impl Default for DataplaneFile {
@@ -254,6 +260,8 @@ impl Default for DataplaneFile {
             busy_poll_budget: default_busy_poll_budget(),
             napi_defer_hard_irqs: default_napi_defer_hard_irqs(),
             gro_flush_timeout_us: default_gro_flush_timeout_us(),
+            flows: true,
+            flow_slots: default_flow_slots(),
         }
     }
 }
@@ -266,6 +274,9 @@ fn default_poll() -> String {
 }
 fn default_frames() -> u32 {
     32768
+}
+fn default_flow_slots() -> u32 {
+    ferry_dataplane::flows::DEFAULT_SLOTS as u32
 }
 fn default_max_ports() -> u32 {
     256
@@ -417,6 +428,8 @@ pub struct AgentConfig {
     pub frames: u32,
     /// Port capacity per worker.
     pub max_ports: u32,
+    /// Flow records: slots per worker's table, or `None` when off (`dataplane.flows`).
+    pub flow_slots: Option<usize>,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
     /// What kind of port the uplink is.
@@ -589,6 +602,9 @@ impl AgentConfig {
         if !(4096..=1 << 20).contains(&d.frames) {
             return Err(bad("dataplane.frames", format!("{} is outside 4096..=1048576", d.frames)));
         }
+        if !(64..=1 << 20).contains(&d.flow_slots) || !d.flow_slots.is_power_of_two() {
+            return Err(bad("dataplane.flow_slots", format!("{} is not a power of two in 64..=1048576", d.flow_slots)));
+        }
         if !(3..=4096).contains(&d.max_ports) {
             return Err(bad("dataplane.max_ports", format!("{} is outside 3..=4096", d.max_ports)));
         }
@@ -716,6 +732,7 @@ impl AgentConfig {
             poll,
             frames: d.frames,
             max_ports: d.max_ports,
+            flow_slots: d.flows.then_some(d.flow_slots as usize),
             xdp_mode,
             uplink_port,
             pod_port,

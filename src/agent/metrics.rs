@@ -10,6 +10,10 @@
 //! | `ferry_dataplane_icmp_errors_total` | | ICMP errors sent |
 //! | `ferry_dataplane_double_frees_total` | | frames freed twice (a bug if not 0) |
 //! | `ferry_dataplane_headroom_moves_total` | | packets moved for headroom |
+//! | `ferry_dataplane_flows_total` | `namespace`, `verdict` | flows seen, by the source pod's namespace |
+//! | `ferry_dataplane_flow_drops_total` | `namespace`, `reason` | dropped packets of recorded flows |
+//! | `ferry_dataplane_flow_records_lost_total` | | flow records lost to a full export ring |
+//! | `ferry_dataplane_flow_drop_events_lost_total` | | drop events lost to a full export ring |
 
 use std::sync::Arc;
 
@@ -31,6 +35,18 @@ struct SocketLabels {
     port: u16,
     ifname: String,
     why: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FlowLabels {
+    namespace: String,
+    verdict: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FlowDropLabels {
+    namespace: String,
+    reason: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -118,6 +134,37 @@ impl Collector for DataplaneCollector {
             "Packets moved within their frame to make room for the tunnel headers (a copy of the whole packet; 0 on AF_XDP ports)",
             c.pipeline.headroom_moves,
         )?;
+        if shared.flows.enabled() {
+            let (counts, lost, drops_lost) = shared.flows.counts();
+            let flows =
+                counts.flows.into_iter().map(|((namespace, verdict), v)| (FlowLabels { namespace, verdict }, v));
+            counters(
+                &mut encoder,
+                "ferry_dataplane_flows",
+                "Flows seen, by the source pod's namespace and verdict",
+                flows,
+            )?;
+            let drops =
+                counts.drops.into_iter().map(|((namespace, reason), v)| (FlowDropLabels { namespace, reason }, v));
+            counters(
+                &mut encoder,
+                "ferry_dataplane_flow_drops",
+                "Dropped packets of recorded flows, by namespace and reason",
+                drops,
+            )?;
+            counter(
+                &mut encoder,
+                "ferry_dataplane_flow_records_lost",
+                "Flow records lost to a full export ring",
+                lost,
+            )?;
+            counter(
+                &mut encoder,
+                "ferry_dataplane_flow_drop_events_lost",
+                "Drop events lost to a full export ring",
+                drops_lost,
+            )?;
+        }
         Ok(())
     }
 }

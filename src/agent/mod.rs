@@ -12,6 +12,7 @@
 //! ```
 
 pub mod config;
+mod flows;
 mod metrics;
 mod pods;
 mod server;
@@ -100,6 +101,8 @@ struct Shared {
     heartbeat_ms: AtomicU64,
     /// Connection tracking, shared by the workers; collected by the main loop.
     conntrack: Arc<Conntrack>,
+    /// Flow records from the workers (empty when `dataplane.flows` is off).
+    flows: Arc<flows::FlowLog>,
 }
 
 /// Connection-tracking slots (64 bytes each: 16 MiB; a translated connection takes two).
@@ -362,6 +365,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     let mut threads: Vec<JoinHandle<Worker<NodePort>>> = Vec::new();
     let mut counters = Vec::new();
+    let mut flow_exports = Vec::new();
     // One table for every worker: the two directions of a connection reach different workers.
     let conntrack = Arc::new(Conntrack::new(CONNTRACK_SLOTS, Timeouts::default()));
     for w in 0..cfg.workers {
@@ -386,6 +390,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             Pipeline::with_conntrack(node_cfg.clone(), Arc::clone(&conntrack)),
         )
         .with_capacity(cfg.max_ports as usize);
+        if let Some(slots) = cfg.flow_slots {
+            worker = worker.with_flows(slots, ferry_dataplane::flows::DEFAULT_RING, w as u16);
+            flow_exports.extend(worker.flow_export());
+        }
         let control = worker.control();
         counters.push(worker.shared_counters());
         let mode = match cfg.poll {
@@ -486,6 +494,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         running: AtomicBool::new(false),
         heartbeat_ms: AtomicU64::new(0),
         conntrack,
+        flows: Arc::new(flows::FlowLog::new(cfg.node_name.clone(), flow_exports)),
     });
 
     if metrics_addr.is_some() {
@@ -502,6 +511,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             PodPort::Tap => pods::tap_exists(std::path::Path::new(&pod.netns), &pod.host_ifname),
         });
     }
+    let flows_thread = if shared.flows.enabled() {
+        let s2 = Arc::clone(&shared);
+        Some(flows::spawn(Arc::clone(&shared.flows), Arc::clone(&stop), move || pod_names(&s2))?)
+    } else {
+        None
+    };
     let server = server::Server::bind(&cfg.socket, Arc::clone(&shared))?;
     let (server_thread, socket_file) = server.spawn(Arc::clone(&stop))?;
     let neigh = spawn_neighbours(
@@ -543,6 +558,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = server_thread.join();
     let _ = neigh.join();
+    if let Some(t) = flows_thread {
+        let _ = t.join();
+    }
     for t in threads {
         let _ = t.join();
     }
@@ -787,6 +805,24 @@ fn spawn_neighbours(
             }
         }
     })?)
+}
+
+/// The pods this agent wired, by address (`namespace/name`, or the pod's id when the runtime did
+/// not name it), and the ports: what flow records are named with.
+fn pod_names(
+    shared: &Shared,
+) -> (std::collections::HashMap<IpAddr, String>, BTreeMap<u16, crate::admin::proto::PortInfo>) {
+    let mut pods = std::collections::HashMap::new();
+    for (p, _) in lock(&shared.pods).list() {
+        let name = match (&p.namespace, &p.name) {
+            (Some(ns), Some(n)) => format!("{ns}/{n}"),
+            _ => p.id.clone(),
+        };
+        for a in &p.addrs {
+            pods.insert(*a, name.clone());
+        }
+    }
+    (pods, lock(&shared.ports).clone())
 }
 
 /// Takes a counter sample for rates.

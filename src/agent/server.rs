@@ -147,6 +147,7 @@ impl Server {
             Request::Routes => Response::with(&self.routes()),
             Request::Stats => Response::with(&self.stats()),
             Request::Conntrack { addr, port, proto } => Response::with(&self.conntrack(addr, port, proto)),
+            Request::Flows { filter, after, limit } => Response::with(&s.flows.list(&filter, after, limit.min(10_000))),
         }
     }
 
