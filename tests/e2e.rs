@@ -1040,7 +1040,9 @@ fn services_cluster_ip_from_the_static_file() {
         return;
     }
     let _s = serial();
-    let lab = Lab::up("e2e_svc", &["--nodes", "2", "--pods-per-node", "2"]);
+    // veth pods: their XDP program, not ferry, decides which packets ferry sees (a tap hands
+    // ferry everything), so the VIP outside the pod networks is a real test of `service_cidrs`.
+    let lab = Lab::up("e2e_svc", &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "veth"]);
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
     // Backends: n1-p2 (on the client's node) and n2-p1 (across the tunnel), each answering its name.
     let mut servers = Vec::new();
@@ -1054,9 +1056,10 @@ fn services_cluster_ip_from_the_static_file() {
             .expect("server");
         servers.push(child);
     }
-    // VIPs inside the cluster CIDR (the pod XDP program hands ferry only that), outside every
-    // node's pod CIDR.
-    let (vip, empty_vip) = ("10.244.255.10", "10.244.255.11");
+    // One VIP in the lab's service CIDR (`pods.service_cidrs`, outside the pod networks, as on a
+    // real cluster), one inside the cluster CIDR but outside every node's pod CIDR: the pod XDP
+    // program hands ferry both.
+    let (vip, empty_vip) = ("10.96.0.10", "10.244.255.11");
     let file = lab.list()["static_file"].as_str().expect("static_file in list --json").to_owned();
     let mut text_file = std::fs::read_to_string(&file).expect("static file");
     text_file.push_str(&format!(

@@ -15,6 +15,7 @@ UL_PREFIX=192.168.100
 UL_GW=$UL_PREFIX.254
 CLUSTER_CIDR=10.244.0.0/16
 CLUSTER_CIDR6=fd00:10:244::/48   # --ip-family dual: pod CIDR fd00:10:244:<i>::/64
+SERVICE_CIDR=10.96.0.0/16        # ClusterIPs (the kube source's apiserver allocates from it too)
 POD_MTU_KERNEL=1450   # Flannel's: underlay 1500 - 50 bytes of VXLAN over IPv4
 
 ul_ns() { echo "$LAB-ul"; }
@@ -224,6 +225,7 @@ vtep_mac = "$(node_get "$name" VTEP_MAC)"
 
 [pods]
 cluster_cidrs = [$(cluster_cidrs_toml)]
+service_cidrs = ["$SERVICE_CIDR"]
 pod_cidrs = [$(node_cidrs_toml "$name")]
 
 [host]

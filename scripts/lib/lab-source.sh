@@ -161,7 +161,7 @@ kube_up() {
         --advertise-address="$UL_GW" --secure-port="$KUBE_PORT" --insecure-port=0 --cert-dir="$k/certs" \
         --token-auth-file="$k/tokens.csv" --authorization-mode=RBAC \
         --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$k/sa.pub" \
-        --service-account-signing-key-file="$k/sa.key" --service-cluster-ip-range=10.96.0.0/16 \
+        --service-account-signing-key-file="$k/sa.key" --service-cluster-ip-range="$SERVICE_CIDR" \
         --profiling=false --feature-gates=IPv6DualStack=true >"$k/apiserver.log" 2>&1 </dev/null \
         3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     echo $! >"$STATE/apiserver.pid"

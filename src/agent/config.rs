@@ -16,6 +16,7 @@
 //! udp6_zero_checksum_rx = false   # accept zero outer UDP checksums over IPv6 (RFC 6935)
 //! [pods]
 //! cluster_cidrs = ["10.244.0.0/16"]   # required: traffic to these goes through ferry
+//! service_cidrs = ["10.96.0.0/12"]    # optional: ClusterIPs; traffic to these goes through ferry too
 //! pod_cidrs = ["10.244.1.0/24"]       # default: this node's entry in the route source
 //! gateway_mac = "02:fe:ff:ff:ff:ff"
 //! [host]
@@ -190,6 +191,8 @@ fn default_vni() -> u32 {
 #[serde(deny_unknown_fields)]
 struct PodsFile {
     cluster_cidrs: Vec<String>,
+    #[serde(default)]
+    service_cidrs: Vec<String>,
     #[serde(default)]
     pod_cidrs: Vec<String>,
     gateway_mac: Option<String>,
@@ -412,6 +415,9 @@ pub struct AgentConfig {
     pub udp6_zero_checksum_rx: bool,
     /// Every pod network of the cluster.
     pub cluster_cidrs: Vec<IpNet>,
+    /// The Service networks (ClusterIPs), which need not lie in the pod networks: a pod's packets
+    /// to them are handed to ferry like packets to other pods, for the service stage.
+    pub service_cidrs: Vec<IpNet>,
     /// This node's pod CIDRs, if given (else learned from the source).
     pub pod_cidrs: Vec<IpNet>,
     /// The pods' gateway MAC.
@@ -567,8 +573,12 @@ impl AgentConfig {
         if cluster_cidrs.is_empty() {
             return Err(bad("pods.cluster_cidrs", "give at least one network".into()));
         }
+        let service_cidrs = nets("pods.service_cidrs", &f.pods.service_cidrs)?;
         let pod_cidrs = nets("pods.pod_cidrs", &f.pods.pod_cidrs)?;
         for p in &pod_cidrs {
+            if let Some(s) = service_cidrs.iter().find(|s| s.contains(p) || p.contains(*s)) {
+                return Err(bad("pods.service_cidrs", format!("{s} overlaps this node's pod CIDR {p}")));
+            }
             if !cluster_cidrs.iter().any(|c| c.contains(p)) {
                 return Err(bad("pods.pod_cidrs", format!("{p} is not inside any of pods.cluster_cidrs")));
             }
@@ -724,6 +734,7 @@ impl AgentConfig {
             verify_udp_checksum: f.tunnel.verify_udp_checksum,
             udp6_zero_checksum_rx: f.tunnel.udp6_zero_checksum_rx,
             cluster_cidrs,
+            service_cidrs,
             pod_cidrs,
             gateway_mac,
             host_if,
@@ -792,6 +803,19 @@ static_file = "/etc/ferry/nodes.toml"
         let typo = (PathBuf::from("node.toml"), "[tunnel]\nvnii = 3\n".to_owned());
         let e = AgentConfig::parse_layers(&[base, typo], |_| Some("n".into())).expect_err("unknown key").to_string();
         assert!(e.contains("vnii"), "{e}");
+    }
+
+    #[test]
+    fn service_cidrs_are_optional_checked_and_named() {
+        assert!(parse(GOOD).expect("good").service_cidrs.is_empty());
+        let with = GOOD.replace("pod_cidrs =", "service_cidrs = [\"10.96.0.0/12\"]\npod_cidrs =");
+        assert_eq!(parse(&with).expect("good").service_cidrs, ["10.96.0.0/12".parse::<IpNet>().expect("net")]);
+        let e =
+            parse(&GOOD.replace("pod_cidrs =", "service_cidrs = [\"10.96.0.0/40\"]\npod_cidrs =")).expect_err("bad");
+        assert!(e.contains("pods.service_cidrs"), "{e}");
+        let e = parse(&GOOD.replace("pod_cidrs =", "service_cidrs = [\"10.244.0.0/20\"]\npod_cidrs ="))
+            .expect_err("overlap");
+        assert!(e.contains("pods.service_cidrs") && e.contains("overlaps"), "{e}");
     }
 
     #[test]

@@ -436,7 +436,15 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let pods = Pods::new(
         handles,
         pod_port_cfg,
-        PodConfig { nets_v4, nets_v6, gateway_v4, gateway_v6 },
+        // The pod program hands ferry the pod networks and the service networks (for the
+        // service stage). The host exit keeps only the pod networks as "inside": a packet to a
+        // service address no service matches leaves through the node's kernel, as it would
+        // without ferry.
+        {
+            let all: Vec<IpNet> = cfg.cluster_cidrs.iter().chain(&cfg.service_cidrs).copied().collect();
+            let (nets_v4, nets_v6) = split_nets(&all);
+            PodConfig { nets_v4, nets_v6, gateway_v4, gateway_v6 }
+        },
         cfg.xdp_mode,
         pod_cidrs.clone(),
         Arc::clone(&tables),
