@@ -4,7 +4,7 @@
 #
 #   sudo scripts/bench.sh [--quick] [--repeats N] [--duration S] [--json FILE] [--poll busy|adaptive]
 #                         [--napi rps|forwarder|sender] [--only single|two] [--uplink-port afxdp|udp]
-#                         [--pod-port veth|tap] [--no-build]
+#                         [--pod-port veth|tap] [--flows-compare] [--no-build]
 #
 #   --quick          one short repeat of everything (the CI smoke test; fails on a broken step, never on ratios)
 #   --repeats N      repeats of every measurement (default 5); medians are reported
@@ -22,6 +22,9 @@
 #   --only PART      single (the single-node encap/decap runs) or two (the 2-node TCP and latency runs)
 #   --uplink-port K  the ferry nodes' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
 #                    UDP_SEGMENT/UDP_GRO on the uplink, no XDP program there)
+#   --flows-compare  the single-node runs again with ferry's flow records off (dataplane.flows = false), in the
+#                    same run, reported as side ferry_noflows with the ratio flows on / off (the others run
+#                    with flows on, the agent's default)
 #   --pod-port K     the ferry nodes' dataplane.pod_port (default veth; tap: each pod's eth0 is a persistent
 #                    multi-queue tap with virtio-net headers, so TCP super-packets reach ferry whole)
 #
@@ -51,6 +54,8 @@ ONLY=
 UPLINK_PORT=afxdp
 POD_PORT=veth
 BUILD=1
+FLOWS_COMPARE=0
+FLOWS=true
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) QUICK=1 ;;
@@ -63,6 +68,7 @@ while [ $# -gt 0 ]; do
         --uplink-port) UPLINK_PORT=${2:?}; shift ;;
         --pod-port) POD_PORT=${2:?}; shift ;;
         --no-build) BUILD=0 ;;
+        --flows-compare) FLOWS_COMPARE=1 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -154,6 +160,16 @@ for side in ferry kernel; do
     net_up "$side" sink
     run_single_node "$side"
     net_down
+    if [ "$side" = ferry ] && [ "$FLOWS_COMPARE" = 1 ]; then
+        step "ferry with flow records off (dataplane.flows = false): single node, reported as ferry_noflows"
+        before=$(wc -l <"$RUNLOG")
+        FLOWS=false
+        net_up ferry sink
+        run_single_node ferry
+        net_down
+        FLOWS=true
+        relabel_runs "$RUNLOG" "$before" ferry ferry_noflows
+    fi
 done
 for side in ferry kernel; do
     [ "$ONLY" = single ] && break
@@ -168,7 +184,7 @@ done
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 step "results (medians of $REPEATS; load at start $LOAD_START, at end $LOAD_END)"
-export REPEATS DURATION TCP_T POLL NAPI QUICK LAT_RATE GEN_CPU FWD_CPU LOAD_START LOAD_END MTU_FRAME
+export FLOWS_COMPARE REPEATS DURATION TCP_T POLL NAPI QUICK LAT_RATE GEN_CPU FWD_CPU LOAD_START LOAD_END MTU_FRAME
 bench_report "$RUNLOG" "$JSON_OUT"
 echo "runs: $RUNLOG"
 echo "json: $JSON_OUT"

@@ -2,6 +2,17 @@
 # scripts/bench.sh's report: medians of the repeats, the side-by-side table with ratios ferry/kernel, the JSON
 # file. Source it; it defines functions only.
 
+# relabel_runs RUNLOG SKIP FROM TO: the run records after the first SKIP lines of RUNLOG with side FROM get side TO
+# (the flows-off runs are ferry's runs with another configuration).
+relabel_runs() {
+    local tmp
+    tmp=$(mktemp)
+    { head -n "$2" "$1"; tail -n +"$(($2 + 1))" "$1" | jq -c --arg from "$3" --arg to "$4" \
+        'if .side == $from then .side = $to else . end'; } >"$tmp"
+    cat "$tmp" >"$1"
+    rm -f "$tmp"
+}
+
 # bench_report RUNLOG JSON_OUT
 bench_report() {
     local py=/usr/bin/python3
@@ -14,7 +25,7 @@ runs = [json.loads(l) for l in open(runlog) if l.strip()]
 env = os.environ
 # The peak: per repeat, the highest 64-byte rate forwarded at any offered rate (--rate max and the loss search's
 # tries). A forwarder whose receive half preempts its own worker forwards less when overloaded than at its peak.
-for side in ("ferry", "kernel"):
+for side in ("ferry", "kernel", "ferry_noflows"):
     for d in ("encap", "decap"):
         reps = {}
         for r in runs:
@@ -95,7 +106,19 @@ gb = [r for r in runs if r.get("generator_bound")]
 if gb:
     print("note: " + ", ".join(sorted({f"{r['side']} {r['test']}" for r in gb}))
           + ": no loss even at the generator's highest rate (the figure is the generator's, a lower bound)")
+flows_table = []
+if any(r.get("side") == "ferry_noflows" for r in runs):
+    print()
+    print("ferry with flow records on (dataplane.flows, the default) against off, the same run (target: on >= 0.95x off):")
+    for name, test, key, scale, unit, higher, _ in rows[:10]:
+        on, off = med("ferry", test, key), med("ferry_noflows", test, key)
+        on = None if on is None else on * scale
+        off = None if off is None else off * scale
+        ratio = on / off if on is not None and off else None
+        print(f"  {name:<34} {unit:<7} on {fmt(on):>9}  off {fmt(off):>9}  on/off {fmt(ratio):>6}")
+        flows_table.append({"measure": name, "test": test, "unit": unit, "flows_on": on, "flows_off": off, "ratio": ratio})
 summary = {
+    "flows_on_vs_off": flows_table,
     "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
                 "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")},
     "settings": {k.lower(): env.get(k) for k in ("REPEATS", "DURATION", "TCP_T", "POLL", "NAPI", "QUICK", "LAT_RATE", "GEN_CPU", "FWD_CPU")},
