@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod nat;
 pub mod neighbour;
 pub mod pipeline;
+pub mod policy;
 pub mod port;
 pub mod service;
 pub mod worker;

@@ -5,9 +5,10 @@
 //! returning a [`Step`]: `Continue`, or `Done` with the packet's verdict. The two entry points
 //! list their stages top to bottom:
 //!
-//! - from a pod: access port -> classify -> IP checks -> [policy -> service] -> prepare (checksums,
-//!   TTL) -> route -> encap, or delivery;
-//! - from the uplink: decap -> classify -> the sender's checks -> delivery.
+//! - from a pod: access port -> classify -> IP checks -> prepare (checksums, TTL) -> service
+//!   (forward) -> policy -> service (reply) -> route -> encap, or delivery;
+//! - from the uplink: decap -> classify -> the sender's checks -> delivery (policy, service
+//!   reply).
 //!
 //! Delivery to a local pod ([`Pipeline`]'s `deliver`) is one function for both ways in (same node
 //! and decapsulated), so the destination's stages (policy ingress, the reverse translation of a
@@ -39,6 +40,7 @@ use ferry_encap::wire::ipv4::{Ipv4Packet, protocol};
 use ferry_encap::wire::ipv6::Ipv6Packet;
 use ferry_encap::wire::{ArpOperation, ArpPacket, ArpRepr, Icmpv6Packet, Icmpv6Repr, NdiscRepr};
 use ferry_encap::{DecapConfig, DropReason, FrameBuf, MacAddr, TunnelTemplate, Verdict, decap, encap_with, offload};
+use ferry_tables::policy::PolicyTables;
 pub use ferry_tables::{PortId, Route};
 use ferry_tables::{Services, Snapshot};
 use std::sync::Arc;
@@ -66,6 +68,9 @@ pub trait Fib {
 
     /// The services (VIPs and their backends).
     fn services(&self) -> &Services;
+
+    /// The NetworkPolicy tables.
+    fn policy(&self) -> &PolicyTables;
 }
 
 impl Fib for Snapshot {
@@ -92,6 +97,11 @@ impl Fib for Snapshot {
     #[inline]
     fn services(&self) -> &Services {
         Snapshot::services(self)
+    }
+
+    #[inline]
+    fn policy(&self) -> &PolicyTables {
+        Snapshot::policy(self)
     }
 }
 
@@ -389,9 +399,16 @@ impl Pipeline {
         );
         self.observe(&ctx, frame);
         step!(self.pod_ip_checks(fib, in_port, &ctx, frame));
-        // (Stage policy goes here, on `ctx`.)
         step!(self.prepare_forward(&ctx, frame, counters));
-        step!(self.service_stage(fib, &mut ctx, frame, counters));
+        // Policy between the service's two halves: on the pods' real addresses (see `policy`).
+        let translated = match self.service_stage(fib, &mut ctx, frame, counters) {
+            Ok(t) => t,
+            Err(v) => return v,
+        };
+        step!(self.policy_stage(fib, &ctx, frame));
+        if !translated {
+            self.service_reply_stage(fib, &mut ctx, frame);
+        }
         match fib.route(ctx.dst()) {
             Route::Local { port, mac } => {
                 decrement_ttl(frame, &ctx.flow);
@@ -480,9 +497,8 @@ impl Pipeline {
         Step::Continue
     }
 
-    /// Stage (from a pod, checksums final): services. A packet to a service VIP is translated to
-    /// its backend (or refused: no endpoint, or its backend gone); a reply from a backend on this
-    /// node to a client on this node (or to itself, hairpin) gets the VIP back.
+    /// Stage (from a pod, checksums final): services, the forward half. A packet to a service VIP
+    /// is translated to its backend (`Ok(true)`), or refused (no endpoint, or its backend gone).
     #[inline]
     fn service_stage<F: Fib>(
         &mut self,
@@ -490,10 +506,10 @@ impl Pipeline {
         ctx: &mut Ctx,
         frame: &mut FrameBuf<'_>,
         counters: &mut PipelineCounters,
-    ) -> Step {
+    ) -> Result<bool, Verdict<PortId>> {
         let services = fib.services();
         if services.is_empty() {
-            return Step::Continue;
+            return Ok(false);
         }
         let hairpin_src = match ctx.src() {
             IpAddr::V4(_) => self.cfg.gateway_v4.map(IpAddr::V4),
@@ -505,14 +521,38 @@ impl Pipeline {
                 if self.observe {
                     self.seen.translate(ctx.dst(), ctx.flow.ports.1);
                 }
-                Step::Continue
+                Ok(true)
             }
-            Outcome::NotService => {
-                service::reply(&self.conntrack, now, services, ctx, frame.data_mut());
-                Step::Continue
-            }
-            Outcome::BackendGone => Step::Done(Verdict::Drop(DropReason::ServiceBackendGone)),
-            Outcome::NoEndpoint => Step::Done(self.reject(ctx, frame, counters)),
+            Outcome::NotService => Ok(false),
+            Outcome::BackendGone => Err(Verdict::Drop(DropReason::ServiceBackendGone)),
+            Outcome::NoEndpoint => Err(self.reject(ctx, frame, counters)),
+        }
+    }
+
+    /// Stage (from a pod, after policy): services, the reverse half. A reply from a backend on this
+    /// node to a client on this node (or to itself, hairpin) gets the VIP back.
+    #[inline]
+    fn service_reply_stage<F: Fib>(&mut self, fib: &F, ctx: &mut Ctx, frame: &mut FrameBuf<'_>) {
+        let services = fib.services();
+        if !services.is_empty() {
+            let now = self.ct_now();
+            service::reply(&self.conntrack, now, services, ctx, frame.data_mut());
+        }
+    }
+
+    /// Stage: NetworkPolicy (see [`crate::policy`]), on the pods' real addresses. From a pod: its
+    /// egress rules, and a local destination's ingress rules; on decapsulated delivery: the
+    /// destination's ingress rules. A node where no pod is isolated pays one check.
+    #[inline]
+    fn policy_stage<F: Fib>(&mut self, fib: &F, ctx: &Ctx, frame: &FrameBuf<'_>) -> Step {
+        let tables = fib.policy();
+        if tables.is_empty() {
+            return Step::Continue;
+        }
+        let now = self.ct_now();
+        match crate::policy::check(&self.conntrack, now, tables, ctx, frame.data()) {
+            Ok(()) => Step::Continue,
+            Err(r) => Step::Done(Verdict::Drop(r)),
         }
     }
 
@@ -569,6 +609,9 @@ impl Pipeline {
             if let Err(r) = offload::complete_checksum_with(frame.data_mut(), &ctx.flow) {
                 return Verdict::Drop(r);
             }
+            // The destination's ingress rules. (From a pod on this node the policy stage has
+            // judged both ends already.)
+            step!(self.policy_stage(fib, ctx, frame));
             // A service reply to a client on this node. (From a pod on this node the service
             // stage has looked already.)
             let services = fib.services();

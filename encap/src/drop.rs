@@ -163,6 +163,15 @@ drop_reasons! {
     /// A packet of a tracked service connection whose backend endpoint is gone: dropped, never sent
     /// to another backend mid-connection.
     ServiceBackendGone => "service_backend_gone", "service connection's backend is gone";
+
+    // NetworkPolicy (issue 15).
+
+    /// The destination pod's NetworkPolicy ingress rules do not allow the packet (checked at the
+    /// destination pod's node).
+    PolicyDeniedIngress => "policy_denied_ingress", "NetworkPolicy: the destination pod's ingress rules refuse it";
+    /// The source pod's NetworkPolicy egress rules do not allow the packet (checked at the source
+    /// pod's node).
+    PolicyDeniedEgress => "policy_denied_egress", "NetworkPolicy: the source pod's egress rules refuse it";
 }
 
 #[cfg(test)]

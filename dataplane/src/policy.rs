@@ -1,0 +1,188 @@
+//! The policy stage (hot path): NetworkPolicy verdicts from the published
+//! [`PolicyTables`], cached per connection in the shared [`Conntrack`].
+//!
+//! # Where it runs, and on which addresses
+//!
+//! Kubernetes evaluates NetworkPolicy on the pod's real addresses: after a Service's translation,
+//! on the backend's address and port. The stage therefore runs on the [`Ctx`] *between* the two
+//! halves of the service stage: after the forward translation (a packet to a VIP already carries
+//! its backend as destination) and before the reverse translation of a reply (a backend's reply
+//! still carries the backend as source). So the policy always sees pod-to-pod addresses, and the
+//! pipeline keeps its classify -> policy -> service -> route -> encap shape in the sense that
+//! matters: policy decides on the packet as it travels between pods, service translation wraps
+//! around it.
+//!
+//! - From a pod (or the host port), before routing: the source pod's egress rules, and, when the
+//!   destination is a pod on this node too, its ingress rules (one evaluation for same-node
+//!   traffic).
+//! - On delivery of a decapsulated packet: the destination pod's ingress rules.
+//!
+//! A pod reaching itself, and traffic between a pod and its own node (its host port's overlay
+//! address, the pod gateway, the node's underlay address), are always allowed.
+//!
+//! # Stateful
+//!
+//! The first packet of a TCP, UDP or SCTP connection is evaluated; if allowed, two *policy
+//! records* go into the shared connection table: one for the connection's tuple and one, flagged
+//! [`flags::REPLY`], for the reply's. Each remembers the policy generation it was decided under.
+//! A packet whose record carries the current generation costs that one lookup (and its answer,
+//! allow or deny, stands). Records are keyed with the real protocol mapped to a number no packet
+//! with ports carries ([`record_proto`]: 253/254/252, experimental and unassigned; as the service
+//! stage's affinity records use 255), so they never collide with a service's translation entries.
+//!
+//! A denied first packet leaves no record (a scan cannot fill the table). Other protocols (ICMP)
+//! are evaluated on every packet without state: only a rule without `ports` lets them through,
+//! and an ICMP reply is judged as a packet of its own.
+//!
+//! # A new policy and existing connections
+//!
+//! Every policy publication has a new generation. A record decided under an older generation is
+//! decided again on its connection's next packet, as the connection's first packet would be (a
+//! reply record: its connection's original direction), and rewritten with the new generation and
+//! the new answer. So a policy that newly denies a connection stops it at its next packet in either
+//! direction, on every node, within one publication (Calico's choice for its eBPF data plane;
+//! Cilium keeps established connections until their conntrack entry expires). A policy that
+//! newly allows one lets it through likewise. The cost is one evaluation per live connection after
+//! each policy change, spread over the connections' next packets.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use ferry_encap::DropReason;
+use ferry_tables::policy::{PolicyTables, PolicyVerdict};
+
+use crate::conntrack::{Conntrack, Nat, Tuple, flags};
+use crate::nat::{self, tcp};
+use crate::pipeline::Ctx;
+
+/// The key protocol of a policy record for a connection of protocol `proto`, if policy tracks
+/// it: TCP -> 253, UDP -> 254 (RFC 3692's experimental numbers), SCTP -> 252 (unassigned).
+#[inline]
+pub const fn record_proto(proto: u8) -> Option<u8> {
+    match proto {
+        6 => Some(253),
+        17 => Some(254),
+        132 => Some(252),
+        _ => None,
+    }
+}
+
+/// The real protocol of a policy record's key protocol.
+pub const fn record_real_proto(key_proto: u8) -> Option<u8> {
+    match key_proto {
+        253 => Some(6),
+        254 => Some(17),
+        252 => Some(132),
+        _ => None,
+    }
+}
+
+/// A record's answer, in its translation's port field.
+const DENIED_EGRESS: u16 = 1;
+const DENIED_INGRESS: u16 = 2;
+
+#[inline]
+fn encode(generation: u64, v: PolicyVerdict) -> Nat {
+    let port = match v {
+        PolicyVerdict::Allow => 0,
+        PolicyVerdict::DenyEgress => DENIED_EGRESS,
+        PolicyVerdict::DenyIngress => DENIED_INGRESS,
+    };
+    Nat { addr: IpAddr::V6(Ipv6Addr::from_bits(u128::from(generation))), port }
+}
+
+#[inline]
+fn decode(n: &Nat) -> (u64, PolicyVerdict) {
+    let bits = match n.addr {
+        IpAddr::V6(a) => a.to_bits(),
+        IpAddr::V4(a) => a.to_ipv6_mapped().to_bits(),
+    };
+    let v = match n.port {
+        DENIED_EGRESS => PolicyVerdict::DenyEgress,
+        DENIED_INGRESS => PolicyVerdict::DenyIngress,
+        _ => PolicyVerdict::Allow,
+    };
+    (bits as u64, v)
+}
+
+#[inline]
+fn result(v: PolicyVerdict) -> Result<(), DropReason> {
+    match v {
+        PolicyVerdict::Allow => Ok(()),
+        PolicyVerdict::DenyEgress => Err(DropReason::PolicyDeniedEgress),
+        PolicyVerdict::DenyIngress => Err(DropReason::PolicyDeniedIngress),
+    }
+}
+
+/// The connection-tracking flags a packet's TCP flags set.
+#[inline]
+fn seen_flags(tcp_flags: u8) -> u8 {
+    let mut f = flags::SEEN;
+    if tcp_flags & tcp::FIN != 0 {
+        f |= flags::FIN;
+    }
+    if tcp_flags & tcp::RST != 0 {
+        f |= flags::RST;
+    }
+    f
+}
+
+/// The policy stage on a packet whose addresses are the pods' real ones (see the module doc).
+/// The caller skips it when `tables` is empty (no local pod is isolated).
+///
+/// # Errors
+/// The drop reason of a denied packet.
+#[inline(never)]
+pub fn check(ct: &Conntrack, now: u32, tables: &PolicyTables, ctx: &Ctx, frame: &[u8]) -> Result<(), DropReason> {
+    let (src, dst) = (ctx.src(), ctx.dst());
+    let proto = ctx.flow.protocol;
+    let key_proto = match (record_proto(proto), ctx.flow.l4) {
+        (Some(p), Some(_)) => p,
+        _ => return result(tables.verdict(src, dst, proto, 0)),
+    };
+    let (sport, dport) = ctx.flow.ports;
+    let key = Tuple { src, dst, sport, dport, proto: key_proto };
+    let generation = tables.generation();
+    let tcp_flags = nat::tcp_flags(frame, ctx);
+    if let Some(hit) = ct.lookup(&key) {
+        let (decided, v) = decode(&hit.nat);
+        if decided == generation {
+            ct.touch(&hit, now, seen_flags(tcp_flags));
+            return result(v);
+        }
+        // Decided under another generation: decide again, as for the connection's first packet.
+        let v = if hit.flags & flags::REPLY != 0 {
+            tables.verdict(dst, src, proto, sport)
+        } else {
+            tables.verdict(src, dst, proto, dport)
+        };
+        ct.insert(&key, encode(generation, v), hit.flags | seen_flags(tcp_flags), now);
+        return result(v);
+    }
+    let v = tables.verdict(src, dst, proto, dport);
+    if v == PolicyVerdict::Allow {
+        // The reply's record first: the packet goes out only after both are in.
+        let back = Tuple { src: dst, dst: src, sport: dport, dport: sport, proto: key_proto };
+        ct.insert(&back, encode(generation, v), flags::REPLY, now);
+        let syn_only = proto == 6 && tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+        ct.insert(&key, encode(generation, v), if syn_only { flags::SYN } else { flags::SEEN }, now);
+    }
+    result(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        for g in [0u64, 1, 7, u64::from(u32::MAX) + 5] {
+            for v in [PolicyVerdict::Allow, PolicyVerdict::DenyEgress, PolicyVerdict::DenyIngress] {
+                assert_eq!(decode(&encode(g, v)), (g, v));
+            }
+        }
+        for p in [6, 17, 132] {
+            assert_eq!(record_proto(p).and_then(record_real_proto), Some(p));
+        }
+        assert_eq!(record_proto(1), None);
+    }
+}

@@ -1,0 +1,302 @@
+//! The policy stage over in-memory ports: two simulated nodes with the real tables, the real
+//! policy compiler and the shared connection tracking. Ingress and egress on same-node delivery
+//! and on decapsulated delivery, replies of allowed connections through a deny-all (stateful), a
+//! new deny stopping an existing connection at its next packet, evaluation on a service's backend
+//! port (after translation), the node and the pod itself always allowed, and the drops counted.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use ferry_dataplane::port::mem::MemPort;
+use ferry_dataplane::worker::Worker;
+use ferry_encap::DropReason;
+use ferry_tables::policy::{
+    LabelSelectorSpec, Labels, NetworkPolicySpec, PeerSpec, PodSpec, Policy, PolicyCompiler, PortSpec, PortValue,
+    RuleSpec,
+};
+use ferry_tables::{EndpointSpec, Protocol, ServiceSpec, Snapshot, Tables};
+use ferry_testsupport::node::{self, TestNode, UPLINK, gateway_mac, pod_ip, pod_mac};
+
+struct Node {
+    n: u8,
+    worker: Worker<MemPort>,
+    tables: Tables,
+    compiler: PolicyCompiler,
+    fib: Arc<Snapshot>,
+}
+
+fn labels(kv: &[(&str, &str)]) -> Labels {
+    kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// Pods: x/a on node 1 port 1, x/b on node 1 port 2, x/c on node 2 port 1, labelled pod=a|b|c.
+fn pods() -> Vec<PodSpec> {
+    [("a", 1, 1), ("b", 1, 2), ("c", 2, 1)]
+        .iter()
+        .map(|&(name, n, port)| PodSpec {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: labels(&[("pod", name)]),
+            ips: vec![IpAddr::V4(pod_ip(n, port))],
+            node: format!("n{n}"),
+            ports: vec![],
+        })
+        .collect()
+}
+
+fn selector(pod: &str) -> LabelSelectorSpec {
+    LabelSelectorSpec { match_labels: labels(&[("pod", pod)]), match_expressions: vec![] }
+}
+
+/// A policy on `pod` of `types` with `ingress` / `egress` rules.
+fn policy(name: &str, pod: &str, types: &[&str], ingress: Vec<RuleSpec>, egress: Vec<RuleSpec>) -> Policy {
+    Policy::from_spec(&NetworkPolicySpec {
+        namespace: "x".into(),
+        name: name.into(),
+        pod_selector: selector(pod),
+        policy_types: Some(types.iter().map(|t| (*t).to_owned()).collect()),
+        ingress,
+        egress,
+    })
+    .expect("valid policy")
+}
+
+/// A rule: from/to pod `peer` on TCP `port` (any port: `None`).
+fn rule(peer: &str, port: Option<i64>) -> RuleSpec {
+    RuleSpec {
+        ports: port
+            .map(|p| vec![PortSpec { protocol: None, port: Some(PortValue::Number(p)), end_port: None }])
+            .unwrap_or_default(),
+        peers: vec![PeerSpec { pod_selector: Some(selector(peer)), ..Default::default() }],
+    }
+}
+
+impl Node {
+    fn new(n: u8, policies: &[Policy]) -> Node {
+        let spec = TestNode { pods: 2, ..TestNode::new(n) };
+        let (worker, _) = spec.build();
+        let tables = spec.tables();
+        let mut compiler = PolicyCompiler::new(format!("n{n}"), vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 0))]);
+        for p in pods() {
+            compiler.set_pod(&p.key(), Some(&p));
+        }
+        let fib = tables.current();
+        let mut node = Node { n, worker, tables, compiler, fib };
+        node.set_policies(&[], policies);
+        node
+    }
+
+    fn set_policies(&mut self, removed: &[&str], policies: &[Policy]) {
+        for r in removed {
+            self.compiler.set_policy(&format!("x/{r}"), None);
+        }
+        for p in policies {
+            self.compiler.set_policy(&p.key(), Some(p));
+        }
+        self.tables.set_policy(self.compiler.build(), Instant::now());
+        self.fib = self.tables.current();
+    }
+
+    fn set_services(&mut self, services: &[ServiceSpec]) {
+        self.tables.set_services(services, Instant::now()).expect("services");
+        self.fib = self.tables.current();
+    }
+
+    fn receive(&mut self, port: usize, frame: &[u8]) {
+        node::receive(&mut self.worker, &self.fib, port, frame);
+    }
+
+    fn sent(&mut self, port: usize) -> Vec<Vec<u8>> {
+        node::sent(&mut self.worker, port)
+    }
+
+    fn drops(&self, r: DropReason) -> u64 {
+        self.worker.counters().drops(r)
+    }
+
+    /// A TCP segment from the pod on `port` to `dst`:`dport` (a SYN, or an ACK).
+    fn tcp(&self, port: u8, dst: Ipv4Addr, sport: u16, dport: u16, syn: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let b = PacketBuilder::ethernet2(pod_mac(self.n, port).0, gateway_mac(self.n).0)
+            .ipv4(pod_ip(self.n, port).octets(), dst.octets(), 64)
+            .tcp(sport, dport, 1000, 64240);
+        let b = if syn { b.syn() } else { b.ack(5000) };
+        b.write(&mut out, b"").expect("build");
+        out
+    }
+
+    fn udp(&self, port: u8, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(pod_mac(self.n, port).0, gateway_mac(self.n).0)
+            .ipv4(pod_ip(self.n, port).octets(), dst.octets(), 64)
+            .udp(sport, dport)
+            .write(&mut out, b"q")
+            .expect("build");
+        out
+    }
+}
+
+fn ports_of(frame: &[u8]) -> (IpAddr, u16, IpAddr, u16) {
+    let p = SlicedPacket::from_ethernet(frame).expect("parses");
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("IPv4") };
+    let (s, d) = (ip.header().source(), ip.header().destination());
+    match &p.transport {
+        Some(TransportSlice::Tcp(t)) => (s.into(), t.source_port(), d.into(), t.destination_port()),
+        Some(TransportSlice::Udp(u)) => (s.into(), u.source_port(), d.into(), u.destination_port()),
+        other => panic!("not TCP or UDP: {other:?}"),
+    }
+}
+
+#[test]
+fn same_node_ingress_and_egress_with_replies_allowed_by_state() {
+    // b takes TCP 80 from a only, and sends nothing of its own (deny-all egress).
+    let mut n1 = Node::new(
+        1,
+        &[
+            policy("b-in", "b", &["Ingress"], vec![rule("a", Some(80))], vec![]),
+            policy("b-out", "b", &["Egress"], vec![], vec![]),
+        ],
+    );
+    let (a, b) = (pod_ip(1, 1), pod_ip(1, 2));
+    n1.receive(1, &n1.tcp(1, b, 40000, 80, true));
+    assert_eq!(n1.sent(2).len(), 1, "a -> b:80 allowed");
+    // b answers through its deny-all egress: the connection's reply.
+    let reply = {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(pod_mac(1, 2).0, gateway_mac(1).0)
+            .ipv4(b.octets(), a.octets(), 64)
+            .tcp(80, 40000, 7000, 64240)
+            .syn()
+            .ack(1001)
+            .write(&mut out, b"")
+            .expect("build");
+        out
+    };
+    n1.receive(2, &reply);
+    let back = n1.sent(1);
+    assert_eq!(back.len(), 1, "the reply reaches a");
+    assert_eq!(ports_of(&back[0]), (IpAddr::V4(b), 80, IpAddr::V4(a), 40000));
+    // a -> b:81: not allowed.
+    n1.receive(1, &n1.tcp(1, b, 40001, 81, true));
+    assert!(n1.sent(2).is_empty());
+    assert_eq!(n1.drops(DropReason::PolicyDeniedIngress), 1);
+    // b opening a connection of its own: its egress refuses.
+    n1.receive(2, &n1.tcp(2, a, 50000, 80, true));
+    assert!(n1.sent(1).is_empty());
+    assert_eq!(n1.drops(DropReason::PolicyDeniedEgress), 1);
+    // b may always reach itself and its node.
+    n1.receive(2, &n1.udp(2, b, 50001, 53));
+    assert_eq!(n1.worker.counters().drops(DropReason::PolicyDeniedEgress), 1, "a pod reaches itself");
+    assert_eq!(n1.worker.counters().total_drops(), 2);
+}
+
+#[test]
+fn cross_node_ingress_at_the_destination_and_the_reply_through_both() {
+    // c (node 2) takes TCP 80 from a only; a (node 1) takes nothing (deny-all ingress).
+    let policies = [
+        policy("c-in", "c", &["Ingress"], vec![rule("a", Some(80))], vec![]),
+        policy("a-in", "a", &["Ingress"], vec![], vec![]),
+    ];
+    let (mut n1, mut n2) = (Node::new(1, &policies), Node::new(2, &policies));
+    let (a, b, c) = (pod_ip(1, 1), pod_ip(1, 2), pod_ip(2, 1));
+    n1.receive(1, &n1.tcp(1, c, 40000, 80, true));
+    let outer = n1.sent(UPLINK);
+    assert_eq!(outer.len(), 1, "a has no egress policy: encapsulated");
+    n2.receive(UPLINK, &outer[0]);
+    assert_eq!(n2.sent(1).len(), 1, "c's ingress allows a on 80");
+    // c answers; node 2 sends it (c has no egress policy), node 1 delivers it through a's
+    // deny-all ingress: it is the reply of a's connection.
+    n2.receive(1, &n2.tcp(1, a, 80, 40000, false));
+    let outer = n2.sent(UPLINK);
+    assert_eq!(outer.len(), 1);
+    n1.receive(UPLINK, &outer[0]);
+    assert_eq!(n1.sent(1).len(), 1, "the reply reaches a");
+    // b -> c:80: refused at node 2, on decapsulated delivery.
+    n1.receive(2, &n1.tcp(2, c, 40000, 80, true));
+    let outer = n1.sent(UPLINK);
+    assert_eq!(outer.len(), 1);
+    n2.receive(UPLINK, &outer[0]);
+    assert!(n2.sent(1).is_empty());
+    assert_eq!(n2.drops(DropReason::PolicyDeniedIngress), 1);
+    // c opening a connection to a: refused at node 1 (a's ingress).
+    n2.receive(1, &n2.tcp(1, a, 50000, 22, true));
+    n1.receive(UPLINK, &n2.sent(UPLINK)[0]);
+    assert!(n1.sent(1).is_empty());
+    assert_eq!(n1.drops(DropReason::PolicyDeniedIngress), 1);
+    let _ = b;
+}
+
+#[test]
+fn a_new_deny_stops_an_existing_connection_at_its_next_packet() {
+    let allow = policy("b-in", "b", &["Ingress"], vec![rule("a", Some(80))], vec![]);
+    let mut n1 = Node::new(1, std::slice::from_ref(&allow));
+    let (a, b) = (pod_ip(1, 1), pod_ip(1, 2));
+    n1.receive(1, &n1.tcp(1, b, 40000, 80, true));
+    assert_eq!(n1.sent(2).len(), 1);
+    for _ in 0..3 {
+        n1.receive(1, &n1.tcp(1, b, 40000, 80, false));
+        assert_eq!(n1.sent(2).len(), 1, "tracked");
+    }
+    // The rule now names port 81 only: the established connection to 80 stops, both ways.
+    n1.set_policies(&[], &[policy("b-in", "b", &["Ingress"], vec![rule("a", Some(81))], vec![])]);
+    n1.receive(1, &n1.tcp(1, b, 40000, 80, false));
+    assert!(n1.sent(2).is_empty(), "the next packet is refused");
+    n1.receive(2, &n1.tcp(2, a, 80, 40000, false));
+    assert!(n1.sent(1).is_empty(), "so is the reply direction");
+    assert_eq!(n1.drops(DropReason::PolicyDeniedIngress), 2);
+    // Allowed again: the connection goes on.
+    n1.set_policies(&["b-in"], &[allow]);
+    n1.receive(1, &n1.tcp(1, b, 40000, 80, false));
+    assert_eq!(n1.sent(2).len(), 1);
+    // And no policy at all: everything open.
+    n1.set_policies(&["b-in"], &[]);
+    n1.receive(1, &n1.tcp(1, b, 40002, 9999, true));
+    assert_eq!(n1.sent(2).len(), 1);
+}
+
+#[test]
+fn a_service_is_judged_on_its_backend_port() {
+    let svc = ServiceSpec {
+        name: "x/web:http".into(),
+        vip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+        port: 80,
+        protocol: Protocol::Tcp,
+        endpoints: vec![EndpointSpec::ready(IpAddr::V4(pod_ip(1, 2)), 8080)],
+        affinity: None,
+    };
+    // b takes 8080 from a (the backend port), a sends only to b on 8080.
+    let mut n1 = Node::new(
+        1,
+        &[
+            policy("b-in", "b", &["Ingress"], vec![rule("a", Some(8080))], vec![]),
+            policy("a-out", "a", &["Egress"], vec![], vec![rule("b", Some(8080))]),
+        ],
+    );
+    n1.set_services(std::slice::from_ref(&svc));
+    let vip = Ipv4Addr::new(10, 96, 0, 10);
+    n1.receive(1, &n1.tcp(1, vip, 40000, 80, true));
+    let got = n1.sent(2);
+    assert_eq!(got.len(), 1, "a -> VIP:80 -> b:8080 allowed");
+    assert_eq!(ports_of(&got[0]).3, 8080);
+    // b's reply goes back through the VIP translation after its policy check.
+    n1.receive(2, &n1.tcp(2, pod_ip(1, 1), 8080, 40000, false));
+    let back = n1.sent(1);
+    assert_eq!(back.len(), 1);
+    assert_eq!(ports_of(&back[0]), (IpAddr::V4(vip), 80, IpAddr::V4(pod_ip(1, 1)), 40000));
+    // A policy naming the service port (80) instead of the backend's does not let it through.
+    n1.set_policies(&[], &[policy("b-in", "b", &["Ingress"], vec![rule("a", Some(80))], vec![])]);
+    n1.receive(1, &n1.tcp(1, vip, 40001, 80, true));
+    assert!(n1.sent(2).is_empty());
+    assert_eq!(n1.drops(DropReason::PolicyDeniedIngress), 1);
+}
+
+#[test]
+fn no_policy_costs_nothing_and_drops_nothing() {
+    let mut n1 = Node::new(1, &[]);
+    assert!(n1.fib.policy().is_empty());
+    n1.receive(1, &n1.tcp(1, pod_ip(1, 2), 40000, 80, true));
+    assert_eq!(n1.sent(2).len(), 1);
+    assert_eq!(n1.worker.counters().total_drops(), 0);
+}
