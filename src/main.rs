@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ferry::admin::proto::{ConntrackList, FlowEvent, FlowFilter, FlowList, Routes, Stats, Status};
+use ferry::admin::proto::{ConntrackList, FlowEvent, FlowFilter, FlowList, PolicyList, Routes, Stats, Status};
 use ferry::admin::{self, Request, Response};
 use ferry_encap::DropReason;
 use serde::Serialize;
@@ -66,6 +66,14 @@ enum Command {
         /// Only this protocol: tcp or udp.
         #[arg(long, value_parser = ["tcp", "udp"])]
         proto: Option<String>,
+    },
+    /// The NetworkPolicy rules compiled for this node's pods, and the policy and rule each came
+    /// from (a pod not listed is selected by no policy: open both ways).
+    Policy {
+        #[command(flatten)]
+        query: Query,
+        /// Only this pod: `namespace/name`, or `name`.
+        pod: Option<String>,
     },
     /// Flow records and dropped packets, newest last, in the spirit of `hubble observe`.
     Flows(FlowsArgs),
@@ -144,6 +152,7 @@ fn main() -> ExitCode {
             let proto = proto.map(|p| if p == "tcp" { 6 } else { 17 });
             query(&q, Request::Conntrack { addr, port, proto }, print_conntrack)
         }
+        Command::Policy { query: q, pod } => query(&q, Request::Policy { pod }, print_policy),
         Command::Flows(args) => flows(&args),
         Command::DropReasons => {
             for r in DropReason::ALL {
@@ -349,6 +358,19 @@ fn print_routes(d: &Routes) {
 /// `addr:port`, bracketed for IPv6.
 fn endpoint(a: std::net::IpAddr, p: u16) -> String {
     std::net::SocketAddr::new(a, p).to_string()
+}
+
+fn print_policy(d: &PolicyList) {
+    println!("policy generation {}; {} pod(s) on this node selected by a policy", d.generation, d.pods.len());
+    for p in &d.pods {
+        let iso = |on: bool| if on { "isolated" } else { "open" };
+        println!("\n{}  ingress: {}  egress: {}", p.pod, iso(p.ingress_isolated), iso(p.egress_isolated));
+        for r in &p.rules {
+            let rule = r.rule.map_or_else(|| "-".to_owned(), |i| format!("[{i}]"));
+            let dir = if r.direction == "Ingress" { "from" } else { "to" };
+            println!("  {:<7} {}{rule:<4} {dir} {}  ports {}", r.direction, r.policy, r.peers, r.ports);
+        }
+    }
 }
 
 fn print_conntrack(d: &ConntrackList) {

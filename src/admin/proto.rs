@@ -41,6 +41,13 @@ pub enum Request {
         #[serde(default)]
         proto: Option<u8>,
     },
+    /// The NetworkPolicy rules compiled for this node's pods (all, or the pod named
+    /// `namespace/name` or `name`).
+    Policy {
+        /// Only this pod.
+        #[serde(default)]
+        pod: Option<String>,
+    },
     /// Flow and drop events (newest last) matching the filter.
     Flows {
         /// Which events.
@@ -523,6 +530,44 @@ pub struct ConntrackList {
     pub evictions: u64,
     /// The matching entries.
     pub entries: Vec<ConntrackEntry>,
+}
+
+/// One compiled rule of a pod (in [`PolicyPod::rules`]): where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRuleEntry {
+    /// `Ingress` or `Egress`.
+    pub direction: String,
+    /// The policy, `namespace/name`.
+    pub policy: String,
+    /// The rule's index in the policy's `ingress` or `egress` list (`None`: the policy has no rule
+    /// in that direction: it isolates the pod and allows nothing).
+    pub rule: Option<usize>,
+    /// The peers, as text.
+    pub peers: String,
+    /// The ports, as text.
+    pub ports: String,
+}
+
+/// A local pod some NetworkPolicy selects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyPod {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Whether a policy selects it for ingress (only its rules' traffic comes in).
+    pub ingress_isolated: bool,
+    /// Whether a policy selects it for egress.
+    pub egress_isolated: bool,
+    /// Its rules, policy by policy.
+    pub rules: Vec<PolicyRuleEntry>,
+}
+
+/// The answer to [`Request::Policy`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyList {
+    /// The policy tables' generation (0: no policy compiled yet).
+    pub generation: u64,
+    /// This node's pods that policies select (a pod not listed is open both ways).
+    pub pods: Vec<PolicyPod>,
 }
 
 /// The answer to [`Request::PodDel`].

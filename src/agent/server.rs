@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use super::{Shared, lock};
 use crate::admin::proto::{
-    ConntrackEntry, ConntrackList, LocalRoute, NextHopState, PodChecked, PodEntry, PodRemoved, PortCounters,
-    RemoteRoute, Routes, SkippedNode, SocketDrops, Stats, Status, TablesSummary,
+    ConntrackEntry, ConntrackList, LocalRoute, NextHopState, PodChecked, PodEntry, PodRemoved, PolicyList, PolicyPod,
+    PolicyRuleEntry, PortCounters, RemoteRoute, Routes, SkippedNode, SocketDrops, Stats, Status, TablesSummary,
 };
 use crate::admin::{NodeInfo, Request, Response};
 use anyhow::Context;
@@ -147,8 +147,35 @@ impl Server {
             Request::Routes => Response::with(&self.routes()),
             Request::Stats => Response::with(&self.stats()),
             Request::Conntrack { addr, port, proto } => Response::with(&self.conntrack(addr, port, proto)),
+            Request::Policy { pod } => Response::with(&self.policy(pod.as_deref())),
             Request::Flows { filter, after, limit } => Response::with(&s.flows.list(&filter, after, limit.min(10_000))),
         }
+    }
+
+    fn policy(&self, pod: Option<&str>) -> PolicyList {
+        let tables = lock(&self.shared.tables).policy().clone();
+        let pods = tables
+            .pods()
+            .iter()
+            .filter(|r| pod.is_none_or(|p| r.pod == p || r.pod.split_once('/').is_some_and(|(_, n)| n == p)))
+            .map(|r| PolicyPod {
+                pod: r.pod.clone(),
+                ingress_isolated: r.ingress.is_some(),
+                egress_isolated: r.egress.is_some(),
+                rules: r
+                    .origins
+                    .iter()
+                    .map(|o| PolicyRuleEntry {
+                        direction: o.direction.name().into(),
+                        policy: o.policy.clone(),
+                        rule: o.rule,
+                        peers: o.peers.clone(),
+                        ports: o.ports.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        PolicyList { generation: tables.generation(), pods }
     }
 
     fn conntrack(&self, addr: Option<std::net::IpAddr>, port: Option<u16>, proto: Option<u8>) -> ConntrackList {
@@ -160,19 +187,26 @@ impl Server {
                 let t = &e.tuple;
                 addr.is_none_or(|a| t.src == a || t.dst == a || e.nat.addr == a)
                     && port.is_none_or(|p| t.sport == p || t.dport == p || e.nat.port == p)
-                    && proto.is_none_or(|p| t.proto == p)
+                    && proto.is_none_or(|p| real_proto(t.proto) == p)
             })
             .map(|e| {
                 let t = &e.tuple;
                 let reply = e.flags & ferry_dataplane::conntrack::flags::REPLY != 0;
+                // A NetworkPolicy record translates nothing: it caches a verdict.
+                let policy = ferry_dataplane::policy::record_real_proto(t.proto).is_some();
+                let rewrite = match (policy, reply) {
+                    (true, _) => "none (policy verdict)",
+                    (false, true) => "source",
+                    (false, false) => "destination",
+                };
                 ConntrackEntry {
-                    proto: t.proto,
+                    proto: real_proto(t.proto),
                     src: t.src,
                     sport: t.sport,
                     dst: t.dst,
                     dport: t.dport,
                     direction: if reply { "reply" } else { "original" }.into(),
-                    rewrite: if reply { "source" } else { "destination" }.into(),
+                    rewrite: rewrite.into(),
                     nat: e.nat.addr,
                     nat_port: e.nat.port,
                     state: e.state().into(),
@@ -431,4 +465,9 @@ mod tests {
         // The old floor was 20 ms per request; a median of half that leaves room for a busy machine.
         assert!(median < Duration::from_millis(10), "median {median:?} per request (sorted: {times:?})");
     }
+}
+
+/// The IP protocol of a connection-tracking entry's key (a NetworkPolicy record's is mapped).
+fn real_proto(key_proto: u8) -> u8 {
+    ferry_dataplane::policy::record_real_proto(key_proto).unwrap_or(key_proto)
 }
