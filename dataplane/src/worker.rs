@@ -447,11 +447,8 @@ impl<P: Port> Worker<P> {
             let seen = self.pipeline.seen();
             let (out, verdict, reason, stage) = match v {
                 Verdict::Forward(p) => {
-                    let to_uplink = self
-                        .index
-                        .get(usize::from(p.0))
-                        .is_some_and(|&d| d != NO_PORT && self.roles.get(d as usize) == Some(&PortRole::Uplink));
-                    (p.0, FlowVerdict::Forwarded, 0, if to_uplink { Stage::Encap } else { Stage::Deliver })
+                    let stage = if p == self.pipeline.config().uplink { Stage::Encap } else { Stage::Deliver };
+                    (p.0, FlowVerdict::Forwarded, 0, stage)
                 }
                 Verdict::Reply => (in_id.0, FlowVerdict::Replied, 0, Stage::Reply),
                 Verdict::Drop(r) => {
