@@ -382,3 +382,25 @@ fn tracked_connections_survive_100_publications() {
     }
     assert_eq!(a.worker.counters().total_drops(), 0);
 }
+
+/// With flow records on, a connection to a Service's VIP is recorded under the 5-tuple it was sent
+/// with (the VIP), with the backend the service stage chose, the SYN among its TCP flags, and the
+/// stage and ports that delivered it.
+#[test]
+fn flow_records_carry_the_vip_and_the_backend_chosen() {
+    let a = Node::new(1, &[service(Protocol::Tcp, &[local_backend()])]);
+    let mut a = Node { worker: a.worker.with_flows(64, 64, 0), ..a };
+    a.receive(1, &a.tcp(1, VIP, 40000, VPORT, true, b""));
+    assert_eq!(a.sent(2).len(), 1, "delivered to the backend");
+    a.worker.publish();
+    let export = a.worker.flow_export().expect("flows on");
+    let r = export.records.pop().expect("a record");
+    assert!(export.records.pop().is_none(), "one flow");
+    assert_eq!((r.key.src_ip(), r.key.sport), (IpAddr::V4(pod_ip(1, 1)), 40000));
+    assert_eq!((r.key.dst_ip(), r.key.dport, r.key.proto), (ip(VIP), VPORT, 6));
+    assert_eq!((r.backend_ip(), r.backend_port), (Some(local_backend()), BPORT));
+    assert_eq!(r.tcp_flags & 0x02, 0x02, "SYN seen");
+    assert_eq!((r.in_port, r.out_port, r.packets), (1, 2, 1));
+    assert_eq!(r.verdict, ferry_dataplane::flows::FlowVerdict::Forwarded);
+    assert_eq!(r.stage, ferry_dataplane::flows::Stage::Deliver as u8);
+}
