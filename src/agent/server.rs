@@ -416,6 +416,11 @@ fn accept_loop(listener: &UnixListener, path: &Path, stop: &AtomicBool, mut serv
     }
 }
 
+/// The IP protocol of a connection-tracking entry's key (a NetworkPolicy record's is mapped).
+fn real_proto(key_proto: u8) -> u8 {
+    ferry_dataplane::policy::record_real_proto(key_proto).unwrap_or(key_proto)
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead, BufReader, Write};
@@ -465,9 +470,4 @@ mod tests {
         // The old floor was 20 ms per request; a median of half that leaves room for a busy machine.
         assert!(median < Duration::from_millis(10), "median {median:?} per request (sorted: {times:?})");
     }
-}
-
-/// The IP protocol of a connection-tracking entry's key (a NetworkPolicy record's is mapped).
-fn real_proto(key_proto: u8) -> u8 {
-    ferry_dataplane::policy::record_real_proto(key_proto).unwrap_or(key_proto)
 }
