@@ -267,6 +267,7 @@ impl Stage {
             | R::NdNotForGateway => Stage::IpChecks,
             R::TtlExceeded => Stage::Prepare,
             R::ServiceNoEndpoint | R::ServiceBackendGone => Stage::Service,
+            R::PolicyDeniedIngress | R::PolicyDeniedEgress => Stage::Policy,
             R::NoRoute | R::Blackhole | R::NoNeighbour => Stage::Route,
             R::TooBig | R::TooBigNoFragmentation | R::NoHeadroom | R::TxRingFull => Stage::Encap,
             _ if from_uplink => Stage::Decap,
