@@ -4,7 +4,7 @@
 #   sudo scripts/lab.sh                   install what is missing, build, up, check, show stats, explain
 #   sudo scripts/lab.sh up [--nodes N] [--pods-per-node M] [--encap vxlan|geneve] [--source static|etcd|kube]
 #                          [--kernel-nodes K] [--port P] [--ip-family ipv4|dual] [--uplink-port afxdp|udp|auto]
-#                          [--pod-port veth|tap|auto] [--name LAB] [--no-build]
+#                          [--pod-port veth|tap|auto] [--services N] [--name LAB] [--no-build]
 #   sudo scripts/lab.sh check [--json FILE]        the connectivity matrix; non-zero exit on any failure
 #   sudo scripts/lab.sh down                        remove everything of the lab (also after a crash)
 #   sudo scripts/lab.sh list [--json]               nodes and pods with their addresses
@@ -34,6 +34,9 @@
 # spec.podCIDRs and Flannel annotations). check runs $FERRY_LAB_CHECK_JOBS pairs at once (default 6).
 # --ip-family dual gives every pod an IPv6 address too (node i: fd00:10:244:<i>::/64, over the IPv4
 # underlay), and check adds every pod pair over IPv6; ferry nodes with the static or kube source only.
+# --services N (static or kube source): N Services (VIPs 10.96.x.y in the agents' service_cidrs, port 80
+# over TCP and UDP), each with two backend pods on different ferry nodes answering their name; check adds
+# every ferry node's pod -> every Service VIP over TCP and UDP, answered by one of its backends.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -69,6 +72,7 @@ PORT=
 UPLINK_PORT=afxdp
 POD_PORT=auto
 VNI=1
+SERVICES=0
 BUILD=1
 PODS_ARG=
 WAIT=0
@@ -86,8 +90,8 @@ check_name() {
 }
 
 save_settings() {
-    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nUPLINK_PORT=%q\nPOD_PORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\n' \
-        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$UPLINK_PORT" "$POD_PORT" "$VNI" "$BIN_DIR" "$IP_FAMILY" >"$STATE/lab.env"
+    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nUPLINK_PORT=%q\nPOD_PORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\nSERVICES=%q\n' \
+        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$UPLINK_PORT" "$POD_PORT" "$VNI" "$BIN_DIR" "$IP_FAMILY" "$SERVICES" >"$STATE/lab.env"
 }
 
 load_settings() {
@@ -145,6 +149,8 @@ cmd_up() {
         die "--nodes, --pods-per-node, --kernel-nodes and --port take numbers"
     if [ $((NODES + KNODES)) -lt 1 ] || [ $((NODES + KNODES)) -gt 250 ]; then die "between 1 and 250 nodes in all"; fi
     case "$IP_FAMILY" in ipv4 | dual) ;; *) die "--ip-family: ipv4 or dual, not '$IP_FAMILY'" ;; esac
+    [[ $SERVICES =~ ^[0-9]+$ ]] && [ "$SERVICES" -le 5000 ] || die "--services takes a number up to 5000, not '$SERVICES'"
+    if [ "$SERVICES" -gt 0 ] && [ "$SOURCE" = etcd ]; then die "--services: with the static or kube source (etcd carries no Services)"; fi
     if [ "$IP_FAMILY" = dual ] && { [ "$KNODES" -gt 0 ] || [ "$SOURCE" = etcd ]; }; then
         die "--ip-family dual: ferry nodes with the static or kube source only (the lab's kernel-VXLAN nodes and its Flannel etcd config are IPv4-only)"
     fi
@@ -179,6 +185,10 @@ cmd_up() {
     for name in $(all_nodes); do
         for ((j = 1; j <= PODS; j++)); do pod_add "$name" "$j"; done
     done
+    if [ "$SERVICES" -gt 0 ]; then
+        step "$SERVICES service(s) ($SOURCE source)"
+        services_up "$SERVICES"
+    fi
     wait_converged 15
     trap - ERR
     echo "lab $LAB is up: $(all_nodes | wc -l) node(s), $(all_pods | wc -l) pod(s); state in $STATE"
@@ -363,6 +373,7 @@ main() {
             --port) PORT=${2:?}; shift 2 ;;
             --uplink-port) UPLINK_PORT=${2:?}; shift 2 ;;
             --pod-port) POD_PORT=${2:?}; shift 2 ;;
+            --services) SERVICES=${2:?}; shift 2 ;;
             --no-build) BUILD=0; shift ;;
             --kernel) kind=kernel; shift ;;
             --json)

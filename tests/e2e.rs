@@ -174,7 +174,11 @@ impl Lab {
         )
         .expect("check JSON");
         let _ = std::fs::remove_file(&file);
-        let failed: Vec<_> = rows.iter().filter(|r| r["ping"] != true || r["tcp"] != true).collect();
+        // Service probes (`lab.sh up --services N`) carry `ok`; the pairs, ping and TCP.
+        let failed: Vec<_> = rows
+            .iter()
+            .filter(|r| if r.get("ok").is_some() { r["ok"] != true } else { r["ping"] != true || r["tcp"] != true })
+            .collect();
         assert!(failed.is_empty(), "[{}] failed rows of the matrix: {failed:#?}", self.name);
         assert!(out.status.success(), "lab.sh check exited {} with every row passed", out.status);
         rows
@@ -279,9 +283,13 @@ fn matrix_vxlan() {
         return;
     }
     let _s = serial();
-    let lab = Lab::up("e2e_vxlan", &["--nodes", "3", "--pods-per-node", "2", "--encap", "vxlan"]);
+    let lab = Lab::up("e2e_vxlan", &["--nodes", "3", "--pods-per-node", "2", "--encap", "vxlan", "--services", "6"]);
     let rows = lab.check();
     assert_full_matrix(&rows, 3, 2);
+    // `--services 6`: every pod -> every VIP (in the service CIDR), TCP and UDP, answered by one of
+    // the service's backends (`lab.check` fails on any probe that was not).
+    let c = categories(&rows);
+    assert_eq!((c.get("pod-svc(tcp)"), c.get("pod-svc(udp)")), (Some(&36), Some(&36)), "{c:?}");
 }
 
 /// Dual-stack pods over the IPv4 underlay: every pod gets an address of each family from its

@@ -119,9 +119,49 @@ check_run() {
             jsep=","
         fi
     done <<<"$lines"
+    local sfails=0 stotal=0
+    if [ -s "$STATE/services.txt" ]; then
+        check_services "$json" "$jsep"
+    fi
     [ -z "$json" ] || echo "]" >>"$json"
     rm -rf "$CHECK_DIR"
-    printf '\n%d of %d pairs passed (ping + %d-byte TCP) in %s s\n' "$((total - fails))" "$total" "$CHECK_BYTES" \
-        "$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')"
-    [ "$fails" -eq 0 ]
+    printf '\n%d of %d pairs passed (ping + %d-byte TCP)' "$((total - fails))" "$total" "$CHECK_BYTES"
+    [ "$stotal" -eq 0 ] || printf ', %d of %d service probes (pod -> VIP, TCP and UDP)' "$((stotal - sfails))" "$stotal"
+    printf ' in %s s\n' "$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')"
+    [ "$fails" -eq 0 ] && [ "$sfails" -eq 0 ]
+}
+
+# check_services JSON_FILE JSON_SEPARATOR: every ferry node's pod -> every Service VIP of
+# $STATE/services.txt, one TCP connection and one UDP exchange each, answered by one of the service's
+# backends (svc-probe.py probe-all; one process per client pod, CHECK_JOBS at a time). Sets sfails and
+# stotal; prints a line per client and every failed probe.
+check_services() {
+    local json=$1 jsep=$2 p running=0 line name vip proto res got n ok
+    (
+        for p in $(ferry_pods); do
+            timeout 120 ip netns exec "$(node_ns "$p")" "$PY" "$SVC_PROBE" probe-all "$STATE/services.txt" \
+                >"$CHECK_DIR/svc-$p.res" 2>&1 &
+            running=$((running + 1))
+            if [ "$running" -ge "$CHECK_JOBS" ]; then wait -n || true; running=$((running - 1)); fi
+        done
+        wait || true
+    )
+    echo
+    printf '%-20s %-10s %s\n' CATEGORY FROM "SERVICES (every VIP, TCP + UDP)"
+    for p in $(ferry_pods); do
+        n=0 ok=0
+        while read -r name vip proto res got; do
+            [ -n "$name" ] || continue
+            n=$((n + 1))
+            if [ "$res" = ok ]; then ok=$((ok + 1)); else echo "  FAIL $p -> $name $vip $proto: $got"; fi
+            if [ -n "$json" ]; then
+                printf '%s{"category":"pod-svc(%s)","from":"%s","to":"%s","address":"%s","ok":%s,"answer":"%s"}\n' \
+                    "$jsep" "$proto" "$p" "$name" "$vip" "$([ "$res" = ok ] && echo true || echo false)" "${got//\"/\'}" >>"$json"
+                jsep=","
+            fi
+        done <"$CHECK_DIR/svc-$p.res"
+        printf '%-20s %-10s %d of %d answered by a backend\n' pod-svc "$p" "$ok" "$n"
+        stotal=$((stotal + n))
+        sfails=$((sfails + n - ok))
+    done
 }

@@ -79,6 +79,7 @@ static_write() {
             echo "tunnel = \"$ENCAP\""
             echo "port = $PORT"
         done
+        services_static_toml
     } >"$tmp"
     chmod 644 "$tmp"
     mv -f "$tmp" "$f"
@@ -190,4 +191,103 @@ kube_put_node() {
 
 kube_del_node() {
     kube_api DELETE "/api/v1/nodes/$1" >/dev/null
+}
+
+# --- services (lab.sh up --services N) ----------------------------------------------------------------------
+# Service i (1..N): VIP 10.96.<1 + (i-1)/250>.<1 + (i-1)%250> (in SERVICE_CIDR), port 80 over TCP and UDP,
+# backends two pods of the ferry nodes on different nodes where there are two, each answering its name
+# on 8080 (TCP and UDP; scripts/lib/svc-probe.py serve-both). $STATE/services.txt holds the plan, one
+# "NAME VIP PORT BACKEND,BACKEND" line per service; the source gets the Services (static: [[service]]
+# entries; kube: Service objects with spec.clusterIP and v1beta1 EndpointSlices); check probes them all.
+SVC_PORT=80
+SVC_TARGET=8080
+SVC_PROBE=$REPO/scripts/lib/svc-probe.py
+
+ferry_pods() {
+    local p
+    for p in $(all_pods); do [ "$(node_get "$(pod_node "$p")" KIND)" = ferry ] && echo "$p"; done
+    return 0
+}
+
+services_plan() {
+    local n=$1 pods i a b
+    mapfile -t pods < <(ferry_pods)
+    [ "${#pods[@]}" -gt 0 ] || die "--services needs pods on ferry nodes"
+    for ((i = 1; i <= n; i++)); do
+        a=${pods[$((i % ${#pods[@]}))]}
+        b=${pods[$(((i + PODS) % ${#pods[@]}))]}
+        [ "$a" = "$b" ] && b=""
+        printf 'lab/svc-%d 10.96.%d.%d %d %s\n' "$i" $((1 + (i - 1) / 250)) $((1 + (i - 1) % 250)) "$SVC_PORT" "$a${b:+,$b}"
+    done >"$STATE/services.txt"
+}
+
+# The backends' servers: one per backend pod, until the lab goes down (its namespace's processes are killed).
+services_start_servers() {
+    local p i
+    for p in $(awk '{print $4}' "$STATE/services.txt" | tr ',' '\n' | sort -u); do
+        setsid ip netns exec "$(node_ns "$p")" "$PY" "$SVC_PROBE" serve-both "$SVC_TARGET" "$p" </dev/null >/dev/null 2>&1 \
+            3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
+    done
+    for p in $(awk '{print $4}' "$STATE/services.txt" | tr ',' '\n' | sort -u); do
+        for ((i = 0; i < 50; i++)); do
+            [ -n "$(ip netns exec "$(node_ns "$p")" ss -Hlun "sport = :$SVC_TARGET")" ] &&
+                [ -n "$(ip netns exec "$(node_ns "$p")" ss -Hltn "sport = :$SVC_TARGET")" ] && break
+            sleep 0.1
+        done
+        [ "$i" -lt 50 ] || die "the service backend on $p did not start listening on $SVC_TARGET in 5 s"
+    done
+}
+
+# [[service]] entries for the static file.
+services_static_toml() {
+    [ -s "$STATE/services.txt" ] || return 0
+    local name vip port backends proto eps p
+    while read -r name vip port backends; do
+        eps=""
+        for p in ${backends//,/ }; do eps+="${eps:+, }\"$(pod_get "$p" IP):$SVC_TARGET\""; done
+        for proto in TCP UDP; do
+            printf '\n[[service]]\nname = "%s:%s"\nvip = "%s"\nport = %d\nprotocol = "%s"\nendpoints = [%s]\n' \
+                "$name" "${proto,,}" "$vip" "$port" "$proto" "$eps"
+        done
+    done <"$STATE/services.txt"
+}
+
+# Service objects and their EndpointSlices, 50 requests per curl (one connection, --next).
+kube_put_services() {
+    local name vip port backends svc p eps reqs=() out k
+    local auth=(--cacert "$STATE/kube/certs/apiserver.crt" -H "Authorization: Bearer $(cat "$STATE/kube/token")"
+        -H "Content-Type: application/json" -sS --max-time 30)
+    local base="https://$UL_GW:$KUBE_PORT"
+    _svc_flush() {
+        [ "${#reqs[@]}" -gt 0 ] || return 0
+        out=$(ip netns exec "$(ul_ns)" curl "${reqs[@]}")
+        reqs=()
+        ! grep -q '"status": *"Failure"' <<<"$out" || die "creating services failed: $(grep -m1 '"message"' <<<"$out")"
+    }
+    k=0
+    while read -r name vip port backends; do
+        svc=${name#lab/}
+        eps=""
+        for p in ${backends//,/ }; do
+            eps+="${eps:+,}{\"addresses\":[\"$(pod_get "$p" IP)\"],\"conditions\":{\"ready\":true},\"topology\":{\"kubernetes.io/hostname\":\"$(pod_node "$p")\"}}"
+        done
+        [ "${#reqs[@]}" -eq 0 ] || reqs+=(--next)
+        reqs+=("${auth[@]}" -X POST "$base/api/v1/namespaces/default/services" --data-binary
+            "{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{\"name\":\"$svc\"},\"spec\":{\"clusterIP\":\"$vip\",\"ports\":[{\"name\":\"tcp\",\"port\":$port,\"protocol\":\"TCP\",\"targetPort\":$SVC_TARGET},{\"name\":\"udp\",\"port\":$port,\"protocol\":\"UDP\",\"targetPort\":$SVC_TARGET}]}}")
+        reqs+=(--next "${auth[@]}" -X POST "$base/apis/discovery.k8s.io/v1beta1/namespaces/default/endpointslices" --data-binary
+            "{\"apiVersion\":\"discovery.k8s.io/v1beta1\",\"kind\":\"EndpointSlice\",\"metadata\":{\"name\":\"$svc-1\",\"labels\":{\"kubernetes.io/service-name\":\"$svc\"}},\"addressType\":\"IPv4\",\"endpoints\":[$eps],\"ports\":[{\"name\":\"tcp\",\"port\":$SVC_TARGET,\"protocol\":\"TCP\"},{\"name\":\"udp\",\"port\":$SVC_TARGET,\"protocol\":\"UDP\"}]}")
+        k=$((k + 1))
+        [ $((k % 25)) -ne 0 ] || _svc_flush
+    done <"$STATE/services.txt"
+    _svc_flush
+}
+
+services_up() {
+    local n=$1
+    services_plan "$n"
+    services_start_servers
+    case "$SOURCE" in
+        static) static_write ;;
+        kube) kube_put_services ;;
+    esac
 }

@@ -2,11 +2,16 @@
 """Service probes for the lab and its end-to-end tests (bounded; stdlib only).
 
   svc-probe.py serve PORT NAME            answer every TCP connection on PORT with NAME (until killed)
+  svc-probe.py serve-both PORT NAME       the same, and every UDP datagram to PORT with NAME
   svc-probe.py connect IP PORT COUNT      COUNT TCP connections to IP:PORT, one per source port; prints one
                                            line per connection: the name received, or the error
+  svc-probe.py probe-all FILE             for each line "SERVICE VIP PORT BACKEND,BACKEND..." of FILE: one TCP
+                                           connection and one UDP exchange (3 tries) to VIP:PORT; prints
+                                           "SERVICE VIP tcp|udp ok|FAIL ANSWER" per probe; exit 1 on any FAIL
 """
 import socket
 import sys
+import threading
 
 
 def serve(port, name):
@@ -20,6 +25,66 @@ def serve(port, name):
             c.sendall(name.encode() + b"\n")
         finally:
             c.close()
+
+
+def serve_udp(port, name):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    while True:
+        _, peer = s.recvfrom(2048)
+        s.sendto(name.encode() + b"\n", peer)
+
+
+def serve_both(port, name):
+    threading.Thread(target=serve_udp, args=(port, name), daemon=True).start()
+    serve(port, name)
+
+
+def tcp_once(ip, port):
+    try:
+        with socket.create_connection((ip, port), timeout=2) as c:
+            c.settimeout(2)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = c.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+            return data.decode().strip() or "empty"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as e:
+        return f"error:{e}".replace(" ", "_")
+
+
+def udp_once(ip, port):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.5)
+        for _ in range(3):
+            try:
+                s.sendto(b"?", (ip, port))
+                data, _ = s.recvfrom(2048)
+                return data.decode().strip() or "empty"
+            except socket.timeout:
+                continue
+            except OSError as e:
+                return f"error:{e}".replace(" ", "_")
+    return "timeout"
+
+
+def probe_all(path):
+    failed = 0
+    with open(path) as f:
+        lines = [line.split() for line in f if line.strip() and not line.startswith("#")]
+    for name, vip, port, backends in lines:
+        allowed = backends.split(",")
+        for proto, probe in (("tcp", tcp_once), ("udp", udp_once)):
+            got = probe(vip, int(port))
+            ok = got in allowed
+            failed += not ok
+            print(f"{name} {vip} {proto} {'ok' if ok else 'FAIL'} {got}")
+            sys.stdout.flush()
+    sys.exit(1 if failed else 0)
 
 
 def connect(ip, port, count):
@@ -44,6 +109,10 @@ def connect(ip, port, count):
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "serve-both":
+        serve_both(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "probe-all":
+        probe_all(sys.argv[2])
     elif sys.argv[1] == "connect":
         connect(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
