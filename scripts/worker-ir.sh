@@ -4,8 +4,9 @@
 # not. Each direction runs at two round counts; the difference in instructions divided by the
 # difference in packets is the per-packet figure (set-up and start-up cancel out). Needs valgrind.
 #
-# Usage: scripts/worker-ir.sh [--size BYTES] [--rounds-low N] [--rounds-high N] [--bin PATH]
+# Usage: scripts/worker-ir.sh [--size BYTES] [--rounds-low N] [--rounds-high N] [--bin PATH] [--flows]
 #   --size: frame size (the inner frame for decap), 64 (default) to 1464.
+#   --flows: with the worker's flow records on (dataplane.flows, the agent's default).
 #   --bin: an already built `worker_rounds` example (default: build it in the bench profile).
 set -euo pipefail
 
@@ -19,6 +20,7 @@ while [[ $# -gt 0 ]]; do
     --rounds-high) HIGH="$2"; shift 2 ;;
     --bin) BIN="$2"; shift 2 ;;
     --size) SIZE="$2"; shift 2 ;;
+    --flows) export WORKER_FLOWS=1; shift ;;
     -h | --help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -48,5 +50,5 @@ for dir in encap decap; do
     lo="$(count "$dir" "$LOW")"
     hi="$(count "$dir" "$HIGH")"
     awk -v d="$dir" -v s="$SIZE" -v lo="$lo" -v hi="$hi" -v n=$(( (HIGH - LOW) * 64 )) -v lr="$LOW" -v hr="$HIGH" \
-        'BEGIN { printf "%s %s B: %.1f instructions/packet (%.0f and %.0f instructions at %s and %s rounds)\n", d, s, (hi - lo) / n, lo, hi, lr, hr }'
+        -v f="${WORKER_FLOWS:+ (flows on)}" 'BEGIN { printf "%s %s B%s: %.1f instructions/packet (%.0f and %.0f instructions at %s and %s rounds)\n", d, s, f, (hi - lo) / n, lo, hi, lr, hr }'
 done

@@ -7,7 +7,8 @@
 //! the difference by the packets, so set-up and start-up cancel out. By hand:
 //!
 //! `cargo build --profile bench -p ferry-dataplane --example worker_rounds` then
-//! `valgrind --tool=callgrind target/release/examples/worker_rounds encap 1000 [FRAME_BYTES]`.
+//! `valgrind --tool=callgrind target/release/examples/worker_rounds encap 1000 [FRAME_BYTES]`
+//! (with `WORKER_FLOWS=1` in the environment: flow records on).
 
 mod setup;
 
@@ -40,6 +41,11 @@ fn main() {
         }
     };
     let (mut w, fib) = setup::setup();
+    // Flow records on, as the agent's default (`scripts/worker-ir.sh --flows`).
+    let flows = std::env::var_os("WORKER_FLOWS").is_some();
+    if flows {
+        w = w.with_flows(ferry_dataplane::flows::DEFAULT_SLOTS, 1 << 16, 0);
+    }
     w.poll_once(&*fib);
     let mut sent = 0;
     for _ in 0..rounds {
@@ -49,5 +55,5 @@ fn main() {
         eprintln!("{dir}: {sent} of {} packets forwarded", rounds * BATCH);
         std::process::exit(1);
     }
-    println!("{dir}: {rounds} rounds, {sent} packets of {size} bytes");
+    println!("{dir}: {rounds} rounds, {sent} packets of {size} bytes{}", if flows { ", flows on" } else { "" });
 }
