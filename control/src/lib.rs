@@ -192,6 +192,46 @@ async fn run(
             }
         };
         let announce = if k.announce { source::kube::Announcement::from_config(&config) } else { None };
+        {
+            use source::kube_policy as kp;
+            let (tx, metrics, shutdown) = (tx.clone(), metrics.clone(), shutdown.clone());
+            tasks.spawn(
+                kp::KindWatcher {
+                    api: kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
+                    kind: model::ObjectKind::Namespace,
+                    key: kp::namespace_key,
+                    convert: kp::namespace_convert,
+                    tx: tx.clone(),
+                    metrics: metrics.clone(),
+                    shutdown: shutdown.clone(),
+                }
+                .run(),
+            );
+            tasks.spawn(
+                kp::KindWatcher {
+                    api: kube::Api::<k8s_openapi::api::core::v1::Pod>::all(client.clone()),
+                    kind: model::ObjectKind::Pod,
+                    key: kp::pod_key_of,
+                    convert: kp::pod_object,
+                    tx: tx.clone(),
+                    metrics: metrics.clone(),
+                    shutdown: shutdown.clone(),
+                }
+                .run(),
+            );
+            tasks.spawn(
+                kp::KindWatcher {
+                    api: kube::Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::all(client.clone()),
+                    kind: model::ObjectKind::NetworkPolicy,
+                    key: kp::policy_key,
+                    convert: kp::policy_convert,
+                    tx,
+                    metrics,
+                    shutdown,
+                }
+                .run(),
+            );
+        }
         tasks.spawn(
             source::kube_services::KubeServiceSource {
                 client: client.clone(),

@@ -234,7 +234,15 @@ async fn manifests_apply_to_a_real_server_and_the_service_account_has_least_priv
     )
     .await;
     is_forbidden("get its own ConfigMap", Api::<ConfigMap>::namespaced(sa.clone(), ns).get("ferry-config").await).await;
-    is_forbidden("list Pods", Api::<Pod>::all(sa.clone()).list(&ListParams::default()).await).await;
+    // Pods are listed and watched (NetworkPolicy), never read one by one or changed.
+    is_forbidden("get a Pod", Api::<Pod>::namespaced(sa.clone(), "default").get("some-pod").await).await;
+    is_forbidden(
+        "delete Pods",
+        Api::<Pod>::namespaced(sa.clone(), "default")
+            .delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await,
+    )
+    .await;
     is_forbidden("get a Node", Api::<Node>::all(sa.clone()).get("other").await).await;
     is_forbidden("delete a Node", Api::<Node>::all(sa.clone()).delete("other", &DeleteParams::default()).await).await;
     is_forbidden("create a Node", Api::<Node>::all(sa.clone()).create(&PostParams::default(), &n).await).await;

@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod kube;
+pub mod kube_policy;
 pub mod kube_services;
 pub mod static_file;
 
