@@ -344,6 +344,8 @@ pub struct PolicyCompiler {
     node_addrs: Vec<IpAddr>,
     namespaces: HashMap<String, Labels>,
     pods: HashMap<String, (PodSpec, Identity)>,
+    /// The keys of this node's pods (a policy change looks at these only).
+    local_pods: BTreeSet<String>,
     policies: HashMap<String, Arc<Policy>>,
     policies_by_ns: HashMap<String, BTreeSet<String>>,
     identity_ids: HashMap<IdentityKey, Identity>,
@@ -409,6 +411,7 @@ impl PolicyCompiler {
             return;
         }
         let old = self.pods.remove(key);
+        self.local_pods.remove(key);
         if let Some((old_pod, old_id)) = &old {
             if old_pod.node == self.node {
                 self.dirty.insert(key.to_owned());
@@ -422,6 +425,7 @@ impl PolicyCompiler {
             let id = self.identity_for(IdentityKey { namespace: p.namespace.clone(), labels: p.labels.clone(), ports });
             if p.node == self.node {
                 self.dirty.insert(key.to_owned());
+                self.local_pods.insert(key.to_owned());
             }
             self.pods.insert(key.to_owned(), (p.clone(), id));
         }
@@ -432,8 +436,11 @@ impl PolicyCompiler {
         let old = self.policies.remove(key);
         for p in old.iter().map(|p| &**p).chain(policy) {
             // The local pods it selected before or selects now.
-            for (k, (pod, _)) in &self.pods {
-                if pod.node == self.node && pod.namespace == p.namespace && p.pod_selector.matches(&pod.labels) {
+            for k in &self.local_pods {
+                if let Some((pod, _)) = self.pods.get(k)
+                    && pod.namespace == p.namespace
+                    && p.pod_selector.matches(&pod.labels)
+                {
                     self.dirty.insert(k.clone());
                 }
             }
@@ -710,7 +717,7 @@ impl PolicyCompiler {
         let local_keys: Vec<String> = if std::mem::take(&mut self.all_dirty) {
             self.dirty.clear();
             self.local.clear();
-            self.pods.iter().filter(|(_, (p, _))| p.node == self.node).map(|(k, _)| k.clone()).collect()
+            self.local_pods.iter().cloned().collect()
         } else {
             std::mem::take(&mut self.dirty).into_iter().collect()
         };
