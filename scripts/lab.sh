@@ -31,7 +31,8 @@
 # $STATE/nodes.toml), etcd (Debian's etcd on 192.168.100.254:2379 in the underlay namespace, Flannel
 # leases; a running agent re-takes its own lease, so source-remove wants kill-agent first), kube (the
 # cached kube-apiserver of scripts/build-kube-apiserver.sh on 192.168.100.254:6443, Node objects with
-# spec.podCIDRs and Flannel annotations). check runs $FERRY_LAB_CHECK_JOBS pairs at once (default 6).
+# spec.podCIDRs and Flannel annotations, and a Pod in namespace "lab" for every pod, status.podIPs set).
+# check runs $FERRY_LAB_CHECK_JOBS pairs at once (default 6).
 # --ip-family dual gives every pod an IPv6 address too (node i: fd00:10:244:<i>::/64, over the IPv4
 # underlay), and check adds every pod pair over IPv6; ferry nodes with the static or kube source only.
 # --services N (static or kube source): N Services (VIPs 10.96.x.y in the agents' service_cidrs, port 80

@@ -424,6 +424,8 @@ pod_add() {
         [ -n "$ip6" ] || { echo "pod $pod has no IPv6 address on eth0 after CNI ADD in a dual-stack lab: $out" >&2; return 1; }
     fi
     printf 'POD=%q\nNODE=%q\nNS=%q\nIP=%q\nIP6=%q\n' "$pod" "$node" "$ns" "$ip" "$ip6" >"$dir/pods/$pod.env"
+    # With the kube source, the Pod object too, as a scheduler and kubelet would (lab-source.sh).
+    if [ "$SOURCE" = kube ]; then kube_put_pod "$pod"; fi
 }
 
 pod_del() {
@@ -431,6 +433,7 @@ pod_del() {
     node=$(pod_node "$pod")
     ns=$(node_ns "$pod")
     cni "$node" "$pod" DEL >/dev/null 2>&1 || echo "warning: CNI DEL of $pod failed" >&2
+    if [ "$SOURCE" = kube ]; then kube_del_pod "$pod"; fi
     kill_netns_procs "$ns"
     ip netns del "$ns" 2>/dev/null || true
     rm -f "$(node_dir "$node")/pods/$pod".*

@@ -23,7 +23,7 @@ source_up() {
     case "$SOURCE" in
         static) static_write ;;
         etcd) etcd_up ;;
-        kube) etcd_up && kube_up ;;
+        kube) etcd_up && kube_up && kube_put_namespace ;;
     esac
 }
 
@@ -191,6 +191,50 @@ kube_put_node() {
 
 kube_del_node() {
     kube_api DELETE "/api/v1/nodes/$1" >/dev/null
+}
+
+# The lab's pods live in Namespace $KUBE_NS, labelled kubernetes.io/metadata.name as 1.21+ servers
+# label every namespace (the lab's 1.20 server does not), with its default ServiceAccount (a 1.20
+# server refuses pods without it; the controller manager that would create it does not run here).
+KUBE_NS=lab
+
+kube_put_namespace() {
+    local out
+    out=$(kube_api POST /api/v1/namespaces \
+        "{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{\"name\":\"$KUBE_NS\",\"labels\":{\"kubernetes.io/metadata.name\":\"$KUBE_NS\"}}}")
+    grep -q '"kind": *"Namespace"' <<<"$out" || die "creating Namespace $KUBE_NS failed: $out"
+    out=$(kube_api POST "/api/v1/namespaces/$KUBE_NS/serviceaccounts" \
+        '{"apiVersion":"v1","kind":"ServiceAccount","metadata":{"name":"default"}}')
+    grep -q '"kind": *"ServiceAccount"' <<<"$out" || die "creating ServiceAccount $KUBE_NS/default failed: $out"
+}
+
+# A Pod object for a wired pod, as a scheduler and kubelet would leave it: labels pod=<name> and
+# node=<node>, spec.nodeName, a container with the named ports the lab's servers use, and (patched
+# into status, as kubelet does) its addresses.
+kube_put_pod() {
+    local pod=$1 node ip ip6 ips out
+    node=$(pod_node "$pod")
+    ip=$(pod_get "$pod" IP)
+    ip6=$(pod_get "$pod" IP6)
+    ips="{\"ip\":\"$ip\"}"
+    [ -z "$ip6" ] || ips+=",{\"ip\":\"$ip6\"}"
+    out=$(kube_api POST "/api/v1/namespaces/$KUBE_NS/pods" \
+        "{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{\"name\":\"$pod\",\"labels\":{\"pod\":\"$pod\",\"node\":\"$node\"}},\"spec\":{\"nodeName\":\"$node\",\"automountServiceAccountToken\":false,\"containers\":[{\"name\":\"c\",\"image\":\"none\",\"ports\":[{\"name\":\"tcp-$SVC_TARGET\",\"containerPort\":$SVC_TARGET},{\"name\":\"udp-$SVC_TARGET\",\"containerPort\":$SVC_TARGET,\"protocol\":\"UDP\"}]}]}}")
+    grep -q '"kind": *"Pod"' <<<"$out" || die "creating Pod $KUBE_NS/$pod failed: $out"
+    out=$(kube_api_merge_patch "/api/v1/namespaces/$KUBE_NS/pods/$pod/status" \
+        "{\"status\":{\"phase\":\"Running\",\"podIP\":\"$ip\",\"podIPs\":[$ips]}}")
+    grep -q "\"podIP\": *\"$ip\"" <<<"$out" || die "patching Pod $KUBE_NS/$pod's status failed: $out"
+}
+
+kube_del_pod() {
+    kube_api DELETE "/api/v1/namespaces/$KUBE_NS/pods/$1?gracePeriodSeconds=0" >/dev/null
+}
+
+# kube_api_merge_patch PATH JSON: a merge patch as the lab's admin.
+kube_api_merge_patch() {
+    ip netns exec "$(ul_ns)" curl -sS --max-time 10 --cacert "$STATE/kube/certs/apiserver.crt" \
+        -H "Authorization: Bearer $(cat "$STATE/kube/token")" -H "Content-Type: application/merge-patch+json" \
+        -X PATCH "https://$UL_GW:$KUBE_PORT$1" --data-binary "$2"
 }
 
 # --- services (lab.sh up --services N) ----------------------------------------------------------------------
