@@ -6,7 +6,7 @@
 //! worker iteration, and takes the transmitted frames out; the copies are part of the figure.
 //!
 //! Each case runs twice: flows off (`..._B`) and with the worker's flow records on
-//! (`..._B_flows`: a 4096-slot table, as the agent's default); the difference per packet is what
+//! (`..._B_flows`: a 4096-slot table, `dataplane.flow_slots`' default); the difference per packet is what
 //! recording costs. The 64 frames of a batch are 64 flows.
 //!
 //! Run: `cargo bench --bench worker`. The fixture is shared with the `worker_rounds` example, which

@@ -23,8 +23,8 @@
 #   --uplink-port K  the ferry nodes' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
 #                    UDP_SEGMENT/UDP_GRO on the uplink, no XDP program there)
 #   --flows-compare  the single-node runs again with ferry's flow records off (dataplane.flows = false), in the
-#                    same run, reported as side ferry_noflows with the ratio flows on / off (the others run
-#                    with flows on, the agent's default)
+#                    same run, reported as side ferry_noflows with the ratio flows on / off (the bench's
+#                    ferry nodes otherwise run with flows on; the agent's default is off)
 #   --pod-port K     the ferry nodes' dataplane.pod_port (default veth; tap: each pod's eth0 is a persistent
 #                    multi-queue tap with virtio-net headers, so TCP super-packets reach ferry whole)
 #

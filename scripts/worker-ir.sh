@@ -6,7 +6,7 @@
 #
 # Usage: scripts/worker-ir.sh [--size BYTES] [--rounds-low N] [--rounds-high N] [--bin PATH] [--flows]
 #   --size: frame size (the inner frame for decap), 64 (default) to 1464.
-#   --flows: with the worker's flow records on (dataplane.flows, the agent's default).
+#   --flows: with the worker's flow records on (dataplane.flows = true).
 #   --bin: an already built `worker_rounds` example (default: build it in the bench profile).
 set -euo pipefail
 

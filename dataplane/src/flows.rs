@@ -47,10 +47,10 @@ pub const NO_PORT: u16 = u16::MAX;
 /// A flow's 5-tuple; IPv4 addresses are stored IPv4-mapped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    /// Source address (16 bytes; IPv4-mapped for IPv4).
-    pub src: [u8; 16],
+    /// Source address (IPv4-mapped for IPv4), as a number: two 128-bit compares match a key.
+    pub src: u128,
     /// Destination address.
-    pub dst: [u8; 16],
+    pub dst: u128,
     /// Source port (0 when the protocol has none).
     pub sport: u16,
     /// Destination port.
@@ -61,14 +61,15 @@ pub struct FlowKey {
     pub v6: bool,
 }
 
-fn octets(a: IpAddr) -> [u8; 16] {
+#[inline(always)]
+fn octets(a: IpAddr) -> u128 {
     match a {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
+        IpAddr::V4(a) => 0xffff_0000_0000 | u128::from(a.to_bits()),
+        IpAddr::V6(a) => a.to_bits(),
     }
 }
 
-fn addr(b: [u8; 16], v6: bool) -> IpAddr {
+fn addr(b: u128, v6: bool) -> IpAddr {
     let a = Ipv6Addr::from(b);
     if v6 { IpAddr::V6(a) } else { IpAddr::V4(a.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)) }
 }
@@ -117,7 +118,7 @@ pub struct Seen {
     /// Translated by the service stage to `backend`.
     pub translated: bool,
     /// The backend chosen (address), when translated.
-    pub backend: [u8; 16],
+    pub backend: u128,
     /// The backend's port.
     pub backend_port: u16,
 }
@@ -304,7 +305,7 @@ pub struct FlowRecord {
     /// The service stage translated it to a backend (then `key.dst`/`key.dport` is the VIP).
     pub translated: bool,
     /// The backend chosen.
-    pub backend: [u8; 16],
+    pub backend: u128,
     /// The backend's port.
     pub backend_port: u16,
     /// The policy that allowed or denied it (0: none, or no policy stage).

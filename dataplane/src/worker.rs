@@ -41,8 +41,9 @@ use crate::port::Port;
 /// Packets taken from a port per receive call, and the size of an egress batch.
 pub const BATCH: usize = 64;
 
-/// Flow table slots a busy worker looks at for changes each time it publishes (an idle one looks
-/// at all of them).
+/// Flow table slots a busy worker looks at for changes each time it publishes: two per packet
+/// received since the last publish, at most this many (an idle one looks at all of them). Export
+/// work so stays a small, bounded share of forwarding work however fast the worker goes.
 const BUSY_SWEEP: usize = 512;
 
 /// How often a busy worker publishes its counters ([`SharedCounters`]); an idle or stopping worker
@@ -220,6 +221,8 @@ pub struct Worker<P: Port> {
     last_publish_ns: u64,
     /// This batch's time, nanoseconds since `epoch`.
     now_ns: u64,
+    /// Packets received since the counters were last published.
+    since_publish: usize,
     /// Flow records, when on ([`Worker::with_flows`]).
     flows: Option<FlowTable>,
     last_port_stats: Instant,
@@ -254,6 +257,7 @@ impl<P: Port> Worker<P> {
             epoch: Instant::now(),
             last_publish_ns: 0,
             now_ns: 0,
+            since_publish: 0,
             flows: None,
             last_port_stats: Instant::now(),
         }
@@ -424,8 +428,9 @@ impl<P: Port> Worker<P> {
             self.flush_port(p);
         }
         self.counters.double_frees = self.free.refused();
+        self.since_publish += received;
         if now.saturating_sub(self.last_publish_ns) >= PUBLISH_INTERVAL.as_nanos() as u64 {
-            self.publish_at(now, BUSY_SWEEP);
+            self.publish_at(now, (2 * self.since_publish).min(BUSY_SWEEP));
         }
         received
     }
@@ -516,6 +521,7 @@ impl<P: Port> Worker<P> {
         if let Some(f) = self.flows.as_mut() {
             f.sweep(sweep);
         }
+        self.since_publish = 0;
         // The ports' own statistics cost a system call each: about once a second is enough.
         if self.last_port_stats.elapsed() >= Duration::from_secs(1) {
             for (p, id) in self.ports.iter().zip(&self.ids) {

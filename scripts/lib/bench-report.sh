@@ -109,7 +109,7 @@ if gb:
 flows_table = []
 if any(r.get("side") == "ferry_noflows" for r in runs):
     print()
-    print("ferry with flow records on (dataplane.flows, the default) against off, the same run (target: on >= 0.95x off):")
+    print("ferry with flow records on (dataplane.flows = true) against off, the same run (target: on >= 0.95x off):")
     for name, test, key, scale, unit, higher, _ in rows[:10]:
         on, off = med("ferry", test, key), med("ferry_noflows", test, key)
         on = None if on is None else on * scale

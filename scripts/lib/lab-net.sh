@@ -235,6 +235,7 @@ interface = "ferry0"
 workers = 1
 uplink_port = "${UPLINK_PORT:-afxdp}"
 pod_port = "${POD_PORT:-auto}"
+flows = true
 
 [admin]
 socket = "$dir/ferry.sock"

@@ -31,7 +31,7 @@
 //! uplink_port = "afxdp"           # afxdp | udp | auto: the uplink as AF_XDP or a UDP socket (UDP_SEGMENT/GRO)
 //! pod_port = "auto"               # veth | tap | auto (tap when /dev/net/tun opens)
 //! busy_poll = false               # workers run their devices' receive (NAPI) themselves
-//! flows = true                    # flow records (`ferry flows`, flow metrics)
+//! flows = false                   # flow records (`ferry flows`, flow metrics); off: see README "Flows"
 //! flow_slots = 4096               # flows each worker's table holds (a power of two, 64..=1048576)
 //! busy_poll_budget = 64           # packets per busy-poll round
 //! napi_defer_hard_irqs = 2        # set on each port's device while busy polling
@@ -242,7 +242,7 @@ struct DataplaneFile {
     napi_defer_hard_irqs: u32,
     #[serde(default = "default_gro_flush_timeout_us")]
     gro_flush_timeout_us: u64,
-    #[serde(default = "yes")]
+    #[serde(default)]
     flows: bool,
     #[serde(default = "default_flow_slots")]
     flow_slots: u32,
@@ -263,7 +263,7 @@ impl Default for DataplaneFile {
             busy_poll_budget: default_busy_poll_budget(),
             napi_defer_hard_irqs: default_napi_defer_hard_irqs(),
             gro_flush_timeout_us: default_gro_flush_timeout_us(),
-            flows: true,
+            flows: false,
             flow_slots: default_flow_slots(),
         }
     }

@@ -14,9 +14,49 @@ mod setup;
 
 use ferry_dataplane::worker::BATCH;
 
+/// `worker_rounds flows-ab encap|decap ROUNDS`: wall time per packet with flow records off and on,
+/// two workers measured alternately (20 slices of ROUNDS rounds each), so that a load change on a
+/// shared machine hits both alike; prints the medians and their difference.
+fn flows_ab(dir: &str, rounds: usize) {
+    let (frames, inp, outp) = match dir {
+        "encap" => (setup::to_remote(64), setup::POD_PORT, setup::UPLINK),
+        _ => (setup::from_remote(64), setup::UPLINK, setup::POD_PORT),
+    };
+    let (mut off, fib) = setup::setup();
+    let (on, _) = setup::setup();
+    let mut on = on.with_flows(ferry_dataplane::flows::DEFAULT_SLOTS, 1 << 16, 0);
+    let export = on.flow_export();
+    let (mut t_off, mut t_on) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        for (w, t) in [(&mut off, &mut t_off), (&mut on, &mut t_on)] {
+            let start = std::time::Instant::now();
+            for _ in 0..rounds {
+                setup::round(w, &fib, &frames, inp, outp);
+            }
+            t.push(start.elapsed().as_nanos() as f64 / (rounds * BATCH) as f64);
+        }
+        // What the agent would do: take the exported records.
+        if let Some(e) = &export {
+            while e.records.pop().is_some() {}
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (a, b) = (median(&mut t_off), median(&mut t_on));
+    println!("{dir} 64 B: flows off {a:.1} ns/packet, on {b:.1} ns/packet, recording {:.1} ns/packet", b - a);
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let dir = args.next().unwrap_or_default();
+    if dir == "flows-ab" {
+        let d = args.next().unwrap_or_default();
+        let rounds = args.next().and_then(|r| r.parse().ok()).unwrap_or(2000);
+        flows_ab(&d, rounds);
+        return;
+    }
     let rounds: usize = match args.next().map(|r| r.parse()) {
         Some(Ok(n)) => n,
         _ => {
@@ -41,7 +81,7 @@ fn main() {
         }
     };
     let (mut w, fib) = setup::setup();
-    // Flow records on, as the agent's default (`scripts/worker-ir.sh --flows`).
+    // Flow records on (`scripts/worker-ir.sh --flows`).
     let flows = std::env::var_os("WORKER_FLOWS").is_some();
     if flows {
         w = w.with_flows(ferry_dataplane::flows::DEFAULT_SLOTS, 1 << 16, 0);
