@@ -3,8 +3,9 @@
 #
 #   sudo scripts/lab.sh                   install what is missing, build, up, check, show stats, explain
 #   sudo scripts/lab.sh up [--nodes N] [--pods-per-node M] [--encap vxlan|geneve] [--source static|etcd|kube]
-#                          [--kernel-nodes K] [--port P] [--ip-family ipv4|dual] [--uplink-port afxdp|udp|auto]
-#                          [--pod-port veth|tap|auto] [--services N] [--name LAB] [--no-build]
+#                          [--kernel-nodes K] [--port P] [--ip-family ipv4|dual] [--underlay ipv4|ipv6]
+#                          [--uplink-port afxdp|udp|auto] [--pod-port veth|tap|auto] [--services N] [--name LAB]
+#                          [--no-build]
 #   sudo scripts/lab.sh check [--json FILE]        the connectivity matrix; non-zero exit on any failure
 #   sudo scripts/lab.sh down                        remove everything of the lab (also after a crash)
 #   sudo scripts/lab.sh list [--json]               nodes and pods with their addresses
@@ -38,6 +39,9 @@
 # --services N (static or kube source): N Services (VIPs 10.96.x.y in the agents' service_cidrs, port 80
 # over TCP and UDP), each with two backend pods on different ferry nodes answering their name; check adds
 # every ferry node's pod -> every Service VIP over TCP and UDP, answered by one of its backends.
+# --underlay ipv6 carries the tunnels over IPv6: node i's uplink gets fd00:100::<i>/64 as well as its IPv4
+# address, and that IPv6 address is the one the source announces and the tunnels use (static or kube
+# source; kernel-VXLAN nodes run their vxlan device over IPv6 too; pod MTU 70 bytes under the underlay's).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -68,6 +72,7 @@ PODS=2
 ENCAP=vxlan
 SOURCE=static
 IP_FAMILY=ipv4
+UNDERLAY=ipv4
 KNODES=0
 PORT=
 UPLINK_PORT=afxdp
@@ -91,8 +96,9 @@ check_name() {
 }
 
 save_settings() {
-    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nUPLINK_PORT=%q\nPOD_PORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\nSERVICES=%q\n' \
-        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$UPLINK_PORT" "$POD_PORT" "$VNI" "$BIN_DIR" "$IP_FAMILY" "$SERVICES" >"$STATE/lab.env"
+    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nUPLINK_PORT=%q\nPOD_PORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\nSERVICES=%q\nUNDERLAY=%q\n' \
+        "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$UPLINK_PORT" "$POD_PORT" "$VNI" "$BIN_DIR" "$IP_FAMILY" \
+        "$SERVICES" "$UNDERLAY" >"$STATE/lab.env"
 }
 
 load_settings() {
@@ -155,6 +161,13 @@ cmd_up() {
     if [ "$IP_FAMILY" = dual ] && { [ "$KNODES" -gt 0 ] || [ "$SOURCE" = etcd ]; }; then
         die "--ip-family dual: ferry nodes with the static or kube source only (the lab's kernel-VXLAN nodes and its Flannel etcd config are IPv4-only)"
     fi
+    case "$UNDERLAY" in ipv4 | ipv6) ;; *) die "--underlay: ipv4 or ipv6, not '$UNDERLAY'" ;; esac
+    if [ "$UNDERLAY" = ipv6 ] && [ "$SOURCE" = etcd ]; then
+        die "--underlay ipv6: the static or kube source (the lab writes Flannel's etcd leases with an IPv4 PublicIP only)"
+    fi
+    if [ "$UNDERLAY" = ipv6 ] && [ "$UPLINK_PORT" = udp ]; then
+        die "--underlay ipv6 needs --uplink-port afxdp or auto: the UDP-socket uplink carries IPv4 underlays only"
+    fi
     if [ "$KNODES" -gt 0 ] && [ "$ENCAP" != vxlan ]; then
         die "--kernel-nodes needs --encap vxlan: kernel nodes run the kernel's VXLAN device (Flannel-style), and this kernel has no geneve module to match ferry's Geneve"
     fi
@@ -164,7 +177,7 @@ cmd_up() {
     ensure_packages
     build_binaries
 
-    step "lab $LAB: $NODES ferry node(s) + $KNODES kernel-VXLAN node(s), $PODS pod(s) each, $ENCAP port $PORT, source $SOURCE, pod port $POD_PORT"
+    step "lab $LAB: $NODES ferry node(s) + $KNODES kernel-VXLAN node(s), $PODS pod(s) each, $ENCAP port $PORT, source $SOURCE, pod port $POD_PORT, $UNDERLAY underlay"
     mkdir -p "$STATE/nodes"
     save_settings
     trap 'echo "lab.sh: up failed; what exists is left for inspection; remove it with: sudo $0 down --name $LAB" >&2' ERR
@@ -220,9 +233,9 @@ cmd_list() {
             local d pid
             d=$(node_dir "$n")
             pid=$(agent_pid "$n" || echo null)
-            printf '%s\n {"name":%s,"kind":%s,"netns":%s,"underlay_ip":%s,"pod_cidr":%s,"gateway":%s,"vtep_mac":%s,"listed":%s,' \
+            printf '%s\n {"name":%s,"kind":%s,"netns":%s,"underlay_ip":%s,"tunnel_ip":%s,"pod_cidr":%s,"gateway":%s,"vtep_mac":%s,"listed":%s,' \
                 "$sep" "$(json_str "$n")" "$(json_str "$(node_get "$n" KIND)")" "$(json_str "$(node_ns "$n")")" \
-                "$(json_str "$(node_get "$n" UL_IP)")" "$(json_str "$(node_get "$n" POD_CIDR)")" \
+                "$(json_str "$(node_get "$n" UL_IP)")" "$(json_str "$(node_get "$n" TUN_IP)")" "$(json_str "$(node_get "$n" POD_CIDR)")" \
                 "$(json_str "$(node_get "$n" GW)")" "$(json_str "$(node_get "$n" VTEP_MAC)")" \
                 "$([ "$(node_get "$n" LISTED)" = 1 ] && echo true || echo false)"
             if [ "$(node_get "$n" KIND)" = ferry ]; then
@@ -370,6 +383,7 @@ main() {
             --encap) ENCAP=${2:?}; shift 2 ;;
             --source) SOURCE=${2:?}; shift 2 ;;
             --ip-family) IP_FAMILY=${2:?}; shift 2 ;;
+            --underlay) UNDERLAY=${2:?}; shift 2 ;;
             --kernel-nodes) KNODES=${2:?}; shift 2 ;;
             --port) PORT=${2:?}; shift 2 ;;
             --uplink-port) UPLINK_PORT=${2:?}; shift 2 ;;

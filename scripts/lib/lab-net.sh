@@ -13,10 +13,15 @@
 
 UL_PREFIX=192.168.100
 UL_GW=$UL_PREFIX.254
+UL6_PREFIX=fd00:100:   # --underlay ipv6: the bridge fd00:100::fe/64, node i fd00:100::<i in hex>
+UL6_GW=$UL6_PREFIX:fe
 CLUSTER_CIDR=10.244.0.0/16
 CLUSTER_CIDR6=fd00:10:244::/48   # --ip-family dual: pod CIDR fd00:10:244:<i>::/64
 SERVICE_CIDR=10.96.0.0/16        # ClusterIPs (the kube source's apiserver allocates from it too)
 POD_MTU_KERNEL=1450   # Flannel's: underlay 1500 - 50 bytes of VXLAN over IPv4
+POD_MTU_KERNEL6=1430  # over an IPv6 underlay: 70 bytes
+# The pods' MTU on kernel-VXLAN nodes, by the lab's underlay family.
+kernel_pod_mtu() { if [ "${UNDERLAY:-ipv4}" = ipv6 ]; then echo $POD_MTU_KERNEL6; else echo $POD_MTU_KERNEL; fi; }
 
 ul_ns() { echo "$LAB-ul"; }
 node_ns() { echo "$LAB-$1"; }
@@ -108,6 +113,7 @@ underlay_up() {
     ip -n "$ul" link add br0 type bridge nf_call_iptables 0 nf_call_ip6tables 0 nf_call_arptables 0
     underlay_plain_switch
     ip -n "$ul" addr add "$UL_GW/24" dev br0
+    [ "${UNDERLAY:-ipv4}" = ipv4 ] || ip -n "$ul" addr add "$UL6_GW/64" dev br0 nodad
     ip -n "$ul" link set br0 up
 }
 
@@ -145,15 +151,18 @@ underlay_check_plain() {
 # --- nodes ------------------------------------------------------------------------------------------------
 # node_create NAME KIND IDX: namespace, sysctls, uplink; records node.env. Listed in the source by default.
 node_create() {
-    local name=$1 kind=$2 idx=$3 ns ul dir ulip mac
+    local name=$1 kind=$2 idx=$3 ns ul dir ulip ulip6="" tunip mac
     ns=$(node_ns "$name")
     ul=$(ul_ns)
     dir=$(node_dir "$name")
     ulip=$UL_PREFIX.$idx
+    tunip=$ulip
+    if [ "${UNDERLAY:-ipv4}" = ipv6 ]; then ulip6=$UL6_PREFIX:$(printf '%x' "$idx"); tunip=$ulip6; fi
     if [ "$kind" = kernel ]; then mac=$(kernel_vtep_mac "$ulip"); else mac=$(ferry_vtep_mac "$ulip"); fi
     mkdir -p "$dir/pods" "$dir/state"
     {
         printf 'NAME=%q\nKIND=%q\nIDX=%q\nNS=%q\n' "$name" "$kind" "$idx" "$ns"
+        printf 'UL_IP6=%q\nTUN_IP=%q\n' "$ulip6" "$tunip"
         printf 'UL_IP=%q\nPOD_CIDR=%q\nGW=%q\nVTEP_MAC=%q\nLISTED=1\n' "$ulip" "10.244.$idx.0/24" "10.244.$idx.1" "$mac"
         if [ "${IP_FAMILY:-ipv4}" = dual ]; then printf 'POD_CIDR6=%q\n' "fd00:10:244:$idx::/64"; else printf 'POD_CIDR6=\n'; fi
     } >"$dir/node.env"
@@ -162,9 +171,12 @@ node_create() {
     # Before any link exists, so that every interface inherits rp_filter 0 from "default".
     ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 \
         net.ipv4.conf.default.rp_filter=0
+    # An IPv6 underlay: the node's kernel forwards its pods' IPv6 to other nodes' underlay addresses.
+    [ -z "$ulip6" ] || ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.forwarding=1
     ip -n "$ul" link add "$name" type veth peer name ul0 netns "$ns"
     ip -n "$ul" link set "$name" master br0 up
     ip -n "$ns" addr add "$ulip/24" dev ul0
+    [ -z "$ulip6" ] || ip -n "$ns" addr add "$ulip6/64" dev ul0 nodad
     ip -n "$ns" link set ul0 up
 }
 
@@ -215,7 +227,7 @@ node_name = "$name"
 
 [underlay]
 interface = "ul0"
-address = "$(node_get "$name" UL_IP)"
+address = "$(node_get "$name" TUN_IP)"
 
 [tunnel]
 kind = "$ENCAP"
@@ -334,8 +346,8 @@ kernel_node_setup() {
     local name=$1 ns
     ns=$(node_ns "$name")
     ip -n "$ns" link add flannel.1 address "$(node_get "$name" VTEP_MAC)" type vxlan id "$VNI" \
-        local "$(node_get "$name" UL_IP)" dev ul0 dstport "$PORT" nolearning
-    ip -n "$ns" link set flannel.1 mtu $POD_MTU_KERNEL
+        local "$(node_get "$name" TUN_IP)" dev ul0 dstport "$PORT" nolearning
+    ip -n "$ns" link set flannel.1 mtu "$(kernel_pod_mtu)"
     ip -n "$ns" addr add "10.244.$(node_get "$name" IDX).0/32" dev flannel.1
     ip -n "$ns" link set flannel.1 up
 }
@@ -348,7 +360,7 @@ kernel_sync() {
     for r in $(listed_nodes); do
         [ "$r" = "$name" ] && continue
         idx=$(node_get "$r" IDX)
-        ulip=$(node_get "$r" UL_IP)
+        ulip=$(node_get "$r" TUN_IP)
         mac=$(node_get "$r" VTEP_MAC)
         want+="10.244.$idx.0 "
         ip -n "$ns" neigh replace "10.244.$idx.0" lladdr "$mac" dev flannel.1 nud permanent
@@ -382,7 +394,7 @@ ferry_netconf() {
 # The conf Flannel hands to the bridge plugin (cni0 as the pods' gateway, host-local IPAM).
 bridge_netconf() {
     printf '{"cniVersion":"1.0.0","name":"%s","type":"bridge","bridge":"cni0","mtu":%d,"isGateway":true,' \
-        "$LAB-cbr0" "$POD_MTU_KERNEL"
+        "$LAB-cbr0" "$(kernel_pod_mtu)"
     printf '"isDefaultGateway":true,"ipMasq":false,"hairpinMode":true,'
     printf '"ipam":{"type":"host-local","ranges":[[{"subnet":"%s"}]],"dataDir":"%s"}}\n' \
         "$(node_get "$1" POD_CIDR)" "$(node_dir "$1")/ipam"

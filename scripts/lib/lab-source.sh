@@ -73,7 +73,7 @@ static_write() {
             echo "[[node]]"
             echo "name = \"$n\""
             echo "pod_cidrs = [$(node_cidrs_toml "$n")]"
-            echo "underlay = \"$(node_get "$n" UL_IP)\""
+            echo "underlay = \"$(node_get "$n" TUN_IP)\""
             echo "vtep_mac = \"$(node_get "$n" VTEP_MAC)\""
             echo "vni = $VNI"
             echo "tunnel = \"$ENCAP\""
@@ -181,7 +181,7 @@ kube_put_node() {
     cidr=$(node_get "$n" POD_CIDR)
     body=$(printf '{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","annotations":{' "$n")
     body+=$(printf '"flannel.alpha.coreos.com/public-ip":"%s","flannel.alpha.coreos.com/backend-type":"%s",' \
-        "$(node_get "$n" UL_IP)" "$ENCAP")
+        "$(node_get "$n" TUN_IP)" "$ENCAP")
     body+=$(printf '"flannel.alpha.coreos.com/backend-data":"{\\"VNI\\":%d,\\"VtepMAC\\":\\"%s\\"}"}},' \
         "$VNI" "$(node_get "$n" VTEP_MAC)")
     body+=$(printf '"spec":{"podCIDR":"%s","podCIDRs":[%s]}}' "$cidr" "$(node_cidrs_toml "$n")")

@@ -304,7 +304,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             addr,
             gateway,
             v6: host_addr6.zip(gateway_v6),
-            underlay_addr,
+            // Every address the kernel may answer pods from on the underlay, both families (an
+            // IPv6 underlay's node keeps its IPv4 address, and pods reach it there too).
+            underlay_addrs: std::iter::once(underlay_addr)
+                .chain(addrs.iter().map(IpNet::addr).filter(|a| *a != underlay_addr && !is_link_local(*a)))
+                .collect(),
             mtu: pod_mtu,
             underlay_mtu,
         }),
@@ -682,7 +686,9 @@ struct HostPlan<'a> {
     gateway: Ipv4Addr,
     /// The node's IPv6 overlay address and the pods' IPv6 gateway, with an IPv6 pod CIDR.
     v6: Option<(Ipv6Addr, Ipv6Addr)>,
-    underlay_addr: IpAddr,
+    /// The node's addresses on the underlay interface, the tunnel's first: the kernel answers pods
+    /// that talked to one of them from it.
+    underlay_addrs: Vec<IpAddr>,
     /// The kernel end's MTU (the pods').
     mtu: u32,
     /// ferry's end: the underlay's (see `NodeInfo::underlay_mtu`).
@@ -742,7 +748,7 @@ fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Re
 /// Attaches the host port's ferry end to every worker as `port` and registers the node's overlay
 /// address behind it.
 fn host_attach(pods: &Pods, plan: &HostPlan<'_>, host_mac: MacAddr, port: PortId) -> anyhow::Result<XdpAttachment> {
-    let HostPlan { host_if, addr, v6, underlay_addr, .. } = *plan;
+    let HostPlan { host_if, addr, v6, .. } = *plan;
     let overlay: Vec<IpAddr> = std::iter::once(addr.into()).chain(v6.map(|(a, _)| a.into())).collect();
     let peer = format!("{host_if}p");
     let xdp = pods.attach_port(&peer, port).map_err(|e| anyhow::anyhow!("attaching {peer}: {e}"))?;
@@ -753,7 +759,7 @@ fn host_attach(pods: &Pods, plan: &HostPlan<'_>, host_mac: MacAddr, port: PortId
             kind: "host".into(),
             io: "af_xdp".into(),
             pod: None,
-            addrs: overlay.iter().copied().chain([underlay_addr]).collect(),
+            addrs: overlay.iter().chain(&plan.underlay_addrs).copied().collect(),
             xdp_mode: format!("{:?}", xdp.mode()).to_lowercase(),
         },
     );
@@ -761,8 +767,8 @@ fn host_attach(pods: &Pods, plan: &HostPlan<'_>, host_mac: MacAddr, port: PortId
     // kernel there and nowhere else (never at its underlay address, where a tunnel packet nested in
     // a tunnel packet would reach the kernel's own tunnel port). The node's kernel answers pods that
     // talked to its underlay address from that address (the request reached the kernel directly,
-    // not through ferry), so that address is allowed as a source without being routed.
-    pods.register(LocalPod { port, mac: host_mac, addrs: overlay.clone(), source_only: vec![underlay_addr] })
+    // not through ferry), so those addresses are allowed as sources without being routed.
+    pods.register(LocalPod { port, mac: host_mac, addrs: overlay.clone(), source_only: plan.underlay_addrs.clone() })
         .map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!(ifname = host_if, addrs = ?overlay, port = port.0, "host port ready");
     Ok(xdp)
