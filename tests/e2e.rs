@@ -451,8 +451,9 @@ fn ipv6_underlay_with_kernel_interop() {
     let ferry_tun: Vec<&String> =
         nodes.iter().zip(&tun).filter(|(n, _)| n["kind"] == "ferry").map(|(_, t)| t).collect();
     assert!(tun.iter().all(|a| a.parse::<std::net::Ipv6Addr>().is_ok()), "IPv6 tunnel endpoints: {tun:?}");
+    let n2_tun = lab.entry("nodes", "n2")["tunnel_ip"].as_str().expect("n2's tunnel_ip").to_owned();
     let routes = lab.ferry("n1", "routes").to_string();
-    assert!(routes.contains(&tun[1]), "n1 tunnels to n2's IPv6 address {}: {routes}", tun[1]);
+    assert!(routes.contains(&n2_tun), "n1 tunnels to n2's IPv6 address {n2_tun}: {routes}");
     let rows = lab.check();
     // The whole matrix but pods to other nodes' IPv4 addresses (IPv4-only pods; see lab-check.sh).
     let c = categories(&rows);
