@@ -159,6 +159,9 @@ impl fmt::Display for PortSet {
 pub struct DirRules {
     /// Ports open to every peer.
     pub any: PortSet,
+    /// Ports open to every pod (every address with an identity): a peer `namespaceSelector: {}`
+    /// with no or an empty `podSelector`, kept as one entry rather than one per identity.
+    pub any_pod: PortSet,
     /// Ports open per peer identity.
     pub by_identity: FastMap<Identity, PortSet>,
     /// `ipBlock` rules: `(cidr, except, ports)`.
@@ -270,10 +273,15 @@ impl PolicyTables {
             return true;
         }
         let id = self.identity(peer);
-        if let Some(ps) = id.and_then(|i| rules.by_identity.get(&i))
-            && ps.allows(proto, port)
-        {
-            return true;
+        if let Some(i) = id {
+            if rules.any_pod.allows(proto, port) {
+                return true;
+            }
+            if let Some(ps) = rules.by_identity.get(&i)
+                && ps.allows(proto, port)
+            {
+                return true;
+            }
         }
         rules.blocks.iter().any(|(cidr, except, ps)| {
             cidr.contains(&peer)
@@ -644,6 +652,9 @@ impl PolicyCompiler {
                     let ps = Self::rule_ports(rule, if ingress { Some(own_ports) } else { None });
                     dir.blocks.push((*cidr, except.clone(), ps));
                 }
+                Peer::Pods { .. } if every_pod(peer, rule, ingress) => {
+                    dir.any_pod.union(&Self::rule_ports(rule, Some(own_ports)));
+                }
                 Peer::Pods { namespaces, pods } => {
                     for &id in peers.resolve(self, policy_ns, namespaces, pods).iter() {
                         let dst_ports =
@@ -677,6 +688,8 @@ impl PolicyCompiler {
                         d == Direction::Egress && named
                     } else {
                         rule.peers.iter().any(|peer| match peer {
+                            // Covered by `any_pod` already.
+                            Peer::Pods { .. } if every_pod(peer, rule, d == Direction::Ingress) => false,
                             Peer::Pods { namespaces, pods } => {
                                 self.peer_matches(&p.namespace, namespaces, pods, &info.key)
                             }
@@ -785,6 +798,14 @@ impl PolicyCompiler {
     pub fn identities(&self) -> usize {
         self.identities.len()
     }
+}
+
+/// Whether a pod peer covers every pod and its rule's ports need no resolving per destination
+/// (ingress ports resolve against the local pod; egress ones only when named): its ports then go to
+/// [`DirRules::any_pod`].
+fn every_pod(peer: &Peer, rule: &Rule, ingress: bool) -> bool {
+    matches!(peer, Peer::Pods { namespaces: Namespaces::Matching(ns), pods } if ns.is_empty() && pods.is_empty())
+        && (ingress || !rule.ports.iter().any(|p| matches!(p.port, PortMatch::Named(_))))
 }
 
 /// Each pod peer's identities, resolved once per build (peers repeat across policies and pods).
