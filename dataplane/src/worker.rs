@@ -36,7 +36,7 @@ use crate::counters::{Counters, SharedCounters};
 use crate::flows::{FlowExport, FlowTable, FlowVerdict, NO_PORT as FLOW_NO_PORT, Stage};
 use crate::frame::{FrameId, FrameMem, FreeFrames, Pkt};
 use crate::pipeline::{Fib, Pipeline, PortId, PortRole};
-use crate::port::Port;
+use crate::port::{Port, SuperHead};
 
 /// Packets taken from a port per receive call, and the size of an egress batch.
 pub const BATCH: usize = 64;
@@ -196,6 +196,25 @@ impl WakeFd {
 
 /// No port at this id.
 const NO_PORT: u32 = u32::MAX;
+
+/// The longest repeated headers of a super-packet the worker carries over (Ethernet, IPv6 or IPv4
+/// with options, TCP with options).
+const MAX_SUPER_HEADERS: usize = 256;
+
+/// Two distinct elements of `v`, both writable.
+///
+/// # Panics
+/// If `a == b` (the callers check).
+fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    assert_ne!(a, b, "two distinct ports");
+    if a < b {
+        let (x, y) = v.split_at_mut(b);
+        (&mut x[a], &mut y[0])
+    } else {
+        let (x, y) = v.split_at_mut(a);
+        (&mut y[0], &mut x[b])
+    }
+}
 
 /// A worker over ports of type `P`.
 #[derive(Debug)]
@@ -419,9 +438,16 @@ impl<P: Port> Worker<P> {
         for i in 0..self.ports.len() {
             let n = self.ports[i].recv(&mut self.mem, &mut self.rx);
             received += n;
+            let mut last = None;
             for k in 0..n {
                 let pkt = self.rx[k];
-                self.forward(fib, i, pkt);
+                last = self.forward(fib, i, pkt);
+            }
+            if n > 0
+                && let Some(head) = self.ports[i].super_head()
+            {
+                let sent = last.map_or(0, |(out, pkt)| self.super_forward(i, out, pkt, head));
+                self.ports[i].super_done(sent);
             }
         }
         for p in 0..self.ports.len() {
@@ -435,7 +461,9 @@ impl<P: Port> Worker<P> {
         received
     }
 
-    fn forward<F: Fib>(&mut self, fib: &F, in_port: usize, pkt: Pkt) {
+    /// One packet through the pipeline and onto its egress batch; returns the egress port and the
+    /// packet as queued there.
+    fn forward<F: Fib>(&mut self, fib: &F, in_port: usize, pkt: Pkt) -> Option<(usize, Pkt)> {
         let in_id = self.ids[in_port];
         let rx = &mut self.counters.rx[usize::from(in_id.0)];
         rx.packets += 1;
@@ -445,7 +473,7 @@ impl<P: Port> Worker<P> {
             // A port handed over a descriptor outside its frame: count it and recycle the frame.
             self.counters.pipeline.drops[DropReason::Truncated as usize] += 1;
             self.free.push(pkt.frame);
-            return;
+            return None;
         };
         let v = self.pipeline.process(fib, in_id, self.roles[in_port], &mut frame, &mut self.counters.pipeline);
         if let Some(flows) = self.flows.as_mut() {
@@ -473,13 +501,13 @@ impl<P: Port> Worker<P> {
                 _ => {
                     self.counters.pipeline.drops[DropReason::NoRoute as usize] += 1;
                     self.free.push(pkt.frame);
-                    return;
+                    return None;
                 }
             },
             Verdict::Reply => in_port,
             Verdict::Drop(_) => {
                 self.free.push(pkt.frame);
-                return;
+                return None;
             }
         };
         // Frame sizes are at most 65535 (checked when the memory was made), so these fit.
@@ -488,12 +516,66 @@ impl<P: Port> Worker<P> {
         if self.out[out].len() == BATCH {
             self.flush_port(out);
         }
+        Some((out, sent))
+    }
+
+    /// The super-packet path (send side). Port `in_port` ended its batch with the first segment of
+    /// a super-packet whose other segments it holds (`head`), and the pipeline sent that segment to
+    /// `out` as `pkt`. When `out` can take the other segments (the UDP uplink), they follow it
+    /// without a pipeline pass each: the first segment is sent, its headers as the pipeline left
+    /// them (MACs, TTL, any translation) go back into the held super-packet, and the egress port
+    /// writes every other segment behind the same tunnel header. Returns how many segments went
+    /// this way (0: declined, and the port delivers them as ordinary packets).
+    ///
+    /// Why one pass stands for all: the segments of one TSO packet share every header field a stage
+    /// reads (addresses, ports, protocol, TTL, TOS); they differ only in length, IPv4 ID, sequence
+    /// number, checksums and the PSH/CWR flags, and the port offers only super-packets without
+    /// FIN/SYN/RST/URG. Each segment is counted as a packet received and sent, as if it had been
+    /// forwarded alone (the kernel's interface counters count wire packets the same way).
+    fn super_forward(&mut self, in_port: usize, out: usize, pkt: Pkt, head: SuperHead) -> usize {
+        if out == in_port || usize::from(pkt.len) < head.first_len {
+            return 0;
+        }
+        self.send_queued(out);
+        let (src, dst) = two_mut(&mut self.ports, in_port, out);
+        let Some(payload) = dst.last_sent_payload() else { return 0 };
+        // The tunnel payload is the tunnel header and then the first segment, as long as it was.
+        let Some(tunnel_header) = payload.len().checked_sub(head.first_len) else { return 0 };
+        let mut headers = [0u8; MAX_SUPER_HEADERS];
+        let Some(headers) = headers.get_mut(..head.header_len) else { return 0 };
+        let Some(h) = payload.get(tunnel_header..tunnel_header + head.header_len) else { return 0 };
+        headers.copy_from_slice(h);
+        let Some(seg) = src.super_rest(headers) else { return 0 };
+        let sent = dst.send_segments(&seg, tunnel_header, 1);
+        // The batch went out of `out` above, so the end-of-iteration kick skips it: kick now.
+        let _ = dst.flush();
+        let (mut rx_bytes, mut tx_bytes) = (0, 0);
+        let outer = u64::from(pkt.len) - head.first_len as u64;
+        for i in 1..=sent {
+            let l = seg.segment_len(i) as u64;
+            rx_bytes += l;
+            tx_bytes += l + outer;
+        }
+        let rx = &mut self.counters.rx[usize::from(self.ids[in_port].0)];
+        rx.packets += sent as u64;
+        rx.bytes += rx_bytes;
+        let tx = &mut self.counters.tx[usize::from(self.ids[out].0)];
+        tx.packets += sent as u64;
+        tx.bytes += tx_bytes;
+        sent
     }
 
     fn flush_port(&mut self, p: usize) {
         if self.out[p].is_empty() {
             return;
         }
+        self.send_queued(p);
+        // A failed kick leaves the packets queued in the ring; the next kick sends them.
+        let _ = self.ports[p].flush();
+    }
+
+    /// Hand port `p` its queued packets, without the kick.
+    fn send_queued(&mut self, p: usize) {
         let batch = &self.out[p];
         let taken = self.ports[p].send(&mut self.mem, batch);
         let tx = &mut self.counters.tx[usize::from(self.ids[p].0)];
@@ -506,8 +588,6 @@ impl<P: Port> Worker<P> {
             self.free.push(pkt.frame);
         }
         self.out[p].clear();
-        // A failed kick leaves the packets queued in the ring; the next kick sends them.
-        let _ = self.ports[p].flush();
     }
 
     /// Publish the counters now (the worker does on its own: on a timer while busy, when idle, on

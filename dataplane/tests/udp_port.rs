@@ -280,9 +280,231 @@ fn a_kernel_vxlan_tcp_super_packet_is_received_as_segments() {
         }
     }
     let s = b.udp_stats();
-    assert_eq!(got, data, "the whole payload arrived: {s:?}");
+    assert!(got == data, "the whole payload arrived ({} of {} bytes): {s:?}", got.len(), data.len());
     assert_eq!((s.rx_dropped, s.rx_super), (0, 1), "one super-packet, nothing dropped: {s:?}");
     assert_eq!(segments, data.len().div_ceil(1398), "cut at the MSS that fills the inner MTU");
     b.release(&mut free);
     assert_eq!(free.len(), FRAMES as usize);
+}
+
+/// A pod's tap port or the UDP uplink, on one memory: what a worker of this test holds.
+#[derive(Debug)]
+enum TestPort {
+    Tap(Box<ferry_dataplane::port::tap::TapPort<HeapMem>>),
+    Udp(Box<UdpPort<HeapMem>>),
+}
+
+macro_rules! each {
+    ($self:expr, $p:ident => $call:expr) => {
+        match $self {
+            TestPort::Tap($p) => $call,
+            TestPort::Udp($p) => $call,
+        }
+    };
+}
+
+impl Port for TestPort {
+    type Mem = HeapMem;
+    fn name(&self) -> &str {
+        each!(self, p => p.name())
+    }
+    fn recv(&mut self, mem: &mut HeapMem, out: &mut [Pkt]) -> usize {
+        each!(self, p => p.recv(mem, out))
+    }
+    fn send(&mut self, mem: &mut HeapMem, pkts: &[Pkt]) -> usize {
+        each!(self, p => p.send(mem, pkts))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        each!(self, p => p.flush())
+    }
+    fn reclaim(&mut self, free: &mut FreeFrames) -> usize {
+        each!(self, p => p.reclaim(free))
+    }
+    fn refill(&mut self, free: &mut FreeFrames) -> usize {
+        each!(self, p => p.refill(free))
+    }
+    fn frames_held(&self) -> usize {
+        each!(self, p => p.frames_held())
+    }
+    fn release(self, free: &mut FreeFrames) {
+        match self {
+            TestPort::Tap(p) => p.release(free),
+            TestPort::Udp(p) => p.release(free),
+        }
+    }
+    fn super_head(&self) -> Option<ferry_dataplane::port::SuperHead> {
+        each!(self, p => p.super_head())
+    }
+    fn super_rest(&mut self, headers: &[u8]) -> Option<ferry_encap::gso::Segmenter<'_>> {
+        each!(self, p => p.super_rest(headers))
+    }
+    fn super_done(&mut self, sent: usize) {
+        each!(self, p => p.super_done(sent))
+    }
+    fn last_sent_payload(&self) -> Option<&[u8]> {
+        each!(self, p => p.last_sent_payload())
+    }
+    fn send_segments(&mut self, seg: &ferry_encap::gso::Segmenter<'_>, tunnel_header: usize, first: usize) -> usize {
+        each!(self, p => p.send_segments(seg, tunnel_header, first))
+    }
+}
+
+/// The worker's super-packet path: a pod on a tap (super-packets on) sends one 20,000-byte TCP
+/// super-packet (through an `AF_PACKET` socket with `PACKET_VNET_HDR`, as its TSO would) to a pod
+/// on node 2; a real worker with node 1's pipeline and tables routes its first segment, and the
+/// other 14 follow it into the UDP uplink without a pipeline pass each. Node 2's end (a UDP port on
+/// 192.0.2.2) must get 15 tunnel datagrams, each decapsulated by `decap`, with the pipeline's
+/// rewrite (VTEP MACs, TTL 63) in every segment, complete checksums, consecutive IPv4 IDs and
+/// sequence numbers and the payload intact; the worker counts 15 packets in and 15 out.
+#[test]
+fn a_tap_super_packet_is_routed_once_and_sent_as_one_udp_segment_batch() {
+    use ferry_dataplane::port::tap::{self, TapConfig, TapPort};
+    use ferry_dataplane::worker::Worker;
+    use ferry_testsupport::node;
+    if !privileged("a_tap_super_packet_is_routed_once_and_sent_as_one_udp_segment_batch") {
+        return;
+    }
+    let mut t = pair(1);
+    addr(&t.a, "192.0.2.1/24");
+    addr(&t.b, "192.0.2.2/24");
+    let pod_ns = t.ns.add(&format!("{}-p", tag()));
+    let path = std::path::PathBuf::from(format!("/run/netns/{pod_ns}"));
+    let tap_name = "fsp0";
+    tap::create_persistent(Some(&path), tap_name, Some(node::pod_mac(1, 1)), 1).expect("create tap");
+    run(&["ip", "-n", &pod_ns, "link", "set", tap_name, "mtu", "1450", "up"]);
+    let tap = TapPort::new(
+        tap::open_queue(Some(&path), tap_name).expect("queue"),
+        tap_name,
+        TapConfig { super_packets: true, ..TapConfig::default() },
+    );
+    let uplink = {
+        let _in = InNetns::enter(&t.a.ns);
+        let mut cfg =
+            UdpPortConfig::new(SocketAddr::V4(SocketAddrV4::new(node::underlay_ip(1), 4789)), node::underlay_mac(1));
+        cfg.reuse_port = false;
+        UdpPort::<HeapMem>::open(&cfg).expect("uplink")
+    };
+    let mut far = {
+        let _in = InNetns::enter(&t.b.ns);
+        let mut cfg =
+            UdpPortConfig::new(SocketAddr::V4(SocketAddrV4::new(node::underlay_ip(2), 4789)), node::underlay_mac(2));
+        cfg.reuse_port = false;
+        UdpPort::<HeapMem>::open(&cfg).expect("node 2's end")
+    };
+    let fixture = node::TestNode { pods: 1, frames: 1024, ..node::TestNode::new(1) };
+    let mut worker = Worker::new(
+        vec![TestPort::Udp(Box::new(uplink)), TestPort::Tap(Box::new(tap))],
+        fixture.roles(),
+        HeapMem::new(fixture.frames, FRAME_SIZE),
+        FreeFrames::all(fixture.frames),
+        ferry_dataplane::pipeline::Pipeline::new(fixture.config()),
+    );
+    let fib = fixture.tables().current();
+
+    // The super-packet, as the pod's TSO hands it to its tap.
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i * 31 + 7) as u8).collect();
+    let (src, dst) = (node::pod_ip(1, 1), node::pod_ip(2, 1));
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(node::pod_mac(1, 1).0, node::gateway_mac(1).0)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(40000, 5201, 9000, 65535)
+        .ack(1)
+        .psh()
+        .options(&[
+            etherparse::TcpOptionElement::Noop,
+            etherparse::TcpOptionElement::Noop,
+            etherparse::TcpOptionElement::Timestamp(1, 2),
+        ])
+        .expect("options")
+        .write(&mut frame, &data)
+        .expect("build");
+    frame[14 + 4..14 + 6].copy_from_slice(&100u16.to_be_bytes());
+    frame[14 + 6] |= 0x40;
+    ferry_encap::wire::ipv4::Ipv4Packet::new_unchecked(&mut frame[14..]).fill_checksum();
+    let pseudo = ferry_encap::checksum::pseudo_v4(src, dst, 6, (frame.len() - 34) as u16);
+    frame[34 + 16..34 + 18].copy_from_slice(&(!ferry_encap::checksum::finish_sum(pseudo)).to_be_bytes());
+    let mut msg = vec![1u8, 1];
+    for v in [66u16, 1398, 34, 16] {
+        msg.extend_from_slice(&v.to_le_bytes());
+    }
+    msg.extend_from_slice(&frame);
+    {
+        let _in = InNetns::enter(&pod_ns);
+        // SAFETY: socket(2); the result is checked and owned at once.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a descriptor just created and owned by nothing else.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        // SAFETY: PACKET_VNET_HDR (15) takes an int.
+        let r = unsafe { libc::setsockopt(fd, libc::SOL_PACKET, 15, (&raw const one).cast(), 4) };
+        assert_eq!(r, 0, "PACKET_VNET_HDR: {}", std::io::Error::last_os_error());
+        let name = std::ffi::CString::new(tap_name).expect("name");
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: a live buffer and a sockaddr_ll of the size passed.
+        let w = unsafe {
+            libc::sendto(
+                fd,
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(w as usize, msg.len(), "send into the tap: {}", std::io::Error::last_os_error());
+        drop(sock);
+    }
+
+    let mut dcfg = DecapConfig::new(TunnelKind::Vxlan, 1, IpAddr::V4(node::underlay_ip(2)));
+    dcfg.local_mac = Some(node::underlay_mac(2));
+    let (mut mem, mut free) = (HeapMem::new(FRAMES, FRAME_SIZE), FreeFrames::all(FRAMES));
+    let mut out = [Pkt { frame: FrameId(0), offset: 0, len: 0 }; 64];
+    let (mut got, mut segments) = (Vec::new(), 0usize);
+    let until = deadline(5);
+    while got.len() < data.len() && std::time::Instant::now() < until {
+        worker.poll_once(&*fib);
+        far.refill(&mut free);
+        let k = far.recv(&mut mem, &mut out);
+        for p in &out[..k] {
+            let buf = mem.frame_mut(p.frame);
+            let mut fb = FrameBuf::new(buf, usize::from(p.offset), usize::from(p.len)).expect("frame");
+            let raw = fb.data().to_vec();
+            if let Err(e) = decap(&dcfg, &mut fb) {
+                panic!("segment {segments}: decap: {e:?}: {:02x?}", &raw[..raw.len().min(120)]);
+            }
+            let seg = fb.data().to_vec();
+            assert_eq!(&seg[..6], &node::vtep_mac(2).0, "segment {segments}: the pipeline's rewrite");
+            let sp = etherparse::SlicedPacket::from_ethernet(&seg).expect("parses");
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &sp.net else { panic!("IPv4") };
+            let h = ip.header();
+            assert_eq!((h.ttl(), h.identification()), (63, 100 + segments as u16), "segment {segments}");
+            assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum(), "segment {segments}");
+            let Some(etherparse::TransportSlice::Tcp(tcp)) = sp.transport else { panic!("TCP") };
+            let want = tcp.calc_checksum_ipv4(h.source(), h.destination()).expect("sum");
+            assert_eq!(tcp.checksum(), want, "segment {segments}'s TCP checksum");
+            assert_eq!(tcp.sequence_number(), 9000 + got.len() as u32, "segment {segments} in order");
+            got.extend_from_slice(tcp.payload());
+            segments += 1;
+            free.push(p.frame);
+        }
+    }
+    let TestPort::Tap(tap) = &worker.ports()[1] else { panic!("port 1 is the pod") };
+    let ts = tap.tap_stats();
+    let TestPort::Udp(up) = &worker.ports()[0] else { panic!("port 0 is the uplink") };
+    let us = up.udp_stats();
+    assert!(got == data, "the whole payload arrived ({} of {} bytes): {ts:?} {us:?}", got.len(), data.len());
+    assert_eq!(segments, 15);
+    assert_eq!(ts.super_segments, 14, "all but the first segment took the super-packet path: {ts:?}");
+    assert_eq!((us.tx_datagrams, us.tx_messages), (15, 1), "one UDP_SEGMENT send: {us:?}");
+    let c = worker.counters();
+    // The pod's own start-up frames (IPv6 router solicitations and the like) are counted in too.
+    assert_eq!((c.rx[1].packets, c.tx[0].packets), (15 + ts.reads - 1, 15), "counted per segment");
+    assert_eq!(worker.frames_accounted(), fixture.frames as usize);
+    let _ = tap::delete(Some(&path), tap_name);
 }

@@ -227,6 +227,22 @@ impl<'a> Segmenter<'a> {
         self.hdr_end
     }
 
+    /// Offset of the IP header (in the frame and in every segment).
+    pub fn l3_offset(&self) -> usize {
+        self.l3
+    }
+
+    /// Offset of the L4 header; 0 for a single packet.
+    pub fn l4_offset(&self) -> usize {
+        self.l4
+    }
+
+    /// The TCP flags of a TCP super-packet (before they are split between the segments: FIN and PSH
+    /// go to the last, CWR to the first); `None` for anything else.
+    pub fn tcp_flags(&self) -> Option<u8> {
+        (self.kind == Kind::Tcp).then(|| self.frame[self.l4 + tcp::FLAGS_OFFSET])
+    }
+
     /// Inner TOS / traffic class (for the outer header, RFC 6040).
     pub fn tos(&self) -> u8 {
         self.tos

@@ -32,6 +32,7 @@ use ferry_dataplane::frame::{FrameMem, FreeFrames};
 use ferry_dataplane::neighbour::NeighbourSync;
 use ferry_dataplane::pipeline::{HostExit, NodeConfig, Pipeline, PortId, PortRole};
 use ferry_dataplane::port::any::NodePort;
+use ferry_dataplane::port::tap::TapConfig;
 use ferry_dataplane::port::udp::{UdpPort, UdpPortConfig};
 use ferry_dataplane::port::xsk::{self, XskMem, XskMemConfig, XskPort, XskPortConfig};
 use ferry_dataplane::worker::{self, PollMode, Worker};
@@ -437,7 +438,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .map_or_else(|| "none (udp socket)".to_owned(), |x| format!("{:?}", x.mode()).to_lowercase()),
         },
     );
-    let pods = Pods::new(
+    let mut pods = Pods::new(
         handles,
         pod_port_cfg,
         // The pod program hands ferry the pod networks and the service networks (for the
@@ -457,6 +458,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.max_ports as u16,
     )
     .with_context(|| format!("admin.state_dir {}", cfg.state_dir.display()))?;
+    // With the UDP uplink, a pod's TCP super-packet is routed once and its segments go to the
+    // socket as one `UDP_SEGMENT` send (the worker's super-packet path).
+    pods.set_tap_config(TapConfig { super_packets: uplink_kind == UplinkPort::Udp, ..TapConfig::default() });
 
     // The host port's ferry end, on every worker.
     let host_xdp = match (&host_plan, host_mac) {

@@ -96,6 +96,9 @@ pub(super) struct Pods {
     /// Port id -> what it is (the uplink and the host port included).
     ports: Arc<Mutex<BTreeMap<u16, PortInfo>>>,
     max_ports: u16,
+    /// How pod taps are opened (super-packets handed to the worker whole when the uplink is a UDP
+    /// socket).
+    tap_cfg: TapConfig,
 }
 
 impl Pods {
@@ -125,7 +128,13 @@ impl Pods {
             pods: BTreeMap::new(),
             ports,
             max_ports,
+            tap_cfg: TapConfig::default(),
         })
+    }
+
+    /// Open pod taps with `cfg` from now on.
+    pub(super) fn set_tap_config(&mut self, cfg: TapConfig) {
+        self.tap_cfg = cfg;
     }
 
     /// Attaches an interface as port `id` on every worker (socket per worker on its queue, the pod
@@ -186,7 +195,7 @@ impl Pods {
             let r = tap::open_queue(Some(netns), &spec.host_ifname)
                 .map_err(|e| format!("opening a queue of the tap {} in {}: {e}", spec.host_ifname, netns.display()))
                 .and_then(|fd| {
-                    let port = NodePort::from(TapPort::new(fd, &name, TapConfig::default()));
+                    let port = NodePort::from(TapPort::new(fd, &name, self.tap_cfg));
                     w.control.add(id, port, PortRole::Pod, PORT_COMMAND_TIMEOUT).map_err(|e| e.to_string())
                 });
             if let Err(e) = r {

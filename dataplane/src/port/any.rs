@@ -13,8 +13,9 @@ use std::os::fd::RawFd;
 use super::tap::TapPort;
 use super::udp::UdpPort;
 use super::xsk::{XskMem, XskPort};
-use super::{Port, PortStats};
+use super::{Port, PortStats, SuperHead};
 use crate::frame::{FreeFrames, Pkt};
+use ferry_encap::gso::Segmenter;
 
 /// A port of a node's worker, of whichever kind its interface uses.
 #[derive(Debug)]
@@ -112,5 +113,30 @@ impl Port for NodePort {
     #[inline]
     fn stats(&self) -> PortStats {
         each!(self, p => p.stats())
+    }
+
+    #[inline]
+    fn super_head(&self) -> Option<SuperHead> {
+        each!(self, p => p.super_head())
+    }
+
+    #[inline]
+    fn super_rest(&mut self, headers: &[u8]) -> Option<Segmenter<'_>> {
+        each!(self, p => p.super_rest(headers))
+    }
+
+    #[inline]
+    fn super_done(&mut self, sent: usize) {
+        each!(self, p => p.super_done(sent))
+    }
+
+    #[inline]
+    fn last_sent_payload(&self) -> Option<&[u8]> {
+        each!(self, p => p.last_sent_payload())
+    }
+
+    #[inline]
+    fn send_segments(&mut self, seg: &Segmenter<'_>, tunnel_header: usize, first: usize) -> usize {
+        each!(self, p => p.send_segments(seg, tunnel_header, first))
     }
 }

@@ -24,7 +24,21 @@ pub mod xsk;
 use std::io;
 use std::os::fd::RawFd;
 
+use ferry_encap::gso::Segmenter;
+
 use crate::frame::{FrameMem, FreeFrames, Pkt};
+
+/// A super-packet whose first segment was the last packet [`Port::recv`] returned, the rest still
+/// held by the port (see the worker's super-packet path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuperHead {
+    /// Bytes of headers every segment repeats (Ethernet, IP, TCP).
+    pub header_len: usize,
+    /// Length of the first segment (the packet `recv` returned).
+    pub first_len: usize,
+    /// Segments in all, the first included.
+    pub segments: usize,
+}
 
 /// Counters a port keeps about itself (the worker keeps per-packet counters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -85,5 +99,36 @@ pub trait Port {
     /// The port's own counters.
     fn stats(&self) -> PortStats {
         PortStats::default()
+    }
+
+    /// Super-packets, ingress: the super-packet whose first segment was the last packet the latest
+    /// [`recv`](Self::recv) returned, when the port holds the rest of it (a tap port).
+    fn super_head(&self) -> Option<SuperHead> {
+        None
+    }
+
+    /// Super-packets, ingress: the rest of the [`super_head`](Self::super_head) packet, its
+    /// repeated headers first replaced by `headers` (the first segment's, as the pipeline left
+    /// them; IP length and TCP flags stay the super-packet's).
+    fn super_rest(&mut self, _headers: &[u8]) -> Option<Segmenter<'_>> {
+        None
+    }
+
+    /// Super-packets, ingress: segments `1..=sent` went out through another port; 0 means the
+    /// worker declined, and the port delivers the rest as ordinary packets.
+    fn super_done(&mut self, _sent: usize) {}
+
+    /// Super-packets, egress: the tunnel payload (tunnel header, inner frame) of the packet the last
+    /// [`send`](Self::send) took, when this port can send a super-packet's other segments behind
+    /// it with [`send_segments`](Self::send_segments) (the UDP uplink).
+    fn last_sent_payload(&self) -> Option<&[u8]> {
+        None
+    }
+
+    /// Super-packets, egress: send segments `first..` of `seg` behind the tunnel header (the first
+    /// `tunnel_header` bytes) of the last packet sent, to the same destination; returns how many
+    /// went (the others are dropped, counted by the port).
+    fn send_segments(&mut self, _seg: &Segmenter<'_>, _tunnel_header: usize, _first: usize) -> usize {
+        0
     }
 }

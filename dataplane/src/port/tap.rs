@@ -62,7 +62,7 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
-use super::{Port, PortStats};
+use super::{Port, PortStats, SuperHead};
 use crate::frame::{FrameId, FrameMem, FreeFrames, Pkt};
 use crate::kernel;
 
@@ -138,11 +138,26 @@ pub struct TapConfig {
     /// 64 KB); clamped to 1..=[`gro::MAX_FLOWS`]. The storage is allocated zeroed, so the kernel
     /// commits a slot's pages only once a flow uses it: a pod with one bulk flow costs one slot.
     pub gro_flows: usize,
+    /// Deliver a TCP super-packet's first segment alone, at the end of a batch, and keep the rest
+    /// for the worker's super-packet path ([`Port::super_head`]): routed once, its other segments
+    /// written straight into the egress port (the UDP uplink). When the worker declines (another
+    /// egress), the rest comes as ordinary packets, and the next [`SUPER_BACKOFF`] super-packets
+    /// are delivered whole without asking.
+    pub super_packets: bool,
 }
+
+/// Super-packets delivered the ordinary way after the worker declined one.
+pub const SUPER_BACKOFF: u32 = 16;
 
 impl Default for TapConfig {
     fn default() -> Self {
-        TapConfig { rx_frames: 128, idle_frames: 16, rx_offset: super::xsk::RX_HEADROOM, gro_flows: 8 }
+        TapConfig {
+            rx_frames: 128,
+            idle_frames: 16,
+            rx_offset: super::xsk::RX_HEADROOM,
+            gro_flows: 8,
+            super_packets: false,
+        }
     }
 }
 
@@ -157,6 +172,9 @@ pub struct TapStats {
     pub read_bytes: u64,
     /// Packets handed to the worker (segments included).
     pub rx_packets: u64,
+    /// Of those, segments the worker sent by the super-packet path (after the first segment of
+    /// each super-packet, without a pipeline pass of their own).
+    pub super_segments: u64,
     /// Frames read and dropped, by reason (malformed headers, GSO packets ferry cannot cut,
     /// segments that do not fit a frame).
     pub rx_drops: [u64; DropReason::COUNT],
@@ -184,6 +202,7 @@ impl Default for TapStats {
             gso_reads: 0,
             read_bytes: 0,
             rx_packets: 0,
+            super_segments: 0,
             rx_drops: [0; DropReason::COUNT],
             read_errors: 0,
             writes: 0,
@@ -209,6 +228,7 @@ impl std::fmt::Debug for TapStats {
             .field("gso_reads", &self.gso_reads)
             .field("read_bytes", &self.read_bytes)
             .field("rx_packets", &self.rx_packets)
+            .field("super_segments", &self.super_segments)
             .field("rx_drops", &drops)
             .field("read_errors", &self.read_errors)
             .field("writes", &self.writes)
@@ -252,6 +272,10 @@ pub struct TapPort<M> {
     done: Vec<FrameId>,
     buf: Box<[u8]>,
     pending: Option<Pending>,
+    /// The last `recv` ended with a super-packet's first segment; `pending` holds the rest.
+    super_head: Option<SuperHead>,
+    /// Super-packets still to deliver the ordinary way after the worker declined one.
+    super_off: u32,
     /// A packet was received since the last refill.
     busy: bool,
     gro: Coalescer<Box<[u8]>>,
@@ -291,6 +315,8 @@ impl<M: FrameMem> TapPort<M> {
             done: Vec::with_capacity(4 * crate::worker::BATCH),
             buf: vec![0u8; READ_BUF].into_boxed_slice(),
             pending: None,
+            super_head: None,
+            super_off: 0,
             busy: false,
             gro,
             stats: TapStats::default(),
@@ -348,6 +374,7 @@ impl<M: FrameMem> Port for TapPort<M> {
 
     fn recv(&mut self, mem: &mut M, out: &mut [Pkt]) -> usize {
         let mut n = 0;
+        self.super_head = None;
         // Each read yields at least one packet or a counted drop: bounded by the batch.
         let mut reads = 0;
         while n < out.len() && !self.lent.is_empty() {
@@ -368,7 +395,7 @@ impl<M: FrameMem> Port for TapPort<M> {
                     (len, 0, true)
                 }
             };
-            let TapPort { buf, lent, stats, pending, cfg, .. } = self;
+            let TapPort { buf, lent, stats, pending, cfg, super_head, super_off, .. } = self;
             let seg = match Segmenter::from_tap(&buf[..len]) {
                 Ok((_, s)) => s,
                 Err(reason) => {
@@ -385,6 +412,38 @@ impl<M: FrameMem> Port for TapPort<M> {
                 stats.gso_reads += 1;
             }
             let left = seg.segments() - next;
+            if cfg.super_packets && next == 0 && left > 1 && super_eligible(&seg) {
+                if *super_off > 0 {
+                    *super_off -= 1;
+                } else {
+                    // The first segment ends the batch; the worker takes the rest (or declines).
+                    if n > 0 {
+                        *pending = Some(Pending { len, next });
+                        break;
+                    }
+                    let Some(frame) = lent.pop() else {
+                        *pending = Some(Pending { len, next });
+                        break;
+                    };
+                    match seg.write_segment(0, &mut mem.frame_mut(frame)[off..], Checksum::Complete) {
+                        Ok(l) => {
+                            out[0] = Pkt { frame, offset: cfg.rx_offset, len: l as u16 };
+                            n = 1;
+                            *pending = Some(Pending { len, next: 1 });
+                            *super_head = Some(SuperHead {
+                                header_len: seg.header_len(),
+                                first_len: l,
+                                segments: seg.segments(),
+                            });
+                        }
+                        Err(reason) => {
+                            stats.rx_drops[reason as usize] += 1;
+                            lent.push(frame);
+                        }
+                    }
+                    break;
+                }
+            }
             if n > 0 && next == 0 && (left > out.len() - n || left > lent.len()) {
                 // A super-packet that does not fit whole waits for the next batch, so a batch
                 // holds whole super-packets and the other side coalesces whole runs again.
@@ -488,6 +547,60 @@ impl<M: FrameMem> Port for TapPort<M> {
     fn stats(&self) -> PortStats {
         PortStats { rx_dropped: self.stats.rx_dropped(), ..PortStats::default() }
     }
+
+    fn super_head(&self) -> Option<SuperHead> {
+        self.super_head
+    }
+
+    fn super_rest(&mut self, headers: &[u8]) -> Option<Segmenter<'_>> {
+        let head = self.super_head?;
+        let p = self.pending?;
+        let hl = head.header_len;
+        let (l3, l4) = {
+            let (_, seg) = Segmenter::from_tap(&self.buf[..p.len]).ok()?;
+            (seg.l3_offset(), seg.l4_offset())
+        };
+        if headers.len() != hl || l4 + ferry_encap::wire::tcp::HEADER_LEN > hl {
+            return None;
+        }
+        let frame = &mut self.buf[virtio_net::HEADER_LEN..p.len];
+        // The super-packet's own length and flags stay: the segmenter cuts them per segment.
+        let v4 = frame[l3] >> 4 == 4;
+        let len_at = if v4 { l3 + 2 } else { l3 + 4 };
+        let (ip_len, flags) = ([frame[len_at], frame[len_at + 1]], frame[l4 + ferry_encap::wire::tcp::FLAGS_OFFSET]);
+        frame[..hl].copy_from_slice(headers);
+        frame[len_at..len_at + 2].copy_from_slice(&ip_len);
+        frame[l4 + ferry_encap::wire::tcp::FLAGS_OFFSET] = flags;
+        if v4 {
+            ferry_encap::wire::ipv4::Ipv4Packet::new_unchecked(&mut frame[l3..l4]).fill_checksum();
+        }
+        Segmenter::from_tap(&self.buf[..p.len]).ok().map(|(_, s)| s)
+    }
+
+    fn super_done(&mut self, sent: usize) {
+        let Some(head) = self.super_head.take() else { return };
+        if sent == 0 {
+            self.super_off = SUPER_BACKOFF;
+            return;
+        }
+        self.stats.rx_packets += sent as u64;
+        self.stats.super_segments += sent as u64;
+        if let Some(p) = &mut self.pending {
+            p.next = (p.next + sent).min(head.segments);
+            if p.next >= head.segments {
+                self.pending = None;
+            }
+        }
+    }
+}
+
+/// Whether every segment of `seg` meets the same fate as its first, so that the pipeline may run
+/// once for all of them: a TCP super-packet whose flags are ACK, PSH, CWR and ECE only (no stage
+/// reads PSH or CWR; a FIN, which connection tracking reads and which goes to the last segment,
+/// sends the super-packet the ordinary way).
+fn super_eligible(seg: &Segmenter<'_>) -> bool {
+    use ferry_encap::wire::tcp::flags;
+    seg.tcp_flags().is_some_and(|f| f & !(flags::ACK | flags::PSH | flags::CWR | flags::ECE) == 0)
 }
 
 /// Write one frame with its virtio-net header: one `writev`, never blocking; a refusal is counted.

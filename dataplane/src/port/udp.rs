@@ -254,6 +254,8 @@ pub struct TxStage {
     buf: Box<[u8]>,
     used: usize,
     msgs: Vec<TxMsg>,
+    /// The last datagram pushed: where it starts and its length (the stage is far below 4 GB).
+    last: Option<(u32, u32)>,
 }
 
 impl Default for TxStage {
@@ -265,7 +267,7 @@ impl Default for TxStage {
 impl TxStage {
     /// A staging area of `bytes` bytes and [`TX_MSGS`] messages.
     pub fn with_capacity(bytes: usize) -> Self {
-        TxStage { buf: vec![0; bytes].into_boxed_slice(), used: 0, msgs: Vec::with_capacity(TX_MSGS) }
+        TxStage { buf: vec![0; bytes].into_boxed_slice(), used: 0, msgs: Vec::with_capacity(TX_MSGS), last: None }
     }
 
     /// Copy one datagram's payload in, joining the last message when it has the same destination
@@ -273,9 +275,20 @@ impl TxStage {
     /// segment and byte limits allow. Returns `false` when the stage is full (send it, then push
     /// again); a payload longer than [`MAX_MESSAGE`] is never taken (the caller drops it).
     pub fn push(&mut self, dst: SocketAddrV4, tos: u8, payload: &[u8]) -> bool {
-        let n = payload.len();
+        match self.reserve(dst, tos, payload.len()) {
+            Some(out) => {
+                out.copy_from_slice(payload);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Make room for one datagram of `n` bytes as [`push`](Self::push) does, and return it for the
+    /// caller to write (all of it); `None` when the stage is full.
+    pub fn reserve(&mut self, dst: SocketAddrV4, tos: u8, n: usize) -> Option<&mut [u8]> {
         if n > MAX_MESSAGE || self.used + n > self.buf.len() {
-            return false;
+            return None;
         }
         let joins = self.msgs.last().is_some_and(|m| {
             m.dst == dst
@@ -293,13 +306,27 @@ impl TxStage {
             m.closed = n < m.seg;
         } else {
             if self.msgs.len() == TX_MSGS {
-                return false;
+                return None;
             }
             self.msgs.push(TxMsg { dst, tos, seg: n, count: 1, start: self.used, len: n, closed: n == 0 });
         }
-        self.buf[self.used..self.used + n].copy_from_slice(payload);
+        let at = self.used;
         self.used += n;
-        true
+        self.last = Some((at as u32, n as u32));
+        Some(&mut self.buf[at..at + n])
+    }
+
+    /// Whether a datagram of `n` bytes fits without a send first.
+    pub fn has_room(&self, n: usize) -> bool {
+        self.used + n <= self.buf.len() && self.msgs.len() < TX_MSGS
+    }
+
+    /// The last datagram pushed, with its message's destination and TOS, while it is staged.
+    pub fn last(&self) -> Option<(SocketAddrV4, u8, &[u8])> {
+        let (at, n) = self.last?;
+        let (at, n) = (at as usize, n as usize);
+        let m = self.msgs.last()?;
+        Some((m.dst, m.tos, &self.buf[at..at + n]))
     }
 
     /// The staged messages, in order.
@@ -321,6 +348,7 @@ impl TxStage {
     pub fn clear(&mut self) {
         self.msgs.clear();
         self.used = 0;
+        self.last = None;
     }
 }
 
@@ -502,7 +530,7 @@ pub struct UdpPort<M: FrameMem> {
     rx_buf: Box<[u8]>,
     /// What the last `recvmmsg` returned, and how far [`Port::recv`] has got through it: buffer
     /// `rx_next.0`, byte `rx_next.1`.
-    rx_msgs: [RxMsg; RX_MSGS],
+    rx_msgs: Box<[RxMsg; RX_MSGS]>,
     rx_count: usize,
     rx_next: (usize, usize),
     stage: TxStage,
@@ -572,7 +600,8 @@ impl<M: FrameMem> UdpPort<M> {
             fill: VecDeque::with_capacity(cfg.rx_frames),
             rx_frames: cfg.rx_frames,
             rx_buf: vec![0; RX_MSGS * RX_BUF].into_boxed_slice(),
-            rx_msgs: [RxMsg { src: local, tos: 0, seg: 0, len: 0, inner: 0 }; RX_MSGS],
+            // Boxed: the port sits in `NodePort` beside the (smaller) AF_XDP port.
+            rx_msgs: Box::new([RxMsg { src: local, tos: 0, seg: 0, len: 0, inner: 0 }; RX_MSGS]),
             rx_count: 0,
             rx_next: (0, 0),
             stage: TxStage::default(),
@@ -920,7 +949,41 @@ impl<M: FrameMem> Port for UdpPort<M> {
     fn stats(&self) -> PortStats {
         PortStats { rx_dropped: self.stats.rx_socket_drops + self.stats.rx_dropped, ..PortStats::default() }
     }
+
+    fn last_sent_payload(&self) -> Option<&[u8]> {
+        self.stage.last().map(|(_, _, p)| p)
+    }
+
+    fn send_segments(&mut self, seg: &Segmenter<'_>, tunnel_header: usize, first: usize) -> usize {
+        let Some((dst, tos, last)) = self.stage.last() else { return 0 };
+        let mut th = [0u8; MAX_TUNNEL_HEADER];
+        let Some(th) = th.get_mut(..tunnel_header).filter(|_| last.len() >= tunnel_header) else { return 0 };
+        th.copy_from_slice(&last[..tunnel_header]);
+        let mut sent = 0;
+        for i in first..seg.segments() {
+            let n = tunnel_header + seg.segment_len(i);
+            if !self.stage.has_room(n) {
+                self.transmit();
+            }
+            // The stage was just emptied if it was full: one datagram always fits.
+            let Some(out) = self.stage.reserve(dst, tos, n) else {
+                self.stats.tx_malformed += 1;
+                continue;
+            };
+            out[..tunnel_header].copy_from_slice(th);
+            match seg.write_segment(i, &mut out[tunnel_header..], Checksum::Complete) {
+                Ok(_) => sent += 1,
+                // Not reachable: the room is the segment's own length. Counted, never a panic.
+                Err(_) => self.stats.tx_malformed += 1,
+            }
+        }
+        sent
+    }
 }
+
+/// The longest tunnel header [`Port::send_segments`] repeats (Geneve: 8 bytes and up to 252 of
+/// options).
+const MAX_TUNNEL_HEADER: usize = 260;
 
 #[cfg(test)]
 mod tests;
