@@ -89,28 +89,6 @@ impl Hasher for FastHasher {
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
-/// An address as a hash key: one 128-bit word (IPv4 as IPv4-mapped IPv6), hashed as one folded
-/// `u64` (the derived `Hash` of `IpAddr` feeds a discriminant, a length and the bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct AddrKey(u128);
-
-impl AddrKey {
-    #[inline]
-    fn of(a: IpAddr) -> Self {
-        AddrKey(match a {
-            IpAddr::V4(a) => a.to_ipv6_mapped().to_bits(),
-            IpAddr::V6(a) => a.to_bits(),
-        })
-    }
-}
-
-impl std::hash::Hash for AddrKey {
-    #[inline]
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64((self.0 as u64) ^ ((self.0 >> 64) as u64).rotate_left(29));
-    }
-}
-
 /// A peer identity (see the module doc).
 pub type Identity = u32;
 
@@ -245,11 +223,11 @@ pub enum PolicyVerdict {
 pub struct PolicyTables {
     generation: u64,
     /// Every pod address -> its identity.
-    identity_of: FastMap<AddrKey, Identity>,
+    identity_of: FastMap<IpAddr, Identity>,
     /// Each identity's named ports (for egress `ipBlock` rules with a named port).
     identity_ports: FastMap<Identity, Arc<[NamedPort]>>,
     /// This node's pods that some policy selects, by address.
-    local: FastMap<AddrKey, Arc<PodRules>>,
+    local: FastMap<IpAddr, Arc<PodRules>>,
     /// This node's own addresses: always allowed both ways.
     node_addrs: Vec<IpAddr>,
 }
@@ -269,7 +247,7 @@ impl PolicyTables {
     /// The rules of the local pod with this address, if policies select it.
     #[inline]
     pub fn local(&self, addr: IpAddr) -> Option<&PodRules> {
-        self.local.get(&AddrKey::of(addr)).map(|r| &**r)
+        self.local.get(&addr).map(|r| &**r)
     }
 
     /// Every local pod with rules, once each (by its first address).
@@ -284,7 +262,7 @@ impl PolicyTables {
     /// The identity of a pod address.
     #[inline]
     pub fn identity(&self, addr: IpAddr) -> Option<Identity> {
-        self.identity_of.get(&AddrKey::of(addr)).copied()
+        self.identity_of.get(&addr).copied()
     }
 
     /// Whether `rules` let traffic with `peer` through on `proto`/`port` (`port` 0 for protocols
@@ -793,11 +771,11 @@ impl PolicyCompiler {
         let mut local = FastMap::default();
         for (k, (pod, id)) in &self.pods {
             for a in &pod.ips {
-                identity_of.insert(AddrKey::of(*a), *id);
+                identity_of.insert(*a, *id);
             }
             if let Some(r) = self.local.get(k) {
                 for a in &pod.ips {
-                    local.insert(AddrKey::of(*a), Arc::clone(r));
+                    local.insert(*a, Arc::clone(r));
                 }
             }
         }
