@@ -318,6 +318,50 @@ fn matrix_dual_stack_pods() {
     assert!(routes.to_string().contains("fd00:10:244:2::/64"), "n1's routes lack n2's IPv6 pod CIDR: {routes}");
 }
 
+/// `tcpdump` on the lab's underlay bridge, writing `count` frames matching `filter` to a pcap file
+/// (bounded: 15 s). `start` returns once tcpdump's filter is in place.
+struct UnderlayCapture {
+    child: std::process::Child,
+    said: Vec<u8>,
+    pcap: String,
+}
+
+impl UnderlayCapture {
+    fn start(lab: &Lab, count: u32, filter: &[&str]) -> UnderlayCapture {
+        let pcap = format!("/tmp/ferry-e2e-{}.pcap", lab.name);
+        let _ = std::fs::remove_file(&pcap);
+        let (ul, count) = (lab.netns("ul"), count.to_string());
+        let mut child = Command::new("timeout")
+            .args(["-k", "2", "15", "ip", "netns", "exec", &ul, "tcpdump", "-i", "br0", "-n", "-U", "-c", &count, "-w"])
+            .arg(&pcap)
+            .args(filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump");
+        // tcpdump says "listening on" once its filter is in place.
+        let mut err = child.stderr.take().expect("stderr");
+        let mut said = Vec::new();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) && !text(&said).contains("listening on") {
+            let mut b = [0u8; 256];
+            match std::io::Read::read(&mut err, &mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => said.extend_from_slice(&b[..n]),
+            }
+        }
+        UnderlayCapture { child, said, pcap }
+    }
+
+    /// Waits for tcpdump to have its frames (it fails the test if it timed out first); the pcap.
+    fn finish(mut self) -> String {
+        let st = self.child.wait().expect("tcpdump wait");
+        assert!(st.success(), "tcpdump ended with {st} (all its frames within 15 s?): {}", text(&self.said));
+        self.pcap
+    }
+}
+
 #[test]
 fn matrix_geneve_with_underlay_capture() {
     if !privileged("matrix_geneve_with_underlay_capture") {
@@ -330,33 +374,10 @@ fn matrix_geneve_with_underlay_capture() {
 
     // Capture the tunnel on the underlay bridge while n1-p1 pings n2-p1.
     let (src, dst) = (lab.pod_ip("n1-p1"), lab.pod_ip("n2-p1"));
-    let pcap = format!("/tmp/ferry-e2e-{}.pcap", lab.name);
-    let _ = std::fs::remove_file(&pcap);
-    let ul = lab.netns("ul");
-    let mut cap = Command::new("timeout")
-        .args(["-k", "2", "15", "ip", "netns", "exec", &ul, "tcpdump", "-i", "br0", "-n", "-U", "-c", "10", "-w"])
-        .arg(&pcap)
-        .args(["udp", "port", "6081"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    // tcpdump says "listening on" once it captures.
-    let mut err = cap.stderr.take().expect("stderr");
-    let mut seen = Vec::new();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(5) && !text(&seen).contains("listening on") {
-        let mut b = [0u8; 256];
-        match std::io::Read::read(&mut err, &mut b) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&b[..n]),
-        }
-    }
+    let cap = UnderlayCapture::start(&lab, 10, &["udp", "port", "6081"]);
     let ping = lab.exec("n1-p1", &["ping", "-n", "-c", "5", "-i", "0.2", "-W", "1", &dst]);
     assert!(ping.status.success(), "ping during capture: {}", text(&ping.stdout));
-    let st = cap.wait().expect("tcpdump wait");
-    assert!(st.success(), "tcpdump ended with {st} (10 packets within 15 s?): {}", text(&seen));
+    let pcap = cap.finish();
 
     let fields = run_bounded(
         30,
@@ -468,35 +489,12 @@ fn ipv6_underlay_with_kernel_interop() {
     }
 
     // Pods of n1 -> n2 (ferry to ferry) and n1 -> k3 (ferry to the kernel), captured on the bridge.
-    let pcap = format!("/tmp/ferry-e2e-{}.pcap", lab.name);
-    let _ = std::fs::remove_file(&pcap);
-    let ul = lab.netns("ul");
-    let mut cap = Command::new("timeout")
-        .args(["-k", "2", "15", "ip", "netns", "exec", &ul, "tcpdump", "-i", "br0", "-n", "-U", "-c", "8", "-w"])
-        .arg(&pcap)
-        .args(["ip6", "and", "udp", "port", "4789"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    // tcpdump says "listening on" once its filter is in place.
-    let mut err = cap.stderr.take().expect("stderr");
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !String::from_utf8_lossy(&seen).contains("listening on") && Instant::now() < deadline {
-        let mut b = [0u8; 256];
-        match std::io::Read::read(&mut err, &mut b) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&b[..n]),
-        }
-    }
+    let cap = UnderlayCapture::start(&lab, 8, &["ip6", "and", "udp", "port", "4789"]);
     for dst in ["n2-p1", "k3-p1"] {
         assert!(lab.ping_once("n1-p1", &lab.pod_ip(dst), "2"), "n1-p1 -> {dst} while capturing");
         assert!(lab.ping_once("n1-p2", &lab.pod_ip(dst), "2"), "n1-p2 -> {dst} while capturing");
     }
-    let st = cap.wait().expect("tcpdump ends after 8 frames");
-    assert!(st.success(), "tcpdump captured 8 IPv6 tunnel frames: {}", String::from_utf8_lossy(&seen));
+    let pcap = cap.finish();
     let fields = run_bounded(
         30,
         &[
