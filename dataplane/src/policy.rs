@@ -53,6 +53,7 @@ use ferry_tables::policy::{PolicyTables, PolicyVerdict};
 use crate::conntrack::{Conntrack, Nat, Tuple, flags};
 use crate::nat::{self, tcp};
 use crate::pipeline::Ctx;
+use crate::service::seen_flags;
 
 /// The key protocol of a policy record for a connection of protocol `proto`, if policy tracks
 /// it: TCP -> 253, UDP -> 254 (RFC 3692's experimental numbers), SCTP -> 252 (unassigned).
@@ -111,19 +112,6 @@ fn result(v: PolicyVerdict) -> Result<(), DropReason> {
         PolicyVerdict::DenyEgress => Err(DropReason::PolicyDeniedEgress),
         PolicyVerdict::DenyIngress => Err(DropReason::PolicyDeniedIngress),
     }
-}
-
-/// The connection-tracking flags a packet's TCP flags set.
-#[inline]
-fn seen_flags(tcp_flags: u8) -> u8 {
-    let mut f = flags::SEEN;
-    if tcp_flags & tcp::FIN != 0 {
-        f |= flags::FIN;
-    }
-    if tcp_flags & tcp::RST != 0 {
-        f |= flags::RST;
-    }
-    f
 }
 
 /// The policy stage on a packet whose addresses are the pods' real ones (see the module doc).

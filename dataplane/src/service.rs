@@ -42,9 +42,9 @@ pub enum Outcome {
     BackendGone,
 }
 
-/// The connection-tracking flags a packet's TCP flags set.
+/// The connection-tracking flags a packet's TCP flags set (the policy stage's records too).
 #[inline]
-fn seen_flags(tcp_flags: u8) -> u8 {
+pub(crate) fn seen_flags(tcp_flags: u8) -> u8 {
     let mut f = flags::SEEN;
     if tcp_flags & tcp::FIN != 0 {
         f |= flags::FIN;
