@@ -249,9 +249,12 @@ cmd_list() {
         printf '\n],\n"pods":['
         sep=""
         for p in $(all_pods); do
-            printf '%s\n {"name":%s,"node":%s,"netns":%s,"ip":%s,"ifname":"eth0","container_id":%s}' "$sep" \
+            local ip6
+            ip6=$(pod_get "$p" IP6 2>/dev/null || true)
+            if [ -n "$ip6" ]; then ip6=$(json_str "$ip6"); else ip6=null; fi
+            printf '%s\n {"name":%s,"node":%s,"netns":%s,"ip":%s,"ip6":%s,"ifname":"eth0","container_id":%s}' "$sep" \
                 "$(json_str "$p")" "$(json_str "$(pod_node "$p")")" "$(json_str "$(node_ns "$p")")" \
-                "$(json_str "$(pod_get "$p" IP)")" "$(json_str "$p")"
+                "$(json_str "$(pod_get "$p" IP)")" "$ip6" "$(json_str "$p")"
             sep=","
         done
         printf '\n]}\n'

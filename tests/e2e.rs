@@ -1166,6 +1166,109 @@ fn router_refusals_are_counted_and_reach_nothing() {
     assert!(lab.entry("nodes", "n1")["agent_pid"].is_u64(), "the agent of n1 died");
 }
 
+/// Issue 17, IPv6 in a dual-stack lab over an IPv6 underlay (veth pods: exact counts, and host
+/// veth ends whose MTU the test can raise).
+/// - Bad IPv6 input from the underlay (a zero outer UDP checksum, an outer payload length beyond
+///   the frame, an inner extension header chain that runs past its packet, an inner payload length
+///   beyond the frame) and from a pod (the last two and a spoofed IPv6 source) is counted under
+///   exactly its reason and reaches nothing; a good packet behind a hop-by-hop and a
+///   destination-options header crosses both ways.
+/// - "Packet too big": a pod whose MTU is too large for the tunnel (1500 against 1430 over IPv6)
+///   gets ICMPv6 packet too big with the tunnel's MTU, and a TCP transfer over IPv6 completes through
+///   path MTU discovery.
+#[test]
+fn ipv6_bad_input_and_packet_too_big() {
+    if !privileged("ipv6_bad_input_and_packet_too_big") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up(
+        "e2e_v6edge",
+        &["--nodes", "2", "--pods-per-node", "1", "--ip-family", "dual", "--underlay", "ipv6", "--pod-port", "veth"],
+    );
+    const BURST: u64 = 100;
+    let n1 = lab.ferry("n1", "status");
+    assert_eq!(n1["node"]["pod_mtu"], 1430, "pod MTU of a VXLAN node over a 1500-byte IPv6 underlay");
+    let mac = n1["node"]["underlay_mac"].as_str().expect("underlay mac").to_owned();
+    let port = n1["node"]["tunnel_port"].to_string();
+    let vni = n1["node"]["vni"].to_string();
+    let n2 = lab.ferry("n2", "status");
+    let gw2_mac = n2["node"]["gateway_mac"].as_str().expect("gateway mac").to_owned();
+    let tun = |n: &str| lab.entry("nodes", n)["tunnel_ip"].as_str().expect("tunnel_ip").to_owned();
+    let (n1_tun, n2_tun) = (tun("n1"), tun("n2"));
+    let ip6 = |p: &str| lab.entry("pods", p)["ip6"].as_str().unwrap_or_else(|| panic!("{p} has no IPv6")).to_owned();
+    let (p1, p2) = (ip6("n1-p1"), ip6("n2-p1"));
+    let pod1 = Listener::start(&lab, "n1-p1", "9999");
+    let host1 = Listener::start(&lab, "n1", "9999");
+    let before1 = lab.ferry("n1", "stats")["drops"].clone();
+    let before2 = lab.ferry("n2", "stats")["drops"].clone();
+
+    let py = repo().join("tests/e2e/badframes.py").display().to_string();
+    let burst = BURST.to_string();
+    // From the underlay to n1, as if from n2 (its tunnel address; inner source n2-p1).
+    let out = lab.exec("ul", &[python(), &py, "uplink6", "n1", &mac, &n1_tun, &n2_tun, &port, &vni, &p2, &p1, &burst]);
+    assert!(out.status.success(), "uplink burst: {}", text(&out.stderr));
+    print!("uplink6 burst:\n{}", text(&out.stdout));
+    // From n2-p1 toward n1-p1: refused at n2, the good packet tunnelled to n1.
+    let out = lab.exec("n2-p1", &[python(), &py, "pod6", "eth0", &gw2_mac, &p2, &p1, &burst]);
+    assert!(out.status.success(), "pod burst: {}", text(&out.stderr));
+    print!("pod6 burst:\n{}", text(&out.stdout));
+
+    let exact = |node: &str, before: &Value, want: &[(&str, u64)]| -> Vec<String> {
+        drop_rises(&lab, node, before, want)
+            .into_iter()
+            .filter(|&(_, n, rise)| rise != Some(n))
+            .map(|(r, n, rise)| {
+                format!("{node} {r}: +{} after sending {n}", rise.map_or("(none)".into(), |x| x.to_string()))
+            })
+            .collect()
+    };
+    let mut wrong = exact(
+        "n1",
+        &before1,
+        &[("udp6_zero_checksum", BURST), ("ipv6_bad_payload_length", 2 * BURST), ("ipv6_bad_extension", BURST)],
+    );
+    wrong.extend(exact(
+        "n2",
+        &before2,
+        &[("ipv6_bad_payload_length", BURST), ("ipv6_bad_extension", BURST), ("spoofed_source", BURST)],
+    ));
+    assert!(wrong.is_empty(), "drop counters not exactly what was sent:\n{}", wrong.join("\n"));
+    for (from, to) in [("n2-p1", p1.as_str()), ("n1", "::1")] {
+        let out = lab.exec(from, &[python(), &py, "end", to, "9999"]);
+        assert!(out.status.success(), "end marker {from} -> {to}: {}", text(&out.stderr));
+    }
+    let (pod1, host1) = (pod1.counts(), host1.counts());
+    println!("reached n1-p1 {pod1:?}, n1's kernel {host1:?} (bad, good)");
+    assert_eq!(pod1, (0, 2), "only the two good packets (extension headers and all) reached n1-p1");
+    assert_eq!(host1, (0, 0), "nothing reached n1's kernel");
+
+    // Packet too big: both pods (and the host ends of their veths) at MTU 1500.
+    for (node, pod) in [("n1", "n1-p1"), ("n2", "n2-p1")] {
+        let host = host_ifname(&lab, node, pod);
+        lab.ok(&["exec", node, "ip", "link", "set", &host, "mtu", "1500"]);
+        lab.ok(&["exec", pod, "ip", "link", "set", "eth0", "mtu", "1500"]);
+    }
+    let out =
+        lab.exec("n1-p1", &["ping", "-6", "-n", "-M", "do", "-s", "1452", "-c", "2", "-i", "0.3", "-W", "1", &p2]);
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    println!("ping -6 -M do -s 1452:\n{all}");
+    assert!(!out.status.success(), "a 1500-byte IPv6 packet cannot cross a 1430-byte tunnel");
+    assert!(
+        all.contains("mtu=1430") || all.contains("mtu = 1430"),
+        "no packet too big with mtu 1430 in the ping output"
+    );
+    let fit = lab.exec("n1-p1", &["ping", "-6", "-n", "-M", "do", "-s", "1382", "-c", "1", "-W", "1", &p2]);
+    assert!(fit.status.success(), "1430-byte IPv6 ping: {}", text(&fit.stdout));
+    let t = Instant::now();
+    let rate = tcp_transfer(&lab, "n1-p1", "n2-p1", &p2, 2 << 20)
+        .unwrap_or_else(|e| panic!("2 MB TCP over IPv6 with PMTUD: {e}"));
+    println!("2 MB TCP n1-p1 -> n2-p1 over IPv6 with PMTU discovery: {rate} MB/s ({:.2} s)", t.elapsed().as_secs_f64());
+    let route = lab.ok(&["exec", "n1-p1", "ip", "-6", "route", "get", &p2]);
+    assert!(route.contains("mtu 1430"), "the sender learned the path MTU: {route}");
+    assert!(lab.entry("nodes", "n1")["agent_pid"].is_u64(), "the agent of n1 died");
+}
+
 /// `svc-probe.py connect` from `from` to `ip:port`, `count` connections: one answer per line.
 fn svc_connect(lab: &Lab, from: &str, ip: &str, port: u16, count: usize) -> Vec<String> {
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();

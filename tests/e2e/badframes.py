@@ -19,6 +19,16 @@
       from inside a pod: another source MAC, a destination MAC that is not the gateway's, a wrong IPv4
       header checksum, an 802.1Q tag, a spoofed source, an IHL beyond the frame; UDP to DST_IP:9999
       with a "ferry-bad" payload.
+  badframes.py uplink6 IFACE DST_MAC DST_IP6 KNOWN_SRC6 PORT VNI INNER_SRC6 INNER_DST6 COUNT
+      over an IPv6 underlay, from the underlay namespace toward a node: a zero outer UDP checksum,
+      an outer IPv6 payload length beyond the frame, an inner IPv6 packet whose extension header
+      chain runs past its payload, an inner IPv6 payload length beyond the frame; then one good
+      frame whose inner packet carries a hop-by-hop and a destination-options header ("ferry-good"
+      to INNER_DST6:9999).
+  badframes.py pod6 IFACE GW_MAC SRC_IP6 DST_IP6 COUNT
+      from inside a dual-stack pod: an IPv6 payload length beyond the frame, an extension header
+      chain that runs past the payload, a spoofed IPv6 source; then one good packet with a
+      hop-by-hop and a destination-options header ("ferry-good" to DST_IP6:9999).
   badframes.py flood-uplink IFACE <as refuse-uplink, without COUNT> SECONDS RATE
   badframes.py flood-pod IFACE GW_MAC SRC_IP DST_IP SECONDS RATE
       the same classes round robin at about RATE frames per second for SECONDS (scripts/flood-bad.sh).
@@ -64,6 +74,36 @@ def udp4_csum(src, dst, seg):
     return csum(pseudo + seg) or 0xFFFF
 
 
+def ipv6(src, dst, nh, payload, plen=None, hlim=64):
+    plen = len(payload) if plen is None else plen
+    return struct.pack("!IHBB16s16s", 0x60000000, plen, nh, hlim,
+                       socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)) + payload
+
+
+def udp6_csum(src, dst, seg):
+    """The UDP checksum of segment `seg` (its checksum field zero) from src to dst over IPv6."""
+    pseudo = (socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+              + struct.pack("!IxxxB", len(seg), 17))
+    return csum(pseudo + seg) or 0xFFFF
+
+
+def udp6(src, dst, sport, dport, payload, zero_csum=False):
+    """A UDP segment over IPv6 with its checksum filled in (or left zero)."""
+    seg = udp(sport, dport, payload)
+    return seg if zero_csum else seg[:6] + struct.pack("!H", udp6_csum(src, dst, seg)) + seg[8:]
+
+
+def opts6(nh, ext_len=0):
+    """A hop-by-hop or destination-options header (8 bytes: PadN) before `nh`; `ext_len` above 0
+    claims more 8-byte units than follow."""
+    return struct.pack("!BBBB4x", nh, ext_len, 1, 4)
+
+
+def ipv6_chain(src, dst, payload):
+    """UDP to dst:9999 behind a hop-by-hop (0) and a destination-options (60) header."""
+    return ipv6(src, dst, 0, opts6(60) + opts6(17) + udp6(src, dst, 1000, 9999, payload))
+
+
 def udp(sport, dport, payload, length=None):
     length = 8 + len(payload) if length is None else length
     return struct.pack("!HHHH", sport, dport, length, 0) + payload
@@ -89,8 +129,14 @@ def burst(sock, name, frame, count):
 
 
 def listen(port, seconds):
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.bind(("0.0.0.0", port))
+    # One socket for both families where IPv6 is on (dual-stack pods); IPv4 only where it is off.
+    try:
+        u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        u.bind(("::", port))
+    except OSError:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("0.0.0.0", port))
     u.settimeout(0.5)
     print("listening", flush=True)
     bad = good = 0
@@ -108,7 +154,7 @@ def listen(port, seconds):
 
 
 def end(ip, port):
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
     for _ in range(3):
         u.sendto(b"ferry-end", (ip, port))
         time.sleep(0.2)
@@ -159,6 +205,42 @@ def uplink_refusals(args, me):
         ("vni_mismatch", eth(dst_mac, me, ipv4(known, dst_ip, 17, udp(40012, port, vxlan(vni + 76, inner()))))),
         ("unknown_source_node", eth(dst_mac, me, ipv4("192.168.100.199", dst_ip, 17,
                                                        udp(40013, port, vxlan(vni, inner()))))),
+    ]
+
+
+def uplink6_frames(args, me):
+    """(drop reason, frame) for the IPv6 classes from an IPv6 underlay, then ("good", frame).
+    `args`: DST_MAC DST_IP6 KNOWN_SRC6 PORT VNI INNER_SRC6 INNER_DST6."""
+    dst_mac, dst_ip, known = mac(args[0]), args[1], args[2]
+    port, vni, isrc, idst = int(args[3]), int(args[4]), args[5], args[6]
+
+    def tunnel(inner_ip, sport, plen_extra=0, zero_csum=False):
+        seg = udp6(known, dst_ip, sport, port, vxlan(vni, eth(VTEP, PEER, inner_ip, 0x86DD)), zero_csum)
+        return eth(dst_mac, me, ipv6(known, dst_ip, 17, seg, plen=len(seg) + plen_extra), 0x86DD)
+
+    bad = udp6(isrc, idst, 1000, 9999, b"ferry-bad")
+    return [
+        ("udp6_zero_checksum", tunnel(ipv6(isrc, idst, 17, bad), 40020, zero_csum=True)),
+        ("ipv6_bad_payload_length", tunnel(ipv6(isrc, idst, 17, bad), 40021, plen_extra=300)),
+        ("ipv6_bad_extension", tunnel(ipv6(isrc, idst, 0, opts6(17, ext_len=200) + bad), 40022)),
+        ("ipv6_bad_payload_length", tunnel(ipv6(isrc, idst, 17, bad, plen=len(bad) + 300), 40023)),
+        ("good", tunnel(ipv6_chain(isrc, idst, b"ferry-good"), 40024)),
+    ]
+
+
+def pod6_frames(iface, args):
+    """(drop reason, frame) for the IPv6 classes from a pod, then ("good", frame). `args`: GW_MAC
+    SRC_IP6 DST_IP6."""
+    gw, src, dst = mac(args[0]), args[1], args[2]
+    with open("/sys/class/net/%s/address" % iface) as f:
+        me = mac(f.read().strip())
+    bad = udp6(src, dst, 1000, 9999, b"ferry-bad")
+    spoof = "fd00:dead::99"
+    return [
+        ("ipv6_bad_payload_length", eth(gw, me, ipv6(src, dst, 17, bad, plen=len(bad) + 300), 0x86DD)),
+        ("ipv6_bad_extension", eth(gw, me, ipv6(src, dst, 0, opts6(17, ext_len=200) + bad), 0x86DD)),
+        ("spoofed_source", eth(gw, me, ipv6(spoof, dst, 17, udp6(spoof, dst, 1000, 9999, b"ferry-bad")), 0x86DD)),
+        ("good", eth(gw, me, ipv6_chain(src, dst, b"ferry-good"), 0x86DD)),
     ]
 
 
@@ -234,6 +316,10 @@ def main():
         for name, frame in uplink_refusals(sys.argv[3:11], me):
             burst(s, name, frame, count)
         burst(s, "good", uplink_good(sys.argv[3:11], me), 1)
+    elif mode in ("uplink6", "pod6"):
+        frames = uplink6_frames(sys.argv[3:10], me) if mode == "uplink6" else pod6_frames(iface, sys.argv[3:6])
+        for name, frame in frames:
+            burst(s, name, frame, 1 if name == "good" else count)
     elif mode == "refuse-pod":
         for name, frame in pod_refusals(iface, sys.argv[3:6]):
             burst(s, name, frame, count)
