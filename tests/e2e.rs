@@ -68,6 +68,31 @@ fn run_bounded(secs: u32, argv: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("spawning {argv:?}: {e}"))
 }
 
+/// Takes `sample()` every `every` (start to start) until `done` accepts one or `limit` has passed,
+/// and returns the last sample with whether it was accepted. This is how the tests wait for the
+/// agents, which act on their own time (counters published once a second, files reloaded when they
+/// change): on the condition, with a deadline, never a fixed sleep. The caller asserts on the result,
+/// so a timeout fails with the last state in its message.
+fn poll_until<T>(
+    limit: Duration,
+    every: Duration,
+    mut sample: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> (T, bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let tick = Instant::now();
+        let x = sample();
+        if done(&x) {
+            return (x, true);
+        }
+        if Instant::now() >= deadline {
+            return (x, false);
+        }
+        std::thread::sleep(every.saturating_sub(tick.elapsed()));
+    }
+}
+
 /// A lab that is removed when dropped.
 struct Lab {
     name: String,
@@ -590,18 +615,14 @@ fn udp_uplink_matrix_and_transfer() {
         tcp_transfer(&lab, "n1-p1", "n2-p1", &lab.pod_ip("n2-p1"), 8 << 20).expect("TCP transfer n1-p1 -> n2-p1");
     println!("8 MiB n1-p1 -> n2-p1 through UDP uplinks: {mbps} MB/s");
     // The agent samples its counters once a second: wait for the sample that includes the transfer.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let uplink = loop {
-        let stats = lab.ferry("n2", "stats");
-        let uplink = stats["ports"].as_array().expect("ports").iter().find(|p| p["kind"] == "uplink").cloned();
-        let rx = uplink.as_ref().and_then(|u| u["rx_packets"].as_u64()).unwrap_or(0);
-        if rx > 5000 || Instant::now() > deadline {
-            break uplink;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let rx = uplink.as_ref().and_then(|u| u["rx_packets"].as_u64()).unwrap_or(0);
-    assert!(rx > 5000, "n2's uplink received the transfer's datagrams through its socket: {uplink:?}");
+    let rx = |u: &Option<Value>| u.as_ref().and_then(|u| u["rx_packets"].as_u64()).unwrap_or(0);
+    let (uplink, got) = poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        || lab.ferry("n2", "stats")["ports"].as_array().expect("ports").iter().find(|p| p["kind"] == "uplink").cloned(),
+        |u| rx(u) > 5000,
+    );
+    assert!(got, "n2's uplink received the transfer's datagrams through its socket: {uplink:?}");
 }
 
 /// The host-side veth of a pod on its node (from `ferry status`).
@@ -665,14 +686,12 @@ fn mtu_frag_needed_and_pmtu_discovery() {
         "no ICMP fragmentation-needed with mtu 1450 in the ping output"
     );
     // ferry counts what it answered (counters are sampled once a second).
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let stats = loop {
-        let st = lab.ferry("n1", "stats");
-        if st["icmp_errors"].as_u64().unwrap_or(0) >= 1 || Instant::now() > deadline {
-            break st;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let (stats, _) = poll_until(
+        Duration::from_secs(3),
+        Duration::from_millis(250),
+        || lab.ferry("n1", "stats"),
+        |st| st["icmp_errors"].as_u64().unwrap_or(0) >= 1,
+    );
     println!("n1 too_big drops: {}, icmp_errors: {}", stats["drops"]["too_big"], stats["icmp_errors"]);
     assert!(stats["icmp_errors"].as_u64().unwrap_or(0) >= 1, "ferry counted no ICMP error: {stats}");
     assert!(stats["drops"]["too_big"].as_u64().unwrap_or(0) >= 1, "ferry counted no too_big drop: {stats}");
@@ -711,15 +730,12 @@ fn churn_node_added_and_removed() {
     // Withdrawn from the source (it keeps running): unreachable, and gone from the others' routes.
     lab.ok(&["source-remove", "n3"]);
     let ip = lab.pod_ip("n3-p1");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut gone = false;
-    while Instant::now() < deadline {
-        if ["n1", "n2"].iter().all(|n| !remote_nodes(&lab, n).contains(&"n3".to_owned())) {
-            gone = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_, gone) = poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || ["n1", "n2"].iter().all(|n| !remote_nodes(&lab, n).contains(&"n3".to_owned())),
+        |gone| *gone,
+    );
     assert!(gone, "n3 still listed by ferry routes 10 s after source-remove");
     assert!(!lab.ping_once("n1-p1", &ip, "1"), "n3-p1 still answers n1-p1 after n3 was withdrawn");
     assert!(!lab.ping_once("n2-p1", &ip, "1"), "n3-p1 still answers n2-p1 after n3 was withdrawn");
@@ -913,24 +929,19 @@ fn restart_check(name: &str, pod_port: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start-agent");
-    let mut reachable = None;
     let mut tries = 0;
-    while t0.elapsed() < Duration::from_secs(5) {
-        let tick = Instant::now();
+    let ping = || {
         tries += 1;
-        let ok = Command::new("ip")
+        Command::new("ip")
             .args(["netns", "exec", &ns, "ping", "-n", "-q", "-c", "1", "-W", "0.2", &target])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            reachable = Some(t0.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed()));
-    }
+            .is_ok_and(|s| s.success())
+    };
+    let (_, answered) = poll_until(Duration::from_secs(5), Duration::from_millis(50), ping, |ok| *ok);
+    let reachable = answered.then(|| t0.elapsed());
     let st = start.wait().expect("start-agent wait");
     let started_in = t0.elapsed();
     let mut so = String::new();
@@ -952,11 +963,9 @@ fn restart_check(name: &str, pod_port: &str) {
     assert_eq!(status["pods"].as_array().map(Vec::len), Some(2), "both pods restored: {status}");
     // Ready again: start-agent returned once the admin socket answered; the first table comes from
     // the route source at start, so readiness follows within a bounded wait.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !status_ready(&lab, "n1").0 {
-        assert!(Instant::now() < deadline, "n1 not ready 10 s after its restart: {:?}", status_ready(&lab, "n1"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (ready, _) =
+        poll_until(Duration::from_secs(10), Duration::from_millis(100), || status_ready(&lab, "n1"), |r| r.0);
+    assert!(ready.0, "n1 not ready 10 s after its restart: {ready:?}");
     assert_eq!(http_status(&lab, "n1", "/readyz"), 200);
     let kinds: Vec<&Value> = status["pods"].as_array().expect("pods").iter().map(|p| &p["kind"]).collect();
     assert!(kinds.iter().all(|k| *k == pod_port), "pods on {pod_port}: {kinds:?}");
@@ -1019,14 +1028,12 @@ fn bad_input_is_counted_and_survived() {
 /// `(reason, sent, rise)`, the rise `None` where ferry has no such reason.
 fn drop_rises<'a>(lab: &Lab, node: &str, before: &Value, want: &[(&'a str, u64)]) -> Vec<(&'a str, u64, Option<u64>)> {
     let rise = |d: &Value, r: &str| Some(d.get(r)?.as_u64()?.saturating_sub(before[r].as_u64().unwrap_or(0)));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let drops = loop {
-        let d = lab.ferry(node, "stats")["drops"].clone();
-        if want.iter().all(|&(r, n)| rise(&d, r).is_some_and(|x| x >= n)) || Instant::now() > deadline {
-            break d;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let (drops, _) = poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(250),
+        || lab.ferry(node, "stats")["drops"].clone(),
+        |d| want.iter().all(|&(r, n)| rise(d, r).is_some_and(|x| x >= n)),
+    );
     want.iter()
         .map(|&(r, n)| {
             let x = rise(&drops, r);
@@ -1318,15 +1325,13 @@ fn services_cluster_ip_from_the_static_file() {
     // Wait (bounded) until both nodes have the services (each agent reloads the file on its own):
     // the first connection from each that gets an answer.
     for client in ["n1-p1", "n2-p2"] {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let got = svc_connect(&lab, client, vip, 80, 1);
-            if got.iter().any(|l| l.starts_with("n1-p2") || l.starts_with("n2-p1")) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no answer through the VIP from {client} within 15 s: {got:?}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let (got, ok) = poll_until(
+            Duration::from_secs(15),
+            Duration::from_millis(200),
+            || svc_connect(&lab, client, vip, 80, 1),
+            |got| got.iter().any(|l| l.starts_with("n1-p2") || l.starts_with("n2-p1")),
+        );
+        assert!(ok, "no answer through the VIP from {client} within 15 s: {got:?}");
     }
     // 40 connections from a pod on n1: every one answered by a backend, both backends used.
     let answers = svc_connect(&lab, "n1-p1", vip, 80, 40);
@@ -1351,16 +1356,13 @@ fn services_cluster_ip_from_the_static_file() {
     // No endpoint: refused at once (a RST from ferry), counted.
     let refused = svc_connect(&lab, "n1-p1", empty_vip, 80, 3);
     assert_eq!(refused, ["refused", "refused", "refused"], "a service without endpoints is refused");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let st = lab.ferry("n1", "stats");
-        let n = st["drops"]["service_no_endpoint"].as_u64().unwrap_or(0);
-        if n >= 3 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "service_no_endpoint not counted: {}", st["drops"]);
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let (st, counted) = poll_until(
+        Duration::from_secs(3),
+        Duration::from_millis(250),
+        || lab.ferry("n1", "stats"),
+        |st| st["drops"]["service_no_endpoint"].as_u64().unwrap_or(0) >= 3,
+    );
+    assert!(counted, "service_no_endpoint not counted: {}", st["drops"]);
     for mut s in servers {
         let _ = s.kill();
         let _ = s.wait();
@@ -1380,15 +1382,14 @@ fn flows_json(lab: &Lab, node: &str, args: &[&str]) -> Vec<Value> {
 
 /// Waits (up to 5 s) for an event of `ferry flows --json ARGS` on `node` that `want` accepts.
 fn wait_flow(lab: &Lab, node: &str, args: &[&str], want: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let events = flows_json(lab, node, args);
-        if let Some(e) = events.iter().find(|e| want(e)) {
-            return e.clone();
-        }
-        assert!(Instant::now() < deadline, "no such event on {node} within 5 s; ferry flows {args:?} gave {events:#?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (events, _) = poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || flows_json(lab, node, args),
+        |events| events.iter().any(&want),
+    );
+    let found = events.iter().find(|e| want(e)).cloned();
+    found.unwrap_or_else(|| panic!("no such event on {node} within 5 s; ferry flows {args:?} gave {events:#?}"))
 }
 
 /// `GET http://127.0.0.1:9100/PATH` in a node's namespace: the body ("" when nothing answers).
@@ -1850,19 +1851,13 @@ fn np_probe(
 
 /// Waits (bounded) until every node has compiled a policy generation newer than `before`.
 fn np_wait_generation(lab: &Lab, before: &[u64]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now: Vec<u64> =
-            ["n1", "n2", "n3"].iter().map(|n| lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0)).collect();
-        if now.iter().zip(before).all(|(n, b)| n > b) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the nodes did not compile the new policies within 10 s: {before:?} -> {now:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let generations = || -> Vec<u64> {
+        ["n1", "n2", "n3"].iter().map(|n| lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0)).collect()
+    };
+    let (now, ok) = poll_until(Duration::from_secs(10), Duration::from_millis(50), generations, |now| {
+        now.iter().zip(before).all(|(n, b)| n > b)
+    });
+    assert!(ok, "the nodes did not compile the new policies within 10 s: {before:?} -> {now:?}");
 }
 
 #[test]
