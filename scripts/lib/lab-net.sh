@@ -218,6 +218,18 @@ node_cidrs_toml() {
 }
 
 # --- ferry agents -----------------------------------------------------------------------------------------
+# The agents' web view (README "The web view"): every node on this port, on all its addresses, so a
+# browser in a node's namespace reaches it on loopback and the nodes gather each other's views over
+# the underlay with the lab's token.
+WEB_PORT=9180
+
+# The lab's web token file (created once per lab, root-only); prints its path.
+web_token_file() {
+    local f="$STATE/web-token"
+    [ -s "$f" ] || (umask 077 && head -c 24 /dev/urandom | base64 >"$f")
+    printf '%s' "$f"
+}
+
 ferry_config() {
     local name=$1 dir
     dir=$(node_dir "$name")
@@ -258,6 +270,10 @@ $(source_agent_config "$name")
 
 [uninstall]
 daemonset = ""                  # no DaemonSet in the lab: never clean the node on stop
+
+[web]
+address = "$(if [ "${UNDERLAY:-ipv4}" = ipv6 ]; then echo "[::]"; else echo 0.0.0.0; fi):$WEB_PORT"
+token_file = "$(web_token_file)"
 EOF
 }
 

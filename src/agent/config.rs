@@ -42,6 +42,11 @@
 //! [control]
 //! static_file = "/etc/ferry/nodes.toml"   # and/or etcd_endpoints = [...], kube = true
 //! metrics_addr = "127.0.0.1:9100"   # also /healthz and /readyz
+//! [web]
+//! address = "127.0.0.1:9180"        # the live web view and its API (absent: off)
+//! token_file = "/etc/ferry/web-token" # required unless address is loopback: a bearer token for
+//!                                   # clients other than localhost, and for fetching the other
+//!                                   # nodes' views (every node serves on the same port)
 //! [uninstall]
 //! daemonset = "ferry-system/ferry"  # when stopped while this DaemonSet is being deleted: clean the
 //!                                   # node ("" or absent: never)
@@ -125,6 +130,15 @@ struct File {
     control: ControlFile,
     #[serde(default)]
     uninstall: UninstallFile,
+    #[serde(default)]
+    web: WebFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebFile {
+    address: Option<SocketAddr>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -452,6 +466,17 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// The control plane's configuration (node name and tunnel filled in).
     pub control: ControlConfig,
+    /// The live web view, if on (`[web]`).
+    pub web: Option<WebConfig>,
+}
+
+/// The live web view's settings (`[web]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebConfig {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// The bearer token's file (required unless `address` is loopback).
+    pub token_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -718,6 +743,19 @@ impl AgentConfig {
             return Err(bad("uninstall.daemonset", "needs control.kube = true (the agent asks the API)".into()));
         }
         let uninstall = Uninstall { daemonset, cni_conf: f.uninstall.cni_conf.clone() };
+        let web = match (f.web.address, &f.web.token_file) {
+            (None, Some(_)) => return Err(bad("web.token_file", "needs web.address".into())),
+            (None, None) => None,
+            (Some(a), None) if !a.ip().is_loopback() => {
+                return Err(bad(
+                    "web.token_file",
+                    format!(
+                        "is required when web.address ({a}) is not loopback: clients other than localhost must present a token"
+                    ),
+                ));
+            }
+            (Some(address), t) => Some(WebConfig { address, token_file: t.clone() }),
+        };
         if control.kube.is_none() && control.etcd.is_none() && control.static_file.is_none() {
             return Err(bad("control", "give a route source: static_file, etcd_endpoints or kube = true".into()));
         }
@@ -752,6 +790,7 @@ impl AgentConfig {
             socket: f.admin.socket,
             state_dir: f.admin.state_dir,
             control,
+            web,
         })
     }
 }
@@ -847,6 +886,11 @@ static_file = "/etc/ferry/nodes.toml"
         assert_eq!(c.host_if.as_deref(), Some("ferry0"));
         assert_eq!(c.gateway_mac.to_string(), "02:fe:ff:ff:ff:ff");
         assert_eq!(c.busy_poll, None);
+        assert_eq!(c.web, None, "the web view is off unless asked for");
+        let local = parse(&format!("{GOOD}[web]\naddress = \"127.0.0.1:9180\"\n")).expect("loopback needs no token");
+        assert_eq!(local.web.map(|w| (w.address.port(), w.token_file)), Some((9180, None)));
+        let t = format!("{GOOD}[web]\naddress = \"0.0.0.0:9180\"\ntoken_file = \"/etc/ferry/web-token\"\n");
+        assert!(parse(&t).expect("any address with a token").web.is_some_and(|w| w.token_file.is_some()));
         assert_eq!(c.uplink_port, UplinkPort::AfXdp);
         for (v, want) in [("udp", UplinkPort::Udp), ("auto", UplinkPort::Auto), ("afxdp", UplinkPort::AfXdp)] {
             let t = GOOD.replace("[control]", &format!("[dataplane]\nuplink_port = \"{v}\"\n[control]"));
@@ -903,6 +947,9 @@ static_file = "/etc/ferry/nodes.toml"
             (GOOD.replace("[underlay]", "[underlay]\nmtu = \"big\""), "mtu"),
             (format!("{GOOD}[uninstall]\ndaemonset = \"ferry\"\n"), "uninstall.daemonset"),
             (format!("{GOOD}[uninstall]\ndaemonset = \"a/b\"\n"), "needs control.kube"),
+            (format!("{GOOD}[web]\naddress = \"192.168.100.1:9180\"\n"), "web.token_file"),
+            (format!("{GOOD}[web]\ntoken_file = \"/t\"\n"), "web.token_file"),
+            (format!("{GOOD}[web]\naddress = \"localhost\"\n"), "address"),
         ];
         for (text, key) in cases {
             let e = parse(&text).expect_err(key);

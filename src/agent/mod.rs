@@ -16,6 +16,7 @@ mod flows;
 mod metrics;
 mod pods;
 mod server;
+mod web;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -535,6 +536,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let server = server::Server::bind(&cfg.socket, Arc::clone(&shared))?;
     let (server_thread, socket_file) = server.spawn(Arc::clone(&stop))?;
+    let web_thread = match &cfg.web {
+        Some(w) => Some(web::spawn(w, server::Handler::new(Arc::clone(&shared)), Arc::clone(&stop))?),
+        None => None,
+    };
     let neigh = spawn_neighbours(
         &cfg.underlay_if,
         &Underlay::new(underlay_mac, v4, v6),
@@ -573,6 +578,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     lock(&shared.pods).detach_all();
     stop.store(true, Ordering::Relaxed);
     let _ = server_thread.join();
+    if let Some(t) = web_thread {
+        let _ = t.join();
+    }
     let _ = neigh.join();
     if let Some(t) = flows_thread {
         let _ = t.join();

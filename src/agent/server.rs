@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use super::{Shared, lock};
 use crate::admin::proto::{
-    ConntrackEntry, ConntrackList, LocalRoute, NextHopState, PodChecked, PodEntry, PodRemoved, PolicyList, PolicyPod,
-    PolicyRuleEntry, PortCounters, RemoteRoute, Routes, SkippedNode, SocketDrops, Stats, Status, TablesSummary,
+    ConntrackEntry, ConntrackList, FlowFilter, FlowList, LocalRoute, NextHopState, PodChecked, PodEntry, PodRemoved,
+    PolicyList, PolicyPod, PolicyRuleEntry, PortCounters, RemoteRoute, Routes, SkippedNode, SocketDrops, Stats, Status,
+    TablesSummary,
 };
 use crate::admin::{NodeInfo, Request, Response};
 use anyhow::Context;
@@ -34,6 +35,13 @@ const STOP_CHECK_MS: i32 = 100;
 pub(super) struct Server {
     listener: UnixListener,
     path: PathBuf,
+    handler: Handler,
+}
+
+/// Answers admin requests from the agent's shared state: for the admin socket, and for the web
+/// view's API (which asks the same questions over HTTP).
+#[derive(Debug, Clone)]
+pub(super) struct Handler {
     shared: Arc<Shared>,
 }
 
@@ -71,7 +79,7 @@ impl Server {
         let listener = UnixListener::bind(path).with_context(|| format!("admin.socket: binding {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        Ok(Server { listener, path: path.to_owned(), shared })
+        Ok(Server { listener, path: path.to_owned(), handler: Handler::new(shared) })
     }
 
     /// Serves until `stop` is set. The returned guard removes the socket file when dropped.
@@ -99,7 +107,7 @@ impl Server {
                 let mut line = String::new();
                 BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
                 match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => self.handle(req),
+                    Ok(req) => self.handler.handle(req),
                     Err(e) => Response::err(format!("bad request: {e}")),
                 }
             }
@@ -109,8 +117,15 @@ impl Server {
         out.push(b'\n');
         (&stream).write_all(&out)
     }
+}
 
-    fn handle(&self, req: Request) -> Response {
+impl Handler {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        Handler { shared }
+    }
+
+    /// The answer to `req`, as the admin socket gives it.
+    pub(super) fn handle(&self, req: Request) -> Response {
         let s = &self.shared;
         match req {
             Request::Info => {
@@ -223,7 +238,12 @@ impl Server {
         }
     }
 
-    fn status(&self) -> Status {
+    /// Flow and drop events after `after` (all kept, if `None`), the newest `limit`.
+    pub(super) fn flows(&self, after: Option<u64>, limit: usize) -> FlowList {
+        self.shared.flows.list(&FlowFilter::default(), after, limit.min(10_000))
+    }
+
+    pub(super) fn status(&self) -> Status {
         let s = &self.shared;
         let t = lock(&s.tables);
         let snap = t.current();
@@ -262,7 +282,7 @@ impl Server {
         }
     }
 
-    fn routes(&self) -> Routes {
+    pub(super) fn routes(&self) -> Routes {
         let s = &self.shared;
         let t = lock(&s.tables);
         let snap = t.current();
@@ -311,7 +331,7 @@ impl Server {
         Routes { generation: snap.generation(), remote, local, blackholes: d.blackholes.clone() }
     }
 
-    fn stats(&self) -> Stats {
+    pub(super) fn stats(&self) -> Stats {
         let s = &self.shared;
         let rates = lock(&s.rates);
         let Some((t1, c1)) = &rates.last else { return Stats::default() };
