@@ -383,6 +383,7 @@ mod tests {
             protocol: ferry_tables::Protocol::Tcp,
             endpoints: Vec::new(),
             affinity: None,
+            external: Default::default(),
         };
         let mut d = ServiceDelta { removed: vec!["x".into()], upserted: vec![spec("a", 1), spec("b", 2)] };
         d.merge(ServiceDelta { removed: vec!["a".into()], upserted: vec![spec("b", 3), spec("x", 4)] });

@@ -39,6 +39,7 @@ fn specs(services: u32, per: u32) -> Vec<ServiceSpec> {
                 .map(|e| EndpointSpec::ready(IpAddr::V4(Ipv4Addr::from_bits(0x0af4_0000 + s * per + e)), 8080))
                 .collect(),
             affinity: None,
+            external: Default::default(),
         })
         .collect()
 }

@@ -21,7 +21,12 @@
  * that parses this far but is wrong elsewhere (total length, checksum) goes to ferry, which drops
  * and counts it under its reason.
  *
- * Configuration (written by the loader, dataplane/src/xdp): `uplink_config[0]`.
+ * Services' frontends (NodePort, externalIPs, LoadBalancer IPs): a TCP or UDP packet (not a later
+ * fragment) whose destination address, port and protocol are in `frontends` goes to ferry too. A
+ * key's address is the external IP (IPv4 mapped into IPv6), or all zeros for a node port, which
+ * matches only this node's own address. The agent fills the map from the published services.
+ *
+ * Configuration (written by the loader, dataplane/src/xdp): `uplink_config[0]`, `frontends`.
  */
 #include "parse.h"
 
@@ -40,6 +45,41 @@ struct {
 	__type(value, struct uplink_config);
 } uplink_config SEC(".maps");
 
+/* A service's way in from outside: 16-byte address (IPv4-mapped, or zero: any node address), port,
+ * protocol. */
+struct frontend_key {
+	struct in6_addr addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct frontend_key);
+	__type(value, __u8);
+} frontends SEC(".maps");
+
+/* Whether the TCP or UDP packet at the cursor is for a frontend: `mine` says its destination is
+ * this node's address (node ports apply). */
+static __always_inline int is_frontend(struct cursor *c, __u8 proto, const __u32 daddr[4], int mine)
+{
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 0;
+	__be16 *ports = c->pos;
+	if ((void *)(ports + 2) > c->end)
+		return 0;
+	struct frontend_key key = { .port = ports[1], .proto = proto };
+	if (mine && bpf_map_lookup_elem(&frontends, &key))
+		return 1;
+	key.addr.in6_u.u6_addr32[0] = daddr[0];
+	key.addr.in6_u.u6_addr32[1] = daddr[1];
+	key.addr.in6_u.u6_addr32[2] = daddr[2];
+	key.addr.in6_u.u6_addr32[3] = daddr[3];
+	return bpf_map_lookup_elem(&frontends, &key) != NULL;
+}
+
 SEC("xdp")
 int ferry_uplink(struct xdp_md *ctx)
 {
@@ -52,14 +92,25 @@ int ferry_uplink(struct xdp_md *ctx)
 	__be16 proto = parse_eth(&c);
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = parse_ipv4(&c);
-		if (!ip || !cfg->has_v4 || ip->protocol != IPPROTO_UDP || ip->daddr != cfg->addr4)
+		if (!ip)
 			return XDP_PASS;
 		/* A later fragment has no UDP header: not known to be ours. */
 		if (ip->frag_off & bpf_htons(FERRY_IP_OFFSET))
 			return XDP_PASS;
+		int mine = cfg->has_v4 && ip->daddr == cfg->addr4;
+		__u32 mapped[4] = { 0, 0, bpf_htonl(0xffff), ip->daddr };
+		if (is_frontend(&c, ip->protocol, mapped, mine))
+			return to_socket(ctx);
+		if (!mine || ip->protocol != IPPROTO_UDP)
+			return XDP_PASS;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = parse_ipv6(&c);
-		if (!ip6 || !cfg->has_v6 || !addr6_eq(&ip6->daddr, &cfg->addr6))
+		if (!ip6)
+			return XDP_PASS;
+		int mine = cfg->has_v6 && addr6_eq(&ip6->daddr, &cfg->addr6);
+		if (is_frontend(&c, ip6->nexthdr, ip6->daddr.in6_u.u6_addr32, mine))
+			return to_socket(ctx);
+		if (!mine)
 			return XDP_PASS;
 		if (ip6->nexthdr == IPPROTO_FRAGMENT) {
 			struct ferry_frag_hdr *fh = c.pos;

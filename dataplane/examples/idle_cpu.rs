@@ -76,6 +76,8 @@ fn measure(mode: PollMode, seconds: u64) -> f64 {
         underlay_mtu: 1500,
         icmp_rate: (100, 10),
         host_exit: None,
+        snat_v4: None,
+        snat_v6: None,
     };
     let tables = Tables::new(
         Underlay::new(MacAddr(up.mac), Some(Ipv4Addr::new(192, 168, 61, 1)), None),

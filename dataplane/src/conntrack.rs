@@ -545,8 +545,10 @@ impl Conntrack {
     /// How long an entry of this protocol and these flags lives after its last packet, in ms.
     fn timeout_ms(&self, proto: u8, f: u8) -> u64 {
         let t = &self.timeouts;
-        // A policy record lives as long as its connection would.
-        let proto = crate::policy::record_real_proto(proto).unwrap_or(proto);
+        // A policy record, or a source-translation record, lives as long as its connection would.
+        let proto = crate::policy::record_real_proto(proto)
+            .or_else(|| crate::service::snat_record_real_proto(proto))
+            .unwrap_or(proto);
         let d = if f & flags::AFFINITY != 0 {
             t.affinity
         } else if proto != 6 {

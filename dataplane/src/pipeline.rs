@@ -49,7 +49,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::conntrack::{Conntrack, Timeouts};
 use crate::flows::Seen;
-use crate::service::{self, Outcome};
+use crate::service::{self, ExternalOutcome, Outcome, ReplyOutcome};
 
 /// What the pipeline asks of the forwarding tables. The published [`Snapshot`] implements it (a
 /// worker loads one per batch and passes it in); tests and benches may implement it with less.
@@ -133,8 +133,16 @@ pub struct NodeConfig {
     pub underlay_mtu: u16,
     /// ICMP errors per second per worker, and burst.
     pub icmp_rate: (u32, u32),
-    /// Where a pod's packets for outside the cluster go, if anywhere (see [`HostExit`]).
+    /// Where a pod's packets for outside the cluster go, if anywhere (see [`HostExit`]); also
+    /// the way out for replies to clients outside the cluster, and the way in to the node's kernel
+    /// for what the uplink program handed over that no service takes.
     pub host_exit: Option<HostExit>,
+    /// The node's IPv4 address in the pod network (its host port's overlay address): the source
+    /// that connections from outside to a service with `externalTrafficPolicy: Cluster` are
+    /// translated to, so that their replies come back through this node.
+    pub snat_v4: Option<Ipv4Addr>,
+    /// Likewise in IPv6.
+    pub snat_v6: Option<Ipv6Addr>,
 }
 
 /// The node's kernel as a pod's way out of the cluster: a packet from a pod port to an address
@@ -350,7 +358,7 @@ impl Pipeline {
     ) -> Verdict<PortId> {
         self.seen.reset();
         let v = match role {
-            PortRole::Uplink => self.uplink_ingress(fib, frame),
+            PortRole::Uplink => self.uplink_ingress(fib, frame, counters),
             PortRole::Pod => self.pod_ingress(fib, in_port, frame, counters),
         };
         if let Verdict::Drop(r) = v {
@@ -361,7 +369,16 @@ impl Pipeline {
 
     /// The stages of a tunnel packet: decap, classify, the checks on what the sender may send,
     /// then delivery to a local destination.
-    fn uplink_ingress<F: Fib>(&mut self, fib: &F, frame: &mut FrameBuf<'_>) -> Verdict<PortId> {
+    fn uplink_ingress<F: Fib>(
+        &mut self,
+        fib: &F,
+        frame: &mut FrameBuf<'_>,
+        counters: &mut PipelineCounters,
+    ) -> Verdict<PortId> {
+        // The uplink program hands over services' frontends too (node ports, external IPs).
+        if fib.services().has_external() && !is_tunnel(frame.data(), self.cfg.decap.port) {
+            return self.external_ingress(fib, frame, counters);
+        }
         let outer_src = match decap(&self.cfg.decap, frame) {
             Ok(d) => d.outer_src,
             Err(r) => return Verdict::Drop(r),
@@ -380,6 +397,126 @@ impl Pipeline {
             Route::Local { port, mac } => self.deliver(fib, &mut ctx, frame, port, mac, Arrival::Decapsulated),
             _ => Verdict::Drop(DropReason::NotLocalPod),
         }
+    }
+
+    /// The stages of a plain packet from outside the cluster on the uplink (to a node port, an
+    /// external IP or a load-balancer IP): the destination MAC, classify, the IPv4 header and TTL,
+    /// checksum completion, the service's external translation, then delivery to a local backend
+    /// (with its ingress policy) or encap toward the backend's node. What no service takes goes to
+    /// the node's kernel through the host port, as if the uplink program had passed it.
+    fn external_ingress<F: Fib>(
+        &mut self,
+        fib: &F,
+        frame: &mut FrameBuf<'_>,
+        counters: &mut PipelineCounters,
+    ) -> Verdict<PortId> {
+        if let Some(m) = self.cfg.decap.local_mac
+            && frame.data().get(0..6).is_some_and(|d| d != m.0)
+        {
+            return Verdict::Drop(DropReason::OuterDstMacNotOurs);
+        }
+        let mut ctx = classify!(frame.data(), Verdict::Drop(DropReason::UnsupportedEtherType));
+        self.observe(&ctx, frame);
+        let info = &ctx.flow;
+        if info.l3 == L3::Ipv4 && !Ipv4Packet::new_unchecked(&frame.data()[info.l3_offset..]).verify_checksum() {
+            return Verdict::Drop(DropReason::ExternalBadHeader);
+        }
+        if ctx.ttl() <= 1 {
+            return Verdict::Drop(DropReason::ExternalBadHeader);
+        }
+        if let Err(r) = offload::complete_checksum_with(frame.data_mut(), &ctx.flow) {
+            return Verdict::Drop(r);
+        }
+        let node_addr = match ctx.dst() {
+            IpAddr::V4(a) => self.cfg.decap.local_v4 == Some(a),
+            IpAddr::V6(a) => self.cfg.decap.local_v6 == Some(a),
+        };
+        let snat = self.snat_for(ctx.src());
+        let now = self.ct_now();
+        match service::external(&self.conntrack, now, fib.services(), &mut ctx, frame.data_mut(), node_addr, snat) {
+            ExternalOutcome::Translated => {
+                if self.observe {
+                    self.seen.translate(ctx.dst(), ctx.flow.ports.1);
+                }
+            }
+            ExternalOutcome::NotService => return self.to_kernel(frame),
+            ExternalOutcome::NoEndpoint => return self.reject_external(&ctx, frame, counters),
+            ExternalOutcome::NoLocalEndpoint => return Verdict::Drop(DropReason::ExternalNoLocalEndpoint),
+            ExternalOutcome::BackendGone => return Verdict::Drop(DropReason::ServiceBackendGone),
+            ExternalOutcome::NoSnat => return Verdict::Drop(DropReason::ExternalSnatExhausted),
+        }
+        match fib.route(ctx.dst()) {
+            Route::Local { port, mac } => {
+                decrement_ttl(frame, &ctx.flow);
+                // The backend's ingress rules, on its real address (and the client's, or under
+                // `Cluster` the node's, as the source).
+                step!(self.policy_stage(fib, &ctx, frame));
+                self.rewrite_eth(frame, mac);
+                Verdict::Forward(port)
+            }
+            Route::Remote { template, vtep_mac } => self.encap_stage(frame, &ctx.flow, template, vtep_mac, counters),
+            Route::Unresolved { .. } => Verdict::Drop(DropReason::NoNeighbour),
+            Route::Blackhole => Verdict::Drop(DropReason::Blackhole),
+            Route::NoRoute => Verdict::Drop(DropReason::NoRoute),
+        }
+    }
+
+    /// The node's address in the pod network in `a`'s family (see [`NodeConfig::snat_v4`]).
+    #[inline]
+    fn snat_for(&self, a: IpAddr) -> Option<IpAddr> {
+        match a {
+            IpAddr::V4(_) => self.cfg.snat_v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.cfg.snat_v6.map(IpAddr::V6),
+        }
+    }
+
+    /// A frame from the uplink that the uplink program handed over but no service takes (the
+    /// services changed since the program's map was written): to the node's kernel through the
+    /// host port, unchanged but for its Ethernet header, as if the program had passed it.
+    fn to_kernel(&self, frame: &mut FrameBuf<'_>) -> Verdict<PortId> {
+        match &self.cfg.host_exit {
+            Some(h) => {
+                self.rewrite_eth(frame, h.mac);
+                Verdict::Forward(h.port)
+            }
+            None => Verdict::Drop(DropReason::NoRoute),
+        }
+    }
+
+    /// Refuse a connection from outside to a service without endpoints, as [`Pipeline::reject`]
+    /// does, but from the node's uplink: its MAC, and (ICMP) its address.
+    fn reject_external(
+        &mut self,
+        ctx: &Ctx,
+        frame: &mut FrameBuf<'_>,
+        counters: &mut PipelineCounters,
+    ) -> Verdict<PortId> {
+        let reason = DropReason::ServiceNoEndpoint;
+        let mac = self.cfg.decap.local_mac.unwrap_or(self.cfg.gateway_mac);
+        if !self.limiter.allow(self.now_ns) {
+            return Verdict::Drop(reason);
+        }
+        if ctx.flow.protocol != protocol::TCP {
+            let source = ErrorSource { mac, ipv4: self.cfg.decap.local_v4, ipv6: self.cfg.decap.local_v6 };
+            let Ok(n) = icmp::build_error(IcmpError::PortUnreachable, frame.data(), &source, &mut self.scratch) else {
+                return Verdict::Drop(reason);
+            };
+            if frame.set_len(n).is_none() {
+                return Verdict::Drop(reason);
+            }
+            frame.data_mut().copy_from_slice(&self.scratch[..n]);
+            counters.drops[reason as usize] += 1;
+            counters.icmp_errors += 1;
+            return Verdict::Reply;
+        }
+        let Some(n) = crate::nat::tcp_reset(frame.data_mut(), ctx, mac.0) else {
+            return Verdict::Drop(reason);
+        };
+        if frame.set_len(n).is_none() {
+            return Verdict::Drop(reason);
+        }
+        counters.drops[reason as usize] += 1;
+        Verdict::Reply
     }
 
     /// The stages of a frame from a pod (or the host port): the access port, classify, the IP
@@ -536,7 +673,8 @@ impl Pipeline {
         let services = fib.services();
         if !services.is_empty() {
             let now = self.ct_now();
-            service::reply(&self.conntrack, now, services, ctx, frame.data_mut());
+            let snat = self.snat_for(ctx.dst());
+            service::reply(&self.conntrack, now, services, ctx, frame.data_mut(), snat);
         }
     }
 
@@ -617,7 +755,13 @@ impl Pipeline {
             let services = fib.services();
             if !services.is_empty() {
                 let now = self.ct_now();
-                service::reply(&self.conntrack, now, services, ctx, frame.data_mut());
+                let snat = self.snat_for(ctx.dst());
+                // A reply to a client outside the cluster (a `Cluster` connection from outside, to
+                // this node's address) leaves through the node's kernel.
+                if service::reply(&self.conntrack, now, services, ctx, frame.data_mut(), snat) == ReplyOutcome::External
+                {
+                    return self.host_exit_stage(self.cfg.uplink, ctx, frame);
+                }
             }
         }
         self.rewrite_eth(frame, mac);
@@ -806,6 +950,40 @@ fn smoltcp_checksums() -> smoltcp::phy::ChecksumCapabilities {
 /// rather than forwards.
 fn is_ndisc(frame: &[u8], info: &FlowInfo) -> bool {
     info.l4.and_then(|(start, _)| frame.get(start)).is_some_and(|t| (133..=137).contains(t))
+}
+
+/// Whether a frame from the uplink is UDP to the tunnel port (else it is for a service's frontend:
+/// the uplink program hands over nothing else). Reads a few bytes; a frame too short or too odd
+/// to tell counts as a tunnel packet, which decap then judges (and counts) as before.
+#[inline]
+fn is_tunnel(frame: &[u8], port: u16) -> bool {
+    let be16 = |at: usize| frame.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let mut l3 = 14;
+    let mut ethertype = be16(12);
+    if matches!(ethertype, Some(ethertype::VLAN | ethertype::QINQ)) {
+        ethertype = be16(16);
+        l3 = 18;
+    }
+    let udp = match ethertype {
+        Some(ethertype::IPV4) => match (frame.get(l3), frame.get(l3 + 9)) {
+            (Some(&vihl), Some(&proto)) => {
+                if proto != protocol::UDP {
+                    return false;
+                }
+                l3 + usize::from(vihl & 0x0f) * 4
+            }
+            _ => return true,
+        },
+        Some(ethertype::IPV6) => match frame.get(l3 + 6) {
+            Some(&protocol::UDP) => l3 + 40,
+            // A first fragment: decap refuses it (`outer_fragment`) as before.
+            Some(44) => return true,
+            Some(_) => return false,
+            None => return true,
+        },
+        _ => return true,
+    };
+    be16(udp + 2).is_none_or(|p| p == port)
 }
 
 /// Whether an Ethernet frame (untagged: a pod's frames are) carries ARP.

@@ -191,6 +191,8 @@ fn pod_reaches_a_kernel_vxlan_node_through_ferry() {
         underlay_mtu: 1500,
         icmp_rate: (100, 20),
         host_exit: None,
+        snat_v4: None,
+        snat_v6: None,
     };
     let free = FreeFrames::all(mem.frame_count());
     let w = Worker::new(ports, vec![PortRole::Uplink, PortRole::Pod], mem, free, Pipeline::new(cfg));

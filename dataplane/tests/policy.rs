@@ -265,6 +265,7 @@ fn a_service_is_judged_on_its_backend_port() {
         protocol: Protocol::Tcp,
         endpoints: vec![EndpointSpec::ready(IpAddr::V4(pod_ip(1, 2)), 8080)],
         affinity: None,
+        external: Default::default(),
     };
     // b takes 8080 from a (the backend port), a sends only to b on 8080.
     let mut n1 = Node::new(

@@ -14,8 +14,10 @@ use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use ferry_dataplane::port::mem::MemPort;
 use ferry_dataplane::worker::Worker;
 use ferry_encap::DropReason;
-use ferry_tables::{EndpointSpec, Protocol, ServiceSpec, Snapshot, Tables};
-use ferry_testsupport::node::{self, TestNode, UPLINK, gateway_ip, gateway_mac, pod_ip, pod_mac};
+use ferry_tables::{EndpointSpec, ExternalSpec, Protocol, ServiceSpec, Snapshot, Tables};
+use ferry_testsupport::node::{
+    self, TestNode, UPLINK, gateway_ip, gateway_mac, pod_ip, pod_mac, underlay_ip, underlay_mac,
+};
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const VPORT: u16 = 80;
@@ -136,6 +138,7 @@ fn service(protocol: Protocol, backends: &[IpAddr]) -> ServiceSpec {
         protocol,
         endpoints: backends.iter().map(|&a| EndpointSpec::ready(a, BPORT)).collect(),
         affinity: None,
+        external: Default::default(),
     }
 }
 
@@ -342,7 +345,14 @@ fn session_affinity_keeps_a_client_on_one_backend() {
 
 #[test]
 fn terminating_endpoints_serve_only_when_no_ready_one_is_left() {
-    let term = EndpointSpec { addr: local_backend(), port: BPORT, ready: false, serving: true, terminating: true };
+    let term = EndpointSpec {
+        addr: local_backend(),
+        port: BPORT,
+        ready: false,
+        serving: true,
+        terminating: true,
+        local: false,
+    };
     let mut spec = service(Protocol::Tcp, &[remote_backend()]);
     spec.endpoints.push(term);
     let mut a = Node::new(1, &[spec.clone()]);
@@ -403,4 +413,200 @@ fn flow_records_carry_the_vip_and_the_backend_chosen() {
     assert_eq!((r.in_port, r.out_port, r.packets), (1, 2, 1));
     assert_eq!(r.verdict, ferry_dataplane::flows::FlowVerdict::Forwarded);
     assert_eq!(r.stage, ferry_dataplane::flows::Stage::Deliver as u8);
+}
+
+// Services from outside the cluster (NodePort, external IPs): plain frames on the uplink.
+
+const NODE_PORT: u16 = 30080;
+/// A client outside the cluster, on the underlay, and its MAC.
+const CLIENT: [u8; 4] = [198, 51, 100, 7];
+const CLIENT_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 7];
+const EXTERNAL_IP: [u8; 4] = [203, 0, 113, 10];
+
+/// A node with two pods and the host port (the way back out for replies to outside clients).
+fn external_node(n: u8, services: &[ServiceSpec]) -> Node {
+    let spec = TestNode { pods: 2, host_port: true, host_exit: true, ..TestNode::new(n) };
+    let (worker, _) = spec.build();
+    let mut tables = spec.tables();
+    tables.set_services(services, Instant::now()).expect("services build");
+    let fib = tables.current();
+    Node { n, worker, tables, fib }
+}
+
+const HOST: usize = 3;
+
+fn external_service(protocol: Protocol, endpoints: Vec<EndpointSpec>, local: bool) -> ServiceSpec {
+    ServiceSpec {
+        name: "default/web:http".into(),
+        vip: ip(VIP),
+        port: VPORT,
+        protocol,
+        endpoints,
+        affinity: None,
+        external: ExternalSpec {
+            node_port: Some(NODE_PORT),
+            ips: vec![ip(EXTERNAL_IP)],
+            local,
+            health_check_node_port: None,
+        },
+    }
+}
+
+/// A frame from the client to node `n`'s uplink.
+fn from_client(n: u8, dst: [u8; 4], proto: Protocol, sport: u16, dport: u16, syn: bool, payload: &[u8]) -> Vec<u8> {
+    match proto {
+        Protocol::Tcp => tcp_frame(CLIENT_MAC, underlay_mac(n).0, CLIENT, dst, sport, dport, syn, payload),
+        Protocol::Udp => {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, underlay_mac(n).0)
+                .ipv4(CLIENT, dst, 64)
+                .udp(sport, dport)
+                .write(&mut out, payload)
+                .expect("build");
+            out
+        }
+    }
+}
+
+#[test]
+fn node_port_cluster_policy_translates_both_ends_to_a_remote_backend_and_back() {
+    let svc = [external_service(Protocol::Tcp, vec![EndpointSpec::ready(remote_backend(), BPORT)], false)];
+    let (mut a, mut b) = (external_node(1, &svc), external_node(2, &svc));
+    let node = underlay_ip(1).octets();
+    a.receive(UPLINK, &from_client(1, node, Protocol::Tcp, 41000, NODE_PORT, true, b""));
+    let outer = a.sent(UPLINK);
+    assert_eq!(outer.len(), 1, "encapsulated toward the backend's node");
+    b.receive(UPLINK, &outer[0]);
+    let delivered = b.sent(1);
+    assert_eq!(delivered.len(), 1);
+    let s = parse(&delivered[0]);
+    // The backend sees node 1's own address in the pod network as the source (Cluster policy).
+    assert_eq!((s.src, s.sport, s.dst, s.dport), (ip([10, 244, 1, 0]), 41000, remote_backend(), BPORT));
+    assert!(s.flags.0, "the SYN");
+    // Its reply goes to node 1 (that address is in node 1's pod CIDR), which restores both ends
+    // and hands it to its kernel through the host port.
+    let reply = tcp_frame(
+        pod_mac(2, 1).0,
+        gateway_mac(2).0,
+        pod_ip(2, 1).octets(),
+        [10, 244, 1, 0],
+        BPORT,
+        41000,
+        false,
+        b"hi",
+    );
+    b.receive(1, &reply);
+    let outer = b.sent(UPLINK);
+    assert_eq!(outer.len(), 1);
+    a.receive(UPLINK, &outer[0]);
+    let back = a.sent(HOST);
+    assert_eq!(back.len(), 1, "the reply leaves through the node's kernel");
+    let s = parse(&back[0]);
+    assert_eq!((s.src, s.sport, s.dst, s.dport), (ip(node), NODE_PORT, ip(CLIENT), 41000));
+    assert_eq!(s.payload, b"hi");
+    // The next segment of the connection keeps its translation.
+    a.receive(UPLINK, &from_client(1, node, Protocol::Tcp, 41000, NODE_PORT, false, b"more"));
+    b.receive(UPLINK, &a.sent(UPLINK)[0]);
+    let s = parse(&b.sent(1)[0]);
+    assert_eq!(
+        (s.src, s.sport, s.dst, s.dport, s.payload.as_slice()),
+        (ip([10, 244, 1, 0]), 41000, remote_backend(), BPORT, &b"more"[..])
+    );
+    assert_eq!(a.worker.counters().total_drops() + b.worker.counters().total_drops(), 0);
+}
+
+#[test]
+fn a_second_client_with_the_same_source_port_gets_another_translated_port() {
+    let svc = [external_service(Protocol::Udp, vec![EndpointSpec::ready(local_backend(), BPORT)], false)];
+    let mut a = external_node(1, &svc);
+    let node = underlay_ip(1).octets();
+    a.receive(UPLINK, &from_client(1, node, Protocol::Udp, 5000, NODE_PORT, false, b"one"));
+    let first = parse(&a.sent(2)[0]);
+    assert_eq!((first.src, first.sport, first.dst), (ip([10, 244, 1, 0]), 5000, local_backend()));
+    // Another client, same source port: the backend must not see one tuple for both.
+    let mut other = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, underlay_mac(1).0)
+        .ipv4([198, 51, 100, 8], node, 64)
+        .udp(5000, NODE_PORT)
+        .write(&mut other, b"two")
+        .expect("build");
+    a.receive(UPLINK, &other);
+    let second = parse(&a.sent(2)[0]);
+    assert_eq!(second.src, ip([10, 244, 1, 0]));
+    assert_ne!(second.sport, 5000, "a port of its own");
+    // Each reply reaches its own client.
+    for (s, client) in [(&first, CLIENT), (&second, [198, 51, 100, 8])] {
+        let mut reply = Vec::new();
+        PacketBuilder::ethernet2(pod_mac(1, 2).0, gateway_mac(1).0)
+            .ipv4(pod_ip(1, 2).octets(), [10, 244, 1, 0], 64)
+            .udp(BPORT, s.sport)
+            .write(&mut reply, b"r")
+            .expect("build");
+        a.receive(2, &reply);
+        let back = parse(&a.sent(HOST)[0]);
+        assert_eq!((back.src, back.sport, back.dst, back.dport), (ip(node), NODE_PORT, ip(client), 5000));
+    }
+    assert_eq!(a.worker.counters().total_drops(), 0);
+}
+
+#[test]
+fn local_policy_keeps_the_client_address_and_uses_local_endpoints_only() {
+    let local = EndpointSpec { local: true, ..EndpointSpec::ready(local_backend(), BPORT) };
+    let svc = [external_service(Protocol::Tcp, vec![local, EndpointSpec::ready(remote_backend(), BPORT)], true)];
+    let mut a = external_node(1, &svc);
+    for i in 0..20u16 {
+        a.receive(UPLINK, &from_client(1, EXTERNAL_IP, Protocol::Tcp, 42000 + i, VPORT, true, b""));
+        let out = a.sent(2);
+        assert_eq!(out.len(), 1, "always the local endpoint");
+        let s = parse(&out[0]);
+        assert_eq!((s.src, s.sport, s.dst, s.dport), (ip(CLIENT), 42000 + i, local_backend(), BPORT));
+    }
+    assert!(a.sent(UPLINK).is_empty(), "never the remote one");
+    // The reply, from the pod straight to the client, gets the external IP back and leaves
+    // through the node's kernel.
+    let reply = tcp_frame(pod_mac(1, 2).0, gateway_mac(1).0, pod_ip(1, 2).octets(), CLIENT, BPORT, 42000, false, b"ok");
+    a.receive(2, &reply);
+    let s = parse(&a.sent(HOST)[0]);
+    assert_eq!((s.src, s.sport, s.dst, s.dport), (ip(EXTERNAL_IP), VPORT, ip(CLIENT), 42000));
+    // Node 2 has no local endpoint of it: dropped and counted.
+    let remote_local = EndpointSpec { local: true, ..EndpointSpec::ready(remote_backend(), BPORT) };
+    let svc2 = [external_service(Protocol::Tcp, vec![EndpointSpec::ready(local_backend(), BPORT), remote_local], true)];
+    let mut b = external_node(2, &svc2);
+    let mut svc_none = svc2.clone();
+    svc_none[0].endpoints = vec![EndpointSpec::ready(pod_ip(1, 2).into(), BPORT)];
+    b.set_services(&svc_none);
+    b.receive(UPLINK, &from_client(2, underlay_ip(2).octets(), Protocol::Tcp, 42100, NODE_PORT, true, b""));
+    assert!(b.sent(UPLINK).is_empty() && b.sent(1).is_empty() && b.sent(2).is_empty());
+    assert_eq!(b.drops(DropReason::ExternalNoLocalEndpoint), 1);
+}
+
+#[test]
+fn external_without_endpoints_is_rejected_from_the_node_and_other_traffic_goes_to_the_kernel() {
+    let svc = [external_service(Protocol::Tcp, vec![], false), external_service(Protocol::Udp, vec![], false)];
+    let mut a = external_node(1, &svc);
+    let node = underlay_ip(1).octets();
+    a.receive(UPLINK, &from_client(1, node, Protocol::Tcp, 43000, NODE_PORT, true, b""));
+    let rst = a.sent(UPLINK);
+    assert_eq!(rst.len(), 1, "a RST back to the client");
+    let s = parse(&rst[0]);
+    assert_eq!((s.src, s.sport, s.dst, s.dport), (ip(node), NODE_PORT, ip(CLIENT), 43000));
+    assert!(s.flags.2, "RST");
+    assert_eq!(&rst[0][6..12], &underlay_mac(1).0, "from the uplink's MAC");
+    a.receive(UPLINK, &from_client(1, node, Protocol::Udp, 43001, NODE_PORT, false, b"q"));
+    let icmp = a.sent(UPLINK);
+    assert_eq!(icmp.len(), 1, "ICMP port unreachable");
+    let p = SlicedPacket::from_ethernet(&icmp[0]).expect("parses");
+    let Some(NetSlice::Ipv4(h)) = &p.net else { panic!("IPv4") };
+    assert_eq!((h.header().source(), h.header().destination()), (underlay_ip(1).octets(), CLIENT));
+    assert_eq!(a.drops(DropReason::ServiceNoEndpoint), 2);
+    // A port no service has (the uplink program would not hand it over; a stale map might):
+    // to the node's kernel, unchanged.
+    let ssh = from_client(1, node, Protocol::Tcp, 43002, 22, true, b"");
+    a.receive(UPLINK, &ssh);
+    let k = a.sent(HOST);
+    assert_eq!(k.len(), 1);
+    let s = parse(&k[0]);
+    assert_eq!((s.src, s.dst, s.dport), (ip(CLIENT), ip(node), 22));
+    // Tunnel traffic is still decapsulated as before (a ClusterIP round trip works).
+    assert_eq!(a.drops(DropReason::NoRoute), 0);
 }

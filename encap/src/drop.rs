@@ -172,6 +172,18 @@ drop_reasons! {
     /// The source pod's NetworkPolicy egress rules do not allow the packet (checked at the source
     /// pod's node).
     PolicyDeniedEgress => "policy_denied_egress", "NetworkPolicy: the source pod's egress rules refuse it";
+
+    // Services from outside the cluster: NodePort, external and load-balancer IPs (issue 14).
+
+    /// A connection from outside to a service with `externalTrafficPolicy: Local` that has no
+    /// endpoint on this node: dropped, as kube-proxy drops it (a load balancer's health check
+    /// steers clients away from such nodes).
+    ExternalNoLocalEndpoint => "external_no_local_endpoint", "service from outside, policy Local: no endpoint on this node";
+    /// A new connection from outside under `externalTrafficPolicy: Cluster` found no free source
+    /// port on the node's address for its backend (or the node has no address of its family).
+    ExternalSnatExhausted => "external_snat_exhausted", "service from outside, policy Cluster: no source port to translate to";
+    /// A packet from outside for a service: its IPv4 header checksum is wrong, or its TTL ran out.
+    ExternalBadHeader => "external_bad_header", "service from outside: IPv4 header checksum wrong or TTL exhausted";
 }
 
 #[cfg(test)]

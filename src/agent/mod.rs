@@ -12,6 +12,7 @@
 //! ```
 
 pub mod config;
+mod external;
 mod flows;
 mod metrics;
 mod pods;
@@ -338,6 +339,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             cluster_v4: nets_v4.clone(),
             cluster_v6: nets_v6.clone(),
         }),
+        // Connections from outside to a `Cluster` service are translated to the host port's
+        // overlay address (without a host port there is no way back out for their replies).
+        snat_v4: host_plan.as_ref().map(|p| p.addr),
+        snat_v6: host_plan.as_ref().and_then(|p| p.v6).map(|(a, _)| a),
     };
     let port_cfg = XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: cfg.busy_poll, fill_target: None };
     // Pods (and the host port) share each worker's frames with the uplink: each keeps half a fill
@@ -558,13 +563,29 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     shared.running.store(true, Ordering::Relaxed);
 
-    // Main loop: sample counters every second until a signal comes.
+    // Services from outside the cluster: the uplink program's frontends, the health check ports.
+    let mut frontends = external::FrontendSync::default();
+    let health = external::HealthServer::spawn(underlay_addr, Arc::clone(&stop))?;
+    if uplink_kind == UplinkPort::Udp {
+        tracing::info!("the UDP uplink has no XDP program: NodePorts, external and load-balancer IPs are not served");
+    }
+    // Main loop: sample counters every second until a signal comes; the services' frontends every
+    // 100 ms.
+    let mut last_sample: Option<Instant> = None;
     loop {
-        shared.beat();
-        sample(&shared);
-        // Off the hot path: expired connections go once a second (a scan of the table's slots).
-        shared.conntrack.gc(shared.conntrack.now());
-        if wait_signal(&signals, Duration::from_secs(1)) {
+        if last_sample.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_sample = Some(Instant::now());
+            shared.beat();
+            sample(&shared);
+            // Off the hot path: expired connections go once a second (a scan of the table's slots).
+            shared.conntrack.gc(shared.conntrack.now());
+        }
+        let services = Arc::clone(lock(&tables).services());
+        if let Some(x) = &uplink_xdp {
+            frontends.sync(x.program(), &services);
+        }
+        health.set(external::health_ports(&services));
+        if wait_signal(&signals, Duration::from_millis(100)) {
             break;
         }
         if threads.iter().any(JoinHandle::is_finished) {
@@ -582,6 +603,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let _ = t.join();
     }
     let _ = neigh.join();
+    health.join();
     if let Some(t) = flows_thread {
         let _ = t.join();
     }
@@ -741,6 +763,12 @@ fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Re
     }
     nl.set_up(&peer)?;
     nl.set_up(host_if)?;
+    // Replies to clients outside the cluster (NodePort, external IPs) reach the kernel through
+    // this port with the node's own address as their source, to be routed out: accept them.
+    let accept_local = format!("/proc/sys/net/ipv4/conf/{host_if}/accept_local");
+    if let Err(e) = std::fs::write(&accept_local, "1") {
+        tracing::warn!("{accept_local}: {e}: replies to clients outside the cluster would be dropped by the kernel");
+    }
     for c in cfg.cluster_cidrs.iter().filter(|c| c.addr().is_ipv4()) {
         nl.add_route(host_if, &Route { dst: *c, via: Some(gateway.into()), onlink: true, src: Some(addr.into()) })?;
     }

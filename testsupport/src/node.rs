@@ -139,6 +139,9 @@ impl TestNode {
                 cluster_v4: vec![ipnet::Ipv4Net::new(Ipv4Addr::new(10, 244, 0, 0), 16).expect("/16")],
                 cluster_v6: Vec::new(),
             }),
+            // The node's overlay address (10.244.n.0), as the agent's host port carries it.
+            snat_v4: self.host_port.then(|| Ipv4Addr::new(10, 244, n, 0)),
+            snat_v6: None,
         }
     }
 

@@ -16,8 +16,11 @@
 //!   `terminating` unset is not terminating. The first address of an endpoint is used.
 //! - **Policies**: `sessionAffinity: ClientIP` with its timeout (default 10,800 s).
 //!   `internalTrafficPolicy: Local` keeps only endpoints on this node: ferry translates at the
-//!   client's node, so that is exactly the policy's meaning. `externalTrafficPolicy` concerns
-//!   NodePort and load-balancer traffic, which ferry does not translate yet.
+//!   client's node, so that is exactly the policy's meaning.
+//! - **From outside** (types NodePort and LoadBalancer): each port's `nodePort`, `spec.externalIPs`
+//!   and `status.loadBalancer.ingress[].ip` (those of the cluster IP's family) go into the spec's
+//!   [`ExternalSpec`] with `externalTrafficPolicy` and `healthCheckNodePort`; an endpoint on this
+//!   node (`nodeName`) is marked local.
 //! - **Ignored**: headless Services (`clusterIP: None`), `ExternalName` Services, Services without
 //!   a cluster IP yet, SCTP ports, slices of `addressType: FQDN` and slices without the
 //!   service-name label (as kube-proxy ignores them).
@@ -35,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ferry_tables::{EndpointSpec, Protocol, ServiceSpec};
+use ferry_tables::{EndpointSpec, ExternalSpec, Protocol, ServiceSpec};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
@@ -64,6 +67,8 @@ pub struct ServicePortInfo {
     pub port: u16,
     /// Its protocol.
     pub protocol: Protocol,
+    /// Its `nodePort` (a Service's port of type NodePort or LoadBalancer; never a slice's).
+    pub node_port: Option<u16>,
 }
 
 /// What ferry takes from a Service.
@@ -77,6 +82,13 @@ pub struct ServiceInfo {
     pub affinity: Option<Duration>,
     /// `internalTrafficPolicy: Local`.
     pub internal_local: bool,
+    /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip` (those of the cluster IPs'
+    /// families).
+    pub external_ips: Vec<IpAddr>,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    /// `healthCheckNodePort`.
+    pub health_check_node_port: Option<u16>,
 }
 
 /// One endpoint of a slice.
@@ -148,12 +160,48 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Rejection> {
         .map(|ip| ip.trim().parse::<IpAddr>().map_err(|_| format!("{ip:?} is not an IP address")))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|r| reject("spec.clusterIPs", r))?;
+    let external_kind = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
         let Some(protocol) = protocol(p.protocol.as_deref()) else { continue };
         let port = port_number(p.port).map_err(|r| reject("spec.ports[].port", r))?;
-        ports.push(ServicePortInfo { name: p.name.clone().unwrap_or_default(), port, protocol });
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) if external_kind => Some(port_number(n).map_err(|r| reject("spec.ports[].nodePort", r))?),
+            Some(_) => None,
+        };
+        ports.push(ServicePortInfo { name: p.name.clone().unwrap_or_default(), port, protocol, node_port });
     }
+    let mut external_ips = Vec::new();
+    let lb_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref());
+    let ext = spec.external_ips.iter().flatten().map(|a| ("spec.externalIPs", a.as_str()));
+    for (field, a) in ext.chain(lb_ips.map(|a| ("status.loadBalancer.ingress[].ip", a))) {
+        let ip = a.trim().parse::<IpAddr>().map_err(|_| reject(field, format!("{a:?} is not an IP address")))?;
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            return Err(reject(field, format!("{ip} cannot be a service's address")));
+        }
+        if !external_ips.contains(&ip) {
+            external_ips.push(ip);
+        }
+    }
+    let external_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(reject("spec.externalTrafficPolicy", format!("{other:?} is not one of Cluster, Local")));
+        }
+    };
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(n) => Some(port_number(n).map_err(|r| reject("spec.healthCheckNodePort", r))?),
+    };
     let affinity = if spec.session_affinity.as_deref() == Some("ClientIP") {
         let t =
             spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref()).and_then(|c| c.timeout_seconds);
@@ -175,6 +223,9 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Rejection> {
         ports,
         affinity,
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        external_ips,
+        external_local,
+        health_check_node_port,
     }))
 }
 
@@ -252,7 +303,7 @@ pub fn slice_info(obj: &DynamicObject) -> Result<Option<SliceInfo>, Rejection> {
         // A port without a number stands for "all ports", which kube-proxy ignores too.
         let (Some(number), Some(protocol)) = (p.port, protocol(p.protocol.as_deref())) else { continue };
         let port = port_number(number).map_err(|r| reject("ports[].port", r))?;
-        ports.push(ServicePortInfo { name: p.name.clone().unwrap_or_default(), port, protocol });
+        ports.push(ServicePortInfo { name: p.name.clone().unwrap_or_default(), port, protocol, node_port: None });
     }
     let mut endpoints = Vec::new();
     for e in body.endpoints.iter().flatten() {
@@ -306,6 +357,7 @@ pub fn join<'a>(
                         ready: e.ready,
                         serving: e.serving,
                         terminating: e.terminating,
+                        local: e.node.as_deref() == Some(own_node),
                     });
                 }
             }
@@ -320,6 +372,12 @@ pub fn join<'a>(
                 protocol: p.protocol,
                 endpoints,
                 affinity: svc.affinity,
+                external: ExternalSpec {
+                    node_port: p.node_port,
+                    ips: svc.external_ips.iter().copied().filter(|a| a.is_ipv4() == vip.is_ipv4()).collect(),
+                    local: svc.external_local,
+                    health_check_node_port: svc.health_check_node_port.filter(|_| svc.external_local),
+                },
             });
         }
     }
@@ -720,8 +778,8 @@ mod tests {
         assert_eq!(
             s.ports,
             [
-                ServicePortInfo { name: "http".into(), port: 8080, protocol: Protocol::Tcp },
-                ServicePortInfo { name: "dns".into(), port: 5353, protocol: Protocol::Udp },
+                ServicePortInfo { name: "http".into(), port: 8080, protocol: Protocol::Tcp, node_port: None },
+                ServicePortInfo { name: "dns".into(), port: 5353, protocol: Protocol::Udp, node_port: None },
             ]
         );
         let conditions: Vec<_> = s.endpoints.iter().map(|e| (e.ready, e.serving, e.terminating)).collect();
@@ -803,7 +861,10 @@ mod tests {
         .expect("some");
         assert_eq!((s.service.as_str(), s.ipv4, s.endpoints[0].node.as_deref()), ("d/x", false, Some("n1")));
         assert!(!s.endpoints[0].ready && s.endpoints[0].serving);
-        assert_eq!(s.ports, [ServicePortInfo { name: String::new(), port: 80, protocol: Protocol::Tcp }]);
+        assert_eq!(
+            s.ports,
+            [ServicePortInfo { name: String::new(), port: 80, protocol: Protocol::Tcp, node_port: None }]
+        );
     }
 
     #[test]

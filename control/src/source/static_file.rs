@@ -65,7 +65,7 @@ use ferry_tables::policy::{
     IpBlockSpec, LabelSelectorSpec, NamedPort, NamespaceSpec, NetworkPolicySpec, PeerSpec, PodSpec, Policy,
     PolicyProtocol, PortSpec, PortValue, RequirementSpec, RuleSpec,
 };
-use ferry_tables::{EndpointSpec, Protocol, ServiceSpec};
+use ferry_tables::{EndpointSpec, ExternalSpec, Protocol, ServiceSpec};
 use ipnet::IpNet;
 use notify::Watcher;
 use serde::Deserialize;
@@ -222,6 +222,17 @@ struct ServiceEntry {
     #[serde(default)]
     terminating: Vec<String>,
     session_affinity_seconds: Option<u64>,
+    /// `type`: ClusterIP (default), NodePort or LoadBalancer.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    node_port: Option<u32>,
+    #[serde(default)]
+    external_ips: Vec<String>,
+    /// `status.loadBalancer.ingress[].ip`.
+    #[serde(default)]
+    load_balancer_ips: Vec<String>,
+    external_traffic_policy: Option<String>,
+    health_check_node_port: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,7 +297,7 @@ pub fn parse(text: &str, d: &Defaults) -> Result<Parsed, String> {
         .map(|c| parse_cidr(c).map_err(|e| format!("cluster_cidrs: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     let mut seen = BTreeSet::new();
-    let nodes = file
+    let nodes: Vec<Result<NodeSpec, Rejection>> = file
         .nodes
         .into_iter()
         .enumerate()
@@ -298,6 +309,13 @@ pub fn parse(text: &str, d: &Defaults) -> Result<Parsed, String> {
             entry_spec(e, d).map(|s| NodeSpec { seniority: Seniority { created: i as i64, uid: String::new() }, ..s })
         })
         .collect();
+    // This node's pod CIDRs: its endpoints are the local ones (`external_traffic_policy = "Local"`).
+    let own_cidrs: Vec<IpNet> = nodes
+        .iter()
+        .filter_map(|n| n.as_ref().ok())
+        .filter(|n| n.local)
+        .flat_map(|n| n.pod_cidrs.iter().copied())
+        .collect();
     let mut seen = BTreeSet::new();
     let services = file
         .services
@@ -306,7 +324,7 @@ pub fn parse(text: &str, d: &Defaults) -> Result<Parsed, String> {
             if !seen.insert(e.name.clone()) {
                 return Err(Rejection::new(e.name, "name", "appears twice in the file"));
             }
-            service_spec(e)
+            service_spec(e, &own_cidrs)
         })
         .collect();
     let namespaces = objects(file.namespaces, ObjectKind::Namespace);
@@ -449,7 +467,60 @@ fn endpoint(s: &str) -> Result<(IpAddr, u16), String> {
     Ok((a.ip(), a.port()))
 }
 
-fn service_spec(e: ServiceEntry) -> Result<ServiceSpec, Rejection> {
+/// A port number from the file (1..=65535), or why not.
+fn port_value(v: u32) -> Result<u16, String> {
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("{v} is not a port (1..=65535)")),
+    }
+}
+
+/// The external half of a `[[service]]` entry (NodePort, external and load-balancer IPs,
+/// `externalTrafficPolicy`), checked as Kubernetes' API checks a Service.
+fn external_spec(e: &ServiceEntry, vip: IpAddr) -> Result<ExternalSpec, (&'static str, String)> {
+    let kind = e.kind.as_deref().map(str::trim).unwrap_or("ClusterIP");
+    if !matches!(kind, "ClusterIP" | "NodePort" | "LoadBalancer") {
+        return Err(("type", format!("`{kind}` is not one of ClusterIP, NodePort, LoadBalancer")));
+    }
+    let node_port = e.node_port.map(port_value).transpose().map_err(|r| ("node_port", r))?;
+    if node_port.is_some() && kind == "ClusterIP" {
+        return Err(("node_port", "needs type = \"NodePort\" or \"LoadBalancer\"".into()));
+    }
+    let mut ips = Vec::new();
+    for (field, list) in [("external_ips", &e.external_ips), ("load_balancer_ips", &e.load_balancer_ips)] {
+        for a in list {
+            let ip = a.trim().parse::<IpAddr>().map_err(|_| (field, format!("{a:?} is not an IP address")))?;
+            if ip.is_ipv4() != vip.is_ipv4() {
+                return Err((field, format!("{ip} is not in the VIP's address family")));
+            }
+            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+                return Err((field, format!("{ip} cannot be a service's address")));
+            }
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    if !e.load_balancer_ips.is_empty() && kind != "LoadBalancer" {
+        return Err(("load_balancer_ips", "needs type = \"LoadBalancer\"".into()));
+    }
+    let local = match e.external_traffic_policy.as_deref().map(str::trim) {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => return Err(("external_traffic_policy", format!("`{other}` is not one of Cluster, Local"))),
+    };
+    let health_check_node_port =
+        e.health_check_node_port.map(port_value).transpose().map_err(|r| ("health_check_node_port", r))?;
+    if health_check_node_port.is_some() && !(local && kind == "LoadBalancer") {
+        return Err((
+            "health_check_node_port",
+            "needs type = \"LoadBalancer\" and external_traffic_policy = \"Local\"".into(),
+        ));
+    }
+    Ok(ExternalSpec { node_port, ips, local, health_check_node_port })
+}
+
+fn service_spec(e: ServiceEntry, own_cidrs: &[IpNet]) -> Result<ServiceSpec, Rejection> {
     let reject = |field: &str, reason: String| Rejection::new(e.name.clone(), field, reason);
     let vip = e.vip.trim().parse::<IpAddr>().map_err(|_| reject("vip", format!("{:?} is not an IP address", e.vip)))?;
     let protocol = match e.protocol.as_deref().map(str::trim) {
@@ -470,10 +541,13 @@ fn service_spec(e: ServiceEntry) -> Result<ServiceSpec, Rejection> {
             if port == 0 {
                 return Err(reject(field, format!("{s}: 0 is not a port")));
             }
-            endpoints.push(EndpointSpec { addr, port, ready, serving: true, terminating: !ready });
+            let local = own_cidrs.iter().any(|n| n.contains(&addr));
+            endpoints.push(EndpointSpec { addr, port, ready, serving: true, terminating: !ready, local });
         }
     }
+    let external = external_spec(&e, vip).map_err(|(f, r)| reject(f, r))?;
     Ok(ServiceSpec {
+        external,
         name: e.name,
         vip,
         port: e.port,

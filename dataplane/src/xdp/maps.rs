@@ -18,6 +18,23 @@ pub(crate) const LPM4_KEY_SIZE: usize = 8;
 /// `struct lpm6_key` (bpf/pod.c).
 pub(crate) const LPM6_KEY_SIZE: usize = 20;
 
+/// `struct frontend_key` (bpf/uplink.c).
+pub(crate) const FRONTEND_KEY_SIZE: usize = 20;
+
+/// `struct frontend_key { struct in6_addr addr; be16 port; u8 proto; u8 pad; }`: the address
+/// IPv4-mapped, or all zeros for a node port (any of the node's addresses).
+pub(crate) fn frontend_key(addr: Option<std::net::IpAddr>, port: u16, proto: u8) -> [u8; FRONTEND_KEY_SIZE] {
+    let mut b = [0u8; FRONTEND_KEY_SIZE];
+    match addr {
+        Some(std::net::IpAddr::V4(a)) => b[0..16].copy_from_slice(&a.to_ipv6_mapped().octets()),
+        Some(std::net::IpAddr::V6(a)) => b[0..16].copy_from_slice(&a.octets()),
+        None => {}
+    }
+    b[16..18].copy_from_slice(&port.to_be_bytes());
+    b[18] = proto;
+    b
+}
+
 /// `struct uplink_config { u8 has_v4; u8 has_v6; be16 port; be32 addr4; struct in6_addr addr6; }`.
 pub(crate) fn uplink_config(port: u16, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> [u8; UPLINK_CONFIG_SIZE] {
     let mut b = [0u8; UPLINK_CONFIG_SIZE];
@@ -76,6 +93,14 @@ mod tests {
         assert_eq!(b[23], 1);
         let b = uplink_config(6081, None, None);
         assert_eq!(b, [0, 0, 0x17, 0xc1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn frontend_key_layout() {
+        let b = frontend_key(Some("192.0.2.7".parse().expect("addr")), 30080, 6);
+        assert_eq!(&b[..16], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 7]);
+        assert_eq!(&b[16..], &[0x75, 0x80, 6, 0]);
+        assert_eq!(frontend_key(None, 53, 17)[..18], [0u8; 16].iter().chain(&[0, 53]).copied().collect::<Vec<_>>()[..]);
     }
 
     #[test]

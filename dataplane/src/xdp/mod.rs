@@ -241,6 +241,40 @@ impl XdpProgram {
         Ok(prog)
     }
 
+    /// Hand packets for a service's frontend (an uplink program only) to ferry (`on`), or stop
+    /// (`!on`): `addr` is an external or load-balancer IP, or `None` for a node port on this node's
+    /// address; `proto` the IP protocol.
+    ///
+    /// # Errors
+    /// The map is full (65,536 frontends) or the kernel refuses ([`XdpError::MapUpdate`]).
+    pub fn set_frontend(&self, addr: Option<std::net::IpAddr>, port: u16, proto: u8, on: bool) -> Result<(), XdpError> {
+        let key = maps::frontend_key(addr, port, proto);
+        let text = match addr {
+            Some(a) => format!("{a} port {port} proto {proto}"),
+            None => format!("node port {port} proto {proto}"),
+        };
+        if on {
+            return self.update("frontends", &key, &[1], &text, "the map holds at most 65,536 frontends");
+        }
+        let m = self.map("frontends").ok_or_else(|| XdpError::Load {
+            program: self.kind.name(),
+            source: io::Error::new(io::ErrorKind::NotFound, "map `frontends` is missing from the embedded object"),
+        })?;
+        // SAFETY: `m` belongs to this loaded object.
+        let fd = unsafe { libxdp_sys::bpf_map__fd(m.as_ptr()) };
+        // SAFETY: the key is the map's key size (FRONTEND_KEY_SIZE, checked when it was added).
+        let ret = unsafe { libxdp_sys::bpf_map_delete_elem(fd, key.as_ptr().cast()) };
+        if ret < 0 && -ret != libc::ENOENT {
+            return Err(XdpError::MapUpdate {
+                map: "frontends",
+                key: text,
+                hint: "removing a frontend should not fail; check the kernel log",
+                source: io::Error::from_raw_os_error(-ret),
+            });
+        }
+        Ok(())
+    }
+
     /// Load the pod program for an interface with `queues` receive queues, configured with `cfg`.
     ///
     /// # Errors

@@ -29,7 +29,9 @@ mod types;
 
 pub use desired::{DesiredState, LocalPod, RemoteNode, Underlay};
 pub use publish::{Publisher, Reader};
-pub use services::{Backend, EndpointSpec, Protocol, Service, ServiceError, ServiceSpec, Services};
+pub use services::{
+    Backend, EndpointSpec, ExternalSpec, Frontend, Protocol, Service, ServiceError, ServiceSpec, Services,
+};
 pub use snapshot::Snapshot;
 pub use tables::{BuildError, Publication, Tables};
 pub use types::{NextHop, PortId, Route};

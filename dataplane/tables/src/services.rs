@@ -84,12 +84,36 @@ pub struct EndpointSpec {
     pub serving: bool,
     /// Terminating: its pod is being deleted.
     pub terminating: bool,
+    /// On this node (the only endpoints `externalTrafficPolicy: Local` uses).
+    pub local: bool,
 }
 
 impl EndpointSpec {
-    /// A ready endpoint.
+    /// A ready endpoint (not on this node).
     pub fn ready(addr: IpAddr, port: u16) -> Self {
-        EndpointSpec { addr, port, ready: true, serving: true, terminating: false }
+        EndpointSpec { addr, port, ready: true, serving: true, terminating: false, local: false }
+    }
+}
+
+/// How a service is reached from outside the cluster (NodePort, externalIPs, LoadBalancer IPs):
+/// the part of a Service that is not its ClusterIP.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExternalSpec {
+    /// `nodePort`: the service on this port of every node address.
+    pub node_port: Option<u16>,
+    /// `externalIPs` and `status.loadBalancer.ingress[].ip`: the service on its own port there.
+    pub ips: Vec<IpAddr>,
+    /// `externalTrafficPolicy: Local`: only this node's endpoints, the client's address kept;
+    /// `Cluster` (false): any endpoint, the source translated to the node.
+    pub local: bool,
+    /// `healthCheckNodePort` (Local only): where the node answers how many local endpoints it has.
+    pub health_check_node_port: Option<u16>,
+}
+
+impl ExternalSpec {
+    /// Whether the service has any way in from outside.
+    pub fn is_empty(&self) -> bool {
+        self.node_port.is_none() && self.ips.is_empty()
     }
 }
 
@@ -108,6 +132,8 @@ pub struct ServiceSpec {
     pub endpoints: Vec<EndpointSpec>,
     /// `sessionAffinity: ClientIP` with its timeout; `None` for no affinity.
     pub affinity: Option<Duration>,
+    /// NodePort, external and load-balancer IPs, `externalTrafficPolicy`.
+    pub external: ExternalSpec,
 }
 
 /// Why a set of services was refused (nothing is published; the previous set stays).
@@ -124,6 +150,18 @@ pub enum ServiceError {
         vip: IpAddr,
         /// Their port.
         port: u16,
+        /// Their protocol.
+        protocol: Protocol,
+    },
+    /// Two services reachable from outside at the same address (or node port) and protocol.
+    #[error("services {first} and {second} both claim {front} from outside, {}", protocol.name())]
+    DuplicateExternal {
+        /// The first one listed.
+        first: String,
+        /// The second.
+        second: String,
+        /// `node port N` or `ADDRESS port N`.
+        front: String,
         /// Their protocol.
         protocol: Protocol,
     },
@@ -166,6 +204,12 @@ pub struct Service {
     /// Every endpoint, whatever its conditions (for the reverse match).
     endpoints: Arc<[Backend]>,
     affinity: Option<Duration>,
+    /// How it is reached from outside.
+    external: Arc<ExternalSpec>,
+    /// `externalTrafficPolicy: Local`: the local backends (ready, else serving-and-terminating)
+    /// and their Maglev table; empty otherwise.
+    local_backends: Arc<[Backend]>,
+    local_table: Arc<[u16]>,
 }
 
 impl Service {
@@ -214,6 +258,33 @@ impl Service {
         let slot = ((u64::from(hash) * self.table.len() as u64) >> 32) as usize;
         let i = *self.table.get(slot)?;
         self.backends.get(usize::from(i)).copied()
+    }
+
+    /// How the service is reached from outside the cluster.
+    pub fn external(&self) -> &ExternalSpec {
+        &self.external
+    }
+
+    /// The backend for a new connection from outside the cluster with this flow hash: any
+    /// backend (`externalTrafficPolicy: Cluster`), or a local one (`Local`); `None` when there
+    /// is none.
+    #[inline]
+    pub fn pick_external(&self, hash: u32) -> Option<Backend> {
+        if !self.external.local {
+            return self.pick(hash);
+        }
+        if self.local_table.is_empty() {
+            return None;
+        }
+        let slot = ((u64::from(hash) * self.local_table.len() as u64) >> 32) as usize;
+        let i = *self.local_table.get(slot)?;
+        self.local_backends.get(usize::from(i)).copied()
+    }
+
+    /// The local backends new connections from outside go to under `externalTrafficPolicy:
+    /// Local` (what the health check node port counts); empty under `Cluster`.
+    pub fn local_backends(&self) -> &[Backend] {
+        &self.local_backends
     }
 
     /// Whether an existing connection to `backend` may go on (the endpoint still serves).
@@ -381,12 +452,38 @@ pub struct Services {
     services: Box<[Service]>,
     by_vip: KeyMap,
     backends: KeyMap,
+    /// The ways in from outside: (external IP, port, protocol), and (`NODE_PORT_ADDR`, node
+    /// port, protocol) for a node port on any of the node's addresses.
+    by_front: KeyMap,
+    has_external: bool,
     generation: u64,
+}
+
+/// The key address of a node port (any node address): IPv6's unspecified address, never an
+/// external IP.
+const NODE_PORT_ADDR: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+
+/// One way into a service from outside the cluster (for the uplink's XDP program).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    /// The external IP, or `None` for a node port (every node address).
+    pub addr: Option<IpAddr>,
+    /// The port.
+    pub port: u16,
+    /// The protocol.
+    pub protocol: Protocol,
 }
 
 impl Default for Services {
     fn default() -> Self {
-        Services { services: Box::new([]), by_vip: KeyMap::new(0), backends: KeyMap::new(0), generation: 0 }
+        Services {
+            services: Box::new([]),
+            by_vip: KeyMap::new(0),
+            backends: KeyMap::new(0),
+            by_front: KeyMap::new(0),
+            has_external: false,
+            generation: 0,
+        }
     }
 }
 
@@ -432,6 +529,9 @@ impl Services {
     /// The exact-match indices over compiled services.
     fn index(services: Vec<Service>, generation: u64) -> Result<Services, ServiceError> {
         let mut by_vip = KeyMap::new(services.len());
+        let fronts: usize =
+            services.iter().map(|s| s.external.ips.len() + usize::from(s.external.node_port.is_some())).sum();
+        let mut by_front = KeyMap::new(fronts);
         let backend_count: usize = services.iter().map(|s| s.endpoints.len()).sum();
         let mut backend_set = KeyMap::new(backend_count);
         for (i, s) in services.iter().enumerate() {
@@ -449,8 +549,78 @@ impl Services {
             for b in s.endpoints.iter() {
                 backend_set.insert(Key::new(b.addr, b.port, s.protocol.number()), 0);
             }
+            let fronts = s
+                .external
+                .node_port
+                .map(|p| (NODE_PORT_ADDR, p))
+                .into_iter()
+                .chain(s.external.ips.iter().map(|&a| (a, s.port)));
+            for (addr, port) in fronts {
+                if let Some(first) = by_front.insert(Key::new(addr, port, s.protocol.number()), i as u32) {
+                    let front = if addr == NODE_PORT_ADDR {
+                        format!("node port {port}")
+                    } else {
+                        format!("{addr} port {port}")
+                    };
+                    return Err(ServiceError::DuplicateExternal {
+                        first: services[first as usize].name.to_string(),
+                        second: s.name.to_string(),
+                        front,
+                        protocol: s.protocol,
+                    });
+                }
+            }
         }
-        Ok(Services { services: services.into_boxed_slice(), by_vip, backends: backend_set, generation })
+        Ok(Services {
+            services: services.into_boxed_slice(),
+            by_vip,
+            backends: backend_set,
+            by_front,
+            has_external: fronts > 0,
+            generation,
+        })
+    }
+
+    /// The service reached from outside at `dst:port` over `proto`: a node port when `dst` is one
+    /// of this node's addresses (`node_addr`), else an external or load-balancer IP.
+    #[inline]
+    pub fn lookup_external(&self, dst: IpAddr, port: u16, proto: u8, node_addr: bool) -> Option<&Service> {
+        if self.services.is_empty() {
+            return None;
+        }
+        let i = if node_addr {
+            self.by_front
+                .get(&Key::new(NODE_PORT_ADDR, port, proto))
+                .or_else(|| self.by_front.get(&Key::new(dst, port, proto)))?
+        } else {
+            self.by_front.get(&Key::new(dst, port, proto))?
+        };
+        self.services.get(i as usize)
+    }
+
+    /// Whether any service is reachable from outside the cluster.
+    #[inline]
+    pub fn has_external(&self) -> bool {
+        self.has_external
+    }
+
+    /// Every way in from outside the cluster, sorted.
+    pub fn frontends(&self) -> Vec<Frontend> {
+        let mut v: Vec<Frontend> = self
+            .services
+            .iter()
+            .flat_map(|s| {
+                let np = s.external.node_port.map(|port| Frontend { addr: None, port, protocol: s.protocol });
+                np.into_iter().chain(s.external.ips.iter().map(|&a| Frontend {
+                    addr: Some(a),
+                    port: s.port,
+                    protocol: s.protocol,
+                }))
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// The service at `vip:port` for IP protocol `proto`.
@@ -513,7 +683,21 @@ fn compile(s: &ServiceSpec) -> Service {
     alive.sort_by(cmp_backend);
     alive.dedup();
     let m = if backends.len() > LARGE_BACKENDS { MAGLEV_LARGE } else { MAGLEV_DEFAULT };
+    let mut local_backends: Vec<Backend> = Vec::new();
+    if s.external.local && !s.external.is_empty() {
+        local_backends = s.endpoints.iter().filter(|e| e.local && e.ready).map(to_backend).collect();
+        if local_backends.is_empty() {
+            local_backends =
+                s.endpoints.iter().filter(|e| e.local && e.serving && e.terminating).map(to_backend).collect();
+        }
+        local_backends.sort_by(cmp_backend);
+        local_backends.dedup();
+    }
+    let local_m = if local_backends.len() > LARGE_BACKENDS { MAGLEV_LARGE } else { MAGLEV_DEFAULT };
     Service {
+        local_table: maglev_table(&local_backends, local_m).into(),
+        local_backends: local_backends.into(),
+        external: Arc::new(s.external.clone()),
         name: s.name.as_str().into(),
         vip: s.vip,
         port: s.port,
@@ -557,6 +741,7 @@ mod tests {
             protocol: Protocol::Tcp,
             endpoints: vec![EndpointSpec::ready("10.244.1.2".parse().expect("ip"), 8080)],
             affinity: None,
+            external: Default::default(),
         };
         let s = Services::build(&[spec("a", 80), spec("b", 443)], 1).expect("valid");
         assert_eq!(s.lookup("10.96.0.10".parse().expect("ip"), 443, 6).map(Service::name), Some("b"));
@@ -577,6 +762,7 @@ mod tests {
             protocol: Protocol::Tcp,
             endpoints: vec![EndpointSpec::ready(ip(backend), 8080)],
             affinity: None,
+            external: Default::default(),
         };
         let s = Services::build(&[spec("a", "10.96.0.1", "10.244.1.1"), spec("b", "10.96.0.2", "10.244.1.2")], 1)
             .expect("valid");
@@ -603,7 +789,14 @@ mod tests {
     #[test]
     fn terminating_endpoints_only_when_none_is_ready() {
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        let term = EndpointSpec { addr: ip("10.244.1.3"), port: 80, ready: false, serving: true, terminating: true };
+        let term = EndpointSpec {
+            addr: ip("10.244.1.3"),
+            port: 80,
+            ready: false,
+            serving: true,
+            terminating: true,
+            local: false,
+        };
         let mut spec = ServiceSpec {
             name: "t".into(),
             vip: ip("10.96.0.1"),
@@ -611,6 +804,7 @@ mod tests {
             protocol: Protocol::Tcp,
             endpoints: vec![EndpointSpec::ready(ip("10.244.1.2"), 80), term],
             affinity: None,
+            external: Default::default(),
         };
         let s = compile(&spec);
         assert_eq!(s.backends(), &[Backend { addr: ip("10.244.1.2"), port: 80 }]);
