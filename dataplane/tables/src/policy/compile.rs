@@ -6,13 +6,15 @@
 //! Pods with the same namespace, labels and named ports are indistinguishable to every policy, so
 //! they share one *identity* (Cilium's idea). The published [`PolicyTables`] hold:
 //!
-//! - the identity of every pod address in the cluster (one hash lookup);
-//! - for each local pod, by its addresses, a [`PodRules`]: per direction, `None` when no policy
-//!   selects the pod for that direction (open), else the allowed ports per peer identity, the
-//!   `ipBlock` rules, and the ports open to every peer.
+//! - every pod address in the cluster -> its identity and, for this node's pods that policies
+//!   select, the index of their rules (one lookup in a flat table keyed by the address as an
+//!   integer: [`super::flat`]);
+//! - for each such local pod, its rules per direction: `None` when no policy selects the pod for
+//!   that direction (open), else the ports open to every peer, to every pod, per peer identity
+//!   (a flat table identity -> one of the pod's few distinct port sets), and the `ipBlock` rules.
 //!
-//! A verdict is at most two address lookups and two identity lookups; the hot path never
-//! evaluates a selector.
+//! A verdict is two address lookups (source and destination) and at most one identity lookup
+//! per isolated direction; the hot path never evaluates a selector.
 //!
 //! # Incremental
 //!
@@ -41,6 +43,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use super::flat::FlatMap;
 use super::spec::{
     Direction, Labels, NAMESPACE_NAME_LABEL, NamedPort, Namespaces, Peer, PodSpec, Policy, PolicyProtocol, PortMatch,
     Rule,
@@ -89,11 +92,16 @@ impl Hasher for FastHasher {
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
+/// The compiler's maps, keyed by names and labels from the API: foldhash, randomly seeded per
+/// process (so crafted names cannot collide on purpose) and several times faster than SipHash on
+/// short strings, which the full compile hashes some hundred thousand times.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A peer identity (see the module doc).
 pub type Identity = u32;
 
 /// Which ports of which protocols a rule set allows toward one peer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct PortSet {
     /// Every protocol, every port (a rule without `ports`): ICMP and the rest included.
     pub all: bool,
@@ -218,16 +226,72 @@ pub enum PolicyVerdict {
     DenyIngress,
 }
 
+/// One address's entry in the published tables.
+#[derive(Debug, Clone, Copy, Default)]
+struct AddrEntry {
+    /// Its pod's identity (0: none; identities start at 1).
+    identity: Identity,
+    /// 1 + the index of its pod's rules in [`PolicyTables::local`] (0: not a local pod that
+    /// policies select).
+    local: u32,
+}
+
+/// One direction of a local pod's rules, as the hot path reads them (made from [`DirRules`]).
+#[derive(Debug, Clone, Default)]
+struct HotDir {
+    any: PortSet,
+    any_pod: PortSet,
+    /// Peer identity -> index into `sets`.
+    by_identity: FlatMap<u32, u32>,
+    /// The distinct port sets of `by_identity` (peers mostly share a handful).
+    sets: Vec<PortSet>,
+    blocks: Vec<(IpNet, Vec<IpNet>, PortSet)>,
+}
+
+impl HotDir {
+    fn new(d: &DirRules) -> Self {
+        let mut index: HashMap<&PortSet, u32> = HashMap::new();
+        let mut sets = Vec::new();
+        let by_identity = FlatMap::from_entries(d.by_identity.iter().map(|(id, ps)| {
+            let i = *index.entry(ps).or_insert_with(|| {
+                sets.push(ps.clone());
+                (sets.len() - 1) as u32
+            });
+            (*id, i)
+        }));
+        HotDir { any: d.any.clone(), any_pod: d.any_pod.clone(), by_identity, sets, blocks: d.blocks.clone() }
+    }
+}
+
+/// A local pod's compiled rules, and the same in the hot path's form.
+#[derive(Debug)]
+struct CompiledPod {
+    rules: Arc<PodRules>,
+    ingress: Option<HotDir>,
+    egress: Option<HotDir>,
+}
+
+impl CompiledPod {
+    fn new(rules: PodRules) -> Arc<Self> {
+        Arc::new(CompiledPod {
+            ingress: rules.ingress.as_ref().map(HotDir::new),
+            egress: rules.egress.as_ref().map(HotDir::new),
+            rules: Arc::new(rules),
+        })
+    }
+}
+
 /// The published policy part of the snapshot (hot path reads).
 #[derive(Debug, Default)]
 pub struct PolicyTables {
     generation: u64,
-    /// Every pod address -> its identity.
-    identity_of: FastMap<IpAddr, Identity>,
+    /// Every pod address -> its identity and local rules, by address family.
+    v4: FlatMap<u32, AddrEntry>,
+    v6: FlatMap<u128, AddrEntry>,
     /// Each identity's named ports (for egress `ipBlock` rules with a named port).
     identity_ports: FastMap<Identity, Arc<[NamedPort]>>,
-    /// This node's pods that some policy selects, by address.
-    local: FastMap<IpAddr, Arc<PodRules>>,
+    /// This node's pods that some policy selects.
+    local: Vec<Arc<CompiledPod>>,
     /// This node's own addresses: always allowed both ways.
     node_addrs: Vec<IpAddr>,
 }
@@ -244,46 +308,67 @@ impl PolicyTables {
         self.local.is_empty()
     }
 
-    /// The rules of the local pod with this address, if policies select it.
     #[inline]
-    pub fn local(&self, addr: IpAddr) -> Option<&PodRules> {
-        self.local.get(&addr).map(|r| &**r)
+    fn entry(&self, a: IpAddr) -> AddrEntry {
+        match a {
+            IpAddr::V4(a) => self.v4.get(a.to_bits()),
+            IpAddr::V6(a) => self.v6.get(a.to_bits()),
+        }
+        .unwrap_or_default()
     }
 
-    /// Every local pod with rules, once each (by its first address).
+    /// The local pod of an entry, if policies select it (`local` 0 wraps to an index past the end).
+    #[inline]
+    fn local_of(&self, e: AddrEntry) -> Option<&CompiledPod> {
+        self.local.get((e.local as usize).wrapping_sub(1)).map(|c| &**c)
+    }
+
+    /// The rules of the local pod with this address, if policies select it.
+    pub fn local(&self, addr: IpAddr) -> Option<&PodRules> {
+        self.local_of(self.entry(addr)).map(|c| &*c.rules)
+    }
+
+    /// Every local pod with rules, once each, by name.
     pub fn pods(&self) -> Vec<Arc<PodRules>> {
-        let mut seen = HashSet::new();
-        let mut out: Vec<Arc<PodRules>> =
-            self.local.values().filter(|r| seen.insert(r.pod.clone())).map(Arc::clone).collect();
+        let mut out: Vec<Arc<PodRules>> = self.local.iter().map(|c| Arc::clone(&c.rules)).collect();
         out.sort_by(|a, b| a.pod.cmp(&b.pod));
         out
     }
 
     /// The identity of a pod address.
-    #[inline]
     pub fn identity(&self, addr: IpAddr) -> Option<Identity> {
-        self.identity_of.get(&addr).copied()
+        Some(self.entry(addr).identity).filter(|i| *i != 0)
     }
 
-    /// Whether `rules` let traffic with `peer` through on `proto`/`port` (`port` 0 for protocols
-    /// without ports).
+    /// Whether `rules` let traffic with `peer` (of identity `id`, 0 for none) through on
+    /// `proto`/`port` (`port` 0 for protocols without ports).
     #[inline]
-    pub fn allows(&self, rules: &DirRules, peer: IpAddr, proto: u8, port: u16) -> bool {
+    fn allows(&self, rules: &HotDir, peer: IpAddr, id: Identity, proto: u8, port: u16) -> bool {
         if rules.any.allows(proto, port) {
             return true;
         }
-        let id = self.identity(peer);
-        if let Some(i) = id {
+        if id != 0 {
             if rules.any_pod.allows(proto, port) {
                 return true;
             }
-            if let Some(ps) = rules.by_identity.get(&i)
-                && ps.allows(proto, port)
+            if let Some(i) = rules.by_identity.get(id)
+                && rules.sets.get(i as usize).is_some_and(|ps| ps.allows(proto, port))
             {
                 return true;
             }
         }
-        rules.blocks.iter().any(|(cidr, except, ps)| {
+        !rules.blocks.is_empty() && self.blocks_allow(&rules.blocks, peer, id, proto, port)
+    }
+
+    fn blocks_allow(
+        &self,
+        blocks: &[(IpNet, Vec<IpNet>, PortSet)],
+        peer: IpAddr,
+        id: Identity,
+        proto: u8,
+        port: u16,
+    ) -> bool {
+        blocks.iter().any(|(cidr, except, ps)| {
             cidr.contains(&peer)
                 && !except.iter().any(|e| e.contains(&peer))
                 && (ps.allows(proto, port) || (!ps.named.is_empty() && self.named_allows(ps, id, proto, port)))
@@ -291,8 +376,8 @@ impl PolicyTables {
     }
 
     #[cold]
-    fn named_allows(&self, ps: &PortSet, id: Option<Identity>, proto: u8, port: u16) -> bool {
-        let Some(ports) = id.and_then(|i| self.identity_ports.get(&i)) else { return false };
+    fn named_allows(&self, ps: &PortSet, id: Identity, proto: u8, port: u16) -> bool {
+        let Some(ports) = self.identity_ports.get(&id) else { return false };
         ps.named.iter().any(|(p, n)| {
             *p == proto && ports.iter().any(|np| np.protocol.number() == proto && np.port == port && *np.name == **n)
         })
@@ -313,15 +398,16 @@ impl PolicyTables {
         if src == dst {
             return PolicyVerdict::Allow;
         }
-        if let Some(e) = self.local(src).and_then(|r| r.egress.as_ref())
+        let (s, d) = (self.entry(src), self.entry(dst));
+        if let Some(e) = self.local_of(s).and_then(|c| c.egress.as_ref())
             && !self.is_node(dst)
-            && !self.allows(e, dst, proto, port)
+            && !self.allows(e, dst, d.identity, proto, port)
         {
             return PolicyVerdict::DenyEgress;
         }
-        if let Some(i) = self.local(dst).and_then(|r| r.ingress.as_ref())
+        if let Some(i) = self.local_of(d).and_then(|c| c.ingress.as_ref())
             && !self.is_node(src)
-            && !self.allows(i, src, proto, port)
+            && !self.allows(i, src, s.identity, proto, port)
         {
             return PolicyVerdict::DenyIngress;
         }
@@ -329,19 +415,22 @@ impl PolicyTables {
     }
 }
 
-/// An identity's defining values.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct IdentityKey {
-    namespace: String,
-    labels: Labels,
-    ports: Vec<NamedPort>,
-}
-
+/// An identity: a namespace, labels and named ports (sorted).
 #[derive(Debug)]
 struct IdentityInfo {
-    key: IdentityKey,
+    /// The pod that first had them: its namespace and labels are the identity's (shared, not
+    /// copied: the full compile makes thousands of identities).
+    pod: Arc<PodSpec>,
     ports: Arc<[NamedPort]>,
+    /// Of namespace, labels and ports: the key in [`PolicyCompiler::identity_ids`].
+    hash: u64,
     pods: usize,
+}
+
+impl IdentityInfo {
+    fn is(&self, namespace: &str, labels: &Labels, ports: &[NamedPort]) -> bool {
+        self.pod.namespace == namespace && self.pod.labels == *labels && *self.ports == *ports
+    }
 }
 
 /// The compiler's state: every object, the identities, and the local pods' compiled tables. See
@@ -350,18 +439,26 @@ struct IdentityInfo {
 pub struct PolicyCompiler {
     node: String,
     node_addrs: Vec<IpAddr>,
-    namespaces: HashMap<String, Labels>,
-    pods: HashMap<String, (PodSpec, Identity)>,
+    namespaces: Map<String, Labels>,
+    pods: Map<String, (Arc<PodSpec>, Identity)>,
     /// The keys of this node's pods (a policy change looks at these only).
     local_pods: BTreeSet<String>,
-    policies: HashMap<String, Arc<Policy>>,
-    policies_by_ns: HashMap<String, BTreeSet<String>>,
-    identity_ids: HashMap<IdentityKey, Identity>,
-    identities: HashMap<Identity, IdentityInfo>,
-    identities_by_ns: HashMap<String, BTreeSet<Identity>>,
+    /// The same, by namespace (a policy selects pods of its own namespace only).
+    local_by_ns: Map<String, BTreeSet<String>>,
+    policies: Map<String, Arc<Policy>>,
+    policies_by_ns: Map<String, BTreeSet<String>>,
+    /// Identities by the hash of their namespace, labels and ports (hashed once per pod update,
+    /// not again on every growth of the map); `identity_overflow` holds any whose hash another
+    /// identity took first.
+    identity_ids: FastMap<u64, Identity>,
+    identity_overflow: Vec<Identity>,
+    id_hasher: foldhash::fast::RandomState,
+    no_ports: Arc<[NamedPort]>,
+    identities: Map<Identity, IdentityInfo>,
+    identities_by_ns: Map<String, BTreeSet<Identity>>,
     next_identity: Identity,
     /// Local pods' compiled rules (only pods some policy selects).
-    local: HashMap<String, Arc<PodRules>>,
+    local: Map<String, Arc<CompiledPod>>,
     /// Local pods to recompute at the next build.
     dirty: BTreeSet<String>,
     /// Every local pod is dirty.
@@ -415,14 +512,17 @@ impl PolicyCompiler {
 
     /// Sets (or removes) the pod `key` (`namespace/name`).
     pub fn set_pod(&mut self, key: &str, pod: Option<&PodSpec>) {
-        if self.pods.get(key).map(|(p, _)| p) == pod {
+        if self.pods.get(key).map(|(p, _)| &**p) == pod {
             return;
         }
         let old = self.pods.remove(key);
-        self.local_pods.remove(key);
         if let Some((old_pod, old_id)) = &old {
             if old_pod.node == self.node {
                 self.dirty.insert(key.to_owned());
+                self.local_pods.remove(key);
+                if let Some(set) = self.local_by_ns.get_mut(&old_pod.namespace) {
+                    set.remove(key);
+                }
             }
             self.release_identity(*old_id);
         }
@@ -430,12 +530,14 @@ impl PolicyCompiler {
             let mut ports = p.ports.clone();
             ports.sort();
             ports.dedup();
-            let id = self.identity_for(IdentityKey { namespace: p.namespace.clone(), labels: p.labels.clone(), ports });
+            let p = Arc::new(p.clone());
+            let id = self.identity_for(&p, ports);
             if p.node == self.node {
                 self.dirty.insert(key.to_owned());
                 self.local_pods.insert(key.to_owned());
+                self.local_by_ns.entry(p.namespace.clone()).or_default().insert(key.to_owned());
             }
-            self.pods.insert(key.to_owned(), (p.clone(), id));
+            self.pods.insert(key.to_owned(), (p, id));
         }
     }
 
@@ -444,7 +546,7 @@ impl PolicyCompiler {
         let old = self.policies.remove(key);
         for p in old.iter().map(|p| &**p).chain(policy) {
             // The local pods it selected before or selects now.
-            for k in &self.local_pods {
+            for k in self.local_by_ns.get(&p.namespace).into_iter().flatten() {
                 if let Some((pod, _)) = self.pods.get(k)
                     && pod.namespace == p.namespace
                     && p.pod_selector.matches(&pod.labels)
@@ -464,8 +566,16 @@ impl PolicyCompiler {
         }
     }
 
-    fn identity_for(&mut self, key: IdentityKey) -> Identity {
-        if let Some(&id) = self.identity_ids.get(&key) {
+    /// The identity of `pod`'s namespace, labels and (sorted) `ports`, made if new.
+    fn identity_for(&mut self, pod: &Arc<PodSpec>, ports: Vec<NamedPort>) -> Identity {
+        use std::hash::BuildHasher;
+        let hash = self.id_hasher.hash_one((&pod.namespace, &pod.labels, &ports));
+        let is = |id: &Identity| self.identities.get(id).is_some_and(|i| i.is(&pod.namespace, &pod.labels, &ports));
+        let found = match self.identity_ids.get(&hash) {
+            Some(id) if is(id) => Some(*id),
+            _ => self.identity_overflow.iter().find(|id| is(id)).copied(),
+        };
+        if let Some(id) = found {
             if let Some(info) = self.identities.get_mut(&id) {
                 info.pods += 1;
             }
@@ -473,10 +583,22 @@ impl PolicyCompiler {
         }
         let id = self.next_identity;
         self.next_identity += 1;
-        self.identity_ids.insert(key.clone(), id);
-        self.identities_by_ns.entry(key.namespace.clone()).or_default().insert(id);
-        let ports: Arc<[NamedPort]> = key.ports.clone().into();
-        self.identities.insert(id, IdentityInfo { key, ports, pods: 1 });
+        match self.identity_ids.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(_) => self.identity_overflow.push(id),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(id);
+            }
+        }
+        match self.identities_by_ns.get_mut(&pod.namespace) {
+            Some(ids) => {
+                ids.insert(id);
+            }
+            None => {
+                self.identities_by_ns.insert(pod.namespace.clone(), BTreeSet::from([id]));
+            }
+        }
+        let ports: Arc<[NamedPort]> = if ports.is_empty() { Arc::clone(&self.no_ports) } else { ports.into() };
+        self.identities.insert(id, IdentityInfo { pod: Arc::clone(pod), ports, hash, pods: 1 });
         self.new_identities.push(id);
         id
     }
@@ -488,8 +610,12 @@ impl PolicyCompiler {
             return;
         }
         if let Some(info) = self.identities.remove(&id) {
-            self.identity_ids.remove(&info.key);
-            if let Some(s) = self.identities_by_ns.get_mut(&info.key.namespace) {
+            if self.identity_ids.get(&info.hash) == Some(&id) {
+                self.identity_ids.remove(&info.hash);
+            } else {
+                self.identity_overflow.retain(|o| *o != id);
+            }
+            if let Some(s) = self.identities_by_ns.get_mut(&info.pod.namespace) {
                 s.remove(&id);
             }
         }
@@ -511,13 +637,13 @@ impl PolicyCompiler {
         policy_ns: &str,
         namespaces: &Namespaces,
         pods: &super::spec::Selector,
-        id: &IdentityKey,
+        id: &IdentityInfo,
     ) -> bool {
         let ns_ok = match namespaces {
-            Namespaces::Own => id.namespace == policy_ns,
-            Namespaces::Matching(sel) => sel.matches(&self.ns_labels(&id.namespace)),
+            Namespaces::Own => id.pod.namespace == policy_ns,
+            Namespaces::Matching(sel) => sel.matches(&self.ns_labels(&id.pod.namespace)),
         };
-        ns_ok && pods.matches(&id.labels)
+        ns_ok && pods.matches(&id.pod.labels)
     }
 
     /// The ports of `rule` toward a destination whose named ports are `dst_ports` (`None`: not a
@@ -690,9 +816,7 @@ impl PolicyCompiler {
                         rule.peers.iter().any(|peer| match peer {
                             // Covered by `any_pod` already.
                             Peer::Pods { .. } if every_pod(peer, rule, d == Direction::Ingress) => false,
-                            Peer::Pods { namespaces, pods } => {
-                                self.peer_matches(&p.namespace, namespaces, pods, &info.key)
-                            }
+                            Peer::Pods { namespaces, pods } => self.peer_matches(&p.namespace, namespaces, pods, info),
                             Peer::IpBlock { .. } => false,
                         })
                     };
@@ -743,7 +867,7 @@ impl PolicyCompiler {
             for k in keys {
                 let Some((pod, _)) = self.pods.get(&k) else { continue };
                 let Some(old) = self.local.get(&k) else { continue };
-                let mut rules = (**old).clone();
+                let mut rules = (*old.rules).clone();
                 for dir in [rules.ingress.as_mut(), rules.egress.as_mut()].into_iter().flatten() {
                     for id in &dead_ids {
                         dir.by_identity.remove(id);
@@ -752,7 +876,7 @@ impl PolicyCompiler {
                 for id in new_ids.iter().filter(|id| self.identities.contains_key(id)) {
                     self.patch_identity(&mut rules, pod, *id);
                 }
-                self.local.insert(k, Arc::new(rules));
+                self.local.insert(k, CompiledPod::new(rules));
             }
         }
         for k in &local_keys {
@@ -761,21 +885,26 @@ impl PolicyCompiler {
                 _ => None,
             };
             match compiled {
-                Some(r) => self.local.insert(k.clone(), Arc::new(r)),
+                Some(r) => self.local.insert(k.clone(), CompiledPod::new(r)),
                 None => self.local.remove(k),
             };
         }
         self.generation += 1;
-        let mut identity_of = FastMap::default();
-        identity_of.reserve(self.pods.len());
-        let mut local = FastMap::default();
+        let mut local = Vec::with_capacity(self.local.len());
+        let (mut v4, mut v6) = (Vec::with_capacity(self.pods.len()), Vec::new());
         for (k, (pod, id)) in &self.pods {
+            let at = match self.local.get(k) {
+                Some(r) => {
+                    local.push(Arc::clone(r));
+                    local.len() as u32
+                }
+                None => 0,
+            };
+            let e = AddrEntry { identity: *id, local: at };
             for a in &pod.ips {
-                identity_of.insert(*a, *id);
-            }
-            if let Some(r) = self.local.get(k) {
-                for a in &pod.ips {
-                    local.insert(*a, Arc::clone(r));
+                match a {
+                    IpAddr::V4(a) => v4.push((a.to_bits(), e)),
+                    IpAddr::V6(a) => v6.push((a.to_bits(), e)),
                 }
             }
         }
@@ -787,7 +916,8 @@ impl PolicyCompiler {
             .collect();
         PolicyTables {
             generation: self.generation,
-            identity_of,
+            v4: FlatMap::from_entries(v4),
+            v6: FlatMap::from_entries(v6),
             identity_ports,
             local,
             node_addrs: self.node_addrs.clone(),
@@ -811,7 +941,7 @@ fn every_pod(peer: &Peer, rule: &Rule, ingress: bool) -> bool {
 /// Each pod peer's identities, resolved once per build (peers repeat across policies and pods).
 #[derive(Debug, Default)]
 struct PeerCache {
-    resolved: HashMap<(String, Namespaces, super::spec::Selector), Arc<[Identity]>>,
+    resolved: Map<(String, Namespaces, super::spec::Selector), Arc<[Identity]>>,
 }
 
 impl PeerCache {
@@ -841,7 +971,7 @@ impl PeerCache {
         };
         let ids: Arc<[Identity]> = ids
             .into_iter()
-            .filter(|id| c.identities.get(id).is_some_and(|i| pods.matches(&i.key.labels)))
+            .filter(|id| c.identities.get(id).is_some_and(|i| pods.matches(&i.pod.labels)))
             .collect::<Vec<_>>()
             .into();
         self.resolved.insert(key, Arc::clone(&ids));

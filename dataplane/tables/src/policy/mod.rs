@@ -2,6 +2,7 @@
 //! form ([`spec`], shared by control and the data plane).
 
 pub mod compile;
+pub mod flat;
 pub mod spec;
 
 pub use compile::{DirRules, Identity, PodRules, PolicyCompiler, PolicyTables, PolicyVerdict, PortSet, RuleOrigin};
