@@ -1495,6 +1495,122 @@ fn services_cluster_ip_from_the_static_file() {
     }
 }
 
+/// `svc-probe.py udp` from `from` to `ip:port`: the answer, or "timeout".
+fn svc_udp(lab: &Lab, from: &str, ip: &str, port: u16) -> String {
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let out = run_bounded(10, &["ip", "netns", "exec", &lab.netns(from), python(), &py, "udp", ip, &port.to_string()]);
+    text(&out.stdout).trim().to_owned()
+}
+
+/// An HTTP GET from a namespace: (status, body).
+fn curl_from(lab: &Lab, from: &str, url: &str) -> (u16, String) {
+    let out = run_bounded(
+        10,
+        &["ip", "netns", "exec", &lab.netns(from), "curl", "-sS", "--max-time", "3", "-w", "\n%{http_code}", url],
+    );
+    let t = text(&out.stdout);
+    let (body, code) = t.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn services_node_port_cluster_and_local_from_outside() {
+    if !privileged("services_node_port_cluster_and_local_from_outside") {
+        return;
+    }
+    let _s = serial();
+    // The client is the underlay's own namespace (192.168.100.254 on the bridge): outside the
+    // cluster. Pods on taps: a Local backend's reply to the client goes through ferry.
+    let lab =
+        Lab::up("e2e_np", &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "tap", "--uplink-port", "afxdp"]);
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let spawn = |ns: String, args: &[&str]| {
+        Command::new("timeout")
+            .args(["-k", "2", "120", "ip", "netns", "exec", &ns, python(), &py])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("server")
+    };
+    // Backends n1-p2 and n2-p1 answer their name and the client address they see; node n1's
+    // kernel has a service of its own on port 2222 (an ssh stand-in).
+    let mut servers = vec![
+        spawn(lab.netns("n1-p2"), &["serve-peer", "8080", "n1-p2"]),
+        spawn(lab.netns("n2-p1"), &["serve-peer", "8080", "n2-p1"]),
+        spawn(lab.netns("n1"), &["serve", "2222", "kernel-n1"]),
+    ];
+    let (b1, b2) = (lab.pod_ip("n1-p2"), lab.pod_ip("n2-p1"));
+    let node_ip = |n: &str| lab.entry("nodes", n)["underlay_ip"].as_str().expect("underlay_ip").to_owned();
+    let (n1, n2) = (node_ip("n1"), node_ip("n2"));
+    let client = lab.list()["underlay_gateway"].as_str().expect("underlay_gateway").to_owned();
+    let file = lab.list()["static_file"].as_str().expect("static_file in list --json").to_owned();
+    let mut t = std::fs::read_to_string(&file).expect("static file");
+    let svc = |name: &str, vip: &str, proto: &str, extra: &str, eps: &[&str]| {
+        let eps: Vec<String> = eps.iter().map(|e| format!("\"{e}:8080\"")).collect();
+        format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"{proto}\"\nendpoints = [{}]\n{extra}\n",
+            eps.join(", ")
+        )
+    };
+    let cluster = "type = \"NodePort\"\nnode_port = 30080\nexternal_traffic_policy = \"Cluster\"";
+    t.push_str(&svc("default/cluster", "10.96.0.20", "TCP", cluster, &[&b1, &b2]));
+    t.push_str(&svc("default/cluster-udp", "10.96.0.20", "UDP", cluster, &[&b1, &b2]));
+    let local = "type = \"LoadBalancer\"\nnode_port = 30081\nexternal_traffic_policy = \"Local\"\nhealth_check_node_port = 32001";
+    t.push_str(&svc("default/local", "10.96.0.21", "TCP", local, &[&b1, &b2]));
+    let only_n1 = "type = \"LoadBalancer\"\nnode_port = 30083\nexternal_traffic_policy = \"Local\"\nhealth_check_node_port = 32003";
+    t.push_str(&svc("default/only-n1", "10.96.0.23", "TCP", only_n1, &[&b1]));
+    t.push_str(&svc("default/empty", "10.96.0.22", "TCP", "type = \"NodePort\"\nnode_port = 30082", &[]));
+    std::fs::write(&file, t).expect("write static file");
+
+    let answered = |got: &[String]| got.iter().any(|l| l.starts_with("n1-p2") || l.starts_with("n2-p1"));
+    for n in [&n1, &n2] {
+        let (got, ok) = poll_until(
+            Duration::from_secs(15),
+            Duration::from_millis(300),
+            || svc_connect(&lab, "ul", n, 30080, 1),
+            |g| answered(g),
+        );
+        assert!(ok, "no answer on node port {n}:30080 within 15 s: {got:?}");
+    }
+    // Cluster: 20 connections to n1's node port, every one answered by a backend on either node,
+    // which sees n1's own address in the pod network (10.244.1.0), not the client's.
+    let overlay_n1 = "10.244.1.0";
+    let got = svc_connect(&lab, "ul", &n1, 30080, 20);
+    println!("20 connections to {n1}:30080 (Cluster): {got:?}");
+    assert_eq!(got.len(), 20);
+    assert!(got.iter().all(|l| l == &format!("n1-p2 {overlay_n1}") || l == &format!("n2-p1 {overlay_n1}")), "{got:?}");
+    assert!(got.iter().any(|l| l.starts_with("n2-p1")), "a backend on the other node too: {got:?}");
+    let udp = svc_udp(&lab, "ul", &n1, 30080);
+    assert!(udp == format!("n1-p2 {overlay_n1}") || udp == format!("n2-p1 {overlay_n1}"), "UDP node port: {udp}");
+    // Local: the client's address kept, the node's own backend only.
+    for (n, own) in [(&n1, "n1-p2"), (&n2, "n2-p1")] {
+        let got = svc_connect(&lab, "ul", n, 30081, 10);
+        assert!(got.iter().all(|l| l == &format!("{own} {client}")), "Local on {n}: {got:?}");
+    }
+    // Its health check node port, as kube-proxy answers it.
+    let (code, body) = curl_from(&lab, "ul", &format!("http://{n1}:32001/healthz"));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\": 1") && body.contains("\"name\": \"local\""), "{body}");
+    let (code, body) = curl_from(&lab, "ul", &format!("http://{n2}:32003/healthz"));
+    assert_eq!(code, 503, "n2 has no endpoint of only-n1: {body}");
+    assert!(body.contains("\"localEndpoints\": 0"), "{body}");
+    // ... and n2 drops connections to it, counted.
+    let got = svc_connect(&lab, "ul", &n2, 30083, 1);
+    assert!(got.iter().all(|l| l.starts_with("error")), "Local without a local endpoint: {got:?}");
+    assert!(lab.ferry("n2", "stats")["drops"]["external_no_local_endpoint"].as_u64().unwrap_or(0) >= 1);
+    // No endpoint at all: refused.
+    assert_eq!(svc_connect(&lab, "ul", &n1, 30082, 2), ["refused", "refused"]);
+    // Everything else to the node still reaches its kernel.
+    assert_eq!(svc_connect(&lab, "ul", &n1, 2222, 3), ["kernel-n1", "kernel-n1", "kernel-n1"]);
+    assert!(lab.ping_once("ul", &n1, "2"), "ping to the node");
+    for mut s in servers.drain(..) {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}
+
 /// `ferry flows --json ARGS` on a node: its events (JSON lines).
 fn flows_json(lab: &Lab, node: &str, args: &[&str]) -> Vec<Value> {
     let sock = format!("/run/ferry-lab/{}/nodes/{node}/ferry.sock", lab.name);

@@ -250,7 +250,7 @@ fn uplink_verdicts_on_crafted_frames() {
         ("IPv4 cut before UDP", tunnel4[..36].to_vec(), Pass),
         ("IPv4 cut inside UDP", tunnel4[..40].to_vec(), Pass),
     ];
-    let mut wrong = Vec::new();
+    let mut wrong: Vec<String> = Vec::new();
     for (name, frame, want) in &cases {
         let got = prog.test_run(frame).expect("test run");
         if got != *want {
@@ -258,6 +258,33 @@ fn uplink_verdicts_on_crafted_frames() {
         }
     }
     assert!(wrong.is_empty(), "wrong verdicts:\n{}", wrong.join("\n"));
+
+    // Services' frontends: a node port on this node's address, an external IP's port.
+    let ext = Ipv4Addr::new(203, 0, 113, 10);
+    prog.set_frontend(None, 30080, 6, true).expect("node port");
+    prog.set_frontend(Some(ext.into()), 80, 17, true).expect("external IP");
+    let frontends: Vec<(&str, Vec<u8>, XdpAction)> = vec![
+        ("TCP to the node port", tcp4(A4, 30080), Redirect),
+        ("TCP to another port (ssh)", tcp4(A4, 22), Pass),
+        ("TCP to the node port, another address", tcp4(A4_OTHER, 30080), Pass),
+        ("UDP to the node port (TCP only)", udp4([2; 6], [4; 6], B4, A4, 1000, 30080, b"x"), Pass),
+        ("UDP to the external IP's port", udp4([2; 6], [4; 6], B4, ext, 1000, 80, b"x"), Redirect),
+        ("TCP to the external IP's port", tcp4(ext, 80), Pass),
+        ("a later fragment to the node port", frag(&tcp4(A4, 30080), 0x0010), Pass),
+        ("the tunnel still", tunnel4.clone(), Redirect),
+    ];
+    for (name, frame, want) in &frontends {
+        let got = prog.test_run(frame).expect("test run");
+        if got != *want {
+            wrong.push(format!("{name}: got {got:?}, want {want:?}"));
+        }
+    }
+    prog.set_frontend(None, 30080, 6, false).expect("removed");
+    prog.set_frontend(None, 30080, 6, false).expect("removing twice is no error");
+    if prog.test_run(&tcp4(A4, 30080)).expect("test run") != Pass {
+        wrong.push("the node port, removed: not passed".into());
+    }
+    assert!(wrong.is_empty(), "wrong frontend verdicts:\n{}", wrong.join("\n"));
 
     // An uplink without IPv6 lets all IPv6 pass.
     let v4_only = XdpProgram::uplink(&UplinkConfig { tunnel_port: TUNNEL_PORT, local_v4: Some(A4), local_v6: None }, 1)

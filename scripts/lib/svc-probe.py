@@ -3,6 +3,8 @@
 
   svc-probe.py serve PORT NAME            answer every TCP connection on PORT with NAME (until killed)
   svc-probe.py serve-both PORT NAME       the same, and every UDP datagram to PORT with NAME
+  svc-probe.py serve-peer PORT NAME       TCP and UDP on PORT, answering "NAME PEER" (the client address it sees)
+  svc-probe.py udp IP PORT                one UDP exchange with IP:PORT (3 tries); prints the answer or "timeout"
   svc-probe.py connect IP PORT COUNT      COUNT TCP connections to IP:PORT, one per source port; prints one
                                            line per connection: the name received, or the error
   svc-probe.py probe-all FILE             for each line "SERVICE VIP PORT BACKEND,BACKEND..." of FILE: one TCP
@@ -33,6 +35,26 @@ def serve_udp(port, name):
     while True:
         _, peer = s.recvfrom(2048)
         s.sendto(name.encode() + b"\n", peer)
+
+
+def serve_peer(port, name):
+    def udp():
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("0.0.0.0", port))
+        while True:
+            _, peer = u.recvfrom(2048)
+            u.sendto(f"{name} {peer[0]}\n".encode(), peer)
+    threading.Thread(target=udp, daemon=True).start()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(128)
+    while True:
+        c, peer = s.accept()
+        try:
+            c.sendall(f"{name} {peer[0]}\n".encode())
+        finally:
+            c.close()
 
 
 def serve_both(port, name):
@@ -111,6 +133,10 @@ def connect(ip, port, count):
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "serve-peer":
+        serve_peer(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "udp":
+        print(udp_once(sys.argv[2], int(sys.argv[3])))
     elif sys.argv[1] == "serve-both":
         serve_both(int(sys.argv[2]), sys.argv[3])
     elif sys.argv[1] == "probe-all":
