@@ -129,15 +129,77 @@ check_run() {
         fi
     done <<<"$lines"
     local sfails=0 stotal=0
+    local nfails=0 ntotal=0
     if [ -s "$STATE/services.txt" ]; then
         check_services "$json" "$jsep"
+        check_node_ports
     fi
     [ -z "$json" ] || echo "]" >>"$json"
     rm -rf "$CHECK_DIR"
     printf '\n%d of %d pairs passed (ping + %d-byte TCP)' "$((total - fails))" "$total" "$CHECK_BYTES"
     [ "$stotal" -eq 0 ] || printf ', %d of %d service probes (pod -> VIP, TCP and UDP)' "$((stotal - sfails))" "$stotal"
+    [ "$ntotal" -eq 0 ] || printf ', %d of %d from outside (NodePort, rejects)' "$((ntotal - nfails))" "$ntotal"
     printf ' in %s s\n' "$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')"
-    [ "$fails" -eq 0 ] && [ "$sfails" -eq 0 ]
+    [ "$fails" -eq 0 ] && [ "$sfails" -eq 0 ] && [ "$nfails" -eq 0 ]
+}
+
+# check_node_ports: from the underlay's namespace (a host outside the cluster on the underlay bridge), each
+# ferry node's NodePorts over TCP and UDP: lab/svc-1 (externalTrafficPolicy Cluster) answered by one of its
+# backends, lab/svc-2 (Local) by the node's own backend (a node without one drops it: not probed); and the
+# reject case: lab/svc-empty refused from outside (its NodePort) and from a pod (its VIP). AF_XDP uplink only
+# (a UDP uplink has no XDP program to hand these to ferry). Sets nfails and ntotal.
+check_node_ports() {
+    local n ip line name backends local_be p got
+    echo
+    if [ "$UPLINK_PORT" != afxdp ]; then
+        echo "from outside: skipped (--uplink-port $UPLINK_PORT: NodePorts need the AF_XDP uplink)"
+        return 0
+    fi
+    : >"$CHECK_DIR/nodeports.txt"
+    for n in $(nodes_of_kind ferry); do
+        ip=$(node_get "$n" UL_IP)
+        while read -r name _ _ backends; do
+            case "$name" in
+                lab/svc-1) echo "$name@$n $ip $((NP_BASE + 1)) $backends" ;;
+                lab/svc-2)
+                    # Local with veth pods: the reply leaves through the pod's XDP program untranslated (README).
+                    [ "$POD_PORT" != veth ] || continue
+                    local_be=""
+                    for p in ${backends//,/ }; do [ "$(pod_node "$p")" = "$n" ] && local_be+="${local_be:+,}$p"; done
+                    [ -z "$local_be" ] || echo "$name@$n $ip $((NP_BASE + 2)) $local_be"
+                    ;;
+            esac
+        done <"$STATE/services.txt"
+    done >"$CHECK_DIR/nodeports.txt"
+    timeout 120 ip netns exec "$(ul_ns)" "$PY" "$SVC_PROBE" probe-all "$CHECK_DIR/nodeports.txt" >"$CHECK_DIR/nodeports.res" 2>&1
+    printf '%-20s %-10s %s\n' CATEGORY FROM "NODEPORTS (TCP + UDP) AND REJECTS"
+    while read -r name ip proto res got; do
+        [ -n "$name" ] || continue
+        ntotal=$((ntotal + 1))
+        if [ "$res" = ok ]; then echo "  ok   outside -> $name $ip $proto: $got"; else
+            echo "  FAIL outside -> $name $ip $proto: $got"
+            nfails=$((nfails + 1))
+        fi
+    done <"$CHECK_DIR/nodeports.res"
+    # The reject case, from outside and from a pod.
+    for n in $(nodes_of_kind ferry); do
+        ip=$(node_get "$n" UL_IP)
+        got=$(timeout 30 ip netns exec "$(ul_ns)" "$PY" "$SVC_PROBE" connect "$ip" "$NP_BASE" 1)
+        ntotal=$((ntotal + 1))
+        if [ "$got" = refused ]; then echo "  ok   outside -> lab/svc-empty $ip:$NP_BASE tcp: refused"; else
+            echo "  FAIL outside -> lab/svc-empty $ip:$NP_BASE tcp: $got (want refused)"
+            nfails=$((nfails + 1))
+        fi
+    done
+    p=$(ferry_pods | awk 'NR == 1')
+    if [ -n "$p" ]; then
+        got=$(timeout 30 ip netns exec "$(node_ns "$p")" "$PY" "$SVC_PROBE" connect "$SVC_EMPTY_VIP" "$SVC_PORT" 1)
+        ntotal=$((ntotal + 1))
+        if [ "$got" = refused ]; then echo "  ok   $p -> lab/svc-empty $SVC_EMPTY_VIP tcp: refused"; else
+            echo "  FAIL $p -> lab/svc-empty $SVC_EMPTY_VIP tcp: $got (want refused)"
+            nfails=$((nfails + 1))
+        fi
+    fi
 }
 
 # check_services JSON_FILE JSON_SEPARATOR: every ferry node's pod -> every Service VIP of

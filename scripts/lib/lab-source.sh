@@ -243,9 +243,23 @@ kube_api_merge_patch() {
 # on 8080 (TCP and UDP; scripts/lib/svc-probe.py serve-both). $STATE/services.txt holds the plan, one
 # "NAME VIP PORT BACKEND,BACKEND" line per service; the source gets the Services (static: [[service]]
 # entries; kube: Service objects with spec.clusterIP and v1beta1 EndpointSlices); check probes them all.
+# From outside the cluster (AF_XDP uplink only): lab/svc-1 is also NodePort $((NP_BASE + 1)) with
+# externalTrafficPolicy Cluster, lab/svc-2 NodePort $((NP_BASE + 2)) with Local, and lab/svc-empty (VIP
+# $SVC_EMPTY_VIP, NodePort $NP_BASE) has no endpoint: check expects it refused from a pod and from outside.
 SVC_PORT=80
 SVC_TARGET=8080
 SVC_PROBE=$REPO/scripts/lib/svc-probe.py
+NP_BASE=30000
+SVC_EMPTY_VIP=10.96.255.254
+
+# svc_external NAME: "POLICY NODEPORT" for the services reachable from outside, nothing for the others.
+svc_external() {
+    case "$1" in
+        lab/svc-1) echo "Cluster $((NP_BASE + 1))" ;;
+        lab/svc-2) echo "Local $((NP_BASE + 2))" ;;
+        lab/svc-empty) echo "Cluster $NP_BASE" ;;
+    esac
+}
 
 ferry_pods() {
     local p
@@ -285,15 +299,17 @@ services_start_servers() {
 # [[service]] entries for the static file.
 services_static_toml() {
     [ -s "$STATE/services.txt" ] || return 0
-    local name vip port backends proto eps p
+    local name vip port backends proto eps p ext
     while read -r name vip port backends; do
         eps=""
         for p in ${backends//,/ }; do eps+="${eps:+, }\"$(pod_get "$p" IP):$SVC_TARGET\""; done
+        ext=$(svc_external "$name")
         for proto in TCP UDP; do
             printf '\n[[service]]\nname = "%s:%s"\nvip = "%s"\nport = %d\nprotocol = "%s"\nendpoints = [%s]\n' \
                 "$name" "${proto,,}" "$vip" "$port" "$proto" "$eps"
+            [ -z "$ext" ] || printf 'type = "NodePort"\nnode_port = %d\nexternal_traffic_policy = "%s"\n' "${ext#* }" "${ext% *}"
         done
-    done <"$STATE/services.txt"
+    done < <(cat "$STATE/services.txt"; echo "lab/svc-empty $SVC_EMPTY_VIP $SVC_PORT")
 }
 
 # Service objects and their EndpointSlices, 50 requests per curl (one connection, --next).
@@ -309,20 +325,27 @@ kube_put_services() {
         ! grep -q '"status": *"Failure"' <<<"$out" || die "creating services failed: $(grep -m1 '"message"' <<<"$out")"
     }
     k=0
+    local ext typ np1 np2
     while read -r name vip port backends; do
         svc=${name#lab/}
+        ext=$(svc_external "$name")
+        typ="" np1="" np2=""
+        if [ -n "$ext" ]; then
+            typ=",\"type\":\"NodePort\",\"externalTrafficPolicy\":\"${ext% *}\""
+            np1=",\"nodePort\":${ext#* }" np2=$np1
+        fi
         eps=""
         for p in ${backends//,/ }; do
             eps+="${eps:+,}{\"addresses\":[\"$(pod_get "$p" IP)\"],\"conditions\":{\"ready\":true},\"topology\":{\"kubernetes.io/hostname\":\"$(pod_node "$p")\"}}"
         done
         [ "${#reqs[@]}" -eq 0 ] || reqs+=(--next)
         reqs+=("${auth[@]}" -X POST "$base/api/v1/namespaces/default/services" --data-binary
-            "{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{\"name\":\"$svc\"},\"spec\":{\"clusterIP\":\"$vip\",\"ports\":[{\"name\":\"tcp\",\"port\":$port,\"protocol\":\"TCP\",\"targetPort\":$SVC_TARGET},{\"name\":\"udp\",\"port\":$port,\"protocol\":\"UDP\",\"targetPort\":$SVC_TARGET}]}}")
+            "{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{\"name\":\"$svc\"},\"spec\":{\"clusterIP\":\"$vip\"$typ,\"ports\":[{\"name\":\"tcp\",\"port\":$port,\"protocol\":\"TCP\",\"targetPort\":$SVC_TARGET$np1},{\"name\":\"udp\",\"port\":$port,\"protocol\":\"UDP\",\"targetPort\":$SVC_TARGET$np2}]}}")
         reqs+=(--next "${auth[@]}" -X POST "$base/apis/discovery.k8s.io/v1beta1/namespaces/default/endpointslices" --data-binary
             "{\"apiVersion\":\"discovery.k8s.io/v1beta1\",\"kind\":\"EndpointSlice\",\"metadata\":{\"name\":\"$svc-1\",\"labels\":{\"kubernetes.io/service-name\":\"$svc\"}},\"addressType\":\"IPv4\",\"endpoints\":[$eps],\"ports\":[{\"name\":\"tcp\",\"port\":$SVC_TARGET,\"protocol\":\"TCP\"},{\"name\":\"udp\",\"port\":$SVC_TARGET,\"protocol\":\"UDP\"}]}")
         k=$((k + 1))
         [ $((k % 25)) -ne 0 ] || _svc_flush
-    done <"$STATE/services.txt"
+    done < <(cat "$STATE/services.txt"; echo "lab/svc-empty $SVC_EMPTY_VIP $SVC_PORT")
     _svc_flush
 }
 
