@@ -448,6 +448,10 @@ impl<P: Port> Worker<P> {
             {
                 let sent = last.map_or(0, |(out, pkt)| self.super_forward(i, out, pkt, head));
                 self.ports[i].super_done(sent);
+            } else if n > 0 && self.ports[i].super_run().is_some() {
+                let rx_len = self.rx[n - 1].len;
+                let sent = last.map_or(0, |(out, pkt)| self.super_deliver(i, out, pkt, rx_len));
+                self.ports[i].super_done(sent);
             }
         }
         for p in 0..self.ports.len() {
@@ -563,6 +567,51 @@ impl<P: Port> Worker<P> {
         tx.packets += sent as u64;
         tx.bytes += tx_bytes;
         sent
+    }
+
+    /// The super-packet path, receive side. Port `in_port` (the UDP uplink) ended its batch with
+    /// the first datagram of a run of tunnel datagrams carrying consecutive segments of one inner
+    /// TCP flow ([`Port::super_run`]), and the pipeline sent that first segment, decapsulated, to
+    /// `out` as `pkt` (received as `rx_len` bytes). When `out` takes the run (a pod's tap), the
+    /// first segment's headers as the pipeline left them become the super-packet's and every
+    /// other segment's payload is written behind them in one write, without a frame or a pipeline
+    /// pass each (the same argument as [`Self::super_forward`]: the segments share every field a
+    /// stage reads, and the port offers no run with FIN/SYN/RST/URG). Returns the segments after
+    /// the first that went (0: declined, and the port delivers them as ordinary packets). Each
+    /// segment is counted as a packet received and sent, with its own bytes.
+    fn super_deliver(&mut self, in_port: usize, out: usize, pkt: Pkt, rx_len: u16) -> usize {
+        // The first segment must still be queued: a full batch may have gone out with it.
+        if out == in_port || self.out[out].last() != Some(&pkt) {
+            return 0;
+        }
+        self.out[out].pop();
+        // What was queued before it goes first.
+        self.send_queued(out);
+        let (src, dst) = two_mut(&mut self.ports, in_port, out);
+        let Some(run) = src.super_run() else {
+            self.out[out].push(pkt);
+            return 0;
+        };
+        if !dst.send_run(&mut self.mem, pkt, &run) {
+            self.out[out].push(pkt);
+            return 0;
+        }
+        let (head_rx, head_tx) = (u64::from(rx_len), u64::from(pkt.len));
+        let mss = run.mss as u64;
+        let (mut rx_bytes, mut tx_bytes) = (0, head_tx);
+        for i in 0..run.count {
+            let l = run.payload(i).len() as u64;
+            rx_bytes += (head_rx + l).saturating_sub(mss);
+            tx_bytes += (head_tx + l).saturating_sub(mss);
+        }
+        let k = run.count;
+        let rx = &mut self.counters.rx[usize::from(self.ids[in_port].0)];
+        rx.packets += k as u64;
+        rx.bytes += rx_bytes;
+        let tx = &mut self.counters.tx[usize::from(self.ids[out].0)];
+        tx.packets += 1 + k as u64;
+        tx.bytes += tx_bytes;
+        k
     }
 
     fn flush_port(&mut self, p: usize) {

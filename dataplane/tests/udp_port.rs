@@ -347,6 +347,12 @@ impl Port for TestPort {
     fn send_segments(&mut self, seg: &ferry_encap::gso::Segmenter<'_>, tunnel_header: usize, first: usize) -> usize {
         each!(self, p => p.send_segments(seg, tunnel_header, first))
     }
+    fn super_run(&self) -> Option<ferry_dataplane::port::SegmentRun<'_>> {
+        each!(self, p => p.super_run())
+    }
+    fn send_run(&mut self, mem: &mut HeapMem, head: Pkt, run: &ferry_dataplane::port::SegmentRun<'_>) -> bool {
+        each!(self, p => p.send_run(mem, head, run))
+    }
 }
 
 /// The worker's super-packet path: a pod on a tap (super-packets on) sends one 20,000-byte TCP
@@ -505,6 +511,260 @@ fn a_tap_super_packet_is_routed_once_and_sent_as_one_udp_segment_batch() {
     let c = worker.counters();
     // The pod's own start-up frames (IPv6 router solicitations and the like) are counted in too.
     assert_eq!((c.rx[1].packets, c.tx[0].packets), (15 + ts.reads - 1, 15), "counted per segment");
+    assert_eq!(worker.frames_accounted(), fixture.frames as usize);
+    let _ = tap::delete(Some(&path), tap_name);
+}
+
+/// One inner TCP segment from node 1's pod to node 2's, as node 1's pipeline hands it to the
+/// tunnel: source port `sport`, sequence number `seq`, `len` payload bytes (each byte a function
+/// of its sequence number), IPv4 ID `id` with DF, timestamps, flags set by `f`.
+fn pod_segment(
+    sport: u16,
+    seq: u32,
+    len: usize,
+    id: u16,
+    f: impl Fn(etherparse::PacketBuilderStep<etherparse::TcpHeader>) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+) -> Vec<u8> {
+    use ferry_testsupport::node;
+    let data: Vec<u8> = (0..len as u32).map(|i| payload_byte(seq + i)).collect();
+    let (src, dst) = (node::pod_ip(1, 1), node::pod_ip(2, 1));
+    let b = PacketBuilder::ethernet2(node::vtep_mac(1).0, node::vtep_mac(2).0)
+        .ipv4(src.octets(), dst.octets(), 63)
+        .tcp(sport, 5201, seq, 60000)
+        .ack(7)
+        .options(&[
+            etherparse::TcpOptionElement::Noop,
+            etherparse::TcpOptionElement::Noop,
+            etherparse::TcpOptionElement::Timestamp(11, 22),
+        ])
+        .expect("options");
+    let mut v = Vec::new();
+    f(b).write(&mut v, &data).expect("build");
+    v[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
+    v[14 + 6] |= 0x40;
+    ferry_encap::wire::ipv4::Ipv4Packet::new_unchecked(&mut v[14..]).fill_checksum();
+    v
+}
+
+fn payload_byte(seq: u32) -> u8 {
+    (seq.wrapping_mul(7) >> 3) as u8 ^ seq as u8
+}
+
+/// The super-packet path's receive side through a real worker: node 1 (a UDP port standing in for
+/// its uplink) sends two `UDP_SEGMENT` messages of VXLAN datagrams to node 2, whose worker has a
+/// UDP uplink (super-packets on) and a pod on a tap. The first message is 20 segments of one TCP
+/// flow, the last with PSH: one `UDP_GRO` buffer, routed once, written to the tap as one
+/// super-packet. The second mixes what must not be one: two more segments of the flow (a run of
+/// two), a segment of another flow, then the flow again, a hole, and a FIN: those take the ordinary
+/// path (a frame and a pipeline pass each, the tap's coalescer). A packet socket in the pod's
+/// namespace (`PACKET_VNET_HDR`) sees what the tap delivered: each packet's virtio-net header,
+/// headers and payload, checksums completed as the kernel would and checked by etherparse.
+#[test]
+fn a_udp_gro_run_is_routed_once_and_written_to_the_tap_as_one_super_packet() {
+    use ferry_dataplane::port::tap::{self, TapConfig, TapPort};
+    use ferry_dataplane::worker::Worker;
+    use ferry_testsupport::node;
+    if !privileged("a_udp_gro_run_is_routed_once_and_written_to_the_tap_as_one_super_packet") {
+        return;
+    }
+    let mut t = pair(1);
+    addr(&t.a, "192.0.2.1/24");
+    addr(&t.b, "192.0.2.2/24");
+    let pod_ns = t.ns.add(&format!("{}-q", tag()));
+    let path = std::path::PathBuf::from(format!("/run/netns/{pod_ns}"));
+    let tap_name = "fsr0";
+    tap::create_persistent(Some(&path), tap_name, Some(node::pod_mac(2, 1)), 1).expect("create tap");
+    run(&["ip", "-n", &pod_ns, "link", "set", tap_name, "mtu", "1450", "up"]);
+    // Let the pod's stack take anything (it answers with resets, which go nowhere).
+    let tap = TapPort::new(tap::open_queue(Some(&path), tap_name).expect("queue"), tap_name, TapConfig::default());
+    let uplink = {
+        let _in = InNetns::enter(&t.b.ns);
+        let mut cfg =
+            UdpPortConfig::new(SocketAddr::V4(SocketAddrV4::new(node::underlay_ip(2), 4789)), node::underlay_mac(2));
+        cfg.reuse_port = false;
+        cfg.super_packets = true;
+        UdpPort::<HeapMem>::open(&cfg).expect("uplink")
+    };
+    let mut far = {
+        let _in = InNetns::enter(&t.a.ns);
+        let mut cfg =
+            UdpPortConfig::new(SocketAddr::V4(SocketAddrV4::new(node::underlay_ip(1), 4789)), node::underlay_mac(1));
+        cfg.reuse_port = false;
+        UdpPort::<HeapMem>::open(&cfg).expect("node 1's end")
+    };
+    // The pod's view: every frame the tap hands its stack, with its virtio-net header.
+    let sniffer = {
+        let _in = InNetns::enter(&pod_ns);
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: socket(2); the result is checked and owned at once.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
+        assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a descriptor just created and owned by nothing else.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        // SAFETY: PACKET_VNET_HDR (15) takes an int.
+        let r = unsafe { libc::setsockopt(fd, libc::SOL_PACKET, 15, (&raw const one).cast(), 4) };
+        assert_eq!(r, 0, "PACKET_VNET_HDR: {}", std::io::Error::last_os_error());
+        let name = std::ffi::CString::new(tap_name).expect("name");
+        // SAFETY: all-zero is a valid sockaddr_ll; a NUL-terminated name.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        // SAFETY: a NUL-terminated name.
+        sll.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+        // SAFETY: a sockaddr_ll of the size passed.
+        let r = unsafe {
+            libc::bind(fd, (&raw const sll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t)
+        };
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        sock
+    };
+    let fixture = node::TestNode { pods: 1, frames: 1024, ..node::TestNode::new(2) };
+    let mut worker = Worker::new(
+        vec![TestPort::Udp(Box::new(uplink)), TestPort::Tap(Box::new(tap))],
+        fixture.roles(),
+        HeapMem::new(fixture.frames, FRAME_SIZE),
+        FreeFrames::all(fixture.frames),
+        ferry_dataplane::pipeline::Pipeline::new(fixture.config()),
+    );
+    let fib = fixture.tables().current();
+
+    const MSS: usize = 1380;
+    let a = |i: u32, f: &dyn Fn(Step) -> Step| pod_segment(40000, 1000 + i * MSS as u32, MSS, 100 + i as u16, f);
+    type Step = etherparse::PacketBuilderStep<etherparse::TcpHeader>;
+    let plain = |b: Step| b;
+    let first: Vec<Vec<u8>> = (0..20).map(|i| if i == 19 { a(i, &|b: Step| b.psh()) } else { a(i, &plain) }).collect();
+    let mixed: Vec<Vec<u8>> = vec![
+        a(20, &plain),
+        a(21, &plain),
+        pod_segment(40001, 5000, MSS, 900, plain),
+        a(22, &plain),
+        a(24, &plain),
+        a(25, &|b: Step| b.fin()),
+    ];
+    let tpl = TunnelTemplate::new(&TemplateParams::new(
+        TunnelKind::Vxlan,
+        1,
+        node::underlay_mac(1),
+        node::underlay_mac(2),
+        IpAddr::V4(node::underlay_ip(1)),
+        IpAddr::V4(node::underlay_ip(2)),
+    ))
+    .expect("template");
+    let (mut mem, mut free) = (HeapMem::new(FRAMES, FRAME_SIZE), FreeFrames::all(FRAMES));
+    for batch in [&first, &mixed] {
+        let mut pkts = Vec::new();
+        for f in batch.iter() {
+            let id = free.pop().expect("frame");
+            let buf = mem.frame_mut(id);
+            let off = usize::from(RX_HEADROOM);
+            buf[off..off + f.len()].copy_from_slice(f);
+            let mut fb = FrameBuf::new(buf, off, f.len()).expect("frame");
+            encap_with(&tpl, &mut fb, 0, 7).expect("encap");
+            pkts.push(Pkt { frame: id, offset: fb.start() as u16, len: fb.len() as u16 });
+        }
+        assert_eq!(far.send(&mut mem, &pkts), pkts.len());
+        far.flush().expect("flush");
+        far.reclaim(&mut free);
+    }
+    assert_eq!(far.udp_stats().tx_messages, 2, "two UDP_SEGMENT messages: {:?}", far.udp_stats());
+
+    // (source port, first sequence number, payload bytes, segments per its virtio-net header).
+    let want = [
+        (40000u16, 1000u32, 20 * MSS, 20u16),
+        (40000, 1000 + 20 * MSS as u32, 2 * MSS, 2),
+        (40001, 5000, MSS, 1),
+        (40000, 1000 + 22 * MSS as u32, MSS, 1),
+        (40000, 1000 + 24 * MSS as u32, 2 * MSS, 2),
+    ];
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 80 * 1024];
+    let until = deadline(5);
+    while got.len() < want.len() && std::time::Instant::now() < until {
+        worker.poll_once(&*fib);
+        loop {
+            // SAFETY: all-zero is a valid sockaddr_ll.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut fl = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: a live buffer of the length passed, and a sockaddr_ll with its size.
+            let n = unsafe {
+                libc::recvfrom(
+                    std::os::fd::AsRawFd::as_raw_fd(&sniffer),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    (&raw mut from).cast(),
+                    &raw mut fl,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            // Only what the tap delivered: not the pod's own resets and solicitations.
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            let (hdr, frame) = buf[..n as usize].split_at(10);
+            if u16::from_be_bytes([frame[12], frame[13]]) != 0x0800 {
+                continue;
+            }
+            let mut frame = frame.to_vec();
+            let (flags, gso_type) = (hdr[0], hdr[1]);
+            let gso_size = u16::from_le_bytes([hdr[4], hdr[5]]);
+            if flags & 1 != 0 {
+                // NEEDS_CSUM: complete it the way the kernel's checksum help does.
+                let (start, at) =
+                    (usize::from(u16::from_le_bytes([hdr[6], hdr[7]])), u16::from_le_bytes([hdr[8], hdr[9]]));
+                let at = start + usize::from(at);
+                let c = ferry_encap::checksum::finish_sum(ferry_encap::checksum::sum(&frame[start..]));
+                frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+            }
+            let sp = etherparse::SlicedPacket::from_ethernet(&frame).expect("parses");
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &sp.net else { panic!("IPv4") };
+            let h = ip.header();
+            assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum(), "IPv4 checksum");
+            assert_eq!(usize::from(h.total_len()), frame.len() - 14, "IP length covers the frame");
+            let Some(etherparse::TransportSlice::Tcp(tcp)) = &sp.transport else { panic!("TCP") };
+            assert_eq!(
+                tcp.checksum(),
+                tcp.calc_checksum_ipv4(h.source(), h.destination()).expect("sum"),
+                "TCP checksum"
+            );
+            assert_eq!(&frame[..6], &node::pod_mac(2, 1).0, "delivered to the pod's MAC");
+            let seq = tcp.sequence_number();
+            for (k, b) in tcp.payload().iter().enumerate() {
+                assert_eq!(*b, payload_byte(seq + k as u32), "payload byte {k} of the packet at {seq}");
+            }
+            let segments = if gso_type == 0 {
+                1
+            } else {
+                assert_eq!((gso_type & 0x7f, usize::from(gso_size)), (1, MSS), "TCPv4 GSO at the MSS");
+                tcp.payload().len().div_ceil(MSS) as u16
+            };
+            if seq == 1000 {
+                assert!(tcp.psh(), "the first run's last segment had PSH");
+            }
+            if seq == 1000 + 24 * MSS as u32 {
+                assert!(tcp.fin(), "the FIN arrived");
+            }
+            got.push((tcp.source_port(), seq, tcp.payload().len(), segments));
+        }
+    }
+    let TestPort::Tap(tap) = &worker.ports()[1] else { panic!("port 1 is the pod") };
+    let ts = tap.tap_stats();
+    let TestPort::Udp(up) = &worker.ports()[0] else { panic!("port 0 is the uplink") };
+    let us = up.udp_stats();
+    // Flows may interleave differently (the coalescer writes what it holds at the end of a batch).
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    let mut want = want.to_vec();
+    want.sort_unstable();
+    assert_eq!(sorted, want, "what the pod received: {got:?} {ts:?} {us:?}");
+    assert_eq!((us.rx_messages, us.rx_datagrams), (2, 26), "two UDP_GRO buffers: {us:?}");
+    assert_eq!((us.rx_runs, us.rx_run_segments), (2, 20), "two runs took the path, 19 + 1 after their heads: {us:?}");
+    assert_eq!((ts.run_writes, ts.run_segments), (2, 22), "each run one write: {ts:?}");
+    let c = worker.counters();
+    assert_eq!((c.rx[0].packets, c.tx[1].packets), (26, 26), "counted per segment");
     assert_eq!(worker.frames_accounted(), fixture.frames as usize);
     let _ = tap::delete(Some(&path), tap_name);
 }

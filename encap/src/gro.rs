@@ -324,35 +324,192 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> Coalescer<S> {
             return;
         }
         self.stats.super_packets += 1;
-        let (l3, l4) = (p.l3, p.l4);
-        let ip_len = p.len - l3;
-        let l4_len = p.len - l4;
-        // Runs stop at MAX_IP_LEN, so the lengths fit 16 bits.
-        let pseudo = if p.v4 {
-            s[l3 + 2..l3 + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
-            s[l3 + 10..l3 + 12].fill(0);
-            let c = checksum::of(&s[l3..l4]);
-            s[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
-            checksum::sum(&s[l3 + 12..l3 + 20]) + u32::from(protocol::TCP) + l4_len as u32
-        } else {
-            s[l3 + 4..l3 + 6].copy_from_slice(&((ip_len - ipv6::HEADER_LEN) as u16).to_be_bytes());
-            checksum::sum(&s[l3 + 8..l3 + 40]) + u32::from(protocol::TCP) + l4_len as u32
-        };
-        let at = l4 + tcp::CHECKSUM_OFFSET;
-        s[at..at + 2].copy_from_slice(&(!checksum::finish_sum(pseudo)).to_be_bytes());
-        let vnet = VirtioNetHdr {
-            needs_csum: true,
-            data_valid: false,
-            gso: if p.v4 { Gso::TcpV4 } else { Gso::TcpV6 },
-            ecn: s[l4 + tcp::FLAGS_OFFSET] & flags::CWR != 0,
-            hdr_len: p.hdr_end as u16,
-            gso_size: p.mss as u16,
-            csum_start: l4 as u16,
-            csum_offset: tcp::CHECKSUM_OFFSET as u16,
-            num_buffers: 0,
-        };
+        let vnet = super_fields(s, p.v4, p.l3, p.l4, p.hdr_end, p.mss);
         emit(Output { vnet, frame: s, segments: p.count });
     }
+}
+
+/// Make `s` (a whole super-packet, or at least its headers: `s[..hdr_end]`, with the frame
+/// `frame_len` bytes long) a `NEEDS_CSUM` GSO packet: IP length, IPv4 header checksum, the
+/// pseudo-header sum in the TCP checksum field; returns its virtio-net header.
+fn super_fields_len(
+    s: &mut [u8],
+    frame_len: usize,
+    v4: bool,
+    l3: usize,
+    l4: usize,
+    hdr_end: usize,
+    mss: usize,
+) -> VirtioNetHdr {
+    let ip_len = frame_len - l3;
+    let l4_len = frame_len - l4;
+    // Runs stop at MAX_IP_LEN, so the lengths fit 16 bits.
+    let pseudo = if v4 {
+        s[l3 + 2..l3 + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+        s[l3 + 10..l3 + 12].fill(0);
+        let c = checksum::of(&s[l3..l4]);
+        s[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+        checksum::sum(&s[l3 + 12..l3 + 20]) + u32::from(protocol::TCP) + l4_len as u32
+    } else {
+        s[l3 + 4..l3 + 6].copy_from_slice(&((ip_len - ipv6::HEADER_LEN) as u16).to_be_bytes());
+        checksum::sum(&s[l3 + 8..l3 + 40]) + u32::from(protocol::TCP) + l4_len as u32
+    };
+    let at = l4 + tcp::CHECKSUM_OFFSET;
+    s[at..at + 2].copy_from_slice(&(!checksum::finish_sum(pseudo)).to_be_bytes());
+    VirtioNetHdr {
+        needs_csum: true,
+        data_valid: false,
+        gso: if v4 { Gso::TcpV4 } else { Gso::TcpV6 },
+        ecn: s[l4 + tcp::FLAGS_OFFSET] & flags::CWR != 0,
+        hdr_len: hdr_end as u16,
+        gso_size: mss as u16,
+        csum_start: l4 as u16,
+        csum_offset: tcp::CHECKSUM_OFFSET as u16,
+        num_buffers: 0,
+    }
+}
+
+fn super_fields(s: &mut [u8], v4: bool, l3: usize, l4: usize, hdr_end: usize, mss: usize) -> VirtioNetHdr {
+    let len = s.len();
+    super_fields_len(s, len, v4, l3, l4, hdr_end, mss)
+}
+
+/// A run of back-to-back tunnel datagrams (a `UDP_GRO` buffer, or the rest of one) that one
+/// super-packet can stand for: found by [`tunnel_run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelRun {
+    /// Datagrams in the run, the first included (at least 2).
+    pub count: usize,
+    /// Where the inner TCP payload starts in each datagram (tunnel header and inner headers).
+    pub payload_at: usize,
+    /// The first datagram's TCP payload: the run's MSS.
+    pub mss: usize,
+    /// TCP payload bytes of the whole run.
+    pub payload_len: usize,
+    /// The run's last segment carries PSH.
+    pub psh: bool,
+}
+
+/// The longest prefix of `buf`, datagrams of `stride` bytes back to back (the last may be shorter),
+/// each a `tunnel_header`-byte tunnel header and an inner frame, whose inner TCP segments Linux's
+/// GRO would merge into one super-packet, and which the data plane may route once for all: `None`
+/// when that prefix is shorter than two datagrams.
+///
+/// Every datagram has the first one's tunnel header byte for byte; every inner frame is a
+/// [`Coalescer`] candidate (checksums verified) of the first one's flow with the rules of the
+/// module's documentation (same Ethernet header, addresses, ports, TTL, TOS, DF, IPv4 IDs
+/// incrementing or fixed with DF, TCP header length, window, ACK number and options, contiguous
+/// sequence numbers, no payload longer than the first, at most [`MAX_IP_LEN`] bytes of IP packet).
+/// Stricter than the coalescer on flags, because one pipeline pass on the first segment stands
+/// for the run: the first has ACK, and ECE or CWR at most; the others the same flags without CWR,
+/// and PSH on the last one only. A FIN, RST, SYN or URG segment is never part of a run (connection
+/// tracking reads them); a PSH or short segment ends it.
+pub fn tunnel_run(buf: &[u8], stride: usize, tunnel_header: usize) -> Option<TunnelRun> {
+    if stride <= tunnel_header || buf.len() <= stride {
+        return None;
+    }
+    let d0 = &buf[..stride];
+    let f0 = &d0[tunnel_header..];
+    let s0 = parse(f0).filter(|s| s.candidate)?;
+    let flags0 = f0[s0.l4 + tcp::FLAGS_OFFSET];
+    if flags0 & flags::ACK == 0 || flags0 & !(flags::ACK | flags::ECE | flags::CWR) != 0 {
+        return None;
+    }
+    let mss = f0.len() - s0.hdr_end;
+    if mss == 0 {
+        return None;
+    }
+    let (l3, l4, hdr_end) = (s0.l3, s0.l4, s0.hdr_end);
+    let (a0, t0) = (&f0[l3..], &f0[l4..hdr_end]);
+    let id0 = if s0.v4 { u16::from_be_bytes([a0[4], a0[5]]) } else { 0 };
+    let mut fixed_id = None;
+    let mut next_seq = be32(&t0[tcp::SEQ_OFFSET..]).wrapping_add(mss as u32);
+    let mut ip_len = f0.len() - l3;
+    let (mut count, mut payload_len, mut psh) = (1, mss, false);
+    let want_flags = flags0 & !flags::CWR;
+    while count * stride < buf.len() {
+        let d = &buf[count * stride..((count + 1) * stride).min(buf.len())];
+        if d.len() <= tunnel_header || d[..tunnel_header] != d0[..tunnel_header] {
+            break;
+        }
+        let f = &d[tunnel_header..];
+        let Some(s) = parse(f).filter(|s| s.candidate) else { break };
+        if s.v4 != s0.v4 || s.l3 != l3 || s.l4 != l4 || s.hdr_end != hdr_end || f[..l3] != f0[..l3] {
+            break;
+        }
+        let (a, t) = (&f[l3..], &f[l4..hdr_end]);
+        let network_ok = if s0.v4 {
+            let id = u16::from_be_bytes([a[4], a[5]]);
+            let fixed = *fixed_id.get_or_insert(a[6] & 0x40 != 0 && id == id0);
+            // Addresses, TTL, TOS (ECN included), DF; IDs incrementing, or fixed when DF.
+            a[12..20] == a0[12..20]
+                && a[8] == a0[8]
+                && a[1] == a0[1]
+                && (a[6] ^ a0[6]) & 0x40 == 0
+                && id == id0.wrapping_add(if fixed { 0 } else { count as u16 })
+        } else {
+            // Version, traffic class and flow label; hop limit; addresses.
+            a[..4] == a0[..4] && a[7] == a0[7] && a[8..40] == a0[8..40]
+        };
+        let fl = t[tcp::FLAGS_OFFSET];
+        let len = f.len() - hdr_end;
+        let tcp_ok = t[..4] == t0[..4]
+            && fl & !flags::PSH == want_flags
+            && t[tcp::ACK_OFFSET..tcp::FLAGS_OFFSET] == t0[tcp::ACK_OFFSET..tcp::FLAGS_OFFSET]
+            && t[tcp::FLAGS_OFFSET + 1..tcp::CHECKSUM_OFFSET] == t0[tcp::FLAGS_OFFSET + 1..tcp::CHECKSUM_OFFSET]
+            && t[tcp::HEADER_LEN..] == t0[tcp::HEADER_LEN..]
+            && be32(&t[tcp::SEQ_OFFSET..]) == next_seq
+            && len.wrapping_sub(1) < mss
+            && ip_len + len <= MAX_IP_LEN;
+        if !network_ok || !tcp_ok {
+            break;
+        }
+        count += 1;
+        payload_len += len;
+        ip_len += len;
+        next_seq = next_seq.wrapping_add(len as u32);
+        if fl & flags::PSH != 0 || len < mss {
+            psh = fl & flags::PSH != 0;
+            break;
+        }
+    }
+    (count > 1).then_some(TunnelRun { count, payload_at: tunnel_header + hdr_end, mss, payload_len, psh })
+}
+
+/// Turn `head`, the first segment of a [`tunnel_run`] as the pipeline left it (an inner Ethernet
+/// frame, decapsulated, MSS `mss` bytes of TCP payload), into the headers of the run's
+/// super-packet: `extra` more payload bytes follow it (the other segments' payloads, written
+/// behind it), PSH set when `psh`. Returns the virtio-net header to write in front (`NEEDS_CSUM`,
+/// the GSO type, `gso_size` = `mss`, the ECN bit when the head has CWR). `None`, `head` untouched,
+/// when the head is not TCP over IPv4 (no options) or IPv6 (no extension headers) with exactly
+/// `mss` payload bytes, or the super-packet would exceed [`MAX_IP_LEN`].
+pub fn super_packet_head(head: &mut [u8], mss: usize, extra: usize, psh: bool) -> Option<VirtioNetHdr> {
+    let eth = EthernetFrame::new_checked(&*head).ok()?;
+    let l3 = eth.header_len();
+    let (v4, l4) = match eth.ethertype() {
+        ethertype::IPV4 => {
+            let p = Ipv4Packet::new_checked(&head[l3..]).ok()?;
+            let ok = p.protocol() == protocol::TCP && !p.is_fragment() && p.header_len() == ipv4::HEADER_LEN;
+            (ok && usize::from(p.total_len()) == head.len() - l3).then_some((true, l3 + ipv4::HEADER_LEN))?
+        }
+        ethertype::IPV6 => {
+            let p = Ipv6Packet::new_checked(&head[l3..]).ok()?;
+            let ok = p.next_header() == protocol::TCP;
+            (ok && ipv6::HEADER_LEN + usize::from(p.payload_len()) == head.len() - l3)
+                .then_some((false, l3 + ipv6::HEADER_LEN))?
+        }
+        _ => return None,
+    };
+    let thlen = usize::from(*head.get(l4 + tcp::DATA_OFFSET_OFFSET)? >> 4) * 4;
+    let hdr_end = l4 + thlen;
+    if thlen < tcp::HEADER_LEN || hdr_end + mss != head.len() || mss == 0 || head.len() - l3 + extra > MAX_IP_LEN {
+        return None;
+    }
+    if psh {
+        head[l4 + tcp::FLAGS_OFFSET] |= flags::PSH;
+    }
+    let len = head.len() + extra;
+    Some(super_fields_len(head, len, v4, l3, l4, hdr_end, mss))
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -440,6 +597,10 @@ mod tests {
         out
     }
 
+    fn run_frames(frames: &[Vec<u8>]) -> Vec<(VirtioNetHdr, Vec<u8>, u16)> {
+        run(frames)
+    }
+
     fn run(frames: &[Vec<u8>]) -> Vec<(VirtioNetHdr, Vec<u8>, u16)> {
         let mut c = Coalescer::new(vec![0u8; storage_len(2)]).expect("room");
         let mut out = Vec::new();
@@ -494,5 +655,81 @@ mod tests {
         let out = run(&[a, bad]);
         assert_eq!(out.len(), 2);
         assert!(!out[1].0.data_valid);
+    }
+
+    /// VXLAN datagrams back to back: an 8-byte tunnel header in front of each frame.
+    fn datagrams(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for f in frames {
+            out.extend_from_slice(&[0x08, 0, 0, 0, 0, 0, 42, 0]);
+            out.extend_from_slice(f);
+        }
+        out
+    }
+
+    #[test]
+    fn a_run_of_tunnel_datagrams_gives_the_coalescers_super_packet() {
+        let frames = [
+            seg(100, 1000, 7, |b| b),
+            seg(1100, 1000, 8, |b| b),
+            seg(2100, 1000, 9, |b| b),
+            seg(3100, 400, 10, |b| b.psh()),
+        ];
+        let buf = datagrams(&frames);
+        let run = tunnel_run(&buf, 8 + frames[0].len(), 8).expect("a run");
+        assert_eq!(run, TunnelRun { count: 4, payload_at: 8 + 54, mss: 1000, payload_len: 3400, psh: true });
+        // The head's headers made the super-packet's, the other payloads behind: byte for byte
+        // what the coalescer makes of the same segments, with the same virtio-net header.
+        let mut head = frames[0].clone();
+        let vnet = super_packet_head(&mut head, run.mss, run.payload_len - run.mss, run.psh).expect("head");
+        for f in &frames[1..] {
+            head.extend_from_slice(&f[54..]);
+        }
+        let want = run_frames(&frames);
+        assert_eq!(want.len(), 1);
+        assert_eq!((vnet, &head), (want[0].0, &want[0].1));
+        let mut done = head.clone();
+        assert_eq!(crate::offload::complete_checksum(&mut done), Ok(crate::offload::ChecksumFix::Completed));
+        let sliced = etherparse::SlicedPacket::from_ethernet(&done).expect("parses");
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else { panic!("IPv4") };
+        let Some(etherparse::TransportSlice::Tcp(t)) = &sliced.transport else { panic!("TCP") };
+        let (src, dst) = (ip.header().source(), ip.header().destination());
+        assert_eq!(t.checksum(), t.calc_checksum_ipv4(src, dst).expect("sum"), "etherparse agrees");
+        assert_eq!(ip.header().header_checksum(), ip.header().to_header().calc_header_checksum());
+    }
+
+    #[test]
+    fn a_run_stops_at_another_flow_a_fin_a_hole_a_bad_checksum_or_cwr() {
+        let a = seg(100, 1000, 7, |b| b);
+        let b = seg(1100, 1000, 8, |b| b);
+        let stride = 8 + a.len();
+        let count = |frames: &[Vec<u8>]| tunnel_run(&datagrams(frames), stride, 8).map(|r| r.count);
+        let mut other = seg(2100, 1000, 9, |b| b);
+        other[34..36].copy_from_slice(&1001u16.to_be_bytes());
+        let fix = |mut f: Vec<u8>| {
+            f[50..52].fill(0);
+            let pseudo = checksum::sum(&f[26..34]) + u32::from(protocol::TCP) + (f.len() - 34) as u32;
+            let c = !checksum::finish_sum(pseudo + checksum::sum(&f[34..]));
+            f[50..52].copy_from_slice(&c.to_be_bytes());
+            f
+        };
+        let other = fix(other);
+        assert_eq!(count(&[a.clone(), b.clone(), other]), Some(2), "another flow (port) ends it");
+        assert_eq!(count(&[a.clone(), b.clone(), seg(2100, 1000, 9, |b| b.fin())]), Some(2), "a FIN is not in it");
+        assert_eq!(count(&[a.clone(), b.clone(), seg(3100, 1000, 9, |b| b)]), Some(2), "a hole ends it");
+        assert_eq!(count(&[a.clone(), seg(2100, 1000, 8, |b| b)]), None, "a hole after the first");
+        assert_eq!(count(&[a.clone(), seg(1100, 1000, 8, |b| b.cwr())]), None, "CWR only on the first");
+        assert_eq!(count(&[seg(100, 1000, 7, |b| b.cwr()), b.clone()]), Some(2), "CWR on the first");
+        assert_eq!(count(&[seg(100, 1000, 7, |b| b.psh()), b.clone()]), None, "PSH on the first");
+        assert_eq!(count(&[seg(100, 1000, 7, |b| b.fin()), b.clone()]), None, "FIN on the first");
+        assert_eq!(count(&[a.clone(), seg(1100, 1000, 9, |b| b)]), None, "an IPv4 ID jump");
+        let mut bad = b.clone();
+        bad[60] ^= 1;
+        assert_eq!(count(&[a.clone(), bad]), None, "a bad checksum");
+        let mut tunnel = datagrams(&[a.clone(), b.clone()]);
+        tunnel[stride + 6] = 43;
+        assert_eq!(tunnel_run(&tunnel, stride, 8), None, "another VNI");
+        assert_eq!(count(&[a.clone(), b.clone(), seg(2100, 1000, 9, |b| b)]), Some(3));
+        assert_eq!(count(std::slice::from_ref(&a)), None, "one datagram");
     }
 }

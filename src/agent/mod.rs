@@ -372,6 +372,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     udp_cfg.rx_frames = UPLINK_FILL as usize;
     // What a kernel VXLAN node's unsegmented super-packets are cut to: the pods' MTU.
     udp_cfg.inner_mtu = u16::try_from(pod_mtu).unwrap_or(u16::MAX);
+    // With pods on taps, a run of received tunnel datagrams of one TCP flow is routed once and
+    // written to the pod's tap as one super-packet (the super-packet path's receive side).
+    udp_cfg.super_packets = pod_port == PodPort::Tap;
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     let mut threads: Vec<JoinHandle<Worker<NodePort>>> = Vec::new();

@@ -13,7 +13,7 @@ use std::os::fd::RawFd;
 use super::tap::TapPort;
 use super::udp::UdpPort;
 use super::xsk::{XskMem, XskPort};
-use super::{Port, PortStats, SuperHead};
+use super::{Port, PortStats, SegmentRun, SuperHead};
 use crate::frame::{FreeFrames, Pkt};
 use ferry_encap::gso::Segmenter;
 
@@ -128,6 +128,16 @@ impl Port for NodePort {
     #[inline]
     fn super_done(&mut self, sent: usize) {
         each!(self, p => p.super_done(sent))
+    }
+
+    #[inline]
+    fn super_run(&self) -> Option<SegmentRun<'_>> {
+        each!(self, p => p.super_run())
+    }
+
+    #[inline]
+    fn send_run(&mut self, mem: &mut XskMem, head: Pkt, run: &SegmentRun<'_>) -> bool {
+        each!(self, p => p.send_run(mem, head, run))
     }
 
     #[inline]

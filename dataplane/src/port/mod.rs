@@ -40,6 +40,47 @@ pub struct SuperHead {
     pub segments: usize,
 }
 
+/// The rest of a run of received tunnel datagrams whose first one was the last packet
+/// [`Port::recv`] returned (the UDP uplink), held by the port for the worker's super-packet path
+/// (receive side): `count` datagrams of `stride` bytes back to back in `buf` (the last may be
+/// shorter), each with its inner TCP payload from `payload_at` on. The port has checked that
+/// they continue the first one's segment as one super-packet would ([`gro::tunnel_run`]).
+///
+/// [`gro::tunnel_run`]: ferry_encap::gro::tunnel_run
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentRun<'a> {
+    /// The datagrams.
+    pub buf: &'a [u8],
+    /// Bytes per datagram.
+    pub stride: usize,
+    /// Datagrams.
+    pub count: usize,
+    /// Where each datagram's TCP payload starts.
+    pub payload_at: usize,
+    /// The first datagram's (the head's) TCP payload length: the run's MSS.
+    pub mss: usize,
+    /// The last segment carries PSH.
+    pub psh: bool,
+}
+
+impl SegmentRun<'_> {
+    /// Datagram `i`.
+    pub fn datagram(&self, i: usize) -> &[u8] {
+        let end = ((i + 1) * self.stride).min(self.buf.len());
+        self.buf.get(i * self.stride..end).unwrap_or(&[])
+    }
+
+    /// Datagram `i`'s TCP payload.
+    pub fn payload(&self, i: usize) -> &[u8] {
+        self.datagram(i).get(self.payload_at..).unwrap_or(&[])
+    }
+
+    /// TCP payload bytes of all `count` datagrams.
+    pub fn payload_len(&self) -> usize {
+        (0..self.count).map(|i| self.payload(i).len()).sum()
+    }
+}
+
 /// Counters a port keeps about itself (the worker keeps per-packet counters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PortStats {
@@ -117,6 +158,22 @@ pub trait Port {
     /// Super-packets, ingress: segments `1..=sent` went out through another port; 0 means the
     /// worker declined, and the port delivers the rest as ordinary packets.
     fn super_done(&mut self, _sent: usize) {}
+
+    /// Super-packets, ingress (receive side): the rest of a run of tunnel datagrams whose first
+    /// one was the last packet the latest [`recv`](Self::recv) returned (the UDP uplink). The
+    /// worker answers with [`super_done`](Self::super_done): how many went out with
+    /// [`send_run`](Self::send_run), or 0 and the port delivers them as ordinary packets.
+    fn super_run(&self) -> Option<SegmentRun<'_>> {
+        None
+    }
+
+    /// Super-packets, egress (receive side): write `head` (the first segment of `run`, decapsulated
+    /// and as the pipeline left it, its frame the port's from now on) and every segment of `run`
+    /// behind it as one super-packet (a pod's tap). `false`: not taken, `head` untouched and
+    /// still the caller's.
+    fn send_run(&mut self, _mem: &mut Self::Mem, _head: Pkt, _run: &SegmentRun<'_>) -> bool {
+        false
+    }
 
     /// Super-packets, egress: the tunnel payload (tunnel header, inner frame) of the packet the last
     /// [`send`](Self::send) took, when this port can send a super-packet's other segments behind

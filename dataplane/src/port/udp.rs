@@ -42,6 +42,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use ferry_encap::MacAddr;
+use ferry_encap::gro;
 use ferry_encap::gso::{Checksum, Segmenter};
 use ferry_encap::wire::ethernet::{self, ethertype};
 use ferry_encap::wire::ipv4::{self, Ipv4Repr, protocol};
@@ -49,7 +50,7 @@ use ferry_encap::wire::udp::{self, UdpRepr};
 use ferry_encap::wire::virtio_net::{Gso, VirtioNetHdr};
 
 use super::xsk::RX_HEADROOM;
-use super::{Port, PortStats};
+use super::{Port, PortStats, SegmentRun};
 use crate::frame::{FrameId, FrameMem, FreeFrames, Pkt};
 
 /// `UDP_SEGMENT` and `UDP_GRO` from `<linux/udp.h>` (Linux 4.18 and 5.0).
@@ -99,7 +100,17 @@ pub struct UdpPortConfig {
     /// tunnel datagram that arrives carrying a larger TCP packet is a kernel VXLAN device's
     /// super-packet ([`tunnel_super_packet`]), cut into segments of at most this size.
     pub inner_mtu: u16,
+    /// The receive side of the worker's super-packet path: a `UDP_GRO` buffer whose datagrams
+    /// carry consecutive segments of one inner TCP flow ([`gro::tunnel_run`]) ends the receive
+    /// batch with its first datagram, and the port holds the rest ([`Port::super_run`]) for the
+    /// worker to write behind it into the destination pod's tap as one super-packet
+    /// ([`Port::send_run`]). When the worker declines (another egress), the rest comes as
+    /// ordinary packets, and the next [`SUPER_BACKOFF`] buffers are not looked at.
+    pub super_packets: bool,
 }
+
+/// `UDP_GRO` buffers delivered the ordinary way after the worker declined a run.
+pub const SUPER_BACKOFF: u32 = 16;
 
 impl UdpPortConfig {
     /// Defaults for a socket bound to `local`.
@@ -112,6 +123,7 @@ impl UdpPortConfig {
             tx_ring: 1024,
             socket_buffer: 4 << 20,
             inner_mtu: 1450,
+            super_packets: false,
         }
     }
 }
@@ -178,6 +190,11 @@ pub struct UdpStats {
     pub rx_socket_drops: u64,
     /// Tunnel datagrams that arrived carrying a whole TCP super-packet, cut into segments here.
     pub rx_super: u64,
+    /// Runs of datagrams the worker took whole ([`Port::super_run`]).
+    pub rx_runs: u64,
+    /// Datagrams in those runs after each one's first (delivered without a frame or a pipeline
+    /// pass of their own; counted in `rx_datagrams` too).
+    pub rx_run_segments: u64,
 }
 
 /// Where an outer frame goes, and what of it is sent: the parse of [`Port::send`].
@@ -387,8 +404,7 @@ pub fn super_datagram(buf: &[u8], seg: usize) -> Option<usize> {
         return None;
     }
     let be16 = |at: usize| buf.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
-    // Geneve carries TEB in its protocol field; VXLAN has zeros there.
-    let h = if be16(2)? == ethertype::TEB { 8 + usize::from(buf[0] & 0x3f) * 4 } else { 8 };
+    let h = tunnel_header_len(buf)?;
     let l3 = h + ethernet::HEADER_LEN;
     let (ip_len, proto) = match be16(h + 12)? {
         ethertype::IPV4 => (usize::from(be16(l3 + 2)?), *buf.get(l3 + 9)?),
@@ -396,6 +412,23 @@ pub fn super_datagram(buf: &[u8], seg: usize) -> Option<usize> {
         _ => return None,
     };
     (l3 + ip_len == buf.len() && proto == protocol::TCP).then_some(h)
+}
+
+/// The tunnel header's length at the start of a tunnel datagram: 8 for VXLAN, 8 and the options
+/// for Geneve (told apart by the protocol field: Geneve carries TEB there, VXLAN zeros).
+pub fn tunnel_header_len(buf: &[u8]) -> Option<usize> {
+    let b = buf.get(..4)?;
+    Some(if u16::from_be_bytes([b[2], b[3]]) == ethertype::TEB { 8 + usize::from(b[0] & 0x3f) * 4 } else { 8 })
+}
+
+/// A tunnel datagrams' run held for the worker: where in the receive buffers it starts, its
+/// datagram size and what [`gro::tunnel_run`] found (its `count` includes the head).
+#[derive(Debug, Clone, Copy)]
+struct HeldRun {
+    start: usize,
+    end: usize,
+    stride: usize,
+    run: gro::TunnelRun,
 }
 
 /// A tunnel datagram carrying a whole TCP super-packet, as the kernel delivers one: where its inner
@@ -534,6 +567,14 @@ pub struct UdpPort<M: FrameMem> {
     rx_count: usize,
     rx_next: (usize, usize),
     stage: TxStage,
+    /// [`UdpPortConfig::super_packets`].
+    super_packets: bool,
+    /// The run held for the worker, after the head the last `recv` returned.
+    held: Option<HeldRun>,
+    /// Where a run may start besides a buffer's first datagram: right after the last run taken.
+    run_at: (usize, usize),
+    /// Buffers still to deliver the ordinary way after a declined run.
+    super_off: u32,
     /// Frames whose payload was copied out, waiting for [`Port::reclaim`].
     done: VecDeque<FrameId>,
     tx_ring: usize,
@@ -605,6 +646,10 @@ impl<M: FrameMem> UdpPort<M> {
             rx_count: 0,
             rx_next: (0, 0),
             stage: TxStage::default(),
+            super_packets: cfg.super_packets,
+            held: None,
+            run_at: (usize::MAX, 0),
+            super_off: 0,
             done: VecDeque::with_capacity(cfg.tx_ring),
             tx_ring: cfg.tx_ring,
             stats: UdpStats::default(),
@@ -620,6 +665,20 @@ impl<M: FrameMem> UdpPort<M> {
     /// The port's own counters.
     pub fn udp_stats(&self) -> UdpStats {
         self.stats
+    }
+
+    /// A run of datagrams of `stride` bytes from `rx_buf[start..end]` for the super-packet path,
+    /// unless the worker declined one in the last [`SUPER_BACKOFF`] buffers.
+    fn find_run(&mut self, start: usize, end: usize, stride: usize) -> Option<HeldRun> {
+        if self.super_off > 0 {
+            self.super_off -= 1;
+            return None;
+        }
+        let buf = &self.rx_buf[start..end];
+        let run = gro::tunnel_run(buf, stride, tunnel_header_len(buf)?)?;
+        // The rest: from the second datagram to the run's last byte.
+        let run_end = (start + run.count * stride).min(end);
+        Some(HeldRun { start: start + stride, end: run_end, stride, run })
     }
 
     /// Send every staged message: one `sendmmsg`, repeated past a message the kernel refused.
@@ -839,6 +898,9 @@ impl<M: FrameMem> Port for UdpPort<M> {
     }
 
     fn recv(&mut self, mem: &mut M, out: &mut [Pkt]) -> usize {
+        // A run the worker never answered for is delivered the ordinary way (`rx_next` is
+        // already at its start).
+        self.held = None;
         let mut n = 0;
         let mut read = false;
         let off = usize::from(RX_HEADROOM);
@@ -854,6 +916,7 @@ impl<M: FrameMem> Port for UdpPort<M> {
             }
             let m = self.rx_msgs[mi];
             let Some(frame) = self.fill.pop_front() else { break };
+            let mut hold = None;
             let written = if m.inner > 0 {
                 // A super-packet: `at` counts its TCP segments.
                 let payload = &self.rx_buf[mi * RX_BUF..mi * RX_BUF + m.len];
@@ -864,7 +927,11 @@ impl<M: FrameMem> Port for UdpPort<M> {
             } else {
                 let end = (at + m.seg.max(1)).min(m.len);
                 self.rx_next = if end >= m.len { (mi + 1, 0) } else { (mi, end) };
-                let datagram = &self.rx_buf[mi * RX_BUF + at..mi * RX_BUF + end];
+                let base = mi * RX_BUF;
+                if self.super_packets && end < m.len && (at == 0 || self.run_at == (mi, at)) {
+                    hold = self.find_run(base + at, base + m.len, m.seg);
+                }
+                let datagram = &self.rx_buf[base + at..base + end];
                 write_received(mem.frame_mut(frame), off, self.local, self.local_mac, m.src, m.tos, datagram)
             };
             match written {
@@ -873,6 +940,11 @@ impl<M: FrameMem> Port for UdpPort<M> {
                     out[n] = Pkt { frame, offset: RX_HEADROOM, len: len as u16 };
                     n += 1;
                     self.stats.rx_datagrams += 1;
+                    if hold.is_some() {
+                        // The head ends the batch: the worker routes it, then takes the rest.
+                        self.held = hold;
+                        break;
+                    }
                 }
                 None => {
                     self.stats.rx_dropped += 1;
@@ -948,6 +1020,36 @@ impl<M: FrameMem> Port for UdpPort<M> {
 
     fn stats(&self) -> PortStats {
         PortStats { rx_dropped: self.stats.rx_socket_drops + self.stats.rx_dropped, ..PortStats::default() }
+    }
+
+    fn super_run(&self) -> Option<SegmentRun<'_>> {
+        let h = self.held?;
+        Some(SegmentRun {
+            buf: &self.rx_buf[h.start..h.end],
+            stride: h.stride,
+            count: h.run.count - 1,
+            payload_at: h.run.payload_at,
+            mss: h.run.mss,
+            psh: h.run.psh,
+        })
+    }
+
+    fn super_done(&mut self, sent: usize) {
+        let Some(h) = self.held.take() else { return };
+        if sent == 0 {
+            self.super_off = SUPER_BACKOFF;
+            return;
+        }
+        // The run's datagrams are delivered: go on after them (`rx_next` is at the run's start).
+        let sent = sent.min(h.run.count - 1);
+        let (mi, at) = self.rx_next;
+        let len = self.rx_msgs.get(mi).map_or(0, |m| m.len);
+        let next = at + sent * h.stride;
+        self.rx_next = if next >= len { (mi + 1, 0) } else { (mi, next) };
+        self.run_at = self.rx_next;
+        self.stats.rx_datagrams += sent as u64;
+        self.stats.rx_runs += 1;
+        self.stats.rx_run_segments += sent as u64;
     }
 
     fn last_sent_payload(&self) -> Option<&[u8]> {
