@@ -77,6 +77,9 @@ enum Command {
     },
     /// Flow records and dropped packets, newest last, in the spirit of `hubble observe`.
     Flows(FlowsArgs),
+    /// Why can (or can't) SRC reach DST: a synthetic packet through the live pipeline, stage by
+    /// stage, at the source's node and then the destination's. Nothing is sent.
+    Trace(TraceArgs),
     /// List every drop reason the data plane counts, with its metric name.
     DropReasons,
     /// Generate and/or receive test traffic on an interface queue over AF_XDP.
@@ -120,6 +123,30 @@ struct FlowsArgs {
 }
 
 #[derive(Debug, Args)]
+struct TraceArgs {
+    #[command(flatten)]
+    query: Query,
+    /// The sender: a pod (`namespace/name`, or a unique name), a node name, or an address.
+    src: String,
+    /// The receiver: a pod, a Service (`namespace/name`: its VIP), a node name, or an address.
+    dst: String,
+    /// The transport.
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "icmp"])]
+    proto: String,
+    /// The destination port (TCP and UDP; default 80, or the Service's port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Another node's agent socket, `NODE=PATH` (repeatable): the trace goes on there when the
+    /// packet does (the source's node, the destination's).
+    #[arg(long = "admin", value_name = "NODE=PATH")]
+    admin: Vec<String>,
+    /// Every node's agent socket, `{node}` standing for the node's name (the lab's:
+    /// `/run/ferry-lab/ferrylab/nodes/{node}/ferry.sock`).
+    #[arg(long, value_name = "PATTERN", env = "FERRY_ADMIN_PATTERN")]
+    admin_pattern: Option<String>,
+}
+
+#[derive(Debug, Args)]
 struct Query {
     /// The agent's admin socket.
     #[arg(long, default_value = admin::DEFAULT_SOCKET, env = "FERRY_SOCKET")]
@@ -154,6 +181,7 @@ fn main() -> ExitCode {
         }
         Command::Policy { query: q, pod } => query(&q, Request::Policy { pod }, print_policy),
         Command::Flows(args) => flows(&args),
+        Command::Trace(args) => trace(&args),
         Command::DropReasons => {
             for r in DropReason::ALL {
                 println!("{:>3}  {:<26} {}", *r as u8, r.name(), r.description());
@@ -616,4 +644,98 @@ fn print_flow(e: &FlowEvent) {
     if let Some(p) = &e.packet {
         println!("{:<12} first bytes: {p}", "");
     }
+}
+
+/// `ferry trace`: the source node's half at the agent that has the source, then the destination
+/// node's half at the agent the packet was encapsulated toward.
+fn trace(a: &TraceArgs) -> ExitCode {
+    use ferry::admin::proto::{TraceHalf, TraceProto, TraceReport};
+    let proto = match a.proto.as_str() {
+        "udp" => TraceProto::Udp,
+        "icmp" => TraceProto::Icmp,
+        _ => TraceProto::Tcp,
+    };
+    let mut sockets = std::collections::BTreeMap::new();
+    for entry in &a.admin {
+        let Some((node, path)) = entry.split_once('=') else {
+            eprintln!("ferry trace: --admin {entry}: expected NODE=PATH");
+            return ExitCode::from(2);
+        };
+        sockets.insert(node.to_owned(), PathBuf::from(path));
+    }
+    let socket_of = |node: &str| -> Result<PathBuf, String> {
+        sockets
+            .get(node)
+            .cloned()
+            .or_else(|| a.admin_pattern.as_ref().map(|p| PathBuf::from(p.replace("{node}", node))))
+            .ok_or_else(|| {
+                format!("the trace goes on at node {node}: give its agent with --admin {node}=PATH or --admin-pattern")
+            })
+    };
+    let ask = |socket: &std::path::Path, req: &Request| -> Result<TraceHalf, String> {
+        admin::call(socket, req, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?
+            .decode::<TraceHalf>()
+            .map_err(|e| format!("the agent at {} says: {e}", socket.display()))
+    };
+    let run = || -> Result<TraceReport, String> {
+        let req = Request::Trace { src: a.src.clone(), dst: a.dst.clone(), proto, port: a.port };
+        let mut first = ask(&a.query.socket, &req)?;
+        if let Some(node) = first.source_on.clone() {
+            first = ask(&socket_of(&node)?, &req)?;
+            if first.source_on.is_some() {
+                return Err(format!("node {node}'s agent says the source is elsewhere too"));
+            }
+        }
+        let (src, dst) = match (first.src.clone(), first.dst.clone()) {
+            (Some(s), Some(d)) => (s, d),
+            _ => return Err("the agent's answer names no source or destination".into()),
+        };
+        let mut halves = vec![first];
+        let next = halves[0].next_node.clone().zip(halves[0].frame.clone());
+        if let Some((node, frame)) = next {
+            match socket_of(&node).and_then(|s| ask(&s, &Request::TraceDeliver { frame })) {
+                Ok(h) => halves.push(h),
+                Err(e) => {
+                    return Err(format!("{}; the destination's half could not run: {e}", halves[0].summary));
+                }
+            }
+        }
+        let last = halves.last().map(|h| (h.verdict.clone(), h.summary.clone())).unwrap_or_default();
+        let delivered = last.0 == "delivered" || last.0 == "left";
+        let via = halves[0].stages.iter().find_map(|s| s.service.as_ref()).and_then(|svc| {
+            Some(format!(" through Service {} (backend {}:{})", svc.service, svc.backend?, svc.backend_port?))
+        });
+        let verdict = if delivered { format!("{}{}", last.1, via.unwrap_or_default()) } else { last.1 };
+        Ok(TraceReport { src, dst, proto, port: a.port, halves, delivered, verdict })
+    };
+    let report = match run() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferry trace: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if a.query.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    let ep = |e: &ferry::admin::proto::TraceEndpoint| {
+        let name = e.name.as_deref().map(|n| format!("{} {n} ", e.kind)).unwrap_or_default();
+        let node = e.node.as_deref().map(|n| format!(" on {n}")).unwrap_or_default();
+        format!("{name}{}{node}", e.addr)
+    };
+    let port = match (proto, report.dst.port.or(a.port)) {
+        (TraceProto::Icmp, _) => String::new(),
+        (_, p) => format!("/{}", p.unwrap_or(80)),
+    };
+    println!("trace {}{port} from {} to {}", proto.name(), ep(&report.src), ep(&report.dst));
+    println!("{:<8} {:<13} {:<10} detail", "node", "stage", "result");
+    for h in &report.halves {
+        for s in &h.stages {
+            println!("{:<8} {:<13} {:<10} {}", h.node, s.stage, s.result, s.detail);
+        }
+    }
+    println!("verdict: {}", report.verdict);
+    ExitCode::SUCCESS
 }

@@ -43,7 +43,7 @@ pub use engine::{Diff, Engine};
 pub use metrics::Metrics;
 pub use model::{NextHop, NodeKey, NodeSpec, Rejection, Route, ServiceDelta, SourceKind, TunnelEndpoint, Update};
 pub use publish::{Publish, RouteTable};
-pub use tables::{SkippedNodes, TablesPublisher};
+pub use tables::{PodDirectory, SkippedNodes, TablesPublisher};
 
 use source::{EventTx, SourceEvent};
 

@@ -74,6 +74,44 @@ pub fn desired_state(routes: &BTreeMap<IpNet, Route>, local_pods: Vec<LocalPod>)
 
 type Hook = Box<dyn FnMut(&Arc<Snapshot>, &Diff) + Send>;
 
+/// Every pod the sources describe (`namespace/name` -> its addresses and node): a handle readable
+/// from any thread (`ferry trace` resolves pod names with it) while the control thread owns the
+/// publisher, which keeps it current.
+#[derive(Debug, Clone, Default)]
+pub struct PodDirectory(Arc<Mutex<PodMap>>);
+
+/// `namespace/name` -> (addresses, node).
+type PodMap = BTreeMap<String, (Vec<IpAddr>, String)>;
+
+impl PodDirectory {
+    fn guard(&self) -> MutexGuard<'_, PodMap> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The pod `namespace/name`: its addresses and its node.
+    pub fn get(&self, key: &str) -> Option<(Vec<IpAddr>, String)> {
+        self.guard().get(key).cloned()
+    }
+
+    /// The pod with this address: `namespace/name` and its node.
+    pub fn by_addr(&self, addr: IpAddr) -> Option<(String, String)> {
+        self.guard().iter().find(|(_, (ips, _))| ips.contains(&addr)).map(|(k, (_, n))| (k.clone(), n.clone()))
+    }
+
+    /// Every pod named `name` in any namespace (`namespace/name` keys).
+    pub fn named(&self, name: &str) -> Vec<String> {
+        self.guard().keys().filter(|k| k.split_once('/').is_some_and(|(_, n)| n == name)).cloned().collect()
+    }
+
+    fn set(&self, key: &str, pod: Option<&ferry_tables::policy::PodSpec>) {
+        let mut g = self.guard();
+        match pod {
+            Some(p) => g.insert(key.to_owned(), (p.ips.clone(), p.node.clone())),
+            None => g.remove(key),
+        };
+    }
+}
+
 /// The nodes the last publication left out of the tables, and why: a handle readable from any
 /// thread (the agent's `ferry status`) while the control thread owns the publisher.
 #[derive(Debug, Clone, Default)]
@@ -104,6 +142,8 @@ pub struct TablesPublisher {
     skipped: HashMap<String, String>,
     /// The same, for readers on other threads.
     skipped_shared: SkippedNodes,
+    /// Every pod the sources describe, for readers on other threads.
+    pods: PodDirectory,
     hook: Option<Hook>,
 }
 
@@ -131,6 +171,7 @@ impl TablesPublisher {
             node_extra: Vec::new(),
             skipped: HashMap::new(),
             skipped_shared: SkippedNodes::default(),
+            pods: PodDirectory::default(),
             hook: None,
         }
     }
@@ -171,6 +212,12 @@ impl TablesPublisher {
     /// the publisher to the control plane).
     pub fn skipped_nodes(&self) -> SkippedNodes {
         self.skipped_shared.clone()
+    }
+
+    /// A handle on every pod the sources describe, kept current by the publisher (take it before
+    /// handing the publisher to the control plane).
+    pub fn pod_directory(&self) -> PodDirectory {
+        self.pods.clone()
     }
 }
 
@@ -256,7 +303,10 @@ impl Publish for TablesPublisher {
         for (kind, key) in changed {
             match kind {
                 ObjectKind::Namespace => self.policy.set_namespace(key, store.namespace(key).map(|n| &n.labels)),
-                ObjectKind::Pod => self.policy.set_pod(key, store.pod(key)),
+                ObjectKind::Pod => {
+                    self.pods.set(key, store.pod(key));
+                    self.policy.set_pod(key, store.pod(key));
+                }
                 ObjectKind::NetworkPolicy => self.policy.set_policy(key, store.policy(key)),
             }
         }

@@ -15,5 +15,6 @@ pub mod pipeline;
 pub mod policy;
 pub mod port;
 pub mod service;
+pub mod trace;
 pub mod worker;
 pub mod xdp;

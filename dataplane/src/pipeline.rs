@@ -50,6 +50,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use crate::conntrack::{Conntrack, Timeouts};
 use crate::flows::Seen;
 use crate::service::{self, ExternalOutcome, Outcome, ReplyOutcome};
+use crate::trace::{self as tr, NoTrace, Note, Recorder, RouteNote, ServiceNote, Trace};
 
 /// What the pipeline asks of the forwarding tables. The published [`Snapshot`] implements it (a
 /// worker loads one per batch and passes it in); tests and benches may implement it with less.
@@ -263,6 +264,9 @@ pub struct Pipeline {
     observe: bool,
 }
 
+/// Connection-tracking slots of a pipeline made with [`Pipeline::for_trace`] (64 KiB).
+pub const TRACE_CONNTRACK_SLOTS: usize = 1 << 10;
+
 /// Connection-tracking slots of a pipeline made with [`Pipeline::new`] (its own table; the agent
 /// shares one among its workers with [`Pipeline::with_conntrack`]).
 pub const OWN_CONNTRACK_SLOTS: usize = 1 << 14;
@@ -356,10 +360,47 @@ impl Pipeline {
         frame: &mut FrameBuf<'_>,
         counters: &mut PipelineCounters,
     ) -> Verdict<PortId> {
+        self.process_with(fib, in_port, role, frame, counters, &mut NoTrace)
+    }
+
+    /// A pipeline for tracing ([`Pipeline::trace`]): a connection table of its own, so that a
+    /// traced packet is judged as a new connection and leaves no entry in the live one.
+    pub fn for_trace(cfg: NodeConfig) -> Self {
+        Self::with_conntrack(cfg, Arc::new(Conntrack::new(TRACE_CONNTRACK_SLOTS, Timeouts::default())))
+    }
+
+    /// Run `frame` through the same stages as [`Pipeline::process`], noting each stage's decision
+    /// (see [`crate::trace`]). Counters go to a scratch set; run it on a [`Pipeline::for_trace`]
+    /// so that no live state changes.
+    pub fn trace<F: Fib>(
+        &mut self,
+        fib: &F,
+        in_port: PortId,
+        role: PortRole,
+        frame: &mut FrameBuf<'_>,
+    ) -> (Verdict<PortId>, Trace) {
+        let mut counters = PipelineCounters::default();
+        let mut t = Trace::default();
+        let v = self.process_with(fib, in_port, role, frame, &mut counters, &mut t);
+        (v, t)
+    }
+
+    /// [`Pipeline::process`] with a [`Recorder`]: with [`NoTrace`] this is `process` itself (every
+    /// recording site compiles away).
+    #[inline(always)]
+    pub fn process_with<F: Fib, R: Recorder>(
+        &mut self,
+        fib: &F,
+        in_port: PortId,
+        role: PortRole,
+        frame: &mut FrameBuf<'_>,
+        counters: &mut PipelineCounters,
+        rec: &mut R,
+    ) -> Verdict<PortId> {
         self.seen.reset();
         let v = match role {
-            PortRole::Uplink => self.uplink_ingress(fib, frame, counters),
-            PortRole::Pod => self.pod_ingress(fib, in_port, frame, counters),
+            PortRole::Uplink => self.uplink_ingress(fib, frame, counters, rec),
+            PortRole::Pod => self.pod_ingress(fib, in_port, frame, counters, rec),
         };
         if let Verdict::Drop(r) = v {
             counters.drops[r as usize] += 1;
@@ -369,21 +410,31 @@ impl Pipeline {
 
     /// The stages of a tunnel packet: decap, classify, the checks on what the sender may send,
     /// then delivery to a local destination.
-    fn uplink_ingress<F: Fib>(
+    fn uplink_ingress<F: Fib, R: Recorder>(
         &mut self,
         fib: &F,
         frame: &mut FrameBuf<'_>,
         counters: &mut PipelineCounters,
+        rec: &mut R,
     ) -> Verdict<PortId> {
         // The uplink program hands over services' frontends too (node ports, external IPs).
         if fib.services().has_external() && !is_tunnel(frame.data(), self.cfg.decap.port) {
-            return self.external_ingress(fib, frame, counters);
+            return self.external_ingress(fib, frame, counters, rec);
         }
         let outer_src = match decap(&self.cfg.decap, frame) {
-            Ok(d) => d.outer_src,
+            Ok(d) => {
+                if R::ON {
+                    rec.note(Note::Decapsulated { outer_src: d.outer_src, vni: d.vni });
+                }
+                d.outer_src
+            }
             Err(r) => return Verdict::Drop(r),
         };
-        if !fib.is_known_node(outer_src) {
+        let known = fib.is_known_node(outer_src);
+        if R::ON {
+            rec.note(Note::KnownNode { outer_src, known });
+        }
+        if !known {
             return Verdict::Drop(DropReason::UnknownSourceNode);
         }
         // `decap` leaves at least an Ethernet header.
@@ -392,9 +443,15 @@ impl Pipeline {
         }
         let mut ctx = classify!(frame.data(), Verdict::Drop(DropReason::UnsupportedEtherType));
         self.observe(&ctx, frame);
+        note_classified(rec, &ctx);
         step!(self.decapsulated_checks(fib, &ctx, outer_src));
-        match fib.route(ctx.dst()) {
-            Route::Local { port, mac } => self.deliver(fib, &mut ctx, frame, port, mac, Arrival::Decapsulated),
+        if R::ON {
+            rec.note(Note::SenderChecked { outer_src });
+        }
+        let route = fib.route(ctx.dst());
+        note_route(rec, &route);
+        match route {
+            Route::Local { port, mac } => self.deliver(fib, &mut ctx, frame, port, mac, Arrival::Decapsulated, rec),
             _ => Verdict::Drop(DropReason::NotLocalPod),
         }
     }
@@ -404,11 +461,12 @@ impl Pipeline {
     /// checksum completion, the service's external translation, then delivery to a local backend
     /// (with its ingress policy) or encap toward the backend's node. What no service takes goes to
     /// the node's kernel through the host port, as if the uplink program had passed it.
-    fn external_ingress<F: Fib>(
+    fn external_ingress<F: Fib, R: Recorder>(
         &mut self,
         fib: &F,
         frame: &mut FrameBuf<'_>,
         counters: &mut PipelineCounters,
+        rec: &mut R,
     ) -> Verdict<PortId> {
         if let Some(m) = self.cfg.decap.local_mac
             && frame.data().get(0..6).is_some_and(|d| d != m.0)
@@ -450,11 +508,13 @@ impl Pipeline {
                 decrement_ttl(frame, &ctx.flow);
                 // The backend's ingress rules, on its real address (and the client's, or under
                 // `Cluster` the node's, as the source).
-                step!(self.policy_stage(fib, &ctx, frame));
+                step!(self.policy_stage(fib, &ctx, frame, rec));
                 self.rewrite_eth(frame, mac);
                 Verdict::Forward(port)
             }
-            Route::Remote { template, vtep_mac } => self.encap_stage(frame, &ctx.flow, template, vtep_mac, counters),
+            Route::Remote { template, vtep_mac } => {
+                self.encap_stage(frame, &ctx.flow, template, vtep_mac, counters, rec)
+            }
             Route::Unresolved { .. } => Verdict::Drop(DropReason::NoNeighbour),
             Route::Blackhole => Verdict::Drop(DropReason::Blackhole),
             Route::NoRoute => Verdict::Drop(DropReason::NoRoute),
@@ -522,39 +582,51 @@ impl Pipeline {
     /// The stages of a frame from a pod (or the host port): the access port, classify, the IP
     /// checks and anti-spoofing, [policy, service], checksum completion and TTL, then route:
     /// delivery to a local pod or encap toward its node.
-    fn pod_ingress<F: Fib>(
+    fn pod_ingress<F: Fib, R: Recorder>(
         &mut self,
         fib: &F,
         in_port: PortId,
         frame: &mut FrameBuf<'_>,
         counters: &mut PipelineCounters,
+        rec: &mut R,
     ) -> Verdict<PortId> {
         step!(self.access_port(fib, in_port, frame));
+        if R::ON {
+            rec.note(Note::AccessPort { port: in_port, src_mac: EthernetFrame::new_unchecked(frame.data()).src() });
+        }
         let mut ctx = classify!(
             frame.data(),
             if is_arp(frame.data()) { self.answer_arp(frame) } else { Verdict::Drop(DropReason::UnsupportedEtherType) }
         );
         self.observe(&ctx, frame);
+        note_classified(rec, &ctx);
         step!(self.pod_ip_checks(fib, in_port, &ctx, frame));
+        if R::ON {
+            rec.note(Note::SourceAllowed { port: in_port, src: ctx.src() });
+        }
         step!(self.prepare_forward(&ctx, frame, counters));
         // Policy between the service's two halves: on the pods' real addresses (see `policy`).
-        let translated = match self.service_stage(fib, &mut ctx, frame, counters) {
+        let translated = match self.service_stage(fib, &mut ctx, frame, counters, rec) {
             Ok(t) => t,
             Err(v) => return v,
         };
-        step!(self.policy_stage(fib, &ctx, frame));
+        step!(self.policy_stage(fib, &ctx, frame, rec));
         if !translated {
-            self.service_reply_stage(fib, &mut ctx, frame);
+            self.service_reply_stage(fib, &mut ctx, frame, rec);
         }
-        match fib.route(ctx.dst()) {
+        let route = fib.route(ctx.dst());
+        note_route(rec, &route);
+        match route {
             Route::Local { port, mac } => {
                 decrement_ttl(frame, &ctx.flow);
-                self.deliver(fib, &mut ctx, frame, port, mac, Arrival::SameNode)
+                self.deliver(fib, &mut ctx, frame, port, mac, Arrival::SameNode, rec)
             }
-            Route::Remote { template, vtep_mac } => self.encap_stage(frame, &ctx.flow, template, vtep_mac, counters),
+            Route::Remote { template, vtep_mac } => {
+                self.encap_stage(frame, &ctx.flow, template, vtep_mac, counters, rec)
+            }
             Route::Unresolved { .. } => Verdict::Drop(DropReason::NoNeighbour),
             Route::Blackhole => Verdict::Drop(DropReason::Blackhole),
-            Route::NoRoute => self.host_exit_stage(in_port, &ctx, frame),
+            Route::NoRoute => self.host_exit_stage(in_port, &ctx, frame, rec),
         }
     }
 
@@ -569,9 +641,18 @@ impl Pipeline {
     /// Stage (from a pod, no route): out of the cluster through the node's kernel, where the node
     /// has a [`HostExit`] and the destination is outside the cluster's pod networks.
     #[inline]
-    fn host_exit_stage(&self, in_port: PortId, ctx: &Ctx, frame: &mut FrameBuf<'_>) -> Verdict<PortId> {
+    fn host_exit_stage<R: Recorder>(
+        &self,
+        in_port: PortId,
+        ctx: &Ctx,
+        frame: &mut FrameBuf<'_>,
+        rec: &mut R,
+    ) -> Verdict<PortId> {
         match &self.cfg.host_exit {
             Some(h) if h.takes(in_port, ctx.dst()) => {
+                if R::ON {
+                    rec.note(Note::HostExit { port: h.port });
+                }
                 decrement_ttl(frame, &ctx.flow);
                 self.rewrite_eth(frame, h.mac);
                 Verdict::Forward(h.port)
@@ -637,12 +718,13 @@ impl Pipeline {
     /// Stage (from a pod, checksums final): services, the forward half. A packet to a service VIP
     /// is translated to its backend (`Ok(true)`), or refused (no endpoint, or its backend gone).
     #[inline]
-    fn service_stage<F: Fib>(
+    fn service_stage<F: Fib, R: Recorder>(
         &mut self,
         fib: &F,
         ctx: &mut Ctx,
         frame: &mut FrameBuf<'_>,
         counters: &mut PipelineCounters,
+        rec: &mut R,
     ) -> Result<bool, Verdict<PortId>> {
         let services = fib.services();
         if services.is_empty() {
@@ -653,7 +735,14 @@ impl Pipeline {
             IpAddr::V6(_) => self.cfg.gateway_v6.map(IpAddr::V6),
         };
         let now = self.ct_now();
-        match service::forward(&self.conntrack, now, services, ctx, frame.data_mut(), hairpin_src) {
+        let before = if R::ON { Some((*ctx, self.tracked(ctx))) } else { None };
+        let outcome = service::forward(&self.conntrack, now, services, ctx, frame.data_mut(), hairpin_src);
+        if R::ON
+            && let Some((orig, tracked)) = before
+        {
+            note_service(rec, services, &orig, ctx, outcome, tracked);
+        }
+        match outcome {
             Outcome::Translated => {
                 if self.observe {
                     self.seen.translate(ctx.dst(), ctx.flow.ports.1);
@@ -669,21 +758,46 @@ impl Pipeline {
     /// Stage (from a pod, after policy): services, the reverse half. A reply from a backend on this
     /// node to a client on this node (or to itself, hairpin) gets the VIP back.
     #[inline]
-    fn service_reply_stage<F: Fib>(&mut self, fib: &F, ctx: &mut Ctx, frame: &mut FrameBuf<'_>) {
+    fn service_reply_stage<F: Fib, R: Recorder>(
+        &mut self,
+        fib: &F,
+        ctx: &mut Ctx,
+        frame: &mut FrameBuf<'_>,
+        rec: &mut R,
+    ) {
         let services = fib.services();
         if !services.is_empty() {
             let now = self.ct_now();
             let snat = self.snat_for(ctx.dst());
-            service::reply(&self.conntrack, now, services, ctx, frame.data_mut(), snat);
+            let out = service::reply(&self.conntrack, now, services, ctx, frame.data_mut(), snat);
+            if R::ON && out != ReplyOutcome::NotReply {
+                rec.note(Note::ServiceReply { vip: ctx.src(), port: ctx.flow.ports.0 });
+            }
         }
+    }
+
+    /// Whether connection tracking holds the packet's tuple (a trace's service note).
+    fn tracked(&self, ctx: &Ctx) -> bool {
+        let (sport, dport) = ctx.flow.ports;
+        let t = crate::conntrack::Tuple { src: ctx.src(), dst: ctx.dst(), sport, dport, proto: ctx.flow.protocol };
+        self.conntrack.lookup(&t).is_some()
     }
 
     /// Stage: NetworkPolicy (see [`crate::policy`]), on the pods' real addresses. From a pod: its
     /// egress rules, and a local destination's ingress rules; on decapsulated delivery: the
     /// destination's ingress rules. A node where no pod is isolated pays one check.
     #[inline]
-    fn policy_stage<F: Fib>(&mut self, fib: &F, ctx: &Ctx, frame: &FrameBuf<'_>) -> Step {
+    fn policy_stage<F: Fib, R: Recorder>(&mut self, fib: &F, ctx: &Ctx, frame: &FrameBuf<'_>, rec: &mut R) -> Step {
         let tables = fib.policy();
+        if R::ON {
+            // The port the stage judges: the destination port where it has one it tracks.
+            let proto = ctx.flow.protocol;
+            let port = match (crate::policy::record_proto(proto), ctx.flow.l4) {
+                (Some(_), Some(_)) => ctx.flow.ports.1,
+                _ => 0,
+            };
+            rec.note(Note::Policy(tables.explain(ctx.src(), ctx.dst(), proto, port)));
+        }
         if tables.is_empty() {
             return Step::Continue;
         }
@@ -732,7 +846,8 @@ impl Pipeline {
     /// (policy ingress, the reverse translation of a service reply) runs once whichever way the
     /// packet came.
     #[inline(always)]
-    fn deliver<F: Fib>(
+    #[allow(clippy::too_many_arguments)]
+    fn deliver<F: Fib, R: Recorder>(
         &mut self,
         fib: &F,
         ctx: &mut Ctx,
@@ -740,6 +855,7 @@ impl Pipeline {
         port: PortId,
         mac: MacAddr,
         arrival: Arrival,
+        rec: &mut R,
     ) -> Verdict<PortId> {
         if arrival == Arrival::Decapsulated {
             // A peer's veth may have left the inner checksum unfinished; the pod would drop it.
@@ -749,7 +865,7 @@ impl Pipeline {
             }
             // The destination's ingress rules. (From a pod on this node the policy stage has
             // judged both ends already.)
-            step!(self.policy_stage(fib, ctx, frame));
+            step!(self.policy_stage(fib, ctx, frame, rec));
             // A service reply to a client on this node. (From a pod on this node the service
             // stage has looked already.)
             let services = fib.services();
@@ -758,24 +874,31 @@ impl Pipeline {
                 let snat = self.snat_for(ctx.dst());
                 // A reply to a client outside the cluster (a `Cluster` connection from outside, to
                 // this node's address) leaves through the node's kernel.
-                if service::reply(&self.conntrack, now, services, ctx, frame.data_mut(), snat) == ReplyOutcome::External
-                {
-                    return self.host_exit_stage(self.cfg.uplink, ctx, frame);
+                let out = service::reply(&self.conntrack, now, services, ctx, frame.data_mut(), snat);
+                if R::ON && out != ReplyOutcome::NotReply {
+                    rec.note(Note::ServiceReply { vip: ctx.src(), port: ctx.flow.ports.0 });
+                }
+                if out == ReplyOutcome::External {
+                    return self.host_exit_stage(self.cfg.uplink, ctx, frame, rec);
                 }
             }
+        }
+        if R::ON {
+            rec.note(Note::Deliver { port, mac });
         }
         self.rewrite_eth(frame, mac);
         Verdict::Forward(port)
     }
 
     /// Stage: encap.
-    fn encap_stage(
+    fn encap_stage<R: Recorder>(
         &mut self,
         frame: &mut FrameBuf<'_>,
         info: &FlowInfo,
         template: &TunnelTemplate,
         vtep_mac: MacAddr,
         counters: &mut PipelineCounters,
+        rec: &mut R,
     ) -> Verdict<PortId> {
         // The whole inner frame, Ethernet header included, travels inside the outer IP packet.
         let budget = usize::from(self.cfg.underlay_mtu).saturating_sub(template.ip_overhead());
@@ -800,7 +923,18 @@ impl Pipeline {
             counters.headroom_moves += 1;
         }
         match encap_with(template, frame, info.tos, info.hash) {
-            Ok(()) => Verdict::Forward(self.cfg.uplink),
+            Ok(()) => {
+                if R::ON {
+                    rec.note(Note::Encap {
+                        kind: template.kind(),
+                        vni: template.vni(),
+                        udp_port: template.dst_port(),
+                        remote: template.remote(),
+                        outer_len: frame.len(),
+                    });
+                }
+                Verdict::Forward(self.cfg.uplink)
+            }
             Err(r) => Verdict::Drop(r),
         }
     }
@@ -928,6 +1062,66 @@ impl Pipeline {
         self.rewrite_eth(frame, requester);
         Verdict::Reply
     }
+}
+
+/// Note what classify found (tracing only).
+#[inline(always)]
+fn note_classified<R: Recorder>(rec: &mut R, ctx: &Ctx) {
+    if R::ON {
+        rec.note(Note::Classified {
+            src: ctx.src(),
+            dst: ctx.dst(),
+            protocol: ctx.flow.protocol,
+            ports: ctx.flow.ports,
+            ttl: ctx.ttl(),
+            hash: ctx.flow.hash,
+        });
+    }
+}
+
+/// Note a route lookup's answer (tracing only).
+#[inline(always)]
+fn note_route<R: Recorder>(rec: &mut R, route: &Route<'_>) {
+    if R::ON {
+        rec.note(Note::Route(match *route {
+            Route::Local { port, mac } => RouteNote::Local { port, mac },
+            Route::Remote { template, vtep_mac } => {
+                RouteNote::Remote { underlay: template.remote(), next_hop_mac: template.next_hop_mac(), vtep_mac }
+            }
+            Route::Unresolved { underlay } => RouteNote::Unresolved { underlay },
+            Route::Blackhole => RouteNote::Blackhole,
+            Route::NoRoute => RouteNote::NoRoute,
+        }));
+    }
+}
+
+/// Note what the service stage did with a packet to a service (tracing only): `orig` is the
+/// packet's context before the stage, `ctx` after it.
+#[cold]
+fn note_service<R: Recorder>(rec: &mut R, services: &Services, orig: &Ctx, ctx: &Ctx, outcome: Outcome, tracked: bool) {
+    let (vip, port) = (orig.dst(), orig.flow.ports.1);
+    let Some(svc) = services.lookup(vip, port, orig.flow.protocol) else { return };
+    let pick = if tracked {
+        tr::Pick::Tracked
+    } else if let Some(t) = svc.affinity() {
+        tr::Pick::Affinity { timeout_s: t.as_secs() }
+    } else {
+        tr::Pick::Maglev { slot: svc.slot(orig.flow.hash), slots: svc.table().len() }
+    };
+    rec.note(Note::Service(ServiceNote {
+        service: svc.name().to_owned(),
+        vip,
+        port,
+        backend: (outcome == Outcome::Translated).then(|| (ctx.dst(), ctx.flow.ports.1)),
+        pick,
+        backends: svc.backends().len(),
+        terminating_fallback: svc.terminating_fallback(),
+        refused: match outcome {
+            Outcome::NoEndpoint => Some(DropReason::ServiceNoEndpoint),
+            Outcome::BackendGone => Some(DropReason::ServiceBackendGone),
+            Outcome::Translated | Outcome::NotService => None,
+        },
+    }));
 }
 
 /// Whether a decapsulated packet's source belongs to the node that sent it (`outer_src`): inside

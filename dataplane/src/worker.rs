@@ -394,6 +394,11 @@ impl<P: Port> Worker<P> {
         Arc::clone(&self.shared)
     }
 
+    /// The pipeline's connection-tracking table.
+    pub fn conntrack(&self) -> &std::sync::Arc<crate::conntrack::Conntrack> {
+        self.pipeline.conntrack()
+    }
+
     /// The worker's own counters (exact, for tests and benches on the worker's thread).
     pub fn counters(&self) -> &Counters {
         &self.counters

@@ -60,6 +60,26 @@ pub enum Request {
         #[serde(default = "default_flow_limit")]
         limit: usize,
     },
+    /// `ferry trace`, the source node's half: resolve `src` and `dst` (pod `namespace/name`,
+    /// Service `namespace/name`, node name, or address) and run a synthetic packet through this
+    /// node's pipeline in trace mode. Answered with a [`TraceHalf`].
+    Trace {
+        /// The sender.
+        src: String,
+        /// The receiver.
+        dst: String,
+        /// `tcp`, `udp` or `icmp`.
+        proto: TraceProto,
+        /// The destination port (TCP, UDP; a Service's port when `dst` names a Service).
+        #[serde(default)]
+        port: Option<u16>,
+    },
+    /// `ferry trace`, the destination node's half: the encapsulated frame the source node's
+    /// trace produced, run through this node's pipeline as if it came in on the uplink.
+    TraceDeliver {
+        /// The frame, in hex.
+        frame: String,
+    },
     /// Attach a pod's host-side interface and register the pod (idempotent for the same pod).
     PodAdd {
         /// The pod.
@@ -726,4 +746,164 @@ pub struct FlowList {
     pub rate_limited_drop_events: u64,
     /// Events that fell out of the agent's window before this request.
     pub aged_out: u64,
+}
+
+/// The transport of a traced packet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceProto {
+    /// A TCP SYN.
+    #[default]
+    Tcp,
+    /// A UDP datagram.
+    Udp,
+    /// An ICMP echo request.
+    Icmp,
+}
+
+impl TraceProto {
+    /// `TCP`, `UDP` or `ICMP`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TraceProto::Tcp => "TCP",
+            TraceProto::Udp => "UDP",
+            TraceProto::Icmp => "ICMP",
+        }
+    }
+}
+
+/// What a name given to `ferry trace` resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceEndpoint {
+    /// As given.
+    pub input: String,
+    /// `pod`, `service`, `node` or `address`.
+    pub kind: String,
+    /// The pod's, Service's or node's name (`namespace/name` for pods; a Service's port name too).
+    pub name: Option<String>,
+    /// The address the packet uses (a Service's VIP, a node's overlay address).
+    pub addr: IpAddr,
+    /// A Service's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The node the address lives on, when known.
+    pub node: Option<String>,
+}
+
+/// One stage's decision in a trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceStage {
+    /// The stage (`access_port`, `classify`, `ip_checks`, `service`, `policy`, `route`, `encap`,
+    /// `decap`, `decap_checks`, `deliver`, `host_exit`, ...).
+    pub stage: String,
+    /// `ok`, `allowed`, `denied`, `translated`, `dropped`, ...
+    pub result: String,
+    /// What it saw and why, for people.
+    pub detail: String,
+    /// The policy verdict's reasons (policy stage only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<TracePolicy>,
+    /// The Service's choice (service stage only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<TraceService>,
+}
+
+/// The policy stage's reasons.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TracePolicy {
+    /// `allow`, `deny_egress` or `deny_ingress`.
+    pub verdict: String,
+    /// Allowed without rules, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exempt: Option<String>,
+    /// The source pod's egress rules, when policies isolate it for egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<TracePolicySide>,
+    /// The destination pod's ingress rules, when policies isolate it for ingress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<TracePolicySide>,
+}
+
+/// One direction of [`TracePolicy`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TracePolicySide {
+    /// The pod whose rules these are.
+    pub pod: String,
+    /// Whether they let the packet through.
+    pub allowed: bool,
+    /// Its rules in this direction (policy, rule index, peers, ports): every rule of every policy
+    /// selecting the pod; with one rule, the one that decided.
+    pub rules: Vec<PolicyRuleEntry>,
+}
+
+/// The service stage's choice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceService {
+    /// `namespace/name:port`.
+    pub service: String,
+    /// The VIP.
+    pub vip: IpAddr,
+    /// The service port.
+    pub port: u16,
+    /// The backend chosen.
+    pub backend: Option<IpAddr>,
+    /// Its port.
+    pub backend_port: Option<u16>,
+    /// `maglev`, `affinity` or `tracked`.
+    pub pick: String,
+    /// Why, for people.
+    pub why: String,
+}
+
+/// One node's half of a trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceHalf {
+    /// The node that ran it.
+    pub node: String,
+    /// What `src` resolved to (source half only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<TraceEndpoint>,
+    /// What `dst` resolved to (source half only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<TraceEndpoint>,
+    /// The source lives on another node: ask that node's agent (nothing was traced here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_on: Option<String>,
+    /// The stages, in order.
+    pub stages: Vec<TraceStage>,
+    /// `delivered`, `forwarded` (encapsulated to another node), `left` (out through the node's
+    /// kernel), `replied` or `dropped`.
+    pub verdict: String,
+    /// The drop reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The stage that decided.
+    pub stage: String,
+    /// The verdict in one sentence.
+    pub summary: String,
+    /// Encapsulated toward this node (its agent runs the other half).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_node: Option<String>,
+    /// The encapsulated frame, in hex, for the next node's half.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame: Option<String>,
+}
+
+/// A whole trace as `ferry trace --json` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceReport {
+    /// The sender.
+    pub src: TraceEndpoint,
+    /// The receiver.
+    pub dst: TraceEndpoint,
+    /// The transport.
+    pub proto: TraceProto,
+    /// The destination port.
+    pub port: Option<u16>,
+    /// Each node's half, in order.
+    pub halves: Vec<TraceHalf>,
+    /// Whether the packet reached its destination.
+    pub delivered: bool,
+    /// The verdict in one sentence.
+    pub verdict: String,
 }

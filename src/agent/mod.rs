@@ -17,6 +17,7 @@ mod flows;
 mod metrics;
 mod pods;
 mod server;
+mod trace;
 mod web;
 
 use std::collections::BTreeMap;
@@ -106,6 +107,10 @@ struct Shared {
     conntrack: Arc<Conntrack>,
     /// Flow records from the workers (empty when `dataplane.flows` is off).
     flows: Arc<flows::FlowLog>,
+    /// The workers' pipeline configuration (`ferry trace` runs a pipeline of its own with it).
+    node_cfg: NodeConfig,
+    /// Every pod the sources describe (`ferry trace` resolves names with it).
+    directory: ferry_control::PodDirectory,
 }
 
 /// Connection-tracking slots (64 bytes each: 16 MiB; a translated connection takes two).
@@ -247,6 +252,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let publisher = TablesPublisher::shared(Arc::clone(&tables)).for_node(&cfg.node_name, vec![underlay_addr]);
     let skipped = publisher.skipped_nodes();
+    let directory = publisher.pod_directory();
     let control_plane = ControlPlane::spawn(control, publisher).context("starting the control plane")?;
     let metrics_addr = control_plane.metrics_addr();
 
@@ -520,6 +526,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         heartbeat_ms: AtomicU64::new(0),
         conntrack,
         flows: Arc::new(flows::FlowLog::new(cfg.node_name.clone(), flow_exports)),
+        node_cfg: node_cfg.clone(),
+        directory,
     });
 
     if metrics_addr.is_some() {

@@ -164,6 +164,14 @@ impl Handler {
             Request::Conntrack { addr, port, proto } => Response::with(&self.conntrack(addr, port, proto)),
             Request::Policy { pod } => Response::with(&self.policy(pod.as_deref())),
             Request::Flows { filter, after, limit } => Response::with(&s.flows.list(&filter, after, limit.min(10_000))),
+            Request::Trace { src, dst, proto, port } => match super::trace::source_half(s, &src, &dst, proto, port) {
+                Ok(h) => Response::with(&h),
+                Err(e) => Response::err(e),
+            },
+            Request::TraceDeliver { frame } => match super::trace::deliver_half(s, &frame) {
+                Ok(h) => Response::with(&h),
+                Err(e) => Response::err(e),
+            },
         }
     }
 

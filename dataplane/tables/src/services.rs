@@ -210,6 +210,8 @@ pub struct Service {
     /// and their Maglev table; empty otherwise.
     local_backends: Arc<[Backend]>,
     local_table: Arc<[u16]>,
+    /// `backends` are serving-and-terminating endpoints: no ready one is left.
+    terminating_fallback: bool,
 }
 
 impl Service {
@@ -248,14 +250,25 @@ impl Service {
         self.affinity
     }
 
+    /// Whether new connections go to serving-and-terminating endpoints (no ready one is left).
+    pub fn terminating_fallback(&self) -> bool {
+        self.terminating_fallback
+    }
+
+    /// The Maglev slot a flow hash falls in (the table's size when there is no table).
+    #[inline]
+    pub fn slot(&self, hash: u32) -> usize {
+        // Spread the 32-bit hash over the table with a multiply-shift, not a division.
+        ((u64::from(hash) * self.table.len() as u64) >> 32) as usize
+    }
+
     /// The backend for a new flow with this hash; `None` when the service has no usable backend.
     #[inline]
     pub fn pick(&self, hash: u32) -> Option<Backend> {
         if self.table.is_empty() {
             return None;
         }
-        // Spread the 32-bit hash over the table with a multiply-shift, not a division.
-        let slot = ((u64::from(hash) * self.table.len() as u64) >> 32) as usize;
+        let slot = self.slot(hash);
         let i = *self.table.get(slot)?;
         self.backends.get(usize::from(i)).copied()
     }
@@ -673,7 +686,8 @@ fn check(s: &ServiceSpec) -> Result<(), ServiceError> {
 fn compile(s: &ServiceSpec) -> Service {
     let to_backend = |e: &EndpointSpec| Backend { addr: e.addr, port: e.port };
     let mut backends: Vec<Backend> = s.endpoints.iter().filter(|e| e.ready).map(to_backend).collect();
-    if backends.is_empty() {
+    let terminating_fallback = backends.is_empty();
+    if terminating_fallback {
         backends = s.endpoints.iter().filter(|e| e.serving && e.terminating).map(to_backend).collect();
     }
     // The order must not matter to the table (a reordered slice is the same service).
@@ -682,6 +696,7 @@ fn compile(s: &ServiceSpec) -> Service {
     let mut alive: Vec<Backend> = s.endpoints.iter().filter(|e| e.ready || e.serving).map(to_backend).collect();
     alive.sort_by(cmp_backend);
     alive.dedup();
+    let terminating_fallback = terminating_fallback && !backends.is_empty();
     let m = if backends.len() > LARGE_BACKENDS { MAGLEV_LARGE } else { MAGLEV_DEFAULT };
     let mut local_backends: Vec<Backend> = Vec::new();
     if s.external.local && !s.external.is_empty() {
@@ -705,6 +720,7 @@ fn compile(s: &ServiceSpec) -> Service {
         table: maglev_table(&backends, m).into(),
         endpoints: s.endpoints.iter().map(to_backend).collect(),
         backends: backends.into(),
+        terminating_fallback,
         alive: alive.into(),
         affinity: s.affinity,
     }

@@ -415,6 +415,100 @@ impl PolicyTables {
     }
 }
 
+impl PolicyTables {
+    /// [`PolicyTables::verdict`] with its reasons: which pods' rules were looked at, which
+    /// policies they come from, and whether each side allowed (off the forwarding path: it
+    /// allocates).
+    pub fn explain(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> Explanation {
+        let mut e = Explanation {
+            verdict: self.verdict(src, dst, proto, port),
+            src,
+            dst,
+            protocol: proto,
+            port,
+            exempt: None,
+            egress: None,
+            ingress: None,
+        };
+        if src == dst {
+            e.exempt = Some("a pod reaching itself is always allowed");
+            return e;
+        }
+        let (s, d) = (self.entry(src), self.entry(dst));
+        let side = |c: &CompiledPod, dir: Direction, hot: &HotDir, peer: IpAddr, id: Identity| SideExplanation {
+            pod: c.rules.pod.clone(),
+            allowed: self.allows(hot, peer, id, proto, port),
+            rules: c.rules.origins.iter().filter(|o| o.direction == dir).cloned().collect(),
+        };
+        if let Some(c) = self.local_of(s)
+            && let Some(hot) = c.egress.as_ref()
+        {
+            if self.is_node(dst) {
+                e.exempt = Some("traffic between a pod and its own node is always allowed");
+            } else {
+                e.egress = Some(side(c, Direction::Egress, hot, dst, d.identity));
+            }
+        }
+        if let Some(c) = self.local_of(d)
+            && let Some(hot) = c.ingress.as_ref()
+        {
+            if self.is_node(src) {
+                e.exempt = Some("traffic between a pod and its own node is always allowed");
+            } else {
+                e.ingress = Some(side(c, Direction::Ingress, hot, src, s.identity));
+            }
+        }
+        e
+    }
+}
+
+/// Why a policy verdict is what it is (for `ferry trace`; never on the forwarding path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// The verdict ([`PolicyTables::verdict`]'s, computed the same way).
+    pub verdict: PolicyVerdict,
+    /// The packet's source, destination, protocol and destination port, as judged.
+    pub src: IpAddr,
+    /// See `src`.
+    pub dst: IpAddr,
+    /// See `src`.
+    pub protocol: u8,
+    /// See `src`.
+    pub port: u16,
+    /// Allowed without looking at any rule, and why (a pod reaching itself, or its own node).
+    pub exempt: Option<&'static str>,
+    /// The source pod's egress side, when it is a local pod policies select for egress.
+    pub egress: Option<SideExplanation>,
+    /// The destination pod's ingress side, when it is a local pod policies select for ingress.
+    pub ingress: Option<SideExplanation>,
+}
+
+/// One direction's part of an [`Explanation`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SideExplanation {
+    /// `namespace/name` of the pod whose rules these are.
+    pub pod: String,
+    /// Whether its rules let the packet through.
+    pub allowed: bool,
+    /// The rules of this direction (every policy selecting the pod, rule by rule). Rules of one
+    /// direction are compiled into one union, so which of several let a packet through is not
+    /// kept; with one rule, it is that one.
+    pub rules: Vec<RuleOrigin>,
+}
+
+impl Explanation {
+    /// The policies (`namespace/name`) of a side, once each, in rule order.
+    pub fn policies(side: &SideExplanation) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in &side.rules {
+            if !out.contains(&r.policy) {
+                out.push(r.policy.clone());
+            }
+        }
+        out
+    }
+}
+
 /// An identity: a namespace, labels and named ports (sorted).
 #[derive(Debug)]
 struct IdentityInfo {

@@ -5,7 +5,10 @@ pub mod compile;
 pub mod flat;
 pub mod spec;
 
-pub use compile::{DirRules, Identity, PodRules, PolicyCompiler, PolicyTables, PolicyVerdict, PortSet, RuleOrigin};
+pub use compile::{
+    DirRules, Explanation, Identity, PodRules, PolicyCompiler, PolicyTables, PolicyVerdict, PortSet, RuleOrigin,
+    SideExplanation,
+};
 
 pub use spec::{
     Direction, IpBlockSpec, LabelSelectorSpec, Labels, NAMESPACE_NAME_LABEL, NamedPort, NamespaceSpec, Namespaces,
