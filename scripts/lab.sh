@@ -35,7 +35,8 @@
 # spec.podCIDRs and Flannel annotations, and a Pod in namespace "lab" for every pod, status.podIPs set).
 # check runs $FERRY_LAB_CHECK_JOBS pairs at once (default 6).
 # --ip-family dual gives every pod an IPv6 address too (node i: fd00:10:244:<i>::/64, over the IPv4
-# underlay), and check adds every pod pair over IPv6; ferry nodes with the static or kube source only.
+# underlay), and check adds every pod pair over IPv6; ferry nodes only (with --source etcd the leases are
+# Flannel's dual-stack ones: EnableIPv6, keys 10.244.<i>.0-24&fd00:10:244:<i>::-64).
 # --services N (static or kube source): N Services (VIPs 10.96.x.y in the agents' service_cidrs, port 80
 # over TCP and UDP), each with two backend pods on different ferry nodes answering their name; check adds
 # every ferry node's pod -> every Service VIP over TCP and UDP, answered by one of its backends.
@@ -158,8 +159,8 @@ cmd_up() {
     case "$IP_FAMILY" in ipv4 | dual) ;; *) die "--ip-family: ipv4 or dual, not '$IP_FAMILY'" ;; esac
     [[ $SERVICES =~ ^[0-9]+$ ]] && [ "$SERVICES" -le 5000 ] || die "--services takes a number up to 5000, not '$SERVICES'"
     if [ "$SERVICES" -gt 0 ] && [ "$SOURCE" = etcd ]; then die "--services: with the static or kube source (etcd carries no Services)"; fi
-    if [ "$IP_FAMILY" = dual ] && { [ "$KNODES" -gt 0 ] || [ "$SOURCE" = etcd ]; }; then
-        die "--ip-family dual: ferry nodes with the static or kube source only (the lab's kernel-VXLAN nodes and its Flannel etcd config are IPv4-only)"
+    if [ "$IP_FAMILY" = dual ] && [ "$KNODES" -gt 0 ]; then
+        die "--ip-family dual: ferry nodes only (the lab's kernel-VXLAN nodes are IPv4-only)"
     fi
     case "$UNDERLAY" in ipv4 | ipv6) ;; *) die "--underlay: ipv4 or ipv6, not '$UNDERLAY'" ;; esac
     if [ "$UNDERLAY" = ipv6 ] && [ "$SOURCE" = etcd ]; then

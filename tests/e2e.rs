@@ -321,14 +321,17 @@ fn matrix_vxlan() {
 }
 
 /// Dual-stack pods over the IPv4 underlay: every pod gets an address of each family from its
-/// node's two pod CIDRs (host-local, two ranges), and every pod pair passes over both.
+/// node's two pod CIDRs (host-local, two ranges), and every pod pair passes over both. The nodes
+/// learn each other from Flannel's dual-stack etcd leases.
 #[test]
 fn matrix_dual_stack_pods() {
     if !privileged("matrix_dual_stack_pods") {
         return;
     }
     let _s = serial();
-    let lab = Lab::up("e2e_dual", &["--nodes", "2", "--pods-per-node", "2", "--ip-family", "dual"]);
+    // Flannel's etcd layout for dual stack (EnableIPv6, leases keyed `10.244.1.0-24&fd00:10:244:1::-64`);
+    // the static source's dual stack is in the two IPv6-underlay tests below.
+    let lab = Lab::up("e2e_dual", &["--nodes", "2", "--pods-per-node", "2", "--ip-family", "dual", "--source", "etcd"]);
     let rows = lab.check();
     assert_full_matrix(&rows, 2, 2);
     let c = categories(&rows);

@@ -4,10 +4,10 @@
 //!
 //! Only formats live here; the sources do the I/O.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ferry_encap::{MacAddr, TunnelKind};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::{Map, Value, json};
 
 use crate::model::{check_vni, parse_tunnel, parse_vtep_mac};
@@ -98,6 +98,9 @@ pub struct NetworkConfig {
     pub subnet_max: Ipv4Addr,
     /// `IPv6Network`, when set.
     pub ipv6_network: Option<IpNet>,
+    /// With `EnableIPv6: true` and `IPv6Network`: the IPv6 network nodes lease subnets of
+    /// `IPv6SubnetLen` (default 64) from, beside their IPv4 ones (dual-stack leases).
+    pub ipv6_leases: Option<(Ipv6Net, u8)>,
     /// `Backend.Type`.
     pub backend: TunnelKind,
     /// `Backend.VNI` (default 1).
@@ -152,6 +155,20 @@ impl NetworkConfig {
             None => None,
             Some(s) => Some(s.parse::<IpNet>().map_err(|_| format!("IPv6Network: {s:?} is not a CIDR"))?.trunc()),
         };
+        let ipv6_leases = match (v.get("EnableIPv6").and_then(Value::as_bool), ipv6_network) {
+            (Some(true), Some(IpNet::V6(net6))) => {
+                let len = match v.get("IPv6SubnetLen").and_then(Value::as_u64) {
+                    None => 64,
+                    Some(n) => u8::try_from(n).map_err(|_| format!("IPv6SubnetLen: {n} is too long"))?,
+                };
+                if len > 126 || len <= net6.prefix_len() {
+                    return Err(format!("IPv6SubnetLen: /{len} does not fit in IPv6Network {net6}"));
+                }
+                Some((net6, len))
+            }
+            (Some(true), _) => return Err("IPv6Network: EnableIPv6 needs an IPv6 CIDR here".into()),
+            _ => None,
+        };
         let backend = v.get("Backend");
         let kind = match backend.and_then(|b| b.get("Type")).and_then(Value::as_str) {
             None => TunnelKind::Vxlan,
@@ -173,7 +190,17 @@ impl NetworkConfig {
                     .ok_or_else(|| format!("Backend.Port: {p} is not a port"))?,
             ),
         };
-        Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, ipv6_network, backend: kind, vni, port })
+        Ok(NetworkConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            ipv6_network,
+            ipv6_leases,
+            backend: kind,
+            vni,
+            port,
+        })
     }
 
     /// The networks pod CIDRs must lie in.
@@ -181,6 +208,22 @@ impl NetworkConfig {
         let mut v = vec![IpNet::V4(self.network)];
         v.extend(self.ipv6_network);
         v
+    }
+
+    /// The IPv6 subnet leased with the IPv4 `subnet` on a dual-stack network: the one with the same
+    /// index in `IPv6Network` as `subnet` has in `Network`, so that a lease's IPv4 key (taken with a
+    /// create-if-absent transaction) makes its IPv6 subnet unique too. `None` on an IPv4-only
+    /// network, or where the IPv6 network has too few subnets.
+    pub fn ipv6_subnet_for(&self, subnet: Ipv4Net) -> Option<Ipv6Net> {
+        let (net6, len6) = self.ipv6_leases?;
+        let index = (u32::from(subnet.network()) - u32::from(self.network.network())) >> (32 - self.subnet_len);
+        let shift = 128 - u32::from(len6);
+        let room = u32::from(len6 - net6.prefix_len());
+        if room < 32 && index >> room != 0 {
+            return None;
+        }
+        let base = u128::from(net6.network());
+        Ipv6Net::new(Ipv6Addr::from(base + (u128::from(index) << shift)), len6).ok()
     }
 
     /// Allocatable subnets from `SubnetMin` to `SubnetMax`, in order.
@@ -195,16 +238,38 @@ impl NetworkConfig {
     }
 }
 
-/// The etcd key suffix of a subnet lease: `10.5.34.0-24`.
-pub fn subnet_key(net: Ipv4Net) -> String {
-    format!("{}-{}", net.network(), net.prefix_len())
+/// The etcd key suffix of a subnet lease: `10.5.34.0-24`, or with its IPv6 subnet on a dual-stack
+/// network `10.5.34.0-24&fc00:0:0:22::-64` (Flannel's `MakeSubnetKey`).
+pub fn subnet_key(net: Ipv4Net, net6: Option<Ipv6Net>) -> String {
+    match net6 {
+        None => format!("{}-{}", net.network(), net.prefix_len()),
+        Some(n6) => format!("{}-{}&{}-{}", net.network(), net.prefix_len(), n6.network(), n6.prefix_len()),
+    }
 }
 
-/// Parses a lease key suffix (`10.5.34.0-24`).
+/// Parses a lease key suffix (`10.5.34.0-24`, or dual stack `10.5.34.0-24&fc00:0:0:22::-64`).
 ///
 /// # Errors
 /// A reason when it is not a subnet.
-pub fn parse_subnet_key(s: &str) -> Result<Ipv4Net, String> {
+pub fn parse_subnet_key(s: &str) -> Result<(Ipv4Net, Option<Ipv6Net>), String> {
+    match s.split_once('&') {
+        None => Ok((parse_subnet4(s)?, None)),
+        Some((four, six)) => Ok((parse_subnet4(four)?, Some(parse_subnet6(six)?))),
+    }
+}
+
+fn parse_subnet6(s: &str) -> Result<Ipv6Net, String> {
+    let (addr, len) = s.rsplit_once('-').ok_or_else(|| format!("{s:?} is not ADDRESS-LENGTH"))?;
+    let addr: Ipv6Addr = addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not an IPv6 address"))?;
+    let len: u8 = len.parse().map_err(|_| format!("{s:?}: {len:?} is not a prefix length"))?;
+    let net = Ipv6Net::new(addr, len).map_err(|_| format!("{s:?}: /{len} is too long"))?;
+    if net.trunc() != net {
+        return Err(format!("{s:?} has host bits set"));
+    }
+    Ok(net)
+}
+
+fn parse_subnet4(s: &str) -> Result<Ipv4Net, String> {
     let (addr, len) = s.rsplit_once('-').ok_or_else(|| format!("{s:?} is not ADDRESS-LENGTH"))?;
     let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not an IPv4 address"))?;
     let len: u8 = len.parse().map_err(|_| format!("{s:?}: {len:?} is not a prefix length"))?;
@@ -224,6 +289,8 @@ pub struct LeaseAttrs {
     pub backend: TunnelKind,
     /// `BackendData`.
     pub data: BackendData,
+    /// `PublicIPv6` (null or absent: none). ferry tunnels both families to the node's `PublicIP`.
+    pub public_ipv6: Option<Ipv6Addr>,
 }
 
 /// Why a lease value was refused: the field and the reason.
@@ -249,13 +316,21 @@ impl LeaseAttrs {
         };
         let data =
             BackendData::from_value(v.get("BackendData").unwrap_or(&Value::Null)).map_err(|e| ("BackendData", e))?;
-        Ok(LeaseAttrs { public_ip, backend, data })
+        let public_ipv6 = match v.get("PublicIPv6") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(a)) => {
+                Some(a.parse().map_err(|_| ("PublicIPv6", format!("{a:?} is not an IPv6 address")))?)
+            }
+            Some(other) => return Err(("PublicIPv6", format!("expected a string or null, found {other}"))),
+        };
+        Ok(LeaseAttrs { public_ip, backend, data, public_ipv6 })
     }
 
     /// The JSON value Flannel writes.
     pub fn to_json(&self) -> String {
         json!({
             "PublicIP": self.public_ip.to_string(),
+            "PublicIPv6": self.public_ipv6.map(|a| a.to_string()),
             "BackendType": self.backend.name(),
             "BackendData": self.data.to_value(),
         })
@@ -296,6 +371,20 @@ mod tests {
         .expect("parses");
         assert_eq!((c.subnet_len, c.backend, c.vni, c.port), (26, TunnelKind::Geneve, 7, Some(6081)));
         assert_eq!(c.subnets().map(|n| n.to_string()).collect::<Vec<_>>(), ["10.6.1.64/26", "10.6.1.128/26"]);
+        // Dual stack: IPv6 subnets leased beside the IPv4 ones, index for index.
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#,
+        )
+        .expect("parses");
+        let four: Ipv4Net = "10.244.3.0/24".parse().expect("net");
+        assert_eq!(c.ipv6_subnet_for(four).map(|n| n.to_string()).as_deref(), Some("fd00:10:244:3::/64"));
+        let off =
+            NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","IPv6Network":"fd00:10:244::/48"}"#).expect("parses");
+        assert_eq!(off.ipv6_subnet_for(four), None, "IPv6 leases only with EnableIPv6");
+        let narrow = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/62"}"#)
+            .expect("parses");
+        assert_eq!(narrow.ipv6_subnet_for(four).map(|n| n.to_string()).as_deref(), Some("fd00:0:0:3::/64"));
+        assert_eq!(narrow.ipv6_subnet_for("10.244.4.0/24".parse().expect("net")), None, "no fifth /64 in a /62");
         let c = NetworkConfig::parse(r#"{"Network":"10.7.0.0/22"}"#).expect("parses");
         assert_eq!((c.subnet_len, c.subnets().count()), (24, 3));
         for (bad, field) in [
@@ -304,6 +393,8 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","SubnetLen":8}"#, "SubnetLen"),
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"10.1.0.0"}"#, "SubnetMin"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp"}}"#, "Backend.Type"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true}"#, "IPv6Network"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/64"}"#, "IPv6SubnetLen"),
         ] {
             let e = NetworkConfig::parse(bad).expect_err(bad);
             assert!(e.starts_with(field), "{bad}: {e}");
@@ -312,17 +403,36 @@ mod tests {
 
     #[test]
     fn lease_keys_and_values() {
-        let n = parse_subnet_key("10.5.34.0-24").expect("key");
-        assert_eq!(n.to_string(), "10.5.34.0/24");
-        assert_eq!(subnet_key(n), "10.5.34.0-24");
+        let (n, none) = parse_subnet_key("10.5.34.0-24").expect("key");
+        assert_eq!((n.to_string(), none), ("10.5.34.0/24".to_owned(), None));
+        assert_eq!(subnet_key(n, None), "10.5.34.0-24");
         assert!(parse_subnet_key("10.5.34.1-24").is_err());
         assert!(parse_subnet_key("garbage").is_err());
+        // Dual stack, as Flannel writes it.
+        let (n, six) = parse_subnet_key("10.5.34.0-24&fc00:0:0:22::-64").expect("dual-stack key");
+        assert_eq!(
+            (n.to_string(), six.map(|s| s.to_string())),
+            ("10.5.34.0/24".into(), Some("fc00:0:0:22::/64".into()))
+        );
+        assert_eq!(subnet_key(n, six), "10.5.34.0-24&fc00:0:0:22::-64");
+        for bad in ["10.5.34.0-24&", "10.5.34.0-24&fc00::1-64", "10.5.34.0-24&10.0.0.0-8", "10.5.34.0-24&fc00::-129"] {
+            assert!(parse_subnet_key(bad).is_err(), "{bad}");
+        }
         let a = LeaseAttrs::parse(
             br#"{"PublicIP":"192.0.2.7","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:42:c0:00:02:07"}}"#,
             TunnelKind::Vxlan,
         )
         .expect("lease");
         assert_eq!(a.public_ip, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)));
+        assert_eq!(a.public_ipv6, None);
+        let d = LeaseAttrs::parse(br#"{"PublicIP":"192.0.2.7","PublicIPv6":"2001:db8::7"}"#, TunnelKind::Vxlan)
+            .expect("dual");
+        assert_eq!(d.public_ipv6, Some("2001:db8::7".parse().expect("ip")));
+        assert_eq!(LeaseAttrs::parse(d.to_json().as_bytes(), TunnelKind::Vxlan), Ok(d));
+        assert_eq!(
+            LeaseAttrs::parse(br#"{"PublicIP":"192.0.2.7","PublicIPv6":"nope"}"#, TunnelKind::Vxlan).map_err(|e| e.0),
+            Err("PublicIPv6")
+        );
         assert_eq!(LeaseAttrs::parse(a.to_json().as_bytes(), TunnelKind::Vxlan), Ok(a));
         assert_eq!(LeaseAttrs::parse(b"{}", TunnelKind::Vxlan).map_err(|e| e.0), Err("PublicIP"));
         assert_eq!(LeaseAttrs::parse(b"nope", TunnelKind::Vxlan).map_err(|e| e.0), Err("value"));

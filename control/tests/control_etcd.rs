@@ -163,6 +163,31 @@ async fn etcd_reuses_this_nodes_existing_lease() {
     drop(cp);
 }
 
+/// Flannel's dual-stack layout (`EnableIPv6`, `IPv6Network`, keys `10.5.1.0-24&fd00:5:0:1::-64`):
+/// a foreign dual-stack lease gives both its pod CIDRs, tunnelled to its PublicIP, and this node
+/// takes a lease with both subnets (the IPv6 one paired index for index with the IPv4 one).
+#[tokio::test]
+async fn etcd_dual_stack_leases() {
+    common::init_tracing();
+    let Some(bin) = common::etcd_binary("etcd_dual_stack_leases") else { return };
+    let etcd = Etcd::start(&bin);
+    let mut c = client(&etcd).await;
+    put(&mut c, "config", r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48"}"#).await;
+    put(&mut c, "subnets/10.5.1.0-24&fd00:5:0:1::-64", &lease_value("192.0.2.1", "02:00:00:00:00:01")).await;
+    let (publisher, mut reader) = common::tables();
+    let cp = ControlPlane::spawn(config(&etcd, Duration::from_secs(30)), publisher).expect("starts");
+    let s = wait_for(&mut reader, WAIT, "both families of the foreign lease and our own", |s| {
+        has(s, "10.5.1.9") && has(s, "fd00:5:0:1::9") && is_own(s, "10.5.2.9") && is_own(s, "fd00:5:0:2::9")
+    })
+    .await;
+    let peer = Some("192.0.2.1".parse().expect("ip"));
+    assert_eq!((underlay(&s, "10.5.1.9"), underlay(&s, "fd00:5:0:1::9")), (peer, peer), "both over PublicIP");
+    let mine = own_lease(&mut c).await;
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert!(mine[0].0.ends_with("/subnets/10.5.2.0-24&fd00:5:0:2::-64"), "Flannel's dual-stack key: {mine:?}");
+    drop(cp);
+}
+
 #[tokio::test]
 async fn etcd_killed_and_restarted_mid_watch() {
     common::init_tracing();

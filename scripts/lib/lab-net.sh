@@ -303,9 +303,15 @@ agent_start() {
 }
 
 # agent_converged NODE: the agent's table holds exactly the other listed nodes, every next hop resolved.
+# With the etcd source the table names nodes by their Flannel lease (`10.244.2.0-24`).
 agent_converged() {
     local name=$1 want r
-    want=$(listed_nodes | grep -vx "$name" | sort | tr '\n' ' ')
+    if [ "$SOURCE" = etcd ]; then
+        want=$(for n in $(listed_nodes | grep -vx "$name"); do etcd_lease_key "$n" | sed 's|.*/subnets/||'; done |
+            LC_ALL=C sort | tr '\n' ' ')
+    else
+        want=$(listed_nodes | grep -vx "$name" | LC_ALL=C sort | tr '\n' ' ')
+    fi
     r=$(ip netns exec "$(node_ns "$name")" "$FERRY" routes --json --socket "$(node_dir "$name")/ferry.sock" 2>/dev/null |
         "$PY" -c 'import json, sys
 d = json.load(sys.stdin)

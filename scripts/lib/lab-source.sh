@@ -110,11 +110,21 @@ etcd_up() {
     local backend
     backend=$(printf '{"Type":"%s","VNI":%d,"Port":%d}' "$ENCAP" "$VNI" "$PORT")
     [ "$SOURCE" = etcd ] || return 0
+    local six=""
+    # Dual stack as Flannel configures it: IPv6 subnets leased beside the IPv4 ones.
+    [ "${IP_FAMILY:-ipv4}" != dual ] || six=",\"EnableIPv6\":true,\"IPv6Network\":\"$CLUSTER_CIDR6\",\"IPv6SubnetLen\":64"
     etcdctl_ul put /coreos.com/network/config \
-        "{\"Network\":\"$CLUSTER_CIDR\",\"SubnetLen\":24,\"Backend\":$backend}" >/dev/null
+        "{\"Network\":\"$CLUSTER_CIDR\",\"SubnetLen\":24$six,\"Backend\":$backend}" >/dev/null
 }
 
-etcd_lease_key() { echo "/coreos.com/network/subnets/10.244.$(node_get "$1" IDX).0-24"; }
+# A node's lease key: Flannel's `10.244.<i>.0-24`, or `10.244.<i>.0-24&fd00:10:244:<i>::-64` in a dual lab.
+etcd_lease_key() {
+    local six
+    six=$(node_get "$1" POD_CIDR6 2>/dev/null || true)
+    printf '/coreos.com/network/subnets/10.244.%s.0-24' "$(node_get "$1" IDX)"
+    [ -z "$six" ] || printf '&%s' "${six//\//-}"
+    echo
+}
 
 # The lease a node holds (Flannel's format). The lab writes ferry nodes' leases too, with their
 # public IP, so that each agent reuses its own and the lab knows every node's subnet in advance.

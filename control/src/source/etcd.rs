@@ -297,6 +297,8 @@ impl EtcdSource {
             public_ip: own.public_ip,
             backend: network.backend,
             data: BackendData { vni: Some(network.vni), vtep_mac: own.vtep_mac },
+            // ferry tunnels both families to PublicIP (the inner and outer families are independent).
+            public_ipv6: None,
         };
         let value = attrs.to_json();
         let list = timed(client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
@@ -304,24 +306,29 @@ impl EtcdSource {
         let mut mine = None;
         for kv in list.kvs() {
             let Some(name) = kv.key().strip_prefix(prefix.as_bytes()) else { continue };
-            let Ok(subnet) = parse_subnet_key(&String::from_utf8_lossy(name)) else { continue };
+            let Ok((subnet, six)) = parse_subnet_key(&String::from_utf8_lossy(name)) else { continue };
             taken.insert(subnet);
             let ours = LeaseAttrs::parse(kv.value(), network.backend).is_ok_and(|a| a.public_ip == own.public_ip);
-            if ours && network.network.contains(&subnet) && subnet.prefix_len() == network.subnet_len {
-                mine = Some(subnet);
+            // A lease of the network's current shape: on a dual-stack network, one with an IPv6 subnet.
+            let shaped = six.is_some() == network.ipv6_leases.is_some();
+            if ours && shaped && network.network.contains(&subnet) && subnet.prefix_len() == network.subnet_len {
+                mine = Some((subnet, six));
             }
         }
         // After losing the lease (etcd restarted without our key), come back to the same subnet
         // when it is still free.
         if mine.is_none() {
-            mine = previous
-                .and_then(|p| parse_subnet_key(&p.name).ok())
-                .filter(|s| !taken.contains(s) && network.network.contains(s) && s.prefix_len() == network.subnet_len);
+            mine = previous.and_then(|p| parse_subnet_key(&p.name).ok()).filter(|(s, six)| {
+                !taken.contains(s)
+                    && network.network.contains(s)
+                    && s.prefix_len() == network.subnet_len
+                    && six.is_some() == network.ipv6_leases.is_some()
+            });
         }
         let lease = timed(client.lease_grant(ttl, None)).await?.id();
         let put = |key: &str| TxnOp::put(key.to_owned(), value.clone(), Some(PutOptions::new().with_lease(lease)));
-        if let Some(subnet) = mine {
-            let name = subnet_key(subnet);
+        if let Some((subnet, six)) = mine {
+            let name = subnet_key(subnet, six);
             let key = format!("{prefix}{name}");
             timed(client.txn(Txn::new().and_then([put(&key)]))).await?;
             // The key now hangs off the new lease; the old one (if it survived) holds nothing.
@@ -332,7 +339,11 @@ impl EtcdSource {
             return Ok(Held { key, name, lease });
         }
         for subnet in network.subnets().filter(|s| !taken.contains(s)) {
-            let name = subnet_key(subnet);
+            let six = network.ipv6_subnet_for(subnet);
+            if network.ipv6_leases.is_some() && six.is_none() {
+                break; // the IPv6 network has no subnet left to pair with this one or any later
+            }
+            let name = subnet_key(subnet, six);
             let key = format!("{prefix}{name}");
             let txn =
                 Txn::new().when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)]).and_then([put(&key)]);
@@ -374,7 +385,12 @@ pub fn lease_spec(
     port: Option<u16>,
     own: Option<(&str, IpAddr)>,
 ) -> Result<NodeSpec, Rejection> {
-    let subnet = parse_subnet_key(name).map_err(|e| Rejection::new(name, "key", e))?;
+    let (subnet, six) = parse_subnet_key(name).map_err(|e| Rejection::new(name, "key", e))?;
+    if let (Some(s6), Some(IpNet::V6(net6))) = (six, network.ipv6_network)
+        && !net6.contains(&s6)
+    {
+        return Err(Rejection::new(name, "key", format!("{s6} is outside IPv6Network {net6}")));
+    }
     let attrs = LeaseAttrs::parse(value, network.backend).map_err(|(field, e)| Rejection::new(name, field, e))?;
     let default_port = match attrs.backend {
         TunnelKind::Vxlan => flannel::FLANNEL_VXLAN_PORT,
@@ -382,7 +398,7 @@ pub fn lease_spec(
     };
     Ok(NodeSpec {
         name: name.to_owned(),
-        pod_cidrs: vec![IpNet::V4(subnet)],
+        pod_cidrs: std::iter::once(IpNet::V4(subnet)).chain(six.map(IpNet::V6)).collect(),
         underlay: attrs.public_ip,
         vtep_mac: attrs.data.vtep_mac,
         vni: attrs.data.vni.unwrap_or(network.vni),
@@ -424,6 +440,22 @@ mod tests {
             lease_spec("10.5.8.0-24", br#"{"PublicIP":"192.0.2.8","BackendData":{"VtepMAC":1}}"#, &net, None, None)
                 .map_err(|e| e.field),
             Err("BackendData".to_owned())
+        );
+        // A dual-stack lease (Flannel's key with both subnets): both pod CIDRs, tunnelled to PublicIP.
+        let dual = NetworkConfig::parse(
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{"Type":"vxlan"}}"#,
+        )
+        .expect("config");
+        let s = lease_spec("10.5.7.0-24&fd00:5:0:7::-64", v, &dual, None, None).expect("dual-stack lease");
+        assert_eq!(
+            s.pod_cidrs,
+            [IpNet::V4("10.5.7.0/24".parse().expect("net")), "fd00:5:0:7::/64".parse().expect("net")]
+        );
+        assert_eq!(s.underlay, mine);
+        assert_eq!(
+            lease_spec("10.5.7.0-24&fd00:6::-64", v, &dual, None, None).map_err(|e| e.field),
+            Err("key".to_owned()),
+            "an IPv6 subnet outside IPv6Network"
         );
     }
 }
