@@ -217,10 +217,15 @@ impl Handler {
                 let reply = e.flags & ferry_dataplane::conntrack::flags::REPLY != 0;
                 // A NetworkPolicy record translates nothing: it caches a verdict.
                 let policy = ferry_dataplane::policy::record_real_proto(t.proto).is_some();
-                let rewrite = match (policy, reply) {
-                    (true, _) => "none (policy verdict)",
-                    (false, true) => "source",
-                    (false, false) => "destination",
+                // A connection from outside under `externalTrafficPolicy: Cluster` has two more
+                // records: its source translations, keyed by the reversed tuples.
+                let snat = ferry_dataplane::service::snat_record_real_proto(t.proto).is_some();
+                let rewrite = match (policy, snat, reply) {
+                    (true, _, _) => "none (policy verdict)",
+                    (false, true, false) => "source (from outside, to the node)",
+                    (false, true, true) => "source (from outside, back to the frontend)",
+                    (false, false, true) => "source",
+                    (false, false, false) => "destination",
                 };
                 ConntrackEntry {
                     proto: real_proto(t.proto),
@@ -446,7 +451,9 @@ fn accept_loop(listener: &UnixListener, path: &Path, stop: &AtomicBool, mut serv
 
 /// The IP protocol of a connection-tracking entry's key (a NetworkPolicy record's is mapped).
 fn real_proto(key_proto: u8) -> u8 {
-    ferry_dataplane::policy::record_real_proto(key_proto).unwrap_or(key_proto)
+    ferry_dataplane::policy::record_real_proto(key_proto)
+        .or_else(|| ferry_dataplane::service::snat_record_real_proto(key_proto))
+        .unwrap_or(key_proto)
 }
 
 #[cfg(test)]

@@ -848,6 +848,52 @@ mod tests {
     }
 
     #[test]
+    fn node_ports_external_ips_and_the_external_policy() {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"namespace": "shop", "name": "web"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "externalIPs": ["203.0.113.1"],
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 32001,
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}, {"hostname": "lb.example"}]}}
+        }))
+        .expect("service");
+        let info = service_info(&svc).expect("valid").expect("some");
+        assert_eq!(info.ports[0].node_port, Some(30080));
+        assert_eq!(info.external_ips, [ip("203.0.113.1"), ip("203.0.113.9")]);
+        assert!(info.external_local);
+        assert_eq!(info.health_check_node_port, Some(32001));
+        let slice = slice_info(&slice(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "shop", "name": "web-1", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.1.2"], "nodeName": "node-a"},
+                          {"addresses": ["10.244.2.2"], "nodeName": "node-b"}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+        })))
+        .expect("valid")
+        .expect("some");
+        let specs = join("shop/web", &info, [&slice].into_iter(), "node-a");
+        let e = &specs[0].external;
+        assert_eq!((e.node_port, e.local, e.health_check_node_port), (Some(30080), true, Some(32001)));
+        assert_eq!(e.ips.len(), 2);
+        let local: Vec<bool> = specs[0].endpoints.iter().map(|e| e.local).collect();
+        assert_eq!(local, [true, false], "the endpoint on this node is the local one");
+        // A bad policy or node port names its field.
+        for (patch, field) in [
+            (json!({"externalTrafficPolicy": "Nearby"}), "spec.externalTrafficPolicy"),
+            (json!({"ports": [{"port": 80, "nodePort": 70000}]}), "spec.ports[].nodePort"),
+            (json!({"externalIPs": ["not-an-ip"]}), "spec.externalIPs"),
+        ] {
+            let mut v = serde_json::to_value(&svc).expect("json");
+            for (k, val) in patch.as_object().expect("object") {
+                v["spec"][k] = val.clone();
+            }
+            let bad: Service = serde_json::from_value(v).expect("service");
+            assert_eq!(service_info(&bad).expect_err("rejected").field, field);
+        }
+    }
+
+    #[test]
     fn v1beta1_topology_gives_the_node() {
         let s = slice_info(&slice(json!({
             "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",

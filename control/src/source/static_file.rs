@@ -747,6 +747,69 @@ mod tests {
     }
 
     #[test]
+    fn parses_services_from_outside_and_names_bad_fields() {
+        let text = r#"
+            [[node]]
+            name = "me"
+            pod_cidrs = ["10.244.9.0/24"]
+            [[service]]
+            name = "lb"
+            vip = "10.96.0.1"
+            port = 80
+            endpoints = ["10.244.9.2:8080", "10.244.1.2:8080"]
+            type = "LoadBalancer"
+            node_port = 30080
+            external_ips = ["203.0.113.1"]
+            load_balancer_ips = ["203.0.113.2", "203.0.113.1"]
+            external_traffic_policy = "Local"
+            health_check_node_port = 32000
+            [[service]]
+            name = "bad-policy"
+            vip = "10.96.0.2"
+            port = 80
+            type = "NodePort"
+            node_port = 30081
+            external_traffic_policy = "Nearby"
+            [[service]]
+            name = "bad-node-port"
+            vip = "10.96.0.3"
+            port = 80
+            type = "NodePort"
+            node_port = 70000
+            [[service]]
+            name = "node-port-on-cluster-ip"
+            vip = "10.96.0.4"
+            port = 80
+            node_port = 30082
+            [[service]]
+            name = "bad-external-ip"
+            vip = "10.96.0.5"
+            port = 80
+            external_ips = ["fd00::1"]
+            [[service]]
+            name = "bad-type"
+            vip = "10.96.0.6"
+            port = 80
+            type = "ExternalName"
+        "#;
+        let p = parse(text, &defaults()).expect("parses");
+        let lb = p.services[0].as_ref().expect("lb");
+        assert_eq!(lb.external.node_port, Some(30080));
+        assert_eq!(lb.external.ips, ["203.0.113.1".parse::<IpAddr>().expect("ip"), "203.0.113.2".parse().expect("ip")]);
+        assert!(lb.external.local);
+        assert_eq!(lb.external.health_check_node_port, Some(32000));
+        // This node's endpoints are the ones inside its own pod CIDR.
+        let local: Vec<bool> = lb.endpoints.iter().map(|e| e.local).collect();
+        assert_eq!(local, [true, false]);
+        let field = |i: usize| p.services[i].as_ref().expect_err("rejected").field.clone();
+        assert_eq!(field(1), "external_traffic_policy");
+        assert_eq!(field(2), "node_port");
+        assert_eq!(field(3), "node_port");
+        assert_eq!(field(4), "external_ips");
+        assert_eq!(field(5), "type");
+    }
+
+    #[test]
     fn parses_services_and_names_bad_fields() {
         let text = r#"
             [[service]]

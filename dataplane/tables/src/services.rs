@@ -803,6 +803,55 @@ mod tests {
     }
 
     #[test]
+    fn external_frontends_lookup_clashes_and_local_picks() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let spec = |name: &str, vip: &str, node_port, ips: &[&str], local| ServiceSpec {
+            name: name.into(),
+            vip: ip(vip),
+            port: 80,
+            protocol: Protocol::Tcp,
+            endpoints: vec![
+                EndpointSpec { local: true, ..EndpointSpec::ready(ip("10.244.1.2"), 8080) },
+                EndpointSpec::ready(ip("10.244.2.2"), 8080),
+            ],
+            affinity: None,
+            external: ExternalSpec {
+                node_port,
+                ips: ips.iter().map(|a| ip(a)).collect(),
+                local,
+                health_check_node_port: None,
+            },
+        };
+        let s = Services::build(
+            &[spec("a", "10.96.0.1", Some(30080), &["203.0.113.1"], true), spec("b", "10.96.0.2", None, &[], false)],
+            1,
+        )
+        .expect("valid");
+        assert!(s.has_external());
+        let node = ip("192.0.2.1");
+        assert_eq!(s.lookup_external(node, 30080, 6, true).map(Service::name), Some("a"));
+        assert!(s.lookup_external(node, 30080, 6, false).is_none(), "a node port only on the node's address");
+        assert!(s.lookup_external(node, 30080, 17, true).is_none());
+        assert_eq!(s.lookup_external(ip("203.0.113.1"), 80, 6, false).map(Service::name), Some("a"));
+        assert!(s.lookup_external(ip("203.0.113.1"), 30080, 6, false).is_none());
+        // Local: only the local endpoint, whatever the hash.
+        let a = s.lookup_external(node, 30080, 6, true).expect("a");
+        assert!(
+            (0..1000u32)
+                .all(|h| a.pick_external(h.wrapping_mul(0x9e37_79b9)).map(|b| b.addr) == Some(ip("10.244.1.2")))
+        );
+        assert_eq!(s.frontends().len(), 2);
+        // Two services on one node port (or one external IP and port) are refused, naming both.
+        let e = Services::build(
+            &[spec("a", "10.96.0.1", Some(30080), &[], false), spec("c", "10.96.0.3", Some(30080), &[], false)],
+            2,
+        )
+        .expect_err("clash");
+        assert_eq!(e.to_string(), "services a and c both claim node port 30080 from outside, TCP");
+        assert!(!Services::build(&[spec("b", "10.96.0.2", None, &[], false)], 3).expect("valid").has_external());
+    }
+
+    #[test]
     fn terminating_endpoints_only_when_none_is_ready() {
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         let term = EndpointSpec {
