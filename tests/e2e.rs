@@ -2264,3 +2264,166 @@ fn network_policy_conformance() {
         failures.join("\n")
     );
 }
+
+/// `ferry trace` against real traffic: the conformance lab (3 nodes x 3 veth pods, namespaces x, y,
+/// z), three policy cases, and for every ordered pair of distinct pods and each of TCP/UDP 80/81
+/// the trace's verdict (the source node's half, then the destination node's, each agent reached
+/// by the lab's socket paths) must equal what the probe saw. A denied pair's sentence names the
+/// pod, the port, the peer and the policy.
+#[test]
+fn trace_agrees_with_traffic() {
+    if !privileged("trace_agrees_with_traffic") {
+        return;
+    }
+    let _s = serial();
+    let started = Instant::now();
+    let lab = Lab::up("e2e_trace", &["--nodes", "3", "--pods-per-node", "3", "--pod-port", "veth"]);
+    let list = lab.list();
+    let file = list["static_file"].as_str().expect("static_file").to_owned();
+    let cidr = list["cluster_cidr"].as_str().expect("cluster_cidr").to_owned();
+    let base = std::fs::read_to_string(&file).expect("static file");
+    let ips: std::collections::HashMap<String, String> =
+        NpPod::ALL.iter().map(|p| (p.lab_name(), lab.pod_ip(&p.lab_name()))).collect();
+    let ip_of = |s: &str| {
+        let p = NpPod::ALL.iter().find(|p| p.is(s)).expect("a conformance pod");
+        ips[&p.lab_name()].clone()
+    };
+    let mut objects = String::new();
+    for (ns, team) in [("x", "team = \"t1\", "), ("y", "team = \"t1\", "), ("z", "")] {
+        objects.push_str(&format!("\n[[namespace]]\nname = \"{ns}\"\nlabels = {{ {team}ns = \"{ns}\" }}\n"));
+    }
+    for p in NpPod::ALL {
+        let node = p.lab_name().split('-').next().expect("node").to_owned();
+        objects.push_str(&format!(
+            "\n[[pod]]\nnamespace = \"{}\"\nname = \"{}\"\nlabels = {{ pod = \"{}\" }}\nips = [\"{}\"]\nnode = \"{node}\"\n",
+            p.ns, p.pod, p.pod, ips[&p.lab_name()]
+        ));
+    }
+    let py = repo().join("scripts/lib/netpol-probe.py").display().to_string();
+    let mut servers: Vec<_> = NpPod::ALL
+        .iter()
+        .map(|p| {
+            Command::new("timeout")
+                .args(["-k", "2", "120", "ip", "netns", "exec", &lab.netns(&p.lab_name()), python(), &py, "serve"])
+                .arg(format!("{}/{}", p.ns, p.pod))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("server")
+        })
+        .collect();
+    let generations = || -> Vec<u64> {
+        ["n1", "n2", "n3"].iter().map(|n| lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0)).collect()
+    };
+    let pattern = format!("/run/ferry-lab/{}/nodes/{{node}}/ferry.sock", lab.name);
+    let ferry = env!("CARGO_BIN_EXE_ferry");
+    let trace_out = |s: NpPod, d: NpPod, probe: NpProbe, json: bool| -> Output {
+        let (src, dst, port) = (format!("{}/{}", s.ns, s.pod), format!("{}/{}", d.ns, d.pod), probe.1.to_string());
+        // Asked first at n1's agent: the trace moves to the source's node by the pattern.
+        let sock = pattern.replace("{node}", "n1");
+        let mut argv =
+            vec![ferry, "trace", &src, &dst, "--proto", probe.0, "--port", &port, "--socket", &sock, "--admin-pattern"];
+        argv.push(&pattern);
+        if json {
+            argv.push("--json");
+        }
+        let out = run_bounded(20, &argv);
+        assert!(out.status.success(), "ferry trace {src} {dst} {probe:?}: {}", text(&out.stderr));
+        out
+    };
+    let trace = |s: NpPod, d: NpPod, probe: NpProbe| -> Value {
+        serde_json::from_slice(&trace_out(s, d, probe, true).stdout).expect("ferry trace --json")
+    };
+    let cases = np_cases(&ip_of, &cidr);
+    let wanted = ["x/a from namespace y", "x/a sends to namespace z only"];
+    let mut failures = Vec::new();
+    let mut sentence_checked = false;
+    for (i, case) in cases.iter().filter(|c| wanted.contains(&c.name)).enumerate() {
+        let t = Instant::now();
+        let before = generations();
+        std::fs::write(&file, format!("{base}{objects}{}", case.policies)).expect("write the static file");
+        np_wait_generation(&lab, &before);
+        // Every trace at once, four at a time (each is a CLI run asking two agents).
+        let keys: Vec<(usize, usize, NpProbe)> = (0..9)
+            .flat_map(|si| (0..9).filter(move |di| *di != si).map(move |di| (si, di)))
+            .flat_map(|(si, di)| NP_PROBES.iter().map(move |p| (si, di, *p)))
+            .collect();
+        let results: Vec<Value> = std::thread::scope(|sc| {
+            let chunks: Vec<_> = keys
+                .chunks(keys.len().div_ceil(4))
+                .map(|c| {
+                    let trace = &trace;
+                    sc.spawn(move || {
+                        c.iter().map(|&(si, di, p)| trace(NpPod::ALL[si], NpPod::ALL[di], p)).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            chunks.into_iter().flat_map(|h| h.join().expect("trace thread")).collect()
+        });
+        let mut traced = std::collections::HashMap::new();
+        for (&(si, di, probe), r) in keys.iter().zip(&results) {
+            let (s, d) = (&NpPod::ALL[si], &NpPod::ALL[di]);
+            {
+                {
+                    let delivered = r["delivered"].as_bool().expect("delivered");
+                    // The trace's verdict is the API's (the conformance suite checks traffic against it).
+                    assert_eq!(delivered, (case.expect)(*s, *d, probe), "{}: {r:#}", case.name);
+                    if !delivered && !sentence_checked && case.name == "x/a from namespace y" && probe == ("tcp", 80) {
+                        let v = r["verdict"].as_str().expect("verdict");
+                        let want = format!(
+                            "dropped at ingress of x/a: no policy selecting x/a allows TCP/80 from {}/{} (policies: x/a-from-y)",
+                            s.ns, s.pod
+                        );
+                        assert_eq!(v, want, "{r:#}");
+                        let halves = r["halves"].as_array().expect("halves");
+                        assert_eq!(halves.len(), 2, "source and destination halves: {r:#}");
+                        assert_eq!(halves[1]["node"], "n1", "x/a is on n1: {r:#}");
+                        sentence_checked = true;
+                        println!("{}", text(&trace_out(*s, *d, probe, false).stdout));
+                    }
+                    traced.insert((si, di, probe), delivered);
+                }
+            }
+        }
+        let mut seen = np_probe(&lab, &ips, 0.6);
+        if i == 0 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while traced.iter().any(|(k, t)| *t && !seen.get(k).copied().unwrap_or(false)) && Instant::now() < deadline
+            {
+                seen = np_probe(&lab, &ips, 0.6);
+            }
+        }
+        let mut wrong: Vec<_> = traced
+            .iter()
+            .filter(|(k, t)| **t != seen.get(*k).copied().unwrap_or(false))
+            .map(|(k, t)| (*k, *t))
+            .collect();
+        if wrong.iter().any(|w| w.1) {
+            let again = np_probe(&lab, &ips, 2.0);
+            wrong.retain(|(k, t)| !t || !again.get(k).copied().unwrap_or(false));
+        }
+        println!("{:<40} {} traces, {} ms, {} disagree", case.name, traced.len(), t.elapsed().as_millis(), wrong.len());
+        for ((si, di, probe), t) in wrong {
+            let (s, d) = (NpPod::ALL[si], NpPod::ALL[di]);
+            failures.push(format!(
+                "{}: {}/{} -> {}/{} {}/{}: traced {}, probed the opposite",
+                case.name,
+                s.ns,
+                s.pod,
+                d.ns,
+                d.pod,
+                probe.0,
+                probe.1,
+                if t { "delivered" } else { "dropped" }
+            ));
+        }
+    }
+    for s in &mut servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    println!("trace_agrees_with_traffic: {:.1} s", started.elapsed().as_secs_f64());
+    assert!(sentence_checked, "no denied TCP/80 pair was traced");
+    assert!(failures.is_empty(), "{} disagreements:\n{}", failures.len(), failures.join("\n"));
+}

@@ -559,7 +559,7 @@ fn policy_words(m: &Model<'_>, e: &Explanation) -> String {
     {
         let Some(s) = side else { continue };
         let verb = if s.allowed { "allowed" } else { "refused" };
-        let by = if s.allowed && s.rules.len() == 1 { "by" } else { "by the union of" };
+        let by = if s.rules.len() == 1 { "by" } else { "by the union of" };
         parts.push(format!("{dir} of {}: {} {to} {} {verb} {by} {}", s.pod, what(e), m.name_of(peer), rules_words(s)));
     }
     if parts.is_empty() {
