@@ -1524,8 +1524,10 @@ fn services_node_port_cluster_and_local_from_outside() {
     let _s = serial();
     // The client is the underlay's own namespace (192.168.100.254 on the bridge): outside the
     // cluster. Pods on taps: a Local backend's reply to the client goes through ferry.
-    let lab =
-        Lab::up("e2e_np", &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "tap", "--uplink-port", "afxdp"]);
+    let lab = Lab::up(
+        "e2e_nodeport",
+        &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "tap", "--uplink-port", "afxdp"],
+    );
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
     let spawn = |ns: String, args: &[&str]| {
         Command::new("timeout")
@@ -1565,7 +1567,9 @@ fn services_node_port_cluster_and_local_from_outside() {
     let only_n1 = "type = \"LoadBalancer\"\nnode_port = 30083\nexternal_traffic_policy = \"Local\"\nhealth_check_node_port = 32003";
     t.push_str(&svc("default/only-n1", "10.96.0.23", "TCP", only_n1, &[&b1]));
     t.push_str(&svc("default/empty", "10.96.0.22", "TCP", "type = \"NodePort\"\nnode_port = 30082", &[]));
-    std::fs::write(&file, t).expect("write static file");
+    let to_b1 = "type = \"NodePort\"\nnode_port = 30084";
+    t.push_str(&svc("default/to-n1-p2", "10.96.0.24", "TCP", to_b1, &[&b1]));
+    std::fs::write(&file, &t).expect("write static file");
 
     let answered = |got: &[String]| got.iter().any(|l| l.starts_with("n1-p2") || l.starts_with("n2-p1"));
     for n in [&n1, &n2] {
@@ -1608,6 +1612,38 @@ fn services_node_port_cluster_and_local_from_outside() {
     // Everything else to the node still reaches its kernel.
     assert_eq!(svc_connect(&lab, "ul", &n1, 2222, 3), ["kernel-n1", "kernel-n1", "kernel-n1"]);
     assert!(lab.ping_once("ul", &n1, "2"), "ping to the node");
+
+    // NetworkPolicy on traffic from outside, after the translation, on the backend's real address:
+    // n1-p2 admits only the client by an ipBlock. Local keeps the client's address: allowed. Cluster
+    // through n2 arrives from n2's address: denied at n1. Cluster through n1 arrives from n1's own
+    // address: a pod's own node is always allowed.
+    let objects = format!(
+        "\n[[namespace]]\nname = \"default\"\n\n[[pod]]\nnamespace = \"default\"\nname = \"web\"\nlabels = {{ app = \"web\" }}\nips = [\"{b1}\"]\nnode = \"n1\"\n"
+    );
+    let policy = |from: &str| {
+        format!(
+            "\n[[network_policy]]\nnamespace = \"default\"\nname = \"web\"\npod_selector = {{ match_labels = {{ app = \"web\" }} }}\n[[network_policy.ingress]]\nfrom = [{{ ip_block = {from} }}]\n"
+        )
+    };
+    let generation = || lab.ferry("n1", "policy")["generation"].as_u64().unwrap_or(0);
+    let apply = |text: String| {
+        let before = generation();
+        std::fs::write(&file, text).expect("write static file");
+        let (g, ok) = poll_until(Duration::from_secs(10), Duration::from_millis(100), generation, |g| *g > before);
+        assert!(ok, "n1 did not compile the policy within 10 s ({before} -> {g})");
+    };
+    apply(format!("{t}{objects}{}", policy(&format!("{{ cidr = \"{client}/32\" }}"))));
+    assert_eq!(svc_connect(&lab, "ul", &n1, 30081, 2), [format!("n1-p2 {client}"), format!("n1-p2 {client}")]);
+    assert_eq!(svc_connect(&lab, "ul", &n1, 30084, 2), ["n1-p2 10.244.1.0", "n1-p2 10.244.1.0"], "from n1 itself");
+    let denied_before = lab.ferry("n1", "stats")["drops"]["policy_denied_ingress"].as_u64().unwrap_or(0);
+    let got = svc_connect(&lab, "ul", &n2, 30084, 1);
+    assert!(got.iter().all(|l| l.starts_with("error")), "Cluster via n2 comes from n2's address: denied: {got:?}");
+    // The client excepted from a wider block: denied under Local too.
+    apply(format!("{t}{objects}{}", policy(&format!("{{ cidr = \"192.168.100.0/24\", except = [\"{client}/32\"] }}"))));
+    let got = svc_connect(&lab, "ul", &n1, 30081, 1);
+    assert!(got.iter().all(|l| l.starts_with("error")), "Local, client excepted: {got:?}");
+    let denied = lab.ferry("n1", "stats")["drops"]["policy_denied_ingress"].as_u64().unwrap_or(0);
+    assert!(denied >= denied_before + 2, "policy_denied_ingress on n1: {denied_before} -> {denied}");
     for mut s in servers.drain(..) {
         let _ = s.kill();
         let _ = s.wait();
