@@ -649,7 +649,7 @@ fn print_flow(e: &FlowEvent) {
 /// `ferry trace`: the source node's half at the agent that has the source, then the destination
 /// node's half at the agent the packet was encapsulated toward.
 fn trace(a: &TraceArgs) -> ExitCode {
-    use ferry::admin::proto::{TraceHalf, TraceProto, TraceReport};
+    use ferry::admin::proto::{TraceHalf, TraceProto};
     let proto = match a.proto.as_str() {
         "udp" => TraceProto::Udp,
         "icmp" => TraceProto::Icmp,
@@ -672,43 +672,17 @@ fn trace(a: &TraceArgs) -> ExitCode {
                 format!("the trace goes on at node {node}: give its agent with --admin {node}=PATH or --admin-pattern")
             })
     };
-    let ask = |socket: &std::path::Path, req: &Request| -> Result<TraceHalf, String> {
-        admin::call(socket, req, Duration::from_secs(10))
+    let ask = |node: Option<&str>, req: &Request| -> Result<TraceHalf, String> {
+        let socket = match node {
+            None => a.query.socket.clone(),
+            Some(n) => socket_of(n)?,
+        };
+        admin::call(&socket, req, Duration::from_secs(10))
             .map_err(|e| e.to_string())?
             .decode::<TraceHalf>()
             .map_err(|e| format!("the agent at {} says: {e}", socket.display()))
     };
-    let run = || -> Result<TraceReport, String> {
-        let req = Request::Trace { src: a.src.clone(), dst: a.dst.clone(), proto, port: a.port };
-        let mut first = ask(&a.query.socket, &req)?;
-        if let Some(node) = first.source_on.clone() {
-            first = ask(&socket_of(&node)?, &req)?;
-            if first.source_on.is_some() {
-                return Err(format!("node {node}'s agent says the source is elsewhere too"));
-            }
-        }
-        let (src, dst) = match (first.src.clone(), first.dst.clone()) {
-            (Some(s), Some(d)) => (s, d),
-            _ => return Err("the agent's answer names no source or destination".into()),
-        };
-        let mut halves = vec![first];
-        let next = halves[0].next_node.clone().zip(halves[0].frame.clone());
-        if let Some((node, frame)) = next {
-            match socket_of(&node).and_then(|s| ask(&s, &Request::TraceDeliver { frame })) {
-                Ok(h) => halves.push(h),
-                Err(e) => {
-                    return Err(format!("{}; the destination's half could not run: {e}", halves[0].summary));
-                }
-            }
-        }
-        let last = halves.last().map(|h| (h.verdict.clone(), h.summary.clone())).unwrap_or_default();
-        let delivered = last.0 == "delivered" || last.0 == "left";
-        let via = halves[0].stages.iter().find_map(|s| s.service.as_ref()).and_then(|svc| {
-            Some(format!(" through Service {} (backend {}:{})", svc.service, svc.backend?, svc.backend_port?))
-        });
-        let verdict = if delivered { format!("{}{}", last.1, via.unwrap_or_default()) } else { last.1 };
-        Ok(TraceReport { src, dst, proto, port: a.port, halves, delivered, verdict })
-    };
+    let run = || ferry::admin::trace_report(&a.src, &a.dst, proto, a.port, ask);
     let report = match run() {
         Ok(r) => r,
         Err(e) => {

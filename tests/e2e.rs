@@ -1355,8 +1355,9 @@ impl Drop for Browser {
 /// a browser (headless Chromium) in n1's namespace opens n1's page on loopback. The page shows both
 /// nodes and all four pods, n2's gathered by n1 over the underlay with the token; a ping the test
 /// makes after the page loaded appears live as a forwarded flow, and a ping to an address no node
-/// has appears as dropped (`no_route`), its source pod marked on the map. Without the token, the
-/// API refuses a client on the underlay. The screenshot is kept in target/e2e-artifacts/web/.
+/// has appears as dropped (`no_route`), its source pod marked on the map; clicking two pods traces
+/// between them (`ferry trace`, both nodes' halves). Without the token, the API refuses a client on
+/// the underlay. The screenshot is kept in target/e2e-artifacts/web/.
 #[test]
 fn web_view_in_a_browser() {
     if !privileged("web_view_in_a_browser") {
@@ -1400,6 +1401,22 @@ fn web_view_in_a_browser() {
         "the ping to nowhere as dropped (no_route), its pod marked",
     );
     b.wait(5, "document.querySelector('tr[data-drop-reason=no_route]') !== null", "no_route among n1's drops");
+    // Click n1-p1 then n2-p1 on the map: `ferry trace` runs (n1's half here, n2's asked over the
+    // underlay) and its stages and verdict appear.
+    let click = |pod: &str| {
+        format!(
+            "document.querySelector('g.pod[data-pod=\"{pod}\"]').dispatchEvent(new MouseEvent('click', {{bubbles: true}}))"
+        )
+    };
+    for pod in [src, dst] {
+        let a = b.ask(&format!("eval {}", click(pod)));
+        assert!(a.starts_with("value "), "clicking {pod}: {a}");
+    }
+    b.wait(
+        15,
+        "document.querySelector('[data-trace-delivered=true]') !== null && [...document.querySelectorAll('.trace td')].some((td) => td.textContent === 'n2')",
+        "the trace n1-p1 -> n2-p1 delivered, with n2's stages",
+    );
     let saved = b.ask("shot cluster-view");
     assert!(saved.starts_with("saved "), "screenshot: {saved}");
     println!("screenshot: {}", &saved[6..]);

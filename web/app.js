@@ -71,7 +71,7 @@ function layout(nodes) {
   return { boxes, pods, width: Math.max(x, 600), height };
 }
 
-function ClusterMap({ state, now }) {
+function ClusterMap({ state, now, picked, pick }) {
   const { boxes, pods, width, height } = layout(state.nodes);
   const at = new Map(boxes.map((b) => [b.entry.node, b]));
   const tunnels = [];
@@ -112,7 +112,8 @@ function ClusterMap({ state, now }) {
       ${b.groups.map((g) => html`<g data-namespace=${g.ns}>
         <rect class="ns" x=${b.x + 8} y=${g.y} width=${b.w - 16} height=${g.h} rx="6"></rect>
         <text class="small" x=${b.x + 14} y=${g.y + 14}>namespace ${g.ns}</text>
-        ${g.pods.map((p) => html`<g class="pod ${dropping.has(podName(p.pod)) || (p.pod.addrs || []).some((a) => dropping.has(a)) ? 'dropping' : ''}" data-pod=${podName(p.pod)}>
+        ${g.pods.map((p) => html`<g class="pod ${dropping.has(podName(p.pod)) || (p.pod.addrs || []).some((a) => dropping.has(a)) ? 'dropping' : ''} ${picked.some((q) => podName(q) === podName(p.pod)) ? 'picked' : ''}"
+          data-pod=${podName(p.pod)} onClick=${() => pick(p.pod)}>
           <circle cx=${p.x} cy=${p.y} r="12"></circle>
           <text class="small" x=${p.x} y=${p.y + 26} text-anchor="middle">${p.pod.name || p.pod.id}</text>
           <title>${podName(p.pod)} ${(p.pod.addrs || []).join(' ')}</title></g>`)}
@@ -150,10 +151,49 @@ function Flows({ flows }) {
   </table>`;
 }
 
+/// `ferry trace` between the two pods clicked on the map: each node's stages and the verdict.
+/// A pod is traced by its address (IPv4 first): a node knows its own pods' names, not always the
+/// other nodes'.
+const addrOf = (pod) => (pod.addrs || []).slice().sort((a, b) => a.includes(':') - b.includes(':'))[0];
+
+function Trace({ picked, clear }) {
+  const [proto, setProto] = useState('tcp');
+  const [port, setPort] = useState('80');
+  const [result, setResult] = useState(null);
+  const [srcPod, dstPod] = picked;
+  const [src, dst] = [srcPod && addrOf(srcPod), dstPod && addrOf(dstPod)];
+  useEffect(() => {
+    if (!src || !dst) { setResult(null); return; }
+    const q = new URLSearchParams({ src, dst, proto, ...(proto === 'icmp' || !port ? {} : { port }) });
+    setResult({ pending: true });
+    fetch(withToken(`/api/v1/trace?${q}`))
+      .then(async (r) => (r.ok ? { report: await r.json() } : { error: await r.text() }))
+      .catch((e) => ({ error: String(e) }))
+      .then(setResult);
+  }, [src, dst, proto, port]);
+  return html`<div class="trace card">
+    <h2>Trace <span class="muted">click a source pod, then a destination pod, on the map</span></h2>
+    <p>from <b>${srcPod ? `${podName(srcPod)} (${src})` : '…'}</b> to <b>${dstPod ? `${podName(dstPod)} (${dst})` : '…'}</b>
+      <select onChange=${(e) => setProto(e.target.value)}>${['tcp', 'udp', 'icmp'].map((p) => html`<option value=${p} selected=${p === proto}>${p}</option>`)}</select>
+      ${proto === 'icmp' ? '' : html` port <input size="5" value=${port} onChange=${(e) => setPort(e.target.value)} />`}
+      ${src ? html` <button onClick=${clear}>clear</button>` : ''}</p>
+    ${result && result.pending ? html`<p class="muted">tracing…</p>` : ''}
+    ${result && result.error ? html`<p class="down" data-trace-error>${result.error}</p>` : ''}
+    ${result && result.report ? html`<div data-trace-delivered=${String(result.report.delivered)}>
+      <p class=${result.report.delivered ? 'live' : 'down'}><b>${result.report.verdict}</b></p>
+      <table><tr><th>node</th><th>stage</th><th>result</th><th>detail</th></tr>
+        ${result.report.halves.flatMap((h) => h.stages.map((st) => html`<tr class=${st.result === 'dropped' || st.result === 'denied' ? 'dropped' : ''}>
+          <td>${h.node}</td><td>${st.stage}</td><td>${st.result}</td><td>${st.detail}</td></tr>`))}
+      </table></div>` : ''}
+  </div>`;
+}
+
 function App() {
   const [state, setState] = useState({ from: '', nodes: [], flows: [], updated: 0 });
   const [live, setLive] = useState(false);
   const [now, setNow] = useState(Date.now() / 1000);
+  const [picked, setPicked] = useState([]);
+  const pick = (pod) => setPicked((p) => (p.length >= 2 ? [pod] : p[0] && podName(p[0]) === podName(pod) ? p : [...p, pod]));
   useEffect(() => {
     const es = new EventSource(withToken('/api/v1/events'));
     es.addEventListener('cluster', (m) => {
@@ -177,7 +217,8 @@ function App() {
     </header>
     <main>
       <h2>Nodes, tunnels, pods and the flows of the last ${MAP_SECONDS} s</h2>
-      <${ClusterMap} state=${state} now=${now} />
+      <${ClusterMap} state=${state} now=${now} picked=${picked} pick=${pick} />
+      <${Trace} picked=${picked} clear=${() => setPicked([])} />
       <div class="nodes">${state.nodes.map((e) => html`<${NodeCard} entry=${e} />`)}</div>
       <h2>Flows <span class="muted">${flowsOn ? `(newest first; ${lost} events lost by the workers)` : '(flow records are off on every node: dataplane.flows)'}</span></h2>
       <${Flows} flows=${state.flows} />

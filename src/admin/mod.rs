@@ -63,3 +63,44 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
     BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
     serde_json::from_str(&answer).map_err(|source| CallError::Decode { path: socket.to_owned(), source })
 }
+
+/// Assembles a whole trace from its halves, as `ferry trace` and the web view both do: the source
+/// half at the agent asked first (`ask(None, ..)`), or at the node it names as the source's
+/// (`source_on`), then the destination half at the node the packet was encapsulated toward.
+/// `ask(Some(node), req)` asks that node's agent, however the caller reaches it.
+///
+/// # Errors
+/// What could not be asked, or an answer that names no source or destination.
+pub fn trace_report(
+    src: &str,
+    dst: &str,
+    proto: proto::TraceProto,
+    port: Option<u16>,
+    mut ask: impl FnMut(Option<&str>, &Request) -> Result<proto::TraceHalf, String>,
+) -> Result<proto::TraceReport, String> {
+    let req = Request::Trace { src: src.to_owned(), dst: dst.to_owned(), proto, port };
+    let mut first = ask(None, &req)?;
+    if let Some(node) = first.source_on.clone() {
+        first = ask(Some(&node), &req)?;
+        if first.source_on.is_some() {
+            return Err(format!("node {node}'s agent says the source is elsewhere too"));
+        }
+    }
+    let (Some(s), Some(d)) = (first.src.clone(), first.dst.clone()) else {
+        return Err("the agent's answer names no source or destination".into());
+    };
+    let mut halves = vec![first];
+    if let Some((node, frame)) = halves[0].next_node.clone().zip(halves[0].frame.clone()) {
+        match ask(Some(&node), &Request::TraceDeliver { frame }) {
+            Ok(h) => halves.push(h),
+            Err(e) => return Err(format!("{}; the destination's half could not run: {e}", halves[0].summary)),
+        }
+    }
+    let last = halves.last().map(|h| (h.verdict.clone(), h.summary.clone())).unwrap_or_default();
+    let delivered = last.0 == "delivered" || last.0 == "left";
+    let via = halves[0].stages.iter().find_map(|s| s.service.as_ref()).and_then(|svc| {
+        Some(format!(" through Service {} (backend {}:{})", svc.service, svc.backend?, svc.backend_port?))
+    });
+    let verdict = if delivered { format!("{}{}", last.1, via.unwrap_or_default()) } else { last.1 };
+    Ok(proto::TraceReport { src: s, dst: d, proto, port, halves, delivered, verdict })
+}

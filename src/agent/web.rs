@@ -11,6 +11,10 @@
 //!                           is listed with the reason
 //! GET /api/v1/events        server-sent events: one `cluster` event a second, each node's view
 //!                           with only the flow events new since the previous one
+//! GET /api/v1/trace         `ferry trace` (?src=&dst=&proto=tcp|udp|icmp&port=): the source half
+//!                           here or at the source's node, the destination half at the node the
+//!                           packet is encapsulated toward, both asked over this same API
+//!                           (/api/v1/trace/source, /api/v1/trace/deliver?frame=HEX); nothing is sent
 //! ```
 //!
 //! Access: clients on loopback are trusted (as the admin socket trusts root); anyone else must
@@ -39,7 +43,8 @@ use serde::{Deserialize, Serialize};
 
 use super::config::WebConfig;
 use super::server::Handler;
-use crate::admin::proto::{FlowList, Routes, Stats, Status};
+use crate::admin::Request as AdminRequest;
+use crate::admin::proto::{FlowList, Routes, Stats, Status, TraceHalf, TraceProto};
 
 /// The page and its script, and the one library it uses: `preact/standalone.module.js` of npm's
 /// `htm` 3.1.1 (preact, its hooks and htm in one ES module, MIT; see web/vendor/README.md).
@@ -193,6 +198,18 @@ async fn respond(web: &Arc<Web>, peer: SocketAddr, req: Request<Incoming>) -> Re
         }
         "/api/v1/cluster" => json(&web.cluster(&BTreeMap::new()).await.0),
         "/api/v1/events" => web.events(),
+        "/api/v1/trace" => match trace_request(&query) {
+            Ok((src, dst, proto, port)) => web.trace(src, dst, proto, port).await,
+            Err(e) => full(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", e),
+        },
+        "/api/v1/trace/source" => match trace_request(&query) {
+            Ok((src, dst, proto, port)) => half(web.handler.handle(AdminRequest::Trace { src, dst, proto, port })),
+            Err(e) => full(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", e),
+        },
+        "/api/v1/trace/deliver" => match query.get("frame") {
+            Some(f) => half(web.handler.handle(AdminRequest::TraceDeliver { frame: f.to_owned() })),
+            None => plain(StatusCode::BAD_REQUEST, "frame is required\n"),
+        },
         _ => plain(StatusCode::NOT_FOUND, "not found\n"),
     };
     // A page opened with ?access_token= keeps the token for its own requests (scripts, the API).
@@ -284,6 +301,43 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A trace's parameters from the query: `src`, `dst`, `proto` (default tcp), `port`.
+fn trace_request(q: &Query) -> Result<(String, String, TraceProto, Option<u16>), String> {
+    let (Some(src), Some(dst)) = (q.get("src").filter(|s| !s.is_empty()), q.get("dst").filter(|s| !s.is_empty()))
+    else {
+        return Err("src and dst are required\n".into());
+    };
+    let proto = match q.get("proto").unwrap_or("tcp") {
+        "tcp" => TraceProto::Tcp,
+        "udp" => TraceProto::Udp,
+        "icmp" => TraceProto::Icmp,
+        other => return Err(format!("proto: {other:?} is not tcp, udp or icmp\n")),
+    };
+    let port = match q.get("port").filter(|p| !p.is_empty()) {
+        None => None,
+        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("port: {p:?} is not a port\n"))?),
+    };
+    Ok((src.to_owned(), dst.to_owned(), proto, port))
+}
+
+/// A trace half as the API answers it: the half, or the agent's reason as a 400.
+fn half(r: crate::admin::Response) -> Response<Body> {
+    match r.decode::<TraceHalf>() {
+        Ok(h) => json(&h),
+        Err(e) => full(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", e),
+    }
+}
+
+/// Percent-encodes a query value (everything but RFC 3986's unreserved characters).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
@@ -352,6 +406,45 @@ impl Web {
         (ClusterView { from, nodes }, seen)
     }
 
+    /// A whole trace, its halves asked here or at the nodes that run them (over this API).
+    async fn trace(self: &Arc<Self>, src: String, dst: String, proto: TraceProto, port: Option<u16>) -> Response<Body> {
+        let own = self.node_name();
+        let peers: BTreeMap<String, SocketAddr> = self
+            .handler
+            .routes()
+            .remote
+            .into_iter()
+            .map(|r| (r.node, SocketAddr::new(r.underlay, self.port)))
+            .collect();
+        let (web, rt) = (Arc::clone(self), tokio::runtime::Handle::current());
+        let run = move || {
+            crate::admin::trace_report(&src, &dst, proto, port, |node, req| match node {
+                Some(n) if n != own => {
+                    let addr = *peers.get(n).ok_or_else(|| format!("node {n} is not in this node's routing table"))?;
+                    let path = match req {
+                        AdminRequest::Trace { src, dst, proto, port } => format!(
+                            "/api/v1/trace/source?src={}&dst={}&proto={}{}",
+                            percent_encode(src),
+                            percent_encode(dst),
+                            proto.name().to_lowercase(),
+                            port.map(|p| format!("&port={p}")).unwrap_or_default()
+                        ),
+                        AdminRequest::TraceDeliver { frame } => format!("/api/v1/trace/deliver?frame={frame}"),
+                        _ => return Err("not a trace request".into()),
+                    };
+                    rt.block_on(fetch_json::<TraceHalf>(addr, web.token.as_deref(), &path))
+                        .map_err(|e| format!("node {n} ({addr}): {e}"))
+                }
+                _ => web.handler.handle(req.clone()).decode::<TraceHalf>(),
+            })
+        };
+        match tokio::task::spawn_blocking(run).await {
+            Ok(Ok(report)) => json(&report),
+            Ok(Err(e)) => full(StatusCode::BAD_GATEWAY, "text/plain; charset=utf-8", e),
+            Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "the trace failed\n"),
+        }
+    }
+
     fn node_name(&self) -> String {
         self.handler.status().node.node_name
     }
@@ -404,6 +497,19 @@ impl hyper::body::Body for ChannelBody {
 
 /// Asks the agent at `addr` for its view (the events after `after`).
 async fn fetch_node(addr: SocketAddr, token: Option<&str>, after: Option<u64>) -> Result<NodeView, String> {
+    let path = match after {
+        Some(a) => format!("/api/v1/node?flows_after={a}&limit={FLOW_LIMIT}"),
+        None => format!("/api/v1/node?limit={FLOW_LIMIT}"),
+    };
+    fetch_json(addr, token, &path).await
+}
+
+/// `GET path` at the agent at `addr`, its JSON answer as a `T`.
+async fn fetch_json<T: serde::de::DeserializeOwned>(
+    addr: SocketAddr,
+    token: Option<&str>,
+    path: &str,
+) -> Result<T, String> {
     let ask = async {
         let stream =
             tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("no ferry web view answering: {e}"))?;
@@ -411,21 +517,19 @@ async fn fetch_node(addr: SocketAddr, token: Option<&str>, after: Option<u64>) -
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let path = match after {
-            Some(a) => format!("/api/v1/node?flows_after={a}&limit={FLOW_LIMIT}"),
-            None => format!("/api/v1/node?limit={FLOW_LIMIT}"),
-        };
         let mut req = Request::get(path).header(header::HOST, addr.to_string());
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        if resp.status() != StatusCode::OK {
-            return Err(format!("answered {}", resp.status()));
-        }
+        let status = resp.status();
         let body = Limited::new(resp.into_body(), PEER_MAX_BYTES).collect().await.map_err(|e| e.to_string())?;
-        serde_json::from_slice::<NodeView>(&body.to_bytes()).map_err(|e| format!("not a node view: {e}"))
+        let body = body.to_bytes();
+        if status != StatusCode::OK {
+            return Err(format!("answered {status}: {}", String::from_utf8_lossy(&body).trim()));
+        }
+        serde_json::from_slice::<T>(&body).map_err(|e| format!("not the answer expected: {e}"))
     };
     tokio::time::timeout(PEER_TIMEOUT, ask).await.unwrap_or_else(|_| Err(format!("no answer within {PEER_TIMEOUT:?}")))
 }
