@@ -1667,6 +1667,66 @@ fn services_node_port_cluster_and_local_from_outside() {
     }
 }
 
+#[test]
+fn services_node_port_local_with_veth_pods() {
+    if !privileged("services_node_port_local_with_veth_pods") {
+        return;
+    }
+    let _s = serial();
+    // A veth pod's XDP program hands the kernel what is not for the pod networks: as the local
+    // endpoint of a Local service its replies to an outside client must reach ferry instead.
+    let lab = Lab::up(
+        "e2e_np_veth",
+        &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "veth", "--uplink-port", "afxdp"],
+    );
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let mut server = Command::new("timeout")
+        .args([
+            "-k",
+            "2",
+            "60",
+            "ip",
+            "netns",
+            "exec",
+            &lab.netns("n1-p2"),
+            python(),
+            &py,
+            "serve-peer",
+            "8080",
+            "n1-p2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server");
+    let b1 = lab.pod_ip("n1-p2");
+    let n1 = lab.entry("nodes", "n1")["underlay_ip"].as_str().expect("underlay_ip").to_owned();
+    let list = lab.list();
+    let client = list["underlay_gateway"].as_str().expect("underlay_gateway").to_owned();
+    let file = list["static_file"].as_str().expect("static_file").to_owned();
+    let mut t = std::fs::read_to_string(&file).expect("static file");
+    for proto in ["TCP", "UDP"] {
+        t.push_str(&format!(
+            "\n[[service]]\nname = \"default/local-{proto}\"\nvip = \"10.96.0.30\"\nport = 80\nprotocol = \"{proto}\"\n\
+             endpoints = [\"{b1}:8080\"]\ntype = \"NodePort\"\nnode_port = 30090\nexternal_traffic_policy = \"Local\"\n"
+        ));
+    }
+    std::fs::write(&file, t).expect("write static file");
+    let want = format!("n1-p2 {client}");
+    let (got, ok) = poll_until(
+        Duration::from_secs(15),
+        Duration::from_millis(300),
+        || svc_connect(&lab, "ul", &n1, 30090, 1),
+        |g| g.iter().all(|l| *l == want) && !g.is_empty(),
+    );
+    assert!(ok, "Local through a veth pod: {got:?}");
+    assert_eq!(svc_connect(&lab, "ul", &n1, 30090, 5), vec![want.clone(); 5]);
+    assert_eq!(svc_udp(&lab, "ul", &n1, 30090), want);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
 /// `ferry flows --json ARGS` on a node: its events (JSON lines).
 fn flows_json(lab: &Lab, node: &str, args: &[&str]) -> Vec<Value> {
     let sock = format!("/run/ferry-lab/{}/nodes/{node}/ferry.sock", lab.name);

@@ -4,8 +4,10 @@
  *
  * Goes to ferry's AF_XDP socket on the receive queue: IPv4/IPv6 packets whose destination is in
  * the cluster's pod networks, ARP whose target is the pod gateway's IPv4 address, and IPv6
- * neighbour solicitations whose target is the gateway's IPv6 address. Everything else (a pod
- * talking to its node's own addresses, say) passes to the kernel.
+ * neighbour solicitations whose target is the gateway's IPv6 address, and TCP/UDP from a source
+ * address and port in `backends` (this pod as the endpoint of an `externalTrafficPolicy: Local`
+ * service: its replies to clients outside the cluster need ferry's reverse translation).
+ * Everything else (a pod talking to its node's own addresses, say) passes to the kernel.
  *
  * Configuration (written by the loader, dataplane/src/xdp): `pod_config[0]` for the gateway
  * addresses, and the LPM tries `pod_nets4` / `pod_nets6` for the pod networks.
@@ -86,6 +88,36 @@ struct {
 	__type(value, __u8);
 } pod_nets6 SEC(".maps");
 
+/* A local backend: 16-byte address (IPv4-mapped), port, protocol (the uplink's frontend_key layout). */
+struct backend_key {
+	struct in6_addr addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct backend_key);
+	__type(value, __u8);
+} backends SEC(".maps");
+
+static __always_inline int is_backend(struct cursor *c, __u8 proto, const __u32 saddr[4])
+{
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 0;
+	__be16 *ports = c->pos;
+	if ((void *)(ports + 2) > c->end)
+		return 0;
+	struct backend_key key = { .port = ports[0], .proto = proto };
+	key.addr.in6_u.u6_addr32[0] = saddr[0];
+	key.addr.in6_u.u6_addr32[1] = saddr[1];
+	key.addr.in6_u.u6_addr32[2] = saddr[2];
+	key.addr.in6_u.u6_addr32[3] = saddr[3];
+	return bpf_map_lookup_elem(&backends, &key) != NULL;
+}
+
 SEC("xdp")
 int ferry_pod(struct xdp_md *ctx)
 {
@@ -103,6 +135,9 @@ int ferry_pod(struct xdp_md *ctx)
 		struct lpm4_key key = { .prefixlen = 32, .addr = ip->daddr };
 		if (bpf_map_lookup_elem(&pod_nets4, &key))
 			return to_socket(ctx);
+		__u32 mapped[4] = { 0, 0, bpf_htonl(0xffff), ip->saddr };
+		if (!(ip->frag_off & bpf_htons(FERRY_IP_OFFSET)) && is_backend(&c, ip->protocol, mapped))
+			return to_socket(ctx);
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = parse_ipv6(&c);
 		if (!ip6)
@@ -110,6 +145,8 @@ int ferry_pod(struct xdp_md *ctx)
 		struct lpm6_key key = { .prefixlen = 128 };
 		__builtin_memcpy(&key.addr, &ip6->daddr, sizeof(key.addr));
 		if (bpf_map_lookup_elem(&pod_nets6, &key))
+			return to_socket(ctx);
+		if (is_backend(&c, ip6->nexthdr, ip6->saddr.in6_u.u6_addr32))
 			return to_socket(ctx);
 		if (cfg->has_gw6 && ip6->nexthdr == IPPROTO_ICMPV6) {
 			struct nd_solicit *ns = c.pos;

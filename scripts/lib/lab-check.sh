@@ -162,9 +162,6 @@ check_node_ports() {
             case "$name" in
                 lab/svc-1) echo "$name@$n $ip $((NP_BASE + 1)) $backends" ;;
                 lab/svc-2)
-                    # Local with veth pods: the reply leaves through the pod's XDP program untranslated (README).
-                    [ "$POD_PORT" != veth ] || continue
-                    [ "$POD_PORT" != auto ] || [ -c /dev/net/tun ] || continue
                     local_be=""
                     for p in ${backends//,/ }; do [ "$(pod_node "$p")" = "$n" ] && local_be+="${local_be:+,}$p"; done
                     [ -z "$local_be" ] || echo "$name@$n $ip $((NP_BASE + 2)) $local_be"

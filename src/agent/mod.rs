@@ -596,6 +596,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             frontends.sync(x.program(), &services);
         }
         health.set(external::health_ports(&services));
+        lock(&shared.pods).sync_backends(&services);
         if wait_signal(&signals, Duration::from_millis(100)) {
             break;
         }

@@ -57,6 +57,10 @@ struct Attached {
     port: PortId,
     /// The pod XDP program of a veth pod (a tap pod has none).
     xdp: Option<XdpAttachment>,
+    /// What its program's `backends` map holds (see [`Pods::sync_backends`]), and for which
+    /// services generation.
+    backends: std::collections::BTreeSet<(std::net::IpAddr, u16, u8)>,
+    backends_generation: Option<u64>,
 }
 
 /// Why a pod could not be attached.
@@ -130,6 +134,43 @@ impl Pods {
             max_ports,
             tap_cfg: TapConfig::default(),
         })
+    }
+
+    /// Keep each veth pod's program handing ferry its replies as a local endpoint of an
+    /// `externalTrafficPolicy: Local` service (its `backends` map): only what changed is written.
+    /// A tap pod needs nothing (ferry sees all it sends).
+    pub(super) fn sync_backends(&mut self, services: &ferry_tables::Services) {
+        let generation = services.generation();
+        for a in self.pods.values_mut() {
+            let Some(x) = &a.xdp else { continue };
+            if a.backends_generation == Some(generation) {
+                continue;
+            }
+            let mut want = std::collections::BTreeSet::new();
+            for s in services.iter().filter(|s| s.external().local && !s.external().is_empty()) {
+                for b in s.local_backends().iter().filter(|b| a.spec.addrs.contains(&b.addr)) {
+                    want.insert((b.addr, b.port, s.protocol().number()));
+                }
+            }
+            let mut ok = true;
+            for &(addr, port, proto) in a.backends.difference(&want) {
+                ok &= x
+                    .program()
+                    .set_backend(addr, port, proto, false)
+                    .inspect_err(|e| tracing::warn!("pod program: {e}"))
+                    .is_ok();
+            }
+            for &(addr, port, proto) in want.difference(&a.backends) {
+                ok &= x
+                    .program()
+                    .set_backend(addr, port, proto, true)
+                    .inspect_err(|e| tracing::warn!("pod program: {e}"))
+                    .is_ok();
+            }
+            a.backends = want;
+            // A failed write is tried again with the next generation.
+            a.backends_generation = ok.then_some(generation);
+        }
     }
 
     /// Open pod taps with `cfg` from now on.
@@ -315,7 +356,10 @@ impl Pods {
             tracing::warn!(pod = %spec.id, error = %e, "could not record the pod; it will not survive a restart");
         }
         tracing::info!(pod = %spec.id, kind = spec.kind.name(), ifname = %spec.host_ifname, port = port.0, addrs = ?spec.addrs, "pod attached");
-        self.pods.insert(spec.id.clone(), Attached { spec, mac, port, xdp });
+        self.pods.insert(
+            spec.id.clone(),
+            Attached { spec, mac, port, xdp, backends: Default::default(), backends_generation: None },
+        );
         Ok(())
     }
 

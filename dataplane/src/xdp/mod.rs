@@ -248,17 +248,50 @@ impl XdpProgram {
     /// # Errors
     /// The map is full (65,536 frontends) or the kernel refuses ([`XdpError::MapUpdate`]).
     pub fn set_frontend(&self, addr: Option<std::net::IpAddr>, port: u16, proto: u8, on: bool) -> Result<(), XdpError> {
-        let key = maps::frontend_key(addr, port, proto);
         let text = match addr {
             Some(a) => format!("{a} port {port} proto {proto}"),
             None => format!("node port {port} proto {proto}"),
         };
+        self.set_key(
+            "frontends",
+            maps::frontend_key(addr, port, proto),
+            text,
+            on,
+            "the map holds at most 65,536 frontends",
+        )
+    }
+
+    /// Hand a pod's TCP or UDP packets from `addr:port` to ferry (`on`), or stop (a pod program
+    /// only): the pod is a local endpoint of an `externalTrafficPolicy: Local` service, whose
+    /// replies to clients outside the cluster ferry translates back.
+    ///
+    /// # Errors
+    /// The map is full (1,024 entries) or the kernel refuses ([`XdpError::MapUpdate`]).
+    pub fn set_backend(&self, addr: std::net::IpAddr, port: u16, proto: u8, on: bool) -> Result<(), XdpError> {
+        let text = format!("{addr} port {port} proto {proto}");
+        self.set_key(
+            "backends",
+            maps::frontend_key(Some(addr), port, proto),
+            text,
+            on,
+            "the map holds at most 1,024 backends",
+        )
+    }
+
+    fn set_key(
+        &self,
+        map: &'static str,
+        key: [u8; maps::FRONTEND_KEY_SIZE],
+        text: String,
+        on: bool,
+        hint: &'static str,
+    ) -> Result<(), XdpError> {
         if on {
-            return self.update("frontends", &key, &[1], &text, "the map holds at most 65,536 frontends");
+            return self.update(map, &key, &[1], &text, hint);
         }
-        let m = self.map("frontends").ok_or_else(|| XdpError::Load {
+        let m = self.map(map).ok_or_else(|| XdpError::Load {
             program: self.kind.name(),
-            source: io::Error::new(io::ErrorKind::NotFound, "map `frontends` is missing from the embedded object"),
+            source: io::Error::new(io::ErrorKind::NotFound, format!("map `{map}` is missing from the embedded object")),
         })?;
         // SAFETY: `m` belongs to this loaded object.
         let fd = unsafe { libxdp_sys::bpf_map__fd(m.as_ptr()) };
@@ -266,9 +299,9 @@ impl XdpProgram {
         let ret = unsafe { libxdp_sys::bpf_map_delete_elem(fd, key.as_ptr().cast()) };
         if ret < 0 && -ret != libc::ENOENT {
             return Err(XdpError::MapUpdate {
-                map: "frontends",
+                map,
                 key: text,
-                hint: "removing a frontend should not fail; check the kernel log",
+                hint: "removing an entry should not fail; check the kernel log",
                 source: io::Error::from_raw_os_error(-ret),
             });
         }
