@@ -1782,6 +1782,10 @@ fn flows_recorded_and_drops_explained() {
         e["src"] == src.as_str() && e["dst"] == dst.as_str()
     });
     assert_eq!((&got["dst_pod"], &got["stage"]), (&Value::from("default/n2-p1"), &Value::from("deliver")), "{got:#}");
+    assert_eq!(
+        got["bytes"], sent["bytes"],
+        "the same packet counts the same bytes at both ends (inner, not the tunnel's)"
+    );
 
     // Inside the cluster's network, on no node: no route.
     let cidr = lab.list()["cluster_cidr"].as_str().expect("cluster_cidr").to_owned();

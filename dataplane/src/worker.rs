@@ -500,7 +500,15 @@ impl<P: Port> Worker<P> {
                 }
             };
             if seen.valid {
-                flows.record(seen, in_id.0, out, verdict, reason, stage, u32::from(pkt.len), self.now_ns);
+                // Bytes as the pods see them: a packet delivered from the uplink counts its inner
+                // frame (decapsulated in place), not the tunnel frame it arrived in.
+                let len = match v {
+                    Verdict::Forward(_) if self.roles[in_port] == PortRole::Uplink => {
+                        u32::try_from(frame.data().len()).unwrap_or(u32::MAX)
+                    }
+                    _ => u32::from(pkt.len),
+                };
+                flows.record(seen, in_id.0, out, verdict, reason, stage, len, self.now_ns);
             }
         }
         let out = match v {
