@@ -649,7 +649,7 @@ fn print_flow(e: &FlowEvent) {
 /// `ferry trace`: the source node's half at the agent that has the source, then the destination
 /// node's half at the agent the packet was encapsulated toward.
 fn trace(a: &TraceArgs) -> ExitCode {
-    use ferry::admin::proto::{TraceHalf, TraceProto};
+    use ferry::admin::proto::{TraceEndpoint, TraceHalf, TraceProto};
     let proto = match a.proto.as_str() {
         "udp" => TraceProto::Udp,
         "icmp" => TraceProto::Icmp,
@@ -682,7 +682,45 @@ fn trace(a: &TraceArgs) -> ExitCode {
             .decode::<TraceHalf>()
             .map_err(|e| format!("the agent at {} says: {e}", socket.display()))
     };
-    let run = || ferry::admin::trace_report(&a.src, &a.dst, proto, a.port, ask);
+    // A name is resolved by the first agent that knows it: the one at --socket, then the others
+    // (a static route source without [[pod]] entries leaves each agent knowing its own pods only);
+    // the halves are then asked by address.
+    let resolve = |name: &str| -> Result<TraceEndpoint, String> {
+        let req = Request::TraceResolve { name: name.to_owned(), proto, port: a.port };
+        let first = admin::call(&a.query.socket, &req, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?
+            .decode::<TraceEndpoint>();
+        let Err(first_err) = first else { return first };
+        let mut others: Vec<String> = sockets.keys().cloned().collect();
+        if a.admin_pattern.is_some()
+            && let Ok(r) = admin::call(&a.query.socket, &Request::Routes, Duration::from_secs(10))
+            && let Ok(routes) = r.decode::<Routes>()
+        {
+            others.extend(routes.remote.into_iter().map(|n| n.node));
+        }
+        for node in others {
+            let Ok(sock) = socket_of(&node) else { continue };
+            if sock == a.query.socket {
+                continue;
+            }
+            if let Ok(ep) = admin::call(&sock, &req, Duration::from_secs(10))
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.decode::<TraceEndpoint>())
+            {
+                return Ok(ep);
+            }
+        }
+        Err(format!("the agent at {} says: {first_err}", a.query.socket.display()))
+    };
+    let run = || -> Result<ferry::admin::proto::TraceReport, String> {
+        let (src_ep, dst_ep) = (resolve(&a.src)?, resolve(&a.dst)?);
+        let port = dst_ep.port.or(a.port);
+        let mut r = ferry::admin::trace_report(&src_ep.addr.to_string(), &dst_ep.addr.to_string(), proto, port, ask)?;
+        // The names as resolved (the halves were asked by address).
+        r.src = TraceEndpoint { node: src_ep.node.clone().or(r.src.node), ..src_ep };
+        r.dst = TraceEndpoint { node: dst_ep.node.clone().or(r.dst.node), ..dst_ep };
+        Ok(r)
+    };
     let report = match run() {
         Ok(r) => r,
         Err(e) => {

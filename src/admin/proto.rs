@@ -74,6 +74,17 @@ pub enum Request {
         #[serde(default)]
         port: Option<u16>,
     },
+    /// `ferry trace`: what a name (pod, Service, node, address) resolves to in this agent's model.
+    /// Answered with a [`TraceEndpoint`].
+    TraceResolve {
+        /// The name.
+        name: String,
+        /// The transport (picks a Service's port).
+        proto: TraceProto,
+        /// The port (picks a Service's port).
+        #[serde(default)]
+        port: Option<u16>,
+    },
     /// `ferry trace`, the destination node's half: the encapsulated frame the source node's
     /// trace produced, run through this node's pipeline as if it came in on the uplink.
     TraceDeliver {

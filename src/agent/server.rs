@@ -168,6 +168,10 @@ impl Handler {
                 Ok(h) => Response::with(&h),
                 Err(e) => Response::err(e),
             },
+            Request::TraceResolve { name, proto, port } => match super::trace::resolve(s, &name, proto, port) {
+                Ok(e) => Response::with(&e),
+                Err(e) => Response::err(e),
+            },
             Request::TraceDeliver { frame } => match super::trace::deliver_half(s, &frame) {
                 Ok(h) => Response::with(&h),
                 Err(e) => Response::err(e),

@@ -203,6 +203,11 @@ fn pipeline(s: &Shared) -> Pipeline {
     p
 }
 
+/// What `name` resolves to in this agent's model.
+pub(super) fn resolve(s: &Shared, name: &str, proto: TraceProto, port: Option<u16>) -> Result<TraceEndpoint, String> {
+    Model::new(s).resolve(name, proto, port)
+}
+
 /// The source node's half (see the module doc).
 pub(super) fn source_half(
     s: &Shared,
@@ -342,6 +347,9 @@ fn describe(m: &Model<'_>, t: &Traced, from_uplink: bool, half: &mut TraceHalf) 
                 format!("the inner source belongs to the sending node {outer_src}; TTL not 0"),
             ),
             Note::Service(sn) => {
+                if let Some((b, _)) = sn.backend {
+                    dst_addr = Some(b);
+                }
                 let why = match sn.pick {
                     Pick::Maglev { slot, slots } => format!("Maglev: the flow hash falls in slot {slot} of {slots}"),
                     Pick::Affinity { timeout_s } => {
