@@ -236,16 +236,54 @@ struct AddrEntry {
     local: u32,
 }
 
-/// One direction of a local pod's rules, as the hot path reads them (made from [`DirRules`]).
+/// An `ipBlock` rule: `(cidr, except, ports)`.
+type IpBlockRule = (IpNet, Vec<IpNet>, PortSet);
+
+/// How many port ranges a [`HotPorts`] keeps in place (a rule rarely lists more).
+const INLINE_RANGES: usize = 2;
+
+/// A [`PortSet`]'s numeric part as the hot path reads it: its first ranges in place, so that
+/// checking a port costs no pointer to follow.
+#[derive(Debug, Clone, Default)]
+struct HotPorts {
+    all: bool,
+    n: u8,
+    inline: [(u8, u16, u16); INLINE_RANGES],
+    more: Box<[(u8, u16, u16)]>,
+}
+
+impl HotPorts {
+    fn new(ps: &PortSet) -> Self {
+        let mut h = HotPorts { all: ps.all, ..Default::default() };
+        let (first, more) = ps.ranges.split_at(ps.ranges.len().min(INLINE_RANGES));
+        h.inline[..first.len()].copy_from_slice(first);
+        h.n = first.len() as u8;
+        h.more = more.into();
+        h
+    }
+
+    #[inline]
+    fn allows(&self, proto: u8, port: u16) -> bool {
+        let hit = |&(p, a, b): &(u8, u16, u16)| p == proto && a <= port && port <= b;
+        self.all
+            || self.inline.iter().take(usize::from(self.n)).any(hit)
+            || (!self.more.is_empty() && self.more.iter().any(hit))
+    }
+}
+
+/// One direction of a local pod's rules, as the hot path reads them (made from [`DirRules`]):
+/// what every packet reads first, the rest behind `cold`.
 #[derive(Debug, Clone, Default)]
 struct HotDir {
-    any: PortSet,
-    any_pod: PortSet,
     /// Peer identity -> index into `sets`.
     by_identity: FlatMap<u32, u32>,
     /// The distinct port sets of `by_identity` (peers mostly share a handful).
-    sets: Vec<PortSet>,
-    blocks: Vec<(IpNet, Vec<IpNet>, PortSet)>,
+    sets: Box<[HotPorts]>,
+    /// Ports open to every peer, and to every pod.
+    any: HotPorts,
+    any_pod: HotPorts,
+    /// The `ipBlock` rules (and any named ports they leave to resolve); `None` without any.
+    blocks: Option<Box<[IpBlockRule]>>,
 }
 
 impl HotDir {
@@ -254,28 +292,42 @@ impl HotDir {
         let mut sets = Vec::new();
         let by_identity = FlatMap::from_entries(d.by_identity.iter().map(|(id, ps)| {
             let i = *index.entry(ps).or_insert_with(|| {
-                sets.push(ps.clone());
+                sets.push(HotPorts::new(ps));
                 (sets.len() - 1) as u32
             });
             (*id, i)
         }));
-        HotDir { any: d.any.clone(), any_pod: d.any_pod.clone(), by_identity, sets, blocks: d.blocks.clone() }
+        HotDir {
+            by_identity,
+            sets: sets.into(),
+            any: HotPorts::new(&d.any),
+            any_pod: HotPorts::new(&d.any_pod),
+            blocks: (!d.blocks.is_empty()).then(|| d.blocks.clone().into()),
+        }
     }
+}
+
+/// A local pod's rules as the hot path reads them.
+#[derive(Debug, Clone)]
+struct HotPod {
+    ingress: Option<HotDir>,
+    egress: Option<HotDir>,
 }
 
 /// A local pod's compiled rules, and the same in the hot path's form.
 #[derive(Debug)]
 struct CompiledPod {
     rules: Arc<PodRules>,
-    ingress: Option<HotDir>,
-    egress: Option<HotDir>,
+    hot: HotPod,
 }
 
 impl CompiledPod {
     fn new(rules: PodRules) -> Arc<Self> {
         Arc::new(CompiledPod {
-            ingress: rules.ingress.as_ref().map(HotDir::new),
-            egress: rules.egress.as_ref().map(HotDir::new),
+            hot: HotPod {
+                ingress: rules.ingress.as_ref().map(HotDir::new),
+                egress: rules.egress.as_ref().map(HotDir::new),
+            },
             rules: Arc::new(rules),
         })
     }
@@ -290,8 +342,10 @@ pub struct PolicyTables {
     v6: FlatMap<u128, AddrEntry>,
     /// Each identity's named ports (for egress `ipBlock` rules with a named port).
     identity_ports: FastMap<Identity, Arc<[NamedPort]>>,
-    /// This node's pods that some policy selects.
-    local: Vec<Arc<CompiledPod>>,
+    /// This node's pods that some policy selects, in place (no pointer to follow per packet),
+    /// and the same as compiled, for [`Self::local`] and [`Self::pods`].
+    hot: Vec<HotPod>,
+    local: Vec<Arc<PodRules>>,
     /// This node's own addresses: always allowed both ways.
     node_addrs: Vec<IpAddr>,
 }
@@ -305,7 +359,7 @@ impl PolicyTables {
     /// Whether no local pod is isolated in any direction: the data plane skips the stage.
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.local.is_empty()
+        self.hot.is_empty()
     }
 
     #[inline]
@@ -319,18 +373,18 @@ impl PolicyTables {
 
     /// The local pod of an entry, if policies select it (`local` 0 wraps to an index past the end).
     #[inline]
-    fn local_of(&self, e: AddrEntry) -> Option<&CompiledPod> {
-        self.local.get((e.local as usize).wrapping_sub(1)).map(|c| &**c)
+    fn local_of(&self, e: AddrEntry) -> Option<&HotPod> {
+        self.hot.get((e.local as usize).wrapping_sub(1))
     }
 
     /// The rules of the local pod with this address, if policies select it.
     pub fn local(&self, addr: IpAddr) -> Option<&PodRules> {
-        self.local_of(self.entry(addr)).map(|c| &*c.rules)
+        self.local.get((self.entry(addr).local as usize).wrapping_sub(1)).map(|r| &**r)
     }
 
     /// Every local pod with rules, once each, by name.
     pub fn pods(&self) -> Vec<Arc<PodRules>> {
-        let mut out: Vec<Arc<PodRules>> = self.local.iter().map(|c| Arc::clone(&c.rules)).collect();
+        let mut out: Vec<Arc<PodRules>> = self.local.iter().map(Arc::clone).collect();
         out.sort_by(|a, b| a.pod.cmp(&b.pod));
         out
     }
@@ -357,12 +411,12 @@ impl PolicyTables {
                 return true;
             }
         }
-        !rules.blocks.is_empty() && self.blocks_allow(&rules.blocks, peer, id, proto, port)
+        rules.blocks.as_ref().is_some_and(|b| self.blocks_allow(b, peer, id, proto, port))
     }
 
     fn blocks_allow(
         &self,
-        blocks: &[(IpNet, Vec<IpNet>, PortSet)],
+        blocks: &[IpBlockRule],
         peer: IpAddr,
         id: Identity,
         proto: u8,
@@ -890,18 +944,19 @@ impl PolicyCompiler {
     }
 
     /// Adds a new identity's entries to a local pod's tables (the pod itself unchanged).
-    fn patch_identity(&self, rules: &mut PodRules, pod: &PodSpec, id: Identity) {
+    /// `rules` is `None` until something changes: then a copy of `base` with the change (most
+    /// new identities concern few local pods, and copying every pod's tables for each made a
+    /// label change cost O(local pods x peers)).
+    fn patch_identity(&self, rules: &mut Option<PodRules>, base: &PodRules, pod: &PodSpec, id: Identity) {
         let Some(info) = self.identities.get(&id) else { return };
         let mut own_ports = pod.ports.clone();
         own_ports.sort();
         for p in self.selecting(&pod.namespace, &pod.labels) {
             for d in [Direction::Ingress, Direction::Egress] {
                 let Some(list) = p.rules(d) else { continue };
-                let dir = match d {
-                    Direction::Ingress => rules.ingress.as_mut(),
-                    Direction::Egress => rules.egress.as_mut(),
-                };
-                let Some(dir) = dir else { continue };
+                if base.rules(d).is_none() {
+                    continue;
+                }
                 for rule in list {
                     let named = rule.ports.iter().any(|p| matches!(p.port, PortMatch::Named(_)));
                     let covers = if rule.peers.is_empty() {
@@ -934,7 +989,9 @@ impl PolicyCompiler {
                     } else {
                         Self::rule_ports(rule, Some(&info.ports))
                     };
-                    if !ps.is_empty() {
+                    if !ps.is_empty()
+                        && let Some(dir) = dir_mut(rules.get_or_insert_with(|| base.clone()), d)
+                    {
                         dir.by_identity.entry(id).or_default().union(&ps);
                     }
                 }
@@ -960,17 +1017,23 @@ impl PolicyCompiler {
             let keys: Vec<String> = self.local.keys().filter(|k| !recomputed.contains(k)).cloned().collect();
             for k in keys {
                 let Some((pod, _)) = self.pods.get(&k) else { continue };
-                let Some(old) = self.local.get(&k) else { continue };
-                let mut rules = (*old.rules).clone();
-                for dir in [rules.ingress.as_mut(), rules.egress.as_mut()].into_iter().flatten() {
+                let Some(base) = self.local.get(&k).map(|c| Arc::clone(&c.rules)) else { continue };
+                let mut rules: Option<PodRules> = None;
+                for d in [Direction::Ingress, Direction::Egress] {
                     for id in &dead_ids {
-                        dir.by_identity.remove(id);
+                        if base.rules(d).is_some_and(|r| r.by_identity.contains_key(id))
+                            && let Some(dir) = dir_mut(rules.get_or_insert_with(|| (*base).clone()), d)
+                        {
+                            dir.by_identity.remove(id);
+                        }
                     }
                 }
                 for id in new_ids.iter().filter(|id| self.identities.contains_key(id)) {
-                    self.patch_identity(&mut rules, pod, *id);
+                    self.patch_identity(&mut rules, &base, pod, *id);
                 }
-                self.local.insert(k, CompiledPod::new(rules));
+                if let Some(rules) = rules {
+                    self.local.insert(k, CompiledPod::new(rules));
+                }
             }
         }
         for k in &local_keys {
@@ -984,12 +1047,13 @@ impl PolicyCompiler {
             };
         }
         self.generation += 1;
-        let mut local = Vec::with_capacity(self.local.len());
+        let (mut hot, mut local) = (Vec::with_capacity(self.local.len()), Vec::with_capacity(self.local.len()));
         let (mut v4, mut v6) = (Vec::with_capacity(self.pods.len()), Vec::new());
         for (k, (pod, id)) in &self.pods {
             let at = match self.local.get(k) {
                 Some(r) => {
-                    local.push(Arc::clone(r));
+                    hot.push(r.hot.clone());
+                    local.push(Arc::clone(&r.rules));
                     local.len() as u32
                 }
                 None => 0,
@@ -1013,6 +1077,7 @@ impl PolicyCompiler {
             v4: FlatMap::from_entries(v4),
             v6: FlatMap::from_entries(v6),
             identity_ports,
+            hot,
             local,
             node_addrs: self.node_addrs.clone(),
         }
@@ -1021,6 +1086,14 @@ impl PolicyCompiler {
     /// How many identities there are.
     pub fn identities(&self) -> usize {
         self.identities.len()
+    }
+}
+
+/// One direction's rules, to change.
+fn dir_mut(rules: &mut PodRules, d: Direction) -> Option<&mut DirRules> {
+    match d {
+        Direction::Ingress => rules.ingress.as_mut(),
+        Direction::Egress => rules.egress.as_mut(),
     }
 }
 
@@ -1070,5 +1143,56 @@ impl PeerCache {
             .into();
         self.resolved.insert(key, Arc::clone(&ids));
         ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher;
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn pod(name: &str, app: &str, i: u8) -> PodSpec {
+        PodSpec {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, i))],
+            node: "n2".into(),
+            ports: vec![],
+        }
+    }
+
+    /// Two identities whose hashes collide (forced: a 64-bit hash makes it rare, not impossible)
+    /// stay apart, are found again, and go when their last pod goes.
+    #[test]
+    fn identities_with_colliding_hashes() {
+        let mut c = PolicyCompiler::new("n1", vec![]);
+        let a = pod("a", "web", 1);
+        c.set_pod(&a.key(), Some(&a));
+        let id_a = c.pods["x/a"].1;
+        // b's hash taken by a's identity.
+        let b = pod("b", "db", 2);
+        let hash_b = c.id_hasher.hash_one((&b.namespace, &b.labels, &Vec::<NamedPort>::new()));
+        c.identity_ids.insert(hash_b, id_a);
+        c.set_pod(&b.key(), Some(&b));
+        let id_b = c.pods["x/b"].1;
+        assert_ne!(id_a, id_b);
+        assert_eq!(c.identity_overflow, [id_b]);
+        // Found again, through the overflow: a second pod with b's labels shares its identity.
+        let b2 = pod("b2", "db", 3);
+        c.set_pod(&b2.key(), Some(&b2));
+        assert_eq!(c.pods["x/b2"].1, id_b);
+        let a2 = pod("a2", "web", 4);
+        c.set_pod(&a2.key(), Some(&a2));
+        assert_eq!(c.pods["x/a2"].1, id_a);
+        let t = c.build();
+        assert_eq!(t.identity(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3))), Some(id_b));
+        // Gone with its last pod.
+        c.set_pod("x/b", None);
+        c.set_pod("x/b2", None);
+        assert!(c.identity_overflow.is_empty());
+        assert_eq!(c.identities(), 1);
     }
 }
