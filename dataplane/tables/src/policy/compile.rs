@@ -489,13 +489,14 @@ impl PolicyTables {
             return e;
         }
         let (s, d) = (self.entry(src), self.entry(dst));
-        let side = |c: &CompiledPod, dir: Direction, hot: &HotDir, peer: IpAddr, id: Identity| SideExplanation {
-            pod: c.rules.pod.clone(),
+        let rules_of = |e: AddrEntry| self.local.get((e.local as usize).wrapping_sub(1));
+        let side = |r: &PodRules, dir: Direction, hot: &HotDir, peer: IpAddr, id: Identity| SideExplanation {
+            pod: r.pod.clone(),
             allowed: self.allows(hot, peer, id, proto, port),
-            rules: c.rules.origins.iter().filter(|o| o.direction == dir).cloned().collect(),
+            rules: r.origins.iter().filter(|o| o.direction == dir).cloned().collect(),
         };
-        if let Some(c) = self.local_of(s)
-            && let Some(hot) = c.egress.as_ref()
+        if let Some(c) = rules_of(s)
+            && let Some(hot) = self.local_of(s).and_then(|h| h.egress.as_ref())
         {
             if self.is_node(dst) {
                 e.exempt = Some("traffic between a pod and its own node is always allowed");
@@ -503,8 +504,8 @@ impl PolicyTables {
                 e.egress = Some(side(c, Direction::Egress, hot, dst, d.identity));
             }
         }
-        if let Some(c) = self.local_of(d)
-            && let Some(hot) = c.ingress.as_ref()
+        if let Some(c) = rules_of(d)
+            && let Some(hot) = self.local_of(d).and_then(|h| h.ingress.as_ref())
         {
             if self.is_node(src) {
                 e.exempt = Some("traffic between a pod and its own node is always allowed");
