@@ -414,14 +414,7 @@ impl PolicyTables {
         rules.blocks.as_ref().is_some_and(|b| self.blocks_allow(b, peer, id, proto, port))
     }
 
-    fn blocks_allow(
-        &self,
-        blocks: &[IpBlockRule],
-        peer: IpAddr,
-        id: Identity,
-        proto: u8,
-        port: u16,
-    ) -> bool {
+    fn blocks_allow(&self, blocks: &[IpBlockRule], peer: IpAddr, id: Identity, proto: u8, port: u16) -> bool {
         blocks.iter().any(|(cidr, except, ps)| {
             cidr.contains(&peer)
                 && !except.iter().any(|e| e.contains(&peer))
