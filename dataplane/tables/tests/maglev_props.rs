@@ -56,13 +56,15 @@ proptest! {
         // Every slot of the removed backend moves, and they are about 1/N of the table.
         let share = MAGLEV_DEFAULT / before.len();
         prop_assert!(from_gone == share || from_gone == share + 1);
-        // Slots moving between surviving backends: the paper's "near minimal", not minimal. Usually
-        // under 2% of the table, but an unlucky pair of permutations can move far more: CI found
-        // {0, 133332, 135246} minus 0 moving 4,497 slots (27%) between the two survivors. Per case,
-        // bound it by the larger of the removed backend's own share and 2% of the table; the typical
-        // figure is checked over many sets in `collateral_is_small_over_many_sets`.
+        // Slots moving between surviving backends: the paper's "near minimal", not minimal, and
+        // random per set. Usually under 2% of the table, but unlucky permutations move more: CI
+        // found {0, 133332, 135246} minus 0 moving 4,497 slots (27%), and random sets just over the
+        // removed backend's own share (1,176 for 1,170), which an earlier per-case bound of that
+        // share failed on. So per case only a guard against a reshuffle (a table rebuilt from
+        // scratch moves all but about 1/N of the slots): at most half the table. The typical figure
+        // is checked over fixed sets in `collateral_is_small_over_many_sets`.
         let collateral = moved.len() - from_gone;
-        let bound = share.max(MAGLEV_DEFAULT / 50);
+        let bound = MAGLEV_DEFAULT / 2;
         prop_assert!(collateral <= bound, "{} slots moved between survivors (bound {})", collateral, bound);
     }
 
@@ -78,8 +80,10 @@ proptest! {
         let to_new = moved.iter().filter(|(_, y)| *y == added).count();
         let share = MAGLEV_DEFAULT / after.len();
         prop_assert!(to_new == share || to_new == share + 1);
+        // As for removal: a guard per case, the typical figure over fixed sets (403 slots moved for
+        // a bound of 372, the new backend's share, failed the earlier per-case bound in CI).
         let collateral = moved.len() - to_new;
-        let bound = share.max(MAGLEV_DEFAULT / 50);
+        let bound = MAGLEV_DEFAULT / 2;
         prop_assert!(collateral <= bound, "{} slots moved between old backends (bound {})", collateral, bound);
     }
 }
@@ -94,9 +98,10 @@ fn same_backends_same_table() {
     assert_eq!(a, b);
 }
 
-/// Removing one backend, over 400 fixed pseudo-random sets of 2 to 119 backends: slots moving
-/// between survivors stay under 1.5% of the table on average and under 2% in 95% of the sets (the
-/// unlucky cases the property test allows are rare), and the case CI found stays below its share.
+/// Removing one backend, then adding one, over 400 fixed pseudo-random sets of 2 to 119 backends:
+/// slots moving between the backends that stay stay under 1.5% of the table on average and under 2%
+/// in 95% of the sets (the unlucky cases the property tests allow are rare), and the case CI found
+/// stays below a third of the table.
 #[test]
 fn collateral_is_small_over_many_sets() {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -104,7 +109,7 @@ fn collateral_is_small_over_many_sets() {
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (seed >> 33) as u32
     };
-    let mut fractions = Vec::new();
+    let (mut removed, mut added) = (Vec::new(), Vec::new());
     for _ in 0..400 {
         let n = 2 + (rnd() as usize) % 118;
         let set: BTreeSet<u32> = (0..n).map(|_| rnd() % 200_000).collect();
@@ -113,13 +118,23 @@ fn collateral_is_small_over_many_sets() {
         let after: Vec<Backend> = before.iter().copied().filter(|b| *b != gone).collect();
         let (ta, tb) = (maglev_table(&before, MAGLEV_DEFAULT), maglev_table(&after, MAGLEV_DEFAULT));
         let collateral = moved(&ta, &before, &tb, &after).iter().filter(|(x, _)| *x != gone).count();
-        fractions.push(collateral as f64 / MAGLEV_DEFAULT as f64);
+        removed.push(collateral as f64 / MAGLEV_DEFAULT as f64);
+        let mut with = set.clone();
+        with.insert(200_000 + rnd() % 100_000);
+        let grown = backends(&with);
+        let new = *grown.iter().find(|b| !before.contains(b)).expect("one new backend");
+        let tg = maglev_table(&grown, MAGLEV_DEFAULT);
+        let collateral = moved(&ta, &before, &tg, &grown).iter().filter(|(_, y)| *y != new).count();
+        added.push(collateral as f64 / MAGLEV_DEFAULT as f64);
     }
-    fractions.sort_by(f64::total_cmp);
-    let mean = fractions.iter().sum::<f64>() / fractions.len() as f64;
-    let p95 = fractions[fractions.len() * 95 / 100];
-    // Measured on this implementation: mean 1.02%, p95 1.42%.
-    assert!(mean < 0.015 && p95 < 0.02, "collateral mean {mean:.4}, p95 {p95:.4}");
+    for (what, mut fractions) in [("removing", removed), ("adding", added)] {
+        fractions.sort_by(f64::total_cmp);
+        let mean = fractions.iter().sum::<f64>() / fractions.len() as f64;
+        let p95 = fractions[fractions.len() * 95 / 100];
+        println!("{what} one backend: collateral mean {:.2}%, p95 {:.2}%", mean * 100.0, p95 * 100.0);
+        // Measured on this implementation: removing mean 1.02%, p95 1.40%; adding 1.02%, 1.39%.
+        assert!(mean < 0.015 && p95 < 0.02, "{what}: collateral mean {mean:.4}, p95 {p95:.4}");
+    }
 
     let before = backends(&BTreeSet::from([0, 133_332, 135_246]));
     let after = backends(&BTreeSet::from([133_332, 135_246]));
