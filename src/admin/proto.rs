@@ -579,6 +579,18 @@ pub struct PolicyRuleEntry {
     pub ports: String,
 }
 
+impl From<&ferry_tables::policy::RuleOrigin> for PolicyRuleEntry {
+    fn from(o: &ferry_tables::policy::RuleOrigin) -> Self {
+        PolicyRuleEntry {
+            direction: o.direction.name().into(),
+            policy: o.policy.clone(),
+            rule: o.rule,
+            peers: o.peers.clone(),
+            ports: o.ports.clone(),
+        }
+    }
+}
+
 /// A local pod some NetworkPolicy selects.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyPod {

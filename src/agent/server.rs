@@ -189,17 +189,7 @@ impl Handler {
                 pod: r.pod.clone(),
                 ingress_isolated: r.ingress.is_some(),
                 egress_isolated: r.egress.is_some(),
-                rules: r
-                    .origins
-                    .iter()
-                    .map(|o| PolicyRuleEntry {
-                        direction: o.direction.name().into(),
-                        policy: o.policy.clone(),
-                        rule: o.rule,
-                        peers: o.peers.clone(),
-                        ports: o.ports.clone(),
-                    })
-                    .collect(),
+                rules: r.origins.iter().map(PolicyRuleEntry::from).collect(),
             })
             .collect();
         PolicyList { generation: tables.generation(), pods }

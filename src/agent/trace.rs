@@ -511,17 +511,7 @@ fn side_json(s: &SideExplanation) -> TracePolicySide {
     TracePolicySide {
         pod: s.pod.clone(),
         allowed: s.allowed,
-        rules: s
-            .rules
-            .iter()
-            .map(|o| PolicyRuleEntry {
-                direction: o.direction.name().into(),
-                policy: o.policy.clone(),
-                rule: o.rule,
-                peers: o.peers.clone(),
-                ports: o.ports.clone(),
-            })
-            .collect(),
+        rules: s.rules.iter().map(PolicyRuleEntry::from).collect(),
     }
 }
 
