@@ -1738,6 +1738,88 @@ fn services_node_port_local_with_veth_pods() {
     let _ = server.wait();
 }
 
+/// One TCP connection (2 s) from a namespace: the answer, "refused" or the error.
+fn tcp_once(lab: &Lab, from: &str, ip: &str, port: u16) -> String {
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let out = run_bounded(10, &["ip", "netns", "exec", &lab.netns(from), python(), &py, "tcp", ip, &port.to_string()]);
+    text(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn network_policy_egress_from_veth_pods_to_outside() {
+    if !privileged("network_policy_egress_from_veth_pods_to_outside") {
+        return;
+    }
+    let _s = serial();
+    // "Outside": the underlay's namespace, which routes the pod network to n1. A veth pod's
+    // program leaves such traffic to the node's kernel unless a policy selects the pod; then
+    // ferry judges it and hands what is allowed to the kernel through the host port. The replies
+    // come back through the host port either way.
+    let lab = Lab::up("e2e_np_out", &["--nodes", "1", "--pods-per-node", "2", "--pod-port", "veth"]);
+    let list = lab.list();
+    let outside = list["underlay_gateway"].as_str().expect("underlay_gateway").to_owned();
+    let file = list["static_file"].as_str().expect("static_file").to_owned();
+    let n1 = lab.entry("nodes", "n1")["underlay_ip"].as_str().expect("underlay_ip").to_owned();
+    let route = run_bounded(5, &["ip", "-n", &lab.netns("ul"), "route", "add", "10.244.0.0/16", "via", &n1]);
+    assert!(route.status.success(), "route in the underlay: {}", text(&route.stderr));
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let mut servers: Vec<_> = ["8080", "8081"]
+        .iter()
+        .map(|port| {
+            Command::new("timeout")
+                .args(["-k", "2", "60", "ip", "netns", "exec", &lab.netns("ul"), python(), &py])
+                .args(["serve-peer", port, "outside"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("server")
+        })
+        .collect();
+    let (p1, p2) = (lab.pod_ip("n1-p1"), lab.pod_ip("n1-p2"));
+    let seen_from = |ip: &str| format!("outside {ip}");
+    let (got, ok) = poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || tcp_once(&lab, "n1-p1", &outside, 8081),
+        |g| *g == seen_from(&p1),
+    );
+    assert!(ok, "n1-p1 -> {outside}:8081 with no policy: {got}");
+
+    // p1 may reach the outside address on TCP 8080 only.
+    let base = std::fs::read_to_string(&file).expect("static file");
+    let objects = format!(
+        "\n[[namespace]]\nname = \"default\"\n\n[[pod]]\nnamespace = \"default\"\nname = \"p1\"\nlabels = {{ app = \"p1\" }}\nips = [\"{p1}\"]\nnode = \"n1\"\n\n[[pod]]\nnamespace = \"default\"\nname = \"p2\"\nlabels = {{ app = \"p2\" }}\nips = [\"{p2}\"]\nnode = \"n1\"\n"
+    );
+    let policy = format!(
+        "\n[[network_policy]]\nnamespace = \"default\"\nname = \"p1-out\"\npod_selector = {{ match_labels = {{ app = \"p1\" }} }}\npolicy_types = [\"Egress\"]\n[[network_policy.egress]]\nports = [{{ protocol = \"TCP\", port = 8080 }}]\nto = [{{ ip_block = {{ cidr = \"{outside}/32\" }} }}]\n"
+    );
+    let generation = || lab.ferry("n1", "policy")["generation"].as_u64().unwrap_or(0);
+    let apply = |text: String| {
+        let before = generation();
+        std::fs::write(&file, text).expect("write static file");
+        let (g, ok) = poll_until(Duration::from_secs(10), Duration::from_millis(100), generation, |g| *g > before);
+        assert!(ok, "n1 did not compile the policy within 10 s ({before} -> {g})");
+    };
+    let denied = || lab.ferry("n1", "stats")["drops"]["policy_denied_egress"].as_u64().unwrap_or(0);
+    apply(format!("{base}{objects}{policy}"));
+    let denied_before = denied();
+    assert_eq!(tcp_once(&lab, "n1-p1", &outside, 8080), seen_from(&p1), "the allowed port");
+    let got = tcp_once(&lab, "n1-p1", &outside, 8081);
+    assert!(got.starts_with("error"), "the other port is dropped: {got}");
+    let after = denied();
+    assert!(after > denied_before, "policy_denied_egress on n1: {denied_before} -> {after}");
+    assert_eq!(tcp_once(&lab, "n1-p2", &outside, 8081), seen_from(&p2), "a pod no policy selects");
+
+    // Without the policy, p1 reaches the other port again.
+    apply(format!("{base}{objects}"));
+    assert_eq!(tcp_once(&lab, "n1-p1", &outside, 8081), seen_from(&p1), "reopened");
+    for mut s in servers.drain(..) {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}
+
 /// `ferry flows --json ARGS` on a node: its events (JSON lines).
 fn flows_json(lab: &Lab, node: &str, args: &[&str]) -> Vec<Value> {
     let sock = format!("/run/ferry-lab/{}/nodes/{node}/ferry.sock", lab.name);

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use ferry_encap::MacAddr;
-use ferry_tables::policy::PolicyCompiler;
+use ferry_tables::policy::{PolicyCompiler, PolicyTables};
 use ferry_tables::{BuildError, DesiredState, LocalPod, RemoteNode, Snapshot, Tables};
 use ipnet::IpNet;
 
@@ -73,6 +73,7 @@ pub fn desired_state(routes: &BTreeMap<IpNet, Route>, local_pods: Vec<LocalPod>)
 }
 
 type Hook = Box<dyn FnMut(&Arc<Snapshot>, &Diff) + Send>;
+type PolicyHook = Box<dyn FnMut(&Arc<PolicyTables>) + Send>;
 
 /// Every pod the sources describe (`namespace/name` -> its addresses and node): a handle readable
 /// from any thread (`ferry trace` resolves pod names with it) while the control thread owns the
@@ -145,6 +146,7 @@ pub struct TablesPublisher {
     /// Every pod the sources describe, for readers on other threads.
     pods: PodDirectory,
     hook: Option<Hook>,
+    policy_hook: Option<PolicyHook>,
 }
 
 impl fmt::Debug for TablesPublisher {
@@ -173,6 +175,7 @@ impl TablesPublisher {
             skipped_shared: SkippedNodes::default(),
             pods: PodDirectory::default(),
             hook: None,
+            policy_hook: None,
         }
     }
 
@@ -201,6 +204,24 @@ impl TablesPublisher {
     pub fn with_hook(mut self, hook: impl FnMut(&Arc<Snapshot>, &Diff) + Send + 'static) -> Self {
         self.hook = Some(Box::new(hook));
         self
+    }
+
+    /// Calls `hook` right after each publication of NetworkPolicy tables (on the control thread,
+    /// with the tables unlocked), with the tables the workers now load: what must follow the
+    /// policy outside the snapshot (the pod programs' `isolated` flags) follows it at once.
+    pub fn with_policy_hook(mut self, hook: impl FnMut(&Arc<PolicyTables>) + Send + 'static) -> Self {
+        self.policy_hook = Some(Box::new(hook));
+        self
+    }
+
+    /// Run the policy hook on the tables last published.
+    fn policy_published(&mut self) {
+        if self.policy_hook.is_some() {
+            let policy = Arc::clone(self.tables().policy());
+            if let Some(hook) = &mut self.policy_hook {
+                hook(&policy);
+            }
+        }
     }
 
     /// Nodes currently left out, with the reason.
@@ -265,14 +286,20 @@ impl Publish for TablesPublisher {
                 addrs.push(gw);
             }
         }
+        let mut policy_published = false;
         if addrs != self.policy.node_addrs() {
             self.policy.set_node_addrs(addrs);
             if !tables.policy().is_empty() {
                 tables.set_policy(self.policy.build(), Instant::now());
+                policy_published = true;
             }
         }
         if let Some(hook) = &mut self.hook {
             hook(&tables.current(), table.diff);
+        }
+        drop(tables);
+        if policy_published {
+            self.policy_published();
         }
     }
 
@@ -317,6 +344,8 @@ impl Publish for TablesPublisher {
         let tables = Arc::clone(&self.tables);
         let mut tables = tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let p = tables.set_policy(compiled, Instant::now());
+        drop(tables);
+        self.policy_published();
         tracing::info!(
             changed = changed.len(),
             policy_generation = generation,

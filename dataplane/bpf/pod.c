@@ -7,6 +7,10 @@
  * neighbour solicitations whose target is the gateway's IPv6 address, and TCP/UDP from a source
  * address and port in `backends` (this pod as the endpoint of an `externalTrafficPolicy: Local`
  * service: its replies to clients outside the cluster need ferry's reverse translation).
+ * When `isolated[0]` is set (NetworkPolicy selects this pod: the agent writes it with each policy
+ * publication), every unicast IPv4/IPv6 packet goes to ferry too, so that its egress rules judge
+ * what the pod sends outside the pod networks and its connections are tracked for their replies;
+ * ferry hands what it allows to the node's kernel through the host port.
  * Everything else (a pod talking to its node's own addresses, say) passes to the kernel.
  *
  * Configuration (written by the loader, dataplane/src/xdp): `pod_config[0]` for the gateway
@@ -103,6 +107,21 @@ struct {
 	__type(value, __u8);
 } backends SEC(".maps");
 
+/* 1 while NetworkPolicy selects the pod (see the top). An array: the program's one flag. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u8);
+} isolated SEC(".maps");
+
+static __always_inline int is_isolated(void)
+{
+	__u32 zero = 0;
+	__u8 *on = bpf_map_lookup_elem(&isolated, &zero);
+	return on && *on;
+}
+
 static __always_inline int is_backend(struct cursor *c, __u8 proto, const __u32 saddr[4])
 {
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
@@ -138,6 +157,9 @@ int ferry_pod(struct xdp_md *ctx)
 		__u32 mapped[4] = { 0, 0, bpf_htonl(0xffff), ip->saddr };
 		if (!(ip->frag_off & bpf_htons(FERRY_IP_OFFSET)) && is_backend(&c, ip->protocol, mapped))
 			return to_socket(ctx);
+		/* Multicast and broadcast stay with the kernel (no policy names them). */
+		if (is_isolated() && (bpf_ntohl(ip->daddr) >> 28) != 0xe && ip->daddr != 0xffffffff)
+			return to_socket(ctx);
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = parse_ipv6(&c);
 		if (!ip6)
@@ -147,6 +169,10 @@ int ferry_pod(struct xdp_md *ctx)
 		if (bpf_map_lookup_elem(&pod_nets6, &key))
 			return to_socket(ctx);
 		if (is_backend(&c, ip6->nexthdr, ip6->saddr.in6_u.u6_addr32))
+			return to_socket(ctx);
+		/* Multicast and link-local (neighbour discovery, router solicitations) stay with the kernel. */
+		__u8 first = ip6->daddr.in6_u.u6_addr8[0], second = ip6->daddr.in6_u.u6_addr8[1];
+		if (is_isolated() && first != 0xff && !(first == 0xfe && (second & 0xc0) == 0x80))
 			return to_socket(ctx);
 		if (cfg->has_gw6 && ip6->nexthdr == IPPROTO_ICMPV6) {
 			struct nd_solicit *ns = c.pos;

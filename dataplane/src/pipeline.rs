@@ -21,7 +21,8 @@
 //! checksums are completed, their TTL decremented (at 1: ICMP time exceeded), and they are
 //! forwarded to a local pod or encapsulated toward a remote node (too big with DF, or IPv6: ICMP
 //! "fragmentation needed" / "packet too big"). A pod's packet for outside the cluster goes to the
-//! node's kernel through the host port when the node has a [`HostExit`] (pods on taps).
+//! node's kernel through the host port when the node has a [`HostExit`] (pods on taps, and veth
+//! pods that NetworkPolicy selects).
 //!
 //! From the uplink: tunnel packets are validated and decapsulated (`decap`: outer MAC, addresses,
 //! checksums, tunnel header); the outer source must be a known node; the inner frame's source MAC
@@ -149,8 +150,9 @@ pub struct NodeConfig {
 /// The node's kernel as a pod's way out of the cluster: a packet from a pod port to an address
 /// outside the cluster's pod networks (the node's own underlay address, another host, the
 /// internet) is routed to the host port, addressed to the kernel end's MAC, and the node's kernel
-/// takes it from there as it would from a veth pod. Only a pod on a tap needs it: a veth pod's
-/// XDP program hands such packets to the node's kernel before ferry sees them.
+/// takes it from there as it would from a veth pod. A pod on a tap needs it, and a veth pod that
+/// NetworkPolicy selects (its XDP program then hands ferry everything, to be judged); any other
+/// veth pod's program hands such packets to the node's kernel before ferry sees them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostExit {
     /// The host port (never an exit for packets that came in on it: no loop).
@@ -166,11 +168,15 @@ pub struct HostExit {
 
 impl HostExit {
     fn takes(&self, in_port: PortId, dst: IpAddr) -> bool {
-        in_port != self.port
-            && match dst {
-                IpAddr::V4(a) => !self.cluster_v4.iter().any(|n| n.contains(&a)),
-                IpAddr::V6(a) => !self.cluster_v6.iter().any(|n| n.contains(&a)),
-            }
+        in_port != self.port && self.is_outside(dst)
+    }
+
+    /// Whether an address is outside the cluster's pod networks.
+    fn is_outside(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => !self.cluster_v4.iter().any(|n| n.contains(&a)),
+            IpAddr::V6(a) => !self.cluster_v6.iter().any(|n| n.contains(&a)),
+        }
     }
 }
 
@@ -696,10 +702,20 @@ impl Pipeline {
         if EthernetFrame::new_unchecked(frame.data()).dst() != self.cfg.gateway_mac {
             return Step::Done(Verdict::Drop(DropReason::PodDstMacNotGateway));
         }
-        if !fib.source_allowed(in_port, ctx.src()) {
+        if !fib.source_allowed(in_port, ctx.src()) && !self.routed_from_outside(in_port, ctx.src()) {
             return Step::Done(Verdict::Drop(DropReason::SpoofedSource));
         }
         Step::Continue
+    }
+
+    /// Whether the node's kernel sends, through the host port, a packet from outside the cluster's
+    /// pod networks: a reply to a pod's connection to the outside (which left through the host
+    /// exit or the pod's veth), or traffic the kernel routes to a pod. Not a spoof: the kernel is
+    /// the way in from outside; the destination's ingress rules judge it. (A cluster source from
+    /// the host port other than the node's own addresses still is one.)
+    #[cold]
+    fn routed_from_outside(&self, in_port: PortId, src: IpAddr) -> bool {
+        self.cfg.host_exit.as_ref().is_some_and(|h| h.port == in_port && h.is_outside(src))
     }
 
     /// Stage (from a pod, before routing): complete the checksums a veth left unfinished, and

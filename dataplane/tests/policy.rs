@@ -13,11 +13,11 @@ use ferry_dataplane::port::mem::MemPort;
 use ferry_dataplane::worker::Worker;
 use ferry_encap::DropReason;
 use ferry_tables::policy::{
-    LabelSelectorSpec, Labels, NetworkPolicySpec, PeerSpec, PodSpec, Policy, PolicyCompiler, PortSpec, PortValue,
-    RuleSpec,
+    IpBlockSpec, LabelSelectorSpec, Labels, NetworkPolicySpec, PeerSpec, PodSpec, Policy, PolicyCompiler, PortSpec,
+    PortValue, RuleSpec,
 };
 use ferry_tables::{EndpointSpec, Protocol, ServiceSpec, Snapshot, Tables};
-use ferry_testsupport::node::{self, TestNode, UPLINK, gateway_mac, pod_ip, pod_mac};
+use ferry_testsupport::node::{self, TestNode, UPLINK, gateway_mac, host_mac, pod_ip, pod_mac};
 
 struct Node {
     n: u8,
@@ -75,7 +75,11 @@ fn rule(peer: &str, port: Option<i64>) -> RuleSpec {
 
 impl Node {
     fn new(n: u8, policies: &[Policy]) -> Node {
-        let spec = TestNode { pods: 2, ..TestNode::new(n) };
+        Node::with(TestNode { pods: 2, ..TestNode::new(n) }, policies)
+    }
+
+    fn with(spec: TestNode, policies: &[Policy]) -> Node {
+        let n = spec.n;
         let (worker, _) = spec.build();
         let tables = spec.tables();
         let mut compiler = PolicyCompiler::new(format!("n{n}"), vec![IpAddr::V4(Ipv4Addr::new(10, 244, n, 0))]);
@@ -300,4 +304,68 @@ fn no_policy_costs_nothing_and_drops_nothing() {
     n1.receive(1, &n1.tcp(1, pod_ip(1, 2), 40000, 80, true));
     assert_eq!(n1.sent(2).len(), 1);
     assert_eq!(n1.worker.counters().total_drops(), 0);
+}
+
+/// A TCP segment from outside the cluster through the host port (the node's kernel routing it).
+fn from_outside(n: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let b = PacketBuilder::ethernet2(host_mac(n).0, gateway_mac(n).0)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 7000, 64240);
+    let b = match flags {
+        "syn" => b.syn(),
+        "synack" => b.syn().ack(1001),
+        _ => b.ack(1001),
+    };
+    b.write(&mut out, b"").expect("build");
+    out
+}
+
+#[test]
+fn egress_to_outside_the_cluster_through_the_host_exit() {
+    // a may reach 192.0.2.0/24 except 192.0.2.128/25 on TCP 80 only, and takes nothing in; b
+    // no policy selects. The host port (port 3) is the way to and from the node's kernel.
+    let to_block = RuleSpec {
+        ports: vec![PortSpec { protocol: None, port: Some(PortValue::Number(80)), end_port: None }],
+        peers: vec![PeerSpec {
+            ip_block: Some(IpBlockSpec { cidr: "192.0.2.0/24".into(), except: vec!["192.0.2.128/25".into()] }),
+            ..Default::default()
+        }],
+    };
+    let spec = TestNode { pods: 2, host_port: true, host_exit: true, ..TestNode::new(1) };
+    let host = 3;
+    let mut n1 = Node::with(
+        spec,
+        &[policy("a-out", "a", &["Egress"], vec![], vec![to_block]), policy("a-in", "a", &["Ingress"], vec![], vec![])],
+    );
+    let a = pod_ip(1, 1);
+    let (allowed, excepted) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 200));
+    n1.receive(1, &n1.tcp(1, allowed, 40000, 80, true));
+    let out = n1.sent(host);
+    assert_eq!(out.len(), 1, "a -> 192.0.2.1:80 allowed, to the node's kernel");
+    assert_eq!(ports_of(&out[0]), (IpAddr::V4(a), 40000, IpAddr::V4(allowed), 80));
+    // The reply, routed back by the node's kernel through the host port: the connection's, so
+    // a's deny-all ingress lets it in.
+    n1.receive(host, &from_outside(1, allowed, a, 80, 40000, "synack"));
+    let back = n1.sent(1);
+    assert_eq!(back.len(), 1, "the reply reaches a");
+    assert_eq!(ports_of(&back[0]), (IpAddr::V4(allowed), 80, IpAddr::V4(a), 40000));
+    // Another port, and an excepted address: refused by a's egress rules.
+    n1.receive(1, &n1.tcp(1, allowed, 40001, 81, true));
+    n1.receive(1, &n1.tcp(1, excepted, 40002, 80, true));
+    assert!(n1.sent(host).is_empty());
+    assert_eq!(n1.drops(DropReason::PolicyDeniedEgress), 2);
+    // A connection from outside to a (the kernel routing it to the pod): a's ingress refuses.
+    n1.receive(host, &from_outside(1, allowed, a, 5555, 80, "syn"));
+    assert!(n1.sent(1).is_empty());
+    assert_eq!(n1.drops(DropReason::PolicyDeniedIngress), 1);
+    // b, which no policy selects, reaches anything outside; and from outside it is reachable.
+    n1.receive(2, &n1.tcp(2, allowed, 40003, 81, true));
+    assert_eq!(n1.sent(host).len(), 1, "b is not isolated");
+    n1.receive(host, &from_outside(1, excepted, pod_ip(1, 2), 5556, 22, "syn"));
+    assert_eq!(n1.sent(2).len(), 1, "to b from outside");
+    // From the host port, a pod network source that is not the node's own is still a spoof.
+    n1.receive(host, &from_outside(1, pod_ip(1, 2), a, 5557, 80, "syn"));
+    assert_eq!(n1.drops(DropReason::SpoofedSource), 1);
+    assert_eq!(n1.worker.counters().total_drops(), 4);
 }

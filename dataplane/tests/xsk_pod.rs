@@ -239,6 +239,34 @@ fn pod_verdicts_on_crafted_frames() {
     }
     assert!(wrong.is_empty(), "wrong verdicts:\n{}", wrong.join("\n"));
 
+    // NetworkPolicy selects the pod: every unicast IP packet goes to ferry (its egress rules judge
+    // traffic to outside the pod networks); multicast, broadcast, link-local and ARP do not.
+    prog.set_isolated(true).expect("flag on");
+    let isolated: Vec<(&str, Vec<u8>, XdpAction)> = vec![
+        ("IPv4 to the node", udp4(m1, m2, POD4, NODE4, 1, 2, b"x"), Redirect),
+        ("IPv4 outside", udp4(m1, m2, POD4, Ipv4Addr::new(10, 245, 0, 1), 1, 2, b"x"), Redirect),
+        ("IPv4 to a remote pod", udp4(m1, m2, POD4, REMOTE_POD4, 1, 2, b"x"), Redirect),
+        ("IPv6 to the node", udp6(m1, m2, POD6, NODE6, 1, 2, b"x"), Redirect),
+        ("IPv4 multicast", udp4(m1, m2, POD4, Ipv4Addr::new(224, 0, 0, 251), 1, 2, b"x"), Pass),
+        ("IPv4 broadcast", udp4(m1, m2, POD4, Ipv4Addr::BROADCAST, 1, 2, b"x"), Pass),
+        ("IPv6 multicast", udp6(m1, m2, POD6, "ff02::fb".parse().expect("addr"), 1, 2, b"x"), Pass),
+        ("IPv6 link-local", udp6(m1, m2, POD6, "fe80::1".parse().expect("addr"), 1, 2, b"x"), Pass),
+        ("NS for the gateway", nd(135, GW6), Redirect),
+        ("ARP for the node", arp_request(m1, POD4, NODE4), Pass),
+    ];
+    for (name, frame, want) in &isolated {
+        let got = prog.test_run(frame).expect("test run");
+        if got != *want {
+            wrong.push(format!("isolated, {name}: got {got:?}, want {want:?}"));
+        }
+    }
+    prog.set_isolated(false).expect("flag off");
+    let got = prog.test_run(&udp4(m1, m2, POD4, NODE4, 1, 2, b"x")).expect("test run");
+    if got != Pass {
+        wrong.push(format!("no longer isolated, IPv4 to the node: got {got:?}, want Pass"));
+    }
+    assert!(wrong.is_empty(), "wrong verdicts:\n{}", wrong.join("\n"));
+
     // Without a gateway, ARP and NS pass; pod-network traffic still goes to ferry.
     let cfg = PodConfig { gateway_v4: None, gateway_v6: None, ..pod_config() };
     let no_gw = XdpProgram::pod(&cfg, 1).expect("load");

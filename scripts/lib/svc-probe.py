@@ -4,6 +4,7 @@
   svc-probe.py serve PORT NAME            answer every TCP connection on PORT with NAME (until killed)
   svc-probe.py serve-both PORT NAME       the same, and every UDP datagram to PORT with NAME
   svc-probe.py serve-peer PORT NAME       TCP and UDP on PORT, answering "NAME PEER" (the client address it sees)
+  svc-probe.py tcp IP PORT                one TCP connection to IP:PORT (2 s); prints the answer, "refused" or the error
   svc-probe.py udp IP PORT                one UDP exchange with IP:PORT (3 tries); prints the answer or "timeout"
   svc-probe.py connect IP PORT COUNT      COUNT TCP connections to IP:PORT, one per source port; prints one
                                            line per connection: the name received, or the error
@@ -135,6 +136,8 @@ if __name__ == "__main__":
         serve(int(sys.argv[2]), sys.argv[3])
     elif sys.argv[1] == "serve-peer":
         serve_peer(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "tcp":
+        print(tcp_once(sys.argv[2], int(sys.argv[3])))
     elif sys.argv[1] == "udp":
         print(udp_once(sys.argv[2], int(sys.argv[3])))
     elif sys.argv[1] == "serve-both":

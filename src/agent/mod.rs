@@ -23,7 +23,7 @@ mod web;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -250,7 +250,18 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if control.kube.is_some() {
         sources.push("kube");
     }
-    let publisher = TablesPublisher::shared(Arc::clone(&tables)).for_node(&cfg.node_name, vec![underlay_addr]);
+    // Each policy publication sets the veth pods' `isolated` flags at once (the pods are known
+    // once the agent's shared state exists; until then the main loop's pass covers them).
+    let policy_sync: Arc<OnceLock<Weak<Shared>>> = Arc::default();
+    let publisher =
+        TablesPublisher::shared(Arc::clone(&tables)).for_node(&cfg.node_name, vec![underlay_addr]).with_policy_hook({
+            let sync = Arc::clone(&policy_sync);
+            move |policy| {
+                if let Some(shared) = sync.get().and_then(Weak::upgrade) {
+                    lock(&shared.pods).sync_isolation(policy);
+                }
+            }
+        });
     let skipped = publisher.skipped_nodes();
     let directory = publisher.pod_directory();
     let control_plane = ControlPlane::spawn(control, publisher).context("starting the control plane")?;
@@ -476,6 +487,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // With the UDP uplink, a pod's TCP super-packet is routed once and its segments go to the
     // socket as one `UDP_SEGMENT` send (the worker's super-packet path).
     pods.set_tap_config(TapConfig { super_packets: uplink_kind == UplinkPort::Udp, ..TapConfig::default() });
+    pods.set_host_exit(node_cfg.host_exit.is_some());
 
     // The host port's ferry end, on every worker.
     let host_xdp = match (&host_plan, host_mac) {
@@ -529,6 +541,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         node_cfg: node_cfg.clone(),
         directory,
     });
+    let _ = policy_sync.set(Arc::downgrade(&shared));
 
     if metrics_addr.is_some() {
         control_plane.metrics().add_collector(Box::new(metrics::DataplaneCollector(Arc::clone(&shared))));
@@ -597,6 +610,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         health.set(external::health_ports(&services));
         lock(&shared.pods).sync_backends(&services);
+        let policy = Arc::clone(lock(&tables).policy());
+        lock(&shared.pods).sync_isolation(&policy);
         if wait_signal(&signals, Duration::from_millis(100)) {
             break;
         }

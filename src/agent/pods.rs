@@ -61,6 +61,9 @@ struct Attached {
     /// services generation.
     backends: std::collections::BTreeSet<(std::net::IpAddr, u16, u8)>,
     backends_generation: Option<u64>,
+    /// What its program's `isolated` flag says (see [`Pods::sync_isolation`]); `None` before the
+    /// first write and after a failed one.
+    isolated: Option<bool>,
 }
 
 /// Why a pod could not be attached.
@@ -103,6 +106,11 @@ pub(super) struct Pods {
     /// How pod taps are opened (super-packets handed to the worker whole when the uplink is a UDP
     /// socket).
     tap_cfg: TapConfig,
+    /// Whether the workers have a host exit (a host port): the way to the node's kernel for what
+    /// an isolated veth pod sends outside the pod networks.
+    host_exit: bool,
+    /// Warned that veth pods' traffic to outside the pod networks is not judged (no host exit).
+    warned_no_exit: bool,
 }
 
 impl Pods {
@@ -133,6 +141,8 @@ impl Pods {
             ports,
             max_ports,
             tap_cfg: TapConfig::default(),
+            host_exit: false,
+            warned_no_exit: false,
         })
     }
 
@@ -171,6 +181,50 @@ impl Pods {
             // A failed write is tried again with the next generation.
             a.backends_generation = ok.then_some(generation);
         }
+    }
+
+    /// Keep each veth pod's program handing ferry everything the pod sends while NetworkPolicy
+    /// selects the pod (its `isolated` flag), so that its egress rules judge its traffic to outside
+    /// the pod networks too (ferry hands what they allow to the node's kernel through the host
+    /// port) and its connections there are tracked (the replies come back through the host port,
+    /// where the pod's ingress rules would otherwise judge them as new connections: hence any
+    /// direction, not only egress). Pods no policy selects keep the kernel's direct path. Only
+    /// what changed is written. Called with each policy publication and from the main loop (new
+    /// pods, failed writes). A tap pod needs nothing (ferry sees all it sends).
+    pub(super) fn sync_isolation(&mut self, policy: &ferry_tables::policy::PolicyTables) {
+        let mut unjudged = Vec::new();
+        for a in self.pods.values_mut() {
+            let Some(x) = &a.xdp else { continue };
+            let selected = a.spec.addrs.iter().any(|addr| policy.local(*addr).is_some());
+            // Without a host exit ferry could only drop what it took: leave it to the kernel.
+            let want = selected && self.host_exit;
+            if selected && !self.host_exit {
+                unjudged.push(a.spec.id.clone());
+            }
+            if a.isolated == Some(want) {
+                continue;
+            }
+            a.isolated = x
+                .program()
+                .set_isolated(want)
+                .inspect_err(|e| tracing::warn!(pod = %a.spec.id, "pod program: {e}"))
+                .ok()
+                .map(|()| want);
+            tracing::debug!(pod = %a.spec.id, isolated = want, "pod program: isolation flag");
+        }
+        if !unjudged.is_empty() && !self.warned_no_exit {
+            self.warned_no_exit = true;
+            tracing::warn!(
+                pods = ?unjudged,
+                "NetworkPolicy selects veth pods but this node has no host port (host.interface): \
+                 their traffic to outside the pod networks goes to the node's kernel unjudged"
+            );
+        }
+    }
+
+    /// Whether the workers have a host exit (see [`Pods::sync_isolation`]).
+    pub(super) fn set_host_exit(&mut self, on: bool) {
+        self.host_exit = on;
     }
 
     /// Open pod taps with `cfg` from now on.
@@ -358,8 +412,11 @@ impl Pods {
         tracing::info!(pod = %spec.id, kind = spec.kind.name(), ifname = %spec.host_ifname, port = port.0, addrs = ?spec.addrs, "pod attached");
         self.pods.insert(
             spec.id.clone(),
-            Attached { spec, mac, port, xdp, backends: Default::default(), backends_generation: None },
+            Attached { spec, mac, port, xdp, backends: Default::default(), backends_generation: None, isolated: None },
         );
+        // Policies that already select the pod: its flag before its first packet.
+        let policy = Arc::clone(lock(&self.tables).policy());
+        self.sync_isolation(&policy);
         Ok(())
     }
 

@@ -278,6 +278,16 @@ impl XdpProgram {
         )
     }
 
+    /// Hand ferry every unicast IP packet the pod sends (`on`: NetworkPolicy selects the pod, so
+    /// ferry judges its traffic to outside the pod networks and tracks its connections), or only
+    /// what is for the pod networks (a pod program only).
+    ///
+    /// # Errors
+    /// The kernel refuses ([`XdpError::MapUpdate`]).
+    pub fn set_isolated(&self, on: bool) -> Result<(), XdpError> {
+        self.update("isolated", &0u32.to_ne_bytes(), &[u8::from(on)], "0", "the map is an array of one entry")
+    }
+
     fn set_key(
         &self,
         map: &'static str,
