@@ -14,6 +14,7 @@ pub mod neighbour;
 pub mod pipeline;
 pub mod policy;
 pub mod port;
+pub mod related;
 pub mod service;
 pub mod trace;
 pub mod worker;

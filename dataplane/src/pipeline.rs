@@ -628,7 +628,11 @@ impl Pipeline {
                 self.deliver(fib, &mut ctx, frame, port, mac, Arrival::SameNode, rec)
             }
             Route::Remote { template, vtep_mac } => {
-                self.encap_stage(frame, &ctx.flow, template, vtep_mac, counters, rec)
+                let v = self.encap_stage(frame, &ctx.flow, template, vtep_mac, counters, rec);
+                if translated && v == Verdict::Reply {
+                    self.untranslate_own_error(fib, frame);
+                }
+                v
             }
             Route::Unresolved { .. } => Verdict::Drop(DropReason::NoNeighbour),
             Route::Blackhole => Verdict::Drop(DropReason::Blackhole),
@@ -789,6 +793,20 @@ impl Pipeline {
             if R::ON && out != ReplyOutcome::NotReply {
                 rec.note(Note::ServiceReply { vip: ctx.src(), port: ctx.flow.ports.0 });
             }
+        }
+    }
+
+    /// An ICMP error ferry made (too big for the tunnel) from a packet the service stage had
+    /// translated: it quotes the backend; the client must see the service's address and port.
+    #[cold]
+    fn untranslate_own_error<F: Fib>(&mut self, fib: &F, frame: &mut FrameBuf<'_>) {
+        if let Ok(flow) = flow::classify(frame.data())
+            && flow.src.is_some()
+            && flow.dst.is_some()
+        {
+            let mut ctx = Ctx { flow };
+            let now = self.ct_now();
+            let _ = service::reply(&self.conntrack, now, fib.services(), &mut ctx, frame.data_mut(), None);
         }
     }
 

@@ -32,7 +32,10 @@
 //!
 //! A denied first packet leaves no record (a scan cannot fill the table). Other protocols (ICMP)
 //! are evaluated on every packet without state: only a rule without `ports` lets them through,
-//! and an ICMP reply is judged as a packet of its own.
+//! and an ICMP echo reply is judged as a packet of its own. An ICMP error (destination
+//! unreachable, time exceeded, fragmentation needed / packet too big, parameter problem) that
+//! the rules refuse is allowed when the packet it quotes belongs to a connection they allowed
+//! (`related`: its tuple has an allowing record), as Linux conntrack's `RELATED`.
 //!
 //! # A new policy and existing connections
 //!
@@ -125,7 +128,13 @@ pub fn check(ct: &Conntrack, now: u32, tables: &PolicyTables, ctx: &Ctx, frame: 
     let proto = ctx.flow.protocol;
     let key_proto = match (record_proto(proto), ctx.flow.l4) {
         (Some(p), Some(_)) => p,
-        _ => return result(tables.verdict(src, dst, proto, 0)),
+        _ => {
+            let v = tables.verdict(src, dst, proto, 0);
+            if v != PolicyVerdict::Allow && related_allowed(ct, tables, ctx, frame) {
+                return Ok(());
+            }
+            return result(v);
+        }
     };
     let (sport, dport) = ctx.flow.ports;
     let key = Tuple { src, dst, sport, dport, proto: key_proto };
@@ -155,6 +164,29 @@ pub fn check(ct: &Conntrack, now: u32, tables: &PolicyTables, ctx: &Ctx, frame: 
         ct.insert(&key, encode(generation, v), if syn_only { flags::SYN } else { flags::SEEN }, now);
     }
     result(v)
+}
+
+/// Whether `ctx` is an ICMP error about a connection the policy allowed (its quoted packet's
+/// tuple has an allowing record: Linux conntrack's `RELATED`). A record of an older generation
+/// counts as the connection's next packet would: judged again (not rewritten: the connection's
+/// own next packet does that).
+#[cold]
+#[inline(never)]
+fn related_allowed(ct: &Conntrack, tables: &PolicyTables, ctx: &Ctx, frame: &[u8]) -> bool {
+    let Some(q) = crate::related::quoted(frame, ctx) else { return false };
+    let Some(key_proto) = record_proto(q.proto) else { return false };
+    let key = Tuple { src: q.src, dst: q.dst, sport: q.sport, dport: q.dport, proto: key_proto };
+    let Some(hit) = ct.lookup(&key) else { return false };
+    let (decided, v) = decode(&hit.nat);
+    if decided == tables.generation() {
+        return v == PolicyVerdict::Allow;
+    }
+    let v = if hit.flags & flags::REPLY != 0 {
+        tables.verdict(q.dst, q.src, q.proto, q.sport)
+    } else {
+        tables.verdict(q.src, q.dst, q.proto, q.dport)
+    };
+    v == PolicyVerdict::Allow
 }
 
 #[cfg(test)]

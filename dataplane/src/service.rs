@@ -13,7 +13,9 @@
 //!   too, so the answer comes back through ferry, where the reply entry restores both ends.
 //! - **Reply** ([`reply`], on delivery to a local pod, and on a pod's packet before routing): a
 //!   packet from a backend that matches a reply entry gets the VIP and service port back as its
-//!   source (and, for hairpin, the pod's own address as its destination).
+//!   source (and, for hairpin, the pod's own address as its destination). An ICMP error about
+//!   such a connection gets the VIP and service port back in the packet it quotes (and as its
+//!   source, when the backend sent it), as Linux conntrack's NAT does for related errors.
 //!
 //! - **From outside** ([`external`], on a plain packet from the uplink to a node port, an external
 //!   IP or a load-balancer IP): translated to a backend as above, with the service's
@@ -384,7 +386,41 @@ pub fn reply(
     if services.is_empty() || ctx.flow.l4.is_none() {
         return ReplyOutcome::NotReply;
     }
+    if matches!(ctx.flow.protocol, protocol::ICMP | protocol::ICMPV6) {
+        return related_reply(ct, services, ctx, frame, snat);
+    }
     reply_lookup(ct, now, services, ctx, frame, snat)
+}
+
+/// An ICMP error about a connection to a service, on its way to the client: the packet it quotes
+/// (client -> backend) gets the service's address and port back as its destination, and an error
+/// the backend sent itself gets the service's address as its source (see [`crate::related`]).
+/// Not done for hairpin connections and for `Cluster` connections from outside (their quoted
+/// source is translated too): those errors pass untranslated.
+#[cold]
+#[inline(never)]
+fn related_reply(
+    ct: &Conntrack,
+    services: &Services,
+    ctx: &mut Ctx,
+    frame: &mut [u8],
+    snat: Option<IpAddr>,
+) -> ReplyOutcome {
+    let Some(q) = crate::related::quoted(frame, ctx) else { return ReplyOutcome::NotReply };
+    if snat == Some(q.src) || !services.is_backend(q.dst, q.dport, q.proto) {
+        return ReplyOutcome::NotReply;
+    }
+    let t = Tuple { src: q.dst, dst: q.src, sport: q.dport, dport: q.sport, proto: q.proto };
+    let Some(hit) = ct.lookup(&t) else { return ReplyOutcome::NotReply };
+    if hit.flags & flags::REPLY == 0 || hit.flags & flags::HAIRPIN != 0 {
+        return ReplyOutcome::NotReply;
+    }
+    let outer = (ctx.src() == q.dst).then_some(hit.nat.addr);
+    if crate::related::rewrite_quoted_dst(frame, ctx, &q, hit.nat.addr, hit.nat.port, outer) {
+        ReplyOutcome::Translated
+    } else {
+        ReplyOutcome::NotReply
+    }
 }
 
 /// The body of [`reply`], out of line (as [`forward_lookup`]).

@@ -369,3 +369,123 @@ fn egress_to_outside_the_cluster_through_the_host_exit() {
     assert_eq!(n1.drops(DropReason::SpoofedSource), 1);
     assert_eq!(n1.worker.counters().total_drops(), 4);
 }
+
+/// An ICMP port unreachable from the pod on node 1's `port` to `to`, quoting the UDP packet
+/// `to`:`sport` -> `quoted_dst`:`dport` it answers.
+fn port_unreachable(port: u8, to: Ipv4Addr, quoted_dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut quoted = Vec::new();
+    PacketBuilder::ipv4(to.octets(), quoted_dst.octets(), 63)
+        .udp(sport, dport)
+        .write(&mut quoted, b"q")
+        .expect("quoted");
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(pod_mac(1, port).0, gateway_mac(1).0)
+        .ipv4(pod_ip(1, port).octets(), to.octets(), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
+        .write(&mut out, &quoted)
+        .expect("error");
+    out
+}
+
+/// The outer source and the quoted packet's destination and port of an ICMPv4 error, and whether
+/// its checksums verify.
+fn error_of(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, bool) {
+    let p = SlicedPacket::from_ethernet(frame).expect("parses");
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("IPv4") };
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else { panic!("ICMP") };
+    let q = icmp.payload();
+    let inner = etherparse::Ipv4HeaderSlice::from_slice(q).expect("quoted header");
+    let dport = u16::from_be_bytes([q[22], q[23]]);
+    let h = ip.header().to_header();
+    let ok = h.header_checksum == h.calc_header_checksum()
+        && etherparse::Icmpv4Header::with_checksum(icmp.icmp_type(), q).checksum == icmp.checksum()
+        && inner.to_header().header_checksum == inner.to_header().calc_header_checksum();
+    (ip.header().source_addr(), inner.destination_addr(), dport, ok)
+}
+
+#[test]
+fn icmp_errors_of_an_allowed_connection_are_related() {
+    // a takes nothing in; b takes anything from a.
+    let mut n1 = Node::new(
+        1,
+        &[
+            policy("a-in", "a", &["Ingress"], vec![], vec![]),
+            policy("b-in", "b", &["Ingress"], vec![rule("a", None)], vec![]),
+        ],
+    );
+    let (a, b) = (pod_ip(1, 1), pod_ip(1, 2));
+    n1.receive(1, &n1.udp(1, b, 5000, 53));
+    assert_eq!(n1.sent(2).len(), 1, "a -> b:53 allowed");
+    // b's port unreachable about it passes a's deny-all: related to the connection.
+    n1.receive(2, &port_unreachable(2, a, b, 5000, 53));
+    assert_eq!(n1.sent(1).len(), 1, "the related error reaches a");
+    // One quoting a packet of no connection is judged as before: refused.
+    n1.receive(2, &port_unreachable(2, a, b, 5001, 54));
+    assert!(n1.sent(1).is_empty());
+    assert_eq!(n1.drops(DropReason::PolicyDeniedIngress), 1);
+    // After a policy change the connection is judged again: b no longer takes a, so its
+    // error is no longer related to an allowed connection.
+    n1.set_policies(&[], &[policy("b-in", "b", &["Ingress"], vec![], vec![])]);
+    n1.receive(2, &port_unreachable(2, a, b, 5000, 53));
+    assert!(n1.sent(1).is_empty());
+    assert_eq!(n1.drops(DropReason::PolicyDeniedIngress), 2);
+}
+
+#[test]
+fn an_icmp_error_about_a_service_connection_names_the_service() {
+    let svc = ServiceSpec {
+        name: "x/dns:dns".into(),
+        vip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+        port: 53,
+        protocol: Protocol::Udp,
+        endpoints: vec![EndpointSpec::ready(IpAddr::V4(pod_ip(1, 2)), 5353)],
+        affinity: None,
+        external: Default::default(),
+    };
+    // a takes nothing in: the error passes as related, judged on the backend's real address.
+    let mut n1 = Node::new(1, &[policy("a-in", "a", &["Ingress"], vec![], vec![])]);
+    n1.set_services(std::slice::from_ref(&svc));
+    let (a, b, vip) = (pod_ip(1, 1), pod_ip(1, 2), Ipv4Addr::new(10, 96, 0, 10));
+    n1.receive(1, &n1.udp(1, vip, 5000, 53));
+    let got = n1.sent(2);
+    assert_eq!(got.len(), 1);
+    assert_eq!(ports_of(&got[0]).3, 5353, "a -> VIP:53 -> b:5353");
+    // b's kernel answers with port unreachable quoting a -> b:5353: a gets it about VIP:53, from
+    // the VIP, every checksum right.
+    n1.receive(2, &port_unreachable(2, a, b, 5000, 5353));
+    let back = n1.sent(1);
+    assert_eq!(back.len(), 1, "the related error reaches a");
+    assert_eq!(error_of(&back[0]), (vip, vip, 53, true));
+    assert_eq!(n1.worker.counters().total_drops(), 0);
+}
+
+#[test]
+fn ferrys_own_too_big_about_a_service_connection_names_the_service() {
+    // The backend is on node 2: a's packet, translated, is too big for the tunnel with DF set.
+    let svc = ServiceSpec {
+        name: "x/big:big".into(),
+        vip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 11)),
+        port: 53,
+        protocol: Protocol::Udp,
+        endpoints: vec![EndpointSpec::ready(IpAddr::V4(pod_ip(2, 1)), 5353)],
+        affinity: None,
+        external: Default::default(),
+    };
+    let mut n1 = Node::new(1, &[]);
+    n1.set_services(std::slice::from_ref(&svc));
+    let vip = Ipv4Addr::new(10, 96, 0, 11);
+    let mut big = Vec::new();
+    PacketBuilder::ethernet2(pod_mac(1, 1).0, gateway_mac(1).0)
+        .ipv4(pod_ip(1, 1).octets(), vip.octets(), 64)
+        .udp(5000, 53)
+        .write(&mut big, &[7u8; 1460])
+        .expect("build");
+    big[14 + 6] |= 0x40; // DF
+    ferry_encap::wire::ipv4::Ipv4Packet::new_unchecked(&mut big[14..34]).fill_checksum();
+    n1.receive(1, &big);
+    let back = n1.sent(1);
+    assert_eq!(back.len(), 1, "fragmentation needed, back to a");
+    let (src, quoted_dst, quoted_port, ok) = error_of(&back[0]);
+    assert_eq!((quoted_dst, quoted_port, ok), (vip, 53, true), "about the service, not its backend");
+    assert_eq!(src, Ipv4Addr::new(10, 244, 1, 1), "from the gateway");
+}
