@@ -144,6 +144,10 @@ struct TraceArgs {
     /// `/run/ferry-lab/ferrylab/nodes/{node}/ferry.sock`).
     #[arg(long, value_name = "PATTERN", env = "FERRY_ADMIN_PATTERN")]
     admin_pattern: Option<String>,
+    /// Also send one real packet, marked, and show each node's record of it next to the
+    /// simulation (exit status 3 when they disagree).
+    #[arg(long)]
+    inject: bool,
 }
 
 #[derive(Debug, Args)]
@@ -646,6 +650,72 @@ fn print_flow(e: &FlowEvent) {
     }
 }
 
+/// `TCP/80 from pod x/b 10.244.2.2 on n2 to pod x/a 10.244.1.2 on n1`.
+fn trace_title(r: &ferry::admin::proto::TraceReport, port: Option<u16>) -> String {
+    let ep = |e: &ferry::admin::proto::TraceEndpoint| {
+        let name = e.name.as_deref().map(|n| format!("{} {n} ", e.kind)).unwrap_or_default();
+        let node = e.node.as_deref().map(|n| format!(" on {n}")).unwrap_or_default();
+        format!("{name}{}{node}", e.addr)
+    };
+    let port = match (r.proto, r.dst.port.or(port)) {
+        (ferry::admin::proto::TraceProto::Icmp, _) => String::new(),
+        (_, p) => format!("/{}", p.unwrap_or(80)),
+    };
+    format!("{}{port} from {} to {}", r.proto.name(), ep(&r.src), ep(&r.dst))
+}
+
+/// A trace mark's nonce: random (the standard library's randomly keyed hasher over the time and
+/// the process id), so that concurrent traces never watch for each other's packets.
+fn trace_nonce() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
+
+/// `ferry trace --inject`'s output: each node's stages, simulated and real side by side, then both
+/// verdicts and whether they agree. Exit status 3 when they disagree.
+fn print_inject(r: &ferry::admin::proto::TraceInjectReport, json: bool, port: Option<u16>) -> ExitCode {
+    let status = if r.agree { ExitCode::SUCCESS } else { ExitCode::from(3) };
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+        return status;
+    }
+    println!("trace {} (one real packet, mark {:#010x})", trace_title(&r.simulated, port), r.nonce);
+    println!("{:<8} {:<13} {:<10} {:<10} detail (real)", "node", "stage", "simulated", "real");
+    for i in 0..r.simulated.halves.len().max(r.real.len()) {
+        let (s, re) = (r.simulated.halves.get(i), r.real.get(i));
+        let node = re.or(s).map_or("?", |h| h.node.as_str());
+        let n = s.map_or(0, |h| h.stages.len()).max(re.map_or(0, |h| h.stages.len()));
+        for k in 0..n {
+            let (a, b) = (s.and_then(|h| h.stages.get(k)), re.and_then(|h| h.stages.get(k)));
+            let stage = b.or(a).map_or("", |x| x.stage.as_str());
+            let mark =
+                if a.map(|x| (&x.stage, &x.result)) == b.map(|x| (&x.stage, &x.result)) { "" } else { "  <- differs" };
+            println!(
+                "{:<8} {:<13} {:<10} {:<10} {}{mark}",
+                node,
+                stage,
+                a.map_or("-", |x| x.result.as_str()),
+                b.map_or("-", |x| x.result.as_str()),
+                b.or(a).map_or("", |x| x.detail.as_str())
+            );
+        }
+    }
+    println!("simulated: {}", r.simulated.verdict);
+    println!("real:      {}", r.verdict);
+    if r.agree {
+        println!("agree: yes (the same stages, verdict, node and backend)");
+    } else {
+        println!("agree: NO");
+        for d in &r.differences {
+            println!("  {d}");
+        }
+    }
+    status
+}
+
 /// `ferry trace`: the source node's half at the agent that has the source, then the destination
 /// node's half at the agent the packet was encapsulated toward.
 fn trace(a: &TraceArgs) -> ExitCode {
@@ -672,15 +742,17 @@ fn trace(a: &TraceArgs) -> ExitCode {
                 format!("the trace goes on at node {node}: give its agent with --admin {node}=PATH or --admin-pattern")
             })
     };
-    let ask = |node: Option<&str>, req: &Request| -> Result<TraceHalf, String> {
+    let ask_raw = |node: Option<&str>, req: &Request| -> Result<(PathBuf, admin::Response), String> {
         let socket = match node {
             None => a.query.socket.clone(),
             Some(n) => socket_of(n)?,
         };
-        admin::call(&socket, req, Duration::from_secs(10))
-            .map_err(|e| e.to_string())?
-            .decode::<TraceHalf>()
-            .map_err(|e| format!("the agent at {} says: {e}", socket.display()))
+        let r = admin::call(&socket, req, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        Ok((socket, r))
+    };
+    let ask = |node: Option<&str>, req: &Request| -> Result<TraceHalf, String> {
+        let (socket, r) = ask_raw(node, req)?;
+        r.decode::<TraceHalf>().map_err(|e| format!("the agent at {} says: {e}", socket.display()))
     };
     // A name is resolved by the first agent that knows it: the one at --socket, then the others
     // (a static route source without [[pod]] entries leaves each agent knowing its own pods only);
@@ -712,13 +784,49 @@ fn trace(a: &TraceArgs) -> ExitCode {
         }
         Err(format!("the agent at {} says: {first_err}", a.query.socket.display()))
     };
+    let endpoints = || -> Result<(TraceEndpoint, TraceEndpoint), String> { Ok((resolve(&a.src)?, resolve(&a.dst)?)) };
+    // The names as resolved (the halves were asked by address).
+    let named = |r: &mut ferry::admin::proto::TraceReport, src_ep: TraceEndpoint, dst_ep: TraceEndpoint| {
+        r.src = TraceEndpoint { node: src_ep.node.clone().or(r.src.node.clone()), ..src_ep };
+        r.dst = TraceEndpoint { node: dst_ep.node.clone().or(r.dst.node.clone()), ..dst_ep };
+    };
+    if a.inject {
+        let run = || -> Result<ferry::admin::proto::TraceInjectReport, String> {
+            let (src_ep, dst_ep) = endpoints()?;
+            let port = dst_ep.port.or(a.port);
+            let mut r = ferry::admin::trace_inject_report(
+                &src_ep.addr.to_string(),
+                &dst_ep.addr.to_string(),
+                proto,
+                port,
+                trace_nonce(),
+                |node, req| {
+                    let (socket, r) = ask_raw(node, req)?;
+                    match r.ok {
+                        true => Ok(r),
+                        false => {
+                            Err(format!("the agent at {} says: {}", socket.display(), r.error.unwrap_or_default()))
+                        }
+                    }
+                },
+            )?;
+            named(&mut r.simulated, src_ep, dst_ep);
+            Ok(r)
+        };
+        return match run() {
+            Ok(r) => print_inject(&r, a.query.json, a.port),
+            Err(e) => {
+                eprintln!("ferry trace --inject: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let run = || -> Result<ferry::admin::proto::TraceReport, String> {
-        let (src_ep, dst_ep) = (resolve(&a.src)?, resolve(&a.dst)?);
+        let (src_ep, dst_ep) = endpoints()?;
         let port = dst_ep.port.or(a.port);
-        let mut r = ferry::admin::trace_report(&src_ep.addr.to_string(), &dst_ep.addr.to_string(), proto, port, ask)?;
-        // The names as resolved (the halves were asked by address).
-        r.src = TraceEndpoint { node: src_ep.node.clone().or(r.src.node), ..src_ep };
-        r.dst = TraceEndpoint { node: dst_ep.node.clone().or(r.dst.node), ..dst_ep };
+        let mut r =
+            ferry::admin::trace_report(&src_ep.addr.to_string(), &dst_ep.addr.to_string(), proto, port, None, ask)?;
+        named(&mut r, src_ep, dst_ep);
         Ok(r)
     };
     let report = match run() {
@@ -732,16 +840,7 @@ fn trace(a: &TraceArgs) -> ExitCode {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    let ep = |e: &ferry::admin::proto::TraceEndpoint| {
-        let name = e.name.as_deref().map(|n| format!("{} {n} ", e.kind)).unwrap_or_default();
-        let node = e.node.as_deref().map(|n| format!(" on {n}")).unwrap_or_default();
-        format!("{name}{}{node}", e.addr)
-    };
-    let port = match (proto, report.dst.port.or(a.port)) {
-        (TraceProto::Icmp, _) => String::new(),
-        (_, p) => format!("/{}", p.unwrap_or(80)),
-    };
-    println!("trace {}{port} from {} to {}", proto.name(), ep(&report.src), ep(&report.dst));
+    println!("trace {}", trace_title(&report, a.port));
     println!("{:<8} {:<13} {:<10} detail", "node", "stage", "result");
     for h in &report.halves {
         for s in &h.stages {

@@ -2528,7 +2528,10 @@ fn trace_agrees_with_traffic() {
     };
     let pattern = format!("/run/ferry-lab/{}/nodes/{{node}}/ferry.sock", lab.name);
     let ferry = env!("CARGO_BIN_EXE_ferry");
-    let trace_out = |s: NpPod, d: NpPod, probe: NpProbe, json: bool| -> Output {
+    // With `inject`, `ferry trace --inject`: the simulation and a real marked packet, whose JSON
+    // carries the simulation's report under `simulated` (exit status 3 when they disagree: the
+    // caller reads `agree` and `differences`).
+    let trace_out = |s: NpPod, d: NpPod, probe: NpProbe, json: bool, inject: bool| -> Output {
         let (src, dst, port) = (format!("{}/{}", s.ns, s.pod), format!("{}/{}", d.ns, d.pod), probe.1.to_string());
         // Asked first at n1's agent: the trace moves to the source's node by the pattern.
         let sock = pattern.replace("{node}", "n1");
@@ -2538,18 +2541,26 @@ fn trace_agrees_with_traffic() {
         if json {
             argv.push("--json");
         }
+        if inject {
+            argv.push("--inject");
+        }
         let out = run_bounded(20, &argv);
-        assert!(out.status.success(), "ferry trace {src} {dst} {probe:?}: {}", text(&out.stderr));
+        let ok = out.status.success() || (inject && out.status.code() == Some(3));
+        assert!(ok, "ferry trace {src} {dst} {probe:?} (inject {inject}): {}", text(&out.stderr));
         out
     };
-    let trace = |s: NpPod, d: NpPod, probe: NpProbe| -> Value {
-        serde_json::from_slice(&trace_out(s, d, probe, true).stdout).expect("ferry trace --json")
+    let trace = |s: NpPod, d: NpPod, probe: NpProbe, inject: bool| -> Value {
+        serde_json::from_slice(&trace_out(s, d, probe, true, inject).stdout).expect("ferry trace --json")
     };
+    let mut injected = 0;
     let cases = np_cases(&ip_of, &cidr);
     let wanted = ["x/a from namespace y", "x/a sends to namespace z only"];
     let mut failures = Vec::new();
     let mut sentence_checked = false;
     for (i, case) in cases.iter().filter(|c| wanted.contains(&c.name)).enumerate() {
+        // The first case with real marked packets too: each one's record at both nodes must agree
+        // with its simulation (allowed and denied, same node and cross node).
+        let inject = i == 0;
         let t = Instant::now();
         let before = generations();
         std::fs::write(&file, format!("{base}{objects}{}", case.policies)).expect("write the static file");
@@ -2565,15 +2576,34 @@ fn trace_agrees_with_traffic() {
                 .map(|c| {
                     let trace = &trace;
                     sc.spawn(move || {
-                        c.iter().map(|&(si, di, p)| trace(NpPod::ALL[si], NpPod::ALL[di], p)).collect::<Vec<_>>()
+                        c.iter()
+                            .map(|&(si, di, p)| trace(NpPod::ALL[si], NpPod::ALL[di], p, inject))
+                            .collect::<Vec<_>>()
                     })
                 })
                 .collect();
             chunks.into_iter().flat_map(|h| h.join().expect("trace thread")).collect()
         });
         let mut traced = std::collections::HashMap::new();
-        for (&(si, di, probe), r) in keys.iter().zip(&results) {
+        for (&(si, di, probe), out) in keys.iter().zip(&results) {
             let (s, d) = (&NpPod::ALL[si], &NpPod::ALL[di]);
+            let r = if inject { &out["simulated"] } else { out };
+            if inject {
+                injected += 1;
+                let real = out["delivered"].as_bool().expect("real delivered");
+                if out["agree"] != true || real != r["delivered"] {
+                    failures.push(format!(
+                        "{}: {}/{} -> {}/{} {}/{}: the real packet disagrees with the simulation: {:#}",
+                        case.name, s.ns, s.pod, d.ns, d.pod, probe.0, probe.1, out["differences"]
+                    ));
+                }
+                // The destination's record came whenever the packet crossed nodes.
+                let crossed = r["halves"].as_array().is_some_and(|h| h.len() == 2);
+                let recorded = out["real"].as_array().map_or(0, Vec::len);
+                if out["agree"] == true {
+                    assert_eq!(recorded, if crossed { 2 } else { 1 }, "{out:#}");
+                }
+            }
             {
                 {
                     let delivered = r["delivered"].as_bool().expect("delivered");
@@ -2590,7 +2620,7 @@ fn trace_agrees_with_traffic() {
                         assert_eq!(halves.len(), 2, "source and destination halves: {r:#}");
                         assert_eq!(halves[1]["node"], "n1", "x/a is on n1: {r:#}");
                         sentence_checked = true;
-                        println!("{}", text(&trace_out(*s, *d, probe, false).stdout));
+                        println!("{}", text(&trace_out(*s, *d, probe, false, true).stdout));
                     }
                     traced.insert((si, di, probe), delivered);
                 }
@@ -2613,7 +2643,14 @@ fn trace_agrees_with_traffic() {
             let again = np_probe(&lab, &ips, 2.0);
             wrong.retain(|(k, t)| !t || !again.get(k).copied().unwrap_or(false));
         }
-        println!("{:<40} {} traces, {} ms, {} disagree", case.name, traced.len(), t.elapsed().as_millis(), wrong.len());
+        println!(
+            "{:<40} {} traces{}, {} ms, {} disagree with traffic",
+            case.name,
+            traced.len(),
+            if inject { " each with a real marked packet" } else { "" },
+            t.elapsed().as_millis(),
+            wrong.len()
+        );
         for ((si, di, probe), t) in wrong {
             let (s, d) = (NpPod::ALL[si], NpPod::ALL[di]);
             failures.push(format!(
@@ -2635,5 +2672,6 @@ fn trace_agrees_with_traffic() {
     }
     println!("trace_agrees_with_traffic: {:.1} s", started.elapsed().as_secs_f64());
     assert!(sentence_checked, "no denied TCP/80 pair was traced");
+    assert_eq!(injected, 288, "every pair and probe of the first case was injected");
     assert!(failures.is_empty(), "{} disagreements:\n{}", failures.len(), failures.join("\n"));
 }

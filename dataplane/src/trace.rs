@@ -25,6 +25,11 @@ pub trait Recorder {
 
     /// One stage decision.
     fn note(&mut self, note: Note);
+
+    /// The packet's fate, and its frame as the pipeline left it (the worker tells a marked
+    /// packet's recorder; see [`Marked`]).
+    #[inline(always)]
+    fn outcome(&mut self, _verdict: ferry_encap::Verdict<PortId>, _frame: &[u8]) {}
 }
 
 /// The forwarding path's recorder: records nothing, costs nothing.
@@ -50,6 +55,37 @@ impl Recorder for Trace {
 
     fn note(&mut self, note: Note) {
         self.notes.push(note);
+    }
+}
+
+/// A marked packet's record in a worker (`ferry trace --inject`): the stages' notes as the real
+/// forwarding path took them, and the fate the worker acted on (setup side: it allocates, for the
+/// one packet it is used for).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Marked {
+    /// The stages' decisions.
+    pub trace: Trace,
+    /// The verdict and the frame after the pipeline, once it has run.
+    pub outcome: Option<(ferry_encap::Verdict<PortId>, Vec<u8>)>,
+}
+
+impl Recorder for Marked {
+    const ON: bool = true;
+
+    fn note(&mut self, note: Note) {
+        self.trace.notes.push(note);
+    }
+
+    fn outcome(&mut self, verdict: ferry_encap::Verdict<PortId>, frame: &[u8]) {
+        self.outcome = Some((verdict, frame.to_vec()));
+    }
+}
+
+impl Marked {
+    /// The record as a [`Traced`], once the pipeline has run.
+    pub fn into_traced(self) -> Option<Traced> {
+        let (verdict, frame) = self.outcome?;
+        Some(Traced { verdict, trace: self.trace, frame })
     }
 }
 
@@ -246,9 +282,57 @@ pub struct Probe {
     pub sport: u16,
     /// Destination port (TCP, UDP).
     pub dport: u16,
+    /// A trace mark: with one, the packet carries [`MARK_LEN`] bytes of payload, [`MARK_MAGIC`] and
+    /// the nonce, which identify it at the destination's worker ([`TraceMark`]); a TCP SYN then
+    /// carries them as data. `None`: no payload beyond the UDP and ICMP probes' four bytes.
+    pub nonce: Option<u32>,
+}
+
+/// The first half of a trace mark's payload.
+pub const MARK_MAGIC: [u8; 4] = *b"fery";
+
+/// The length of a trace mark: [`MARK_MAGIC`] and a 32-bit nonce, at the very end of the packet.
+pub const MARK_LEN: usize = 8;
+
+/// A marked packet's identity, as a destination worker watches for it: the last [`MARK_LEN`]
+/// bytes of the frame (the inner packet's payload ends a tunnel frame, and no stage rewrites
+/// payload, so they arrive as sent over VXLAN or Geneve, either underlay family, whatever the
+/// service stage did to the addresses and ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceMark {
+    tail: [u8; MARK_LEN],
+}
+
+impl TraceMark {
+    /// The mark for `nonce`.
+    pub fn new(nonce: u32) -> Self {
+        let mut tail = [0u8; MARK_LEN];
+        tail[..4].copy_from_slice(&MARK_MAGIC);
+        tail[4..].copy_from_slice(&nonce.to_be_bytes());
+        TraceMark { tail }
+    }
+
+    /// Whether `frame` ends with this mark.
+    #[inline]
+    pub fn matches(&self, frame: &[u8]) -> bool {
+        frame.ends_with(&self.tail)
+    }
+
+    /// The payload a marked probe carries.
+    pub fn payload(&self) -> [u8; MARK_LEN] {
+        self.tail
+    }
 }
 
 impl Probe {
+    /// The UDP or ICMP payload: the mark, or `fery` without one.
+    fn payload(&self) -> Vec<u8> {
+        match self.nonce {
+            Some(n) => TraceMark::new(n).payload().to_vec(),
+            None => MARK_MAGIC.to_vec(),
+        }
+    }
+
     /// The frame, checksums complete; `None` when the addresses' families differ.
     pub fn frame(&self) -> Option<Vec<u8>> {
         use ferry_encap::checksum;
@@ -261,22 +345,26 @@ impl Probe {
                 t[12] = 5 << 4;
                 t[13] = 0x02; // SYN
                 t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+                if let Some(n) = self.nonce {
+                    t.extend_from_slice(&TraceMark::new(n).payload());
+                }
                 (6, t)
             }
             ProbeProto::Udp => {
-                let mut u = vec![0u8; 12];
+                let mut u = vec![0u8; 8];
                 u[0..2].copy_from_slice(&self.sport.to_be_bytes());
                 u[2..4].copy_from_slice(&self.dport.to_be_bytes());
-                u[4..6].copy_from_slice(&12u16.to_be_bytes());
-                u[8..12].copy_from_slice(b"fery");
+                u.extend_from_slice(&self.payload());
+                let len = u.len() as u16;
+                u[4..6].copy_from_slice(&len.to_be_bytes());
                 (17, u)
             }
             ProbeProto::Icmp => {
-                let mut i = vec![0u8; 12];
+                let mut i = vec![0u8; 8];
                 i[0] = if self.src.is_ipv4() { 8 } else { 128 };
                 i[4..6].copy_from_slice(&self.sport.to_be_bytes());
                 i[6..8].copy_from_slice(&1u16.to_be_bytes());
-                i[8..12].copy_from_slice(b"fery");
+                i.extend_from_slice(&self.payload());
                 (if self.src.is_ipv4() { 1 } else { 58 }, i)
             }
         };

@@ -37,6 +37,7 @@ use crate::flows::{FlowExport, FlowTable, FlowVerdict, NO_PORT as FLOW_NO_PORT, 
 use crate::frame::{FrameId, FrameMem, FreeFrames, Pkt};
 use crate::pipeline::{Fib, Pipeline, PortId, PortRole};
 use crate::port::{Port, SuperHead};
+use crate::trace::{Marked, NoTrace, Recorder, TraceMark, Traced};
 
 /// Packets taken from a port per receive call, and the size of an egress batch.
 pub const BATCH: usize = 64;
@@ -93,6 +94,51 @@ pub enum PortCommand<P> {
         /// Told once the port is closed (`true` if there was one).
         done: Sender<bool>,
     },
+    /// `ferry trace --inject`, the source's half: take `frame` as if port `id` had received it and
+    /// forward it for real, recording its stages (the next iteration does it, with the tables it
+    /// loads).
+    Inject {
+        /// The port it comes in on.
+        id: PortId,
+        /// The frame.
+        frame: Vec<u8>,
+        /// Told the record of it, once forwarded (or why it could not be injected).
+        done: Sender<Result<Traced, PortCommandError>>,
+    },
+    /// `ferry trace --inject`, the destination's half: record the stages of the first packet the
+    /// uplink receives that ends with `mark`, until `until`.
+    Watch {
+        /// What to watch for.
+        mark: TraceMark,
+        /// When to give up.
+        until: Instant,
+        /// Told the record of the packet (each worker watching gets a clone).
+        record: Sender<Traced>,
+        /// Told once the watch is armed (or why not).
+        armed: Sender<Result<(), PortCommandError>>,
+    },
+}
+
+/// Watches a worker keeps at most (each is a trace in progress).
+pub const MAX_WATCHES: usize = 64;
+
+/// The headroom an injected frame gets in its frame (what AF_XDP gives a received one).
+const INJECT_HEADROOM: usize = 256;
+
+/// A watch for a marked packet ([`PortCommand::Watch`]).
+#[derive(Debug)]
+struct Watch {
+    mark: TraceMark,
+    until: Instant,
+    record: Sender<Traced>,
+}
+
+/// A frame waiting to be injected ([`PortCommand::Inject`]).
+#[derive(Debug)]
+struct Inject {
+    id: PortId,
+    frame: Vec<u8>,
+    done: Sender<Result<Traced, PortCommandError>>,
 }
 
 /// Why a port command failed.
@@ -112,6 +158,29 @@ pub enum PortCommandError {
     /// The worker has stopped.
     #[error("the worker has stopped")]
     Stopped,
+    /// No port has this id on the worker.
+    #[error("no port {id} on this worker")]
+    NoSuchPort {
+        /// The id asked for.
+        id: u16,
+    },
+    /// No free frame to inject a packet in (the worker is short of memory: try again).
+    #[error("no free frame to inject the packet in")]
+    NoFreeFrame,
+    /// The frame does not fit in one of the worker's frames.
+    #[error("a frame of {len} bytes does not fit in the worker's {size}-byte frames")]
+    FrameTooLong {
+        /// Its length.
+        len: usize,
+        /// The worker's frame size.
+        size: usize,
+    },
+    /// The worker watches for as many marked packets as it will.
+    #[error("the worker already watches for {max} marked packets")]
+    TooManyWatches {
+        /// [`MAX_WATCHES`].
+        max: usize,
+    },
 }
 
 /// Sends [`PortCommand`]s to a running worker and waits for them to take effect (setup side).
@@ -135,6 +204,45 @@ impl<P> PortControl<P> {
     pub fn add(&self, id: PortId, port: P, role: PortRole, timeout: Duration) -> Result<(), PortCommandError> {
         let (done, rx) = channel::bounded(1);
         self.tx.send(PortCommand::Add { id, port, role, done }).map_err(|_| PortCommandError::Stopped)?;
+        self.wake.wake();
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(channel::RecvTimeoutError::Timeout) => Err(PortCommandError::Timeout(timeout)),
+            Err(channel::RecvTimeoutError::Disconnected) => Err(PortCommandError::Stopped),
+        }
+    }
+
+    /// Inject `frame` as if port `id` had received it: the worker forwards it for real (it is
+    /// sent, delivered or dropped, and counted, like any packet from that port) and records its
+    /// stages as [`crate::pipeline::Pipeline::trace`] does. Waits for the record.
+    ///
+    /// # Errors
+    /// [`PortCommandError`]: no such port, no free frame, a frame too long, timeout, stopped.
+    pub fn inject(&self, id: PortId, frame: Vec<u8>, timeout: Duration) -> Result<Traced, PortCommandError> {
+        let (done, rx) = channel::bounded(1);
+        self.tx.send(PortCommand::Inject { id, frame, done }).map_err(|_| PortCommandError::Stopped)?;
+        self.wake.wake();
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(channel::RecvTimeoutError::Timeout) => Err(PortCommandError::Timeout(timeout)),
+            Err(channel::RecvTimeoutError::Disconnected) => Err(PortCommandError::Stopped),
+        }
+    }
+
+    /// Watch the uplink for the first packet ending with `mark` until `until`, and send its record
+    /// to `record`. Returns once the watch is armed.
+    ///
+    /// # Errors
+    /// [`PortCommandError::TooManyWatches`], timeout, stopped.
+    pub fn watch(
+        &self,
+        mark: TraceMark,
+        until: Instant,
+        record: Sender<Traced>,
+        timeout: Duration,
+    ) -> Result<(), PortCommandError> {
+        let (armed, rx) = channel::bounded(1);
+        self.tx.send(PortCommand::Watch { mark, until, record, armed }).map_err(|_| PortCommandError::Stopped)?;
         self.wake.wake();
         match rx.recv_timeout(timeout) {
             Ok(r) => r,
@@ -245,6 +353,11 @@ pub struct Worker<P: Port> {
     /// Flow records, when on ([`Worker::with_flows`]).
     flows: Option<FlowTable>,
     last_port_stats: Instant,
+    /// Frames to inject at the next iteration (`ferry trace --inject`).
+    injects: Vec<Inject>,
+    /// Marked packets the uplink watches for (`ferry trace --inject`); while there are none, the
+    /// receive loop does not look.
+    watches: Vec<Watch>,
 }
 
 impl<P: Port> Worker<P> {
@@ -279,6 +392,8 @@ impl<P: Port> Worker<P> {
             since_publish: 0,
             flows: None,
             last_port_stats: Instant::now(),
+            injects: Vec::new(),
+            watches: Vec::new(),
         }
     }
 
@@ -338,6 +453,19 @@ impl<P: Port> Worker<P> {
                 PortCommand::Remove { id, done } => {
                     let was = self.remove_port(id);
                     let _ = done.send(was);
+                }
+                // Injected at the next iteration, which has the tables.
+                PortCommand::Inject { id, frame, done } => self.injects.push(Inject { id, frame, done }),
+                PortCommand::Watch { mark, until, record, armed } => {
+                    let now = Instant::now();
+                    self.watches.retain(|w| w.until > now);
+                    let r = if self.watches.len() >= MAX_WATCHES {
+                        Err(PortCommandError::TooManyWatches { max: MAX_WATCHES })
+                    } else {
+                        self.watches.push(Watch { mark, until, record });
+                        Ok(())
+                    };
+                    let _ = armed.send(r);
                 }
             }
         }
@@ -439,14 +567,30 @@ impl<P: Port> Worker<P> {
             p.reclaim(&mut self.free);
             p.refill(&mut self.free);
         }
+        if !self.injects.is_empty() {
+            self.inject_pending(fib);
+        }
+        if !self.watches.is_empty() {
+            let now = Instant::now();
+            self.watches.retain(|w| w.until > now);
+        }
         let mut received = 0;
         for i in 0..self.ports.len() {
             let n = self.ports[i].recv(&mut self.mem, &mut self.rx);
             received += n;
             let mut last = None;
-            for k in 0..n {
-                let pkt = self.rx[k];
-                last = self.forward(fib, i, pkt);
+            // One test per batch: only while a marked packet is awaited does the uplink's loop
+            // look at each packet.
+            if self.watches.is_empty() || self.roles[i] != PortRole::Uplink {
+                for k in 0..n {
+                    let pkt = self.rx[k];
+                    last = self.forward(fib, i, pkt, &mut NoTrace);
+                }
+            } else {
+                for k in 0..n {
+                    let pkt = self.rx[k];
+                    last = self.forward_watched(fib, i, pkt);
+                }
             }
             if n > 0
                 && let Some(head) = self.ports[i].super_head()
@@ -470,9 +614,55 @@ impl<P: Port> Worker<P> {
         received
     }
 
+    /// Inject the frames [`PortCommand::Inject`] queued: each is forwarded like a packet received
+    /// on its port (the end of the iteration sends it), with a [`Marked`] recorder.
+    fn inject_pending<F: Fib>(&mut self, fib: &F) {
+        for Inject { id, frame, done } in std::mem::take(&mut self.injects) {
+            let _ = done.send(self.inject(fib, id, &frame));
+        }
+    }
+
+    fn inject<F: Fib>(&mut self, fib: &F, id: PortId, bytes: &[u8]) -> Result<Traced, PortCommandError> {
+        let d = match self.index.get(usize::from(id.0)) {
+            Some(&d) if d != NO_PORT => d as usize,
+            _ => return Err(PortCommandError::NoSuchPort { id: id.0 }),
+        };
+        let size = self.mem.frame_size().min(usize::from(u16::MAX));
+        if bytes.len() > size {
+            return Err(PortCommandError::FrameTooLong { len: bytes.len(), size });
+        }
+        let frame = self.free.pop().ok_or(PortCommandError::NoFreeFrame)?;
+        let offset = INJECT_HEADROOM.min(size - bytes.len());
+        self.mem.frame_mut(frame)[offset..offset + bytes.len()].copy_from_slice(bytes);
+        // Both fit in u16: the frame size is at most 65535.
+        let pkt = Pkt { frame, offset: offset as u16, len: bytes.len() as u16 };
+        let mut rec = Marked::default();
+        self.forward(fib, d, pkt, &mut rec);
+        rec.into_traced().ok_or(PortCommandError::FrameTooLong { len: bytes.len(), size })
+    }
+
+    /// [`Self::forward`] for a packet from the uplink while marked packets are awaited: the first
+    /// packet with a watch's mark is forwarded with a [`Marked`] recorder and its record sent.
+    fn forward_watched<F: Fib>(&mut self, fib: &F, in_port: usize, pkt: Pkt) -> Option<(usize, Pkt)> {
+        let start = usize::from(pkt.offset);
+        let data = self.mem.frame(pkt.frame).get(start..start + usize::from(pkt.len)).unwrap_or_default();
+        let Some(w) = self.watches.iter().position(|w| w.mark.matches(data)) else {
+            return self.forward(fib, in_port, pkt, &mut NoTrace);
+        };
+        let w = self.watches.swap_remove(w);
+        let mut rec = Marked::default();
+        let out = self.forward(fib, in_port, pkt, &mut rec);
+        if let Some(t) = rec.into_traced() {
+            let _ = w.record.send(t);
+        }
+        out
+    }
+
     /// One packet through the pipeline and onto its egress batch; returns the egress port and the
-    /// packet as queued there.
-    fn forward<F: Fib>(&mut self, fib: &F, in_port: usize, pkt: Pkt) -> Option<(usize, Pkt)> {
+    /// packet as queued there. `rec` is [`NoTrace`] but for a marked packet (`ferry trace
+    /// --inject`), which it records; the forwarding is the same.
+    #[inline(always)]
+    fn forward<F: Fib, R: Recorder>(&mut self, fib: &F, in_port: usize, pkt: Pkt, rec: &mut R) -> Option<(usize, Pkt)> {
         let in_id = self.ids[in_port];
         let rx = &mut self.counters.rx[usize::from(in_id.0)];
         rx.packets += 1;
@@ -484,7 +674,11 @@ impl<P: Port> Worker<P> {
             self.free.push(pkt.frame);
             return None;
         };
-        let v = self.pipeline.process(fib, in_id, self.roles[in_port], &mut frame, &mut self.counters.pipeline);
+        let v =
+            self.pipeline.process_with(fib, in_id, self.roles[in_port], &mut frame, &mut self.counters.pipeline, rec);
+        if R::ON {
+            rec.outcome(v, frame.data());
+        }
         if let Some(flows) = self.flows.as_mut() {
             let seen = self.pipeline.seen();
             let (out, verdict, reason, stage) = match v {

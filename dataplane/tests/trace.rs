@@ -2,16 +2,18 @@
 //! stage leaves, the verdicts, and agreement with the forwarding path on the same frames. Policy
 //! allow and deny with the rule named, the service backend chosen (and the worker choosing the
 //! same), no route, a failed source check, and the encapsulated frame decapsulated and delivered
-//! at the other node, with nothing live changed by a trace.
+//! at the other node, with nothing live changed by a trace. And `ferry trace --inject`'s worker side:
+//! a marked packet injected into a worker and watched for at the other node, recorded as the
+//! simulation says, really forwarded and counted.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use etherparse::{NetSlice, SlicedPacket};
 use ferry_dataplane::pipeline::{Pipeline, PortId, PortRole};
 use ferry_dataplane::port::mem::MemPort;
-use ferry_dataplane::trace::{self, Note, Pick, Probe, ProbeProto, RouteNote, Traced};
-use ferry_dataplane::worker::Worker;
+use ferry_dataplane::trace::{self, Note, Pick, Probe, ProbeProto, RouteNote, TraceMark, Traced};
+use ferry_dataplane::worker::{MAX_WATCHES, PortCommandError, PortControl, Worker};
 use ferry_encap::{DropReason, Verdict};
 use ferry_tables::policy::{
     LabelSelectorSpec, Labels, NetworkPolicySpec, PeerSpec, PodSpec, Policy, PolicyCompiler, PolicyVerdict, PortSpec,
@@ -99,6 +101,7 @@ impl Node {
             proto: ProbeProto::Tcp,
             sport: 40000,
             dport: 80,
+            nonce: None,
         };
         f(&mut p);
         p.frame().expect("one family")
@@ -274,4 +277,113 @@ fn the_encapsulated_frame_is_decapsulated_judged_and_delivered_at_the_other_node
     let at2 = n2.trace(UPLINK as u16, PortRole::Uplink, &out.frame);
     assert_eq!(at2.verdict, Verdict::Drop(DropReason::PolicyDeniedIngress));
     assert!(policy_note(&at2).ingress.as_ref().is_some_and(|s| !s.allowed));
+}
+
+/// Runs `node`'s worker until `f`, on another thread with the worker's command channel, returns
+/// (as the agent's threads talk to a running worker).
+fn with_worker<T: Send>(node: &mut Node, f: impl FnOnce(PortControl<MemPort>) -> T + Send) -> T {
+    let ctl = node.worker.control();
+    let fib = node.tables.current();
+    std::thread::scope(|sc| {
+        let h = sc.spawn(move || f(ctl));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !h.is_finished() {
+            assert!(Instant::now() < deadline, "the worker answered its command");
+            node.worker.apply_commands();
+            node.worker.poll_once(&*fib);
+        }
+        h.join().expect("the command's thread")
+    })
+}
+
+/// Arms `node`'s worker to watch for `nonce` until `until`; the record comes on the receiver.
+fn watch(node: &mut Node, nonce: u32, until: Instant) -> crossbeam::channel::Receiver<Traced> {
+    let (tx, rx) = crossbeam::channel::bounded(1);
+    with_worker(node, |c| c.watch(TraceMark::new(nonce), until, tx, Duration::from_secs(5))).expect("armed");
+    rx
+}
+
+#[test]
+fn an_injected_packet_is_forwarded_for_real_and_recorded_as_simulated_at_both_nodes() {
+    let c = pod_ip(2, 1);
+    let mut n1 = Node::new(1, &[], &[]);
+    let mut n2 = Node::new(2, &[ingress_policy("c-in", "c", "a", 80)], &[]);
+    let marked = |n1: &Node, nonce: u32, proto: ProbeProto| {
+        n1.probe_with(1, |p| {
+            p.dst = IpAddr::V4(c);
+            p.proto = proto;
+            p.sport = 41000;
+            p.nonce = Some(nonce);
+        })
+    };
+
+    // The source: the worker forwards the injected frame as if pod a had sent it, and records the
+    // stages the simulation of the same frame shows.
+    let frame = marked(&n1, 0xfeed_beef, ProbeProto::Tcp);
+    let sim1 = n1.trace(1, PortRole::Pod, &frame);
+    let real1 = with_worker(&mut n1, |c| c.inject(PortId(1), frame.clone(), Duration::from_secs(5))).expect("injected");
+    assert_eq!(real1.verdict, Verdict::Forward(PortId(UPLINK as u16)));
+    assert_eq!((real1.verdict, &real1.trace.notes), (sim1.verdict, &sim1.trace.notes));
+    let sent = node::sent(&mut n1.worker, UPLINK);
+    assert_eq!(sent, vec![real1.frame.clone()], "sent on the uplink as recorded");
+    assert_eq!(n1.worker.counters().rx[1].packets, 1, "counted as received from pod a's port");
+    assert!(TraceMark::new(0xfeed_beef).matches(&sent[0]), "the mark ends the tunnel frame");
+
+    // The destination: a watching worker records the marked packet only, as the simulation of its
+    // half does, and delivers both.
+    let rx = watch(&mut n2, 0xfeed_beef, Instant::now() + Duration::from_secs(30));
+    let fib2 = n2.tables.current();
+    let unmarked = n1.trace(1, PortRole::Pod, &n1.probe(1, c, ProbeProto::Tcp, 80)).frame;
+    node::receive(&mut n2.worker, &fib2, UPLINK, &unmarked);
+    assert!(rx.try_recv().is_err(), "no record of an unmarked packet");
+    node::receive(&mut n2.worker, &fib2, UPLINK, &sent[0]);
+    let real2 = rx.try_recv().expect("the marked packet's record");
+    let sim2 = n2.trace(UPLINK as u16, PortRole::Uplink, &sim1.frame);
+    assert_eq!(real2.verdict, Verdict::Forward(PortId(1)));
+    assert_eq!((real2.verdict, &real2.trace.notes), (sim2.verdict, &sim2.trace.notes));
+    assert_eq!(node::sent(&mut n2.worker, 1).len(), 2, "both delivered to pod c");
+
+    // Denied at the destination's ingress (UDP): recorded as the simulation says, and counted.
+    let frame = marked(&n1, 7, ProbeProto::Udp);
+    let sim1 = n1.trace(1, PortRole::Pod, &frame);
+    let rx = watch(&mut n2, 7, Instant::now() + Duration::from_secs(30));
+    let real1 = with_worker(&mut n1, |c| c.inject(PortId(1), frame.clone(), Duration::from_secs(5))).expect("injected");
+    assert_eq!((real1.verdict, &real1.trace.notes), (sim1.verdict, &sim1.trace.notes));
+    let sent = node::sent(&mut n1.worker, UPLINK);
+    assert_eq!(sent.len(), 1);
+    node::receive(&mut n2.worker, &fib2, UPLINK, &sent[0]);
+    let real2 = rx.try_recv().expect("the marked packet's record");
+    let sim2 = n2.trace(UPLINK as u16, PortRole::Uplink, &sim1.frame);
+    assert_eq!(real2.verdict, Verdict::Drop(DropReason::PolicyDeniedIngress));
+    assert_eq!(&real2.trace.notes, &sim2.trace.notes);
+    assert_eq!(n2.worker.counters().drops(DropReason::PolicyDeniedIngress), 1);
+    assert!(node::sent(&mut n2.worker, 1).is_empty());
+
+    // A watch past its deadline records nothing.
+    let frame = marked(&n1, 8, ProbeProto::Tcp);
+    let rx = watch(&mut n2, 8, Instant::now());
+    with_worker(&mut n1, |c| c.inject(PortId(1), frame, Duration::from_secs(5))).expect("injected");
+    let sent = node::sent(&mut n1.worker, UPLINK);
+    node::receive(&mut n2.worker, &fib2, UPLINK, &sent[0]);
+    assert!(rx.try_recv().is_err(), "an expired watch records nothing");
+    assert_eq!(node::sent(&mut n2.worker, 1).len(), 1, "delivered all the same");
+}
+
+#[test]
+fn an_injection_or_a_watch_the_worker_cannot_take_is_refused() {
+    let mut n1 = Node::new(1, &[], &[]);
+    let frame = n1.probe(1, pod_ip(1, 2), ProbeProto::Tcp, 80);
+    let r = with_worker(&mut n1, |c| c.inject(PortId(9), frame, Duration::from_secs(5)));
+    assert_eq!(r, Err(PortCommandError::NoSuchPort { id: 9 }));
+    let r = with_worker(&mut n1, |c| c.inject(PortId(1), vec![0u8; 4000], Duration::from_secs(5)));
+    assert_eq!(r, Err(PortCommandError::FrameTooLong { len: 4000, size: 2048 }));
+    // Nothing moved.
+    assert_eq!(n1.worker.counters().rx[1].packets, 0);
+    let until = Instant::now() + Duration::from_secs(60);
+    for nonce in 0..MAX_WATCHES as u32 {
+        drop(watch(&mut n1, nonce, until));
+    }
+    let (tx, _rx) = crossbeam::channel::bounded(1);
+    let r = with_worker(&mut n1, |c| c.watch(TraceMark::new(99), until, tx, Duration::from_secs(5)));
+    assert_eq!(r, Err(PortCommandError::TooManyWatches { max: MAX_WATCHES }));
 }

@@ -73,6 +73,43 @@ pub enum Request {
         /// The destination port (TCP, UDP; a Service's port when `dst` names a Service).
         #[serde(default)]
         port: Option<u16>,
+        /// Simulate the marked packet `ferry trace --inject` sends with this nonce (its payload
+        /// and source port), so that the simulation and the real packet are the same.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<u32>,
+    },
+    /// `ferry trace --inject`, the source node's real half: the packet [`Request::Trace`] with
+    /// the same nonce simulates, handed to a worker as if the source's port had received it and
+    /// forwarded for real; answered with the worker's record as a [`TraceHalf`].
+    TraceInject {
+        /// The sender.
+        src: String,
+        /// The receiver.
+        dst: String,
+        /// `tcp`, `udp` or `icmp`.
+        proto: TraceProto,
+        /// The destination port.
+        #[serde(default)]
+        port: Option<u16>,
+        /// The trace mark's nonce.
+        nonce: u32,
+    },
+    /// `ferry trace --inject`: watch this node's uplink for the packet marked with `nonce` for
+    /// `timeout_ms` (at most 10 s). Answered once every worker watches.
+    TraceWatch {
+        /// The trace mark's nonce.
+        nonce: u32,
+        /// How long to watch.
+        timeout_ms: u64,
+    },
+    /// `ferry trace --inject`, the destination node's real half: the record of the packet
+    /// [`Request::TraceWatch`] watched for, waiting up to `timeout_ms` for it. Answered with a
+    /// [`TraceHalf`].
+    TraceCollect {
+        /// The trace mark's nonce.
+        nonce: u32,
+        /// How long to wait.
+        timeout_ms: u64,
     },
     /// `ferry trace`: what a name (pod, Service, node, address) resolves to in this agent's model.
     /// Answered with a [`TraceEndpoint`].
@@ -910,6 +947,29 @@ pub struct TraceHalf {
     /// The encapsulated frame, in hex, for the next node's half.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frame: Option<String>,
+}
+
+/// `ferry trace --inject --json`: the simulation of the marked packet, each node's record of the
+/// real one, and whether they agree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceInjectReport {
+    /// The trace mark's nonce.
+    pub nonce: u32,
+    /// The simulation (what `ferry trace` says), of the same packet.
+    pub simulated: TraceReport,
+    /// Each node's record of the real packet, in order (the source's, then the destination's
+    /// when the packet was encapsulated and its record came).
+    pub real: Vec<TraceHalf>,
+    /// Whether the real packet reached its destination.
+    pub delivered: bool,
+    /// The real packet's fate in one sentence.
+    pub verdict: String,
+    /// Whether the simulation and the real packet agree: the same nodes, the same stages with the
+    /// same results, the same verdict, drop reason and deciding stage, the same next node and
+    /// Service backend.
+    pub agree: bool,
+    /// Where they differ, for people (empty when they agree).
+    pub differences: Vec<String>,
 }
 
 /// A whole trace as `ferry trace --json` prints it.

@@ -111,6 +111,10 @@ struct Shared {
     node_cfg: NodeConfig,
     /// Every pod the sources describe (`ferry trace` resolves names with it).
     directory: ferry_control::PodDirectory,
+    /// Each worker's command channel (`ferry trace --inject` hands them packets and watches).
+    workers: Vec<ferry_dataplane::worker::PortControl<NodePort>>,
+    /// Marked packets this node's workers watch for, by nonce, with their deadline.
+    watches: Mutex<BTreeMap<u32, trace::Watching>>,
 }
 
 /// Connection-tracking slots (64 bytes each: 16 MiB; a translated connection takes two).
@@ -464,6 +468,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .map_or_else(|| "none (udp socket)".to_owned(), |x| format!("{:?}", x.mode()).to_lowercase()),
         },
     );
+    let worker_controls: Vec<_> = handles.iter().map(|h| h.control.clone()).collect();
     let mut pods = Pods::new(
         handles,
         pod_port_cfg,
@@ -540,6 +545,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         flows: Arc::new(flows::FlowLog::new(cfg.node_name.clone(), flow_exports)),
         node_cfg: node_cfg.clone(),
         directory,
+        workers: worker_controls,
+        watches: Mutex::new(BTreeMap::new()),
     });
     let _ = policy_sync.set(Arc::downgrade(&shared));
 

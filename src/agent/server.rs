@@ -164,7 +164,23 @@ impl Handler {
             Request::Conntrack { addr, port, proto } => Response::with(&self.conntrack(addr, port, proto)),
             Request::Policy { pod } => Response::with(&self.policy(pod.as_deref())),
             Request::Flows { filter, after, limit } => Response::with(&s.flows.list(&filter, after, limit.min(10_000))),
-            Request::Trace { src, dst, proto, port } => match super::trace::source_half(s, &src, &dst, proto, port) {
+            Request::Trace { src, dst, proto, port, nonce } => {
+                match super::trace::source_half(s, &src, &dst, proto, port, nonce) {
+                    Ok(h) => Response::with(&h),
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::TraceInject { src, dst, proto, port, nonce } => {
+                match super::trace::inject_half(s, &src, &dst, proto, port, nonce) {
+                    Ok(h) => Response::with(&h),
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::TraceWatch { nonce, timeout_ms } => match super::trace::watch(s, nonce, timeout_ms) {
+                Ok(()) => Response::ok(),
+                Err(e) => Response::err(e),
+            },
+            Request::TraceCollect { nonce, timeout_ms } => match super::trace::collect(s, nonce, timeout_ms) {
                 Ok(h) => Response::with(&h),
                 Err(e) => Response::err(e),
             },

@@ -12,10 +12,11 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferry_dataplane::flows::Stage;
 use ferry_dataplane::pipeline::{Pipeline, PortId, PortRole};
-use ferry_dataplane::trace::{self, Note, Pick, Probe, ProbeProto, RouteNote, Traced};
+use ferry_dataplane::trace::{self, Note, Pick, Probe, ProbeProto, RouteNote, TraceMark, Traced};
 use ferry_encap::Verdict;
 use ferry_tables::policy::{Explanation, PolicyProtocol, PolicyVerdict, SideExplanation};
 use ferry_tables::{DesiredState, Snapshot};
@@ -208,15 +209,43 @@ pub(super) fn resolve(s: &Shared, name: &str, proto: TraceProto, port: Option<u1
     Model::new(s).resolve(name, proto, port)
 }
 
-/// The source node's half (see the module doc).
-pub(super) fn source_half(
-    s: &Shared,
+/// How long a worker may take to take a marked packet or a watch.
+const WORKER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest a destination watches for a marked packet (`TraceWatch`'s `timeout_ms` is capped
+/// to it).
+const MAX_WATCH: Duration = Duration::from_secs(10);
+
+/// A marked packet's source port (or echo identifier): from the ephemeral range, by the nonce,
+/// so that each injected packet starts a connection of its own (the live connection table has
+/// not seen it, as the simulation's has not) and the simulation of it uses the same one.
+fn marked_sport(nonce: u32) -> u16 {
+    32768 + (nonce % 28232) as u16
+}
+
+/// A watch for a marked packet on this node's workers, awaiting its record.
+#[derive(Debug)]
+pub(super) struct Watching {
+    rx: crossbeam::channel::Receiver<Traced>,
+    until: Instant,
+}
+
+/// Where a source half runs: elsewhere (the half says which node), or here, with the packet.
+enum SourcePacket {
+    Elsewhere(TraceHalf),
+    Here { half: TraceHalf, in_port: PortId, frame: Vec<u8> },
+}
+
+/// Resolves the endpoints and builds the packet the source sends (see the module doc); with a
+/// nonce, the marked one.
+fn source_packet(
+    m: &Model<'_>,
     src: &str,
     dst: &str,
     proto: TraceProto,
     port: Option<u16>,
-) -> Result<TraceHalf, String> {
-    let m = Model::new(s);
+    nonce: Option<u32>,
+) -> Result<SourcePacket, String> {
     let src_ep = m.resolve(src, proto, None)?;
     let dst_ep = m.resolve(dst, proto, port)?;
     if src_ep.kind == "service" {
@@ -228,23 +257,13 @@ pub(super) fn source_half(
     let Some(src_node) = src_ep.node.clone() else {
         return Err(format!("no node owns the source address {}", src_ep.addr));
     };
-    let mut half = TraceHalf {
-        node: m.own().to_owned(),
-        src: Some(src_ep.clone()),
-        dst: Some(dst_ep.clone()),
-        source_on: None,
-        stages: Vec::new(),
-        verdict: String::new(),
-        reason: None,
-        stage: String::new(),
-        summary: String::new(),
-        next_node: None,
-        frame: None,
-    };
+    let mut half = empty_half(m);
+    half.src = Some(src_ep.clone());
+    half.dst = Some(dst_ep.clone());
     if src_node != m.own() {
         half.summary = format!("{} is on node {src_node}: its agent runs the trace", src_ep.addr);
         half.source_on = Some(src_node);
-        return Ok(half);
+        return Ok(SourcePacket::Elsewhere(half));
     }
     let (in_port, src_mac) = if src_ep.kind == "node" || m.node_addr(m.own()) == Some(src_ep.addr) {
         let mac = m.snap.port_mac(HOST_PORT).ok_or("this node has no host port to send from")?;
@@ -258,7 +277,7 @@ pub(super) fn source_half(
     };
     let probe = Probe {
         src_mac,
-        dst_mac: s.node_cfg.gateway_mac,
+        dst_mac: m.s.node_cfg.gateway_mac,
         src: src_ep.addr,
         dst: dst_ep.addr,
         proto: match proto {
@@ -266,22 +285,18 @@ pub(super) fn source_half(
             TraceProto::Udp => ProbeProto::Udp,
             TraceProto::Icmp => ProbeProto::Icmp,
         },
-        // A port from the ephemeral range, fixed so that a trace is repeatable.
-        sport: 40000,
+        // A port from the ephemeral range, fixed so that a trace is repeatable; a marked packet's
+        // comes from its nonce.
+        sport: nonce.map_or(40000, marked_sport),
         dport,
+        nonce,
     };
     let frame = probe.frame().ok_or("the source and destination are of different address families")?;
-    let traced = trace::run(&mut pipeline(s), &*m.snap, in_port, PortRole::Pod, &frame)?;
-    describe(&m, &traced, false, &mut half);
-    Ok(half)
+    Ok(SourcePacket::Here { half, in_port, frame })
 }
 
-/// The destination node's half (see the module doc).
-pub(super) fn deliver_half(s: &Shared, frame_hex: &str) -> Result<TraceHalf, String> {
-    let m = Model::new(s);
-    let frame = unhex(frame_hex)?;
-    let traced = trace::run(&mut pipeline(s), &*m.snap, s.node_cfg.uplink, PortRole::Uplink, &frame)?;
-    let mut half = TraceHalf {
+fn empty_half(m: &Model<'_>) -> TraceHalf {
+    TraceHalf {
         node: m.own().to_owned(),
         src: None,
         dst: None,
@@ -293,7 +308,106 @@ pub(super) fn deliver_half(s: &Shared, frame_hex: &str) -> Result<TraceHalf, Str
         summary: String::new(),
         next_node: None,
         frame: None,
+    }
+}
+
+/// The source node's half (see the module doc); with a nonce, of the marked packet
+/// `ferry trace --inject` sends.
+pub(super) fn source_half(
+    s: &Shared,
+    src: &str,
+    dst: &str,
+    proto: TraceProto,
+    port: Option<u16>,
+    nonce: Option<u32>,
+) -> Result<TraceHalf, String> {
+    let m = Model::new(s);
+    match source_packet(&m, src, dst, proto, port, nonce)? {
+        SourcePacket::Elsewhere(half) => Ok(half),
+        SourcePacket::Here { mut half, in_port, frame } => {
+            let traced = trace::run(&mut pipeline(s), &*m.snap, in_port, PortRole::Pod, &frame)?;
+            describe(&m, &traced, false, &mut half);
+            Ok(half)
+        }
+    }
+}
+
+/// `ferry trace --inject`, the source's real half: the marked packet handed to a worker as if
+/// the source's port had received it, forwarded for real, and the worker's record of its stages
+/// put into words as a simulated half is.
+pub(super) fn inject_half(
+    s: &Shared,
+    src: &str,
+    dst: &str,
+    proto: TraceProto,
+    port: Option<u16>,
+    nonce: u32,
+) -> Result<TraceHalf, String> {
+    let m = Model::new(s);
+    match source_packet(&m, src, dst, proto, port, Some(nonce))? {
+        SourcePacket::Elsewhere(half) => Ok(half),
+        SourcePacket::Here { mut half, in_port, frame } => {
+            // Every worker serves every port; the first takes it.
+            let w = s.workers.first().ok_or("this agent runs no worker")?;
+            let traced = w.inject(in_port, frame, WORKER_TIMEOUT).map_err(|e| format!("injecting the packet: {e}"))?;
+            describe(&m, &traced, false, &mut half);
+            Ok(half)
+        }
+    }
+}
+
+/// `ferry trace --inject`, arming the destination: every worker watches its uplink for the packet
+/// marked with `nonce` for `timeout_ms` (at most [`MAX_WATCH`]).
+pub(super) fn watch(s: &Shared, nonce: u32, timeout_ms: u64) -> Result<(), String> {
+    let until = Instant::now() + Duration::from_millis(timeout_ms).min(MAX_WATCH);
+    let (tx, rx) = crossbeam::channel::bounded(1);
+    {
+        let mut w = lock(&s.watches);
+        let now = Instant::now();
+        w.retain(|_, v| v.until > now);
+        if w.contains_key(&nonce) {
+            return Err(format!("a watch for mark {nonce:#010x} is already armed"));
+        }
+        w.insert(nonce, Watching { rx, until });
+    }
+    let mark = TraceMark::new(nonce);
+    for (i, w) in s.workers.iter().enumerate() {
+        if let Err(e) = w.watch(mark, until, tx.clone(), WORKER_TIMEOUT) {
+            lock(&s.watches).remove(&nonce);
+            return Err(format!("arming worker {i}: {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// `ferry trace --inject`, the destination's real half: the record of the packet marked with
+/// `nonce`, once a worker has forwarded it, waiting up to `timeout_ms` (and no longer than the
+/// watch lasts).
+pub(super) fn collect(s: &Shared, nonce: u32, timeout_ms: u64) -> Result<TraceHalf, String> {
+    let Some(w) = lock(&s.watches).remove(&nonce) else {
+        return Err(format!("no watch for mark {nonce:#010x} on {}: arm one first", s.resolved.node_name));
     };
+    let wait = Duration::from_millis(timeout_ms).min(w.until.saturating_duration_since(Instant::now()));
+    let traced = w.rx.recv_timeout(wait).map_err(|_| {
+        format!(
+            "no record of the marked packet from {} within {} ms: it did not reach this node's workers (lost on \
+             the underlay, or sent elsewhere)",
+            s.resolved.node_name,
+            wait.as_millis()
+        )
+    })?;
+    let m = Model::new(s);
+    let mut half = empty_half(&m);
+    describe(&m, &traced, true, &mut half);
+    Ok(half)
+}
+
+/// The destination node's half (see the module doc).
+pub(super) fn deliver_half(s: &Shared, frame_hex: &str) -> Result<TraceHalf, String> {
+    let m = Model::new(s);
+    let frame = unhex(frame_hex)?;
+    let traced = trace::run(&mut pipeline(s), &*m.snap, s.node_cfg.uplink, PortRole::Uplink, &frame)?;
+    let mut half = empty_half(&m);
     describe(&m, &traced, true, &mut half);
     Ok(half)
 }

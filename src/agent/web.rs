@@ -203,7 +203,9 @@ async fn respond(web: &Arc<Web>, peer: SocketAddr, req: Request<Incoming>) -> Re
             Err(e) => full(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", e),
         },
         "/api/v1/trace/source" => match trace_request(&query) {
-            Ok((src, dst, proto, port)) => half(web.handler.handle(AdminRequest::Trace { src, dst, proto, port })),
+            Ok((src, dst, proto, port)) => {
+                half(web.handler.handle(AdminRequest::Trace { src, dst, proto, port, nonce: None }))
+            }
             Err(e) => full(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", e),
         },
         "/api/v1/trace/deliver" => match query.get("frame") {
@@ -418,11 +420,11 @@ impl Web {
             .collect();
         let (web, rt) = (Arc::clone(self), tokio::runtime::Handle::current());
         let run = move || {
-            crate::admin::trace_report(&src, &dst, proto, port, |node, req| match node {
+            crate::admin::trace_report(&src, &dst, proto, port, None, |node, req| match node {
                 Some(n) if n != own => {
                     let addr = *peers.get(n).ok_or_else(|| format!("node {n} is not in this node's routing table"))?;
                     let path = match req {
-                        AdminRequest::Trace { src, dst, proto, port } => format!(
+                        AdminRequest::Trace { src, dst, proto, port, .. } => format!(
                             "/api/v1/trace/source?src={}&dst={}&proto={}{}",
                             percent_encode(src),
                             percent_encode(dst),
