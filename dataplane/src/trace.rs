@@ -11,6 +11,11 @@
 //! pipeline, the counters and the worker the caller passes, so a trace runs on a pipeline of its
 //! own ([`crate::pipeline::Pipeline::for_trace`]: a private connection table, so the packet is
 //! judged as a new connection) and on scratch counters; only the published snapshot is shared.
+//!
+//! `ferry trace --inject` traces a real packet instead: a [`Probe`] with a nonce carries a
+//! [`TraceMark`] at the end of its payload, a worker forwards it for real with a [`Marked`]
+//! recorder (injected as if a port had received it, or found by a watch on the uplink: see
+//! [`crate::worker::PortCommand`]), and every other packet keeps [`NoTrace`].
 
 use std::net::IpAddr;
 

@@ -14,6 +14,11 @@
 //! its [`PortId`] (what the forwarding tables name) for its lifetime; a removed port hands every
 //! frame it held back to the worker ([`Port::release`]).
 //!
+//! The same channel carries `ferry trace --inject`'s commands: a frame to forward as if a port
+//! had received it, recorded with a [`Marked`] recorder ([`PortCommand::Inject`]), and a watch for
+//! a marked packet on the uplink ([`PortCommand::Watch`]). Only while a watch is armed does the
+//! uplink's receive loop look at each packet (one test per batch otherwise).
+//!
 //! Idle handling ([`PollMode::Adaptive`]): the worker spins while packets flow and for a short
 //! time after the last one (yielding the core on each empty round, so that a kernel thread or
 //! another worker sharing it is not kept waiting), then sleeps in `poll(2)` on its ports' descriptors (or briefly, for

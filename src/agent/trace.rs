@@ -8,6 +8,12 @@
 //! ([`deliver_half`]: decap checks, ingress policy, delivery). A trace runs on a pipeline of its
 //! own (its own connection table, scratch counters) over the published snapshot: nothing live
 //! changes, nothing is sent.
+//!
+//! `ferry trace --inject` sends one real packet, the simulated one with a trace mark
+//! ([`trace::TraceMark`]): [`watch`] arms this node's workers to record the marked packet when
+//! their uplink receives it, [`inject_half`] hands it to a worker as if the source's port had
+//! received it (forwarded for real, recorded), and [`collect`] gives the watching worker's record.
+//! Each record is put into words as a simulated half is, so that the CLI can compare them.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
