@@ -3,7 +3,7 @@
 #
 #   sudo scripts/lab.sh                   install what is missing, build, up, check, show stats, explain
 #   sudo scripts/lab.sh up [--nodes N] [--pods-per-node M] [--encap vxlan|geneve] [--source static|etcd|kube]
-#                          [--kernel-nodes K] [--port P] [--ip-family ipv4|dual] [--underlay ipv4|ipv6]
+#                          [--kernel-nodes K] [--port P] [--ip-family ipv4|dual] [--underlay ipv4|ipv6|dual]
 #                          [--uplink-port afxdp|udp|auto] [--pod-port veth|tap|auto] [--services N] [--name LAB]
 #                          [--no-build]
 #   sudo scripts/lab.sh check [--json FILE]        the connectivity matrix; non-zero exit on any failure
@@ -43,6 +43,9 @@
 # --underlay ipv6 carries the tunnels over IPv6: node i's uplink gets fd00:100::<i>/64 as well as its IPv4
 # address, and that IPv6 address is the one the source announces and the tunnels use (static or kube
 # source; kernel-VXLAN nodes run their vxlan device over IPv6 too; pod MTU 70 bytes under the underlay's).
+# --underlay dual: every node's uplink has both (192.168.100.<i>, fd00:100::<i>) and announces both, but
+# the last ferry node announces only its IPv6 one; nodes with both reach each other over IPv4 (the agents'
+# underlay.prefer_family), and the last node over IPv6 (ferry nodes only, static or kube source).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -162,12 +165,15 @@ cmd_up() {
     if [ "$IP_FAMILY" = dual ] && [ "$KNODES" -gt 0 ]; then
         die "--ip-family dual: ferry nodes only (the lab's kernel-VXLAN nodes are IPv4-only)"
     fi
-    case "$UNDERLAY" in ipv4 | ipv6) ;; *) die "--underlay: ipv4 or ipv6, not '$UNDERLAY'" ;; esac
-    if [ "$UNDERLAY" = ipv6 ] && [ "$SOURCE" = etcd ]; then
-        die "--underlay ipv6: the static or kube source (the lab writes Flannel's etcd leases with an IPv4 PublicIP only)"
+    case "$UNDERLAY" in ipv4 | ipv6 | dual) ;; *) die "--underlay: ipv4, ipv6 or dual, not '$UNDERLAY'" ;; esac
+    if [ "$UNDERLAY" != ipv4 ] && [ "$SOURCE" = etcd ]; then
+        die "--underlay $UNDERLAY: the static or kube source (the lab writes Flannel's etcd leases with an IPv4 PublicIP only)"
     fi
-    if [ "$UNDERLAY" = ipv6 ] && [ "$UPLINK_PORT" = udp ]; then
-        die "--underlay ipv6 needs --uplink-port afxdp or auto: the UDP-socket uplink carries IPv4 underlays only"
+    if [ "$UNDERLAY" != ipv4 ] && [ "$UPLINK_PORT" = udp ]; then
+        die "--underlay $UNDERLAY needs --uplink-port afxdp or auto: the UDP-socket uplink carries IPv4 underlays only"
+    fi
+    if [ "$UNDERLAY" = dual ] && [ "$KNODES" -gt 0 ]; then
+        die "--underlay dual: ferry nodes only (a kernel vxlan device runs over one family)"
     fi
     if [ "$KNODES" -gt 0 ] && [ "$ENCAP" != vxlan ]; then
         die "--kernel-nodes needs --encap vxlan: kernel nodes run the kernel's VXLAN device (Flannel-style), and this kernel has no geneve module to match ferry's Geneve"
@@ -234,9 +240,12 @@ cmd_list() {
             local d pid
             d=$(node_dir "$n")
             pid=$(agent_pid "$n" || echo null)
-            printf '%s\n {"name":%s,"kind":%s,"netns":%s,"underlay_ip":%s,"tunnel_ip":%s,"pod_cidr":%s,"gateway":%s,"vtep_mac":%s,"listed":%s,' \
+            local six
+            six=$(node_get "$n" TUN_IP6 2>/dev/null || true)
+            if [ -n "$six" ]; then six=$(json_str "$six"); else six=null; fi
+            printf '%s\n {"name":%s,"kind":%s,"netns":%s,"underlay_ip":%s,"tunnel_ip":%s,"tunnel_ip6":%s,"pod_cidr":%s,"gateway":%s,"vtep_mac":%s,"listed":%s,' \
                 "$sep" "$(json_str "$n")" "$(json_str "$(node_get "$n" KIND)")" "$(json_str "$(node_ns "$n")")" \
-                "$(json_str "$(node_get "$n" UL_IP)")" "$(json_str "$(node_get "$n" TUN_IP)")" "$(json_str "$(node_get "$n" POD_CIDR)")" \
+                "$(json_str "$(node_get "$n" UL_IP)")" "$(json_str "$(node_get "$n" TUN_IP)")" "$six" "$(json_str "$(node_get "$n" POD_CIDR)")" \
                 "$(json_str "$(node_get "$n" GW)")" "$(json_str "$(node_get "$n" VTEP_MAC)")" \
                 "$([ "$(node_get "$n" LISTED)" = 1 ] && echo true || echo false)"
             if [ "$(node_get "$n" KIND)" = ferry ]; then

@@ -379,12 +379,19 @@ impl UnderlayCapture {
                 Ok(n) => said.extend_from_slice(&b[..n]),
             }
         }
+        // Kept open: tcpdump reports its count there when it ends.
+        child.stderr = Some(err);
         UnderlayCapture { child, said, pcap }
     }
 
     /// Waits for tcpdump to have its frames (it fails the test if it timed out first); the pcap.
     fn finish(mut self) -> String {
         let st = self.child.wait().expect("tcpdump wait");
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_end(&mut err, &mut self.said);
+        }
+        let size = std::fs::metadata(&self.pcap).map(|m| m.len()).unwrap_or(0);
+        println!("tcpdump ({st}, {} of pcap): {}", size, text(&self.said).trim());
         assert!(st.success(), "tcpdump ended with {st} (all its frames within 15 s?): {}", text(&self.said));
         self.pcap
     }
@@ -601,6 +608,130 @@ fn matrix_dual_stack_pods_over_ipv6_underlay() {
     ] {
         assert_eq!(c.get(cat).copied(), Some(n), "rows of {cat} in {c:?}");
     }
+}
+
+/// Nodes with underlay addresses of both families (`--underlay dual`): n1 and n2 announce both and
+/// reach each other over IPv4 (the default `underlay.prefer_family`); n3 announces only its IPv6
+/// one, so n1 and n2 reach it over IPv6, and each agent decapsulates both families on one uplink.
+/// Dual-stack pods: the matrix passes over both pod families, and a capture on the underlay bridge
+/// shows each tunnel on the family chosen for it, whatever the inner family.
+#[test]
+fn matrix_over_a_dual_underlay() {
+    if !privileged("matrix_over_a_dual_underlay") {
+        return;
+    }
+    let _s = serial();
+    let lab =
+        Lab::up("e2e_uldual", &["--nodes", "3", "--pods-per-node", "1", "--ip-family", "dual", "--underlay", "dual"]);
+    let node = |n: &str| lab.entry("nodes", n);
+    let (n1, n2, n3) = (node("n1"), node("n2"), node("n3"));
+    let tun = |v: &Value, k: &str| v[k].as_str().map(str::to_owned);
+    for n in [&n1, &n2] {
+        assert!(
+            tun(n, "tunnel_ip").is_some_and(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+                && tun(n, "tunnel_ip6").is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
+            "an address of each family: {n}"
+        );
+    }
+    assert!(tun(&n3, "tunnel_ip").is_some_and(|a| a.contains(':')) && n3["tunnel_ip6"].is_null(), "{n3}");
+    let (v4_1, v4_2) = (tun(&n1, "tunnel_ip").expect("n1"), tun(&n2, "tunnel_ip").expect("n2"));
+    let (v6_1, v6_2, v6_3) =
+        (tun(&n1, "tunnel_ip6").expect("n1"), tun(&n2, "tunnel_ip6").expect("n2"), tun(&n3, "tunnel_ip").expect("n3"));
+    // n1's routes: n2 over IPv4, n3 over IPv6.
+    let routes = lab.ferry("n1", "routes").to_string();
+    assert!(routes.contains(&format!("\"{v4_2}\"")) && routes.contains(&format!("\"{v6_3}\"")), "{routes}");
+
+    let rows = lab.check();
+    let c = categories(&rows);
+    for (cat, n) in [
+        ("pod-pod(cross-node)", 6),
+        ("pod-pod6(cross-node)", 6),
+        ("node-pod(local)", 3),
+        ("node-pod(remote)", 6),
+        ("node-pod6(local)", 3),
+        ("node-pod6(remote)", 6),
+        ("pod-node(own)", 3),
+        // n1 and n2 at their IPv4 addresses from every other pod (n3's pod too: n1's kernel answers
+        // from it through a tunnel over IPv6, accepted as n1's other address)...
+        ("pod-node(remote)", 4),
+        // ... and n3 at its IPv6 one.
+        ("pod-node6(remote)", 2),
+    ] {
+        assert_eq!(c.get(cat).copied(), Some(n), "rows of {cat} in {c:?}");
+    }
+
+    // One echo each way of four pod pairs, both inner families: 8 tunnel frames on the bridge.
+    let cap = UnderlayCapture::start(&lab, 8, &["udp", "port", "4789"]);
+    let ip6 = |p: &str| lab.entry("pods", p)["ip6"].as_str().expect("ip6").to_owned();
+    for (from, to) in [
+        ("n1-p1", lab.pod_ip("n2-p1")),
+        ("n2-p1", ip6("n1-p1")),
+        ("n1-p1", lab.pod_ip("n3-p1")),
+        ("n2-p1", ip6("n3-p1")),
+    ] {
+        assert!(lab.ping_once(from, &to, "2"), "{from} -> {to} while capturing");
+    }
+    let pcap = cap.finish();
+    let fields = run_bounded(
+        30,
+        &[
+            "tshark",
+            "-r",
+            &pcap,
+            "-o",
+            "udp.check_checksum:TRUE",
+            "-T",
+            "fields",
+            "-E",
+            "occurrence=f",
+            "-e",
+            "frame.protocols",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "ipv6.src",
+            "-e",
+            "ipv6.dst",
+            "-e",
+            "udp.checksum.status",
+        ],
+    );
+    assert!(fields.status.success(), "tshark: {}", text(&fields.stderr));
+    let out = text(&fields.stdout);
+    println!("tshark frame.protocols ip.src ip.dst ipv6.src ipv6.dst udp.checksum.status:\n{out}");
+    let mut seen = std::collections::BTreeSet::new();
+    for l in out.lines() {
+        let f: Vec<&str> = l.split('\t').collect();
+        assert_eq!(f.len(), 6, "{l}");
+        let protos: Vec<&str> = f[0].split(':').collect();
+        assert!(
+            protos.len() > 7 && protos[..2] == ["eth", "ethertype"] && protos[3..6] == ["udp", "vxlan", "eth"],
+            "{l}"
+        );
+        let (outer, inner) = (protos[2], protos[7]);
+        let (src, dst) = if outer == "ip" { (f[1], f[2]) } else { (f[3], f[4]) };
+        if outer == "ipv6" {
+            assert_eq!(f[5], "1", "a valid outer UDP checksum over IPv6: {l}");
+        }
+        seen.insert((outer.to_owned(), src.to_owned(), dst.to_owned(), inner.to_owned()));
+    }
+    let want: std::collections::BTreeSet<(String, String, String, String)> = [
+        ("ip", &v4_1, &v4_2, "ip"),
+        ("ip", &v4_2, &v4_1, "ip"),
+        ("ip", &v4_2, &v4_1, "ipv6"),
+        ("ip", &v4_1, &v4_2, "ipv6"),
+        ("ipv6", &v6_1, &v6_3, "ip"),
+        ("ipv6", &v6_3, &v6_1, "ip"),
+        ("ipv6", &v6_2, &v6_3, "ipv6"),
+        ("ipv6", &v6_3, &v6_2, "ipv6"),
+    ]
+    .into_iter()
+    .map(|(o, s, d, i)| (o.to_owned(), s.clone(), d.clone(), i.to_owned()))
+    .collect();
+    assert_eq!(seen, want, "each tunnel on its family (outer, src, dst, inner)");
+    let _ = std::fs::remove_file(&pcap);
 }
 
 /// The uplink as a kernel UDP socket (`--uplink-port udp`): no XDP program on the uplink, the

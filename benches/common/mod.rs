@@ -146,6 +146,7 @@ pub fn cluster(nodes: usize, pods: usize) -> (ferry_tables::Underlay, ferry_tabl
                     ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (n << 8)), 24).expect("valid"),
                 )],
                 underlay: Ipv4Addr::from(0xac10_0002 + n).into(),
+                other_underlays: Vec::new(),
                 vtep_mac: MacAddr([2, 0xee, 0, (n >> 16) as u8, (n >> 8) as u8, n as u8]),
                 vni: 1,
                 tunnel: TunnelKind::Vxlan,

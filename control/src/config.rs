@@ -1,7 +1,7 @@
 //! The control plane's configuration (control side), and the command-line flags that build it
 //! ([`ControlArgs`], meant to be `#[command(flatten)]`ed into the `ferry` binary).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -61,6 +61,9 @@ pub struct ControlConfig {
     pub node_name: String,
     /// This node's underlay address, announced to other nodes.
     pub public_ip: Option<IpAddr>,
+    /// Its IPv6 underlay address besides an IPv4 `public_ip` (a node with both families),
+    /// announced too: Flannel's `PublicIPv6` and `public-ipv6` annotation.
+    pub public_ipv6: Option<Ipv6Addr>,
     /// This node's VTEP MAC, announced to other nodes.
     pub vtep_mac: Option<MacAddr>,
     /// Default VNI for nodes that do not announce one, and the VNI this node announces.
@@ -88,6 +91,7 @@ impl ControlConfig {
         ControlConfig {
             node_name: node_name.into(),
             public_ip: None,
+            public_ipv6: None,
             vtep_mac: None,
             vni: 1,
             tunnel: TunnelKind::Vxlan,

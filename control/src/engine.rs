@@ -450,6 +450,7 @@ mod tests {
             name: name.to_owned(),
             pod_cidrs: cidrs.iter().map(|c| net(c)).collect(),
             underlay: underlay.parse().expect("ip"),
+            other_underlay: None,
             vtep_mac: None,
             vni: 1,
             tunnel: TunnelKind::Vxlan,

@@ -14,6 +14,8 @@ use crate::model::{check_vni, parse_tunnel, parse_vtep_mac};
 
 /// Node annotation: the node's underlay address.
 pub const PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+/// Node annotation: the node's IPv6 underlay address (a dual-stack Flannel node).
+pub const PUBLIC_IPV6: &str = "flannel.alpha.coreos.com/public-ipv6";
 /// Node annotation: the backend (`vxlan`, ...).
 pub const BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
 /// Node annotation: backend data, JSON (`{"VNI":1,"VtepMAC":"..."}` for VXLAN).

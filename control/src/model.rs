@@ -71,8 +71,12 @@ pub struct NodeSpec {
     /// Its pod CIDRs (IPv4 and/or IPv6), without host bits, sorted, no duplicates. Empty while the
     /// node has no CIDR yet (a new Kubernetes node before IPAM).
     pub pod_cidrs: Vec<IpNet>,
-    /// The underlay address tunnels to this node go to. Meaningless when `pod_cidrs` is empty.
+    /// The node's underlay address (the first its source names). Meaningless when `pod_cidrs` is
+    /// empty.
     pub underlay: IpAddr,
+    /// Its underlay address of the other family, when it has both. Which one a tunnel goes to is
+    /// this node's choice ([`ferry_tables::Underlay::choose`]); packets from either are accepted.
+    pub other_underlay: Option<IpAddr>,
     /// The remote VTEP's MAC, when the node announced one (Flannel's `VtepMAC`).
     pub vtep_mac: Option<MacAddr>,
     /// The VNI to encapsulate with.
@@ -116,6 +120,7 @@ impl NodeSpec {
         } else {
             NextHop::Tunnel(TunnelEndpoint {
                 underlay: self.underlay,
+                other_underlay: self.other_underlay,
                 vtep_mac: self.vtep_mac,
                 vni: self.vni,
                 kind: self.tunnel,
@@ -128,8 +133,10 @@ impl NodeSpec {
 /// How to reach a remote node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TunnelEndpoint {
-    /// The node's underlay address (outer destination).
+    /// The node's underlay address.
     pub underlay: IpAddr,
+    /// Its underlay address of the other family, when it has both.
+    pub other_underlay: Option<IpAddr>,
     /// The node's VTEP MAC (inner destination MAC), when known.
     pub vtep_mac: Option<MacAddr>,
     /// VNI.
@@ -177,6 +184,23 @@ impl Rejection {
     /// A rejection.
     pub fn new(node: impl Into<String>, field: impl Into<String>, reason: impl Into<String>) -> Self {
         Rejection { node: node.into(), field: field.into(), reason: reason.into() }
+    }
+}
+
+/// A node's underlay addresses as its source lists them, as [`NodeSpec::underlay`] and
+/// [`NodeSpec::other_underlay`]: one address, or one of each family, the IPv4 one first whatever
+/// the order given (a VTEP MAC is derived from the first, and every node must derive the same).
+///
+/// # Errors
+/// A reason when the list is empty, longer than two, or names a family twice.
+pub fn underlay_pair(addrs: &[IpAddr]) -> Result<(IpAddr, Option<IpAddr>), String> {
+    match addrs {
+        [one] => Ok((*one, None)),
+        [a, b] if a.is_ipv4() && b.is_ipv6() => Ok((*a, Some(*b))),
+        [a, b] if a.is_ipv6() && b.is_ipv4() => Ok((*b, Some(*a))),
+        [a, b] => Err(format!("{a} and {b} are of the same family: give at most one IPv4 and one IPv6 address")),
+        [] => Err("no address".into()),
+        more => Err(format!("{} addresses: give at most one IPv4 and one IPv6 address", more.len())),
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use ferry_encap::MacAddr;
 use ferry_tables::policy::{PolicyCompiler, PolicyTables};
-use ferry_tables::{BuildError, DesiredState, LocalPod, RemoteNode, Snapshot, Tables};
+use ferry_tables::{BuildError, DesiredState, LocalPod, RemoteNode, Snapshot, Tables, Underlay};
 use ipnet::IpNet;
 
 use crate::engine::Diff;
@@ -43,8 +43,10 @@ pub fn derived_vtep_mac(underlay: IpAddr) -> MacAddr {
 }
 
 /// The desired state for a route table: remote nodes with their CIDRs, this node's CIDRs as
-/// blackholes, and `local_pods` as given.
-pub fn desired_state(routes: &BTreeMap<IpNet, Route>, local_pods: Vec<LocalPod>) -> DesiredState {
+/// blackholes, and `local_pods` as given. A remote node with underlay addresses of both families
+/// is tunnelled to the one `underlay` chooses ([`Underlay::choose`]: the preferred family when both
+/// nodes have it, else the family they share); the other is kept to accept its packets from.
+pub fn desired_state(routes: &BTreeMap<IpNet, Route>, local_pods: Vec<LocalPod>, underlay: &Underlay) -> DesiredState {
     // Routes are sorted by CIDR; group them by owner, keeping the nodes in first-CIDR order.
     let mut index: HashMap<(crate::model::SourceKind, &str), usize> = HashMap::new();
     let mut nodes: Vec<RemoteNode> = Vec::new();
@@ -54,10 +56,15 @@ pub fn desired_state(routes: &BTreeMap<IpNet, Route>, local_pods: Vec<LocalPod>)
             NextHop::Local => blackholes.push(*net),
             NextHop::Tunnel(t) => {
                 let i = *index.entry((route.source, &*route.node)).or_insert_with(|| {
+                    let all: Vec<IpAddr> = std::iter::once(t.underlay).chain(t.other_underlay).collect();
+                    let chosen = underlay.choose(&all).unwrap_or(t.underlay);
                     nodes.push(RemoteNode {
                         name: route.node.to_string(),
                         pod_cidrs: Vec::new(),
-                        underlay: t.underlay,
+                        underlay: chosen,
+                        other_underlays: all.into_iter().filter(|a| *a != chosen).collect(),
+                        // Derived from the first address, whichever is chosen: every node derives
+                        // the same MAC for it.
                         vtep_mac: t.vtep_mac.unwrap_or_else(|| derived_vtep_mac(t.underlay)),
                         vni: t.vni,
                         tunnel: t.kind,
@@ -247,7 +254,7 @@ impl Publish for TablesPublisher {
         let tables = Arc::clone(&self.tables);
         let mut tables = tables.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let local_pods = tables.desired().local_pods.clone();
-        let mut desired = desired_state(table.routes, local_pods);
+        let mut desired = desired_state(table.routes, local_pods, tables.underlay());
         let mut skipped = HashMap::new();
         loop {
             match tables.set_desired(desired.clone(), Instant::now()) {
@@ -382,6 +389,7 @@ mod tests {
             node: Arc::from(node),
             next_hop: NextHop::Tunnel(TunnelEndpoint {
                 underlay: underlay.parse().expect("ip"),
+                other_underlay: None,
                 vtep_mac: mac.map(|m| m.parse().expect("mac")),
                 vni: 1,
                 kind: TunnelKind::Vxlan,
@@ -406,15 +414,68 @@ mod tests {
         r
     }
 
+    fn v4_only() -> Underlay {
+        Underlay::new(MacAddr([2, 0, 0, 0, 0, 0xaa]), Some("192.0.2.100".parse().expect("ip")), None)
+    }
+
     #[test]
     fn routes_become_nodes_and_blackholes() {
-        let d = desired_state(&routes(), Vec::new());
+        let d = desired_state(&routes(), Vec::new(), &v4_only());
         assert_eq!(d.blackholes, [net("10.0.9.0/24")]);
         assert_eq!(d.nodes.len(), 2);
         let a = d.nodes.iter().find(|n| n.name == "a").expect("a");
         assert_eq!(a.pod_cidrs, [net("10.0.1.0/24"), net("fd00:1::/64")]);
         let b = d.nodes.iter().find(|n| n.name == "b").expect("b");
         assert_eq!(b.vtep_mac.to_string(), "02:fe:c0:00:02:02", "derived from the underlay address");
+    }
+
+    #[test]
+    fn a_node_with_both_families_is_tunnelled_to_the_chosen_one() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let dual_route = |node: &str, v4: &str, v6: &str| {
+            let mut r = tunnel(node, v4, None);
+            if let NextHop::Tunnel(t) = &mut r.next_hop {
+                t.other_underlay = Some(ip(v6));
+            }
+            r
+        };
+        let mut r = BTreeMap::new();
+        r.insert(net("10.0.1.0/24"), dual_route("dual", "192.0.2.1", "2001:db8::1"));
+        r.insert(net("10.0.2.0/24"), tunnel("six", "2001:db8::2", None));
+        let mac = MacAddr([2, 0, 0, 0, 0, 0xaa]);
+        let both =
+            Underlay::new(mac, Some("192.0.2.100".parse().expect("ip")), Some("2001:db8::100".parse().expect("ip")));
+        let chosen = |u: &Underlay| {
+            desired_state(&r, Vec::new(), u)
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.underlay, n.other_underlays.clone()))
+                .collect::<Vec<_>>()
+        };
+        // IPv4 first, as Flannel; the IPv6-only node over IPv6; the MAC derived from the first
+        // address whichever is chosen.
+        assert_eq!(
+            chosen(&both),
+            [("dual".into(), ip("192.0.2.1"), vec![ip("2001:db8::1")]), ("six".into(), ip("2001:db8::2"), vec![])]
+        );
+        let d = desired_state(&r, Vec::new(), &Underlay { prefer_ipv6: true, ..both.clone() });
+        assert_eq!(
+            (d.nodes[0].underlay, d.nodes[0].vtep_mac.to_string()),
+            (ip("2001:db8::1"), "02:fe:c0:00:02:01".into())
+        );
+        // A node with only IPv6 reaches the dual node over IPv6 whatever it prefers.
+        let six_only = Underlay::new(mac, None, Some("2001:db8::100".parse().expect("ip")));
+        assert_eq!(chosen(&six_only)[0].1, ip("2001:db8::1"));
+
+        // Published: both addresses are known nodes, and the other one maps to the chosen one.
+        let mut p = TablesPublisher::new(Tables::new(both, Duration::from_secs(30)));
+        p.publish(&RouteTable { generation: 1, routes: &r, diff: &Diff::default() });
+        assert!(p.skipped().is_empty(), "{:?}", p.skipped());
+        let snap = p.tables().current();
+        assert!(snap.is_known_node(ip("192.0.2.1")) && snap.is_known_node(ip("2001:db8::1")));
+        assert_eq!(snap.node_alias(ip("2001:db8::1")), Some(ip("192.0.2.1")));
+        assert_eq!(snap.node_alias(ip("192.0.2.1")), None);
+        assert_eq!(snap.node_alias(ip("2001:db8::2")), None);
     }
 
     #[test]

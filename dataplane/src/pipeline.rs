@@ -65,6 +65,12 @@ pub trait Fib {
     /// Whether an underlay address belongs to a known node.
     fn is_known_node(&self, underlay: IpAddr) -> bool;
 
+    /// For a known node's other underlay address (a node with both families, which sent from the
+    /// one this node does not tunnel to), the address this node tunnels to it.
+    fn node_alias(&self, _underlay: IpAddr) -> Option<IpAddr> {
+        None
+    }
+
     /// The MAC of the pod on a port (the only source MAC it may send with), if a pod is there.
     fn port_mac(&self, port: PortId) -> Option<MacAddr>;
 
@@ -89,6 +95,11 @@ impl Fib for Snapshot {
     #[inline]
     fn is_known_node(&self, underlay: IpAddr) -> bool {
         Snapshot::is_known_node(self, underlay)
+    }
+
+    #[inline]
+    fn node_alias(&self, underlay: IpAddr) -> Option<IpAddr> {
+        Snapshot::node_alias(self, underlay)
     }
 
     #[inline]
@@ -1159,15 +1170,24 @@ fn note_service<R: Recorder>(rec: &mut R, services: &Services, orig: &Ctx, ctx: 
 }
 
 /// Whether a decapsulated packet's source belongs to the node that sent it (`outer_src`): inside
-/// that node's pod CIDRs (its overlay address among them), or the node's own underlay address (its
-/// kernel answering a pod that talked to that address).
+/// that node's pod CIDRs (its overlay address among them), or one of the node's own underlay
+/// addresses (its kernel answering a pod that talked to that address).
 fn sent_by<F: Fib>(fib: &F, src: IpAddr, outer_src: IpAddr) -> bool {
-    src == outer_src
-        || match fib.route(src) {
-            Route::Remote { template, .. } => template.remote() == outer_src,
-            Route::Unresolved { underlay } => underlay == outer_src,
-            Route::Local { .. } | Route::Blackhole | Route::NoRoute => false,
+    if src == outer_src {
+        return true;
+    }
+    // A node with both families may send from the one this node does not tunnel to (its own
+    // preference, or the only family it shares with a third node it also talks to), and its
+    // kernel may answer from either of its addresses.
+    let node_of = |a: IpAddr| fib.node_alias(a).unwrap_or(a);
+    let node = match fib.route(src) {
+        Route::Remote { template, .. } => template.remote(),
+        Route::Unresolved { underlay } => underlay,
+        Route::Local { .. } | Route::Blackhole | Route::NoRoute => {
+            return fib.is_known_node(src) && node_of(src) == node_of(outer_src);
         }
+    };
+    node == outer_src || node_of(outer_src) == node
 }
 
 fn smoltcp_checksums() -> smoltcp::phy::ChecksumCapabilities {

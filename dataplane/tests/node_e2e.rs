@@ -165,6 +165,7 @@ fn pod_reaches_a_kernel_vxlan_node_through_ferry() {
                     name: "node2".into(),
                     pod_cidrs: vec!["10.244.2.0/24".parse().expect("cidr")],
                     underlay: NODE2.into(),
+                    other_underlays: Vec::new(),
                     vtep_mac: MacAddr(VTEP2),
                     vni: 1,
                     tunnel: TunnelKind::Vxlan,

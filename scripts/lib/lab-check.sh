@@ -65,16 +65,14 @@ check_matrix() {
             else echo "node-pod6(remote) $a $(node_ns "$a") $b $(node_ns "$b") $ip6"; fi
         done
     done
-    # Pods to nodes at the nodes' underlay addresses. Over an IPv6 underlay a remote node is reached at
-    # its IPv6 (tunnel) address, from pods that have IPv6: ferry accepts a tunnelled packet's inner
-    # source from a node only inside its pod CIDRs or equal to its tunnel address, and a node does
-    # not announce its other addresses (README, "Dual stack").
-    local v6ul=0
-    [ "${UNDERLAY:-ipv4}" = ipv6 ] && v6ul=1
+    # Pods to nodes at the nodes' underlay addresses. A remote node that announces only an IPv6
+    # underlay address (--underlay ipv6, the IPv6-only node of --underlay dual) is reached at it, from
+    # pods that have IPv6: ferry accepts a tunnelled packet's inner source from a node only inside its
+    # pod CIDRs or equal to one of its announced underlay addresses (README, "Dual stack").
     for a in $pods; do
         for b in $nodes; do
             if [ "$(pod_node "$a")" = "$b" ]; then echo "pod-node(own) $a $(node_ns "$a") $b $(node_ns "$b") $(node_get "$b" UL_IP)"
-            elif [ "$v6ul" = 0 ]; then echo "pod-node(remote) $a $(node_ns "$a") $b $(node_ns "$b") $(node_get "$b" UL_IP)"
+            elif [[ $(node_get "$b" TUN_IP) != *:* ]]; then echo "pod-node(remote) $a $(node_ns "$a") $b $(node_ns "$b") $(node_get "$b" UL_IP)"
             elif [ -n "$(pod_get "$a" IP6 2>/dev/null || true)" ]; then
                 echo "pod-node6(remote) $a $(node_ns "$a") $b $(node_ns "$b") $(node_get "$b" UL_IP6)"
             fi

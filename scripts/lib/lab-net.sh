@@ -151,18 +151,25 @@ underlay_check_plain() {
 # --- nodes ------------------------------------------------------------------------------------------------
 # node_create NAME KIND IDX: namespace, sysctls, uplink; records node.env. Listed in the source by default.
 node_create() {
-    local name=$1 kind=$2 idx=$3 ns ul dir ulip ulip6="" tunip mac
+    local name=$1 kind=$2 idx=$3 ns ul dir ulip ulip6="" tunip tunip6="" mac
     ns=$(node_ns "$name")
     ul=$(ul_ns)
     dir=$(node_dir "$name")
     ulip=$UL_PREFIX.$idx
     tunip=$ulip
     if [ "${UNDERLAY:-ipv4}" = ipv6 ]; then ulip6=$UL6_PREFIX:$(printf '%x' "$idx"); tunip=$ulip6; fi
+    # --underlay dual: every node has both addresses and announces both (tunnels accepted on both,
+    # each peer reached over IPv4 when both ends have it), but the last of the first ferry nodes
+    # announces only its IPv6 one, so that the others reach it over IPv6.
+    if [ "${UNDERLAY:-ipv4}" = dual ]; then
+        ulip6=$UL6_PREFIX:$(printf '%x' "$idx")
+        if [ "$idx" = "${NODES:-0}" ]; then tunip=$ulip6; else tunip6=$ulip6; fi
+    fi
     if [ "$kind" = kernel ]; then mac=$(kernel_vtep_mac "$ulip"); else mac=$(ferry_vtep_mac "$ulip"); fi
     mkdir -p "$dir/pods" "$dir/state"
     {
         printf 'NAME=%q\nKIND=%q\nIDX=%q\nNS=%q\n' "$name" "$kind" "$idx" "$ns"
-        printf 'UL_IP6=%q\nTUN_IP=%q\n' "$ulip6" "$tunip"
+        printf 'UL_IP6=%q\nTUN_IP=%q\nTUN_IP6=%q\n' "$ulip6" "$tunip" "$tunip6"
         printf 'UL_IP=%q\nPOD_CIDR=%q\nGW=%q\nVTEP_MAC=%q\nLISTED=1\n' "$ulip" "10.244.$idx.0/24" "10.244.$idx.1" "$mac"
         if [ "${IP_FAMILY:-ipv4}" = dual ]; then printf 'POD_CIDR6=%q\n' "fd00:10:244:$idx::/64"; else printf 'POD_CIDR6=\n'; fi
     } >"$dir/node.env"
@@ -217,6 +224,15 @@ node_cidrs_toml() {
     [ -z "$six" ] || printf ', "%s"' "$six"
 }
 
+# A node's announced underlay address(es) as a TOML value: "a", or ["a", "b"] for a node with both
+# families (--underlay dual).
+node_tun_toml() {
+    local six
+    six=$(node_get "$1" TUN_IP6 2>/dev/null || true)
+    if [ -n "$six" ]; then printf '["%s", "%s"]' "$(node_get "$1" TUN_IP)" "$six"
+    else printf '"%s"' "$(node_get "$1" TUN_IP)"; fi
+}
+
 # --- ferry agents -----------------------------------------------------------------------------------------
 # The agents' web view (README "The web view"): every node on this port, on all its addresses, so a
 # browser in a node's namespace reaches it on loopback and the nodes gather each other's views over
@@ -239,7 +255,7 @@ node_name = "$name"
 
 [underlay]
 interface = "ul0"
-address = "$(node_get "$name" TUN_IP)"
+address = $(node_tun_toml "$name")
 
 [tunnel]
 kind = "$ENCAP"
@@ -272,7 +288,7 @@ $(source_agent_config "$name")
 daemonset = ""                  # no DaemonSet in the lab: never clean the node on stop
 
 [web]
-address = "$(if [ "${UNDERLAY:-ipv4}" = ipv6 ]; then echo "[::]"; else echo 0.0.0.0; fi):$WEB_PORT"
+address = "$(if [ "${UNDERLAY:-ipv4}" != ipv4 ]; then echo "[::]"; else echo 0.0.0.0; fi):$WEB_PORT"
 token_file = "$(web_token_file)"
 EOF
 }

@@ -73,7 +73,7 @@ static_write() {
             echo "[[node]]"
             echo "name = \"$n\""
             echo "pod_cidrs = [$(node_cidrs_toml "$n")]"
-            echo "underlay = \"$(node_get "$n" TUN_IP)\""
+            echo "underlay = $(node_tun_toml "$n")"
             echo "vtep_mac = \"$(node_get "$n" VTEP_MAC)\""
             echo "vni = $VNI"
             echo "tunnel = \"$ENCAP\""
@@ -187,11 +187,13 @@ kube_up() {
 
 # A Node as the cluster would have it: spec.podCIDRs from the controller manager, Flannel's annotations.
 kube_put_node() {
-    local n=$1 cidr body out
+    local n=$1 cidr body out six
     cidr=$(node_get "$n" POD_CIDR)
     body=$(printf '{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","annotations":{' "$n")
     body+=$(printf '"flannel.alpha.coreos.com/public-ip":"%s","flannel.alpha.coreos.com/backend-type":"%s",' \
         "$(node_get "$n" TUN_IP)" "$ENCAP")
+    six=$(node_get "$n" TUN_IP6 2>/dev/null || true)
+    [ -z "$six" ] || body+=$(printf '"flannel.alpha.coreos.com/public-ipv6":"%s",' "$six")
     body+=$(printf '"flannel.alpha.coreos.com/backend-data":"{\\"VNI\\":%d,\\"VtepMAC\\":\\"%s\\"}"}},' \
         "$VNI" "$(node_get "$n" VTEP_MAC)")
     body+=$(printf '"spec":{"podCIDR":"%s","podCIDRs":[%s]}}' "$cidr" "$(node_cidrs_toml "$n")")

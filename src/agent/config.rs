@@ -5,7 +5,11 @@
 //! node_name = "n1"                 # default: $NODE_NAME (the DaemonSet's downward API)
 //! [underlay]
 //! interface = "ul0"               # required: the uplink
-//! address = "192.168.100.1"       # default: the interface's first IPv4 address
+//! address = "192.168.100.1"       # default: the interface's first IPv4 address; or one of each
+//!                                 # family, ["192.168.100.1", "fd00:100::1"]: tunnels accepted on
+//!                                 # both, both announced
+//! prefer_family = "ipv4"          # ipv4 | ipv6: the family tunnels use to a node that has both
+//!                                 # (when this node has both too); else the family they share
 //! mtu = 1500                      # default: the interface's MTU
 //! [tunnel]
 //! kind = "vxlan"                  # vxlan | geneve
@@ -53,7 +57,7 @@
 //! cni_conf = "/host/etc/cni/net.d/10-ferry.conflist"   # removed then, and by `ferry uninstall`
 //! ```
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -162,8 +166,22 @@ pub struct Uninstall {
 #[serde(deny_unknown_fields)]
 struct UnderlayFile {
     interface: String,
-    address: Option<IpAddr>,
+    address: Option<OneOrTwo>,
+    #[serde(default = "default_family")]
+    prefer_family: String,
     mtu: Option<u32>,
+}
+
+fn default_family() -> String {
+    "ipv4".into()
+}
+
+/// `underlay.address`: one address, or a list of one per family.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrTwo {
+    One(IpAddr),
+    List(Vec<IpAddr>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -411,8 +429,12 @@ pub struct AgentConfig {
     pub node_name: String,
     /// The uplink interface.
     pub underlay_if: String,
-    /// The underlay address, if given (else the interface's).
+    /// The underlay address, if given (else the interface's); IPv4 when two are given.
     pub underlay_addr: Option<IpAddr>,
+    /// The IPv6 underlay address given beside an IPv4 `underlay_addr` (a node with both families).
+    pub underlay_addr6: Option<Ipv6Addr>,
+    /// To a node with both families (when this node has both too), tunnel over IPv6.
+    pub prefer_ipv6: bool,
     /// The underlay MTU, if given (else the interface's).
     pub underlay_mtu: Option<u32>,
     /// Tunnel type.
@@ -585,6 +607,24 @@ impl AgentConfig {
         if f.tunnel.port == Some(0) {
             return Err(bad("tunnel.port", "must not be 0".into()));
         }
+        let (underlay_addr, underlay_addr6) = match &f.underlay.address {
+            None => (None, None),
+            Some(OneOrTwo::One(a)) => (Some(*a), None),
+            Some(OneOrTwo::List(l)) => {
+                // IPv4 first, whichever order the file gives.
+                let (a, b) = ferry_control::model::underlay_pair(l).map_err(|r| bad("underlay.address", r))?;
+                let six = match b {
+                    Some(IpAddr::V6(six)) => Some(six),
+                    _ => None,
+                };
+                (Some(a), six)
+            }
+        };
+        let prefer_ipv6 = match f.underlay.prefer_family.as_str() {
+            "ipv4" => false,
+            "ipv6" => true,
+            other => return Err(bad("underlay.prefer_family", format!("`{other}` is not one of ipv4, ipv6"))),
+        };
         let vtep_mac = match &f.tunnel.vtep_mac {
             None => None,
             Some(s) => Some(parse_unicast_mac(s).map_err(|r| bad("tunnel.vtep_mac", r))?),
@@ -686,7 +726,8 @@ impl AgentConfig {
 
         let c = &f.control;
         let mut control = ControlConfig::new(node_name.clone());
-        control.public_ip = f.underlay.address;
+        control.public_ip = underlay_addr;
+        control.public_ipv6 = underlay_addr6;
         control.vtep_mac = vtep_mac;
         control.vni = f.tunnel.vni;
         control.tunnel = tunnel;
@@ -763,7 +804,9 @@ impl AgentConfig {
             path: path.to_owned(),
             node_name,
             underlay_if: f.underlay.interface,
-            underlay_addr: f.underlay.address,
+            underlay_addr,
+            underlay_addr6,
+            prefer_ipv6,
             underlay_mtu: f.underlay.mtu,
             tunnel,
             vni: f.tunnel.vni,
@@ -842,6 +885,29 @@ static_file = "/etc/ferry/nodes.toml"
         let typo = (PathBuf::from("node.toml"), "[tunnel]\nvnii = 3\n".to_owned());
         let e = AgentConfig::parse_layers(&[base, typo], |_| Some("n".into())).expect_err("unknown key").to_string();
         assert!(e.contains("vnii"), "{e}");
+    }
+
+    #[test]
+    fn underlay_addresses_of_both_families() {
+        let with = |v: &str| GOOD.replace("interface = \"ul0\"", &format!("interface = \"ul0\"\n{v}"));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let c = parse(&with("address = [\"fd00:100::1\", \"192.168.100.1\"]\nprefer_family = \"ipv6\"")).expect("dual");
+        assert_eq!(
+            (c.underlay_addr, c.underlay_addr6),
+            (Some(ip("192.168.100.1")), Some("fd00:100::1".parse().expect("ip")))
+        );
+        assert!(c.prefer_ipv6);
+        assert_eq!((c.control.public_ip, c.control.public_ipv6), (c.underlay_addr, c.underlay_addr6));
+        let c = parse(&with("address = \"fd00:100::1\"")).expect("one");
+        assert_eq!((c.underlay_addr, c.underlay_addr6, c.prefer_ipv6), (Some(ip("fd00:100::1")), None, false));
+        for (v, key) in [
+            ("address = [\"192.168.100.1\", \"192.168.100.2\"]", "underlay.address"),
+            ("address = []", "underlay.address"),
+            ("prefer_family = \"ipx\"", "underlay.prefer_family"),
+        ] {
+            let e = parse(&with(v)).expect_err(v);
+            assert!(e.contains(key), "{v}: {e}");
+        }
     }
 
     #[test]

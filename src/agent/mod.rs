@@ -216,8 +216,23 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 format!("underlay.interface `{}` has no address; give underlay.address", cfg.underlay_if)
             })?,
     };
+    // A second address, IPv6 beside an IPv4 one: tunnels are accepted on both and each remote node
+    // is reached over the family chosen for it (`Underlay::choose`).
+    let underlay_addr6 = match cfg.underlay_addr6 {
+        Some(a) if addrs.iter().any(|n| n.addr() == IpAddr::V6(a)) => Some(a),
+        Some(a) => bail!("underlay.address {a} is not an address of `{}` (it has {addrs:?})", cfg.underlay_if),
+        None => None,
+    };
     let underlay_mtu = cfg.underlay_mtu.unwrap_or(link.mtu);
-    let uplink_kind = uplink_kind(cfg.uplink_port, &cfg.underlay_if, underlay_addr);
+    let uplink_kind = match (uplink_kind(cfg.uplink_port, &cfg.underlay_if, underlay_addr), underlay_addr6) {
+        // The UDP uplink's sockets carry one family.
+        (UplinkPort::Udp, Some(_)) if cfg.uplink_port == UplinkPort::Auto => UplinkPort::AfXdp,
+        (UplinkPort::Udp, Some(_)) => bail!(
+            "dataplane.uplink_port = \"udp\" carries one underlay family, but underlay.address has two: \
+             use afxdp (or auto), or give one address"
+        ),
+        (k, _) => k,
+    };
     let pod_port = resolve_pod_port(cfg.pod_port)?;
     let queues = link.rx_queues.min(link.tx_queues).max(1);
     if uplink_kind == UplinkPort::AfXdp && queues < cfg.workers {
@@ -230,19 +245,23 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let vtep_mac = cfg.vtep_mac.unwrap_or_else(|| ferry_control::tables::derived_vtep_mac(underlay_addr));
     let (v4, v6) = match underlay_addr {
-        IpAddr::V4(a) => (Some(a), None),
+        IpAddr::V4(a) => (Some(a), underlay_addr6),
         IpAddr::V6(a) => (None, Some(a)),
     };
     // The tables build every remote node's template with these parameters (their own MACs and
-    // addresses, which do not change the size).
-    let mut tunnel = TemplateParams::new(cfg.tunnel, cfg.vni, underlay_mac, underlay_mac, underlay_addr, underlay_addr);
+    // addresses, which do not change the size). With both families the pods get the larger
+    // (IPv6) overhead's MTU, whichever family a peer is reached over.
+    let widest = v6.map_or(underlay_addr, IpAddr::V6);
+    let mut tunnel = TemplateParams::new(cfg.tunnel, cfg.vni, underlay_mac, underlay_mac, widest, widest);
     tunnel.dst_port = cfg.tunnel_port;
     let pod_mtu = underlay_mtu.saturating_sub(tunnel_overhead(&tunnel).context("the tunnel's parameters")?);
 
     // The tables and the control plane that fills them.
-    let tables = Arc::new(Mutex::new(Tables::new(Underlay::new(underlay_mac, v4, v6), NEIGHBOUR_REACHABLE)));
+    let underlay = Underlay { prefer_ipv6: cfg.prefer_ipv6, ..Underlay::new(underlay_mac, v4, v6) };
+    let tables = Arc::new(Mutex::new(Tables::new(underlay, NEIGHBOUR_REACHABLE)));
     let mut control = cfg.control.clone();
     control.public_ip = Some(underlay_addr);
+    control.public_ipv6 = v6.filter(|_| v4.is_some());
     control.vtep_mac = Some(vtep_mac);
     let mut sources = Vec::new();
     if control.static_file.is_some() {
@@ -257,8 +276,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Each policy publication sets the veth pods' `isolated` flags at once (the pods are known
     // once the agent's shared state exists; until then the main loop's pass covers them).
     let policy_sync: Arc<OnceLock<Weak<Shared>>> = Arc::default();
-    let publisher =
-        TablesPublisher::shared(Arc::clone(&tables)).for_node(&cfg.node_name, vec![underlay_addr]).with_policy_hook({
+    let publisher = TablesPublisher::shared(Arc::clone(&tables))
+        .for_node(&cfg.node_name, std::iter::once(underlay_addr).chain(underlay_addr6.map(IpAddr::V6)).collect())
+        .with_policy_hook({
             let sync = Arc::clone(&policy_sync);
             move |policy| {
                 if let Some(shared) = sync.get().and_then(Weak::upgrade) {
@@ -320,6 +340,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     decap.verify_udp_checksum = cfg.verify_udp_checksum;
     decap.accept_ipv6_zero_udp_checksum = cfg.udp6_zero_checksum_rx;
     decap.local_mac = Some(underlay_mac);
+    decap.local_v6 = v6;
     // The host port: the node's own way into the overlay, and (pods on taps) the pods' way out of
     // it. Its veth exists before the workers start, so that they know the kernel end's MAC.
     let host_plan = match (&cfg.host_if, host_addr, gateway_v4) {
@@ -462,7 +483,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             kind: "uplink".into(),
             io: "af_xdp".into(),
             pod: None,
-            addrs: vec![underlay_addr],
+            addrs: std::iter::once(underlay_addr).chain(underlay_addr6.map(IpAddr::V6)).collect(),
             xdp_mode: uplink_xdp
                 .as_ref()
                 .map_or_else(|| "none (udp socket)".to_owned(), |x| format!("{:?}", x.mode()).to_lowercase()),

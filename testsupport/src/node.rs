@@ -187,6 +187,7 @@ impl TestNode {
                 name: format!("node{other}"),
                 pod_cidrs: vec![IpNet::from(ipnet::Ipv4Net::new(Ipv4Addr::new(10, 244, other, 0), 24).expect("/24"))],
                 underlay: underlay_ip(other).into(),
+                other_underlays: Vec::new(),
                 vtep_mac: vtep_mac(other),
                 vni: 1,
                 tunnel: TunnelKind::Vxlan,

@@ -12,7 +12,7 @@
 //! lease is re-taken, keeping its subnet). Clean shutdown deletes our key and revokes the lease.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -64,6 +64,7 @@ async fn timed<T>(f: impl Future<Output = Result<T, etcd_client::Error>>) -> Res
 #[derive(Debug, Clone)]
 pub(crate) struct Own {
     pub(crate) public_ip: IpAddr,
+    pub(crate) public_ipv6: Option<Ipv6Addr>,
     pub(crate) vtep_mac: Option<MacAddr>,
 }
 
@@ -97,8 +98,11 @@ impl EtcdSource {
         metrics: Metrics,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let own =
-            if cfg.take_lease { c.public_ip.map(|public_ip| Own { public_ip, vtep_mac: c.vtep_mac }) } else { None };
+        let own = if cfg.take_lease {
+            c.public_ip.map(|public_ip| Own { public_ip, public_ipv6: c.public_ipv6, vtep_mac: c.vtep_mac })
+        } else {
+            None
+        };
         EtcdSource { cfg, own, port: c.tunnel_port, tx, metrics, shutdown, warned_config: None }
     }
 
@@ -297,8 +301,9 @@ impl EtcdSource {
             public_ip: own.public_ip,
             backend: network.backend,
             data: BackendData { vni: Some(network.vni), vtep_mac: own.vtep_mac },
-            // ferry tunnels both families to PublicIP (the inner and outer families are independent).
-            public_ipv6: None,
+            // A node with both underlay families announces its IPv6 one too; the inner and outer
+            // families are independent (each peer tunnels to the family it chooses).
+            public_ipv6: own.public_ipv6,
         };
         let value = attrs.to_json();
         let list = timed(client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
@@ -400,6 +405,8 @@ pub fn lease_spec(
         name: name.to_owned(),
         pod_cidrs: std::iter::once(IpNet::V4(subnet)).chain(six.map(IpNet::V6)).collect(),
         underlay: attrs.public_ip,
+        // `PublicIPv6` beside an IPv4 `PublicIP` (a node with both underlay families).
+        other_underlay: attrs.public_ipv6.filter(|_| attrs.public_ip.is_ipv4()).map(IpAddr::V6),
         vtep_mac: attrs.data.vtep_mac,
         vni: attrs.data.vni.unwrap_or(network.vni),
         tunnel: attrs.backend,

@@ -13,7 +13,7 @@
 //!   writes them (and again whenever someone changes them).
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -131,14 +131,25 @@ pub fn node_spec(node: &Node, ctx: &ParseCtx) -> Result<NodeSpec, Rejection> {
     let annotations = node.metadata.annotations.as_ref();
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
 
-    let underlay = match annotation(flannel::PUBLIC_IP) {
-        Some(ip) => ip
-            .trim()
-            .parse::<IpAddr>()
-            .map_err(|_| reject(&annotation_field(flannel::PUBLIC_IP), format!("{ip:?} is not an IP address")))?,
-        None => match internal_ip(node) {
-            Ok(Some(ip)) => ip,
-            Ok(None) if pod_cidrs.is_empty() => IpAddr::from([0, 0, 0, 0]),
+    // The announced address (with its IPv6 partner), else the InternalIPs: the first of each
+    // family, IPv4 first.
+    let (underlay, other_underlay) = match annotation(flannel::PUBLIC_IP) {
+        Some(ip) => {
+            let ip = ip
+                .trim()
+                .parse::<IpAddr>()
+                .map_err(|_| reject(&annotation_field(flannel::PUBLIC_IP), format!("{ip:?} is not an IP address")))?;
+            let six = match annotation(flannel::PUBLIC_IPV6) {
+                Some(six) => Some(six.trim().parse::<Ipv6Addr>().map_err(|_| {
+                    reject(&annotation_field(flannel::PUBLIC_IPV6), format!("{six:?} is not an IPv6 address"))
+                })?),
+                None => None,
+            };
+            (ip, six.filter(|_| ip.is_ipv4()).map(IpAddr::V6))
+        }
+        None => match internal_ips(node) {
+            Ok(Some(pair)) => pair,
+            Ok(None) if pod_cidrs.is_empty() => (IpAddr::from([0, 0, 0, 0]), None),
             Ok(None) => {
                 return Err(reject(
                     "status.addresses",
@@ -166,6 +177,7 @@ pub fn node_spec(node: &Node, ctx: &ParseCtx) -> Result<NodeSpec, Rejection> {
         name,
         pod_cidrs,
         underlay,
+        other_underlay,
         vtep_mac: data.vtep_mac,
         vni: data.vni.unwrap_or(ctx.vni),
         tunnel,
@@ -175,19 +187,26 @@ pub fn node_spec(node: &Node, ctx: &ParseCtx) -> Result<NodeSpec, Rejection> {
 }
 
 /// The first InternalIP, IPv4 preferred. `Err` carries an unparsable one.
-fn internal_ip(node: &Node) -> Result<Option<IpAddr>, String> {
+fn internal_ips(node: &Node) -> Result<Option<(IpAddr, Option<IpAddr>)>, String> {
     let addrs = node.status.as_ref().and_then(|s| s.addresses.as_ref());
     let mut parsed = Vec::new();
     for a in addrs.into_iter().flatten().filter(|a| a.type_ == "InternalIP") {
         parsed.push(a.address.trim().parse::<IpAddr>().map_err(|_| a.address.clone())?);
     }
-    Ok(parsed.iter().find(|a| a.is_ipv4()).or(parsed.first()).copied())
+    let v4 = parsed.iter().copied().find(IpAddr::is_ipv4);
+    let v6 = parsed.iter().copied().find(IpAddr::is_ipv6);
+    Ok(match (v4, v6) {
+        (Some(a), b) => Some((a, b)),
+        (None, Some(b)) => Some((b, None)),
+        (None, None) => None,
+    })
 }
 
 /// The annotations this node announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announcement {
     public_ip: IpAddr,
+    public_ipv6: Option<Ipv6Addr>,
     tunnel: TunnelKind,
     data: BackendData,
 }
@@ -197,6 +216,7 @@ impl Announcement {
     pub fn from_config(c: &ControlConfig) -> Option<Self> {
         Some(Announcement {
             public_ip: c.public_ip?,
+            public_ipv6: c.public_ipv6,
             tunnel: c.tunnel,
             data: BackendData { vni: Some(c.vni), vtep_mac: c.vtep_mac },
         })
@@ -209,15 +229,18 @@ impl Announcement {
         let type_ok = a.get(flannel::BACKEND_TYPE).and_then(|s| parse_tunnel(s).ok()) == Some(self.tunnel);
         let data_ok =
             a.get(flannel::BACKEND_DATA).and_then(|s| BackendData::from_annotation(s).ok()) == Some(self.data);
-        ip_ok && type_ok && data_ok
+        let ip6_ok = a.get(flannel::PUBLIC_IPV6).and_then(|s| s.trim().parse::<Ipv6Addr>().ok()) == self.public_ipv6;
+        ip_ok && ip6_ok && type_ok && data_ok
     }
 
     /// The merge patch that writes them.
     pub fn patch(&self) -> serde_json::Value {
         let mut annotations = BTreeMap::new();
-        annotations.insert(flannel::PUBLIC_IP, self.public_ip.to_string());
-        annotations.insert(flannel::BACKEND_TYPE, self.tunnel.name().to_owned());
-        annotations.insert(flannel::BACKEND_DATA, self.data.to_value().to_string());
+        annotations.insert(flannel::PUBLIC_IP, json!(self.public_ip.to_string()));
+        // null removes one a previous configuration wrote (a merge patch).
+        annotations.insert(flannel::PUBLIC_IPV6, json!(self.public_ipv6.map(|a| a.to_string())));
+        annotations.insert(flannel::BACKEND_TYPE, json!(self.tunnel.name()));
+        annotations.insert(flannel::BACKEND_DATA, json!(self.data.to_value().to_string()));
         json!({ "metadata": { "annotations": annotations } })
     }
 }
@@ -408,7 +431,9 @@ mod tests {
         }));
         let s = node_spec(&n, &ctx()).expect("valid");
         assert_eq!(s.pod_cidrs, ["10.244.1.0/24".parse::<ipnet::IpNet>().expect("net")]);
+        // One InternalIP of each family: both underlay addresses, IPv4 first.
         assert_eq!(s.underlay, "192.0.2.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(s.other_underlay, Some("fd00::a".parse::<IpAddr>().expect("ip")));
         assert_eq!((s.vtep_mac, s.vni, s.tunnel, s.port), (None, 1, TunnelKind::Vxlan, 4789));
         // No CIDR yet and no address: fine, nothing to route.
         assert!(node_spec(&node(json!({"metadata": {"name": "b"}})), &ctx()).is_ok_and(|s| s.pod_cidrs.is_empty()));
@@ -432,8 +457,14 @@ mod tests {
             "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.2"}]}
         }));
         let s = node_spec(&n, &ctx()).expect("valid");
-        assert_eq!(s.underlay, "198.51.100.7".parse::<IpAddr>().expect("ip"));
+        assert_eq!((s.underlay, s.other_underlay), ("198.51.100.7".parse::<IpAddr>().expect("ip"), None));
         assert_eq!((s.vni, s.tunnel), (42, TunnelKind::Geneve));
+        let mut dual = n.clone();
+        if let Some(a) = dual.metadata.annotations.as_mut() {
+            a.insert("flannel.alpha.coreos.com/public-ipv6".into(), "2001:db8::7".into());
+        }
+        let s = node_spec(&dual, &ctx()).expect("valid");
+        assert_eq!(s.other_underlay, Some("2001:db8::7".parse::<IpAddr>().expect("ip")));
         assert!(s.vtep_mac.is_some());
     }
 
@@ -450,6 +481,11 @@ mod tests {
             (
                 json!({"metadata": {"annotations": {"flannel.alpha.coreos.com/public-ip": "1.2.3"}}, "spec": {"podCIDR": "10.244.3.0/24"}}),
                 "metadata.annotations[flannel.alpha.coreos.com/public-ip]",
+            ),
+            (
+                json!({"metadata": {"annotations": {"flannel.alpha.coreos.com/public-ip": "192.0.2.3",
+                    "flannel.alpha.coreos.com/public-ipv6": "192.0.2.4"}}, "spec": {"podCIDR": "10.244.3.0/24"}}),
+                "metadata.annotations[flannel.alpha.coreos.com/public-ipv6]",
             ),
             (
                 json!({"metadata": {"annotations": {"flannel.alpha.coreos.com/public-ip": "192.0.2.3",
@@ -475,13 +511,27 @@ mod tests {
         c.public_ip = Some("192.0.2.9".parse().expect("ip"));
         c.vtep_mac = Some("02:00:00:00:00:09".parse().expect("mac"));
         c.vni = 5;
+        // What a merge patch leaves: the non-null values (null deletes).
+        let applied = |a: &Announcement| {
+            let mut v = a.patch()["metadata"]["annotations"].clone();
+            v.as_object_mut().expect("object").retain(|_, v| !v.is_null());
+            serde_json::from_value(v).expect("map")
+        };
         let a = Announcement::from_config(&c).expect("announce");
         let mut n = node(json!({"metadata": {"name": "me"}, "spec": {"podCIDR": "10.244.9.0/24"}}));
         assert!(!a.is_current(&n));
-        n.metadata.annotations = serde_json::from_value(a.patch()["metadata"]["annotations"].clone()).expect("map");
+        n.metadata.annotations = applied(&a);
         assert!(a.is_current(&n));
         let other = ParseCtx { own_name: "other".into(), ..ctx() };
         let s = node_spec(&n, &other).expect("valid");
-        assert_eq!((s.underlay, s.vni, s.vtep_mac), (c.public_ip.expect("ip"), 5, c.vtep_mac));
+        assert_eq!((s.underlay, s.vni, s.vtep_mac, s.other_underlay), (c.public_ip.expect("ip"), 5, c.vtep_mac, None));
+        // Both families: the IPv6 address announced as Flannel's public-ipv6.
+        c.public_ipv6 = Some("2001:db8::9".parse().expect("ip"));
+        let a6 = Announcement::from_config(&c).expect("announce");
+        assert!(!a6.is_current(&n), "the IPv6 address is not announced yet");
+        n.metadata.annotations = applied(&a6);
+        assert!(a6.is_current(&n) && !a.is_current(&n));
+        let s = node_spec(&n, &other).expect("valid");
+        assert_eq!(s.other_underlay, Some("2001:db8::9".parse::<IpAddr>().expect("ip")));
     }
 }

@@ -8,7 +8,7 @@
 //! [[node]]
 //! name = "node-a"
 //! pod_cidrs = ["10.244.1.0/24", "fd00:10:244:1::/64"]
-//! underlay = "192.168.0.10"
+//! underlay = "192.168.0.10"             # or one of each family: ["192.168.0.10", "fd00::10"]
 //! vtep_mac = "02:00:c0:a8:00:0a"         # optional
 //! vni = 1                                 # optional (default: --vni)
 //! tunnel = "vxlan"                        # optional (default: --tunnel)
@@ -74,7 +74,9 @@ use tokio::sync::{mpsc, watch};
 use super::EventTx;
 use crate::config::ControlConfig;
 use crate::metrics::Metrics;
-use crate::model::{NodeSpec, Rejection, Seniority, SourceKind, check_vni, parse_cidr, parse_tunnel, parse_vtep_mac};
+use crate::model::{
+    NodeSpec, Rejection, Seniority, SourceKind, check_vni, parse_cidr, parse_tunnel, parse_vtep_mac, underlay_pair,
+};
 use crate::model::{ObjectKind, PolicyObject, Update};
 
 /// How often the file is checked even without an inotify event. Short, because a missed event
@@ -235,13 +237,30 @@ struct ServiceEntry {
     health_check_node_port: Option<u32>,
 }
 
+/// A node's `underlay`: one address, or a list of one per family.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrTwo {
+    One(String),
+    List(Vec<String>),
+}
+
+impl OneOrTwo {
+    fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrTwo::One(a) => std::slice::from_ref(a),
+            OneOrTwo::List(l) => l,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Entry {
     name: String,
     #[serde(default)]
     pod_cidrs: Vec<String>,
-    underlay: Option<String>,
+    underlay: Option<OneOrTwo>,
     vtep_mac: Option<String>,
     vni: Option<u64>,
     tunnel: Option<String>,
@@ -561,9 +580,18 @@ fn entry_spec(e: Entry, d: &Defaults) -> Result<NodeSpec, Rejection> {
     let reject = |field: &str, reason: String| Rejection::new(e.name.clone(), field, reason);
     let pod_cidrs =
         e.pod_cidrs.iter().map(|c| parse_cidr(c)).collect::<Result<Vec<_>, _>>().map_err(|r| reject("pod_cidrs", r))?;
-    let underlay = match &e.underlay {
-        Some(u) => u.trim().parse::<IpAddr>().map_err(|_| reject("underlay", format!("{u:?} is not an IP address")))?,
-        None if pod_cidrs.is_empty() || e.name == d.own_name => IpAddr::from([0, 0, 0, 0]),
+    let (underlay, other_underlay) = match &e.underlay {
+        Some(u) => {
+            let addrs = u
+                .as_slice()
+                .iter()
+                .map(|a| {
+                    a.trim().parse::<IpAddr>().map_err(|_| reject("underlay", format!("{a:?} is not an IP address")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            underlay_pair(&addrs).map_err(|r| reject("underlay", r))?
+        }
+        None if pod_cidrs.is_empty() || e.name == d.own_name => (IpAddr::from([0, 0, 0, 0]), None),
         None => return Err(reject("underlay", "missing".into())),
     };
     let vtep_mac = e.vtep_mac.as_deref().map(parse_vtep_mac).transpose().map_err(|r| reject("vtep_mac", r))?;
@@ -575,6 +603,7 @@ fn entry_spec(e: Entry, d: &Defaults) -> Result<NodeSpec, Rejection> {
         name: e.name,
         pod_cidrs,
         underlay,
+        other_underlay,
         vtep_mac,
         vni,
         tunnel,
@@ -744,6 +773,42 @@ mod tests {
         assert_eq!(p.nodes[3].as_ref().map_err(|e| e.field.as_str()), Err("name"));
         // The entry's position ranks overlapping claims.
         assert_eq!((me.seniority.created, a.seniority.created), (0, 1));
+    }
+
+    #[test]
+    fn a_node_with_an_underlay_address_of_each_family() {
+        let text = r#"
+            [[node]]
+            name = "dual"
+            pod_cidrs = ["10.244.1.0/24"]
+            underlay = ["192.0.2.1", "2001:db8::1"]
+            [[node]]
+            name = "six"
+            pod_cidrs = ["10.244.2.0/24"]
+            underlay = ["2001:db8::2"]
+            [[node]]
+            name = "two-v4"
+            pod_cidrs = ["10.244.3.0/24"]
+            underlay = ["192.0.2.3", "192.0.2.4"]
+            [[node]]
+            name = "three"
+            pod_cidrs = ["10.244.4.0/24"]
+            underlay = ["192.0.2.5", "2001:db8::5", "2001:db8::6"]
+            [[node]]
+            name = "junk"
+            pod_cidrs = ["10.244.5.0/24"]
+            underlay = ["192.0.2.7", "nope"]
+        "#;
+        let p = parse(text, &defaults()).expect("parses");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let dual = p.nodes[0].as_ref().expect("dual");
+        assert_eq!((dual.underlay, dual.other_underlay), (ip("192.0.2.1"), Some(ip("2001:db8::1"))));
+        let six = p.nodes[1].as_ref().expect("six");
+        assert_eq!((six.underlay, six.other_underlay), (ip("2001:db8::2"), None));
+        for (i, why) in [(2, "same family"), (3, "3 addresses"), (4, "not an IP address")] {
+            let e = p.nodes[i].as_ref().expect_err("rejected");
+            assert!(e.field == "underlay" && e.reason.contains(why), "{e}");
+        }
     }
 
     #[test]

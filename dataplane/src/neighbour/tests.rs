@@ -257,6 +257,7 @@ fn node(name: &str, underlay: &str, cidr: &str) -> RemoteNode {
         name: name.to_owned(),
         pod_cidrs: vec![cidr.parse().expect("cidr")],
         underlay: ip(underlay),
+        other_underlays: Vec::new(),
         vtep_mac: MacAddr([0x02, 0xee, 0, 0, 0, 1]),
         vni: 1,
         tunnel: TunnelKind::Vxlan,

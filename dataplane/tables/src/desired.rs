@@ -35,6 +35,9 @@ pub struct RemoteNode {
     pub pod_cidrs: Vec<IpNet>,
     /// Its underlay address: the outer destination.
     pub underlay: IpAddr,
+    /// Its other underlay addresses (a node with one of each family): tunnel packets from them are
+    /// accepted as this node's, but nothing is sent to them.
+    pub other_underlays: Vec<IpAddr>,
     /// Its VTEP MAC: the inner destination MAC.
     pub vtep_mac: MacAddr,
     /// The VNI to encapsulate with (24 bits).
@@ -85,6 +88,9 @@ pub struct Underlay {
     pub ecn: EcnMode,
     /// Send a zero UDP checksum over IPv6 (RFC 6935).
     pub ipv6_zero_udp_checksum: bool,
+    /// For a remote node with underlay addresses of both families, when this node has both too:
+    /// tunnel to its IPv6 one (else its IPv4 one, as Flannel does). See [`Underlay::choose`].
+    pub prefer_ipv6: bool,
 }
 
 impl Underlay {
@@ -102,7 +108,18 @@ impl Underlay {
             dscp: Dscp::Inherit,
             ecn: EcnMode::Normal,
             ipv6_zero_udp_checksum: false,
+            prefer_ipv6: false,
         }
+    }
+
+    /// Of a remote node's underlay addresses (at most one per family matters), the one to tunnel
+    /// to: of the preferred family ([`Underlay::prefer_ipv6`]) when this node has an address of
+    /// that family, else of a family this node has. When this node shares no family with the
+    /// remote node, the first address (the tables then refuse the node, naming the family).
+    /// `None` only for an empty list.
+    pub fn choose(&self, addrs: &[IpAddr]) -> Option<IpAddr> {
+        let of = |v6: bool| addrs.iter().copied().find(|a| a.is_ipv6() == v6 && self.source_for(*a).is_some());
+        of(self.prefer_ipv6).or_else(|| of(!self.prefer_ipv6)).or_else(|| addrs.first().copied())
     }
 
     /// This node's address in `remote`'s family.

@@ -9,6 +9,7 @@
 //! The LPMs and the port and node tables are behind `Arc`s so that a snapshot that changes only
 //! next hops (a neighbour's MAC) shares them with its predecessor instead of rebuilding them.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -80,6 +81,8 @@ pub struct Snapshot {
     pub(crate) hops: Box<[NextHop]>,
     pub(crate) ports: Arc<PortSources>,
     pub(crate) nodes: Arc<AddrSet>,
+    /// A remote node's other underlay address -> the address it is tunnelled to.
+    pub(crate) aliases: Arc<HashMap<IpAddr, IpAddr>>,
     /// Services: their own part, replaced without touching the routes.
     pub(crate) services: Arc<Services>,
     /// NetworkPolicy: its own part, replaced without touching the rest.
@@ -109,6 +112,7 @@ impl Snapshot {
             hops: Box::new([]),
             ports: Arc::default(),
             nodes: Arc::new(AddrSet::new(std::iter::empty())),
+            aliases: Arc::default(),
             services: Arc::default(),
             policy: Arc::default(),
         }
@@ -182,6 +186,13 @@ impl Snapshot {
     #[inline]
     pub fn source_allowed(&self, port: PortId, src: IpAddr) -> bool {
         self.ports.allowed(port, src)
+    }
+
+    /// For a remote node's other underlay address (a node with both families, reached at the
+    /// other one), the address this node tunnels to it; `None` for anything else.
+    #[inline]
+    pub fn node_alias(&self, underlay: IpAddr) -> Option<IpAddr> {
+        if self.aliases.is_empty() { None } else { self.aliases.get(&underlay).copied() }
     }
 
     /// The MAC of the pod on `port` (its frames' only allowed source MAC), if a pod is there.

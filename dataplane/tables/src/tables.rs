@@ -129,6 +129,8 @@ struct Compiled {
     v6: Arc<Poptrie<Ipv6Addr>>,
     ports: Arc<PortSources>,
     nodes: Arc<AddrSet>,
+    /// A remote node's other underlay address -> the address it is tunnelled to.
+    aliases: Arc<HashMap<IpAddr, IpAddr>>,
     plan: Vec<HopPlan>,
 }
 
@@ -296,12 +298,20 @@ fn compile(
             desired.local_pods.iter().map(|p| (p.port, p.mac, p.addrs.as_slice(), p.source_only.as_slice())),
         ))
     };
-    let nodes = if desired.nodes.iter().map(|n| n.underlay).eq(prev_desired.nodes.iter().map(|n| n.underlay)) {
-        Arc::clone(&prev.nodes)
-    } else {
-        Arc::new(AddrSet::new(desired.nodes.iter().map(|n| n.underlay)))
+    let addrs = |d: &DesiredState| -> Vec<IpAddr> {
+        d.nodes.iter().flat_map(|n| std::iter::once(n.underlay).chain(n.other_underlays.iter().copied())).collect()
     };
-    Ok(Compiled { routes4, routes6, v4, v6, ports, nodes, plan })
+    let (nodes, aliases) = if addrs(desired) == addrs(prev_desired) {
+        (Arc::clone(&prev.nodes), Arc::clone(&prev.aliases))
+    } else {
+        let aliases = desired
+            .nodes
+            .iter()
+            .flat_map(|n| n.other_underlays.iter().filter(move |a| **a != n.underlay).map(move |a| (*a, n.underlay)))
+            .collect();
+        (Arc::new(AddrSet::new(addrs(desired).into_iter())), Arc::new(aliases))
+    };
+    Ok(Compiled { routes4, routes6, v4, v6, ports, nodes, aliases, plan })
 }
 
 /// The template toward `node` with next-hop MAC `mac`.
@@ -335,6 +345,7 @@ impl Tables {
             v6: Arc::clone(&empty.v6),
             ports: Arc::clone(&empty.ports),
             nodes: Arc::clone(&empty.nodes),
+            aliases: Arc::clone(&empty.aliases),
             plan: Vec::new(),
         };
         Tables {
@@ -438,6 +449,7 @@ impl Tables {
             hops: hops.into_boxed_slice(),
             ports: Arc::clone(&self.compiled.ports),
             nodes: Arc::clone(&self.compiled.nodes),
+            aliases: Arc::clone(&self.compiled.aliases),
             services: Arc::clone(&self.services),
             policy: Arc::clone(&self.policy),
         };
@@ -542,6 +554,11 @@ impl Tables {
     /// When a learned neighbour next ages out.
     pub fn next_neighbour_expiry(&self) -> Option<Instant> {
         self.neighbours.next_expiry()
+    }
+
+    /// This node's underlay (its addresses choose which of a remote node's addresses to tunnel to).
+    pub fn underlay(&self) -> &Underlay {
+        &self.underlay
     }
 
     /// The neighbour table.

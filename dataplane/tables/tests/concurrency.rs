@@ -23,6 +23,7 @@ fn node(underlay: [u8; 4], cidr: String, vni: u32) -> RemoteNode {
         name: format!("{underlay:?}"),
         pod_cidrs: vec![cidr.parse().expect("cidr")],
         underlay: IpAddr::from(underlay),
+        other_underlays: Vec::new(),
         vtep_mac: MacAddr([2, 0, 0, 0, 0, 0xee]),
         vni,
         tunnel: TunnelKind::Vxlan,

@@ -20,6 +20,7 @@ fn node(name: &str, underlay: &str, cidrs: &[&str], vni: u32) -> RemoteNode {
         name: name.to_owned(),
         pod_cidrs: cidrs.iter().map(|c| c.parse().expect("cidr")).collect(),
         underlay: ip(underlay),
+        other_underlays: Vec::new(),
         vtep_mac: mac(0xee),
         vni,
         tunnel: TunnelKind::Vxlan,
