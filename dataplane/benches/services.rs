@@ -11,12 +11,15 @@
 //!   different services; `random_1m` over all of them (every lookup a cache and TLB miss: memory
 //!   latency).
 //!
-//! Run: `cargo bench -p ferry-dataplane --bench services`.
+//! Run: `cargo bench -p ferry-dataplane --bench services`. The figures are the bench thread's CPU
+//! time (`ferry_testsupport::cputime`: this machine is shared); `FERRY_BENCH_WALL=1` measures
+//! wall time instead.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::Measurement;
+use criterion::{Criterion, Throughput};
 use ferry_dataplane::conntrack::{Conntrack, Nat, Timeouts, Tuple, flags};
 use ferry_tables::{Backend, EndpointSpec, Protocol, ServiceSpec, Services};
 
@@ -52,7 +55,7 @@ fn xorshift(x: &mut u64) -> u64 {
     *x
 }
 
-fn bench(c: &mut Criterion) {
+fn bench<M: Measurement>(c: &mut Criterion<M>) {
     let mut g = c.benchmark_group("maglev");
     let big = specs(1, 1000);
     g.bench_function("compile_1000_backends", |b| b.iter(|| Services::build(black_box(&big), 1).expect("builds")));
@@ -137,10 +140,10 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group! {
-    name = benches;
-    config = Criterion::default().sample_size(30).warm_up_time(std::time::Duration::from_secs(1))
-        .measurement_time(std::time::Duration::from_secs(3));
-    targets = bench
+fn config<M: Measurement>(c: Criterion<M>) -> Criterion<M> {
+    c.sample_size(30)
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(3))
 }
-criterion_main!(benches);
+
+ferry_testsupport::bench_main!(config, bench);

@@ -8,9 +8,14 @@
 //!   (the test harness hides what a passing test prints).
 //! - [`run`]: a setup command whose failure is a broken environment.
 //! - [`node`] (feature `node`): a simulated node, a worker over in-memory ports with real tables.
+//! - [`cputime`] (feature `bench`): a criterion measurement of the thread's CPU time, for benches
+//!   on a loaded machine.
 
 #[cfg(feature = "node")]
 pub mod node;
+
+#[cfg(feature = "bench")]
+pub mod cputime;
 
 use std::io::Write;
 use std::path::Path;
