@@ -34,6 +34,9 @@
 # cached kube-apiserver of scripts/build-kube-apiserver.sh on 192.168.100.254:6443, Node objects with
 # spec.podCIDRs and Flannel annotations, and a Pod in namespace "lab" for every pod, status.podIPs set).
 # check runs $FERRY_LAB_CHECK_JOBS pairs at once (default 6).
+# --ip-family ipv6 gives pods only an IPv6 address (the same /64s; no IPv4 pod CIDR anywhere), and check
+# runs the IPv6 rows (pods <-> pods, nodes -> pods; pods -> nodes over IPv6 where nodes have IPv6 underlay
+# addresses).
 # --ip-family dual gives every pod an IPv6 address too (node i: fd00:10:244:<i>::/64, over the IPv4
 # underlay), and check adds every pod pair over IPv6; ferry nodes only (with --source etcd the leases are
 # Flannel's dual-stack ones: EnableIPv6, keys 10.244.<i>.0-24&fd00:10:244:<i>::-64).
@@ -159,11 +162,14 @@ cmd_up() {
     [[ $NODES =~ ^[0-9]+$ && $PODS =~ ^[0-9]+$ && $KNODES =~ ^[0-9]+$ && $PORT =~ ^[0-9]+$ ]] ||
         die "--nodes, --pods-per-node, --kernel-nodes and --port take numbers"
     if [ $((NODES + KNODES)) -lt 1 ] || [ $((NODES + KNODES)) -gt 250 ]; then die "between 1 and 250 nodes in all"; fi
-    case "$IP_FAMILY" in ipv4 | dual) ;; *) die "--ip-family: ipv4 or dual, not '$IP_FAMILY'" ;; esac
+    case "$IP_FAMILY" in ipv4 | dual | ipv6) ;; *) die "--ip-family: ipv4, dual or ipv6, not '$IP_FAMILY'" ;; esac
+    if [ "$IP_FAMILY" = ipv6 ] && { [ "$SOURCE" = etcd ] || [ "$SERVICES" -gt 0 ]; }; then
+        die "--ip-family ipv6: the static or kube source, no --services (Flannel's leases and the lab's services are IPv4)"
+    fi
     [[ $SERVICES =~ ^[0-9]+$ ]] && [ "$SERVICES" -le 5000 ] || die "--services takes a number up to 5000, not '$SERVICES'"
     if [ "$SERVICES" -gt 0 ] && [ "$SOURCE" = etcd ]; then die "--services: with the static or kube source (etcd carries no Services)"; fi
-    if [ "$IP_FAMILY" = dual ] && [ "$KNODES" -gt 0 ]; then
-        die "--ip-family dual: ferry nodes only (the lab's kernel-VXLAN nodes are IPv4-only)"
+    if [ "$IP_FAMILY" != ipv4 ] && [ "$KNODES" -gt 0 ]; then
+        die "--ip-family $IP_FAMILY: ferry nodes only (the lab's kernel-VXLAN nodes are IPv4-only)"
     fi
     case "$UNDERLAY" in ipv4 | ipv6 | dual) ;; *) die "--underlay: ipv4, ipv6 or dual, not '$UNDERLAY'" ;; esac
     if [ "$UNDERLAY" != ipv4 ] && [ "$SOURCE" = etcd ]; then

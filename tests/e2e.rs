@@ -734,6 +734,44 @@ fn matrix_over_a_dual_underlay() {
     let _ = std::fs::remove_file(&pcap);
 }
 
+/// IPv6-only pods in an IPv6-only cluster (`--ip-family ipv6 --underlay ipv6`): each pod gets one
+/// address, from its node's IPv6 pod CIDR, and a default route via the gateway, whose neighbour
+/// solicitations ferry answers; the nodes have no IPv4 pod CIDR (the host port is IPv6 only). The
+/// whole IPv6 matrix passes: pods to pods, nodes to pods, pods to nodes.
+#[test]
+fn matrix_ipv6_only_pods() {
+    if !privileged("matrix_ipv6_only_pods") {
+        return;
+    }
+    let _s = serial();
+    let lab =
+        Lab::up("e2e_v6only", &["--nodes", "2", "--pods-per-node", "2", "--ip-family", "ipv6", "--underlay", "ipv6"]);
+    for p in ["n1-p1", "n2-p2"] {
+        let ns = lab.netns(p);
+        let v4 = run_bounded(10, &["ip", "netns", "exec", &ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+        assert!(text(&v4.stdout).trim().is_empty(), "{p} has an IPv4 address: {}", text(&v4.stdout));
+        let r = run_bounded(10, &["ip", "netns", "exec", &ns, "ip", "-6", "route", "show", "default"]);
+        let gw = if p == "n1-p1" { "fd00:10:244:1::1" } else { "fd00:10:244:2::1" };
+        assert!(text(&r.stdout).contains(&format!("default via {gw} dev eth0")), "{p}: {}", text(&r.stdout));
+    }
+    let routes = lab.ferry("n1", "routes").to_string();
+    assert!(routes.contains("fd00:10:244:2::/64") && !routes.contains("10.244."), "n1's routes: {routes}");
+    let rows = lab.check();
+    let c = categories(&rows);
+    let want = [
+        ("pod-pod6(same-node)", 4),
+        ("pod-pod6(cross-node)", 8),
+        ("node-pod6(local)", 4),
+        ("node-pod6(remote)", 4),
+        ("pod-node6(own)", 4),
+        ("pod-node6(remote)", 4),
+    ];
+    for (cat, n) in want {
+        assert_eq!(c.get(cat).copied(), Some(n), "rows of {cat} in {c:?}");
+    }
+    assert_eq!(c.len(), want.len(), "IPv6 rows only: {c:?}");
+}
+
 /// The uplink as a kernel UDP socket (`--uplink-port udp`): no XDP program on the uplink, the
 /// matrix passes, and a TCP transfer between pods on two ferry nodes arrives complete through the
 /// sockets. Small on purpose (two nodes, one pod each). No kernel-VXLAN node: its TCP super-packets

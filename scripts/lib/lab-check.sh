@@ -43,7 +43,9 @@ check_matrix() {
         for b in $pods; do
             [ "$a" = "$b" ] && continue
             nb=$(pod_node "$b")
-            if [ "$na" = "$nb" ]; then echo "pod-pod(same-node) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"
+            # IPv6-only pods (--ip-family ipv6) have no IPv4 row.
+            if [ -z "$(pod_get "$b" IP)" ]; then :
+            elif [ "$na" = "$nb" ]; then echo "pod-pod(same-node) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"
             else echo "pod-pod(cross-node) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"; fi
             # Dual stack: the same pair over IPv6 (pods only: the node's host port is IPv4).
             local ip6
@@ -55,7 +57,8 @@ check_matrix() {
     done
     for a in $nodes; do
         for b in $pods; do
-            if [ "$(pod_node "$b")" = "$a" ]; then echo "node-pod(local) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"
+            if [ -z "$(pod_get "$b" IP)" ]; then :
+            elif [ "$(pod_node "$b")" = "$a" ]; then echo "node-pod(local) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"
             else echo "node-pod(remote) $a $(node_ns "$a") $b $(node_ns "$b") $(pod_get "$b" IP)"; fi
             # Dual stack: the node reaches the pod over IPv6 too (from its host port's IPv6 address).
             local ip6
@@ -71,6 +74,13 @@ check_matrix() {
     # pod CIDRs or equal to one of its announced underlay addresses (README, "Dual stack").
     for a in $pods; do
         for b in $nodes; do
+            # An IPv6-only pod reaches nodes only at IPv6 underlay addresses (none on an IPv4 underlay).
+            if [ -z "$(pod_get "$a" IP)" ]; then
+                [ -z "$(node_get "$b" UL_IP6)" ] && continue
+                if [ "$(pod_node "$a")" = "$b" ]; then echo "pod-node6(own) $a $(node_ns "$a") $b $(node_ns "$b") $(node_get "$b" UL_IP6)"
+                else echo "pod-node6(remote) $a $(node_ns "$a") $b $(node_ns "$b") $(node_get "$b" UL_IP6)"; fi
+                continue
+            fi
             if [ "$(pod_node "$a")" = "$b" ]; then echo "pod-node(own) $a $(node_ns "$a") $b $(node_ns "$b") $(node_get "$b" UL_IP)"
             elif [[ $(node_get "$b" TUN_IP) != *:* ]]; then echo "pod-node(remote) $a $(node_ns "$a") $b $(node_ns "$b") $(node_get "$b" UL_IP)"
             elif [ -n "$(pod_get "$a" IP6 2>/dev/null || true)" ]; then

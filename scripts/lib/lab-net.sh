@@ -170,8 +170,10 @@ node_create() {
     {
         printf 'NAME=%q\nKIND=%q\nIDX=%q\nNS=%q\n' "$name" "$kind" "$idx" "$ns"
         printf 'UL_IP6=%q\nTUN_IP=%q\nTUN_IP6=%q\n' "$ulip6" "$tunip" "$tunip6"
-        printf 'UL_IP=%q\nPOD_CIDR=%q\nGW=%q\nVTEP_MAC=%q\nLISTED=1\n' "$ulip" "10.244.$idx.0/24" "10.244.$idx.1" "$mac"
-        if [ "${IP_FAMILY:-ipv4}" = dual ]; then printf 'POD_CIDR6=%q\n' "fd00:10:244:$idx::/64"; else printf 'POD_CIDR6=\n'; fi
+        # --ip-family ipv6: no IPv4 pod CIDR at all (POD_CIDR and GW empty).
+        if [ "${IP_FAMILY:-ipv4}" = ipv6 ]; then printf 'UL_IP=%q\nPOD_CIDR=\nGW=\nVTEP_MAC=%q\nLISTED=1\n' "$ulip" "$mac"
+        else printf 'UL_IP=%q\nPOD_CIDR=%q\nGW=%q\nVTEP_MAC=%q\nLISTED=1\n' "$ulip" "10.244.$idx.0/24" "10.244.$idx.1" "$mac"; fi
+        if [ "${IP_FAMILY:-ipv4}" != ipv4 ]; then printf 'POD_CIDR6=%q\n' "fd00:10:244:$idx::/64"; else printf 'POD_CIDR6=\n'; fi
     } >"$dir/node.env"
     ip netns add "$ns"
     ip -n "$ns" link set lo up
@@ -214,14 +216,20 @@ kill_netns_procs() {
 
 # The cluster's and a node's pod CIDRs as TOML list items ("a", "b"): IPv4, plus IPv6 in a dual lab.
 cluster_cidrs_toml() {
-    if [ "${IP_FAMILY:-ipv4}" = dual ]; then printf '"%s", "%s"' "$CLUSTER_CIDR" "$CLUSTER_CIDR6"
-    else printf '"%s"' "$CLUSTER_CIDR"; fi
+    case "${IP_FAMILY:-ipv4}" in
+        dual) printf '"%s", "%s"' "$CLUSTER_CIDR" "$CLUSTER_CIDR6" ;;
+        ipv6) printf '"%s"' "$CLUSTER_CIDR6" ;;
+        *) printf '"%s"' "$CLUSTER_CIDR" ;;
+    esac
 }
 node_cidrs_toml() {
     local six
+    local four
+    four=$(node_get "$1" POD_CIDR)
     six=$(node_get "$1" POD_CIDR6 2>/dev/null || true)
-    printf '"%s"' "$(node_get "$1" POD_CIDR)"
-    [ -z "$six" ] || printf ', "%s"' "$six"
+    [ -z "$four" ] || printf '"%s"' "$four"
+    [ -z "$four" ] || [ -z "$six" ] || printf ', '
+    [ -z "$six" ] || printf '"%s"' "$six"
 }
 
 # A node's announced underlay address(es) as a TOML value: "a", or ["a", "b"] for a node with both
@@ -468,11 +476,15 @@ pod_add() {
     fi
     printf '%s\n' "$out" >"$dir/pods/$pod.result.json"
     ip=$(ip -n "$ns" -4 -o addr show dev eth0 | awk '{split($4, a, "/"); print a[1]; exit}')
-    [ -n "$ip" ] || { echo "pod $pod has no IPv4 address on eth0 after CNI ADD: $out" >&2; return 1; }
+    if [ -n "$(node_get "$node" POD_CIDR)" ]; then
+        [ -n "$ip" ] || { echo "pod $pod has no IPv4 address on eth0 after CNI ADD: $out" >&2; return 1; }
+    else
+        [ -z "$ip" ] || { echo "pod $pod has IPv4 address $ip in an IPv6-only lab: $out" >&2; return 1; }
+    fi
     ip6=
     if [ -n "$(node_get "$node" POD_CIDR6 2>/dev/null || true)" ]; then
         ip6=$(ip -n "$ns" -6 -o addr show dev eth0 scope global | awk '{split($4, a, "/"); print a[1]; exit}')
-        [ -n "$ip6" ] || { echo "pod $pod has no IPv6 address on eth0 after CNI ADD in a dual-stack lab: $out" >&2; return 1; }
+        [ -n "$ip6" ] || { echo "pod $pod has no IPv6 address on eth0 after CNI ADD ($IP_FAMILY lab): $out" >&2; return 1; }
     fi
     printf 'POD=%q\nNODE=%q\nNS=%q\nIP=%q\nIP6=%q\n' "$pod" "$node" "$ns" "$ip" "$ip6" >"$dir/pods/$pod.env"
     # With the kube source, the Pod object too, as a scheduler and kubelet would (lab-source.sh).

@@ -189,6 +189,7 @@ kube_up() {
 kube_put_node() {
     local n=$1 cidr body out six
     cidr=$(node_get "$n" POD_CIDR)
+    [ -n "$cidr" ] || cidr=$(node_get "$n" POD_CIDR6)
     body=$(printf '{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","annotations":{' "$n")
     body+=$(printf '"flannel.alpha.coreos.com/public-ip":"%s","flannel.alpha.coreos.com/backend-type":"%s",' \
         "$(node_get "$n" TUN_IP)" "$ENCAP")

@@ -343,12 +343,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     decap.local_v6 = v6;
     // The host port: the node's own way into the overlay, and (pods on taps) the pods' way out of
     // it. Its veth exists before the workers start, so that they know the kernel end's MAC.
-    let host_plan = match (&cfg.host_if, host_addr, gateway_v4) {
-        (Some(host_if), Some(addr), Some(gateway)) => Some(HostPlan {
+    let (host_v4, host_v6) = (host_addr.zip(gateway_v4), host_addr6.zip(gateway_v6));
+    let host_plan = match &cfg.host_if {
+        Some(host_if) if host_v4.is_some() || host_v6.is_some() => Some(HostPlan {
             host_if,
-            addr,
-            gateway,
-            v6: host_addr6.zip(gateway_v6),
+            v4: host_v4,
+            v6: host_v6,
             // Every address the kernel may answer pods from on the underlay, both families (an
             // IPv6 underlay's node keeps its IPv4 address, and pods reach it there too).
             underlay_addrs: std::iter::once(underlay_addr)
@@ -357,10 +357,6 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             mtu: pod_mtu,
             underlay_mtu,
         }),
-        (Some(_), _, _) => {
-            tracing::warn!("no IPv4 pod CIDR: the host port is IPv4 only and is not created");
-            None
-        }
         _ => None,
     };
     let host_mac =
@@ -383,7 +379,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }),
         // Connections from outside to a `Cluster` service are translated to the host port's
         // overlay address (without a host port there is no way back out for their replies).
-        snat_v4: host_plan.as_ref().map(|p| p.addr),
+        snat_v4: host_plan.as_ref().and_then(|p| p.v4).map(|(a, _)| a),
         snat_v6: host_plan.as_ref().and_then(|p| p.v6).map(|(a, _)| a),
     };
     let port_cfg = XskPortConfig { rx_ring: 1024, tx_ring: 1024, busy_poll: cfg.busy_poll, fill_target: None };
@@ -770,9 +766,9 @@ fn split_nets(nets: &[IpNet]) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv6Net>) {
 #[derive(Debug)]
 struct HostPlan<'a> {
     host_if: &'a str,
-    /// The node's overlay address (the pod CIDR's network address).
-    addr: Ipv4Addr,
-    gateway: Ipv4Addr,
+    /// The node's IPv4 overlay address (the pod CIDR's network address) and the pods' IPv4
+    /// gateway, with an IPv4 pod CIDR.
+    v4: Option<(Ipv4Addr, Ipv4Addr)>,
     /// The node's IPv6 overlay address and the pods' IPv6 gateway, with an IPv6 pod CIDR.
     v6: Option<(Ipv6Addr, Ipv6Addr)>,
     /// The node's addresses on the underlay interface, the tunnel's first: the kernel answers pods
@@ -787,7 +783,7 @@ struct HostPlan<'a> {
 /// The host port's veth pair, addresses and routes (made before the workers start, which need the
 /// kernel end's MAC for their [`HostExit`]); returns the kernel end's MAC.
 fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Result<MacAddr> {
-    let HostPlan { host_if, addr, gateway, v6, mtu, underlay_mtu, .. } = *plan;
+    let HostPlan { host_if, v4, v6, mtu, underlay_mtu, .. } = *plan;
     let peer = format!("{host_if}p");
     let usable = match (nl.link(host_if)?, nl.link(&peer)?) {
         (Some(h), Some(p)) => {
@@ -812,9 +808,11 @@ fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Re
     nl.set_mtu(&peer, underlay_mtu.max(mtu))?;
     // The kernel end's transmissions reach the UMEM with unfinished checksums otherwise.
     nl.set_tx_checksum(host_if, false)?;
-    let net = IpNet::V4(ipnet::Ipv4Net::new(addr, 32)?);
-    if !nl.addresses(host_if)?.contains(&net) {
-        nl.add_address(host_if, net)?;
+    if let Some((addr, _)) = v4 {
+        let net = IpNet::V4(ipnet::Ipv4Net::new(addr, 32)?);
+        if !nl.addresses(host_if)?.contains(&net) {
+            nl.add_address(host_if, net)?;
+        }
     }
     nl.set_up(&peer)?;
     nl.set_up(host_if)?;
@@ -824,8 +822,11 @@ fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Re
     if let Err(e) = std::fs::write(&accept_local, "1") {
         tracing::warn!("{accept_local}: {e}: replies to clients outside the cluster would be dropped by the kernel");
     }
-    for c in cfg.cluster_cidrs.iter().filter(|c| c.addr().is_ipv4()) {
-        nl.add_route(host_if, &Route { dst: *c, via: Some(gateway.into()), onlink: true, src: Some(addr.into()) })?;
+    if let Some((addr, gateway)) = v4 {
+        for c in cfg.cluster_cidrs.iter().filter(|c| c.addr().is_ipv4()) {
+            let r = Route { dst: *c, via: Some(gateway.into()), onlink: true, src: Some(addr.into()) };
+            nl.add_route(host_if, &r)?;
+        }
     }
     if let Some((addr6, gateway6)) = v6 {
         let net6 = IpNet::V6(ipnet::Ipv6Net::new(addr6, 128)?);
@@ -843,8 +844,8 @@ fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Re
 /// Attaches the host port's ferry end to every worker as `port` and registers the node's overlay
 /// address behind it.
 fn host_attach(pods: &Pods, plan: &HostPlan<'_>, host_mac: MacAddr, port: PortId) -> anyhow::Result<XdpAttachment> {
-    let HostPlan { host_if, addr, v6, .. } = *plan;
-    let overlay: Vec<IpAddr> = std::iter::once(addr.into()).chain(v6.map(|(a, _)| a.into())).collect();
+    let HostPlan { host_if, v4, v6, .. } = *plan;
+    let overlay: Vec<IpAddr> = v4.map(|(a, _)| a.into()).into_iter().chain(v6.map(|(a, _)| a.into())).collect();
     let peer = format!("{host_if}p");
     let xdp = pods.attach_port(&peer, port).map_err(|e| anyhow::anyhow!("attaching {peer}: {e}"))?;
     pods.name_port(
