@@ -1695,6 +1695,140 @@ fn services_cluster_ip_from_the_static_file() {
     }
 }
 
+/// A dual-stack Service and NetworkPolicy judged on IPv6, on a dual-stack lab: the Service has a
+/// ClusterIP of each family (as Kubernetes' `clusterIPs` for `ipFamilies: [IPv4, IPv6]`, which the
+/// kube source turns into `ns/name:port` and `ns/name:port@IPv6`; here the static file's two
+/// entries). A pod reaches it over IPv6: Maglev spreads connections over both backends (one local,
+/// one across the tunnel), each backend sees the client's own IPv6 address, the replies come back
+/// translated (the client's socket, connected to the VIP, accepts them), and the connections are
+/// tracked with the IPv6 VIP. Then a policy on the backends: a pod selector admits one client's
+/// IPv6 connections and refuses another's, counted; an ipBlock on the other client's IPv6 /128
+/// turns that around.
+#[test]
+fn services_and_policy_over_ipv6() {
+    if !privileged("services_and_policy_over_ipv6") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_svc6", &["--nodes", "2", "--pods-per-node", "2", "--ip-family", "dual"]);
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let mut servers = Vec::new();
+    for pod in ["n1-p2", "n2-p1"] {
+        let child = Command::new("timeout")
+            .args(["-k", "2", "120", "ip", "netns", "exec", &lab.netns(pod), python(), &py, "serve-peer", "8080", pod])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("server");
+        servers.push(child);
+    }
+    let ip6 = |p: &str| lab.entry("pods", p)["ip6"].as_str().expect("ip6").to_owned();
+    let (c1, c2, b1, b2) = (ip6("n1-p1"), ip6("n2-p2"), ip6("n1-p2"), ip6("n2-p1"));
+    // The IPv6 VIP inside the cluster's /48, outside every node's /64 (the pod program hands it
+    // to ferry, as it does the service CIDR).
+    let (vip4, vip6) = ("10.96.0.20", "fd00:10:244:ff::20");
+    let file = lab.list()["static_file"].as_str().expect("static_file in list --json").to_owned();
+    let base = std::fs::read_to_string(&file).expect("static file");
+    let service = format!(
+        "\n[[service]]\nname = \"default/dual:80\"\nvip = \"{vip4}\"\nport = 80\nendpoints = [\"{}:8080\", \"{}:8080\"]\n\
+         \n[[service]]\nname = \"default/dual:80@{vip6}\"\nvip = \"{vip6}\"\nport = 80\nendpoints = [\"[{b1}]:8080\", \"[{b2}]:8080\"]\n",
+        lab.pod_ip("n1-p2"),
+        lab.pod_ip("n2-p1"),
+    );
+    let pod = |name: &str, app: &str, node: &str| {
+        format!(
+            "\n[[pod]]\nnamespace = \"default\"\nname = \"{name}\"\nlabels = {{ app = \"{app}\" }}\nips = [\"{}\", \"{}\"]\nnode = \"{node}\"\n",
+            lab.pod_ip(name),
+            ip6(name)
+        )
+    };
+    let objects = format!(
+        "\n[[namespace]]\nname = \"default\"\n{}{}{}{}",
+        pod("n1-p1", "client", "n1"),
+        pod("n2-p2", "other", "n2"),
+        pod("n1-p2", "web", "n1"),
+        pod("n2-p1", "web", "n2")
+    );
+    std::fs::write(&file, format!("{base}{service}{objects}")).expect("write static file");
+
+    // Both nodes translate (each reloads the file on its own): the first answered connection.
+    for client in ["n1-p1", "n2-p2"] {
+        let (got, ok) = poll_until(
+            Duration::from_secs(15),
+            Duration::from_millis(200),
+            || svc_connect(&lab, client, vip6, 80, 1),
+            |got| got.iter().any(|l| l.starts_with("n1-p2 ") || l.starts_with("n2-p1 ")),
+        );
+        assert!(ok, "no answer through [{vip6}]:80 from {client} within 15 s: {got:?}");
+    }
+    let answers = svc_connect(&lab, "n1-p1", vip6, 80, 20);
+    let (local, remote) = (
+        answers.iter().filter(|l| **l == format!("n1-p2 {c1}")).count(),
+        answers.iter().filter(|l| **l == format!("n2-p1 {c1}")).count(),
+    );
+    println!("20 connections to [{vip6}]:80 from n1-p1: {local} to n1-p2, {remote} to n2-p1");
+    assert_eq!(local + remote, 20, "every one answered by a backend that saw {c1}: {answers:?}");
+    assert!(local >= 2 && remote >= 2, "both backends take connections (Maglev): {local} / {remote}");
+    let ct = lab.ferry("n1", "conntrack");
+    let entries = ct["entries"].as_array().expect("entries");
+    let originals = entries.iter().filter(|e| e["direction"] == "original" && e["dst"] == vip6).count();
+    assert!(originals >= 20, "n1 tracks the IPv6 connections it translated: {originals}");
+    assert!(entries.iter().any(|e| e["direction"] == "reply" && e["nat"] == vip6), "a reply entry back to {vip6}");
+    // The Service's IPv4 address answers as well.
+    let v4 = svc_connect(&lab, "n2-p2", vip4, 80, 2);
+    assert!(v4.iter().all(|l| l.starts_with("n1-p2 10.244.") || l.starts_with("n2-p1 10.244.")), "{v4:?}");
+
+    // NetworkPolicy on the backends, judged on IPv6 (after translation, on the real addresses).
+    let generation = |n: &str| lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0);
+    let apply = |policy: String| {
+        let before = (generation("n1"), generation("n2"));
+        std::fs::write(&file, format!("{base}{service}{objects}{policy}")).expect("write static file");
+        for (n, b) in [("n1", before.0), ("n2", before.1)] {
+            let (g, ok) = poll_until(Duration::from_secs(10), Duration::from_millis(100), || generation(n), |g| *g > b);
+            assert!(ok, "{n} did not compile the policy within 10 s ({b} -> {g})");
+        }
+    };
+    let web_from = |from: &str| {
+        format!(
+            "\n[[network_policy]]\nnamespace = \"default\"\nname = \"web-in\"\npod_selector = {{ match_labels = {{ app = \"web\" }} }}\n[[network_policy.ingress]]\nports = [{{ protocol = \"TCP\", port = 8080 }}]\nfrom = [{from}]\n"
+        )
+    };
+    let denied = || {
+        ["n1", "n2"]
+            .iter()
+            .map(|n| lab.ferry(n, "stats")["drops"]["policy_denied_ingress"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    // One connection, 2 s: the backend's name and the client it saw, or the error.
+    let tcp = |from: &str| {
+        let out = run_bounded(10, &["ip", "netns", "exec", &lab.netns(from), python(), &py, "tcp", vip6, "80"]);
+        text(&out.stdout).trim().to_owned()
+    };
+    let answered_by_web =
+        |got: &str, client: &str| got == format!("n1-p2 {client}") || got == format!("n2-p1 {client}");
+    for (policy, allowed, refused) in [
+        (web_from("{ pod_selector = { match_labels = { app = \"client\" } } }"), ("n1-p1", &c1), ("n2-p2", &c2)),
+        (web_from(&format!("{{ ip_block = {{ cidr = \"{c2}/128\" }} }}")), ("n2-p2", &c2), ("n1-p1", &c1)),
+    ] {
+        apply(policy);
+        let before = denied();
+        for _ in 0..3 {
+            let got = tcp(allowed.0);
+            assert!(answered_by_web(&got, allowed.1), "{} is allowed over IPv6: {got}", allowed.0);
+            let got = tcp(refused.0);
+            assert!(!answered_by_web(&got, refused.1) && got.starts_with("error"), "{} is refused: {got}", refused.0);
+        }
+        let (after, counted) =
+            poll_until(Duration::from_secs(3), Duration::from_millis(200), denied, |d| *d >= before + 3);
+        assert!(counted, "policy_denied_ingress {before} -> {after}: the refused SYNs counted");
+    }
+    for mut s in servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}
+
 /// `svc-probe.py udp` from `from` to `ip:port`: the answer, or "timeout".
 fn svc_udp(lab: &Lab, from: &str, ip: &str, port: u16) -> String {
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();

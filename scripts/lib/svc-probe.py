@@ -3,7 +3,8 @@
 
   svc-probe.py serve PORT NAME            answer every TCP connection on PORT with NAME (until killed)
   svc-probe.py serve-both PORT NAME       the same, and every UDP datagram to PORT with NAME
-  svc-probe.py serve-peer PORT NAME       TCP and UDP on PORT, answering "NAME PEER" (the client address it sees)
+  svc-probe.py serve-peer PORT NAME       TCP and UDP on PORT, both families, answering "NAME PEER" (the client
+                                           address it sees)
   svc-probe.py tcp IP PORT                one TCP connection to IP:PORT (2 s); prints the answer, "refused" or the error
   svc-probe.py udp IP PORT                one UDP exchange with IP:PORT (3 tries); prints the answer or "timeout"
   svc-probe.py connect IP PORT COUNT      COUNT TCP connections to IP:PORT, one per source port; prints one
@@ -39,23 +40,33 @@ def serve_udp(port, name):
 
 
 def serve_peer(port, name):
-    def udp():
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        u.bind(("0.0.0.0", port))
+    # One socket per family (IPv6 ones v6-only), so an IPv4 peer reads as plain IPv4.
+    def sock(family, kind, any_addr):
+        s = socket.socket(family, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((any_addr, port))
+        return s
+
+    def udp(u):
         while True:
             _, peer = u.recvfrom(2048)
             u.sendto(f"{name} {peer[0]}\n".encode(), peer)
-    threading.Thread(target=udp, daemon=True).start()
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(128)
-    while True:
-        c, peer = s.accept()
-        try:
-            c.sendall(f"{name} {peer[0]}\n".encode())
-        finally:
-            c.close()
+
+    def tcp(s):
+        s.listen(128)
+        while True:
+            c, peer = s.accept()
+            try:
+                c.sendall(f"{name} {peer[0]}\n".encode())
+            finally:
+                c.close()
+
+    for family, any_addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        threading.Thread(target=udp, args=(sock(family, socket.SOCK_DGRAM, any_addr),), daemon=True).start()
+        threading.Thread(target=tcp, args=(sock(family, socket.SOCK_STREAM, any_addr),), daemon=True).start()
+    threading.Event().wait()
 
 
 def serve_both(port, name):
@@ -81,7 +92,7 @@ def tcp_once(ip, port):
 
 
 def udp_once(ip, port):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.5)
         for _ in range(3):
             try:
