@@ -1678,6 +1678,16 @@ fn services_cluster_ip_from_the_static_file() {
     // From n2 too (its own node translates).
     let from_n2 = svc_connect(&lab, "n2-p2", vip, 80, 10);
     assert!(from_n2.iter().all(|l| l == "n1-p2" || l == "n2-p1"), "from n2-p2: {from_n2:?}");
+    // From the node itself (kubelet, a host-network pod): its kernel routes the service CIDR
+    // through the host port, so n1's own connections are translated too, to both backends.
+    let from_node = svc_connect(&lab, "n1", vip, 80, 20);
+    println!("20 connections to {vip}:80 from node n1: {from_node:?}");
+    assert_eq!(from_node.len(), 20, "every connection from the node answered: {from_node:?}");
+    assert!(from_node.iter().all(|l| l == "n1-p2" || l == "n2-p1"), "from node n1: {from_node:?}");
+    assert!(
+        from_node.iter().any(|l| l == "n1-p2") && from_node.iter().any(|l| l == "n2-p1"),
+        "the node's connections reach the local and the remote backend: {from_node:?}"
+    );
 
     // No endpoint: refused at once (a RST from ferry), counted.
     let refused = svc_connect(&lab, "n1-p1", empty_vip, 80, 3);

@@ -446,7 +446,9 @@ fn reply_lookup(
     }
     let seen = seen_flags(nat::tcp_flags(frame, ctx));
     ct.touch(&hit, now, seen);
-    if snat == Some(dst) {
+    // To the node's own overlay address: a `Cluster` connection from outside (its entry names
+    // the client), or the node's own connection to a ClusterIP (its entry names the service).
+    if snat == Some(dst) && services.lookup(hit.nat.addr, hit.nat.port, proto).is_none() {
         // A `Cluster` connection from outside: the client back as the destination, the frontend
         // as the source.
         let client = hit.nat;

@@ -822,8 +822,12 @@ fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Re
     if let Err(e) = std::fs::write(&accept_local, "1") {
         tracing::warn!("{accept_local}: {e}: replies to clients outside the cluster would be dropped by the kernel");
     }
+    // The pod networks, and the service networks: the node's own connections to a ClusterIP
+    // (kubelet, host-network pods) go through ferry's service stage as a pod's do, from the
+    // node's overlay address, and the replies come back to it through this port.
+    let routed = || cfg.cluster_cidrs.iter().chain(&cfg.service_cidrs);
     if let Some((addr, gateway)) = v4 {
-        for c in cfg.cluster_cidrs.iter().filter(|c| c.addr().is_ipv4()) {
+        for c in routed().filter(|c| c.addr().is_ipv4()) {
             let r = Route { dst: *c, via: Some(gateway.into()), onlink: true, src: Some(addr.into()) };
             nl.add_route(host_if, &r)?;
         }
@@ -833,7 +837,7 @@ fn host_veth(nl: &Netlink, plan: &HostPlan<'_>, cfg: &AgentConfig) -> anyhow::Re
         if !nl.addresses(host_if)?.contains(&net6) {
             nl.add_address(host_if, net6)?;
         }
-        for c in cfg.cluster_cidrs.iter().filter(|c| c.addr().is_ipv6()) {
+        for c in routed().filter(|c| c.addr().is_ipv6()) {
             let r = Route { dst: *c, via: Some(gateway6.into()), onlink: true, src: Some(addr6.into()) };
             nl.add_route(host_if, &r)?;
         }
