@@ -2102,7 +2102,7 @@ fn network_policy_egress_from_veth_pods_to_outside() {
     // p1 may reach the outside address on TCP 8080 only.
     let base = std::fs::read_to_string(&file).expect("static file");
     let objects = format!(
-        "\n[[namespace]]\nname = \"default\"\n\n[[pod]]\nnamespace = \"default\"\nname = \"p1\"\nlabels = {{ app = \"p1\" }}\nips = [\"{p1}\"]\nnode = \"n1\"\n\n[[pod]]\nnamespace = \"default\"\nname = \"p2\"\nlabels = {{ app = \"p2\" }}\nips = [\"{p2}\"]\nnode = \"n1\"\n"
+        "\n[[namespace]]\nname = \"default\"\n\n[[pod]]\nnamespace = \"default\"\nname = \"n1-p1\"\nlabels = {{ app = \"p1\" }}\nips = [\"{p1}\"]\nnode = \"n1\"\n\n[[pod]]\nnamespace = \"default\"\nname = \"n1-p2\"\nlabels = {{ app = \"p2\" }}\nips = [\"{p2}\"]\nnode = \"n1\"\n"
     );
     let policy = format!(
         "\n[[network_policy]]\nnamespace = \"default\"\nname = \"p1-out\"\npod_selector = {{ match_labels = {{ app = \"p1\" }} }}\npolicy_types = [\"Egress\"]\n[[network_policy.egress]]\nports = [{{ protocol = \"TCP\", port = 8080 }}]\nto = [{{ ip_block = {{ cidr = \"{outside}/32\" }} }}]\n"
@@ -2123,6 +2123,14 @@ fn network_policy_egress_from_veth_pods_to_outside() {
     let after = denied();
     assert!(after > denied_before, "policy_denied_egress on n1: {denied_before} -> {after}");
     assert_eq!(tcp_once(&lab, "n1-p2", &outside, 8081), seen_from(&p2), "a pod no policy selects");
+    // The flow records name the policy: the allowed connection's and the refused one's.
+    let named = "egress of default/n1-p1: default/p1-out";
+    for (port, verdict) in [(8080, "forwarded"), (8081, "dropped")] {
+        let e = wait_flow(&lab, "n1", &["--pod", "default/n1-p1", "--verdict", verdict], |e| {
+            e["kind"] == "flow" && e["dst"] == outside.as_str() && e["dport"] == port
+        });
+        assert_eq!(e["policy"], named, "{e:#}");
+    }
 
     // Without the policy, p1 reaches the other port again.
     apply(format!("{base}{objects}"));

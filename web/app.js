@@ -101,7 +101,7 @@ function ClusterMap({ state, now, picked, pick }) {
     const mid = `${(a.x + x2) / 2},${Math.min(a.y, y2) - 40}`;
     lines.push(html`<path class="flow ${f.verdict}" d="M${a.x},${a.y} Q${mid} ${x2},${y2}"
       data-flow=${f.verdict} data-src=${f.src_pod || f.src} data-dst=${f.dst_pod || f.dst}>
-      <title>${endpoint(f.src_pod, f.src, f.sport)} → ${endpoint(f.dst_pod, f.dst, f.dport)} ${PROTO[f.proto] || ''}: ${f.verdict}${f.reason ? ` (${f.reason})` : ''} at ${f.stage}</title></path>`);
+      <title>${endpoint(f.src_pod, f.src, f.sport)} → ${endpoint(f.dst_pod, f.dst, f.dport)} ${PROTO[f.proto] || ''}: ${f.verdict}${f.reason ? ` (${f.reason})` : ''} at ${f.stage}${f.policy ? ` (policy ${f.policy})` : ''}</title></path>`);
   }
   return html`<svg class="map" viewBox="0 0 ${width} ${height}" width=${width} height=${height}>
     ${tunnels}
@@ -146,7 +146,7 @@ function Flows({ flows }) {
     <tr><th>last seen</th><th>node</th><th>event</th><th>source</th><th>destination</th><th>proto</th><th>verdict</th><th>stage</th><th class="num">packets</th><th class="num">bytes</th></tr>
     ${last.map((f) => html`<tr class=${f.verdict} data-verdict=${f.verdict} data-src=${f.src_pod || f.src} data-dst=${f.dst_pod || f.dst} data-reason=${f.reason || ''}>
       <td>${clock(f.time)}</td><td>${f.node}</td><td>${f.kind === 'drop' ? 'drop (first bytes kept)' : 'flow'}</td><td>${endpoint(f.src_pod, f.src, f.sport)}</td><td>${endpoint(f.dst_pod, f.dst, f.dport)}</td>
-      <td>${PROTO[f.proto] || f.proto || ''}</td><td>${f.verdict}${f.reason ? `: ${f.reason}` : ''}</td><td>${f.stage}</td>
+      <td>${PROTO[f.proto] || f.proto || ''}</td><td>${f.verdict}${f.reason ? `: ${f.reason}` : ''}</td><td>${f.stage}${f.policy ? html` <span class="muted">(policy ${f.policy})</span>` : ''}</td>
       <td class="num">${f.packets}</td><td class="num">${f.bytes}</td></tr>`)}
   </table>`;
 }

@@ -16,8 +16,10 @@
 //! Drops also leave a [`DropEvent`] carrying the first [`DROP_SNAP`] bytes of the packet, rate
 //! limited per [`DropReason`] and per worker ([`DROP_EVENTS_PER_SEC`]).
 //!
-//! Room is kept for the stages to come: a record carries the Service VIP and backend the service
-//! stage chose ([`Seen::translate`]) and a policy id (0: none) for a policy stage to fill.
+//! A record carries the Service VIP and backend the service stage chose ([`Seen::translate`]) and
+//! which policies' rules the policy stage looked at ([`Seen::policy`]: a
+//! [`ferry_tables::policy::PolicyRef`] and the policy generation it indexes, named off the hot
+//! path by whoever exports it).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,6 +123,10 @@ pub struct Seen {
     pub backend: u128,
     /// The backend's port.
     pub backend_port: u16,
+    /// The policy rules the policy stage looked at (0: none, or the stage did not run).
+    pub policy: u32,
+    /// The policy generation `policy` indexes.
+    pub policy_generation: u64,
 }
 
 impl Seen {
@@ -135,12 +141,20 @@ impl Seen {
     #[inline(always)]
     pub fn classified(&mut self, info: &FlowInfo, frame: &[u8]) {
         self.valid = true;
+        self.policy = 0;
         self.key = FlowKey::of(info);
         self.hash = info.hash;
         self.tcp_flags = match info.l4 {
             Some((start, _)) if info.protocol == 6 => frame.get(start + 13).copied().unwrap_or(0),
             _ => 0,
         };
+    }
+
+    /// The policy stage looked at the rules `by` names, in the tables of `generation`.
+    #[inline(always)]
+    pub fn policy(&mut self, by: u32, generation: u64) {
+        self.policy = by;
+        self.policy_generation = generation;
     }
 
     /// The service stage translated the destination to `backend:port`.
@@ -308,8 +322,11 @@ pub struct FlowRecord {
     pub backend: u128,
     /// The backend's port.
     pub backend_port: u16,
-    /// The policy that allowed or denied it (0: none, or no policy stage).
+    /// The policy rules that allowed or denied its last packet (a
+    /// [`ferry_tables::policy::PolicyRef`]; 0: none, or no policy stage).
     pub policy: u32,
+    /// The policy generation `policy` indexes.
+    pub policy_generation: u64,
     /// The worker that recorded it (filled at export).
     pub worker: u16,
     /// Changed since last exported.
@@ -456,6 +473,8 @@ impl FlowTable {
         slot.translated = seen.translated;
         slot.backend = seen.backend;
         slot.backend_port = seen.backend_port;
+        slot.policy = seen.policy;
+        slot.policy_generation = seen.policy_generation;
         slot.dirty = true;
     }
 

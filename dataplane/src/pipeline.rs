@@ -848,8 +848,18 @@ impl Pipeline {
         }
         let now = self.ct_now();
         match crate::policy::check(&self.conntrack, now, tables, ctx, frame.data()) {
-            Ok(()) => Step::Continue,
-            Err(r) => Step::Done(Verdict::Drop(r)),
+            Ok(by) => {
+                if self.observe {
+                    self.seen.policy(by, tables.generation());
+                }
+                Step::Continue
+            }
+            Err(d) => {
+                if self.observe {
+                    self.seen.policy(d.by, tables.generation());
+                }
+                Step::Done(Verdict::Drop(d.reason))
+            }
         }
     }
 

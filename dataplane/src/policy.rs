@@ -51,7 +51,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use ferry_encap::DropReason;
-use ferry_tables::policy::{PolicyTables, PolicyVerdict};
+use ferry_tables::policy::{PolicyRef, PolicyTables, PolicyVerdict};
 
 use crate::conntrack::{Conntrack, Nat, Tuple, flags};
 use crate::nat::{self, tcp};
@@ -84,18 +84,21 @@ pub const fn record_real_proto(key_proto: u8) -> Option<u8> {
 const DENIED_EGRESS: u16 = 1;
 const DENIED_INGRESS: u16 = 2;
 
+/// A record's generation (low 64 bits) and [`PolicyRef`] (the next 32) in its translation's
+/// address; its answer in the port.
 #[inline]
-fn encode(generation: u64, v: PolicyVerdict) -> Nat {
+fn encode(generation: u64, v: PolicyVerdict, by: PolicyRef) -> Nat {
     let port = match v {
         PolicyVerdict::Allow => 0,
         PolicyVerdict::DenyEgress => DENIED_EGRESS,
         PolicyVerdict::DenyIngress => DENIED_INGRESS,
     };
-    Nat { addr: IpAddr::V6(Ipv6Addr::from_bits(u128::from(generation))), port }
+    let bits = (u128::from(by) << 64) | u128::from(generation);
+    Nat { addr: IpAddr::V6(Ipv6Addr::from_bits(bits)), port }
 }
 
 #[inline]
-fn decode(n: &Nat) -> (u64, PolicyVerdict) {
+fn decode(n: &Nat) -> (u64, PolicyVerdict, PolicyRef) {
     let bits = match n.addr {
         IpAddr::V6(a) => a.to_bits(),
         IpAddr::V4(a) => a.to_ipv6_mapped().to_bits(),
@@ -105,35 +108,48 @@ fn decode(n: &Nat) -> (u64, PolicyVerdict) {
         DENIED_INGRESS => PolicyVerdict::DenyIngress,
         _ => PolicyVerdict::Allow,
     };
-    (bits as u64, v)
+    (bits as u64, v, (bits >> 64) as u32)
+}
+
+/// A packet the policy refused: its drop reason, and which rules refused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denied {
+    /// `policy_denied_egress` or `policy_denied_ingress`.
+    pub reason: DropReason,
+    /// The rules looked at (the refusing side's among them).
+    pub by: PolicyRef,
 }
 
 #[inline]
-fn result(v: PolicyVerdict) -> Result<(), DropReason> {
+fn result(v: PolicyVerdict, by: PolicyRef) -> Result<PolicyRef, Denied> {
     match v {
-        PolicyVerdict::Allow => Ok(()),
-        PolicyVerdict::DenyEgress => Err(DropReason::PolicyDeniedEgress),
-        PolicyVerdict::DenyIngress => Err(DropReason::PolicyDeniedIngress),
+        PolicyVerdict::Allow => Ok(by),
+        PolicyVerdict::DenyEgress => Err(Denied { reason: DropReason::PolicyDeniedEgress, by }),
+        PolicyVerdict::DenyIngress => Err(Denied { reason: DropReason::PolicyDeniedIngress, by }),
     }
 }
 
 /// The policy stage on a packet whose addresses are the pods' real ones (see the module doc).
-/// The caller skips it when `tables` is empty (no local pod is isolated).
+/// The caller skips it when `tables` is empty (no local pod is isolated). An allowed packet's
+/// answer is the rules that were looked at (for its flow record): for a tracked connection, those
+/// of its first packet, kept in its record.
 ///
 /// # Errors
-/// The drop reason of a denied packet.
+/// [`Denied`]: the drop reason of a denied packet, and the rules.
 #[inline(never)]
-pub fn check(ct: &Conntrack, now: u32, tables: &PolicyTables, ctx: &Ctx, frame: &[u8]) -> Result<(), DropReason> {
+pub fn check(ct: &Conntrack, now: u32, tables: &PolicyTables, ctx: &Ctx, frame: &[u8]) -> Result<PolicyRef, Denied> {
     let (src, dst) = (ctx.src(), ctx.dst());
     let proto = ctx.flow.protocol;
     let key_proto = match (record_proto(proto), ctx.flow.l4) {
         (Some(p), Some(_)) => p,
         _ => {
-            let v = tables.verdict(src, dst, proto, 0);
-            if v != PolicyVerdict::Allow && related_allowed(ct, tables, ctx, frame) {
-                return Ok(());
+            let (v, by) = tables.decide(src, dst, proto, 0);
+            if v != PolicyVerdict::Allow
+                && let Some(by) = related_allowed(ct, tables, ctx, frame)
+            {
+                return Ok(by);
             }
-            return result(v);
+            return result(v, by);
         }
     };
     let (sport, dport) = ctx.flow.ports;
@@ -141,29 +157,29 @@ pub fn check(ct: &Conntrack, now: u32, tables: &PolicyTables, ctx: &Ctx, frame: 
     let generation = tables.generation();
     let tcp_flags = nat::tcp_flags(frame, ctx);
     if let Some(hit) = ct.lookup(&key) {
-        let (decided, v) = decode(&hit.nat);
+        let (decided, v, by) = decode(&hit.nat);
         if decided == generation {
             ct.touch(&hit, now, seen_flags(tcp_flags));
-            return result(v);
+            return result(v, by);
         }
         // Decided under another generation: decide again, as for the connection's first packet.
-        let v = if hit.flags & flags::REPLY != 0 {
-            tables.verdict(dst, src, proto, sport)
+        let (v, by) = if hit.flags & flags::REPLY != 0 {
+            tables.decide(dst, src, proto, sport)
         } else {
-            tables.verdict(src, dst, proto, dport)
+            tables.decide(src, dst, proto, dport)
         };
-        ct.insert(&key, encode(generation, v), hit.flags | seen_flags(tcp_flags), now);
-        return result(v);
+        ct.insert(&key, encode(generation, v, by), hit.flags | seen_flags(tcp_flags), now);
+        return result(v, by);
     }
-    let v = tables.verdict(src, dst, proto, dport);
+    let (v, by) = tables.decide(src, dst, proto, dport);
     if v == PolicyVerdict::Allow {
         // The reply's record first: the packet goes out only after both are in.
         let back = Tuple { src: dst, dst: src, sport: dport, dport: sport, proto: key_proto };
-        ct.insert(&back, encode(generation, v), flags::REPLY, now);
+        ct.insert(&back, encode(generation, v, by), flags::REPLY, now);
         let syn_only = proto == 6 && tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
-        ct.insert(&key, encode(generation, v), if syn_only { flags::SYN } else { flags::SEEN }, now);
+        ct.insert(&key, encode(generation, v, by), if syn_only { flags::SYN } else { flags::SEEN }, now);
     }
-    result(v)
+    result(v, by)
 }
 
 /// Whether `ctx` is an ICMP error about a connection the policy allowed (its quoted packet's
@@ -172,21 +188,19 @@ pub fn check(ct: &Conntrack, now: u32, tables: &PolicyTables, ctx: &Ctx, frame: 
 /// own next packet does that).
 #[cold]
 #[inline(never)]
-fn related_allowed(ct: &Conntrack, tables: &PolicyTables, ctx: &Ctx, frame: &[u8]) -> bool {
-    let Some(q) = crate::related::quoted(frame, ctx) else { return false };
-    let Some(key_proto) = record_proto(q.proto) else { return false };
-    let key = Tuple { src: q.src, dst: q.dst, sport: q.sport, dport: q.dport, proto: key_proto };
-    let Some(hit) = ct.lookup(&key) else { return false };
-    let (decided, v) = decode(&hit.nat);
-    if decided == tables.generation() {
-        return v == PolicyVerdict::Allow;
-    }
-    let v = if hit.flags & flags::REPLY != 0 {
-        tables.verdict(q.dst, q.src, q.proto, q.sport)
+fn related_allowed(ct: &Conntrack, tables: &PolicyTables, ctx: &Ctx, frame: &[u8]) -> Option<PolicyRef> {
+    let q = crate::related::quoted(frame, ctx)?;
+    let key = Tuple { src: q.src, dst: q.dst, sport: q.sport, dport: q.dport, proto: record_proto(q.proto)? };
+    let hit = ct.lookup(&key)?;
+    let (decided, v, by) = decode(&hit.nat);
+    let (v, by) = if decided == tables.generation() {
+        (v, by)
+    } else if hit.flags & flags::REPLY != 0 {
+        tables.decide(q.dst, q.src, q.proto, q.sport)
     } else {
-        tables.verdict(q.src, q.dst, q.proto, q.dport)
+        tables.decide(q.src, q.dst, q.proto, q.dport)
     };
-    v == PolicyVerdict::Allow
+    (v == PolicyVerdict::Allow).then_some(by)
 }
 
 #[cfg(test)]
@@ -197,7 +211,9 @@ mod tests {
     fn records_round_trip() {
         for g in [0u64, 1, 7, u64::from(u32::MAX) + 5] {
             for v in [PolicyVerdict::Allow, PolicyVerdict::DenyEgress, PolicyVerdict::DenyIngress] {
-                assert_eq!(decode(&encode(g, v)), (g, v));
+                for by in [0, 1, 0x0003_0002, u32::MAX] {
+                    assert_eq!(decode(&encode(g, v, by)), (g, v, by));
+                }
             }
         }
         for p in [6, 17, 132] {

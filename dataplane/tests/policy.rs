@@ -489,3 +489,25 @@ fn ferrys_own_too_big_about_a_service_connection_names_the_service() {
     assert_eq!((quoted_dst, quoted_port, ok), (vip, 53, true), "about the service, not its backend");
     assert_eq!(src, Ipv4Addr::new(10, 244, 1, 1), "from the gateway");
 }
+
+#[test]
+fn a_verdict_names_the_rules_it_looked_at() {
+    let n1 = Node::new(
+        1,
+        &[
+            policy("b-in", "b", &["Ingress"], vec![rule("a", Some(80))], vec![]),
+            policy("a-out", "a", &["Egress"], vec![], vec![rule("b", None)]),
+        ],
+    );
+    let t = n1.fib.policy();
+    let (a, b) = (IpAddr::V4(pod_ip(1, 1)), IpAddr::V4(pod_ip(1, 2)));
+    let pods = |by: u32| (t.rules_at(by >> 16).map(|r| r.pod.clone()), t.rules_at(by & 0xffff).map(|r| r.pod.clone()));
+    let (v, by) = t.decide(a, b, 6, 80);
+    assert_eq!(v, ferry_tables::policy::PolicyVerdict::Allow);
+    assert_eq!(pods(by), (Some("x/a".to_owned()), Some("x/b".to_owned())), "a's egress and b's ingress");
+    let (v, by) = t.decide(a, b, 6, 81);
+    assert_eq!(v, ferry_tables::policy::PolicyVerdict::DenyIngress);
+    assert_eq!(pods(by), (Some("x/a".to_owned()), Some("x/b".to_owned())));
+    // b -> a: no egress rules for b, no ingress rules for a: nothing looked at.
+    assert_eq!(t.decide(b, a, 6, 80), (ferry_tables::policy::PolicyVerdict::Allow, 0));
+}

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use ferry_dataplane::flows::{DropEvent, FlowExport, FlowKey, FlowRecord, FlowVerdict, NO_PORT, Stage};
 use ferry_encap::DropReason;
+use ferry_tables::policy::{Direction, PolicyTables};
 
 use crate::admin::proto::{FlowEvent, FlowFilter, FlowList, PortInfo, ServiceHit};
 
@@ -71,6 +72,8 @@ struct State {
     /// Address -> `namespace/name` (or the pod's id).
     pods: HashMap<IpAddr, String>,
     ports: BTreeMap<u16, PortInfo>,
+    /// The policy tables last published (names the policies of a record's policy reference).
+    policy: Option<Arc<PolicyTables>>,
 }
 
 /// The flow log: what `ferry flows` and the metrics read.
@@ -120,6 +123,40 @@ impl FlowLog {
         let mut s = lock(&self.state);
         s.pods = pods;
         s.ports = ports;
+    }
+
+    /// The policy tables to name records' policies with (called before each drain).
+    pub(super) fn set_policy(&self, policy: Arc<PolicyTables>) {
+        lock(&self.state).policy = Some(policy);
+    }
+
+    /// What a record's policy reference names: for each side whose rules were looked at (the
+    /// source pod's egress, the destination pod's ingress), the pod and the policies that select
+    /// it in that direction. The reference indexes the tables of the generation that decided;
+    /// under another generation the names are not given (the generation is).
+    fn policy_text(s: &State, policy: u32, generation: u64) -> Option<String> {
+        if policy == 0 {
+            return None;
+        }
+        let Some(t) = &s.policy else { return Some(format!("generation {generation}")) };
+        if t.generation() != generation {
+            return Some(format!("decided under generation {generation}, since replaced by {}", t.generation()));
+        }
+        let side = |local: u32, dir: Direction| {
+            let rules = t.rules_at(local)?;
+            let mut names: Vec<&str> = Vec::new();
+            for o in rules.origins.iter().filter(|o| o.direction == dir) {
+                if !names.contains(&o.policy.as_str()) {
+                    names.push(&o.policy);
+                }
+            }
+            Some(format!("{} of {}: {}", dir.name().to_lowercase(), rules.pod, names.join(", ")))
+        };
+        let parts: Vec<String> = [side(policy >> 16, Direction::Egress), side(policy & 0xffff, Direction::Ingress)]
+            .into_iter()
+            .flatten()
+            .collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 
     /// Take everything the workers exported.
@@ -245,7 +282,7 @@ impl FlowLog {
                 backend: b,
                 backend_port: r.backend_port,
             }),
-            policy: None,
+            policy: Self::policy_text(s, r.policy, r.policy_generation),
             packet: None,
             worker: r.worker,
         };
@@ -324,12 +361,13 @@ impl FlowLog {
 pub(super) fn spawn(
     log: Arc<FlowLog>,
     stop: Arc<AtomicBool>,
-    names: impl Fn() -> (HashMap<IpAddr, String>, BTreeMap<u16, PortInfo>) + Send + 'static,
+    names: impl Fn() -> (HashMap<IpAddr, String>, BTreeMap<u16, PortInfo>, Arc<PolicyTables>) + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("ferry-flows".into()).spawn(move || {
         while !stop.load(Ordering::Relaxed) {
-            let (pods, ports) = names();
+            let (pods, ports, policy) = names();
             log.set_names(pods, ports);
+            log.set_policy(policy);
             log.drain();
             std::thread::sleep(DRAIN_EVERY);
         }

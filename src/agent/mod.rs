@@ -583,7 +583,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let flows_thread = if shared.flows.enabled() {
         let s2 = Arc::clone(&shared);
-        Some(flows::spawn(Arc::clone(&shared.flows), Arc::clone(&stop), move || pod_names(&s2))?)
+        Some(flows::spawn(Arc::clone(&shared.flows), Arc::clone(&stop), move || {
+            let (pods, ports) = pod_names(&s2);
+            (pods, ports, Arc::clone(lock(&s2.tables).policy()))
+        })?)
     } else {
         None
     };

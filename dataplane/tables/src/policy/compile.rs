@@ -215,6 +215,14 @@ impl PodRules {
     }
 }
 
+/// Which local pods' rules a verdict looked at: the source pod's egress rules in the high 16
+/// bits, the destination pod's ingress rules in the low 16, each 1 + the index of that pod's
+/// rules in the tables that decided ([`PolicyTables::rules_at`]), 0 when that side's rules were
+/// not looked at (not a local pod policies select in that direction, the pod itself, its node).
+/// Kept with a connection's policy records, so that its flow records name the policies (a
+/// node's pods beyond 65,535 would wrap: a node has at most 65,535 ports).
+pub type PolicyRef = u32;
+
 /// What a policy verdict says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyVerdict {
@@ -377,6 +385,11 @@ impl PolicyTables {
         self.hot.get((e.local as usize).wrapping_sub(1))
     }
 
+    /// The rules a [`PolicyRef`] half names (1 + their index; 0 and past the end: none).
+    pub fn rules_at(&self, local: u32) -> Option<&PodRules> {
+        self.local.get((local as usize).wrapping_sub(1)).map(|r| &**r)
+    }
+
     /// The rules of the local pod with this address, if policies select it.
     pub fn local(&self, addr: IpAddr) -> Option<&PodRules> {
         self.local.get((self.entry(addr).local as usize).wrapping_sub(1)).map(|r| &**r)
@@ -442,23 +455,34 @@ impl PolicyTables {
     /// always allowed.
     #[inline]
     pub fn verdict(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> PolicyVerdict {
+        self.decide(src, dst, proto, port).0
+    }
+
+    /// [`PolicyTables::verdict`], and which local pods' rules it looked at (a [`PolicyRef`]).
+    #[inline]
+    pub fn decide(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> (PolicyVerdict, PolicyRef) {
         if src == dst {
-            return PolicyVerdict::Allow;
+            return (PolicyVerdict::Allow, 0);
         }
         let (s, d) = (self.entry(src), self.entry(dst));
+        let mut by = 0;
         if let Some(e) = self.local_of(s).and_then(|c| c.egress.as_ref())
             && !self.is_node(dst)
-            && !self.allows(e, dst, d.identity, proto, port)
         {
-            return PolicyVerdict::DenyEgress;
+            by = (s.local & 0xffff) << 16;
+            if !self.allows(e, dst, d.identity, proto, port) {
+                return (PolicyVerdict::DenyEgress, by);
+            }
         }
         if let Some(i) = self.local_of(d).and_then(|c| c.ingress.as_ref())
             && !self.is_node(src)
-            && !self.allows(i, src, s.identity, proto, port)
         {
-            return PolicyVerdict::DenyIngress;
+            by |= d.local & 0xffff;
+            if !self.allows(i, src, s.identity, proto, port) {
+                return (PolicyVerdict::DenyIngress, by);
+            }
         }
-        PolicyVerdict::Allow
+        (PolicyVerdict::Allow, by)
     }
 }
 

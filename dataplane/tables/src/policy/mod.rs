@@ -6,8 +6,8 @@ pub mod flat;
 pub mod spec;
 
 pub use compile::{
-    DirRules, Explanation, Identity, PodRules, PolicyCompiler, PolicyTables, PolicyVerdict, PortSet, RuleOrigin,
-    SideExplanation,
+    DirRules, Explanation, Identity, PodRules, PolicyCompiler, PolicyRef, PolicyTables, PolicyVerdict, PortSet,
+    RuleOrigin, SideExplanation,
 };
 
 pub use spec::{
