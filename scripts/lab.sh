@@ -38,7 +38,8 @@
 # runs the IPv6 rows (pods <-> pods, nodes -> pods; pods -> nodes over IPv6 where nodes have IPv6 underlay
 # addresses).
 # --ip-family dual gives every pod an IPv6 address too (node i: fd00:10:244:<i>::/64, over the IPv4
-# underlay), and check adds every pod pair over IPv6; ferry nodes only (with --source etcd the leases are
+# underlay), and check adds every pod pair over IPv6; kernel-VXLAN nodes carry it on flannel.1 too (their
+# pods on cni0 get both families from the bridge plugin; with --source etcd the leases are
 # Flannel's dual-stack ones: EnableIPv6, keys 10.244.<i>.0-24&fd00:10:244:<i>::-64).
 # --services N (static or kube source): N Services (VIPs 10.96.x.y in the agents' service_cidrs, port 80
 # over TCP and UDP), each with two backend pods on different ferry nodes answering their name; check adds
@@ -168,8 +169,8 @@ cmd_up() {
     fi
     [[ $SERVICES =~ ^[0-9]+$ ]] && [ "$SERVICES" -le 5000 ] || die "--services takes a number up to 5000, not '$SERVICES'"
     if [ "$SERVICES" -gt 0 ] && [ "$SOURCE" = etcd ]; then die "--services: with the static or kube source (etcd carries no Services)"; fi
-    if [ "$IP_FAMILY" != ipv4 ] && [ "$KNODES" -gt 0 ]; then
-        die "--ip-family $IP_FAMILY: ferry nodes only (the lab's kernel-VXLAN nodes are IPv4-only)"
+    if [ "$IP_FAMILY" = ipv6 ] && [ "$KNODES" -gt 0 ]; then
+        die "--ip-family ipv6: ferry nodes only (the lab's kernel-VXLAN nodes have an IPv4 pod CIDR)"
     fi
     case "$UNDERLAY" in ipv4 | ipv6 | dual) ;; *) die "--underlay: ipv4, ipv6 or dual, not '$UNDERLAY'" ;; esac
     if [ "$UNDERLAY" != ipv4 ] && [ "$SOURCE" = etcd ]; then

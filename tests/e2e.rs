@@ -461,10 +461,16 @@ fn interop_with_kernel_vxlan_node() {
         return;
     }
     let _s = serial();
-    let lab =
-        Lab::up("e2e_interop", &["--nodes", "2", "--kernel-nodes", "1", "--pods-per-node", "2", "--encap", "vxlan"]);
+    // Dual-stack pods: the kernel node carries IPv6 on the same vxlan device (its pods get both
+    // families from the bridge plugin), so the interop holds for both pod families.
+    let lab = Lab::up(
+        "e2e_interop",
+        &["--nodes", "2", "--kernel-nodes", "1", "--pods-per-node", "2", "--encap", "vxlan", "--ip-family", "dual"],
+    );
     let rows = lab.check();
     assert_full_matrix(&rows, 3, 2);
+    let c = categories(&rows);
+    assert_eq!((c.get("pod-pod6(cross-node)"), c.get("node-pod6(remote)")), (Some(&24), Some(&12)), "{c:?}");
     let kernel: Vec<String> = lab.list()["nodes"]
         .as_array()
         .expect("nodes")
@@ -481,7 +487,9 @@ fn interop_with_kernel_vxlan_node() {
     let from_k: Vec<_> = rows.iter().filter(|r| involves(r, "from") && !involves(r, "to")).collect();
     let to_k: Vec<_> = rows.iter().filter(|r| involves(r, "to") && !involves(r, "from")).collect();
     // Ferry <-> kernel rows of every kind, both ways, all passed (check() asserted every row).
-    for cat in ["pod-pod(cross-node)", "node-pod(remote)", "pod-node(remote)"] {
+    for cat in
+        ["pod-pod(cross-node)", "node-pod(remote)", "pod-node(remote)", "pod-pod6(cross-node)", "node-pod6(remote)"]
+    {
         assert!(from_k.iter().any(|r| r["category"] == cat), "no {cat} row from {k}");
         assert!(to_k.iter().any(|r| r["category"] == cat), "no {cat} row to {k}");
     }

@@ -395,6 +395,12 @@ kernel_node_setup() {
         local "$(node_get "$name" TUN_IP)" dev ul0 dstport "$PORT" nolearning
     ip -n "$ns" link set flannel.1 mtu "$(kernel_pod_mtu)"
     ip -n "$ns" addr add "10.244.$(node_get "$name" IDX).0/32" dev flannel.1
+    # Dual-stack pods: IPv6 over the same device (inner and outer families are independent), the
+    # IPv6 pod CIDR's network address on it as Flannel puts it on its IPv6 vxlan device.
+    if [ -n "$(node_get "$name" POD_CIDR6)" ]; then
+        ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.forwarding=1
+        ip -n "$ns" addr add "fd00:10:244:$(node_get "$name" IDX)::/128" dev flannel.1 nodad
+    fi
     ip -n "$ns" link set flannel.1 up
 }
 
@@ -412,19 +418,26 @@ kernel_sync() {
         ip -n "$ns" neigh replace "10.244.$idx.0" lladdr "$mac" dev flannel.1 nud permanent
         ip netns exec "$ns" bridge fdb replace "$mac" dev flannel.1 dst "$ulip" self permanent
         ip -n "$ns" route replace "10.244.$idx.0/24" via "10.244.$idx.0" dev flannel.1 onlink
+        if [ -n "$(node_get "$name" POD_CIDR6)" ] && [ -n "$(node_get "$r" POD_CIDR6)" ]; then
+            want+="fd00:10:244:$idx:: "
+            ip -n "$ns" -6 neigh replace "fd00:10:244:$idx::" lladdr "$mac" dev flannel.1 nud permanent
+            ip -n "$ns" -6 route replace "$(node_get "$r" POD_CIDR6)" via "fd00:10:244:$idx::" dev flannel.1 onlink
+        fi
     done
     # Remove what belongs to nodes no longer listed.
     local dst via
     while read -r dst _ via _; do
         case "$want" in *" $via "*) ;; *) ip -n "$ns" route del "$dst" 2>/dev/null || true ;; esac
-    done < <(ip -n "$ns" -4 route show dev flannel.1 | awk '$2 == "via" {print $1, $2, $3}')
+    done < <(ip -n "$ns" route show dev flannel.1 | awk '$2 == "via" {print $1, $2, $3}'
+        ip -n "$ns" -6 route show dev flannel.1 | awk '$2 == "via" {print $1, $2, $3}')
     local nip nmac
     while read -r nip _ nmac _; do
         case "$want" in *" $nip "*) ;; *)
             ip -n "$ns" neigh del "$nip" dev flannel.1 2>/dev/null || true
             ip netns exec "$ns" bridge fdb del "$nmac" dev flannel.1 self 2>/dev/null || true ;;
         esac
-    done < <(ip -n "$ns" -4 neigh show dev flannel.1 | awk '{print $1, $2, $3}')
+    done < <(ip -n "$ns" -4 neigh show dev flannel.1 | awk '{print $1, $2, $3}'
+        ip -n "$ns" -6 neigh show dev flannel.1 nud permanent | awk '{print $1, $2, $3}')
 }
 
 kernel_sync_all() {
@@ -442,8 +455,11 @@ bridge_netconf() {
     printf '{"cniVersion":"1.0.0","name":"%s","type":"bridge","bridge":"cni0","mtu":%d,"isGateway":true,' \
         "$LAB-cbr0" "$(kernel_pod_mtu)"
     printf '"isDefaultGateway":true,"ipMasq":false,"hairpinMode":true,'
-    printf '"ipam":{"type":"host-local","ranges":[[{"subnet":"%s"}]],"dataDir":"%s"}}\n' \
-        "$(node_get "$1" POD_CIDR)" "$(node_dir "$1")/ipam"
+    local six range6=""
+    six=$(node_get "$1" POD_CIDR6 2>/dev/null || true)
+    [ -z "$six" ] || range6=$(printf ',[{"subnet":"%s"}]' "$six")
+    printf '"ipam":{"type":"host-local","ranges":[[{"subnet":"%s"}]%s],"dataDir":"%s"}}\n' \
+        "$(node_get "$1" POD_CIDR)" "$range6" "$(node_dir "$1")/ipam"
 }
 
 # cni NODE POD COMMAND: runs the node's CNI plugin for the pod, in the node's namespace, as a runtime would.
