@@ -408,6 +408,7 @@ mod tests {
             endpoints: Vec::new(),
             affinity: None,
             external: Default::default(),
+            internal_local: false,
         };
         let mut d = ServiceDelta { removed: vec!["x".into()], upserted: vec![spec("a", 1), spec("b", 2)] };
         d.merge(ServiceDelta { removed: vec!["a".into()], upserted: vec![spec("b", 3), spec("x", 4)] });

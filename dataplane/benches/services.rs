@@ -43,6 +43,7 @@ fn specs(services: u32, per: u32) -> Vec<ServiceSpec> {
                 .collect(),
             affinity: None,
             external: Default::default(),
+            internal_local: false,
         })
         .collect()
 }

@@ -270,6 +270,7 @@ fn a_service_is_judged_on_its_backend_port() {
         endpoints: vec![EndpointSpec::ready(IpAddr::V4(pod_ip(1, 2)), 8080)],
         affinity: None,
         external: Default::default(),
+        internal_local: false,
     };
     // b takes 8080 from a (the backend port), a sends only to b on 8080.
     let mut n1 = Node::new(
@@ -441,6 +442,7 @@ fn an_icmp_error_about_a_service_connection_names_the_service() {
         endpoints: vec![EndpointSpec::ready(IpAddr::V4(pod_ip(1, 2)), 5353)],
         affinity: None,
         external: Default::default(),
+        internal_local: false,
     };
     // a takes nothing in: the error passes as related, judged on the backend's real address.
     let mut n1 = Node::new(1, &[policy("a-in", "a", &["Ingress"], vec![], vec![])]);
@@ -470,6 +472,7 @@ fn ferrys_own_too_big_about_a_service_connection_names_the_service() {
         endpoints: vec![EndpointSpec::ready(IpAddr::V4(pod_ip(2, 1)), 5353)],
         affinity: None,
         external: Default::default(),
+        internal_local: false,
     };
     let mut n1 = Node::new(1, &[]);
     n1.set_services(std::slice::from_ref(&svc));

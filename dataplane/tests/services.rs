@@ -139,6 +139,7 @@ fn service(protocol: Protocol, backends: &[IpAddr]) -> ServiceSpec {
         endpoints: backends.iter().map(|&a| EndpointSpec::ready(a, BPORT)).collect(),
         affinity: None,
         external: Default::default(),
+        internal_local: false,
     }
 }
 
@@ -449,6 +450,7 @@ fn external_service(protocol: Protocol, endpoints: Vec<EndpointSpec>, local: boo
             local,
             health_check_node_port: None,
         },
+        internal_local: false,
     }
 }
 

@@ -195,6 +195,7 @@ fn service_backend_chosen_is_the_one_the_worker_chooses() {
         endpoints: backends,
         affinity: None,
         external: Default::default(),
+        internal_local: false,
     };
     let mut n1 = Node::new(1, &[], &[svc]);
     let mut chosen = std::collections::BTreeSet::new();

@@ -217,6 +217,7 @@ mod tests {
                 local: true,
                 health_check_node_port: Some(32000),
             },
+            internal_local: false,
         };
         let s = Services::build(
             &[

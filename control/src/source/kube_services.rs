@@ -15,8 +15,10 @@
 //! - **Conditions**, as kube-proxy reads them: `ready` unset is ready, `serving` unset is serving,
 //!   `terminating` unset is not terminating. The first address of an endpoint is used.
 //! - **Policies**: `sessionAffinity: ClientIP` with its timeout (default 10,800 s).
-//!   `internalTrafficPolicy: Local` keeps only endpoints on this node: ferry translates at the
-//!   client's node, so that is exactly the policy's meaning.
+//!   `internalTrafficPolicy: Local` sends traffic from inside the cluster to endpoints on this
+//!   node only (ferry translates at the client's node, so that is exactly the policy's meaning);
+//!   traffic from outside follows `externalTrafficPolicy` alone, as with kube-proxy. Every
+//!   endpoint stays in the spec, those on this node marked local ([`ServiceSpec::internal_local`]).
 //! - **From outside** (types NodePort and LoadBalancer): each port's `nodePort`, `spec.externalIPs`
 //!   and `status.loadBalancer.ingress[].ip` (those of the cluster IP's family) go into the spec's
 //!   [`ExternalSpec`] with `externalTrafficPolicy` and `healthCheckNodePort`; an endpoint on this
@@ -348,9 +350,6 @@ pub fn join<'a>(
                     continue;
                 };
                 for e in &slice.endpoints {
-                    if svc.internal_local && e.node.as_deref() != Some(own_node) {
-                        continue;
-                    }
                     endpoints.push(EndpointSpec {
                         addr: e.addr,
                         port: target.port,
@@ -378,6 +377,7 @@ pub fn join<'a>(
                     local: svc.external_local,
                     health_check_node_port: svc.health_check_node_port.filter(|_| svc.external_local),
                 },
+                internal_local: svc.internal_local,
             });
         }
     }
@@ -840,11 +840,14 @@ mod tests {
         assert!(specs[1].endpoints.iter().all(|e| e.port == 5353));
         assert_eq!(http.affinity, Some(Duration::from_secs(60)));
 
-        // internalTrafficPolicy: Local keeps this node's endpoints only.
+        // internalTrafficPolicy: Local keeps every endpoint, this node's marked local (the
+        // compiled service narrows traffic from inside to them; traffic from outside does not).
         let local = ServiceInfo { internal_local: true, ..info.clone() };
         let specs = join("shop/web", &local, [&a, &b].into_iter(), "node-a");
-        assert!(specs[0].endpoints.iter().all(|e| e.addr == ip("10.244.1.2") || e.addr == ip("10.244.1.3")));
-        assert_eq!(specs[0].endpoints.len(), 2);
+        assert!(specs[0].internal_local);
+        let marked: Vec<IpAddr> = specs[0].endpoints.iter().filter(|e| e.local).map(|e| e.addr).collect();
+        assert_eq!(marked, [ip("10.244.1.2"), ip("10.244.1.3")]);
+        assert!(specs[0].endpoints.len() > 2, "the other node's endpoints stay: {:?}", specs[0].endpoints);
     }
 
     #[test]

@@ -235,6 +235,8 @@ struct ServiceEntry {
     load_balancer_ips: Vec<String>,
     external_traffic_policy: Option<String>,
     health_check_node_port: Option<u32>,
+    /// `internalTrafficPolicy`: Cluster (default) or Local.
+    internal_traffic_policy: Option<String>,
 }
 
 /// A node's `underlay`: one address, or a list of one per family.
@@ -565,6 +567,13 @@ fn service_spec(e: ServiceEntry, own_cidrs: &[IpNet]) -> Result<ServiceSpec, Rej
         }
     }
     let external = external_spec(&e, vip).map_err(|(f, r)| reject(f, r))?;
+    let internal_local = match e.internal_traffic_policy.as_deref().map(str::trim) {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(reject("internal_traffic_policy", format!("`{other}` is not one of Cluster, Local")));
+        }
+    };
     Ok(ServiceSpec {
         external,
         name: e.name,
@@ -573,6 +582,7 @@ fn service_spec(e: ServiceEntry, own_cidrs: &[IpNet]) -> Result<ServiceSpec, Rej
         protocol,
         endpoints,
         affinity: e.session_affinity_seconds.map(Duration::from_secs),
+        internal_local,
     })
 }
 
@@ -856,6 +866,16 @@ mod tests {
             vip = "10.96.0.6"
             port = 80
             type = "ExternalName"
+            [[service]]
+            name = "internal-local"
+            vip = "10.96.0.7"
+            port = 80
+            internal_traffic_policy = "Local"
+            [[service]]
+            name = "bad-internal-policy"
+            vip = "10.96.0.8"
+            port = 80
+            internal_traffic_policy = "Node"
         "#;
         let p = parse(text, &defaults()).expect("parses");
         let lb = p.services[0].as_ref().expect("lb");
@@ -868,6 +888,9 @@ mod tests {
         assert_eq!(local, [true, false]);
         let field = |i: usize| p.services[i].as_ref().expect_err("rejected").field.clone();
         assert_eq!(field(1), "external_traffic_policy");
+        assert!(!lb.internal_local);
+        assert!(p.services[6].as_ref().expect("internal-local").internal_local);
+        assert_eq!(field(7), "internal_traffic_policy");
         assert_eq!(field(2), "node_port");
         assert_eq!(field(3), "node_port");
         assert_eq!(field(4), "external_ips");

@@ -134,6 +134,10 @@ pub struct ServiceSpec {
     pub affinity: Option<Duration>,
     /// NodePort, external and load-balancer IPs, `externalTrafficPolicy`.
     pub external: ExternalSpec,
+    /// `internalTrafficPolicy: Local`: traffic from inside the cluster (pods, the node) goes to
+    /// this node's endpoints only ([`EndpointSpec::local`]); traffic from outside follows
+    /// `external` alone, as kube-proxy does.
+    pub internal_local: bool,
 }
 
 /// Why a set of services was refused (nothing is published; the previous set stays).
@@ -206,10 +210,14 @@ pub struct Service {
     affinity: Option<Duration>,
     /// How it is reached from outside.
     external: Arc<ExternalSpec>,
-    /// `externalTrafficPolicy: Local`: the local backends (ready, else serving-and-terminating)
-    /// and their Maglev table; empty otherwise.
-    local_backends: Arc<[Backend]>,
-    local_table: Arc<[u16]>,
+    /// The backends new connections from outside go to, when they differ from `backends`, and
+    /// their Maglev table: under `externalTrafficPolicy: Local` the local ones; under `Cluster`
+    /// with `internalTrafficPolicy: Local` (which narrows `backends`) all of them. Ready ones,
+    /// else serving-and-terminating ones. Empty otherwise.
+    outside_backends: Arc<[Backend]>,
+    outside_table: Arc<[u16]>,
+    /// `internalTrafficPolicy: Local`.
+    internal_local: bool,
     /// `backends` are serving-and-terminating endpoints: no ready one is left.
     terminating_fallback: bool,
 }
@@ -279,25 +287,31 @@ impl Service {
     }
 
     /// The backend for a new connection from outside the cluster with this flow hash: any
-    /// backend (`externalTrafficPolicy: Cluster`), or a local one (`Local`); `None` when there
-    /// is none.
+    /// backend (`externalTrafficPolicy: Cluster`, whatever `internalTrafficPolicy` says), or a
+    /// local one (`Local`); `None` when there is none.
     #[inline]
     pub fn pick_external(&self, hash: u32) -> Option<Backend> {
-        if !self.external.local {
+        if !self.external.local && !self.internal_local {
             return self.pick(hash);
         }
-        if self.local_table.is_empty() {
+        if self.outside_table.is_empty() {
             return None;
         }
-        let slot = ((u64::from(hash) * self.local_table.len() as u64) >> 32) as usize;
-        let i = *self.local_table.get(slot)?;
-        self.local_backends.get(usize::from(i)).copied()
+        let slot = ((u64::from(hash) * self.outside_table.len() as u64) >> 32) as usize;
+        let i = *self.outside_table.get(slot)?;
+        self.outside_backends.get(usize::from(i)).copied()
     }
 
     /// The local backends new connections from outside go to under `externalTrafficPolicy:
     /// Local` (what the health check node port counts); empty under `Cluster`.
     pub fn local_backends(&self) -> &[Backend] {
-        &self.local_backends
+        if self.external.local { &self.outside_backends } else { &[] }
+    }
+
+    /// `internalTrafficPolicy: Local`: new connections from inside the cluster go to this
+    /// node's endpoints only.
+    pub fn internal_local(&self) -> bool {
+        self.internal_local
     }
 
     /// Whether an existing connection to `backend` may go on (the endpoint still serves).
@@ -703,34 +717,39 @@ fn check(s: &ServiceSpec) -> Result<(), ServiceError> {
 /// ones; and those that keep their existing connections (serving or ready).
 fn compile(s: &ServiceSpec) -> Service {
     let to_backend = |e: &EndpointSpec| Backend { addr: e.addr, port: e.port };
-    let mut backends: Vec<Backend> = s.endpoints.iter().filter(|e| e.ready).map(to_backend).collect();
-    let terminating_fallback = backends.is_empty();
-    if terminating_fallback {
-        backends = s.endpoints.iter().filter(|e| e.serving && e.terminating).map(to_backend).collect();
-    }
-    // The order must not matter to the table (a reordered slice is the same service).
-    backends.sort_by(cmp_backend);
-    backends.dedup();
+    // The ready endpoints among those `take` admits, else the serving-and-terminating ones;
+    // sorted (the order must not matter to the table: a reordered slice is the same service);
+    // and whether they are the fallback.
+    let usable = |take: &dyn Fn(&EndpointSpec) -> bool| -> (Vec<Backend>, bool) {
+        let mut v: Vec<Backend> = s.endpoints.iter().filter(|e| take(e) && e.ready).map(to_backend).collect();
+        let fallback = v.is_empty();
+        if fallback {
+            v = s.endpoints.iter().filter(|e| take(e) && e.serving && e.terminating).map(to_backend).collect();
+        }
+        v.sort_by(cmp_backend);
+        v.dedup();
+        let fallback = fallback && !v.is_empty();
+        (v, fallback)
+    };
+    // From inside the cluster: this node's endpoints only under `internalTrafficPolicy: Local`.
+    let (backends, terminating_fallback) = usable(&|e| !s.internal_local || e.local);
     let mut alive: Vec<AliveKey> =
         s.endpoints.iter().filter(|e| e.ready || e.serving).map(|e| AliveKey::of(&to_backend(e))).collect();
     alive.sort_unstable();
     alive.dedup();
-    let terminating_fallback = terminating_fallback && !backends.is_empty();
     let m = if backends.len() > LARGE_BACKENDS { MAGLEV_LARGE } else { MAGLEV_DEFAULT };
-    let mut local_backends: Vec<Backend> = Vec::new();
-    if s.external.local && !s.external.is_empty() {
-        local_backends = s.endpoints.iter().filter(|e| e.local && e.ready).map(to_backend).collect();
-        if local_backends.is_empty() {
-            local_backends =
-                s.endpoints.iter().filter(|e| e.local && e.serving && e.terminating).map(to_backend).collect();
-        }
-        local_backends.sort_by(cmp_backend);
-        local_backends.dedup();
-    }
-    let local_m = if local_backends.len() > LARGE_BACKENDS { MAGLEV_LARGE } else { MAGLEV_DEFAULT };
+    // From outside: the local endpoints under `externalTrafficPolicy: Local`; every endpoint
+    // under `Cluster` when `internalTrafficPolicy: Local` narrowed `backends`.
+    let outside_backends = match (s.external.is_empty(), s.external.local, s.internal_local) {
+        (true, _, _) | (false, false, false) => Vec::new(),
+        (false, true, _) => usable(&|e| e.local).0,
+        (false, false, true) => usable(&|_| true).0,
+    };
+    let outside_m = if outside_backends.len() > LARGE_BACKENDS { MAGLEV_LARGE } else { MAGLEV_DEFAULT };
     Service {
-        local_table: maglev_table(&local_backends, local_m).into(),
-        local_backends: local_backends.into(),
+        outside_table: maglev_table(&outside_backends, outside_m).into(),
+        outside_backends: outside_backends.into(),
+        internal_local: s.internal_local,
         external: Arc::new(s.external.clone()),
         name: s.name.as_str().into(),
         vip: s.vip,
@@ -748,6 +767,7 @@ fn compile(s: &ServiceSpec) -> Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
     use std::net::Ipv4Addr;
 
     fn b(i: u32) -> Backend {
@@ -777,6 +797,7 @@ mod tests {
             endpoints: vec![EndpointSpec::ready("10.244.1.2".parse().expect("ip"), 8080)],
             affinity: None,
             external: Default::default(),
+            internal_local: false,
         };
         let s = Services::build(&[spec("a", 80), spec("b", 443)], 1).expect("valid");
         assert_eq!(s.lookup("10.96.0.10".parse().expect("ip"), 443, 6).map(Service::name), Some("b"));
@@ -798,6 +819,7 @@ mod tests {
             endpoints: vec![EndpointSpec::ready(ip(backend), 8080)],
             affinity: None,
             external: Default::default(),
+            internal_local: false,
         };
         let s = Services::build(&[spec("a", "10.96.0.1", "10.244.1.1"), spec("b", "10.96.0.2", "10.244.1.2")], 1)
             .expect("valid");
@@ -840,6 +862,7 @@ mod tests {
                 local,
                 health_check_node_port: None,
             },
+            internal_local: false,
         };
         let s = Services::build(
             &[spec("a", "10.96.0.1", Some(30080), &["203.0.113.1"], true), spec("b", "10.96.0.2", None, &[], false)],
@@ -889,6 +912,7 @@ mod tests {
             endpoints: vec![EndpointSpec::ready(ip("10.244.1.2"), 80), term],
             affinity: None,
             external: Default::default(),
+            internal_local: false,
         };
         let s = compile(&spec);
         assert_eq!(s.backends(), &[Backend { addr: ip("10.244.1.2"), port: 80 }]);
@@ -907,5 +931,51 @@ mod tests {
         assert!(s.backends().is_empty());
         assert_eq!(s.pick(12345), None);
         assert!(!s.is_alive(Backend { addr: ip("10.244.1.3"), port: 80 }));
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_narrows_inside_traffic_only() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let ep = |a: &str, local: bool| EndpointSpec { local, ..EndpointSpec::ready(ip(a), 80) };
+        let mut spec = ServiceSpec {
+            name: "t".into(),
+            vip: ip("10.96.0.1"),
+            port: 80,
+            protocol: Protocol::Tcp,
+            endpoints: vec![ep("10.244.1.2", true), ep("10.244.2.2", false), ep("10.244.3.2", false)],
+            affinity: None,
+            external: ExternalSpec { node_port: Some(30080), ..Default::default() },
+            internal_local: true,
+        };
+        let picks = |s: &Service, external: bool| -> BTreeSet<IpAddr> {
+            (0..2000u32)
+                .filter_map(|h| {
+                    let h = h.wrapping_mul(0x9e37_79b9);
+                    if external { s.pick_external(h) } else { s.pick(h) }
+                })
+                .map(|b| b.addr)
+                .collect()
+        };
+        let s = compile(&spec);
+        assert_eq!(picks(&s, false), BTreeSet::from([ip("10.244.1.2")]), "from inside: the local endpoint only");
+        assert_eq!(picks(&s, true).len(), 3, "from outside (Cluster): every endpoint");
+        assert!(s.local_backends().is_empty(), "no health-check count under Cluster");
+        assert!(s.is_alive(Backend { addr: ip("10.244.3.2"), port: 80 }), "a remote endpoint keeps its connections");
+        // externalTrafficPolicy: Local: the local endpoints from outside too.
+        spec.external.local = true;
+        let s = compile(&spec);
+        assert_eq!(picks(&s, true), BTreeSet::from([ip("10.244.1.2")]));
+        assert_eq!(s.local_backends().len(), 1);
+        // No local endpoint: nothing from inside; Cluster from outside still has all three.
+        spec.external.local = false;
+        spec.endpoints[0].local = false;
+        let s = compile(&spec);
+        assert!(picks(&s, false).is_empty());
+        assert_eq!(picks(&s, true).len(), 3);
+        // Without the policy, both ways use every endpoint.
+        spec.internal_local = false;
+        let s = compile(&spec);
+        assert_eq!(picks(&s, false).len(), 3);
+        assert_eq!(picks(&s, true).len(), 3);
     }
 }
