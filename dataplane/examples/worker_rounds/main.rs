@@ -81,6 +81,19 @@ fn main() {
         }
     };
     let (mut w, fib) = setup::setup();
+    // The agent's binary also holds the simulation's copy of the stages (`ferry trace`): a second
+    // caller of what the compiler otherwise inlines into the worker loop. This binary holds that
+    // copy too (run only with WORKER_TRACE_COPY set), so that it is compiled as the agent's is.
+    if std::env::var_os("WORKER_TRACE_COPY").is_some() {
+        let mut p = ferry_dataplane::pipeline::Pipeline::for_trace(ferry_testsupport::node::TestNode::new(1).config());
+        let role = if inp == setup::UPLINK {
+            ferry_dataplane::pipeline::PortRole::Uplink
+        } else {
+            ferry_dataplane::pipeline::PortRole::Pod
+        };
+        let port = ferry_dataplane::pipeline::PortId(inp as u16);
+        let _ = ferry_dataplane::trace::run(&mut p, &*fib, port, role, &frames[0]);
+    }
     // Flow records on (`scripts/worker-ir.sh --flows`).
     let flows = std::env::var_os("WORKER_FLOWS").is_some();
     if flows {
