@@ -2,7 +2,8 @@
 //! setup to start it pinned to a core.
 //!
 //! Each loop iteration reclaims completed transmissions, refills receive rings, then takes up to
-//! [`BATCH`] packets from each port, runs each through the [`Pipeline`], and queues it for its
+//! [`BATCH`] packets from each port (again, up to [`RECV_ROUNDS`] times, while it keeps filling the
+//! batch or handing over super-packets), runs each through the [`Pipeline`], and queues it for its
 //! egress port; full egress batches go out immediately and the rest at the end of the iteration,
 //! with one kick per port. The forwarding tables are loaded once per iteration. The counters are
 //! published for readers on other threads every [`PUBLISH_INTERVAL`] while busy (not every
@@ -46,6 +47,10 @@ use crate::trace::{Marked, NoTrace, Recorder, TraceMark, Traced};
 
 /// Packets taken from a port per receive call, and the size of an egress batch.
 pub const BATCH: usize = 64;
+
+/// Receive calls per port in one iteration, at most, while the port keeps returning full batches
+/// or super-packets.
+pub const RECV_ROUNDS: usize = 8;
 
 /// Flow table slots a busy worker looks at for changes each time it publishes: two per packet
 /// received since the last publish, at most this many (an idle one looks at all of them). Export
@@ -592,28 +597,40 @@ impl<P: Port> Worker<P> {
         }
         let mut received = 0;
         for i in 0..self.ports.len() {
-            let n = self.ports[i].recv(&mut self.mem, &mut self.rx);
-            received += n;
-            let mut last = None;
-            // One test per batch: only while a marked packet is awaited does the uplink's loop
-            // look at each packet.
-            if self.watches.is_empty() || self.roles[i] != PortRole::Uplink {
-                for k in 0..n {
-                    let pkt = self.rx[k];
-                    last = self.forward(fib, i, pkt, &mut NoTrace);
+            // A port that filled the batch, or ended it early at a super-packet, likely has more
+            // ready: take it now, up to RECV_ROUNDS batches, rather than after a round of every
+            // other port. A UDP uplink so drains its socket buffer in bursts instead of one
+            // `UDP_GRO` buffer per iteration; the bound keeps the other ports from waiting long.
+            for _ in 0..RECV_ROUNDS {
+                let n = self.ports[i].recv(&mut self.mem, &mut self.rx);
+                received += n;
+                let mut last = None;
+                // One test per batch: only while a marked packet is awaited does the uplink's loop
+                // look at each packet.
+                if self.watches.is_empty() || self.roles[i] != PortRole::Uplink {
+                    for k in 0..n {
+                        let pkt = self.rx[k];
+                        last = self.forward(fib, i, pkt, &mut NoTrace);
+                    }
+                } else {
+                    last = self.forward_watched(fib, i, n);
                 }
-            } else {
-                last = self.forward_watched(fib, i, n);
-            }
-            if n > 0
-                && let Some(head) = self.ports[i].super_head()
-            {
-                let sent = last.map_or(0, |(out, pkt)| self.super_forward(i, out, pkt, head));
-                self.ports[i].super_done(sent);
-            } else if n > 0 && self.ports[i].super_run().is_some() {
-                let rx_len = self.rx[n - 1].len;
-                let sent = last.map_or(0, |(out, pkt)| self.super_deliver(i, out, pkt, rx_len));
-                self.ports[i].super_done(sent);
+                let mut more = n == self.rx.len();
+                if n > 0
+                    && let Some(head) = self.ports[i].super_head()
+                {
+                    let sent = last.map_or(0, |(out, pkt)| self.super_forward(i, out, pkt, head));
+                    self.ports[i].super_done(sent);
+                    more = true;
+                } else if n > 0 && self.ports[i].super_run().is_some() {
+                    let rx_len = self.rx[n - 1].len;
+                    let sent = last.map_or(0, |(out, pkt)| self.super_deliver(i, out, pkt, rx_len));
+                    self.ports[i].super_done(sent);
+                    more = true;
+                }
+                if !more {
+                    break;
+                }
             }
         }
         for p in 0..self.ports.len() {

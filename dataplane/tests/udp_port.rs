@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use etherparse::PacketBuilder;
 use ferry_dataplane::frame::{FrameId, FrameMem, FreeFrames, HeapMem, Pkt};
 use ferry_dataplane::port::Port;
-use ferry_dataplane::port::udp::{UdpPort, UdpPortConfig, UdpPortError};
+use ferry_dataplane::port::udp::{DEFAULT_SOCKET_BUFFER, UdpPort, UdpPortConfig, UdpPortError};
 use ferry_dataplane::port::xsk::RX_HEADROOM;
 use ferry_encap::{DecapConfig, FrameBuf, MacAddr, TemplateParams, TunnelKind, TunnelTemplate, decap, encap_with};
 use xsk_util::*;
@@ -51,6 +51,9 @@ fn two_udp_ports_exchange_vxlan_as_gso_and_gro_batches() {
     let t = pair(1);
     let mut a = port(&t.a, A4);
     let mut b = port(&t.b, B4);
+    // As root the buffers are what was asked (SO_RCVBUFFORCE, SO_SNDBUFFORCE), past
+    // net.core.rmem_max/wmem_max; the kernel reports twice the size set.
+    assert_eq!(b.buffer_sizes(), (2 * DEFAULT_SOCKET_BUFFER, 2 * DEFAULT_SOCKET_BUFFER), "socket buffers");
     let (mut mem_a, mut free_a) = (HeapMem::new(FRAMES, FRAME_SIZE), FreeFrames::all(FRAMES));
     let (mut mem_b, mut free_b) = (HeapMem::new(FRAMES, FRAME_SIZE), FreeFrames::all(FRAMES));
 

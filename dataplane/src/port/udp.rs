@@ -65,8 +65,9 @@ pub const MAX_MESSAGE: usize = 65_507;
 pub const TX_MSGS: usize = 64;
 /// Bytes staged for sending: room for a worker's batch of 64 full-sized frames, twice.
 const TX_STAGE: usize = 256 * 1024;
-/// Buffers per `recvmmsg`; each holds one GRO'd message of up to 64 KB.
-pub const RX_MSGS: usize = 8;
+/// Buffers per `recvmmsg`; each holds one GRO'd message of up to 64 KB. 16 buffers are up to a
+/// thousand datagrams per system call when the socket has a backlog.
+pub const RX_MSGS: usize = 16;
 /// One receive buffer: the largest UDP payload a GRO'd message can have, with room for a tunnel
 /// datagram that carries a whole 64 KB TCP super-packet (its inner IP packet alone may be 65,535
 /// bytes, and a shorter buffer truncates it).
@@ -94,7 +95,10 @@ pub struct UdpPortConfig {
     /// Frames sent but not yet reclaimed, at most (like a completion ring).
     pub tx_ring: usize,
     /// Socket receive and send buffer sizes in bytes (`SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`, falling
-    /// back to the unprivileged options, capped by `net.core.rmem_max`/`wmem_max`).
+    /// back to the unprivileged options, capped by `net.core.rmem_max`/`wmem_max`; the kernel
+    /// doubles what it is given, for its own overhead). The receive buffer absorbs the bursts that
+    /// arrive while the worker is not running (on a shared core, several milliseconds at a time):
+    /// at 4 MB four TCP streams overflowed it in every lab run ([`DEFAULT_SOCKET_BUFFER`]).
     pub socket_buffer: usize,
     /// The largest inner IP packet (the pod MTU: the underlay MTU less the tunnel overhead). A
     /// tunnel datagram that arrives carrying a larger TCP packet is a kernel VXLAN device's
@@ -109,6 +113,11 @@ pub struct UdpPortConfig {
     pub super_packets: bool,
 }
 
+/// The default [`UdpPortConfig::socket_buffer`]: 32 MiB (64 MiB of kernel accounting), about
+/// 50 ms of 5 Gbit/s. It is a limit, not an allocation: the kernel charges only what is queued.
+/// Chosen by measurement (docs/throughput.md, "The receive socket overflow").
+pub const DEFAULT_SOCKET_BUFFER: usize = 32 << 20;
+
 /// `UDP_GRO` buffers delivered the ordinary way after the worker declined a run.
 pub const SUPER_BACKOFF: u32 = 16;
 
@@ -121,7 +130,7 @@ impl UdpPortConfig {
             reuse_port: true,
             rx_frames: 512,
             tx_ring: 1024,
-            socket_buffer: 4 << 20,
+            socket_buffer: DEFAULT_SOCKET_BUFFER,
             inner_mtu: 1450,
             super_packets: false,
         }
@@ -612,10 +621,26 @@ impl<M: FrameMem> UdpPort<M> {
         setsockopt(s, libc::IPPROTO_IP, libc::IP_RECVTOS, 1).map_err(err("IP_RECVTOS"))?;
         setsockopt(s, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1).map_err(err("SO_RXQ_OVFL"))?;
         let size = libc::c_int::try_from(cfg.socket_buffer).unwrap_or(libc::c_int::MAX);
-        for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
-            if setsockopt(s, libc::SOL_SOCKET, force, size).is_err() {
-                // Without CAP_NET_ADMIN: as much as net.core.[rw]mem_max allows.
-                let _ = setsockopt(s, libc::SOL_SOCKET, plain, size);
+        for (force, plain, option, limit) in [
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "SO_RCVBUFFORCE", "net.core.rmem_max"),
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "SO_SNDBUFFORCE", "net.core.wmem_max"),
+        ] {
+            if setsockopt(s, libc::SOL_SOCKET, force, size).is_ok() {
+                continue;
+            }
+            // Without CAP_NET_ADMIN: as much as net.core.[rw]mem_max allows.
+            let _ = setsockopt(s, libc::SOL_SOCKET, plain, size);
+            // The kernel reports twice what it was given (its own overhead included).
+            let got = getsockopt(s, libc::SOL_SOCKET, plain).map_or(0, |v| usize::try_from(v / 2).unwrap_or(0));
+            if got < cfg.socket_buffer {
+                tracing::warn!(
+                    wanted = cfg.socket_buffer,
+                    got,
+                    "a UDP uplink socket buffer is smaller than asked ({option} needs CAP_NET_ADMIN; \
+                     without it {limit} caps it): raise {limit} to at least {} or expect socket drops \
+                     (UdpRcvbufErrors) under load",
+                    cfg.socket_buffer,
+                );
             }
         }
         let sa = sockaddr_v4(local);
@@ -631,7 +656,14 @@ impl<M: FrameMem> UdpPort<M> {
             };
             return Err(UdpPortError::Bind { addr, hint, source });
         }
-        tracing::info!(%local, reuse_port = cfg.reuse_port, "bound UDP uplink socket (UDP_SEGMENT, UDP_GRO)");
+        let (rcvbuf, sndbuf) = buffer_sizes(s);
+        tracing::info!(
+            %local,
+            reuse_port = cfg.reuse_port,
+            rcvbuf,
+            sndbuf,
+            "bound UDP uplink socket (UDP_SEGMENT, UDP_GRO)"
+        );
         Ok(UdpPort {
             name: format!("udp:{local}"),
             fd,
@@ -660,6 +692,12 @@ impl<M: FrameMem> UdpPort<M> {
     /// The socket's bound address.
     pub fn local(&self) -> SocketAddrV4 {
         self.local
+    }
+
+    /// The socket's receive and send buffer sizes as the kernel reports them (`SO_RCVBUF`,
+    /// `SO_SNDBUF`: twice what was set, the kernel's overhead included).
+    pub fn buffer_sizes(&self) -> (usize, usize) {
+        buffer_sizes(self.fd.as_raw_fd())
     }
 
     /// The port's own counters.
@@ -829,6 +867,19 @@ fn sockaddr_v4(a: SocketAddrV4) -> libc::sockaddr_in {
         sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
         sin_zero: [0; 8],
     }
+}
+
+fn buffer_sizes(fd: RawFd) -> (usize, usize) {
+    let get = |name| getsockopt(fd, libc::SOL_SOCKET, name).map_or(0, |v| usize::try_from(v).unwrap_or(0));
+    (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
+}
+
+fn getsockopt(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int option value and its size, both writable.
+    let r = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &raw mut len) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(value) }
 }
 
 fn setsockopt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
