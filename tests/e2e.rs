@@ -19,7 +19,7 @@
 //! Every command is bounded by `timeout`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -1611,6 +1611,38 @@ fn web_view_in_a_browser() {
 }
 
 /// `svc-probe.py connect` from `from` to `ip:port`, `count` connections: one answer per line.
+/// Servers a test runs in lab namespaces (a probe script's `serve` modes): each bounded by
+/// `timeout`, and killed when this is dropped, also when the test fails.
+struct Servers(Vec<Child>);
+
+impl Servers {
+    fn new() -> Servers {
+        Servers(Vec::new())
+    }
+
+    /// `python3 SCRIPT ARGS...` in namespace `ns`, for at most `secs` seconds.
+    fn spawn(&mut self, ns: &str, script: &str, args: &[&str], secs: u32) {
+        let child = Command::new("timeout")
+            .args(["-k", "2", &secs.to_string(), "ip", "netns", "exec", ns, python(), script])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {script} {args:?} in {ns}: {e}"));
+        self.0.push(child);
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn svc_connect(lab: &Lab, from: &str, ip: &str, port: u16, count: usize) -> Vec<String> {
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
     let out = run_bounded(
@@ -1631,16 +1663,9 @@ fn services_cluster_ip_from_the_static_file() {
     let lab = Lab::up("e2e_svc", &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "veth"]);
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
     // Backends: n1-p2 (on the client's node) and n2-p1 (across the tunnel), each answering its name.
-    let mut servers = Vec::new();
+    let mut servers = Servers::new();
     for pod in ["n1-p2", "n2-p1"] {
-        let child = Command::new("timeout")
-            .args(["-k", "2", "120", "ip", "netns", "exec", &lab.netns(pod), python(), &py, "serve", "8080", pod])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("server");
-        servers.push(child);
+        servers.spawn(&lab.netns(pod), &py, &["serve", "8080", pod], 120);
     }
     // One VIP in the lab's service CIDR (`pods.service_cidrs`, outside the pod networks, as on a
     // real cluster), one inside the cluster CIDR but outside every node's pod CIDR: the pod XDP
@@ -1707,10 +1732,7 @@ fn services_cluster_ip_from_the_static_file() {
         |st| st["drops"]["service_no_endpoint"].as_u64().unwrap_or(0) >= 3,
     );
     assert!(counted, "service_no_endpoint not counted: {}", st["drops"]);
-    for mut s in servers {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    drop(servers);
 }
 
 /// A dual-stack Service and NetworkPolicy judged on IPv6, on a dual-stack lab: the Service has a
@@ -1730,16 +1752,9 @@ fn services_and_policy_over_ipv6() {
     let _s = serial();
     let lab = Lab::up("e2e_svc6", &["--nodes", "2", "--pods-per-node", "2", "--ip-family", "dual"]);
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
-    let mut servers = Vec::new();
+    let mut servers = Servers::new();
     for pod in ["n1-p2", "n2-p1"] {
-        let child = Command::new("timeout")
-            .args(["-k", "2", "120", "ip", "netns", "exec", &lab.netns(pod), python(), &py, "serve-peer", "8080", pod])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("server");
-        servers.push(child);
+        servers.spawn(&lab.netns(pod), &py, &["serve-peer", "8080", pod], 120);
     }
     let ip6 = |p: &str| lab.entry("pods", p)["ip6"].as_str().expect("ip6").to_owned();
     let (c1, c2, b1, b2) = (ip6("n1-p1"), ip6("n2-p2"), ip6("n1-p2"), ip6("n2-p1"));
@@ -1841,10 +1856,7 @@ fn services_and_policy_over_ipv6() {
             poll_until(Duration::from_secs(3), Duration::from_millis(200), denied, |d| *d >= before + 3);
         assert!(counted, "policy_denied_ingress {before} -> {after}: the refused SYNs counted");
     }
-    for mut s in servers {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    drop(servers);
 }
 
 /// `svc-probe.py udp` from `from` to `ip:port`: the answer, or "timeout".
@@ -1878,23 +1890,12 @@ fn services_node_port_cluster_and_local_from_outside() {
         &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "tap", "--uplink-port", "afxdp"],
     );
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
-    let spawn = |ns: String, args: &[&str]| {
-        Command::new("timeout")
-            .args(["-k", "2", "120", "ip", "netns", "exec", &ns, python(), &py])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("server")
-    };
     // Backends n1-p2 and n2-p1 answer their name and the client address they see; node n1's
     // kernel has a service of its own on port 2222 (an ssh stand-in).
-    let mut servers = vec![
-        spawn(lab.netns("n1-p2"), &["serve-peer", "8080", "n1-p2"]),
-        spawn(lab.netns("n2-p1"), &["serve-peer", "8080", "n2-p1"]),
-        spawn(lab.netns("n1"), &["serve", "2222", "kernel-n1"]),
-    ];
+    let mut servers = Servers::new();
+    servers.spawn(&lab.netns("n1-p2"), &py, &["serve-peer", "8080", "n1-p2"], 120);
+    servers.spawn(&lab.netns("n2-p1"), &py, &["serve-peer", "8080", "n2-p1"], 120);
+    servers.spawn(&lab.netns("n1"), &py, &["serve", "2222", "kernel-n1"], 120);
     let (b1, b2) = (lab.pod_ip("n1-p2"), lab.pod_ip("n2-p1"));
     let node_ip = |n: &str| lab.entry("nodes", n)["underlay_ip"].as_str().expect("underlay_ip").to_owned();
     let (n1, n2) = (node_ip("n1"), node_ip("n2"));
@@ -1993,10 +1994,7 @@ fn services_node_port_cluster_and_local_from_outside() {
     assert!(got.iter().all(|l| l.starts_with("error")), "Local, client excepted: {got:?}");
     let denied = lab.ferry("n1", "stats")["drops"]["policy_denied_ingress"].as_u64().unwrap_or(0);
     assert!(denied >= denied_before + 2, "policy_denied_ingress on n1: {denied_before} -> {denied}");
-    for mut s in servers.drain(..) {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    drop(servers);
 }
 
 #[test]
@@ -2084,19 +2082,10 @@ fn network_policy_egress_from_veth_pods_to_outside() {
     let route = run_bounded(5, &["ip", "-n", &lab.netns("ul"), "route", "add", "10.244.0.0/16", "via", &n1]);
     assert!(route.status.success(), "route in the underlay: {}", text(&route.stderr));
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
-    let mut servers: Vec<_> = ["8080", "8081"]
-        .iter()
-        .map(|port| {
-            Command::new("timeout")
-                .args(["-k", "2", "60", "ip", "netns", "exec", &lab.netns("ul"), python(), &py])
-                .args(["serve-peer", port, "outside"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("server")
-        })
-        .collect();
+    let mut servers = Servers::new();
+    for port in ["8080", "8081"] {
+        servers.spawn(&lab.netns("ul"), &py, &["serve-peer", port, "outside"], 60);
+    }
     let (p1, p2) = (lab.pod_ip("n1-p1"), lab.pod_ip("n1-p2"));
     let seen_from = |ip: &str| format!("outside {ip}");
     let (got, ok) = poll_until(
@@ -2143,10 +2132,7 @@ fn network_policy_egress_from_veth_pods_to_outside() {
     // Without the policy, p1 reaches the other port again.
     apply(format!("{base}{objects}"));
     assert_eq!(tcp_once(&lab, "n1-p1", &outside, 8081), seen_from(&p1), "reopened");
-    for mut s in servers.drain(..) {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    drop(servers);
 }
 
 /// `ferry flows --json ARGS` on a node: its events (JSON lines).
@@ -2677,19 +2663,10 @@ fn network_policy_conformance() {
         ));
     }
     let py = repo().join("scripts/lib/netpol-probe.py").display().to_string();
-    let mut servers: Vec<_> = NpPod::ALL
-        .iter()
-        .map(|p| {
-            Command::new("timeout")
-                .args(["-k", "2", "300", "ip", "netns", "exec", &lab.netns(&p.lab_name()), python(), &py, "serve"])
-                .arg(format!("{}/{}", p.ns, p.pod))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("server")
-        })
-        .collect();
+    let mut servers = Servers::new();
+    for p in NpPod::ALL {
+        servers.spawn(&lab.netns(&p.lab_name()), &py, &["serve", &format!("{}/{}", p.ns, p.pod)], 300);
+    }
     let generations = || -> Vec<u64> {
         ["n1", "n2", "n3"].iter().map(|n| lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0)).collect()
     };
@@ -2791,10 +2768,7 @@ fn network_policy_conformance() {
     let _ = stream.kill();
     let _ = stream.wait();
 
-    for s in &mut servers {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    drop(servers);
     println!("{} cases in {:.1} s", cases.len(), started.elapsed().as_secs_f64());
     assert!(
         failures.is_empty(),
@@ -2839,19 +2813,10 @@ fn trace_agrees_with_traffic() {
         ));
     }
     let py = repo().join("scripts/lib/netpol-probe.py").display().to_string();
-    let mut servers: Vec<_> = NpPod::ALL
-        .iter()
-        .map(|p| {
-            Command::new("timeout")
-                .args(["-k", "2", "120", "ip", "netns", "exec", &lab.netns(&p.lab_name()), python(), &py, "serve"])
-                .arg(format!("{}/{}", p.ns, p.pod))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("server")
-        })
-        .collect();
+    let mut servers = Servers::new();
+    for p in NpPod::ALL {
+        servers.spawn(&lab.netns(&p.lab_name()), &py, &["serve", &format!("{}/{}", p.ns, p.pod)], 120);
+    }
     let generations = || -> Vec<u64> {
         ["n1", "n2", "n3"].iter().map(|n| lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0)).collect()
     };
@@ -2995,10 +2960,7 @@ fn trace_agrees_with_traffic() {
             ));
         }
     }
-    for s in &mut servers {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    drop(servers);
     println!("trace_agrees_with_traffic: {:.1} s", started.elapsed().as_secs_f64());
     assert!(sentence_checked, "no denied TCP/80 pair was traced");
     assert_eq!(injected, 288, "every pair and probe of the first case was injected");
