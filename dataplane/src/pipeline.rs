@@ -704,7 +704,7 @@ impl Pipeline {
 
     /// Stage (from a pod): the IPv4 header checksum (RFC 1812), neighbour solicitations (answered),
     /// the gateway as destination MAC, and the pod's own source address (anti-spoofing).
-    #[inline]
+    #[inline(always)]
     fn pod_ip_checks<F: Fib>(&self, fib: &F, in_port: PortId, ctx: &Ctx, frame: &mut FrameBuf<'_>) -> Step {
         let info = &ctx.flow;
         if info.l3 == L3::Ipv4 && !Ipv4Packet::new_unchecked(&frame.data()[info.l3_offset..]).verify_checksum() {
@@ -1182,6 +1182,7 @@ fn note_service<R: Recorder>(rec: &mut R, services: &Services, orig: &Ctx, ctx: 
 /// Whether a decapsulated packet's source belongs to the node that sent it (`outer_src`): inside
 /// that node's pod CIDRs (its overlay address among them), or one of the node's own underlay
 /// addresses (its kernel answering a pod that talked to that address).
+#[inline(always)]
 fn sent_by<F: Fib>(fib: &F, src: IpAddr, outer_src: IpAddr) -> bool {
     if src == outer_src {
         return true;

@@ -27,7 +27,7 @@ pub fn encap(tpl: &TunnelTemplate, frame: &mut FrameBuf<'_>) -> Result<(), DropR
 /// [`DropReason::NoHeadroom`] when the buffer has less headroom than [`TunnelTemplate::overhead`];
 /// [`DropReason::Ipv4BadTotalLength`] / [`DropReason::Ipv6BadPayloadLength`] when the result would
 /// not fit the outer length field.
-#[inline]
+#[inline(always)]
 pub fn encap_with(tpl: &TunnelTemplate, frame: &mut FrameBuf<'_>, inner_tos: u8, hash: u32) -> Result<(), DropReason> {
     let inner_len = frame.len();
     let outer_l3_len = tpl.len - tpl.l3_offset + inner_len;
