@@ -254,28 +254,26 @@ pub fn subnet_key(net: Ipv4Net, net6: Option<Ipv6Net>) -> String {
 /// # Errors
 /// A reason when it is not a subnet.
 pub fn parse_subnet_key(s: &str) -> Result<(Ipv4Net, Option<Ipv6Net>), String> {
+    let four = |s: &str| match parse_subnet(s)? {
+        IpNet::V4(n) => Ok(n),
+        IpNet::V6(_) => Err(format!("{s:?} is not an IPv4 subnet")),
+    };
+    let six = |s: &str| match parse_subnet(s)? {
+        IpNet::V6(n) => Ok(n),
+        IpNet::V4(_) => Err(format!("{s:?} is not an IPv6 subnet")),
+    };
     match s.split_once('&') {
-        None => Ok((parse_subnet4(s)?, None)),
-        Some((four, six)) => Ok((parse_subnet4(four)?, Some(parse_subnet6(six)?))),
+        None => Ok((four(s)?, None)),
+        Some((v4, v6)) => Ok((four(v4)?, Some(six(v6)?))),
     }
 }
 
-fn parse_subnet6(s: &str) -> Result<Ipv6Net, String> {
+/// One `ADDRESS-LENGTH` subnet of a lease key, without host bits.
+fn parse_subnet(s: &str) -> Result<IpNet, String> {
     let (addr, len) = s.rsplit_once('-').ok_or_else(|| format!("{s:?} is not ADDRESS-LENGTH"))?;
-    let addr: Ipv6Addr = addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not an IPv6 address"))?;
+    let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not an IP address"))?;
     let len: u8 = len.parse().map_err(|_| format!("{s:?}: {len:?} is not a prefix length"))?;
-    let net = Ipv6Net::new(addr, len).map_err(|_| format!("{s:?}: /{len} is too long"))?;
-    if net.trunc() != net {
-        return Err(format!("{s:?} has host bits set"));
-    }
-    Ok(net)
-}
-
-fn parse_subnet4(s: &str) -> Result<Ipv4Net, String> {
-    let (addr, len) = s.rsplit_once('-').ok_or_else(|| format!("{s:?} is not ADDRESS-LENGTH"))?;
-    let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{s:?}: {addr:?} is not an IPv4 address"))?;
-    let len: u8 = len.parse().map_err(|_| format!("{s:?}: {len:?} is not a prefix length"))?;
-    let net = Ipv4Net::new(addr, len).map_err(|_| format!("{s:?}: /{len} is too long"))?;
+    let net = IpNet::new(addr, len).map_err(|_| format!("{s:?}: /{len} is too long"))?;
     if net.trunc() != net {
         return Err(format!("{s:?} has host bits set"));
     }
@@ -417,7 +415,13 @@ mod tests {
             ("10.5.34.0/24".into(), Some("fc00:0:0:22::/64".into()))
         );
         assert_eq!(subnet_key(n, six), "10.5.34.0-24&fc00:0:0:22::-64");
-        for bad in ["10.5.34.0-24&", "10.5.34.0-24&fc00::1-64", "10.5.34.0-24&10.0.0.0-8", "10.5.34.0-24&fc00::-129"] {
+        for bad in [
+            "10.5.34.0-24&",
+            "10.5.34.0-24&fc00::1-64",
+            "10.5.34.0-24&10.0.0.0-8",
+            "10.5.34.0-24&fc00::-129",
+            "fc00::-64",
+        ] {
             assert!(parse_subnet_key(bad).is_err(), "{bad}");
         }
         let a = LeaseAttrs::parse(
