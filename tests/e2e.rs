@@ -2619,6 +2619,72 @@ fn np_probe(
     out
 }
 
+/// The conformance lab: 3 nodes x 3 veth pods as namespaces x, y, z with pods a, b, c (labelled
+/// `pod=a|b|c`; x and y of team t1), the static file's namespace and pod objects (the pods with the
+/// probe's named ports), and netpol-probe's server in every pod for at most `secs` seconds.
+struct NpLab {
+    /// Declared first, so dropped first: the servers go before the lab.
+    _servers: Servers,
+    lab: Lab,
+    /// The lab's static file, and what the lab wrote into it.
+    file: String,
+    base: String,
+    /// The cluster CIDR.
+    cidr: String,
+    /// Each pod's address, by lab name (`n1-p1`).
+    ips: std::collections::HashMap<String, String>,
+    /// The namespace and pod objects.
+    objects: String,
+}
+
+impl NpLab {
+    fn up(name: &str, secs: u32) -> NpLab {
+        let lab = Lab::up(name, &["--nodes", "3", "--pods-per-node", "3", "--pod-port", "veth"]);
+        let list = lab.list();
+        let file = list["static_file"].as_str().expect("static_file").to_owned();
+        let cidr = list["cluster_cidr"].as_str().expect("cluster_cidr").to_owned();
+        let base = std::fs::read_to_string(&file).expect("static file");
+        let ips: std::collections::HashMap<String, String> =
+            NpPod::ALL.iter().map(|p| (p.lab_name(), lab.pod_ip(&p.lab_name()))).collect();
+        let mut objects = String::new();
+        for (ns, team) in [("x", "team = \"t1\", "), ("y", "team = \"t1\", "), ("z", "")] {
+            objects.push_str(&format!("\n[[namespace]]\nname = \"{ns}\"\nlabels = {{ {team}ns = \"{ns}\" }}\n"));
+        }
+        for p in NpPod::ALL {
+            let node = p.lab_name().split('-').next().expect("node").to_owned();
+            objects.push_str(&format!(
+                "\n[[pod]]\nnamespace = \"{}\"\nname = \"{}\"\nlabels = {{ pod = \"{}\" }}\nips = [\"{}\"]\nnode = \"{node}\"\n\
+                 ports = [{{ name = \"serve-80-tcp\", port = 80 }}, {{ name = \"serve-81-tcp\", port = 81 }}, \
+                 {{ name = \"serve-80-udp\", port = 80, protocol = \"UDP\" }}, {{ name = \"serve-81-udp\", port = 81, protocol = \"UDP\" }}]\n",
+                p.ns, p.pod, p.pod, ips[&p.lab_name()]
+            ));
+        }
+        let py = repo().join("scripts/lib/netpol-probe.py").display().to_string();
+        let mut servers = Servers::new();
+        for p in NpPod::ALL {
+            servers.spawn(&lab.netns(&p.lab_name()), &py, &["serve", &format!("{}/{}", p.ns, p.pod)], secs);
+        }
+        NpLab { _servers: servers, lab, file, base, cidr, ips, objects }
+    }
+
+    /// A conformance pod's address (`x/a`).
+    fn ip_of(&self, s: &str) -> String {
+        let p = NpPod::ALL.iter().find(|p| p.is(s)).expect("a conformance pod");
+        self.ips[&p.lab_name()].clone()
+    }
+
+    /// The objects and `policies` into the static file, then wait (bounded) until every node has
+    /// compiled them.
+    fn apply(&self, policies: &str) {
+        let before: Vec<u64> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|n| self.lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0))
+            .collect();
+        std::fs::write(&self.file, format!("{}{}{policies}", self.base, self.objects)).expect("write the static file");
+        np_wait_generation(&self.lab, &before);
+    }
+}
+
 /// Waits (bounded) until every node has compiled a policy generation newer than `before`.
 fn np_wait_generation(lab: &Lab, before: &[u64]) {
     let generations = || -> Vec<u64> {
@@ -2637,55 +2703,21 @@ fn network_policy_conformance() {
     }
     let _s = serial();
     let started = Instant::now();
-    let lab = Lab::up("e2e_np", &["--nodes", "3", "--pods-per-node", "3", "--pod-port", "veth"]);
-    let list = lab.list();
-    let file = list["static_file"].as_str().expect("static_file").to_owned();
-    let cidr = list["cluster_cidr"].as_str().expect("cluster_cidr").to_owned();
-    let base = std::fs::read_to_string(&file).expect("static file");
-    let ips: std::collections::HashMap<String, String> =
-        NpPod::ALL.iter().map(|p| (p.lab_name(), lab.pod_ip(&p.lab_name()))).collect();
-    let ip_of = |s: &str| {
-        let p = NpPod::ALL.iter().find(|p| p.is(s)).expect("a conformance pod");
-        ips[&p.lab_name()].clone()
-    };
-    // The objects: namespaces (x and y of team t1, z of none), the nine pods with their named ports.
-    let mut objects = String::new();
-    for (ns, team) in [("x", "team = \"t1\", "), ("y", "team = \"t1\", "), ("z", "")] {
-        objects.push_str(&format!("\n[[namespace]]\nname = \"{ns}\"\nlabels = {{ {team}ns = \"{ns}\" }}\n"));
-    }
-    for p in NpPod::ALL {
-        let node = p.lab_name().split('-').next().expect("node").to_owned();
-        objects.push_str(&format!(
-            "\n[[pod]]\nnamespace = \"{}\"\nname = \"{}\"\nlabels = {{ pod = \"{}\" }}\nips = [\"{}\"]\nnode = \"{node}\"\n\
-             ports = [{{ name = \"serve-80-tcp\", port = 80 }}, {{ name = \"serve-81-tcp\", port = 81 }}, \
-             {{ name = \"serve-80-udp\", port = 80, protocol = \"UDP\" }}, {{ name = \"serve-81-udp\", port = 81, protocol = \"UDP\" }}]\n",
-            p.ns, p.pod, p.pod, ips[&p.lab_name()]
-        ));
-    }
-    let py = repo().join("scripts/lib/netpol-probe.py").display().to_string();
-    let mut servers = Servers::new();
-    for p in NpPod::ALL {
-        servers.spawn(&lab.netns(&p.lab_name()), &py, &["serve", &format!("{}/{}", p.ns, p.pod)], 300);
-    }
-    let generations = || -> Vec<u64> {
-        ["n1", "n2", "n3"].iter().map(|n| lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0)).collect()
-    };
-    let apply = |policies: &str| {
-        let before = generations();
-        std::fs::write(&file, format!("{base}{objects}{policies}")).expect("write the static file");
-        np_wait_generation(&lab, &before);
-    };
-    let cases = np_cases(&ip_of, &cidr);
+    let conf = NpLab::up("e2e_np", 300);
+    let (lab, ips, cidr) = (&conf.lab, &conf.ips, &conf.cidr);
+    let ip_of = |s: &str| conf.ip_of(s);
+    let apply = |policies: &str| conf.apply(policies);
+    let cases = np_cases(&ip_of, cidr);
     let mut failures = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let t = Instant::now();
         apply(&case.policies);
-        let mut seen = np_probe(&lab, &ips, 0.6);
+        let mut seen = np_probe(lab, ips, 0.6);
         // The servers must be up before the first verdict: probe the open case until it is.
         if i == 0 {
             let deadline = Instant::now() + Duration::from_secs(10);
             while seen.values().any(|ok| !ok) && Instant::now() < deadline {
-                seen = np_probe(&lab, &ips, 0.6);
+                seen = np_probe(lab, ips, 0.6);
             }
         }
         // A probe expected through but not seen is probed again, slowly (one lost datagram or a slow
@@ -2703,7 +2735,7 @@ fn network_policy_conformance() {
             }
         }
         if wrong.iter().any(|w| w.3) {
-            let again = np_probe(&lab, &ips, 2.0);
+            let again = np_probe(lab, ips, 2.0);
             wrong.retain(|&(si, di, probe, want)| !want || !again.get(&(si, di, probe)).copied().unwrap_or(false));
         }
         println!("case {:>2} {:<80} {:>4} ms, {} wrong", i + 1, case.name, t.elapsed().as_millis(), wrong.len());
@@ -2728,6 +2760,7 @@ fn network_policy_conformance() {
 
     // An update while traffic runs: a connection y/a -> x/b stops when x turns to default deny.
     apply("");
+    let py = repo().join("scripts/lib/netpol-probe.py").display().to_string();
     let mut stream = Command::new("timeout")
         .args([
             "-k",
@@ -2768,7 +2801,6 @@ fn network_policy_conformance() {
     let _ = stream.kill();
     let _ = stream.wait();
 
-    drop(servers);
     println!("{} cases in {:.1} s", cases.len(), started.elapsed().as_secs_f64());
     assert!(
         failures.is_empty(),
@@ -2790,36 +2822,9 @@ fn trace_agrees_with_traffic() {
     }
     let _s = serial();
     let started = Instant::now();
-    let lab = Lab::up("e2e_trace", &["--nodes", "3", "--pods-per-node", "3", "--pod-port", "veth"]);
-    let list = lab.list();
-    let file = list["static_file"].as_str().expect("static_file").to_owned();
-    let cidr = list["cluster_cidr"].as_str().expect("cluster_cidr").to_owned();
-    let base = std::fs::read_to_string(&file).expect("static file");
-    let ips: std::collections::HashMap<String, String> =
-        NpPod::ALL.iter().map(|p| (p.lab_name(), lab.pod_ip(&p.lab_name()))).collect();
-    let ip_of = |s: &str| {
-        let p = NpPod::ALL.iter().find(|p| p.is(s)).expect("a conformance pod");
-        ips[&p.lab_name()].clone()
-    };
-    let mut objects = String::new();
-    for (ns, team) in [("x", "team = \"t1\", "), ("y", "team = \"t1\", "), ("z", "")] {
-        objects.push_str(&format!("\n[[namespace]]\nname = \"{ns}\"\nlabels = {{ {team}ns = \"{ns}\" }}\n"));
-    }
-    for p in NpPod::ALL {
-        let node = p.lab_name().split('-').next().expect("node").to_owned();
-        objects.push_str(&format!(
-            "\n[[pod]]\nnamespace = \"{}\"\nname = \"{}\"\nlabels = {{ pod = \"{}\" }}\nips = [\"{}\"]\nnode = \"{node}\"\n",
-            p.ns, p.pod, p.pod, ips[&p.lab_name()]
-        ));
-    }
-    let py = repo().join("scripts/lib/netpol-probe.py").display().to_string();
-    let mut servers = Servers::new();
-    for p in NpPod::ALL {
-        servers.spawn(&lab.netns(&p.lab_name()), &py, &["serve", &format!("{}/{}", p.ns, p.pod)], 120);
-    }
-    let generations = || -> Vec<u64> {
-        ["n1", "n2", "n3"].iter().map(|n| lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0)).collect()
-    };
+    let conf = NpLab::up("e2e_trace", 120);
+    let (lab, ips, cidr) = (&conf.lab, &conf.ips, &conf.cidr);
+    let ip_of = |s: &str| conf.ip_of(s);
     let pattern = format!("/run/ferry-lab/{}/nodes/{{node}}/ferry.sock", lab.name);
     let ferry = env!("CARGO_BIN_EXE_ferry");
     // With `inject`, `ferry trace --inject`: the simulation and a real marked packet, whose JSON
@@ -2847,7 +2852,7 @@ fn trace_agrees_with_traffic() {
         serde_json::from_slice(&trace_out(s, d, probe, true, inject).stdout).expect("ferry trace --json")
     };
     let mut injected = 0;
-    let cases = np_cases(&ip_of, &cidr);
+    let cases = np_cases(&ip_of, cidr);
     let wanted = ["x/a from namespace y", "x/a sends to namespace z only"];
     let mut failures = Vec::new();
     let mut sentence_checked = false;
@@ -2856,9 +2861,7 @@ fn trace_agrees_with_traffic() {
         // with its simulation (allowed and denied, same node and cross node).
         let inject = i == 0;
         let t = Instant::now();
-        let before = generations();
-        std::fs::write(&file, format!("{base}{objects}{}", case.policies)).expect("write the static file");
-        np_wait_generation(&lab, &before);
+        conf.apply(&case.policies);
         // Every trace at once, four at a time (each is a CLI run asking two agents).
         let keys: Vec<(usize, usize, NpProbe)> = (0..9)
             .flat_map(|si| (0..9).filter(move |di| *di != si).map(move |di| (si, di)))
@@ -2920,12 +2923,12 @@ fn trace_agrees_with_traffic() {
                 }
             }
         }
-        let mut seen = np_probe(&lab, &ips, 0.6);
+        let mut seen = np_probe(lab, ips, 0.6);
         if i == 0 {
             let deadline = Instant::now() + Duration::from_secs(10);
             while traced.iter().any(|(k, t)| *t && !seen.get(k).copied().unwrap_or(false)) && Instant::now() < deadline
             {
-                seen = np_probe(&lab, &ips, 0.6);
+                seen = np_probe(lab, ips, 0.6);
             }
         }
         let mut wrong: Vec<_> = traced
@@ -2934,7 +2937,7 @@ fn trace_agrees_with_traffic() {
             .map(|(k, t)| (*k, *t))
             .collect();
         if wrong.iter().any(|w| w.1) {
-            let again = np_probe(&lab, &ips, 2.0);
+            let again = np_probe(lab, ips, 2.0);
             wrong.retain(|(k, t)| !t || !again.get(k).copied().unwrap_or(false));
         }
         println!(
@@ -2960,7 +2963,6 @@ fn trace_agrees_with_traffic() {
             ));
         }
     }
-    drop(servers);
     println!("trace_agrees_with_traffic: {:.1} s", started.elapsed().as_secs_f64());
     assert!(sentence_checked, "no denied TCP/80 pair was traced");
     assert_eq!(injected, 288, "every pair and probe of the first case was injected");
