@@ -75,9 +75,11 @@ def serve_both(port, name):
 
 
 def tcp_once(ip, port):
+    # 5 s, as `connect`: a lost SYN or SYN-ACK costs TCP a 1 s retransmission, and on a loaded
+    # machine a 2 s limit read that as a failed translation (CI: two pod -> VIP probes of 72).
     try:
-        with socket.create_connection((ip, port), timeout=2) as c:
-            c.settimeout(2)
+        with socket.create_connection((ip, port), timeout=5) as c:
+            c.settimeout(5)
             data = b""
             while not data.endswith(b"\n"):
                 chunk = c.recv(256)
