@@ -2676,23 +2676,25 @@ impl NpLab {
     /// The objects and `policies` into the static file, then wait (bounded) until every node has
     /// compiled them.
     fn apply(&self, policies: &str) {
-        let before: Vec<u64> = ["n1", "n2", "n3"]
-            .iter()
-            .map(|n| self.lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0))
-            .collect();
+        let before = np_generations(&self.lab);
         std::fs::write(&self.file, format!("{}{}{policies}", self.base, self.objects)).expect("write the static file");
         np_wait_generation(&self.lab, &before);
     }
 }
 
+/// Each conformance node's compiled policy generation.
+fn np_generations(lab: &Lab) -> Vec<u64> {
+    ["n1", "n2", "n3"].iter().map(|n| lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0)).collect()
+}
+
 /// Waits (bounded) until every node has compiled a policy generation newer than `before`.
 fn np_wait_generation(lab: &Lab, before: &[u64]) {
-    let generations = || -> Vec<u64> {
-        ["n1", "n2", "n3"].iter().map(|n| lab.ferry(n, "policy")["generation"].as_u64().unwrap_or(0)).collect()
-    };
-    let (now, ok) = poll_until(Duration::from_secs(10), Duration::from_millis(50), generations, |now| {
-        now.iter().zip(before).all(|(n, b)| n > b)
-    });
+    let (now, ok) = poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || np_generations(lab),
+        |now| now.iter().zip(before).all(|(n, b)| n > b),
+    );
     assert!(ok, "the nodes did not compile the new policies within 10 s: {before:?} -> {now:?}");
 }
 
