@@ -215,6 +215,17 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What a failed test's nodes counted (drops by reason, ports, workers): the first thing
+            // to read when traffic went missing, in CI where the lab is gone afterwards.
+            let out = self.run(&["stats"]);
+            eprintln!(
+                "[{}] ferry stats of every node after the failure:\n{}{}",
+                self.name,
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
         let out = self.run(&["down"]);
         if !out.status.success() {
             eprintln!("lab.sh down --name {} failed: {}; removing it directly", self.name, text(&out.stderr));

@@ -111,6 +111,9 @@ pub(super) struct Pods {
     host_exit: bool,
     /// Warned that veth pods' traffic to outside the pod networks is not judged (no host exit).
     warned_no_exit: bool,
+    /// The newest policy generation the `isolated` flags were written for: an older one (the main
+    /// loop's pass, which read the policy before a publication's hook ran) must not undo them.
+    isolation_generation: u64,
 }
 
 impl Pods {
@@ -143,6 +146,7 @@ impl Pods {
             tap_cfg: TapConfig::default(),
             host_exit: false,
             warned_no_exit: false,
+            isolation_generation: 0,
         })
     }
 
@@ -190,8 +194,13 @@ impl Pods {
     /// where the pod's ingress rules would otherwise judge them as new connections: hence any
     /// direction, not only egress). Pods no policy selects keep the kernel's direct path. Only
     /// what changed is written. Called with each policy publication and from the main loop (new
-    /// pods, failed writes). A tap pod needs nothing (ferry sees all it sends).
+    /// pods, failed writes), which may hand it tables older than the last ones it wrote: those are
+    /// ignored. A tap pod needs nothing (ferry sees all it sends).
     pub(super) fn sync_isolation(&mut self, policy: &ferry_tables::policy::PolicyTables) {
+        if policy.generation() < self.isolation_generation {
+            return;
+        }
+        self.isolation_generation = policy.generation();
         let mut unjudged = Vec::new();
         for a in self.pods.values_mut() {
             let Some(x) = &a.xdp else { continue };
