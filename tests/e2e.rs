@@ -2008,6 +2008,84 @@ fn services_node_port_cluster_and_local_from_outside() {
     drop(servers);
 }
 
+/// Node ports over IPv6 from outside the cluster: a client on the underlay's IPv6 network reaches
+/// IPv6 services on the nodes' IPv6 underlay addresses. `Cluster` through the dual node n1: both
+/// backends answer and see n1's own address in its IPv6 pod network, not the client's. `Local` on each node, n2 being
+/// IPv6 only: the node's own backend answers and sees the client's address. (About 15 s.)
+#[test]
+fn services_node_port_over_ipv6_from_outside() {
+    if !privileged("services_node_port_over_ipv6_from_outside") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up(
+        "e2e_np6",
+        &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "tap", "--underlay", "dual", "--ip-family", "dual"],
+    );
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let mut servers = Servers::new();
+    for pod in ["n1-p2", "n2-p1"] {
+        servers.spawn(&lab.netns(pod), &py, &["serve-peer", "8080", pod], 120);
+    }
+    let ip6 = |p: &str| lab.entry("pods", p)["ip6"].as_str().expect("ip6").to_owned();
+    let (b1, b2) = (ip6("n1-p2"), ip6("n2-p1"));
+    let node6 = |n: &str| lab.entry("nodes", n)["tunnel_ip6"].as_str().map(str::to_owned);
+    // n1 announces its IPv6 address beside its IPv4 one; n2, the last node, only an IPv6 one.
+    let n1 = node6("n1").expect("n1's IPv6 underlay address");
+    let n2 = lab.entry("nodes", "n2")["tunnel_ip"].as_str().expect("tunnel_ip").to_owned();
+    assert!(n2.contains(':'), "n2 is IPv6 only: {n2}");
+    let client = "fd00:100::fe";
+    let file = lab.list()["static_file"].as_str().expect("static_file in list --json").to_owned();
+    let base = std::fs::read_to_string(&file).expect("static file");
+    let svc = |name: &str, vip: &str, extra: &str| {
+        format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nendpoints = [\"[{b1}]:8080\", \"[{b2}]:8080\"]\n{extra}\n"
+        )
+    };
+    let services = [
+        svc(
+            "default/cluster6",
+            "fd00:10:244:ff::30",
+            "type = \"NodePort\"\nnode_port = 30090\nexternal_traffic_policy = \"Cluster\"",
+        ),
+        svc(
+            "default/local6",
+            "fd00:10:244:ff::31",
+            "type = \"NodePort\"\nnode_port = 30091\nexternal_traffic_policy = \"Local\"",
+        ),
+    ]
+    .concat();
+    std::fs::write(&file, format!("{base}{services}")).expect("write static file");
+
+    let answered = |got: &[String]| got.iter().any(|l| l.starts_with("n1-p2 ") || l.starts_with("n2-p1 "));
+    for (n, port) in [(&n1, 30090), (&n2, 30091)] {
+        let (got, ok) = poll_until(
+            Duration::from_secs(15),
+            Duration::from_millis(300),
+            || svc_connect(&lab, "ul", n, port, 1),
+            |g| answered(g),
+        );
+        assert!(ok, "no answer on node port [{n}]:{port} within 15 s: {got:?}");
+    }
+    // Cluster: every connection answered, by both backends, neither seeing the client's address.
+    let got = svc_connect(&lab, "ul", &n1, 30090, 20);
+    println!("20 connections to [{n1}]:30090 (Cluster): {got:?}");
+    assert_eq!(got.len(), 20, "{got:?}");
+    let seen: Vec<(&str, &str)> = got.iter().filter_map(|l| l.split_once(' ')).collect();
+    assert_eq!(seen.len(), 20, "{got:?}");
+    assert!(seen.iter().all(|(b, _)| *b == "n1-p2" || *b == "n2-p1"), "{got:?}");
+    assert!(seen.iter().any(|(b, _)| *b == "n2-p1"), "a backend on the other node too: {got:?}");
+    // n1's own address in its IPv6 pod network (fd00:10:244:1::/64), as IPv4 gets 10.244.1.0.
+    assert!(seen.iter().all(|(_, from)| from.starts_with("fd00:10:244:1:")), "source-translated to n1: {got:?}");
+    // Local: the node's own backend only, the client's address kept.
+    for (n, own) in [(&n1, "n1-p2"), (&n2, "n2-p1")] {
+        let got = svc_connect(&lab, "ul", n, 30091, 10);
+        assert_eq!(got.len(), 10, "{got:?}");
+        assert!(got.iter().all(|l| *l == format!("{own} {client}")), "Local on [{n}]: {got:?}");
+    }
+    drop(servers);
+}
+
 #[test]
 fn services_node_port_local_with_veth_pods() {
     if !privileged("services_node_port_local_with_veth_pods") {
