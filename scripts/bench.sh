@@ -24,7 +24,8 @@
 #                    UDP_SEGMENT/UDP_GRO on the uplink, no XDP program there)
 #   --flows-compare  the single-node runs again with ferry's flow records off (dataplane.flows = false), in the
 #                    same run, reported as side ferry_noflows with the ratio flows on / off (the bench's
-#                    ferry nodes otherwise run with flows on; the agent's default is off)
+#                    ferry nodes otherwise run with flows on; the agent's default is off); on and off take
+#                    turns repeat by repeat
 #   --pod-port K     the ferry nodes' dataplane.pod_port (default veth; tap: each pod's eth0 is a persistent
 #                    multi-queue tap with virtio-net headers, so TCP super-packets reach ferry whole)
 #
@@ -156,20 +157,28 @@ echo "repeats $REPEATS, UDP runs ${DURATION}s, iperf3 ${TCP_T}s, ferry poll $POL
 
 for side in ferry kernel; do
     [ "$ONLY" = two ] && break
+    if [ "$side" = ferry ] && [ "$FLOWS_COMPARE" = 1 ]; then
+        # Flows on and off take turns, repeat by repeat, the first of each pair alternating: the two
+        # sides of the ratio share the same minutes of a shared machine, not two separate stretches.
+        for ((rep = 1; rep <= REPEATS; rep++)); do
+            order="true false"
+            ((rep % 2)) || order="false true"
+            for FLOWS in $order; do
+                step "ferry, repeat $rep, flow records $([ "$FLOWS" = true ] && echo on || echo "off (reported as ferry_noflows)")"
+                before=$(wc -l <"$RUNLOG")
+                net_up ferry sink
+                run_single_node ferry "$rep"
+                net_down
+                [ "$FLOWS" = true ] || relabel_runs "$RUNLOG" "$before" ferry ferry_noflows
+            done
+        done
+        FLOWS=true
+        continue
+    fi
     step "$side: single node (encap and decap), n2 is a bare generator/sink"
     net_up "$side" sink
     run_single_node "$side"
     net_down
-    if [ "$side" = ferry ] && [ "$FLOWS_COMPARE" = 1 ]; then
-        step "ferry with flow records off (dataplane.flows = false): single node, reported as ferry_noflows"
-        before=$(wc -l <"$RUNLOG")
-        FLOWS=false
-        net_up ferry sink
-        run_single_node ferry
-        net_down
-        FLOWS=true
-        relabel_runs "$RUNLOG" "$before" ferry ferry_noflows
-    fi
 done
 for side in ferry kernel; do
     [ "$ONLY" = single ] && break

@@ -184,9 +184,10 @@ loss_search() {
 }
 
 # --- the single-node runs -------------------------------------------------------------------------------------
+# run_single_node SIDE [REP]: every repeat, or only repeat REP.
 run_single_node() {
-    local side=$1 rep dir maxfwd maxsent
-    for ((rep = 1; rep <= REPEATS; rep++)); do
+    local side=$1 rep dir maxfwd maxsent first=${2:-1} last=${2:-$REPEATS}
+    for ((rep = first; rep <= last; rep++)); do
         for dir in encap decap; do
             udp_run "$side" "${dir}64_max" "$rep" "$dir" min max
             maxfwd=$RX_PPS
