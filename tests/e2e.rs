@@ -2010,8 +2010,9 @@ fn services_node_port_cluster_and_local_from_outside() {
 
 /// Node ports over IPv6 from outside the cluster: a client on the underlay's IPv6 network reaches
 /// IPv6 services on the nodes' IPv6 underlay addresses. `Cluster` through the dual node n1: both
-/// backends answer and see n1's own address in its IPv6 pod network, not the client's. `Local` on each node, n2 being
-/// IPv6 only: the node's own backend answers and sees the client's address. (About 15 s.)
+/// backends answer and see n1's own address in its IPv6 pod network, not the client's. `Local`
+/// on each node, n2 being IPv6 only: the node's own backend answers and sees the client's
+/// address. (About 8 s.)
 #[test]
 fn services_node_port_over_ipv6_from_outside() {
     if !privileged("services_node_port_over_ipv6_from_outside") {
