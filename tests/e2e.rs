@@ -1663,6 +1663,18 @@ fn svc_connect(lab: &Lab, from: &str, ip: &str, port: u16, count: usize) -> Vec<
     text(&out.stdout).lines().map(str::to_owned).collect()
 }
 
+/// Waits (up to 15 s) until one connection from namespace `from` to `ip`:`port` is answered by a
+/// line starting with one of `answers` (each agent reloads the static file on its own).
+fn wait_answer(lab: &Lab, from: &str, ip: &str, port: u16, answers: &[&str]) {
+    let (got, ok) = poll_until(
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || svc_connect(lab, from, ip, port, 1),
+        |got| got.iter().any(|l| answers.iter().any(|a| l.starts_with(a))),
+    );
+    assert!(ok, "no answer from {ip} port {port} to {from} within 15 s: {got:?}");
+}
+
 #[test]
 fn services_cluster_ip_from_the_static_file() {
     if !privileged("services_cluster_ip_from_the_static_file") {
@@ -1695,13 +1707,7 @@ fn services_cluster_ip_from_the_static_file() {
     // Wait (bounded) until both nodes have the services (each agent reloads the file on its own):
     // the first connection from each that gets an answer.
     for client in ["n1-p1", "n2-p2"] {
-        let (got, ok) = poll_until(
-            Duration::from_secs(15),
-            Duration::from_millis(200),
-            || svc_connect(&lab, client, vip, 80, 1),
-            |got| got.iter().any(|l| l.starts_with("n1-p2") || l.starts_with("n2-p1")),
-        );
-        assert!(ok, "no answer through the VIP from {client} within 15 s: {got:?}");
+        wait_answer(&lab, client, vip, 80, &["n1-p2", "n2-p1"]);
     }
     // 40 connections from a pod on n1: every one answered by a backend, both backends used.
     let answers = svc_connect(&lab, "n1-p1", vip, 80, 40);
@@ -1798,13 +1804,7 @@ fn services_and_policy_over_ipv6() {
 
     // Both nodes translate (each reloads the file on its own): the first answered connection.
     for client in ["n1-p1", "n2-p2"] {
-        let (got, ok) = poll_until(
-            Duration::from_secs(15),
-            Duration::from_millis(200),
-            || svc_connect(&lab, client, vip6, 80, 1),
-            |got| got.iter().any(|l| l.starts_with("n1-p2 ") || l.starts_with("n2-p1 ")),
-        );
-        assert!(ok, "no answer through [{vip6}]:80 from {client} within 15 s: {got:?}");
+        wait_answer(&lab, client, vip6, 80, &["n1-p2 ", "n2-p1 "]);
     }
     let answers = svc_connect(&lab, "n1-p1", vip6, 80, 20);
     let (local, remote) = (
@@ -1932,15 +1932,8 @@ fn services_node_port_cluster_and_local_from_outside() {
     t.push_str(&svc("default/to-n1-p2", "10.96.0.24", "TCP", to_b1, &[&b1]));
     std::fs::write(&file, &t).expect("write static file");
 
-    let answered = |got: &[String]| got.iter().any(|l| l.starts_with("n1-p2") || l.starts_with("n2-p1"));
     for n in [&n1, &n2] {
-        let (got, ok) = poll_until(
-            Duration::from_secs(15),
-            Duration::from_millis(300),
-            || svc_connect(&lab, "ul", n, 30080, 1),
-            |g| answered(g),
-        );
-        assert!(ok, "no answer on node port {n}:30080 within 15 s: {got:?}");
+        wait_answer(&lab, "ul", n, 30080, &["n1-p2", "n2-p1"]);
     }
     // Cluster: 20 connections to n1's node port, every one answered by a backend on either node,
     // which sees n1's own address in the pod network (10.244.1.0), not the client's.
@@ -2030,9 +2023,8 @@ fn services_node_port_over_ipv6_from_outside() {
     }
     let ip6 = |p: &str| lab.entry("pods", p)["ip6"].as_str().expect("ip6").to_owned();
     let (b1, b2) = (ip6("n1-p2"), ip6("n2-p1"));
-    let node6 = |n: &str| lab.entry("nodes", n)["tunnel_ip6"].as_str().map(str::to_owned);
     // n1 announces its IPv6 address beside its IPv4 one; n2, the last node, only an IPv6 one.
-    let n1 = node6("n1").expect("n1's IPv6 underlay address");
+    let n1 = lab.entry("nodes", "n1")["tunnel_ip6"].as_str().expect("n1's IPv6 underlay address").to_owned();
     let n2 = lab.entry("nodes", "n2")["tunnel_ip"].as_str().expect("tunnel_ip").to_owned();
     assert!(n2.contains(':'), "n2 is IPv6 only: {n2}");
     let client = "fd00:100::fe";
@@ -2058,15 +2050,8 @@ fn services_node_port_over_ipv6_from_outside() {
     .concat();
     std::fs::write(&file, format!("{base}{services}")).expect("write static file");
 
-    let answered = |got: &[String]| got.iter().any(|l| l.starts_with("n1-p2 ") || l.starts_with("n2-p1 "));
     for (n, port) in [(&n1, 30090), (&n2, 30091)] {
-        let (got, ok) = poll_until(
-            Duration::from_secs(15),
-            Duration::from_millis(300),
-            || svc_connect(&lab, "ul", n, port, 1),
-            |g| answered(g),
-        );
-        assert!(ok, "no answer on node port [{n}]:{port} within 15 s: {got:?}");
+        wait_answer(&lab, "ul", n, port, &["n1-p2 ", "n2-p1 "]);
     }
     // Cluster: every connection answered, by both backends, neither seeing the client's address.
     let got = svc_connect(&lab, "ul", &n1, 30090, 20);
