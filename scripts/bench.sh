@@ -4,7 +4,7 @@
 #
 #   sudo scripts/bench.sh [--quick] [--repeats N] [--duration S] [--json FILE] [--poll busy|adaptive]
 #                         [--napi rps|forwarder|sender] [--only single|two] [--uplink-port afxdp|udp]
-#                         [--pod-port veth|tap] [--flows-compare] [--no-build]
+#                         [--pod-port veth|tap] [--flows-compare] [--pktgen-flows N] [--no-build]
 #
 #   --quick          one short repeat of everything (the CI smoke test; fails on a broken step, never on ratios)
 #   --repeats N      repeats of every measurement (default 5); medians are reported
@@ -26,6 +26,9 @@
 #                    same run, reported as side ferry_noflows with the ratio flows on / off (the bench's
 #                    ferry nodes otherwise run with flows on; the agent's default is off); on and off take
 #                    turns repeat by repeat
+#   --pktgen-flows N the single-node runs' generator sends N flows (1 to 65536, default 1; the source port, then
+#                    the source address vary): the flow-record export's load. Every ferry run records the flow
+#                    records n1's agent took from the export rings and those lost to a full ring
 #   --pod-port K     the ferry nodes' dataplane.pod_port (default veth; tap: each pod's eth0 is a persistent
 #                    multi-queue tap with virtio-net headers, so TCP super-packets reach ferry whole)
 #
@@ -57,6 +60,7 @@ POD_PORT=veth
 BUILD=1
 FLOWS_COMPARE=0
 FLOWS=true
+PKTGEN_FLOWS=1
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) QUICK=1 ;;
@@ -70,6 +74,7 @@ while [ $# -gt 0 ]; do
         --pod-port) POD_PORT=${2:?}; shift ;;
         --no-build) BUILD=0 ;;
         --flows-compare) FLOWS_COMPARE=1 ;;
+        --pktgen-flows) PKTGEN_FLOWS=${2:?}; shift ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -88,6 +93,7 @@ case $ONLY in '' | single | two) ;; *) die "--only single|two" ;; esac
 case $UPLINK_PORT in afxdp | udp) ;; *) die "--uplink-port afxdp|udp" ;; esac
 case $POD_PORT in veth | tap) ;; *) die "--pod-port veth|tap" ;; esac
 [[ $REPEATS =~ ^[1-9][0-9]?$ ]] || die "--repeats: 1 to 99"
+[[ $PKTGEN_FLOWS =~ ^[1-9][0-9]{0,4}$ ]] && ((PKTGEN_FLOWS <= 65536)) || die "--pktgen-flows: 1 to 65536"
 if [ "$QUICK" = 1 ]; then
     REPEATS=1
     DURATION=${DURATION:-1}
@@ -193,7 +199,7 @@ done
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 step "results (medians of $REPEATS; load at start $LOAD_START, at end $LOAD_END)"
-export FLOWS_COMPARE REPEATS DURATION TCP_T POLL NAPI QUICK LAT_RATE GEN_CPU FWD_CPU LOAD_START LOAD_END MTU_FRAME
+export PKTGEN_FLOWS FLOWS_COMPARE REPEATS DURATION TCP_T POLL NAPI QUICK LAT_RATE GEN_CPU FWD_CPU LOAD_START LOAD_END MTU_FRAME
 bench_report "$RUNLOG" "$JSON_OUT"
 echo "runs: $RUNLOG"
 echo "json: $JSON_OUT"

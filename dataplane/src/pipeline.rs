@@ -49,7 +49,7 @@ use std::sync::Arc;
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::conntrack::{Conntrack, Timeouts};
-use crate::flows::Seen;
+use crate::flows::{FlowTable, NO_SLOT};
 use crate::service::{self, ExternalOutcome, Outcome, ReplyOutcome};
 use crate::trace::{self as tr, NoTrace, Note, Recorder, RouteNote, ServiceNote, Trace};
 
@@ -276,9 +276,13 @@ pub struct Pipeline {
     /// Its clock, read at most once per batch, and only by a batch that has services to look up
     /// (`None` until then): a node without services never reads it.
     ct_now: Option<u32>,
-    /// What the last packet's stages saw, for its flow record (filled only when `observe` is on).
-    seen: Seen,
-    observe: bool,
+    /// Flow records, when on ([`Pipeline::set_flows`]): classify finds the packet's slot, the
+    /// stages note into it, the verdict ends it.
+    flows: Option<FlowTable>,
+    /// This packet's flow slot ([`NO_SLOT`]: none yet).
+    flow_slot: usize,
+    /// This packet's ingress port.
+    flow_in: PortId,
 }
 
 /// Connection-tracking slots of a pipeline made with [`Pipeline::for_trace`] (64 KiB).
@@ -327,20 +331,34 @@ impl Pipeline {
             now_ns: 0,
             ct_now: None,
             conntrack,
-            seen: Seen::default(),
-            observe: false,
+            flows: None,
+            flow_slot: NO_SLOT,
+            flow_in: PortId(0),
         }
     }
 
-    /// Whether the stages note what they see for flow records ([`Pipeline::seen`]); off by default.
-    pub fn set_observe(&mut self, on: bool) {
-        self.observe = on;
+    /// Keep flow records in `flows` (off by default).
+    pub fn set_flows(&mut self, flows: Option<FlowTable>) {
+        self.flows = flows;
     }
 
-    /// What the last packet's stages saw (with observation on).
+    /// The flow records, when on.
+    pub fn flows(&self) -> Option<&FlowTable> {
+        self.flows.as_ref()
+    }
+
+    /// The flow records, when on.
+    pub fn flows_mut(&mut self) -> Option<&mut FlowTable> {
+        self.flows.as_mut()
+    }
+
+    /// The flow records, when on, the last packet's slot in them ([`NO_SLOT`]: not classified as
+    /// IP) and the uplink's port; the caller records what became of the packet
+    /// ([`FlowTable::outcome`]).
     #[inline(always)]
-    pub fn seen(&self) -> &Seen {
-        &self.seen
+    pub fn flow_slot(&mut self) -> Option<(&mut FlowTable, usize, PortId)> {
+        let (slot, uplink) = (self.flow_slot, self.cfg.uplink);
+        self.flows.as_mut().map(|f| (f, slot, uplink))
     }
 
     /// The node configuration.
@@ -414,7 +432,8 @@ impl Pipeline {
         counters: &mut PipelineCounters,
         rec: &mut R,
     ) -> Verdict<PortId> {
-        self.seen.reset();
+        self.flow_slot = NO_SLOT;
+        self.flow_in = in_port;
         let v = match role {
             PortRole::Uplink => self.uplink_ingress(fib, frame, counters, rec),
             PortRole::Pod => self.pod_ingress(fib, in_port, frame, counters, rec),
@@ -510,8 +529,8 @@ impl Pipeline {
         let now = self.ct_now();
         match service::external(&self.conntrack, now, fib.services(), &mut ctx, frame.data_mut(), node_addr, snat) {
             ExternalOutcome::Translated => {
-                if self.observe {
-                    self.seen.translate(ctx.dst(), ctx.flow.ports.1);
+                if let Some(flows) = self.flows.as_mut() {
+                    flows.translated(self.flow_slot, ctx.dst(), ctx.flow.ports.1);
                 }
             }
             ExternalOutcome::NotService => return self.to_kernel(frame),
@@ -651,11 +670,12 @@ impl Pipeline {
         }
     }
 
-    /// Note the classified packet for its flow record (a flag test when flows are off).
+    /// Count the classified packet in its flow's record (a test of an `Option` when flows are
+    /// off).
     #[inline(always)]
     fn observe(&mut self, ctx: &Ctx, frame: &FrameBuf<'_>) {
-        if self.observe {
-            self.seen.classified(&ctx.flow, frame.data());
+        if let Some(flows) = self.flows.as_mut() {
+            self.flow_slot = flows.hit(&ctx.flow, frame.data(), self.flow_in.0, self.now_ns);
         }
     }
 
@@ -775,8 +795,8 @@ impl Pipeline {
         }
         match outcome {
             Outcome::Translated => {
-                if self.observe {
-                    self.seen.translate(ctx.dst(), ctx.flow.ports.1);
+                if let Some(flows) = self.flows.as_mut() {
+                    flows.translated(self.flow_slot, ctx.dst(), ctx.flow.ports.1);
                 }
                 Ok(true)
             }
@@ -849,14 +869,14 @@ impl Pipeline {
         let now = self.ct_now();
         match crate::policy::check(&self.conntrack, now, tables, ctx, frame.data()) {
             Ok(by) => {
-                if self.observe {
-                    self.seen.policy(by, tables.generation());
+                if let Some(flows) = self.flows.as_mut() {
+                    flows.policy(self.flow_slot, by, tables.generation());
                 }
                 Step::Continue
             }
             Err(d) => {
-                if self.observe {
-                    self.seen.policy(d.by, tables.generation());
+                if let Some(flows) = self.flows.as_mut() {
+                    flows.policy(self.flow_slot, d.by, tables.generation());
                 }
                 Step::Done(Verdict::Drop(d.reason))
             }

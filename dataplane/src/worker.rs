@@ -39,7 +39,7 @@ use ferry_tables::Reader;
 use ferry_encap::{DropReason, FrameBuf, Verdict};
 
 use crate::counters::{Counters, SharedCounters};
-use crate::flows::{FlowExport, FlowTable, FlowVerdict, NO_PORT as FLOW_NO_PORT, Stage};
+use crate::flows::{FlowExport, FlowOutcome, FlowTable, FlowVerdict, NO_PORT as FLOW_NO_PORT, Stage};
 use crate::frame::{FrameId, FrameMem, FreeFrames, Pkt};
 use crate::pipeline::{Fib, Pipeline, PortId, PortRole};
 use crate::port::{Port, SuperHead};
@@ -372,8 +372,6 @@ pub struct Worker<P: Port> {
     now_ns: u64,
     /// Packets received since the counters were last published.
     since_publish: usize,
-    /// Flow records, when on ([`Worker::with_flows`]).
-    flows: Option<FlowTable>,
     last_port_stats: Instant,
     /// Frames to inject at the next iteration (`ferry trace --inject`).
     injects: Vec<Inject>,
@@ -412,7 +410,6 @@ impl<P: Port> Worker<P> {
             last_publish_ns: 0,
             now_ns: 0,
             since_publish: 0,
-            flows: None,
             last_port_stats: Instant::now(),
             injects: Vec::new(),
             watches: Vec::new(),
@@ -436,14 +433,13 @@ impl<P: Port> Worker<P> {
     /// [`crate::flows`]); `worker` names this worker in them. The pipeline notes what it sees.
     #[must_use]
     pub fn with_flows(mut self, slots: usize, ring: usize, worker: u16) -> Self {
-        self.pipeline.set_observe(true);
-        self.flows = Some(FlowTable::new(slots, ring, self.epoch, worker));
+        self.pipeline.set_flows(Some(FlowTable::new(slots, ring, self.epoch, worker)));
         self
     }
 
     /// The flow records' export handle, when flows are on.
     pub fn flow_export(&self) -> Option<Arc<FlowExport>> {
-        self.flows.as_ref().map(FlowTable::export)
+        self.pipeline.flows().map(FlowTable::export)
     }
 
     /// A handle that adds and removes ports while the worker runs ([`Worker::run`] applies its
@@ -739,31 +735,20 @@ impl<P: Port> Worker<P> {
         } else {
             self.pipeline.process(fib, in_id, role, &mut frame, &mut self.counters.pipeline)
         };
-        if let Some(flows) = self.flows.as_mut() {
-            let seen = self.pipeline.seen();
-            let (out, verdict, reason, stage) = match v {
+        if let Some((flows, slot, uplink)) = self.pipeline.flow_slot() {
+            let outcome = match v {
                 Verdict::Forward(p) => {
-                    let stage = if p == self.pipeline.config().uplink { Stage::Encap } else { Stage::Deliver };
-                    (p.0, FlowVerdict::Forwarded, 0, stage)
+                    let stage = if p == uplink { Stage::Encap } else { Stage::Deliver };
+                    FlowOutcome::new(p.0, FlowVerdict::Forwarded, 0, stage)
                 }
-                Verdict::Reply => (in_id.0, FlowVerdict::Replied, 0, Stage::Reply),
+                Verdict::Reply => FlowOutcome::new(in_id.0, FlowVerdict::Replied, 0, Stage::Reply),
                 Verdict::Drop(r) => {
-                    flows.drop_event(seen, r, in_id.0, frame.data(), self.now_ns);
-                    let uplink = self.roles[in_port] == PortRole::Uplink;
-                    (FLOW_NO_PORT, FlowVerdict::Dropped, r as u8, Stage::of_drop(r, uplink))
+                    flows.drop_event(slot, r, in_id.0, frame.data(), self.now_ns);
+                    let uplink = role == PortRole::Uplink;
+                    FlowOutcome::new(FLOW_NO_PORT, FlowVerdict::Dropped, r as u8, Stage::of_drop(r, uplink))
                 }
             };
-            if seen.valid {
-                // Bytes as the pods see them: a packet delivered from the uplink counts its inner
-                // frame (decapsulated in place), not the tunnel frame it arrived in.
-                let len = match v {
-                    Verdict::Forward(_) if self.roles[in_port] == PortRole::Uplink => {
-                        u32::try_from(frame.data().len()).unwrap_or(u32::MAX)
-                    }
-                    _ => u32::from(pkt.len),
-                };
-                flows.record(seen, in_id.0, out, verdict, reason, stage, len, self.now_ns);
-            }
+            flows.outcome(slot, outcome);
         }
         let out = match v {
             Verdict::Forward(PortId(p)) => match self.index.get(usize::from(p)) {
@@ -914,7 +899,7 @@ impl<P: Port> Worker<P> {
 
     /// Publish the counters, and export up to `sweep` flow slots' changes.
     fn publish_at(&mut self, now_ns: u64, sweep: usize) {
-        if let Some(f) = self.flows.as_mut() {
+        if let Some(f) = self.pipeline.flows_mut() {
             f.sweep(sweep);
         }
         self.since_publish = 0;

@@ -163,6 +163,7 @@ socket = "$dir/ferry.sock"
 state_dir = "$dir/state"
 [control]
 static_file = "$BSTATE/nodes.toml"
+metrics_addr = "127.0.0.1:9100"
 EOF
 }
 

@@ -117,7 +117,22 @@ if any(r.get("side") == "ferry_noflows" for r in runs):
         ratio = on / off if on is not None and off else None
         print(f"  {name:<34} {unit:<7} on {fmt(on):>9}  off {fmt(off):>9}  on/off {fmt(ratio):>6}")
         flows_table.append({"measure": name, "test": test, "unit": unit, "flows_on": on, "flows_off": off, "ratio": ratio})
+export_table = []
+exp = [r for r in runs if r.get("side") == "ferry" and r.get("flow_records_exported") is not None and r.get("tx_packets")]
+if any(r["flow_records_exported"] or r["flow_records_lost"] for r in exp):
+    print()
+    print(f"flow-record export on n1 (generator flows: {env.get('PKTGEN_FLOWS', '1')}; each run's records taken by the agent and lost to a full ring):")
+    for test in sorted({r["test"] for r in exp}):
+        rs = [r for r in exp if r["test"] == test]
+        sent = sum(r["tx_packets"] for r in rs)
+        exported = sum(r["flow_records_exported"] for r in rs)
+        lost = sum(r["flow_records_lost"] for r in rs)
+        share = lost / (exported + lost) if exported + lost else 0.0
+        fwd = statistics.median(r["fwd_pps"] for r in rs)
+        print(f"  {test:<22} forwarded {fwd:>10.0f} pps (median)  records exported {exported:>9}  lost {lost:>9} ({share:.2%})  over {sent} packets sent")
+        export_table.append({"test": test, "fwd_pps_median": fwd, "exported": exported, "lost": lost, "lost_share": share, "packets_sent": sent})
 summary = {
+    "flow_export": export_table,
     "flows_on_vs_off": flows_table,
     "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
                 "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")},

@@ -37,6 +37,24 @@ ferry_ticks() {
 
 # drops_snap: {"<ns>/<dev>": rx dropped + tx dropped} for every device of our namespaces. veth counts XDP
 # redirect failures (a full AF_XDP ring, an empty fill ring) and a full peer ring here; vxlan a full GRO cell.
+# flow_snap: the flow records n1's agent exported and lost so far, as {"exported": N, "lost": N} (zeros when its
+# flow records are off or it is not a ferry node), from its Prometheus metrics.
+flow_snap() {
+    ip netns exec "$(bns n1)" python3 - <<'PY' 2>/dev/null || echo '{"exported":0,"lost":0}'
+import json, urllib.request
+v = {"exported": 0, "lost": 0}
+try:
+    text = urllib.request.urlopen("http://127.0.0.1:9100/metrics", timeout=5).read().decode()
+except OSError:
+    text = ""
+for line in text.splitlines():
+    for key in v:
+        if line.startswith(f"ferry_dataplane_flow_records_{key}_total "):
+            v[key] = int(float(line.split()[1]))
+print(json.dumps(v))
+PY
+}
+
 drops_snap() {
     local n
     for n in pod1 n1 n2 pod2; do
@@ -96,7 +114,8 @@ udp_run() {
         if [ "$dir" = decap ]; then args+=(--size $((size + 50))); else args+=(--size "$size"); fi
     fi
     sink_start "$sink_ns" "$sink_if"
-    c0=$(cpu_snap); f0=$(ferry_ticks); d0=$(drops_snap)
+    [ "$dir" = path2 ] || args+=(--flows "$PKTGEN_FLOWS")
+    c0=$(cpu_snap); f0=$(ferry_ticks); d0=$(drops_snap); fl0=$(flow_snap)
     if ! ip netns exec "$gen_ns" timeout 60 "$FERRY" pktgen --iface "$gen_if" --mode tx --duration "$DURATION" \
         --core "$GEN_CPU" --rate "$rate" "${args[@]}" --json >"$WORK/tx.json" 2>"$WORK/tx.err"; then
         echo "bench: the generator failed ($side $test):" >&2
@@ -107,11 +126,21 @@ udp_run() {
     c1=$(cpu_snap); f1=$(ferry_ticks); d1=$(drops_snap)
     sleep 0.3   # the last packets through the forwarder
     sink_stop
+    # The agent drains the export rings every 100 ms, and a worker exports what changed when it goes idle:
+    # read the counts once they stop moving (at most about 2 s).
+    local fl1 fl_prev= i
+    for ((i = 0; i < 10; i++)); do
+        fl1=$(flow_snap)
+        [ "$fl1" = "$fl_prev" ] && break
+        fl_prev=$fl1
+        sleep 0.2
+    done
     local rec
     rec=$(jq -n -c --arg side "$side" --arg test "$test" --argjson rep "$rep" --arg dir "$dir" --arg size "$size" \
         --arg rate "$rate" --slurpfile tx "$WORK/tx.json" --slurpfile rx "$WORK/rx.json" \
         --argjson cpu "$(cpu_json "$c0" "$c1")" --argjson fticks $((f1 - f0)) --argjson hz "$(getconf CLK_TCK)" \
-        --argjson drops "$(drops_delta "$d0" "$d1")" --argjson inner "$inner" --arg load "$(cut -d' ' -f1 /proc/loadavg)" '
+        --argjson drops "$(drops_delta "$d0" "$d1")" --argjson inner "$inner" --arg load "$(cut -d' ' -f1 /proc/loadavg)" \
+        --argjson fl0 "$fl0" --argjson fl1 "$fl1" --argjson flows "$PKTGEN_FLOWS" '
         ($tx[0].tx) as $t | ($rx[0].rx) as $r |
         {side: $side, test: $test, rep: $rep, dir: $dir, size: $size, offered: $rate,
          tx_pps: $t.pps, tx_packets: $t.packets, seconds: $t.seconds,
@@ -125,7 +154,8 @@ udp_run() {
          fwd_gbps: (if $t.seconds > 0 then ($r.packets + $r.dropped_no_frame + $r.dropped_ring_full) / $t.seconds * $inner * 8 / 1e9 else 0 end),
          fwd_loss: (if $t.packets > 0 then ([($t.packets - $r.packets - $r.dropped_no_frame - $r.dropped_ring_full), 0] | max) / $t.packets else 1 end),
          lat_p50_ns: $r.latency_ns.p50, lat_p99_ns: $r.latency_ns.p99, lat_p999_ns: $r.latency_ns.p999,
-         inner_frame: $inner, dev_drops: $drops,
+         inner_frame: $inner, dev_drops: $drops, flows: $flows,
+         flow_records_exported: ($fl1.exported - $fl0.exported), flow_records_lost: ($fl1.lost - $fl0.lost),
          cpu: $cpu, ferry_cpu_s: ($fticks / $hz), load1: ($load | tonumber)}')
     echo "$rec" >>"$RUNLOG"
     RX_PPS=$(jq -r '.fwd_pps | floor' <<<"$rec")

@@ -60,6 +60,8 @@ pub(super) struct FlowCounts {
     /// Dropped packets by (namespace, reason), the namespace of the pod at either end that is on
     /// this node (the source's first).
     pub(super) drops: BTreeMap<(String, &'static str), u64>,
+    /// Flow records taken from the workers' export rings.
+    pub(super) records: u64,
 }
 
 #[derive(Debug, Default)]
@@ -164,6 +166,7 @@ impl FlowLog {
         let mut s = lock(&self.state);
         for e in &self.exports {
             while let Some(r) = e.records.pop() {
+                s.counts.records += 1;
                 self.flow_record(&mut s, e.epoch_unix_ns, &r);
             }
             while let Some(d) = e.drops.pop() {
@@ -377,24 +380,11 @@ pub(super) fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_dataplane::flows::{FlowTable, Seen};
+    use ferry_dataplane::flows::{FlowOutcome, FlowTable};
 
-    fn seen(src: [u8; 4], dst: [u8; 4], dport: u16) -> Seen {
-        let info = ferry_encap::flow::FlowInfo {
-            l3: ferry_encap::flow::L3::Ipv4,
-            l3_offset: 14,
-            tos: 0,
-            src: Some(IpAddr::from(src)),
-            dst: Some(IpAddr::from(dst)),
-            protocol: 6,
-            ports: (40000, dport),
-            l4: None,
-            hash: u32::from(dport),
-            ttl: 64,
-        };
-        let mut s = Seen::default();
-        s.classified(&info, &[]);
-        s
+    fn key(src: [u8; 4], dst: [u8; 4], dport: u16) -> FlowKey {
+        let mapped = |a: [u8; 4]| u128::from(std::net::Ipv4Addr::from(a).to_ipv6_mapped());
+        FlowKey { src: mapped(src), dst: mapped(dst), sport: 40000, dport, proto: 6, v6: false }
     }
 
     #[test]
@@ -405,11 +395,11 @@ mod tests {
         pods.insert(IpAddr::from([10, 0, 1, 2]), "web/a".to_owned());
         pods.insert(IpAddr::from([10, 0, 2, 3]), "db/b".to_owned());
         log.set_names(pods, BTreeMap::new());
-        let s = seen([10, 0, 1, 2], [10, 0, 2, 3], 5432);
-        t.record(&s, 2, 0, FlowVerdict::Forwarded, 0, Stage::Encap, 100, 10);
+        let k = key([10, 0, 1, 2], [10, 0, 2, 3], 5432);
+        t.record(&k, u32::from(k.dport), 2, FlowOutcome::new(0, FlowVerdict::Forwarded, 0, Stage::Encap), 100, 10);
         t.sweep(64);
         log.drain();
-        t.record(&s, 2, 0, FlowVerdict::Forwarded, 0, Stage::Encap, 100, 20);
+        t.record(&k, u32::from(k.dport), 2, FlowOutcome::new(0, FlowVerdict::Forwarded, 0, Stage::Encap), 100, 20);
         t.sweep(64);
         log.drain();
         // Same verdict, not yet a second later: no second event.
@@ -419,7 +409,14 @@ mod tests {
         assert_eq!((e.src_pod.as_deref(), e.dst_pod.as_deref()), (Some("web/a"), Some("db/b")));
         assert_eq!((e.verdict.as_str(), e.stage.as_str(), e.dport), ("forwarded", "encap", Some(5432)));
         // Now dropped: an event at once, and counted by namespace and reason.
-        t.record(&s, 2, NO_PORT, FlowVerdict::Dropped, DropReason::NoRoute as u8, Stage::Route, 100, 30);
+        t.record(
+            &k,
+            u32::from(k.dport),
+            2,
+            FlowOutcome::new(NO_PORT, FlowVerdict::Dropped, DropReason::NoRoute as u8, Stage::Route),
+            100,
+            30,
+        );
         t.sweep(64);
         log.drain();
         let l = log.list(&FlowFilter { verdict: Some("dropped".into()), ..FlowFilter::default() }, None, 100);

@@ -12,6 +12,7 @@
 //! | `ferry_dataplane_headroom_moves_total` | | packets moved for headroom |
 //! | `ferry_dataplane_flows_total` | `namespace`, `verdict` | flows seen, by the source pod's namespace |
 //! | `ferry_dataplane_flow_drops_total` | `namespace`, `reason` | dropped packets of recorded flows |
+//! | `ferry_dataplane_flow_records_exported_total` | | flow records taken from the workers' export rings |
 //! | `ferry_dataplane_flow_records_lost_total` | | flow records lost to a full export ring |
 //! | `ferry_dataplane_flow_drop_events_lost_total` | | drop events lost to a full export ring |
 
@@ -151,6 +152,12 @@ impl Collector for DataplaneCollector {
                 "ferry_dataplane_flow_drops",
                 "Dropped packets of recorded flows, by namespace and reason",
                 drops,
+            )?;
+            counter(
+                &mut encoder,
+                "ferry_dataplane_flow_records_exported",
+                "Flow records taken from the workers' export rings",
+                counts.records,
             )?;
             counter(
                 &mut encoder,

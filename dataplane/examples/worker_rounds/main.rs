@@ -26,9 +26,11 @@ fn thread_cpu_ns() -> u64 {
 
 /// `worker_rounds flows-ab encap|decap ROUNDS`: CPU time per packet with flow records off and on
 /// (the thread's, so time spent waiting for a core on a shared machine is not counted), two
-/// workers measured alternately (20 slices of ROUNDS rounds each), so that what other tasks do to
-/// the caches hits both alike; prints the medians and their difference.
+/// workers measured alternately in 40 pairs of slices of ROUNDS rounds each (which goes first
+/// alternating), so that what other tasks do to the caches hits both alike. Prints the medians of
+/// each side and the median and quartiles of the 40 pairs' differences: the recording's cost.
 fn flows_ab(dir: &str, rounds: usize) {
+    const PAIRS: usize = 40;
     let (frames, inp, outp) = match dir {
         "encap" => (setup::to_remote(64), setup::POD_PORT, setup::UPLINK),
         _ => (setup::from_remote(64), setup::UPLINK, setup::POD_PORT),
@@ -37,28 +39,43 @@ fn flows_ab(dir: &str, rounds: usize) {
     let (on, _) = setup::setup();
     let mut on = on.with_flows(ferry_dataplane::flows::DEFAULT_SLOTS, 1 << 16, 0);
     let export = on.flow_export();
-    let (mut t_off, mut t_on) = (Vec::new(), Vec::new());
-    for _ in 0..20 {
-        for (w, t) in [(&mut off, &mut t_off), (&mut on, &mut t_on)] {
+    let (mut t_off, mut t_on, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+    for pair in 0..PAIRS {
+        let slice = |w: &mut ferry_dataplane::worker::Worker<_>| {
             let start = thread_cpu_ns();
             for _ in 0..rounds {
                 setup::round(w, &fib, &frames, inp, outp);
             }
-            t.push((thread_cpu_ns() - start) as f64 / (rounds * BATCH) as f64);
-        }
+            (thread_cpu_ns() - start) as f64 / (rounds * BATCH) as f64
+        };
+        let (a, b) = if pair % 2 == 0 {
+            let a = slice(&mut off);
+            (a, slice(&mut on))
+        } else {
+            let b = slice(&mut on);
+            (slice(&mut off), b)
+        };
+        t_off.push(a);
+        t_on.push(b);
+        diff.push(b - a);
         // What the agent would do: take the exported records.
         if let Some(e) = &export {
             while e.records.pop().is_some() {}
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (a, b) = (median(&mut t_off), median(&mut t_on));
+    let sorted = |v: &mut Vec<f64>| v.sort_by(f64::total_cmp);
+    for v in [&mut t_off, &mut t_on, &mut diff] {
+        sorted(v);
+    }
+    let q = |v: &[f64], k: usize| v[(v.len() - 1) * k / 4];
     println!(
-        "{dir} 64 B: flows off {a:.1} ns/packet, on {b:.1} ns/packet (CPU time), recording {:.1} ns/packet",
-        b - a
+        "{dir} 64 B: flows off {:.1} ns/packet, on {:.1} ns/packet (CPU time, medians), recording {:.1} ns/packet \
+         (median of {PAIRS} pairs; quartiles {:.1} to {:.1})",
+        q(&t_off, 2),
+        q(&t_on, 2),
+        q(&diff, 2),
+        q(&diff, 1),
+        q(&diff, 3),
     );
 }
 
