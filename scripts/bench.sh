@@ -26,9 +26,11 @@
 #                    same run, reported as side ferry_noflows with the ratio flows on / off (the bench's
 #                    ferry nodes otherwise run with flows on; the agent's default is off); on and off take
 #                    turns repeat by repeat
-#   --pktgen-flows N the single-node runs' generator sends N flows (1 to 65536, default 1; the source port, then
-#                    the source address vary): the flow-record export's load. Every ferry run records the flow
-#                    records n1's agent took from the export rings and those lost to a full ring
+#   --pktgen-flows N the single-node runs' generator sends N flows (1 to 65536, default 1; 256 source ports per
+#                    source address, so encap, from the pod's one address, takes at most 256, and decap at most
+#                    64768, its sources within the sending node's pod network): the flow-record export's load
+#                    (more flows than dataplane.flow_slots: a new flow's record at almost every packet). Every
+#                    ferry run records the flow records n1's agent took from the export rings and those lost
 #   --pod-port K     the ferry nodes' dataplane.pod_port (default veth; tap: each pod's eth0 is a persistent
 #                    multi-queue tap with virtio-net headers, so TCP super-packets reach ferry whole)
 #

@@ -326,7 +326,7 @@ pub struct FlowRecord {
     pub tcp_flags: u8,
     /// Packets.
     pub packets: u64,
-    /// Bytes (as received).
+    /// Bytes as the pods see them (for a packet from the uplink, its inner frame).
     pub bytes: u64,
     /// First seen, nanoseconds on the worker's clock ([`FlowExport::epoch_unix_ns`] + this is Unix time).
     pub first_ns: u64,

@@ -121,7 +121,7 @@ export_table = []
 exp = [r for r in runs if r.get("side") == "ferry" and r.get("flow_records_exported") is not None and r.get("tx_packets")]
 if any(r["flow_records_exported"] or r["flow_records_lost"] for r in exp):
     print()
-    print(f"flow-record export on n1 (generator flows: {env.get('PKTGEN_FLOWS', '1')}; each run's records taken by the agent and lost to a full ring):")
+    print(f"flow-record export on n1 (--pktgen-flows {env.get('PKTGEN_FLOWS', '1')}; records taken by the agent and lost to a full ring):")
     for test in sorted({r["test"] for r in exp}):
         rs = [r for r in exp if r["test"] == test]
         sent = sum(r["tx_packets"] for r in rs)
@@ -129,8 +129,9 @@ if any(r["flow_records_exported"] or r["flow_records_lost"] for r in exp):
         lost = sum(r["flow_records_lost"] for r in rs)
         share = lost / (exported + lost) if exported + lost else 0.0
         fwd = statistics.median(r["fwd_pps"] for r in rs)
-        print(f"  {test:<22} forwarded {fwd:>10.0f} pps (median)  records exported {exported:>9}  lost {lost:>9} ({share:.2%})  over {sent} packets sent")
-        export_table.append({"test": test, "fwd_pps_median": fwd, "exported": exported, "lost": lost, "lost_share": share, "packets_sent": sent})
+        nflows = max(r.get("flows", 1) for r in rs)
+        print(f"  {test:<16} {nflows:>6} flows  forwarded {fwd:>10.0f} pps (median)  records exported {exported:>9}  lost {lost:>9} ({share:.2%})  over {sent} packets sent")
+        export_table.append({"test": test, "flows": nflows, "fwd_pps_median": fwd, "exported": exported, "lost": lost, "lost_share": share, "packets_sent": sent})
 summary = {
     "flow_export": export_table,
     "flows_on_vs_off": flows_table,

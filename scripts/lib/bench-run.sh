@@ -114,7 +114,15 @@ udp_run() {
         if [ "$dir" = decap ]; then args+=(--size $((size + 50))); else args+=(--size "$size"); fi
     fi
     sink_start "$sink_ns" "$sink_if"
-    [ "$dir" = path2 ] || args+=(--flows "$PKTGEN_FLOWS")
+    # pktgen walks 256 source ports per source address: an encapsulating pod has one address (256 flows at
+    # most, or ferry drops the rest as spoofed), a decapsulated sender's pod network holds 10.244.2.2-254.
+    local flows=$PKTGEN_FLOWS
+    case $dir in
+        encap) ((flows <= 256)) || flows=256 ;;
+        decap) ((flows <= 64768)) || flows=64768 ;;
+        path2) flows=1 ;;
+    esac
+    args+=(--flows "$flows")
     c0=$(cpu_snap); f0=$(ferry_ticks); d0=$(drops_snap); fl0=$(flow_snap)
     if ! ip netns exec "$gen_ns" timeout 60 "$FERRY" pktgen --iface "$gen_if" --mode tx --duration "$DURATION" \
         --core "$GEN_CPU" --rate "$rate" "${args[@]}" --json >"$WORK/tx.json" 2>"$WORK/tx.err"; then
@@ -140,7 +148,7 @@ udp_run() {
         --arg rate "$rate" --slurpfile tx "$WORK/tx.json" --slurpfile rx "$WORK/rx.json" \
         --argjson cpu "$(cpu_json "$c0" "$c1")" --argjson fticks $((f1 - f0)) --argjson hz "$(getconf CLK_TCK)" \
         --argjson drops "$(drops_delta "$d0" "$d1")" --argjson inner "$inner" --arg load "$(cut -d' ' -f1 /proc/loadavg)" \
-        --argjson fl0 "$fl0" --argjson fl1 "$fl1" --argjson flows "$PKTGEN_FLOWS" '
+        --argjson fl0 "$fl0" --argjson fl1 "$fl1" --argjson flows "$flows" '
         ($tx[0].tx) as $t | ($rx[0].rx) as $r |
         {side: $side, test: $test, rep: $rep, dir: $dir, size: $size, offered: $rate,
          tx_pps: $t.pps, tx_packets: $t.packets, seconds: $t.seconds,

@@ -24,8 +24,14 @@ use ferry_tables::policy::{Direction, PolicyTables};
 
 use crate::admin::proto::{FlowEvent, FlowFilter, FlowList, PortInfo, ServiceHit};
 
-/// How often the rings are drained.
+/// How often the rings are drained, and the pods and policies named again.
 pub(super) const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// How often the rings are drained while one is busy (a drain took more than
+/// [`BUSY_SHARE`] of its capacity): a worker whose flows churn (every packet a new flow in its
+/// slot) exports a record per packet, more than a ring holds in [`DRAIN_EVERY`] at its peak rate.
+pub(super) const DRAIN_BUSY: Duration = Duration::from_millis(10);
+/// A drain that took more than this share (1/n) of a ring's capacity finds it busy.
+const BUSY_SHARE: usize = 16;
 /// Events kept for `ferry flows`.
 pub(super) const WINDOW: usize = 8192;
 /// A flow still active becomes an event again after this long.
@@ -161,14 +167,19 @@ impl FlowLog {
         (!parts.is_empty()).then(|| parts.join("; "))
     }
 
-    /// Take everything the workers exported.
-    pub(super) fn drain(&self) {
+    /// Take everything the workers exported. Returns whether a ring was busy (this drain took
+    /// more than 1/[`BUSY_SHARE`] of its capacity).
+    pub(super) fn drain(&self) -> bool {
         let mut s = lock(&self.state);
+        let mut busy = false;
         for e in &self.exports {
+            let mut n = 0;
             while let Some(r) = e.records.pop() {
-                s.counts.records += 1;
+                n += 1;
                 self.flow_record(&mut s, e.epoch_unix_ns, &r);
             }
+            s.counts.records += n as u64;
+            busy |= n > e.records.capacity() / BUSY_SHARE;
             while let Some(d) = e.drops.pop() {
                 self.drop_event(&mut s, e.epoch_unix_ns, &d);
             }
@@ -181,6 +192,7 @@ impl FlowLog {
             let nth = *nth;
             s.flows.retain(|_, t| t.last_ns > nth);
         }
+        busy
     }
 
     fn push(&self, s: &mut State, mut e: FlowEvent) {
@@ -360,19 +372,24 @@ impl FlowLog {
     }
 }
 
-/// Drains `log` every [`DRAIN_EVERY`] until `stop`, naming pods and ports with `names` first.
+/// Drains `log` every [`DRAIN_EVERY`] (every [`DRAIN_BUSY`] while a ring is busy) until `stop`,
+/// naming pods and ports with `names` first (at most every [`DRAIN_EVERY`]).
 pub(super) fn spawn(
     log: Arc<FlowLog>,
     stop: Arc<AtomicBool>,
     names: impl Fn() -> (HashMap<IpAddr, String>, BTreeMap<u16, PortInfo>, Arc<PolicyTables>) + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("ferry-flows".into()).spawn(move || {
+        let mut named: Option<std::time::Instant> = None;
         while !stop.load(Ordering::Relaxed) {
-            let (pods, ports, policy) = names();
-            log.set_names(pods, ports);
-            log.set_policy(policy);
-            log.drain();
-            std::thread::sleep(DRAIN_EVERY);
+            if named.is_none_or(|t| t.elapsed() >= DRAIN_EVERY) {
+                let (pods, ports, policy) = names();
+                log.set_names(pods, ports);
+                log.set_policy(policy);
+                named = Some(std::time::Instant::now());
+            }
+            let busy = log.drain();
+            std::thread::sleep(if busy { DRAIN_BUSY } else { DRAIN_EVERY });
         }
     })
 }
