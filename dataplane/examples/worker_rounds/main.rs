@@ -29,12 +29,17 @@ fn thread_cpu_ns() -> u64 {
 /// workers measured alternately in 40 pairs of slices of ROUNDS rounds each (which goes first
 /// alternating), so that what other tasks do to the caches hits both alike. Prints the medians of
 /// each side and the median and quartiles of the 40 pairs' differences: the recording's cost.
-fn flows_ab(dir: &str, rounds: usize) {
+///
+/// `flows-ab-churn` is the same with 16,384 flows (four times the table's slots) taken 64 at a
+/// time in turn: almost every packet is a new flow in its slot and evicts another, whose record is
+/// exported, as under a flood of short flows.
+fn flows_ab(dir: &str, rounds: usize, flows: u16) {
     const PAIRS: usize = 40;
     let (frames, inp, outp) = match dir {
-        "encap" => (setup::to_remote(64), setup::POD_PORT, setup::UPLINK),
-        _ => (setup::from_remote(64), setup::UPLINK, setup::POD_PORT),
+        "encap" => (setup::to_remote_flows(64, flows), setup::POD_PORT, setup::UPLINK),
+        _ => (setup::from_remote_flows(64, flows), setup::UPLINK, setup::POD_PORT),
     };
+    let batches: Vec<&[Vec<u8>]> = frames.chunks(BATCH).collect();
     let (mut off, fib) = setup::setup();
     let (on, _) = setup::setup();
     let mut on = on.with_flows(ferry_dataplane::flows::DEFAULT_SLOTS, 1 << 16, 0);
@@ -43,8 +48,8 @@ fn flows_ab(dir: &str, rounds: usize) {
     for pair in 0..PAIRS {
         let slice = |w: &mut ferry_dataplane::worker::Worker<_>| {
             let start = thread_cpu_ns();
-            for _ in 0..rounds {
-                setup::round(w, &fib, &frames, inp, outp);
+            for r in 0..rounds {
+                setup::round(w, &fib, batches[r % batches.len()], inp, outp);
             }
             (thread_cpu_ns() - start) as f64 / (rounds * BATCH) as f64
         };
@@ -69,7 +74,7 @@ fn flows_ab(dir: &str, rounds: usize) {
     }
     let q = |v: &[f64], k: usize| v[(v.len() - 1) * k / 4];
     println!(
-        "{dir} 64 B: flows off {:.1} ns/packet, on {:.1} ns/packet (CPU time, medians), recording {:.1} ns/packet \
+        "{dir} 64 B, {flows} flows: flows off {:.1} ns/packet, on {:.1} ns/packet (CPU time, medians), recording {:.1} ns/packet \
          (median of {PAIRS} pairs; quartiles {:.1} to {:.1})",
         q(&t_off, 2),
         q(&t_on, 2),
@@ -82,10 +87,10 @@ fn flows_ab(dir: &str, rounds: usize) {
 fn main() {
     let mut args = std::env::args().skip(1);
     let dir = args.next().unwrap_or_default();
-    if dir == "flows-ab" {
+    if dir == "flows-ab" || dir == "flows-ab-churn" {
         let d = args.next().unwrap_or_default();
         let rounds = args.next().and_then(|r| r.parse().ok()).unwrap_or(2000);
-        flows_ab(&d, rounds);
+        flows_ab(&d, rounds, if dir == "flows-ab" { BATCH as u16 } else { 16_384 });
         return;
     }
     let rounds: usize = match args.next().map(|r| r.parse()) {

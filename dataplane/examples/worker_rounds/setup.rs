@@ -61,12 +61,22 @@ fn udp(macs: (MacAddr, MacAddr), src: [u8; 4], dst: [u8; 4], flow: u16, size: us
 
 /// A batch of `size`-byte frames from the pod to the remote pod (to encapsulate).
 pub(crate) fn to_remote(size: usize) -> Vec<Vec<u8>> {
-    (0..BATCH as u16).map(|i| udp((pod_mac(1, 1), gateway_mac(1)), POD, REMOTE_POD, i, size)).collect()
+    to_remote_flows(size, BATCH as u16)
+}
+
+/// `flows` frames, one per flow, as [`to_remote`].
+pub(crate) fn to_remote_flows(size: usize, flows: u16) -> Vec<Vec<u8>> {
+    (0..flows).map(|i| udp((pod_mac(1, 1), gateway_mac(1)), POD, REMOTE_POD, i, size)).collect()
 }
 
 /// A batch of tunnel frames as the remote node would send them, `size`-byte inner frames (to
 /// decapsulate).
 pub(crate) fn from_remote(size: usize) -> Vec<Vec<u8>> {
+    from_remote_flows(size, BATCH as u16)
+}
+
+/// `flows` frames, one per flow, as [`from_remote`].
+pub(crate) fn from_remote_flows(size: usize, flows: u16) -> Vec<Vec<u8>> {
     let peer_tpl = TunnelTemplate::new(&TemplateParams::new(
         TunnelKind::Vxlan,
         1,
@@ -76,7 +86,7 @@ pub(crate) fn from_remote(size: usize) -> Vec<Vec<u8>> {
         underlay_ip(1).into(),
     ))
     .expect("tpl");
-    (0..BATCH as u16)
+    (0..flows)
         .map(|i| {
             let inner = udp((pod_mac(2, 1), vtep_mac(1)), REMOTE_POD, POD, i, size);
             let mut buf = vec![0u8; 128 + inner.len()];
