@@ -757,12 +757,13 @@ mod tests {
     #[test]
     fn ipv6_keys_and_notes_come_back_as_recorded() {
         let mut t = FlowTable::new(64, 16, std::time::Instant::now(), 0);
-        let (src, dst): (IpAddr, IpAddr) = ("fd00:10:244:1::5".parse().unwrap(), "fd00:10:96::a".parse().unwrap());
+        let v6 = |a: &str| a.parse::<IpAddr>().expect("an IPv6 address");
+        let (src, dst) = (v6("fd00:10:244:1::5"), v6("fd00:10:96::a"));
         let f = tcp_frame(src, dst, 4321, 0x02);
         let info = ferry_encap::flow::classify(&f).expect("TCP");
         let slot = t.hit(&info, &f, 7, 1);
         t.policy(slot, 0x0102_0304, 9);
-        t.translated(slot, "fd00:10:244:2::8".parse().unwrap(), 8080);
+        t.translated(slot, v6("fd00:10:244:2::8"), 8080);
         t.outcome(slot, FlowOutcome::new(NO_PORT, FlowVerdict::Dropped, DropReason::NoRoute as u8, Stage::Route));
         // The same flow on another port is another record.
         let other = t.hit(&info, &f, 8, 2);
@@ -780,7 +781,7 @@ mod tests {
             (FlowVerdict::Dropped, DropReason::NoRoute as u8, Stage::Route as u8, NO_PORT)
         );
         assert_eq!((r.policy, r.policy_generation, r.backend_port), (0x0102_0304, 9, 8080));
-        assert_eq!(r.backend_ip(), Some("fd00:10:244:2::8".parse().unwrap()));
+        assert_eq!(r.backend_ip(), Some(v6("fd00:10:244:2::8")));
         // A later packet of the flow without notes clears them.
         let slot = t.hit(&info, &f, 7, 3);
         t.outcome(slot, forwarded());
