@@ -14,7 +14,7 @@ trap 'rm -f "$FERRY_SKIP_LOG"' EXIT
 
 step "system packages"
 ensure_build_packages tshark iproute2 iputils-ping tcpdump netsniff-ng ethtool procps \
-    etcd-server openssl containernetworking-plugins python3 chromium
+    etcd-server openssl containernetworking-plugins python3 chromium curl
 
 step "format and lints"
 cargo fmt --all --check

@@ -1884,6 +1884,14 @@ fn curl_from(lab: &Lab, from: &str, url: &str) -> (u16, String) {
         &["ip", "netns", "exec", &lab.netns(from), "curl", "-sS", "--max-time", "3", "-w", "\n%{http_code}", url],
     );
     let t = text(&out.stdout);
+    // curl's own failures (no connection, timeout) come back as code 0 for the caller to assert on;
+    // a curl that could not run at all is the machine's fault, said as such.
+    assert!(
+        !t.is_empty() || out.status.code().is_some_and(|c| (1..=99).contains(&c)),
+        "curl did not run in {from} (exit {}): {}",
+        out.status,
+        text(&out.stderr)
+    );
     let (body, code) = t.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
