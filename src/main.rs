@@ -459,6 +459,8 @@ fn print_stats(d: &Stats) {
         );
     }
     println!("drops in ferry: {} in all, {} ICMP errors sent", d.total_drops, d.icmp_errors);
+    let f = &d.frames;
+    println!("frames: {} free, {} held by ports, {} unaccounted, of {}", f.free, f.held, f.unaccounted, f.total);
     if d.double_frees > 0 {
         println!("frames freed twice and refused: {} (a bug in ferry: please report it)", d.double_frees);
     }

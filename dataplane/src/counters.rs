@@ -40,6 +40,28 @@ pub struct Counters {
     /// refused there ([`FreeFrames::refused`](crate::frame::FreeFrames::refused)). Not 0 means a
     /// bug; without the refusal two packets would have shared a frame.
     pub double_frees: u64,
+    /// Where the worker's frames are, as of its last publication (between iterations).
+    pub frames: FrameAccount,
+}
+
+/// A worker's frames (summed over workers): every frame is free or held by a port (lent to the
+/// kernel's rings, queued for sending, a tap's or socket's buffers), so `total - free - held` is
+/// 0 unless frames leaked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameAccount {
+    /// The frames of the worker's memory.
+    pub total: u64,
+    /// On the free list.
+    pub free: u64,
+    /// Held by ports.
+    pub held: u64,
+}
+
+impl FrameAccount {
+    /// Frames neither free nor held: leaked (0 between iterations, in a correct worker).
+    pub fn unaccounted(&self) -> u64 {
+        self.total.saturating_sub(self.free + self.held)
+    }
 }
 
 impl Counters {
@@ -51,6 +73,7 @@ impl Counters {
             port: vec![PortStats::default(); ports],
             pipeline: PipelineCounters::default(),
             double_frees: 0,
+            frames: FrameAccount::default(),
         }
     }
 
@@ -73,14 +96,14 @@ const PER_PORT: usize = 8;
 pub struct SharedCounters {
     ports: usize,
     /// rx packets, rx bytes, tx packets, tx bytes and the four port statistics per port, then
-    /// drops, then ICMP errors, then double frees, then headroom moves.
+    /// drops, then ICMP errors, then double frees, then headroom moves, then the frame account.
     cells: Box<[AtomicU64]>,
 }
 
 impl SharedCounters {
     /// Zeroed cells for `ports` ports.
     pub fn new(ports: usize) -> Self {
-        let cells = (0..ports * PER_PORT + DropReason::COUNT + 3).map(|_| AtomicU64::new(0)).collect();
+        let cells = (0..ports * PER_PORT + DropReason::COUNT + 6).map(|_| AtomicU64::new(0)).collect();
         SharedCounters { ports, cells }
     }
 
@@ -116,6 +139,10 @@ impl SharedCounters {
         self.cells[d + DropReason::COUNT].store(c.pipeline.icmp_errors, Ordering::Relaxed);
         self.cells[d + DropReason::COUNT + 1].store(c.double_frees, Ordering::Relaxed);
         self.cells[d + DropReason::COUNT + 2].store(c.pipeline.headroom_moves, Ordering::Relaxed);
+        let f = c.frames;
+        for (i, v) in [f.total, f.free, f.held].into_iter().enumerate() {
+            self.cells[d + DropReason::COUNT + 3 + i].store(v, Ordering::Relaxed);
+        }
     }
 
     /// Read the published values.
@@ -135,6 +162,8 @@ impl SharedCounters {
         c.pipeline.icmp_errors = self.cells[d + DropReason::COUNT].load(Ordering::Relaxed);
         c.double_frees = self.cells[d + DropReason::COUNT + 1].load(Ordering::Relaxed);
         c.pipeline.headroom_moves = self.cells[d + DropReason::COUNT + 2].load(Ordering::Relaxed);
+        let f = |i: usize| self.cells[d + DropReason::COUNT + 3 + i].load(Ordering::Relaxed);
+        c.frames = FrameAccount { total: f(0), free: f(1), held: f(2) };
         c
     }
 }
@@ -170,6 +199,9 @@ pub fn sum<'a>(workers: impl IntoIterator<Item = &'a SharedCounters>) -> Option<
                 t.pipeline.icmp_errors += c.pipeline.icmp_errors;
                 t.double_frees += c.double_frees;
                 t.pipeline.headroom_moves += c.pipeline.headroom_moves;
+                t.frames.total += c.frames.total;
+                t.frames.free += c.frames.free;
+                t.frames.held += c.frames.held;
             }
         }
     }
@@ -189,6 +221,7 @@ mod tests {
         c.pipeline.icmp_errors = 2;
         c.double_frees = 1;
         c.pipeline.headroom_moves = 3;
+        c.frames = FrameAccount { total: 64, free: 40, held: 23 };
         c.port[1] = PortStats { rx_no_frame: 1, rx_dropped: 2, rx_ring_full: 3, invalid_descs: 4 };
         let (a, b) = (SharedCounters::new(2), SharedCounters::new(2));
         let live = [PortId(0), PortId(1)];
@@ -201,6 +234,8 @@ mod tests {
         assert_eq!(s.pipeline.icmp_errors, 4);
         assert_eq!(s.double_frees, 2);
         assert_eq!(s.pipeline.headroom_moves, 6);
+        assert_eq!(s.frames, FrameAccount { total: 128, free: 80, held: 46 });
+        assert_eq!(s.frames.unaccounted(), 2);
         assert_eq!(s.port[1], PortStats { rx_no_frame: 2, rx_dropped: 4, rx_ring_full: 6, invalid_descs: 8 });
         assert_eq!(s.port[0], PortStats::default());
         assert_eq!(s.total_drops(), 10);

@@ -910,6 +910,11 @@ impl<P: Port> Worker<P> {
             }
             self.last_port_stats = Instant::now();
         }
+        self.counters.frames = crate::counters::FrameAccount {
+            total: u64::from(self.mem.frame_count()),
+            free: self.free.len() as u64,
+            held: self.ports.iter().map(Port::frames_held).sum::<usize>() as u64,
+        };
         self.shared.publish(&self.counters, &self.ids);
         self.last_publish_ns = now_ns;
     }

@@ -556,6 +556,23 @@ pub struct Stats {
     /// Packets moved to make room for the tunnel headers.
     #[serde(default)]
     pub headroom_moves: u64,
+    /// The workers' frames, as of their last publication.
+    #[serde(default)]
+    pub frames: FrameStats,
+}
+
+/// Where the workers' frames are (summed): free, held by ports, and neither (leaked: 0 unless
+/// ferry has a bug).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameStats {
+    /// All frames of the workers' memory.
+    pub total: u64,
+    /// On the workers' free lists.
+    pub free: u64,
+    /// Held by ports: lent to the kernel's rings, queued to send, a tap's or socket's buffers.
+    pub held: u64,
+    /// Neither free nor held.
+    pub unaccounted: u64,
 }
 
 /// A tracked connection (in [`ConntrackList::entries`]).

@@ -10,6 +10,7 @@
 //! | `ferry_dataplane_icmp_errors_total` | | ICMP errors sent |
 //! | `ferry_dataplane_double_frees_total` | | frames freed twice (a bug if not 0) |
 //! | `ferry_dataplane_headroom_moves_total` | | packets moved for headroom |
+//! | `ferry_dataplane_frames` | `state` (`free`, `held`, `unaccounted`) | the workers' frames (gauge) |
 //! | `ferry_dataplane_flows_total` | `namespace`, `verdict` | flows seen, by the source pod's namespace |
 //! | `ferry_dataplane_flow_drops_total` | `namespace`, `reason` | dropped packets of recorded flows |
 //! | `ferry_dataplane_flow_records_exported_total` | | flow records taken from the workers' export rings |
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::{Shared, lock};
 
@@ -48,6 +50,11 @@ struct FlowLabels {
 struct FlowDropLabels {
     namespace: String,
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -135,6 +142,17 @@ impl Collector for DataplaneCollector {
             "Packets moved within their frame to make room for the tunnel headers (a copy of the whole packet; 0 on AF_XDP ports)",
             c.pipeline.headroom_moves,
         )?;
+        let f = c.frames;
+        let mut family = encoder.encode_descriptor(
+            "ferry_dataplane_frames",
+            "The workers' frames: free, held by ports, neither (leaked: 0 unless ferry has a bug)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (state, v) in [("free", f.free), ("held", f.held), ("unaccounted", f.unaccounted())] {
+            let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+            g.encode(family.encode_family(&StateLabels { state })?)?;
+        }
         if shared.flows.enabled() {
             let (counts, lost, drops_lost) = shared.flows.counts();
             let flows =

@@ -414,6 +414,12 @@ impl Handler {
             total_drops: c1.total_drops(),
             icmp_errors: c1.pipeline.icmp_errors,
             double_frees: c1.double_frees,
+            frames: crate::admin::proto::FrameStats {
+                total: c1.frames.total,
+                free: c1.frames.free,
+                held: c1.frames.held,
+                unaccounted: c1.frames.unaccounted(),
+            },
             headroom_moves: c1.pipeline.headroom_moves,
         }
     }
