@@ -394,7 +394,9 @@ impl Conntrack {
     }
 
     /// The entry for `t`, if any.
-    #[inline]
+    // Always inlined: returned through memory, the hit's fields were read back with loads that
+    // straddled the callee's narrower stores (a store-forwarding stall; `service_path/hot_64`).
+    #[inline(always)]
     pub fn lookup(&self, t: &Tuple) -> Option<Hit> {
         let (src, dst, meta) = key_of(t);
         let [a, b] = self.buckets(hash_key(&src, &dst, meta));
