@@ -1765,6 +1765,72 @@ impl Drop for Servers {
     }
 }
 
+/// One SCTP exchange through `scripts/lib/sctp-probe.py send` from namespace `from`: the answer's
+/// JSON (address and port it came from, the backend's name, whether its CRC32c held), or `None`.
+fn sctp_once(lab: &Lab, from: &str, ip: &str, port: u16, sport: u16) -> Option<Value> {
+    let py = repo().join("scripts/lib/sctp-probe.py").display().to_string();
+    let (port, sport) = (port.to_string(), sport.to_string());
+    let out =
+        run_bounded(10, &["ip", "netns", "exec", &lab.netns(from), python(), &py, "send", ip, &port, &sport, "2"]);
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("sctp-probe JSON"))
+}
+
+/// SCTP through a ClusterIP from a pod, and through a NodePort from outside the cluster, with
+/// the kernel's SCTP absent (raw sockets on both ends): every answer comes back from the service's
+/// address and port with a valid CRC32c, from both backends.
+#[test]
+fn services_sctp_cluster_ip_and_node_port() {
+    if !privileged("services_sctp_cluster_ip_and_node_port") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_sctp", &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "veth"]);
+    let py = repo().join("scripts/lib/sctp-probe.py").display().to_string();
+    let mut servers = Servers::new();
+    for pod in ["n1-p2", "n2-p1"] {
+        servers.spawn(&lab.netns(pod), &py, &["serve", "8080", pod, "120"], 120);
+    }
+    let vip = "10.96.0.30";
+    let file = lab.list()["static_file"].as_str().expect("static_file in list --json").to_owned();
+    let mut t = std::fs::read_to_string(&file).expect("static file");
+    t.push_str(&format!(
+        "\n[[service]]\nname = \"default/sig\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"SCTP\"\n\
+         endpoints = [\"{}:8080\", \"{}:8080\"]\ntype = \"NodePort\"\nnode_port = 30090\n",
+        lab.pod_ip("n1-p2"),
+        lab.pod_ip("n2-p1")
+    ));
+    std::fs::write(&file, t).expect("write static file");
+    let n1 = lab.entry("nodes", "n1")["underlay_ip"].as_str().expect("underlay_ip").to_owned();
+    let mut sport = 40000u16;
+    for (from, ip, port, want_from) in [("n1-p1", vip, 80, vip), ("ul", n1.as_str(), 30090, n1.as_str())] {
+        // Until the agents have the service (each reloads the file on its own) and the servers listen.
+        let (first, ok) = poll_until(
+            Duration::from_secs(15),
+            Duration::from_millis(200),
+            || {
+                sport += 1;
+                sctp_once(&lab, from, ip, port, sport)
+            },
+            Option::is_some,
+        );
+        assert!(ok, "no SCTP answer from {ip}:{port} to {from} within 15 s: {first:?}");
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            sport += 1;
+            let a =
+                sctp_once(&lab, from, ip, port, sport).unwrap_or_else(|| panic!("{from} -> {ip}:{port}: no answer"));
+            assert_eq!((a["from"].as_str(), a["sport"].as_u64()), (Some(want_from), Some(u64::from(port))), "{a}");
+            assert_eq!(a["crc_ok"], true, "{a}");
+            names.insert(a["name"].as_str().unwrap_or_default().to_owned());
+        }
+        println!("SCTP {from} -> {ip}:{port}: 20 answers, from {names:?}");
+        assert_eq!(names.len(), 2, "both backends answer: {names:?}");
+    }
+    let ct = lab.ferry("n1", "conntrack");
+    let sctp = ct["entries"].as_array().expect("entries").iter().filter(|e| e["proto"] == 132).count();
+    assert!(sctp >= 20, "n1 tracks the SCTP associations: {sctp} entries");
+}
+
 fn svc_connect(lab: &Lab, from: &str, ip: &str, port: u16, count: usize) -> Vec<String> {
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
     let out = run_bounded(

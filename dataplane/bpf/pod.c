@@ -124,7 +124,7 @@ static __always_inline int is_isolated(void)
 
 static __always_inline int is_backend(struct cursor *c, __u8 proto, const __u32 saddr[4])
 {
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
 		return 0;
 	__be16 *ports = c->pos;
 	if ((void *)(ports + 2) > c->end)

@@ -61,11 +61,11 @@ struct {
 	__type(value, __u8);
 } frontends SEC(".maps");
 
-/* Whether the TCP or UDP packet at the cursor is for a frontend: `mine` says its destination is
+/* Whether the TCP, UDP or SCTP packet at the cursor is for a frontend: `mine` says its destination is
  * this node's address (node ports apply). */
 static __always_inline int is_frontend(struct cursor *c, __u8 proto, const __u32 daddr[4], int mine)
 {
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
 		return 0;
 	__be16 *ports = c->pos;
 	if ((void *)(ports + 2) > c->end)

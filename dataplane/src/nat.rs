@@ -7,6 +7,10 @@
 //! 16-bit word; nothing is summed again. A UDP-over-IPv4 checksum of zero ("none") stays zero; a
 //! UDP checksum that updates to zero is sent as 0xffff (RFC 768).
 //!
+//! SCTP has no pseudo-header: an address change leaves its CRC32c alone, and a port change
+//! updates it from two passes over the packet (the CRC of the packet before and after), so a
+//! packet that arrived with a wrong CRC leaves with one wrong by the same error, never repaired.
+//!
 //! The caller passes frames whose checksums are final (the pipeline completes unfinished ones
 //! first), and addresses of the packet's own family.
 
@@ -53,8 +57,19 @@ fn words(a: IpAddr, out: &mut [u16; 8]) -> usize {
     }
 }
 
-/// Rewrite one end of a TCP or UDP packet to `addr`:`port`, updating its checksums, and the
-/// context to match.
+/// SCTP's IP protocol number.
+pub const SCTP: u8 = 132;
+
+/// The CRC32c of an SCTP packet (`sctp`: common header and chunks) with its checksum field taken
+/// as zero (RFC 9260 appendix A).
+pub fn sctp_crc(sctp: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&sctp[..8]);
+    let crc = crc32c::crc32c_append(crc, &[0; 4]);
+    crc32c::crc32c_append(crc, &sctp[12..])
+}
+
+/// Rewrite one end of a TCP, UDP or SCTP packet to `addr`:`port`, updating its checksums, and
+/// the context to match.
 ///
 /// # Errors
 /// [`NatError`]; the frame is unchanged then.
@@ -72,6 +87,7 @@ pub fn rewrite(frame: &mut [u8], ctx: &mut Ctx, end: End, addr: IpAddr, port: u1
     let csum_at = match info.protocol {
         protocol::TCP => 16,
         protocol::UDP => 6,
+        SCTP => return rewrite_sctp(frame, ctx, end, addr, port),
         _ => return Err(NatError::NoPorts),
     };
     if l4 + csum_at + 2 > l4_end || l4_end > frame.len() {
@@ -114,6 +130,62 @@ pub fn rewrite(frame: &mut [u8], ctx: &mut Ctx, end: End, addr: IpAddr, port: u1
         }
         frame[l4 + csum_at..l4 + csum_at + 2].copy_from_slice(&c.to_be_bytes());
     }
+    match end {
+        End::Src => {
+            ctx.flow.src = Some(addr);
+            ctx.flow.ports.0 = port;
+        }
+        End::Dst => {
+            ctx.flow.dst = Some(addr);
+            ctx.flow.ports.1 = port;
+        }
+    }
+    Ok(())
+}
+
+/// [`rewrite`] for SCTP: the address (and the IPv4 header checksum), the port, and the CRC32c
+/// updated for the port (RFC 9260's checksum covers no address).
+#[cold]
+fn rewrite_sctp(frame: &mut [u8], ctx: &mut Ctx, end: End, addr: IpAddr, port: u16) -> Result<(), NatError> {
+    let info = &ctx.flow;
+    let Some((l4, l4_end)) = info.l4 else { return Err(NatError::NoPorts) };
+    // The common header (ports, verification tag, checksum) and the whole packet in the frame.
+    if l4 + 12 > l4_end || l4_end > frame.len() {
+        return Err(NatError::NoPorts);
+    }
+    let (addr_at, port_at) = match (info.l3, end) {
+        (L3::Ipv4, End::Src) => (info.l3_offset + 12, l4),
+        (L3::Ipv4, End::Dst) => (info.l3_offset + 16, l4 + 2),
+        (_, End::Src) => (info.l3_offset + 8, l4),
+        (_, End::Dst) => (info.l3_offset + 24, l4 + 2),
+    };
+    let old_addr = match end {
+        End::Src => ctx.src(),
+        End::Dst => ctx.dst(),
+    };
+    let (mut old_w, mut new_w) = ([0u16; 8], [0u16; 8]);
+    let n = words(old_addr, &mut old_w);
+    words(addr, &mut new_w);
+    let mut ip_c = if info.l3 == L3::Ipv4 {
+        u16::from_be_bytes([frame[info.l3_offset + 10], frame[info.l3_offset + 11]])
+    } else {
+        0
+    };
+    for k in 0..n {
+        if info.l3 == L3::Ipv4 {
+            ip_c = checksum::update_word(ip_c, old_w[k], new_w[k]);
+        }
+        frame[addr_at + 2 * k..addr_at + 2 * k + 2].copy_from_slice(&new_w[k].to_be_bytes());
+    }
+    if info.l3 == L3::Ipv4 {
+        frame[info.l3_offset + 10..info.l3_offset + 12].copy_from_slice(&ip_c.to_be_bytes());
+    }
+    let stored = u32::from_le_bytes([frame[l4 + 8], frame[l4 + 9], frame[l4 + 10], frame[l4 + 11]]);
+    let before = sctp_crc(&frame[l4..l4_end]);
+    frame[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+    let after = sctp_crc(&frame[l4..l4_end]);
+    // The CRC is carried least significant byte first (as Linux's `sctp_compute_cksum`).
+    frame[l4 + 8..l4 + 12].copy_from_slice(&(stored ^ before ^ after).to_le_bytes());
     match end {
         End::Src => {
             ctx.flow.src = Some(addr);

@@ -88,13 +88,16 @@ pub enum ReplyOutcome {
 }
 
 /// The key protocol of a `Cluster` connection's source-translation records: TCP -> 250 (the
-/// original direction's) and 249 (the reply's), UDP -> 248 and 247. Unassigned numbers, as the
-/// policy records' and affinity records' (see [`crate::policy::record_proto`]).
+/// original direction's) and 249 (the reply's), SCTP -> 246 and 245, UDP (and the rest) -> 248
+/// and 247. Unassigned numbers, as the policy records' and affinity records' (see
+/// [`crate::policy::record_proto`]).
 #[inline]
 pub const fn snat_record_proto(proto: u8, reply: bool) -> u8 {
     match (proto, reply) {
         (6, false) => 250,
         (6, true) => 249,
+        (nat::SCTP, false) => 246,
+        (nat::SCTP, true) => 245,
         (_, false) => 248,
         (_, true) => 247,
     }
@@ -105,6 +108,7 @@ pub const fn snat_record_real_proto(key_proto: u8) -> Option<u8> {
     match key_proto {
         250 | 249 => Some(6),
         248 | 247 => Some(17),
+        246 | 245 => Some(nat::SCTP),
         _ => None,
     }
 }

@@ -467,6 +467,7 @@ fn from_client(n: u8, dst: [u8; 4], proto: Protocol, sport: u16, dport: u16, syn
                 .expect("build");
             out
         }
+        Protocol::Sctp => sctp_frame(CLIENT_MAC, underlay_mac(n).0, CLIENT, dst, sport, dport),
     }
 }
 
@@ -611,4 +612,85 @@ fn external_without_endpoints_is_rejected_from_the_node_and_other_traffic_goes_t
     assert_eq!((s.src, s.dst, s.dport), (ip(CLIENT), ip(node), 22));
     // Tunnel traffic is still decapsulated as before (a ClusterIP round trip works).
     assert_eq!(a.drops(DropReason::NoRoute), 0);
+}
+
+/// CRC32c, bit by bit (RFC 9260 appendix A's polynomial, reflected: 0x82F63B78): independent of
+/// the `crc32c` crate the data plane uses.
+fn crc32c_bitwise(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// An SCTP packet (common header and one INIT-like chunk) from `src`:`sport` to `dst`:`dport`,
+/// in an Ethernet frame, its CRC32c computed (stored least significant byte first).
+fn sctp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut sctp = Vec::new();
+    sctp.extend_from_slice(&sport.to_be_bytes());
+    sctp.extend_from_slice(&dport.to_be_bytes());
+    sctp.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // verification tag
+    sctp.extend_from_slice(&[0; 4]);
+    // INIT: type 1, flags 0, length 20, initiate tag, a_rwnd, streams, initial TSN.
+    sctp.extend_from_slice(&[1, 0, 0, 20, 0xca, 0xfe, 0xba, 0xbe, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+    let crc = crc32c_bitwise(&sctp);
+    sctp[8..12].copy_from_slice(&crc.to_le_bytes());
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, 64)
+        .write(&mut out, etherparse::IpNumber(132), &sctp)
+        .expect("build");
+    out
+}
+
+/// Addresses and ports of an SCTP frame, with its IPv4 header checksum and CRC32c verified.
+fn parse_sctp(frame: &[u8]) -> (IpAddr, u16, IpAddr, u16) {
+    let p = SlicedPacket::from_ethernet(frame).expect("frame parses");
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("IPv4") };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+    assert_eq!(h.protocol.0, 132, "SCTP");
+    let mut sctp = ip.payload().payload.to_vec();
+    let stored = u32::from_le_bytes([sctp[8], sctp[9], sctp[10], sctp[11]]);
+    sctp[8..12].fill(0);
+    assert_eq!(stored, crc32c_bitwise(&sctp), "SCTP CRC32c");
+    let port = |i: usize| u16::from_be_bytes([sctp[i], sctp[i + 1]]);
+    (h.source.into(), port(0), h.destination.into(), port(2))
+}
+
+#[test]
+fn sctp_cluster_ip_translated_both_ways_with_its_crc32c() {
+    let mut a = Node::new(1, &[service(Protocol::Sctp, &[local_backend()])]);
+    let init = sctp_frame(pod_mac(1, 1).0, gateway_mac(1).0, pod_ip(1, 1).octets(), VIP, 40000, VPORT);
+    a.receive(1, &init);
+    let out = a.sent(2);
+    assert_eq!(out.len(), 1, "the INIT reaches the backend pod on port 2");
+    assert_eq!(parse_sctp(&out[0]), (IpAddr::V4(pod_ip(1, 1)), 40000, local_backend(), BPORT));
+    // The backend's answer goes back from the VIP and the service port.
+    let ack = sctp_frame(pod_mac(1, 2).0, gateway_mac(1).0, pod_ip(1, 2).octets(), pod_ip(1, 1).octets(), BPORT, 40000);
+    a.receive(2, &ack);
+    let back = a.sent(1);
+    assert_eq!(back.len(), 1);
+    assert_eq!(parse_sctp(&back[0]), (ip(VIP), VPORT, IpAddr::V4(pod_ip(1, 1)), 40000));
+    assert_eq!(a.worker.counters().total_drops(), 0);
+    // A packet with a wrong CRC is translated but not repaired: it stays wrong.
+    let mut bad = sctp_frame(pod_mac(1, 1).0, gateway_mac(1).0, pod_ip(1, 1).octets(), VIP, 40000, VPORT);
+    let at = bad.len() - 20 - 4;
+    bad[at] ^= 0x5a;
+    a.receive(1, &bad);
+    let out = a.sent(2);
+    assert_eq!(out.len(), 1);
+    let r = std::panic::catch_unwind(|| parse_sctp(&out[0]));
+    assert!(r.is_err(), "a corrupted SCTP packet must not leave with a valid CRC");
+    // No endpoint: refused with ICMP port unreachable, as for UDP.
+    a.set_services(&[service(Protocol::Sctp, &[])]);
+    a.receive(1, &sctp_frame(pod_mac(1, 1).0, gateway_mac(1).0, pod_ip(1, 1).octets(), VIP, 40001, VPORT));
+    let refused = a.sent(1);
+    assert_eq!(refused.len(), 1, "an ICMP error back to the client");
+    let p = SlicedPacket::from_ethernet(&refused[0]).expect("parses");
+    assert!(matches!(p.transport, Some(TransportSlice::Icmpv4(_))), "{:?}", p.transport);
 }

@@ -24,7 +24,7 @@
 //!   [`ExternalSpec`] with `externalTrafficPolicy` and `healthCheckNodePort`; an endpoint on this
 //!   node (`nodeName`) is marked local.
 //! - **Ignored**: headless Services (`clusterIP: None`), `ExternalName` Services, Services without
-//!   a cluster IP yet, SCTP ports, slices of `addressType: FQDN` and slices without the
+//!   a cluster IP yet, ports of other protocols than TCP, UDP and SCTP, slices of `addressType: FQDN` and slices without the
 //!   service-name label (as kube-proxy ignores them).
 //! - **Bad data** (an address that is not one, or a special one: unspecified, loopback, link-local,
 //!   multicast, broadcast; a port out of range; an unknown address type; a body that does not
@@ -129,7 +129,7 @@ fn protocol(p: Option<&str>) -> Option<Protocol> {
     match p {
         None | Some("TCP") => Some(Protocol::Tcp),
         Some("UDP") => Some(Protocol::Udp),
-        // SCTP: not translated by the data plane.
+        Some("SCTP") => Some(Protocol::Sctp),
         Some(_) => None,
     }
 }
@@ -808,7 +808,8 @@ mod tests {
     #[test]
     fn join_resolves_named_ports_per_slice_and_keeps_conditions() {
         let info = service_info(&web()).expect("valid").expect("some");
-        assert_eq!(info.ports.len(), 2, "SCTP left out");
+        assert_eq!(info.ports.len(), 3, "TCP, UDP and SCTP");
+        assert_eq!(info.ports[2].protocol, Protocol::Sctp);
         assert_eq!(info.affinity, Some(Duration::from_secs(60)));
         let a = slice_info(&slice(serde_json::from_str(V1_SLICE).expect("fixture"))).expect("valid").expect("some");
         // A second slice: pods whose named port `http` resolves to 9090.
@@ -823,7 +824,9 @@ mod tests {
         .expect("some");
         let specs = join("shop/web", &info, [&a, &b].into_iter(), "node-a");
         let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["shop/web:http", "shop/web:dns"]);
+        assert_eq!(names, ["shop/web:http", "shop/web:dns", "shop/web:sig"]);
+        // No slice has a port named `sig`: the SCTP port has no endpoint (rejected, as kube-proxy).
+        assert_eq!((specs[2].protocol, specs[2].endpoints.len()), (Protocol::Sctp, 0));
         let http = &specs[0];
         assert_eq!((http.vip, http.port, http.protocol), (ip("10.96.0.10"), 80, Protocol::Tcp));
         let eps: Vec<_> = http.endpoints.iter().map(|e| (e.addr.to_string(), e.port, e.ready, e.terminating)).collect();

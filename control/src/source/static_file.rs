@@ -547,7 +547,8 @@ fn service_spec(e: ServiceEntry, own_cidrs: &[IpNet]) -> Result<ServiceSpec, Rej
     let protocol = match e.protocol.as_deref().map(str::trim) {
         None | Some("TCP" | "tcp") => Protocol::Tcp,
         Some("UDP" | "udp") => Protocol::Udp,
-        Some(other) => return Err(reject("protocol", format!("`{other}` is not one of TCP, UDP"))),
+        Some("SCTP" | "sctp") => Protocol::Sctp,
+        Some(other) => return Err(reject("protocol", format!("`{other}` is not one of TCP, UDP, SCTP"))),
     };
     if e.port == 0 {
         return Err(reject("port", "0 is not a port".into()));
@@ -916,7 +917,7 @@ mod tests {
             name = "bad/proto"
             vip = "10.244.255.54"
             port = 53
-            protocol = "SCTP"
+            protocol = "ICMP"
             [[service]]
             name = "bad/endpoint"
             vip = "10.244.255.55"

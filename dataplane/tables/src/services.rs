@@ -41,6 +41,8 @@ pub enum Protocol {
     Tcp,
     /// UDP (IP protocol 17).
     Udp,
+    /// SCTP (IP protocol 132).
+    Sctp,
 }
 
 impl Protocol {
@@ -49,6 +51,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => 6,
             Protocol::Udp => 17,
+            Protocol::Sctp => 132,
         }
     }
 
@@ -57,15 +60,17 @@ impl Protocol {
         match n {
             6 => Some(Protocol::Tcp),
             17 => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
             _ => None,
         }
     }
 
-    /// `TCP` or `UDP`, as Kubernetes spells them.
+    /// `TCP`, `UDP` or `SCTP`, as Kubernetes spells them.
     pub const fn name(self) -> &'static str {
         match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
         }
     }
 }
