@@ -414,6 +414,7 @@ fn print_conntrack(d: &ConntrackList) {
         let proto = match e.proto {
             6 => "tcp".to_owned(),
             17 => "udp".to_owned(),
+            132 => "sctp".to_owned(),
             255 => "aff".to_owned(),
             p => p.to_string(),
         };
@@ -515,6 +516,7 @@ fn protocol_name(p: Option<u8>) -> String {
         Some(17) => "udp".into(),
         Some(1) => "icmp".into(),
         Some(58) => "icmpv6".into(),
+        Some(132) => "sctp".into(),
         Some(n) => n.to_string(),
         None => "-".into(),
     }
