@@ -18,6 +18,7 @@
 //! [`LABS`] for its whole run. Every lab has its own name and is removed by a guard, even on panic.
 //! Every command is bounded by `timeout`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -1850,6 +1851,216 @@ fn wait_answer(lab: &Lab, from: &str, ip: &str, port: u16, answers: &[&str]) {
         |got| got.iter().any(|l| answers.iter().any(|a| l.starts_with(a))),
     );
     assert!(ok, "no answer from {ip} port {port} to {from} within 15 s: {got:?}");
+}
+
+/// `svc-probe.py from-ports`: one connection from each source port `first..first+count` of pod
+/// `from` to `ip`:`port`: source port -> the backend's name.
+fn from_ports(lab: &Lab, from: &str, ip: &str, port: u16, first: u16, count: u16) -> BTreeMap<String, String> {
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let (port, first, count) = (port.to_string(), first.to_string(), count.to_string());
+    let out = run_bounded(
+        60,
+        &["ip", "netns", "exec", &lab.netns(from), python(), &py, "from-ports", ip, &port, &first, &count],
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("from-ports: {e}: {}", text(&out.stderr)))
+}
+
+/// Semantics users rely on, on a real lab from the static file: a removed backend's open
+/// connections stop (dropped, never moved to another backend) while the others go on; Maglev moves
+/// only the removed backend's share of new connections (the same source ports keep their backends
+/// otherwise); sessionAffinity keeps a client on one backend; serving-and-terminating endpoints take
+/// new connections only once no ready one is left.
+#[test]
+fn services_backend_removal_affinity_and_terminating() {
+    if !privileged("services_backend_removal_affinity_and_terminating") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up("e2e_svcsem", &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "veth"]);
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let mut servers = Servers::new();
+    for pod in ["n1-p2", "n2-p1", "n2-p2"] {
+        servers.spawn(&lab.netns(pod), &py, &["serve-hold", "8080", pod], 180);
+    }
+    let ip = |p: &str| lab.pod_ip(p);
+    let file = lab.list()["static_file"].as_str().expect("static_file in list --json").to_owned();
+    let base = std::fs::read_to_string(&file).expect("static file");
+    let write = |services: &str| std::fs::write(&file, format!("{base}{services}")).expect("write static file");
+    let svc = |name: &str, vip: &str, eps: &[&str], extra: &str| {
+        let eps: Vec<String> = eps.iter().map(|p| format!("\"{}:8080\"", ip(p))).collect();
+        format!(
+            "\n[[service]]\nname = \"default/{name}\"\nvip = \"{vip}\"\nport = 80\nendpoints = [{}]\n{extra}\n",
+            eps.join(", ")
+        )
+    };
+    let (vip, aff_vip, term_vip) = ("10.96.0.41", "10.96.0.42", "10.96.0.43");
+    let three = ["n1-p2", "n2-p1", "n2-p2"];
+    let term = format!("terminating = [\"{}:8080\"]", ip("n2-p2"));
+    let rest = format!(
+        "{}{}",
+        svc("sticky", aff_vip, &three, "session_affinity_seconds = 600"),
+        svc("term", term_vip, &["n1-p2"], &term)
+    );
+    write(&format!("{}{rest}", svc("web", vip, &three, "")));
+    wait_answer(&lab, "n1-p1", vip, 80, &three);
+
+    // Open connections to each backend, and the backend each of 60 source ports gets.
+    let (mut hold, held) = Hold::open(&lab, "n1-p1", vip, 24);
+    assert!(three.iter().all(|b| held.iter().any(|h| h == b)), "every backend holds connections: {held:?}");
+    let before = from_ports(&lab, "n1-p1", vip, 80, 41000, 60);
+    // Those connections closed (the server closes first); wait for their entries to go, so that
+    // the same source ports are new connections again (bounded).
+    let tracked = || {
+        lab.ferry("n1", "conntrack")["entries"].as_array().map_or(0, |e| {
+            e.iter()
+                .filter(|e| e["dst"] == vip && e["sport"].as_u64().is_some_and(|p| (41000..41060).contains(&p)))
+                .count()
+        })
+    };
+    let (left, gone) = poll_until(Duration::from_secs(40), Duration::from_millis(500), tracked, |n| *n == 0);
+    assert!(gone, "the closed connections' entries stay on n1: {left}");
+
+    // n2-p2 leaves the service.
+    let dropped_before = lab.ferry("n1", "stats")["drops"]["service_backend_gone"].as_u64().unwrap_or(0);
+    write(&format!("{}{rest}", svc("web", vip, &["n1-p2", "n2-p1"], "")));
+    let (got, ok) = poll_until(
+        Duration::from_secs(15),
+        Duration::from_millis(300),
+        || svc_connect(&lab, "n1-p1", vip, 80, 6),
+        |g| g.len() == 6 && g.iter().all(|l| l == "n1-p2" || l == "n2-p1"),
+    );
+    assert!(ok, "new connections avoid the removed backend within 15 s: {got:?}");
+    // The held connections: those to n2-p2 are stopped, never answered by another backend; the others go on.
+    let results = hold.round();
+    drop(hold);
+    println!("after the removal: {results:?}");
+    for (b, r) in held.iter().zip(&results) {
+        if b == "n2-p2" {
+            assert_ne!(r, "ok", "a connection to the removed backend went on: {held:?} {results:?}");
+        } else {
+            assert_eq!(r, "ok", "a connection to {b} broke: {held:?} {results:?}");
+        }
+    }
+    let dropped = lab.ferry("n1", "stats")["drops"]["service_backend_gone"].as_u64().unwrap_or(0);
+    assert!(dropped > dropped_before, "service_backend_gone on n1: {dropped_before} -> {dropped}");
+    // Maglev's minimal disruption: every source port whose backend stayed keeps it.
+    let after = from_ports(&lab, "n1-p1", vip, 80, 41000, 60);
+    let (mut kept, mut moved) = (0, 0);
+    for (port, b) in &before {
+        let a = &after[port];
+        if b == "n2-p2" {
+            moved += 1;
+            assert!(a == "n1-p2" || a == "n2-p1", "port {port}: {a}");
+        } else {
+            kept += 1;
+            assert_eq!(a, b, "port {port} moved from {b} to {a} although {b} stayed");
+        }
+    }
+    println!("60 source ports: {kept} kept their backend, {moved} moved off the removed one");
+    assert!(moved >= 5 && kept >= 20, "about a third on each backend: {before:?}");
+
+    // sessionAffinity: ClientIP: one backend for all of a client's connections.
+    let sticky = svc_connect(&lab, "n1-p1", aff_vip, 80, 20);
+    assert!(sticky.len() == 20 && sticky.iter().all(|l| *l == sticky[0]), "affinity: {sticky:?}");
+    // Terminating: not used while a ready endpoint is left; used once none is.
+    let ready = svc_connect(&lab, "n1-p1", term_vip, 80, 10);
+    assert!(ready.iter().all(|l| l == "n1-p2"), "with a ready endpoint: {ready:?}");
+    let rest_only_term = format!(
+        "{}{}",
+        svc("sticky", aff_vip, &three, "session_affinity_seconds = 600"),
+        svc("term", term_vip, &[], &term)
+    );
+    write(&format!("{}{rest_only_term}", svc("web", vip, &["n1-p2", "n2-p1"], "")));
+    let (got, ok) = poll_until(
+        Duration::from_secs(15),
+        Duration::from_millis(300),
+        || svc_connect(&lab, "n1-p1", term_vip, 80, 5),
+        |g| g.len() == 5 && g.iter().all(|l| l == "n2-p2"),
+    );
+    assert!(ok, "only a terminating endpoint left: it takes the connections: {got:?}");
+
+    // Tracked connections survive 100 publications under traffic: n1 republishes its services at
+    // every write (one more or one fewer service each time), and the held connections go on.
+    let (mut hold, held) = Hold::open(&lab, "n1-p1", vip, 8);
+    let generation = || lab.ferry("n1", "status")["tables"]["generation"].as_u64().unwrap_or(0);
+    let web = svc("web", vip, &["n1-p2", "n2-p1"], "");
+    for round in 0..100 {
+        let before = generation();
+        let extra = if round % 2 == 0 { svc("churn", "10.96.0.44", &["n1-p2"], "") } else { String::new() };
+        write(&format!("{web}{rest_only_term}{extra}"));
+        let (g, ok) = poll_until(Duration::from_secs(10), Duration::from_millis(20), generation, |g| *g > before);
+        assert!(ok, "publication {round}: n1 stayed at generation {g}");
+        if round % 10 == 9 {
+            let r = hold.round();
+            assert!(r.iter().all(|x| x == "ok"), "after publication {round}: {held:?} {r:?}");
+        }
+    }
+    drop(hold);
+    println!("100 publications on n1: 8 held connections answered after every tenth");
+
+    // The table full: n1 restarted with 64 conntrack slots; 120 connections evict entries, counted,
+    // and every connection is still answered.
+    let cfg = lab.entry("nodes", "n1")["config"].as_str().expect("config").to_owned();
+    let text_cfg = std::fs::read_to_string(&cfg).expect("n1's config");
+    assert!(text_cfg.contains("[dataplane]"), "n1's config has a [dataplane] table");
+    lab.ok(&["kill-agent", "n1"]);
+    std::fs::write(&cfg, text_cfg.replace("[dataplane]", "[dataplane]\nconntrack_slots = 64")).expect("write config");
+    lab.ok(&["start-agent", "n1"]);
+    let (r, ready) =
+        poll_until(Duration::from_secs(15), Duration::from_millis(200), || status_ready(&lab, "n1"), |r| r.0);
+    assert!(ready, "n1 not ready after its restart: {r:?}");
+    wait_answer(&lab, "n1-p1", vip, 80, &["n1-p2", "n2-p1"]);
+    let got = svc_connect(&lab, "n1-p1", vip, 80, 120);
+    let answered = got.iter().filter(|l| *l == "n1-p2" || *l == "n2-p1").count();
+    let ct = lab.ferry("n1", "conntrack");
+    println!(
+        "64 slots: {answered} of 120 answered; conntrack capacity {}, {} inserts, {} evictions",
+        ct["capacity"], ct["inserts"], ct["evictions"]
+    );
+    assert_eq!(ct["capacity"], 64);
+    assert!(ct["evictions"].as_u64().unwrap_or(0) > 0, "evictions counted: {ct}");
+    assert_eq!(answered, 120, "{got:?}");
+    assert_eq!(status_ready(&lab, "n1").0, true, "n1 still running");
+}
+
+/// `svc-probe.py hold`: connections held open from a pod to a service, pinged on demand.
+struct Hold {
+    child: Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Hold {
+    /// `count` connections from `from` to `vip`:80; the backends' names, in order.
+    fn open(lab: &Lab, from: &str, vip: &str, count: u32) -> (Hold, Vec<String>) {
+        let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+        let n = count.to_string();
+        let mut child = Command::new("timeout")
+            .args(["-k", "2", "180", "ip", "netns", "exec", &lab.netns(from), python(), &py, "hold", vip, "80", &n])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("hold");
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().expect("stdout")));
+        let names: Vec<String> =
+            serde_json::from_str(&lines.next().expect("hold's names").expect("read")).expect("names JSON");
+        println!("{count} held connections: {names:?}");
+        (Hold { child, lines }, names)
+    }
+
+    /// A line on every connection: what each did ("ok" when echoed).
+    fn round(&mut self) -> Vec<String> {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        std::io::Write::write_all(stdin, b"go\n").expect("tell hold");
+        serde_json::from_str(&self.lines.next().expect("hold's results").expect("read")).expect("results JSON")
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]

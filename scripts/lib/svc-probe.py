@@ -9,13 +9,24 @@
   svc-probe.py udp IP PORT                one UDP exchange with IP:PORT (3 tries); prints the answer or "timeout"
   svc-probe.py connect IP PORT COUNT      COUNT TCP connections to IP:PORT, one per source port; prints one
                                            line per connection: the name received, or the error
+  svc-probe.py serve-hold PORT NAME       answer every TCP connection on PORT with NAME, then echo its lines
+                                           while it stays open (a line "bye" closes it from this end)
+  svc-probe.py hold IP PORT COUNT         COUNT connections to IP:PORT; prints the names received as one JSON
+                                           list, then for each line on stdin sends a line on every connection
+                                           and prints a JSON list of what each did: "ok" (echoed), "reset",
+                                           "closed" or "timeout" (3 s for all of them); ends at end of input
+  svc-probe.py from-ports IP PORT FIRST COUNT
+                                           one connection from each source port FIRST..FIRST+COUNT-1; prints a
+                                           JSON object: source port -> name received (or the error)
   svc-probe.py probe-all FILE             for each line "SERVICE VIP PORT BACKEND,BACKEND..." of FILE: one TCP
                                            connection and one UDP exchange (3 tries) to VIP:PORT; prints
                                            "SERVICE VIP tcp|udp ok|FAIL ANSWER" per probe; exit 1 on any FAIL
 """
+import json
 import socket
 import sys
 import threading
+import time
 
 
 def serve(port, name):
@@ -123,6 +134,96 @@ def probe_all(path):
     sys.exit(1 if failed else 0)
 
 
+def serve_hold(port, name):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(128)
+
+    def echo(c):
+        with c:
+            c.sendall(name.encode() + b"\n")
+            while True:
+                data = c.recv(256)
+                # "bye": the server closes first, so the client's port is free again at once.
+                if not data or data == b"bye\n":
+                    return
+                c.sendall(data)
+
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=echo, args=(c,), daemon=True).start()
+
+
+def read_line(c):
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = c.recv(256)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def hold(ip, port, count):
+    conns, names = [], []
+    for _ in range(count):
+        c = socket.create_connection((ip, port), timeout=5)
+        c.settimeout(5)
+        names.append(read_line(c) or "empty")
+        conns.append(c)
+    print(json.dumps(names), flush=True)
+    while sys.stdin.readline():
+        print(json.dumps(ping_all(conns)), flush=True)
+
+
+def ping_all(conns):
+    # Every connection's line first, then the answers within one 3 s deadline for all of them.
+    sent = []
+    for c in conns:
+        try:
+            c.sendall(b"ping\n")
+            sent.append(None)
+        except OSError as e:
+            sent.append("reset" if isinstance(e, ConnectionResetError) else f"error {e}")
+    deadline = time.time() + 3
+    results = []
+    for c, failed in zip(conns, sent):
+        if failed:
+            results.append(failed)
+            continue
+        try:
+            c.settimeout(max(0.05, deadline - time.time()))
+            results.append("ok" if read_line(c) == "ping" else "closed")
+        except ConnectionResetError:
+            results.append("reset")
+        except socket.timeout:
+            results.append("timeout")
+        except OSError as e:
+            results.append(f"error {e}")
+    return results
+
+
+def from_ports(ip, port, first, count):
+    got = {}
+    for sport in range(first, first + count):
+        try:
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            c.settimeout(5)
+            c.bind(("0.0.0.0", sport))
+            c.connect((ip, port))
+            with c:
+                got[sport] = read_line(c) or "empty"
+                # Let the server close first (no TIME_WAIT here): the same source port again later.
+                c.sendall(b"bye\n")
+                while c.recv(256):
+                    pass
+        except OSError as e:
+            got[sport] = f"error {e}"
+    print(json.dumps(got), flush=True)
+
+
 def connect(ip, port, count):
     # 5 s: room for TCP's own SYN retransmissions (1 s, then 3 s) on a loaded machine, where one
     # lost frame must not read as a failed translation.
@@ -159,5 +260,11 @@ if __name__ == "__main__":
         probe_all(sys.argv[2])
     elif sys.argv[1] == "connect":
         connect(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "serve-hold":
+        serve_hold(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "hold":
+        hold(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "from-ports":
+        from_ports(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
         sys.exit(__doc__)

@@ -37,6 +37,8 @@
 //! busy_poll = false               # workers run their devices' receive (NAPI) themselves
 //! flows = false                   # flow records (`ferry flows`, flow metrics); off: see README "Flows"
 //! flow_slots = 4096               # flows each worker's table holds (a power of two, 64..=1048576)
+//! conntrack_slots = 262144        # the connection-tracking table shared by the workers (64 bytes a slot;
+//!                                 # a translated connection takes two; a power of two, 64..=16777216)
 //! busy_poll_budget = 64           # packets per busy-poll round
 //! napi_defer_hard_irqs = 2        # set on each port's device while busy polling
 //! gro_flush_timeout_us = 200      # likewise (the device's gro_flush_timeout)
@@ -278,6 +280,8 @@ struct DataplaneFile {
     flows: bool,
     #[serde(default = "default_flow_slots")]
     flow_slots: u32,
+    #[serde(default = "default_conntrack_slots")]
+    conntrack_slots: u32,
 }
 
 impl Default for DataplaneFile {
@@ -297,6 +301,7 @@ impl Default for DataplaneFile {
             gro_flush_timeout_us: default_gro_flush_timeout_us(),
             flows: false,
             flow_slots: default_flow_slots(),
+            conntrack_slots: default_conntrack_slots(),
         }
     }
 }
@@ -309,6 +314,9 @@ fn default_poll() -> String {
 }
 fn default_frames() -> u32 {
     32768
+}
+fn default_conntrack_slots() -> u32 {
+    ferry_dataplane::conntrack::DEFAULT_SLOTS as u32
 }
 fn default_flow_slots() -> u32 {
     ferry_dataplane::flows::DEFAULT_SLOTS as u32
@@ -472,6 +480,8 @@ pub struct AgentConfig {
     pub max_ports: u32,
     /// Flow records: slots per worker's table, or `None` when off (`dataplane.flows`).
     pub flow_slots: Option<usize>,
+    /// Connection-tracking slots (`dataplane.conntrack_slots`).
+    pub conntrack_slots: usize,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
     /// What kind of port the uplink is.
@@ -680,6 +690,12 @@ impl AgentConfig {
         if !(64..=1 << 20).contains(&d.flow_slots) || !d.flow_slots.is_power_of_two() {
             return Err(bad("dataplane.flow_slots", format!("{} is not a power of two in 64..=1048576", d.flow_slots)));
         }
+        if !(64..=1 << 24).contains(&d.conntrack_slots) || !d.conntrack_slots.is_power_of_two() {
+            return Err(bad(
+                "dataplane.conntrack_slots",
+                format!("{} is not a power of two in 64..=16777216", d.conntrack_slots),
+            ));
+        }
         if !(3..=4096).contains(&d.max_ports) {
             return Err(bad("dataplane.max_ports", format!("{} is outside 3..=4096", d.max_ports)));
         }
@@ -825,6 +841,7 @@ impl AgentConfig {
             frames: d.frames,
             max_ports: d.max_ports,
             flow_slots: d.flows.then_some(d.flow_slots as usize),
+            conntrack_slots: d.conntrack_slots as usize,
             xdp_mode,
             uplink_port,
             pod_port,
@@ -974,6 +991,17 @@ static_file = "/etc/ferry/nodes.toml"
         )
         .expect("checksum settings");
         assert!(!off.verify_udp_checksum && off.udp6_zero_checksum_rx);
+    }
+
+    #[test]
+    fn conntrack_slots_default_set_and_refused_by_name() {
+        assert_eq!(parse(GOOD).expect("valid").conntrack_slots, ferry_dataplane::conntrack::DEFAULT_SLOTS);
+        let with = |v: &str| GOOD.replace("[control]", &format!("[dataplane]\nconntrack_slots = {v}\n[control]"));
+        assert_eq!(parse(&with("1024")).expect("valid").conntrack_slots, 1024);
+        for bad in ["1000", "32", "33554432"] {
+            let e = parse(&with(bad)).expect_err(bad);
+            assert!(e.contains("dataplane.conntrack_slots"), "{e}");
+        }
     }
 
     #[test]

@@ -117,9 +117,6 @@ struct Shared {
     watches: Mutex<BTreeMap<u32, trace::Watching>>,
 }
 
-/// Connection-tracking slots (64 bytes each: 16 MiB; a translated connection takes two).
-const CONNTRACK_SLOTS: usize = ferry_dataplane::conntrack::DEFAULT_SLOTS;
-
 /// The main loop goes round every second; this much longer without it and the agent is not live.
 const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
 
@@ -419,7 +416,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut counters = Vec::new();
     let mut flow_exports = Vec::new();
     // One table for every worker: the two directions of a connection reach different workers.
-    let conntrack = Arc::new(Conntrack::new(CONNTRACK_SLOTS, Timeouts::default()));
+    let conntrack = Arc::new(Conntrack::new(cfg.conntrack_slots, Timeouts::default()));
     for w in 0..cfg.workers {
         let mem = XskMem::new(mem_cfg).context("creating the worker's UMEM (dataplane.frames)")?;
         let uplink = match &uplink_prog {
