@@ -2020,7 +2020,8 @@ fn services_backend_removal_affinity_and_terminating() {
     assert_eq!(ct["capacity"], 64);
     assert!(ct["evictions"].as_u64().unwrap_or(0) > 0, "evictions counted: {ct}");
     assert_eq!(answered, 120, "{got:?}");
-    assert_eq!(status_ready(&lab, "n1").0, true, "n1 still running");
+    let (running, why) = status_ready(&lab, "n1");
+    assert!(running, "n1 still running: {why}");
 }
 
 /// `svc-probe.py hold`: connections held open from a pod to a service, pinged on demand.
