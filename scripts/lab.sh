@@ -4,7 +4,8 @@
 #   sudo scripts/lab.sh                   install what is missing, build, up, check, show stats, explain
 #   sudo scripts/lab.sh up [--nodes N] [--pods-per-node M] [--encap vxlan|geneve] [--source static|etcd|kube]
 #                          [--kernel-nodes K] [--port P] [--ip-family ipv4|dual] [--underlay ipv4|ipv6|dual]
-#                          [--uplink-port afxdp|udp|auto] [--pod-port veth|tap|auto] [--services N] [--name LAB]
+#                          [--uplink-port afxdp|udp|auto] [--pod-port veth|tap|auto] [--offload off|tc]
+#                          [--services N] [--name LAB]
 #                          [--no-build]
 #   sudo scripts/lab.sh check [--json FILE]        the connectivity matrix; non-zero exit on any failure
 #   sudo scripts/lab.sh down                        remove everything of the lab (also after a crash)
@@ -27,7 +28,8 @@
 # State: /run/ferry-lab/<lab>/. Binaries: $FERRY_BIN_DIR (default target/release of this checkout).
 # --uplink-port: the agents' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
 # UDP_SEGMENT/UDP_GRO and no XDP program on the uplink). --pod-port: the interface ferry nodes give their pods
-# (the agents' dataplane.pod_port; default auto: a tap when /dev/net/tun opens, else a veth).
+# (the agents' dataplane.pod_port; default auto: a tap when /dev/net/tun opens, else a veth). --offload tc: the
+# agents' dataplane.offload (established TCP flows moved by TC programs; needs --pod-port veth --uplink-port udp).
 # Kernel nodes need --encap vxlan (this kernel has no geneve module). Sources: static (one shared file,
 # $STATE/nodes.toml), etcd (Debian's etcd on 192.168.100.254:2379 in the underlay namespace, Flannel
 # leases; a running agent re-takes its own lease, so source-remove wants kill-agent first), kube (the
@@ -85,6 +87,7 @@ KNODES=0
 PORT=
 UPLINK_PORT=afxdp
 POD_PORT=auto
+OFFLOAD=off
 VNI=1
 SERVICES=0
 BUILD=1
@@ -104,9 +107,9 @@ check_name() {
 }
 
 save_settings() {
-    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nUPLINK_PORT=%q\nPOD_PORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\nSERVICES=%q\nUNDERLAY=%q\n' \
+    printf 'NODES=%q\nPODS=%q\nENCAP=%q\nSOURCE=%q\nKNODES=%q\nPORT=%q\nUPLINK_PORT=%q\nPOD_PORT=%q\nVNI=%q\nBIN_DIR=%q\nIP_FAMILY=%q\nSERVICES=%q\nUNDERLAY=%q\nOFFLOAD=%q\n' \
         "$NODES" "$PODS" "$ENCAP" "$SOURCE" "$KNODES" "$PORT" "$UPLINK_PORT" "$POD_PORT" "$VNI" "$BIN_DIR" "$IP_FAMILY" \
-        "$SERVICES" "$UNDERLAY" >"$STATE/lab.env"
+        "$SERVICES" "$UNDERLAY" "$OFFLOAD" >"$STATE/lab.env"
 }
 
 load_settings() {
@@ -160,6 +163,9 @@ cmd_up() {
     case "$SOURCE" in static | etcd | kube) ;;
         *) die "--source: static, etcd or kube, not '$SOURCE'" ;; esac
     case "$POD_PORT" in veth | tap | auto) ;; *) die "--pod-port: veth, tap or auto, not '$POD_PORT'" ;; esac
+    case "$OFFLOAD" in off) ;; tc)
+        [ "$POD_PORT" = veth ] && [ "$UPLINK_PORT" = udp ] || die "--offload tc needs --pod-port veth --uplink-port udp" ;;
+        *) die "--offload: off or tc, not '$OFFLOAD'" ;; esac
     [[ $NODES =~ ^[0-9]+$ && $PODS =~ ^[0-9]+$ && $KNODES =~ ^[0-9]+$ && $PORT =~ ^[0-9]+$ ]] ||
         die "--nodes, --pods-per-node, --kernel-nodes and --port take numbers"
     if [ $((NODES + KNODES)) -lt 1 ] || [ $((NODES + KNODES)) -gt 250 ]; then die "between 1 and 250 nodes in all"; fi
@@ -408,6 +414,7 @@ main() {
             --port) PORT=${2:?}; shift 2 ;;
             --uplink-port) UPLINK_PORT=${2:?}; shift 2 ;;
             --pod-port) POD_PORT=${2:?}; shift 2 ;;
+            --offload) OFFLOAD=${2:?}; shift 2 ;;
             --services) SERVICES=${2:?}; shift 2 ;;
             --no-build) BUILD=0; shift ;;
             --kernel) kind=kernel; shift ;;

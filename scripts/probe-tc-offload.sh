@@ -9,13 +9,18 @@
 #   kernel   both nodes route through their vxlan0 (Flannel's vxlan backend)
 #   tc-send  n1 encapsulates at the pod's host veth (TC ingress) and redirects to its uplink; n2's vxlan0 decaps
 #   tc-both  as tc-send, and n2 decapsulates at its uplink (TC ingress) and redirects to the pod's host veth
+#   tc-xdpg  as tc-both, with an XDP program (a hash lookup, then XDP_PASS) on the sending pod's host veth in
+#            generic mode: what ferry's pod program in front of the TC program would cost (generic XDP copies
+#            a cloned or paged skb into a linear one before it runs)
+#   tc-xdpn  the same XDP program in native mode (the pod's veth then loses TSO; veth's GRO after XDP_PASS)
 # ACKs (pb -> pa) always take the vxlan0 devices. Namespaces are removed on exit, also on failure.
 #
-#   sudo scripts/probe-tc-offload.sh [ROUNDS] [DURATION]
+#   sudo [PROBE_VARIANTS="kernel tc-both ..."] scripts/probe-tc-offload.sh [ROUNDS] [DURATION]
 set -euo pipefail
 
 ROUNDS=${1:-3}
 DURATION=${2:-5}
+VARIANTS=${PROBE_VARIANTS:-kernel tc-send tc-both tc-xdpg tc-xdpn}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/lib/common.sh
 . "$REPO/scripts/lib/common.sh"
@@ -84,10 +89,16 @@ done
 variant() {
     nsx n1 tc filter del dev pod ingress 2>/dev/null || true
     nsx n2 tc filter del dev ul0 ingress 2>/dev/null || true
+    nsx n1 ip link set dev pod xdpgeneric off 2>/dev/null || true
+    nsx n1 ip link set dev pod xdpdrv off 2>/dev/null || true
     case "$1" in
         tc-send) nsx n1 tc filter add dev pod ingress bpf direct-action obj "$OBJ/n1.o" sec tc/encap ;;
         tc-both) variant tc-send
                  nsx n2 tc filter add dev ul0 ingress bpf direct-action obj "$OBJ/n2.o" sec tc/decap ;;
+        tc-xdpg) variant tc-both
+                 nsx n1 ip link set dev pod xdpgeneric obj "$OBJ/n1.o" sec xdp ;;
+        tc-xdpn) variant tc-both
+                 nsx n1 ip link set dev pod xdpdrv obj "$OBJ/n1.o" sec xdp ;;
     esac
 }
 
@@ -98,7 +109,7 @@ printf '%-8s %-3s %s\n' variant P "Gbit/s (retransmits), round by round"
 declare -A res vxd
 vx() { nsx "$1" ip -s -j link show vxlan0 | jq ".[0].stats64.$2.packets"; }
 for r in $(seq 1 "$ROUNDS"); do
-    for v in kernel tc-send tc-both; do
+    for v in $VARIANTS; do
         variant "$v"
         nsx pa ping -c 1 -W 2 10.245.2.2 >/dev/null || { echo "probe: $v: no connectivity" >&2; exit 1; }
         for p in 1 4; do
@@ -113,11 +124,11 @@ for r in $(seq 1 "$ROUNDS"); do
         done
     done
 done
-for v in kernel tc-send tc-both; do
+for v in $VARIANTS; do
     for p in 1 4; do printf '%-8s %-3s %s\n' "$v" "$p" "${res[$v-$p]}"; done
 done
 echo "packets through n1's vxlan0 (tx) / n2's vxlan0 (rx) during each run (the data and the ACKs' way back not counted):"
-for v in kernel tc-send tc-both; do
+for v in $VARIANTS; do
     for p in 1 4; do printf '%-8s %-3s %s\n' "$v" "$p" "${vxd[$v-$p]}"; done
 done
 # What the programs saw: their packets through n1's uplink as super-packets (GSO kept) or segments.

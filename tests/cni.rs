@@ -214,6 +214,7 @@ impl Rig {
             underlay_mtu: Some(1500),
             queues: QUEUES,
             pod_port,
+            offload: false,
             ipam_data_dir: ipam_dir.display().to_string(),
         };
         let agent = FakeAgent::start(dir.join("ferry.sock"), info);

@@ -52,6 +52,7 @@ use crate::conntrack::{Conntrack, Timeouts};
 use crate::flows::{FlowTable, NO_SLOT};
 use crate::service::{self, ExternalOutcome, Outcome, ReplyOutcome};
 use crate::trace::{self as tr, NoTrace, Note, Recorder, RouteNote, ServiceNote, Trace};
+use crate::xdp::offload::{FlowKey4, Offer, Offload};
 
 /// What the pipeline asks of the forwarding tables. The published [`Snapshot`] implements it (a
 /// worker loads one per batch and passes it in); tests and benches may implement it with less.
@@ -283,6 +284,9 @@ pub struct Pipeline {
     flow_slot: usize,
     /// This packet's ingress port.
     flow_in: PortId,
+    /// Flow offload, when on ([`Pipeline::set_offload`]): connections this pipeline allows and
+    /// routes without translation are offered to it on their handshake.
+    offload: Option<Arc<Offload>>,
 }
 
 /// Connection-tracking slots of a pipeline made with [`Pipeline::for_trace`] (64 KiB).
@@ -334,6 +338,29 @@ impl Pipeline {
             flows: None,
             flow_slot: NO_SLOT,
             flow_in: PortId(0),
+            offload: None,
+        }
+    }
+
+    /// Offer connections to `offload` (off by default; see [`crate::xdp::offload`]).
+    pub fn set_offload(&mut self, offload: Option<Arc<Offload>>) {
+        self.offload = offload;
+    }
+
+    /// The flow of an IPv4 TCP packet that opens a connection (a SYN, with or without ACK), while
+    /// offload is on.
+    #[inline(always)]
+    fn handshake_key(&self, frame: &[u8], info: &FlowInfo) -> Option<FlowKey4> {
+        if self.offload.is_none() {
+            return None;
+        }
+        handshake_key(frame, info)
+    }
+
+    #[cold]
+    fn offer(&self, key: FlowKey4, offer: &Offer<'_>) {
+        if let Some(o) = &self.offload {
+            o.offer(key, offer);
         }
     }
 
@@ -484,10 +511,19 @@ impl Pipeline {
         if R::ON {
             rec.note(Note::SenderChecked { outer_src });
         }
+        let opening = self.handshake_key(frame.data(), &ctx.flow);
         let route = fib.route(ctx.dst());
         note_route(rec, &route);
         match route {
-            Route::Local { port, mac } => self.deliver(fib, &mut ctx, frame, port, mac, Arrival::Decapsulated, rec),
+            Route::Local { port, mac } => {
+                let v = self.deliver(fib, &mut ctx, frame, port, mac, Arrival::Decapsulated, rec);
+                let untranslated = opening.filter(|k| handshake_key(frame.data(), &ctx.flow) == Some(*k));
+                if let (Some(key), Verdict::Forward(to), IpAddr::V4(remote)) = (untranslated, v, outer_src) {
+                    let src_mac = self.cfg.gateway_mac;
+                    self.offer(key, &Offer::Decap { remote, to, dst_mac: mac, src_mac });
+                }
+                v
+            }
             _ => Verdict::Drop(DropReason::NotLocalPod),
         }
     }
@@ -641,6 +677,7 @@ impl Pipeline {
             rec.note(Note::SourceAllowed { port: in_port, src: ctx.src() });
         }
         step!(self.prepare_forward(&ctx, frame, counters));
+        let opening = self.handshake_key(frame.data(), &ctx.flow);
         // Policy between the service's two halves: on the pods' real addresses (see `policy`).
         let translated = match self.service_stage(fib, &mut ctx, frame, counters, rec) {
             Ok(t) => t,
@@ -650,14 +687,34 @@ impl Pipeline {
         if !translated {
             self.service_reply_stage(fib, &mut ctx, frame, rec);
         }
+        // Offered only untranslated: the same addresses and ports as it came in.
+        let opening = opening.filter(|k| !translated && handshake_key(frame.data(), &ctx.flow) == Some(*k));
         let route = fib.route(ctx.dst());
         note_route(rec, &route);
         match route {
             Route::Local { port, mac } => {
                 decrement_ttl(frame, &ctx.flow);
-                self.deliver(fib, &mut ctx, frame, port, mac, Arrival::SameNode, rec)
+                let v = self.deliver(fib, &mut ctx, frame, port, mac, Arrival::SameNode, rec);
+                if let (Some(key), Verdict::Forward(to)) = (opening, v) {
+                    let src_mac = self.cfg.gateway_mac;
+                    self.offer(key, &Offer::Local { from: in_port, to, dst_mac: mac, src_mac });
+                }
+                v
             }
             Route::Remote { template, vtep_mac } => {
+                if let Some(key) = opening {
+                    let max_len = usize::from(self.cfg.underlay_mtu).saturating_sub(template.ip_overhead());
+                    let offer = Offer::Encap {
+                        from: in_port,
+                        template,
+                        inner_dst: vtep_mac,
+                        inner_src: self.cfg.vtep_mac,
+                        src_port: flow::source_port(ctx.flow.hash),
+                        max_len: u16::try_from(max_len).unwrap_or(u16::MAX),
+                    };
+                    // Before the SYN leaves: nothing of the flow can follow it before the answer.
+                    self.offer(key, &offer);
+                }
                 let v = self.encap_stage(frame, &ctx.flow, template, vtep_mac, counters, rec);
                 if translated && v == Verdict::Reply {
                     self.untranslate_own_error(fib, frame);
@@ -1280,4 +1337,29 @@ fn decrement_ttl(frame: &mut FrameBuf<'_>, info: &FlowInfo) {
         L3::Ipv4 => Ipv4Packet::new_unchecked(l3).decrement_ttl(),
         _ => Ipv6Packet::new_unchecked(l3).decrement_hop_limit(),
     }
+}
+
+/// The flow of an IPv4 TCP packet that opens a connection: SYN set (with or without ACK), RST and
+/// FIN clear, no IP options, not a fragment.
+fn handshake_key(frame: &[u8], info: &FlowInfo) -> Option<FlowKey4> {
+    if info.l3 != L3::Ipv4 || info.protocol != protocol::TCP {
+        return None;
+    }
+    let (start, _) = info.l4?;
+    let ip = frame.get(info.l3_offset..info.l3_offset + 20)?;
+    if ip[0] != 0x45 {
+        return None;
+    }
+    let flags = *frame.get(start + 13)?;
+    if flags & 0x07 != 0x02 {
+        return None;
+    }
+    let tcp = frame.get(start..start + 4)?;
+    Some(FlowKey4 {
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        proto: protocol::TCP,
+    })
 }

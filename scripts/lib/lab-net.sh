@@ -283,6 +283,7 @@ interface = "ferry0"
 workers = 1
 uplink_port = "${UPLINK_PORT:-afxdp}"
 pod_port = "${POD_PORT:-auto}"
+offload = "${OFFLOAD:-off}"
 flows = true
 
 [admin]

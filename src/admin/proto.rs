@@ -278,6 +278,11 @@ pub struct NodeInfo {
     /// The kind of interface to give pods (an agent before taps answers without it: veth).
     #[serde(default)]
     pub pod_port: PodPort,
+    /// Flow offload is on (`dataplane.offload = "tc"`): a veth pod keeps its checksum and
+    /// segmentation offloads (no AF_XDP socket reads its frames; they reach ferry with their
+    /// metadata through a tap).
+    #[serde(default)]
+    pub offload: bool,
     /// Where host-local IPAM keeps this node's allocations.
     pub ipam_data_dir: String,
 }
@@ -323,6 +328,9 @@ pub struct NodeSummary {
     pub pod_mtu: u32,
     /// The kind of interface pods get (`auto` resolved).
     pub pod_port: PodPort,
+    /// Flow offload to TC programs (`dataplane.offload = "tc"`).
+    #[serde(default)]
+    pub offload: bool,
     /// Worker threads.
     pub workers: u32,
     /// `adaptive` or `busy`.
@@ -423,6 +431,43 @@ pub struct Status {
     pub ports: BTreeMap<u16, PortInfo>,
     /// Nodes left out of the tables, and why.
     pub skipped_nodes: Vec<SkippedNode>,
+    /// Flow offload, when on (`dataplane.offload = "tc"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<OffloadStatus>,
+}
+
+/// Flow offload's state (in [`Status::offload`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffloadStatus {
+    /// What the TC programs did, by name (encap, local, decap, train, error, no_tap, to_pod).
+    pub programs: BTreeMap<String, u64>,
+    /// Flows offered and written; offers refused (budget spent, map full).
+    pub offered: u64,
+    /// Offers refused.
+    pub refused: u64,
+    /// Entries removed because their decision changed (a route or a policy) or they went idle.
+    pub removed: u64,
+    /// The entries.
+    pub flows: Vec<OffloadFlow>,
+}
+
+/// One offloaded flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffloadFlow {
+    /// encap, local or decap.
+    pub action: String,
+    /// Source address.
+    pub src: IpAddr,
+    /// Source port.
+    pub sport: u16,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Destination port.
+    pub dport: u16,
+    /// Packets (super-packets) the kernel moved.
+    pub packets: u64,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// A remote node's next hop state (in [`RemoteRoute::next_hop`]).

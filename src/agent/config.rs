@@ -39,6 +39,7 @@
 //! flow_slots = 4096               # flows each worker's table holds (a power of two, 64..=1048576)
 //! conntrack_slots = 262144        # the connection-tracking table shared by the workers (64 bytes a slot;
 //!                                 # a translated connection takes two; a power of two, 64..=16777216)
+//! offload = "off"                 # off | tc: established TCP flows moved by TC programs (veth pods, UDP uplink)
 //! busy_poll_budget = 64           # packets per busy-poll round
 //! napi_defer_hard_irqs = 2        # set on each port's device while busy polling
 //! gro_flush_timeout_us = 200      # likewise (the device's gro_flush_timeout)
@@ -282,6 +283,8 @@ struct DataplaneFile {
     flow_slots: u32,
     #[serde(default = "default_conntrack_slots")]
     conntrack_slots: u32,
+    #[serde(default = "default_offload")]
+    offload: String,
 }
 
 impl Default for DataplaneFile {
@@ -302,8 +305,13 @@ impl Default for DataplaneFile {
             flows: false,
             flow_slots: default_flow_slots(),
             conntrack_slots: default_conntrack_slots(),
+            offload: default_offload(),
         }
     }
+}
+
+fn default_offload() -> String {
+    "off".into()
 }
 
 fn one() -> u32 {
@@ -482,6 +490,8 @@ pub struct AgentConfig {
     pub flow_slots: Option<usize>,
     /// Connection-tracking slots (`dataplane.conntrack_slots`).
     pub conntrack_slots: usize,
+    /// Flow offload to TC programs (`dataplane.offload = "tc"`; needs veth pods and the UDP uplink).
+    pub offload: bool,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
     /// What kind of port the uplink is.
@@ -717,6 +727,27 @@ impl AgentConfig {
             "auto" => PodPortChoice::Auto,
             other => return Err(bad("dataplane.pod_port", format!("`{other}` is not one of veth, tap, auto"))),
         };
+        let offload = match d.offload.as_str() {
+            "off" => false,
+            "tc" => true,
+            other => return Err(bad("dataplane.offload", format!("`{other}` is not one of off, tc"))),
+        };
+        if offload && pod_port != PodPortChoice::Fixed(PodPort::Veth) {
+            return Err(bad(
+                "dataplane.offload",
+                format!(
+                    "\"tc\" moves flows between veths: set dataplane.pod_port = \"veth\" (it is \"{}\")",
+                    d.pod_port
+                ),
+            ));
+        }
+        if offload && uplink_port == UplinkPort::AfXdp {
+            return Err(bad(
+                "dataplane.offload",
+                "\"tc\" decapsulates ahead of the kernel's UDP socket: set dataplane.uplink_port = \"udp\" or \"auto\""
+                    .into(),
+            ));
+        }
         if !(1..=1024).contains(&d.busy_poll_budget) {
             return Err(bad("dataplane.busy_poll_budget", format!("{} is outside 1..=1024", d.busy_poll_budget)));
         }
@@ -842,6 +873,7 @@ impl AgentConfig {
             max_ports: d.max_ports,
             flow_slots: d.flows.then_some(d.flow_slots as usize),
             conntrack_slots: d.conntrack_slots as usize,
+            offload,
             xdp_mode,
             uplink_port,
             pod_port,

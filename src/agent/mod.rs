@@ -15,6 +15,7 @@ pub mod config;
 mod external;
 mod flows;
 mod metrics;
+mod offload;
 mod pods;
 mod server;
 mod trace;
@@ -39,6 +40,7 @@ use ferry_dataplane::port::tap::TapConfig;
 use ferry_dataplane::port::udp::{UdpPort, UdpPortConfig};
 use ferry_dataplane::port::xsk::{self, XskMem, XskMemConfig, XskPort, XskPortConfig};
 use ferry_dataplane::worker::{self, PollMode, Worker};
+use ferry_dataplane::xdp::offload::Offload;
 use ferry_dataplane::xdp::{PodConfig, UplinkConfig, XdpAttachment, XdpProgram};
 use ferry_encap::{DecapConfig, MacAddr, TemplateError, TemplateParams, TunnelKind, TunnelTemplate};
 use ferry_tables::{LocalPod, Tables, Underlay};
@@ -85,6 +87,9 @@ struct Rates {
 }
 
 /// Everything the admin socket reads.
+/// Entries of the flow offload's map (`dataplane.offload`): 160 bytes each, preallocated.
+const OFFLOAD_FLOWS: u32 = 65_536;
+
 #[derive(Debug)]
 struct Shared {
     resolved: Resolved,
@@ -115,6 +120,9 @@ struct Shared {
     workers: Vec<ferry_dataplane::worker::PortControl<NodePort>>,
     /// Marked packets this node's workers watch for, by nonce, with their deadline.
     watches: Mutex<BTreeMap<u32, trace::Watching>>,
+    /// Flow offload, when on, and its entries removed so far.
+    offload: Option<Arc<Offload>>,
+    offload_removed: AtomicU64,
 }
 
 /// The main loop goes round every second; this much longer without it and the agent is not live.
@@ -230,6 +238,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ),
         (k, _) => k,
     };
+    if cfg.offload && uplink_kind != UplinkPort::Udp {
+        bail!(
+            "dataplane.offload = \"tc\" needs the UDP uplink, and `{}` gets AF_XDP (uplink_port = auto picks udp only \
+             on an IPv4 underlay over a virtual device, with one underlay address): set dataplane.uplink_port = \"udp\"",
+            cfg.underlay_if
+        );
+    }
     let pod_port = resolve_pod_port(cfg.pod_port)?;
     let queues = link.rx_queues.min(link.tx_queues).max(1);
     if uplink_kind == UplinkPort::AfXdp && queues < cfg.workers {
@@ -280,6 +295,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             move |policy| {
                 if let Some(shared) = sync.get().and_then(Weak::upgrade) {
                     lock(&shared.pods).sync_isolation(policy);
+                    // Offloaded connections were judged under the old rules: back to ferry, which
+                    // judges their next packet under the new ones.
+                    if let Some(o) = &shared.offload {
+                        let n = o.remove_where(|_| true);
+                        shared.offload_removed.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                 }
             }
         });
@@ -409,7 +430,15 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     udp_cfg.inner_mtu = u16::try_from(pod_mtu).unwrap_or(u16::MAX);
     // With pods on taps, a run of received tunnel datagrams of one TCP flow is routed once and
     // written to the pod's tap as one super-packet (the super-packet path's receive side).
-    udp_cfg.super_packets = pod_port == PodPort::Tap;
+    udp_cfg.super_packets = pod_port == PodPort::Tap || cfg.offload;
+    // Flow offload: loaded before the workers, whose pipelines offer it connections.
+    let offload = if cfg.offload {
+        let o = Offload::load(OFFLOAD_FLOWS, cfg.max_ports as u16, cfg.tunnel_port)
+            .context("loading the flow offload programs (dataplane.offload)")?;
+        Some(Arc::new(o))
+    } else {
+        None
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     let mut threads: Vec<JoinHandle<Worker<NodePort>>> = Vec::new();
@@ -431,14 +460,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         };
         let free = FreeFrames::all(mem.frame_count());
         let mem_handle = mem.handle().clone();
-        let mut worker = Worker::new(
-            vec![uplink],
-            vec![PortRole::Uplink],
-            mem,
-            free,
-            Pipeline::with_conntrack(node_cfg.clone(), Arc::clone(&conntrack)),
-        )
-        .with_capacity(cfg.max_ports as usize);
+        let mut pipeline = Pipeline::with_conntrack(node_cfg.clone(), Arc::clone(&conntrack));
+        pipeline.set_offload(offload.clone());
+        let mut worker = Worker::new(vec![uplink], vec![PortRole::Uplink], mem, free, pipeline)
+            .with_capacity(cfg.max_ports as usize);
         if let Some(slots) = cfg.flow_slots {
             worker = worker.with_flows(slots, ferry_dataplane::flows::DEFAULT_RING, w as u16);
             flow_exports.extend(worker.flow_export());
@@ -467,6 +492,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         xsk::defer_interrupts(&cfg.underlay_if, bp)?;
     }
     tracing::info!(uplink_port = ?uplink_kind, configured = ?cfg.uplink_port, "uplink port kind");
+    let offload_uplink = match &offload {
+        Some(o) => Some(o.attach_uplink(link.index).context("attaching the flow offload program to the uplink")?),
+        None => None,
+    };
 
     let ports = Arc::new(Mutex::new(BTreeMap::new()));
     lock(&ports).insert(
@@ -506,6 +535,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // With the UDP uplink, a pod's TCP super-packet is routed once and its segments go to the
     // socket as one `UDP_SEGMENT` send (the worker's super-packet path).
     pods.set_tap_config(TapConfig { super_packets: uplink_kind == UplinkPort::Udp, ..TapConfig::default() });
+    pods.set_offload(offload.clone());
     pods.set_host_exit(node_cfg.host_exit.is_some());
 
     // The host port's ferry end, on every worker.
@@ -537,6 +567,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         host_addr6: host_plan.as_ref().and_then(|p| p.v6).map(|(a, _)| a),
         pod_mtu,
         pod_port,
+        offload: cfg.offload,
         workers: cfg.workers,
         poll: format!("{:?}", cfg.poll).to_lowercase(),
         sources: sources.iter().map(|s| (*s).to_owned()).collect(),
@@ -561,6 +592,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         directory,
         workers: worker_controls,
         watches: Mutex::new(BTreeMap::new()),
+        offload: offload.clone(),
+        offload_removed: AtomicU64::new(0),
     });
     let _ = policy_sync.set(Arc::downgrade(&shared));
 
@@ -620,6 +653,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Main loop: sample counters every second until a signal comes; the services' frontends every
     // 100 ms.
     let mut last_sample: Option<Instant> = None;
+    let mut offload_sweep = offload::Sweep::default();
     loop {
         if last_sample.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_sample = Some(Instant::now());
@@ -627,6 +661,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             sample(&shared);
             // Off the hot path: expired connections go once a second (a scan of the table's slots).
             shared.conntrack.gc(shared.conntrack.now());
+        }
+        if let Some(o) = &shared.offload {
+            let n = offload_sweep.run(o, &lock(&tables).current(), Instant::now());
+            shared.offload_removed.fetch_add(n as u64, Ordering::Relaxed);
         }
         let services = Arc::clone(lock(&tables).services());
         if let Some(x) = &uplink_xdp {
@@ -662,6 +700,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let _ = t.join();
     }
     drop(uplink_xdp);
+    drop(offload_uplink);
     control_plane.shutdown();
     drop(socket_file);
     removed_with_its_daemonset(&cfg);

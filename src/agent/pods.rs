@@ -7,6 +7,10 @@
 //! - A tap pod: one queue of the pod's persistent tap per worker, opened inside the pod's network
 //!   namespace (where the tap lives), no XDP program. The tap outlives the agent; a restarted
 //!   agent opens its queues again.
+//! - A veth pod under flow offload (`dataplane.offload = "tc"`): no XDP program (the pod keeps
+//!   TSO); the offload's TC program on the host veth moves offloaded flows and hands everything
+//!   else to the pod's own persistent tap in the node's namespace (`ft` and a hash of the pod id),
+//!   whose queues ferry serves as for a tap pod; what ferry writes there goes into the pod.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +22,7 @@ use ferry_dataplane::port::any::NodePort;
 use ferry_dataplane::port::tap::{self, TapConfig, TapPort};
 use ferry_dataplane::port::xsk::{self, XskMemHandle, XskPort, XskPortConfig};
 use ferry_dataplane::worker::PortControl;
+use ferry_dataplane::xdp::offload::{Offload, TcxLink};
 use ferry_dataplane::xdp::{PodConfig, XdpAttachment, XdpMode, XdpProgram};
 use ferry_encap::MacAddr;
 use ferry_tables::{LocalPod, Tables};
@@ -64,6 +69,18 @@ struct Attached {
     /// What its program's `isolated` flag says (see [`Pods::sync_isolation`]); `None` before the
     /// first write and after a failed one.
     isolated: Option<bool>,
+    /// Under flow offload: its tap and the TC programs' links.
+    offloaded: Option<OffloadedPod>,
+}
+
+/// A veth pod's wiring under flow offload.
+#[derive(Debug)]
+struct OffloadedPod {
+    /// The host veth's and the tap's TCX links (dropped first: the programs go).
+    links: [TcxLink; 2],
+    tap: String,
+    veth_index: u32,
+    tap_index: u32,
 }
 
 /// Why a pod could not be attached.
@@ -114,6 +131,8 @@ pub(super) struct Pods {
     /// The newest policy generation the `isolated` flags were written for: an older one (the main
     /// loop's pass, which read the policy before a publication's hook ran) must not undo them.
     isolation_generation: u64,
+    /// Flow offload, when on: veth pods are wired through it (see the top).
+    offload: Option<Arc<Offload>>,
 }
 
 impl Pods {
@@ -147,6 +166,7 @@ impl Pods {
             host_exit: false,
             warned_no_exit: false,
             isolation_generation: 0,
+            offload: None,
         })
     }
 
@@ -241,6 +261,61 @@ impl Pods {
         self.tap_cfg = cfg;
     }
 
+    /// Wire veth pods through flow offload from now on.
+    pub(super) fn set_offload(&mut self, offload: Option<Arc<Offload>>) {
+        self.offload = offload;
+    }
+
+    /// Attaches a veth pod under flow offload as port `id`: its tap in this namespace (made if it
+    /// is not there yet, as after a restart it is), one tap queue per worker, then the TC programs
+    /// on the veth and the tap.
+    ///
+    /// # Errors
+    /// A step that failed, described; nothing stays attached (a tap just made is removed).
+    fn attach_offloaded(&self, offload: &Offload, spec: &PodSpec, id: PortId) -> Result<OffloadedPod, String> {
+        let nl = Netlink::open().map_err(|e| e.to_string())?;
+        let veth = nl
+            .link(&spec.host_ifname)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("there is no veth {} in the node's namespace", spec.host_ifname))?;
+        let tap_name = offload_tap_name(&spec.id);
+        let made = if nl.link(&tap_name).map_err(|e| e.to_string())?.is_none() {
+            tap::create_persistent(None, &tap_name, None, self.workers.len() as u32)
+                .map_err(|e| format!("making the pod's tap {tap_name}: {e}"))?;
+            true
+        } else {
+            false
+        };
+        let undo_tap = || {
+            if made {
+                let _ = tap::delete(None, &tap_name);
+            }
+        };
+        let tap_link = match nl.set_up(&tap_name).map_err(|e| e.to_string()).and_then(|()| {
+            nl.link(&tap_name).map_err(|e| e.to_string())?.ok_or_else(|| format!("the tap {tap_name} went away"))
+        }) {
+            Ok(l) => l,
+            Err(e) => {
+                undo_tap();
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.open_tap_queues(None, &tap_name, &format!("{tap_name}>{}", spec.host_ifname), id) {
+            undo_tap();
+            return Err(e);
+        }
+        match offload.attach_pod(id, veth.index, tap_link.index) {
+            Ok(links) => Ok(OffloadedPod { links, tap: tap_name, veth_index: veth.index, tap_index: tap_link.index }),
+            Err(e) => {
+                for w in &self.workers {
+                    let _ = w.control.remove(id, PORT_COMMAND_TIMEOUT);
+                }
+                undo_tap();
+                Err(e.to_string())
+            }
+        }
+    }
+
     /// Attaches an interface as port `id` on every worker (socket per worker on its queue, the pod
     /// XDP program in front).
     ///
@@ -293,11 +368,21 @@ impl Pods {
         if !tap_exists(netns, &spec.host_ifname) {
             return Err(format!("there is no tap {} in {}", spec.host_ifname, netns.display()));
         }
+        self.open_tap_queues(Some(netns), &spec.host_ifname, &tap_port_name(spec), id)
+    }
+
+    /// Opens one queue of tap `ifname` (in `netns`, or this namespace) per worker and adds it as
+    /// port `id`, named `label/queue`.
+    ///
+    /// # Errors
+    /// A queue could not be opened or added; nothing stays added.
+    fn open_tap_queues(&self, netns: Option<&Path>, ifname: &str, label: &str, id: PortId) -> Result<(), String> {
         let mut added: Vec<&WorkerHandle> = Vec::new();
         for w in &self.workers {
-            let name = format!("{}/{}", tap_port_name(spec), w.queue);
-            let r = tap::open_queue(Some(netns), &spec.host_ifname)
-                .map_err(|e| format!("opening a queue of the tap {} in {}: {e}", spec.host_ifname, netns.display()))
+            let name = format!("{label}/{}", w.queue);
+            let at = netns.map_or_else(|| "the node's namespace".to_owned(), |n| n.display().to_string());
+            let r = tap::open_queue(netns, ifname)
+                .map_err(|e| format!("opening a queue of the tap {ifname} in {at}: {e}"))
                 .and_then(|fd| {
                     let port = NodePort::from(TapPort::new(fd, &name, self.tap_cfg));
                     w.control.add(id, port, PortRole::Pod, PORT_COMMAND_TIMEOUT).map_err(|e| e.to_string())
@@ -386,18 +471,26 @@ impl Pods {
         let port = self.free_port_id().ok_or_else(|| {
             dataplane("attaching its interface", format!("no free port: all {} are in use", self.max_ports))
         })?;
-        let xdp = match spec.kind {
-            PodPort::Veth => {
+        let mut offloaded = None;
+        let xdp = match (spec.kind, &self.offload) {
+            (PodPort::Veth, Some(offload)) => {
+                offloaded = Some(
+                    self.attach_offloaded(offload, &spec, port).map_err(|r| dataplane("attaching its interface", r))?,
+                );
+                None
+            }
+            (PodPort::Veth, None) => {
                 Some(self.attach_port(&spec.host_ifname, port).map_err(|r| dataplane("attaching its interface", r))?)
             }
-            PodPort::Tap => {
+            (PodPort::Tap, _) => {
                 self.attach_tap(&spec, port).map_err(|r| dataplane("attaching its tap", r))?;
                 None
             }
         };
-        let (ifname, io) = match spec.kind {
-            PodPort::Veth => (spec.host_ifname.clone(), "af_xdp"),
-            PodPort::Tap => (tap_port_name(&spec), "tap"),
+        let (ifname, io) = match (spec.kind, &offloaded) {
+            (PodPort::Veth, Some(o)) => (format!("{}>{}", o.tap, spec.host_ifname), "tap+tc"),
+            (PodPort::Veth, None) => (spec.host_ifname.clone(), "af_xdp"),
+            (PodPort::Tap, _) => (tap_port_name(&spec), "tap"),
         };
         self.name_port(
             port,
@@ -412,7 +505,9 @@ impl Pods {
         );
         if let Err(reason) = self.register(LocalPod { port, mac, addrs: spec.addrs.clone(), source_only: vec![] }) {
             drop(xdp);
+            let tap = self.unwire_offloaded(port, offloaded);
             self.detach_port(port);
+            delete_offload_tap(tap);
             return Err(PodError::Dataplane { id: spec.id.clone(), what: "registering its addresses", reason });
         }
         if persist && let Err(e) = self.save(&spec) {
@@ -421,7 +516,16 @@ impl Pods {
         tracing::info!(pod = %spec.id, kind = spec.kind.name(), ifname = %spec.host_ifname, port = port.0, addrs = ?spec.addrs, "pod attached");
         self.pods.insert(
             spec.id.clone(),
-            Attached { spec, mac, port, xdp, backends: Default::default(), backends_generation: None, isolated: None },
+            Attached {
+                spec,
+                mac,
+                port,
+                xdp,
+                backends: Default::default(),
+                backends_generation: None,
+                isolated: None,
+                offloaded,
+            },
         );
         // Policies that already select the pod: its flag before its first packet.
         let policy = Arc::clone(lock(&self.tables).policy());
@@ -436,9 +540,21 @@ impl Pods {
         self.unregister(p.port);
         // Detach the program first so that nothing is redirected to sockets about to close.
         drop(p.xdp);
+        let tap = self.unwire_offloaded(p.port, p.offloaded);
         self.detach_port(p.port);
+        delete_offload_tap(tap);
         tracing::info!(pod = %id, port = p.port.0, "pod detached");
         true
+    }
+
+    /// Undo [`Pods::attach_offloaded`]'s programs and entries; the pod's tap is returned, for
+    /// [`delete_offload_tap`] once the workers have closed its queues when the pod is gone (at
+    /// shutdown it stays for the next agent).
+    fn unwire_offloaded(&self, port: PortId, offloaded: Option<OffloadedPod>) -> Option<String> {
+        let (Some(o), Some(offload)) = (offloaded, &self.offload) else { return None };
+        drop(o.links);
+        offload.detach_pod(port, o.veth_index, o.tap_index);
+        Some(o.tap)
     }
 
     /// Whether the pod is attached exactly as `spec` says, and why not.
@@ -495,6 +611,7 @@ impl Pods {
     pub(super) fn detach_all(&mut self) {
         for (_, p) in std::mem::take(&mut self.pods) {
             drop(p.xdp);
+            self.unwire_offloaded(p.port, p.offloaded);
             self.detach_port(p.port);
         }
     }
@@ -531,4 +648,20 @@ fn tap_port_name(spec: &PodSpec) -> String {
     let ns =
         Path::new(&spec.netns).file_name().map_or_else(|| spec.netns.clone(), |n| n.to_string_lossy().into_owned());
     format!("{}@{ns}", spec.host_ifname)
+}
+
+/// The node-side tap of a veth pod under flow offload: `ft` and 8 hex digits of a hash of the pod
+/// id (an interface name has at most 15 bytes).
+fn offload_tap_name(id: &str) -> String {
+    let hash = id.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    format!("ft{hash:08x}")
+}
+
+/// Remove a gone pod's tap (see [`Pods::unwire_offloaded`]).
+fn delete_offload_tap(tap: Option<String>) {
+    if let Some(tap) = tap
+        && let Err(e) = tap::delete(None, &tap)
+    {
+        tracing::warn!(%tap, error = %e, "could not remove a pod's tap");
+    }
 }

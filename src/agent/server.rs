@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use super::{Shared, lock};
 use crate::admin::proto::{
-    ConntrackEntry, ConntrackList, FlowFilter, FlowList, LocalRoute, NextHopState, PodChecked, PodEntry, PodRemoved,
-    PolicyList, PolicyPod, PolicyRuleEntry, PortCounters, RemoteRoute, Routes, SkippedNode, SocketDrops, Stats, Status,
-    TablesSummary,
+    ConntrackEntry, ConntrackList, FlowFilter, FlowList, LocalRoute, NextHopState, OffloadFlow, OffloadStatus,
+    PodChecked, PodEntry, PodRemoved, PolicyList, PolicyPod, PolicyRuleEntry, PortCounters, RemoteRoute, Routes,
+    SkippedNode, SocketDrops, Stats, Status, TablesSummary,
 };
 use crate::admin::{NodeInfo, Request, Response};
 use anyhow::Context;
@@ -141,6 +141,7 @@ impl Handler {
                         underlay_mtu: Some(r.underlay_mtu),
                         queues: r.workers,
                         pod_port: r.pod_port,
+                        offload: r.offload,
                         ipam_data_dir: r.ipam_data_dir.clone(),
                     }),
                     ..Response::ok()
@@ -302,6 +303,28 @@ impl Handler {
                 .collect(),
             ports: lock(&s.ports).clone(),
             skipped_nodes: s.skipped.list().into_iter().map(|(node, reason)| SkippedNode { node, reason }).collect(),
+            offload: s.offload.as_ref().map(|o| {
+                let (programs, offered, refused) = o.stats();
+                OffloadStatus {
+                    programs: programs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                    offered,
+                    refused,
+                    removed: s.offload_removed.load(std::sync::atomic::Ordering::Relaxed),
+                    flows: o
+                        .list()
+                        .into_iter()
+                        .map(|f| OffloadFlow {
+                            action: f.action.to_owned(),
+                            src: f.key.src.into(),
+                            sport: f.key.sport,
+                            dst: f.key.dst.into(),
+                            dport: f.key.dport,
+                            packets: f.packets,
+                            bytes: f.bytes,
+                        })
+                        .collect(),
+                }
+            }),
         }
     }
 

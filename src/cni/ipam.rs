@@ -165,6 +165,7 @@ mod tests {
             underlay_mtu: None,
             queues: 1,
             pod_port: crate::admin::PodPort::Veth,
+            offload: false,
             ipam_data_dir: "/run/ferry/ipam".into(),
         };
         assert_eq!(

@@ -163,8 +163,12 @@ fn wire(
                 nl.set_mtu(host, info.host_mtu())?;
             }
             nl.set_up(host)?;
-            // Offload off before the link is up: no frame leaves with a partial checksum.
-            pod.set_tx_checksum(&env.ifname, false)?;
+            // Offload off before the link is up: no frame leaves with a partial checksum (an
+            // AF_XDP socket would take it as it is). Under flow offload the frames reach ferry
+            // through a tap with their checksum state, and the pod keeps TSO.
+            if !info.offload {
+                pod.set_tx_checksum(&env.ifname, false)?;
+            }
         }
         PodPort::Tap => {
             // The pod's own interface is the tap; ferry opens its queues (one per worker). Its
@@ -338,7 +342,7 @@ pub(crate) fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
             return Err(mismatch(format!("{} lacks route {}{via}", env.ifname, r.dst)));
         }
     }
-    if info.pod_port == PodPort::Veth && pod.tx_checksum(&env.ifname)? {
+    if info.pod_port == PodPort::Veth && !info.offload && pod.tx_checksum(&env.ifname)? {
         return Err(mismatch(format!("{} has tx checksum offload on", env.ifname)));
     }
 

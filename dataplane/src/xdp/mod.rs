@@ -32,6 +32,7 @@
 mod error;
 mod libbpf_log;
 mod maps;
+pub mod offload;
 pub(crate) mod sys;
 
 use std::ffi::{CStr, CString};

@@ -1,0 +1,558 @@
+//! Flow offload (`dataplane.offload = "tc"`): the TC programs of `bpf/offload.c` and their maps
+//! (setup side, plus [`Offload::offer`], which a worker calls on a connection's handshake).
+//!
+//! ferry's pipeline decides every connection's first packets; for a TCP connection it allows and
+//! routes without translation, the worker offers the flow here ([`Offload::offer`]) while the
+//! handshake is in flight, and the entry written then moves the rest of the connection in the
+//! kernel: encapsulated at the pod's host veth with `bpf_skb_adjust_room`, which keeps a TSO
+//! super-packet whole, decapsulated at the uplink, or handed to another pod of the node. What is
+//! not offloaded reaches ferry through the pod's own tap (its *partner*), with virtio-net headers.
+//!
+//! Programs are attached through TCX links, so the kernel removes them when ferry dies: a killed
+//! agent leaves no program behind.
+
+use std::collections::BTreeMap;
+use std::ffi::CStr;
+use std::io;
+use std::mem;
+use std::net::Ipv4Addr;
+use std::ptr::NonNull;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use ferry_encap::MacAddr;
+use ferry_encap::template::{Family, TunnelTemplate};
+use ferry_tables::PortId;
+
+use super::error::{XdpError, is_permission};
+use super::{Aligned, libbpf_log};
+
+static OFFLOAD_OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/offload.bpf.o")));
+
+/// `struct flow4_key` (bpf/offload.h).
+const KEY_SIZE: usize = 16;
+/// `struct offload_entry` (bpf/offload.h).
+const ENTRY_SIZE: usize = 160;
+/// `OFFLOAD_HDR_MAX`.
+const HDR_MAX: usize = 112;
+/// Where `hdr` starts in the entry, and the counters after it.
+const HDR_AT: usize = 24;
+const PACKETS_AT: usize = HDR_AT + HDR_MAX;
+
+const ACTION_ENCAP4: u8 = 1;
+const ACTION_LOCAL: u8 = 2;
+const ACTION_DECAP: u8 = 3;
+const FLAG_FIXED_TOS: u8 = 1;
+const FLAG_ECN_COPY: u8 = 2;
+
+/// What the programs count (`enum offload_stat`), in order.
+pub const STAT_NAMES: [&str; 7] = ["encap", "local", "decap", "train", "error", "no_tap", "to_pod"];
+
+/// Most entries written per second, all workers together: a SYN flood costs a bounded number of
+/// map updates (one system call each); beyond it connections simply stay on ferry's own path.
+pub const OFFERS_PER_SECOND: u32 = 20_000;
+
+/// An IPv4 flow as its packets carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowKey4 {
+    /// Source address.
+    pub src: Ipv4Addr,
+    /// Destination address.
+    pub dst: Ipv4Addr,
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+}
+
+impl FlowKey4 {
+    fn bytes(&self) -> [u8; KEY_SIZE] {
+        let mut b = [0u8; KEY_SIZE];
+        b[0..4].copy_from_slice(&self.src.octets());
+        b[4..8].copy_from_slice(&self.dst.octets());
+        b[8..10].copy_from_slice(&self.sport.to_be_bytes());
+        b[10..12].copy_from_slice(&self.dport.to_be_bytes());
+        b[12] = self.proto;
+        b
+    }
+
+    fn from_bytes(b: &[u8; KEY_SIZE]) -> Self {
+        FlowKey4 {
+            src: Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+            dst: Ipv4Addr::new(b[4], b[5], b[6], b[7]),
+            sport: u16::from_be_bytes([b[8], b[9]]),
+            dport: u16::from_be_bytes([b[10], b[11]]),
+            proto: b[12],
+        }
+    }
+}
+
+/// What the kernel should do with the rest of a flow, as the pipeline decided it.
+#[derive(Debug, Clone, Copy)]
+pub enum Offer<'a> {
+    /// From pod port `from` into the tunnel to another node.
+    Encap {
+        /// The pod's port.
+        from: PortId,
+        /// The outer headers toward the node.
+        template: &'a TunnelTemplate,
+        /// The inner Ethernet header's destination (the node's VTEP MAC) and source (ours).
+        inner_dst: MacAddr,
+        /// Ours.
+        inner_src: MacAddr,
+        /// The flow's UDP source port.
+        src_port: u16,
+        /// The largest frame (Ethernet header included) that fits the tunnel unsegmented.
+        max_len: u16,
+    },
+    /// From pod port `from` to pod port `to` of this node, with the frame's new MACs.
+    Local {
+        /// The sending pod's port.
+        from: PortId,
+        /// The receiving pod's port.
+        to: PortId,
+        /// The receiving pod's MAC.
+        dst_mac: MacAddr,
+        /// The gateway's.
+        src_mac: MacAddr,
+    },
+    /// From the uplink, sent by the node at `remote`, to pod port `to`.
+    Decap {
+        /// The sending node's underlay address.
+        remote: Ipv4Addr,
+        /// The receiving pod's port.
+        to: PortId,
+        /// The receiving pod's MAC.
+        dst_mac: MacAddr,
+        /// The gateway's.
+        src_mac: MacAddr,
+    },
+}
+
+/// One entry, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffloadedFlow {
+    /// The flow.
+    pub key: FlowKey4,
+    /// "encap", "local" or "decap".
+    pub action: &'static str,
+    /// Where its packets come in and leave (ifindexes).
+    pub in_ifindex: u32,
+    /// Where they leave.
+    pub out_ifindex: u32,
+    /// Packets (super-packets) the kernel moved.
+    pub packets: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// `CLOCK_MONOTONIC` of the last, in nanoseconds (0: none yet).
+    pub last_ns: u64,
+    /// The other node's underlay address (encap: the tunnel's destination; decap: the sender).
+    pub remote: Option<Ipv4Addr>,
+}
+
+/// A TCX link: the program stays attached while it lives (and while ferry lives).
+#[derive(Debug)]
+pub struct TcxLink {
+    link: NonNull<libxdp_sys::bpf_link>,
+    ifindex: u32,
+}
+
+// SAFETY: the link is owned by this value alone; libbpf keeps no thread-affine state in it.
+unsafe impl Send for TcxLink {}
+// SAFETY: no method reads or writes through `&self` besides the plain ifindex.
+unsafe impl Sync for TcxLink {}
+
+impl TcxLink {
+    /// The interface it is attached to.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+}
+
+impl Drop for TcxLink {
+    fn drop(&mut self) {
+        // SAFETY: `link` came from `bpf_program__attach_tcx` and is destroyed exactly once, here.
+        unsafe { libxdp_sys::bpf_link__destroy(self.link.as_ptr()) };
+    }
+}
+
+/// The loaded offload object: its programs, its maps, and which port is which interface.
+#[derive(Debug)]
+pub struct Offload {
+    obj: NonNull<libxdp_sys::bpf_object>,
+    flows_fd: i32,
+    partner_fd: i32,
+    stats_fd: i32,
+    config_fd: i32,
+    uplink_ifindex: AtomicU32,
+    /// Port id -> the pod's host veth ifindex (0: not an offloaded pod).
+    veths: Box<[AtomicU32]>,
+    /// The offer budget of the current second (since `epoch`): (second, offers left).
+    budget: Mutex<(u64, u32)>,
+    epoch: Instant,
+    offered: AtomicU64,
+    refused: AtomicU64,
+}
+
+// SAFETY: the libbpf object is owned by this value alone; after loading, every use is a bpf(2)
+// system call on one of its descriptors (map updates, lookups, link creation), safe from any
+// thread; the rest is atomics and a mutex.
+unsafe impl Send for Offload {}
+// SAFETY: as above.
+unsafe impl Sync for Offload {}
+
+impl Drop for Offload {
+    fn drop(&mut self) {
+        // SAFETY: `obj` came from `bpf_object__open_mem` and is closed exactly once, here.
+        unsafe { libxdp_sys::bpf_object__close(self.obj.as_ptr()) };
+    }
+}
+
+const PROGRAM: &str = "ferry_offload";
+
+fn load_error(source: io::Error) -> XdpError {
+    if is_permission(&source) {
+        XdpError::NotPermitted { action: "loading ferry's offload programs", source }
+    } else {
+        XdpError::Load { program: PROGRAM, source }
+    }
+}
+
+fn missing(what: &str) -> XdpError {
+    XdpError::Load {
+        program: PROGRAM,
+        source: io::Error::new(io::ErrorKind::NotFound, format!("{what} is missing from the embedded object")),
+    }
+}
+
+impl Offload {
+    /// Load the programs, with room for `max_flows` entries and `max_ports` ports, for a tunnel
+    /// on UDP port `tunnel_port`.
+    ///
+    /// # Errors
+    /// Missing privileges ([`XdpError::NotPermitted`]); the kernel refusing the object.
+    pub fn load(max_flows: u32, max_ports: u16, tunnel_port: u16) -> Result<Self, XdpError> {
+        libbpf_log::install();
+        let bytes = &OFFLOAD_OBJECT.0;
+        // SAFETY: `bpf_object_open_opts` is plain data; all-zero is its documented initial state.
+        let mut opts: libxdp_sys::bpf_object_open_opts = unsafe { mem::zeroed() };
+        opts.sz = mem::size_of::<libxdp_sys::bpf_object_open_opts>();
+        opts.object_name = c"ferry_offload".as_ptr();
+        // SAFETY: `bytes` is a static, 8-byte aligned ELF object that libbpf only reads.
+        let obj = unsafe { libxdp_sys::bpf_object__open_mem(bytes.as_ptr().cast(), bytes.len(), &raw const opts) };
+        let obj = NonNull::new(obj).ok_or_else(|| load_error(io::Error::last_os_error()))?;
+        let mut o = Offload {
+            obj,
+            flows_fd: -1,
+            partner_fd: -1,
+            stats_fd: -1,
+            config_fd: -1,
+            uplink_ifindex: AtomicU32::new(0),
+            veths: (0..max_ports).map(|_| AtomicU32::new(0)).collect(),
+            budget: Mutex::new((u64::MAX, 0)),
+            epoch: Instant::now(),
+            offered: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        };
+        let flows = o.map(c"offload_flows").ok_or_else(|| missing("map offload_flows"))?;
+        // SAFETY: the map belongs to the opened, not yet loaded object.
+        let ret = unsafe { libxdp_sys::bpf_map__set_max_entries(flows.as_ptr(), max_flows.max(1)) };
+        if ret < 0 {
+            return Err(load_error(io::Error::from_raw_os_error(-ret)));
+        }
+        // SAFETY: `obj` is opened and not loaded.
+        let ret = unsafe { libxdp_sys::bpf_object__load(o.obj.as_ptr()) };
+        if ret < 0 {
+            return Err(load_error(io::Error::from_raw_os_error(-ret)));
+        }
+        o.flows_fd = o.map_fd(c"offload_flows", "offload_flows", KEY_SIZE, ENTRY_SIZE)?;
+        o.partner_fd = o.map_fd(c"partner", "partner", 4, 4)?;
+        o.stats_fd = o.map_fd(c"offload_stats", "offload_stats", 4, 8)?;
+        o.config_fd = o.map_fd(c"offload_config", "offload_config", 4, 4)?;
+        let mut config = [0u8; 4];
+        config[0..2].copy_from_slice(&tunnel_port.to_be_bytes());
+        update(o.config_fd, &0u32.to_ne_bytes(), &config, "offload_config", "0")?;
+        Ok(o)
+    }
+
+    fn map(&self, name: &CStr) -> Option<NonNull<libxdp_sys::bpf_map>> {
+        // SAFETY: `obj` is a valid object and `name` a valid C string.
+        NonNull::new(unsafe { libxdp_sys::bpf_object__find_map_by_name(self.obj.as_ptr(), name.as_ptr()) })
+    }
+
+    fn map_fd(&self, name: &'static CStr, map: &'static str, key: usize, value: usize) -> Result<i32, XdpError> {
+        let m = self.map(name).ok_or_else(|| missing("a map"))?;
+        // SAFETY: `m` belongs to this loaded object.
+        let (k, v, fd) = unsafe {
+            let m = m.as_ptr();
+            (libxdp_sys::bpf_map__key_size(m), libxdp_sys::bpf_map__value_size(m), libxdp_sys::bpf_map__fd(m))
+        };
+        for (what, found, expected) in [("key", k, key), ("value", v, value)] {
+            if found as usize != expected {
+                return Err(XdpError::MapLayout { map, what, found, expected: expected as u32 });
+            }
+        }
+        if fd < 0 {
+            return Err(missing("a map descriptor"));
+        }
+        Ok(fd)
+    }
+
+    fn attach(&self, program: &CStr, ifindex: u32) -> Result<TcxLink, XdpError> {
+        // SAFETY: the object is loaded; the name is a valid C string.
+        let p = unsafe { libxdp_sys::bpf_object__find_program_by_name(self.obj.as_ptr(), program.as_ptr()) };
+        if p.is_null() {
+            return Err(missing("a program"));
+        }
+        // SAFETY: plain data, all-zero is its initial state; `sz` set as libbpf asks.
+        let mut opts: libxdp_sys::bpf_tcx_opts = unsafe { mem::zeroed() };
+        opts.sz = mem::size_of::<libxdp_sys::bpf_tcx_opts>();
+        let index = i32::try_from(ifindex).map_err(|_| missing("a valid ifindex"))?;
+        // SAFETY: `p` is a program of the loaded object; `opts` is valid for the call.
+        let link = unsafe { libxdp_sys::bpf_program__attach_tcx(p, index, &raw const opts) };
+        match NonNull::new(link) {
+            Some(link) => Ok(TcxLink { link, ifindex }),
+            None => {
+                let source = io::Error::last_os_error();
+                Err(if is_permission(&source) {
+                    XdpError::NotPermitted { action: "attaching ferry's offload program (TCX)", source }
+                } else {
+                    XdpError::Load { program: PROGRAM, source }
+                })
+            }
+        }
+    }
+
+    /// Attach the uplink's program (decapsulation of offloaded flows) to interface `ifindex`.
+    ///
+    /// # Errors
+    /// The kernel refusing the link (TCX needs Linux 6.6).
+    pub fn attach_uplink(&self, ifindex: u32) -> Result<TcxLink, XdpError> {
+        let link = self.attach(c"ferry_offload_uplink", ifindex)?;
+        self.uplink_ifindex.store(ifindex, Ordering::Release);
+        Ok(link)
+    }
+
+    /// Attach a pod: its host veth `veth` (the pod's packets come in there) and its tap `tap`
+    /// (ferry's way to and from the pod), as port `port`. Both links go when the pod does.
+    ///
+    /// # Errors
+    /// The port beyond `max_ports`; the kernel refusing a link or the partner map.
+    pub fn attach_pod(&self, port: PortId, veth: u32, tap: u32) -> Result<[TcxLink; 2], XdpError> {
+        let slot = self.veths.get(usize::from(port.0)).ok_or_else(|| XdpError::InvalidConfig {
+            problem: format!("port {} is beyond the offload's {} ports", port.0, self.veths.len()),
+            fix: "raise dataplane.max_ports",
+        })?;
+        update(self.partner_fd, &veth.to_ne_bytes(), &tap.to_ne_bytes(), "partner", "veth")?;
+        update(self.partner_fd, &tap.to_ne_bytes(), &veth.to_ne_bytes(), "partner", "tap")?;
+        let tap_link = self.attach(c"ferry_offload_tap", tap)?;
+        let veth_link = self.attach(c"ferry_offload_pod", veth)?;
+        slot.store(veth, Ordering::Release);
+        Ok([veth_link, tap_link])
+    }
+
+    /// Forget a pod's port (its links are dropped by the caller), and every entry through it.
+    pub fn detach_pod(&self, port: PortId, veth: u32, tap: u32) {
+        if let Some(slot) = self.veths.get(usize::from(port.0)) {
+            slot.store(0, Ordering::Release);
+        }
+        for k in [veth, tap] {
+            // SAFETY: a 4-byte key, the map's key size.
+            unsafe { libxdp_sys::bpf_map_delete_elem(self.partner_fd, (&raw const k).cast()) };
+        }
+        self.remove_where(|f| f.in_ifindex == veth || f.out_ifindex == veth);
+    }
+
+    /// The host veth of port `port`, when it is an offloaded pod's.
+    pub fn veth(&self, port: PortId) -> Option<u32> {
+        let v = self.veths.get(usize::from(port.0))?.load(Ordering::Acquire);
+        (v != 0).then_some(v)
+    }
+
+    /// Take one offer from the budget of this second.
+    fn spend(&self) -> bool {
+        let now = self.epoch.elapsed().as_secs();
+        let mut b = self.budget.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if b.0 != now {
+            *b = (now, OFFERS_PER_SECOND);
+        }
+        if b.1 == 0 {
+            return false;
+        }
+        b.1 -= 1;
+        true
+    }
+
+    /// Offload the rest of flow `key` as `offer` says. `false` when it stays ferry's: a port
+    /// that is not an offloaded pod, an outer header that does not fit, the second's budget
+    /// spent, or the map refusing (full).
+    pub fn offer(&self, key: FlowKey4, offer: &Offer<'_>) -> bool {
+        let Some(entry) = self.entry(offer) else { return false };
+        if !self.spend() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let ok = update(self.flows_fd, &key.bytes(), &entry, "offload_flows", "flow").is_ok();
+        if ok {
+            self.offered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    fn entry(&self, offer: &Offer<'_>) -> Option<[u8; ENTRY_SIZE]> {
+        let mut e = [0u8; ENTRY_SIZE];
+        let (input, output, action) = match *offer {
+            Offer::Encap { from, template, inner_dst, inner_src, src_port, max_len } => {
+                let bytes = template.bytes();
+                let l3 = bytes.len() - template.ip_overhead();
+                // An IPv4 underlay without a VLAN tag: the program writes after a plain Ethernet header.
+                if template.family() != Family::V4 || l3 != 14 {
+                    return None;
+                }
+                let outer = &bytes[l3..];
+                let len = outer.len() + 14;
+                if len > HDR_MAX {
+                    return None;
+                }
+                let hdr = &mut e[HDR_AT..HDR_AT + len];
+                hdr[..outer.len()].copy_from_slice(outer);
+                hdr[20..22].copy_from_slice(&src_port.to_be_bytes());
+                let inner = &mut hdr[outer.len()..];
+                inner[0..6].copy_from_slice(&inner_dst.0);
+                inner[6..12].copy_from_slice(&inner_src.0);
+                inner[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+                e[12..14].copy_from_slice(&max_len.to_ne_bytes());
+                e[15] = len as u8;
+                // The outer TOS: the template's rule (fixed DSCP or the inner one, RFC 6040's ECN).
+                let (fixed, ecn) = (template.outer_tos(0), template.outer_tos(0x01) & 0x03 == 0x01);
+                let inherits = template.outer_tos(0xfc) & 0xfc == 0xfc && fixed & 0xfc == 0;
+                e[16] = if inherits { 0 } else { FLAG_FIXED_TOS } | if ecn { FLAG_ECN_COPY } else { 0 };
+                e[17] = fixed & 0xfc;
+                (self.veth(from)?, self.uplink_ifindex.load(Ordering::Acquire), ACTION_ENCAP4)
+            }
+            Offer::Local { from, to, dst_mac, src_mac } => {
+                e[HDR_AT..HDR_AT + 6].copy_from_slice(&dst_mac.0);
+                e[HDR_AT + 6..HDR_AT + 12].copy_from_slice(&src_mac.0);
+                e[12..14].copy_from_slice(&u16::MAX.to_ne_bytes());
+                (self.veth(from)?, self.veth(to)?, ACTION_LOCAL)
+            }
+            Offer::Decap { remote, to, dst_mac, src_mac } => {
+                e[HDR_AT..HDR_AT + 6].copy_from_slice(&dst_mac.0);
+                e[HDR_AT + 6..HDR_AT + 12].copy_from_slice(&src_mac.0);
+                e[8..12].copy_from_slice(&remote.octets());
+                (self.uplink_ifindex.load(Ordering::Acquire), self.veth(to)?, ACTION_DECAP)
+            }
+        };
+        if input == 0 || output == 0 {
+            return None;
+        }
+        e[0..4].copy_from_slice(&input.to_ne_bytes());
+        e[4..8].copy_from_slice(&output.to_ne_bytes());
+        e[14] = action;
+        Some(e)
+    }
+
+    /// Every entry (a walk of the map; entries may come and go meanwhile).
+    pub fn list(&self) -> Vec<OffloadedFlow> {
+        let mut out = Vec::new();
+        let mut prev: Option<[u8; KEY_SIZE]> = None;
+        let mut key = [0u8; KEY_SIZE];
+        loop {
+            let prev_ptr = prev.as_ref().map_or(std::ptr::null(), |p| p.as_ptr().cast());
+            // SAFETY: both buffers are the map's key size.
+            let ret = unsafe { libxdp_sys::bpf_map_get_next_key(self.flows_fd, prev_ptr, key.as_mut_ptr().cast()) };
+            if ret < 0 {
+                break;
+            }
+            let mut v = [0u8; ENTRY_SIZE];
+            // SAFETY: `key` and `v` are the map's key and value sizes.
+            let ret =
+                unsafe { libxdp_sys::bpf_map_lookup_elem(self.flows_fd, key.as_ptr().cast(), v.as_mut_ptr().cast()) };
+            if ret == 0 {
+                let u32_at = |i: usize| u32::from_ne_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+                let u64_at = |i: usize| u64::from_ne_bytes(v[i..i + 8].try_into().unwrap_or([0; 8]));
+                out.push(OffloadedFlow {
+                    key: FlowKey4::from_bytes(&key),
+                    action: match v[14] {
+                        ACTION_ENCAP4 => "encap",
+                        ACTION_LOCAL => "local",
+                        ACTION_DECAP => "decap",
+                        _ => "?",
+                    },
+                    in_ifindex: u32_at(0),
+                    out_ifindex: u32_at(4),
+                    packets: u64_at(PACKETS_AT),
+                    bytes: u64_at(PACKETS_AT + 8),
+                    last_ns: u64_at(PACKETS_AT + 16),
+                    remote: match v[14] {
+                        ACTION_ENCAP4 => {
+                            Some(Ipv4Addr::new(v[HDR_AT + 16], v[HDR_AT + 17], v[HDR_AT + 18], v[HDR_AT + 19]))
+                        }
+                        ACTION_DECAP => Some(Ipv4Addr::new(v[8], v[9], v[10], v[11])),
+                        _ => None,
+                    },
+                });
+            }
+            prev = Some(key);
+        }
+        out
+    }
+
+    /// Remove the entries `pred` picks; how many went.
+    pub fn remove_where(&self, pred: impl Fn(&OffloadedFlow) -> bool) -> usize {
+        let mut n = 0;
+        for f in self.list() {
+            if pred(&f) {
+                let k = f.key.bytes();
+                // SAFETY: `k` is the map's key size.
+                if unsafe { libxdp_sys::bpf_map_delete_elem(self.flows_fd, k.as_ptr().cast()) } == 0 {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// The programs' counters, summed over CPUs, by [`STAT_NAMES`]; then offers taken and refused.
+    pub fn stats(&self) -> (BTreeMap<&'static str, u64>, u64, u64) {
+        let cpus = possible_cpus();
+        let mut out = BTreeMap::new();
+        for (i, name) in STAT_NAMES.iter().enumerate() {
+            let mut values = vec![0u64; cpus];
+            let key = i as u32;
+            // SAFETY: a per-CPU array's lookup writes one 8-byte value per possible CPU.
+            let ret = unsafe {
+                libxdp_sys::bpf_map_lookup_elem(self.stats_fd, (&raw const key).cast(), values.as_mut_ptr().cast())
+            };
+            out.insert(*name, if ret == 0 { values.iter().sum() } else { 0 });
+        }
+        (out, self.offered.load(Ordering::Relaxed), self.refused.load(Ordering::Relaxed))
+    }
+}
+
+fn update(fd: i32, key: &[u8], value: &[u8], map: &'static str, what: &str) -> Result<(), XdpError> {
+    // SAFETY: the callers pass exactly the map's key and value sizes (checked at load).
+    let ret = unsafe { libxdp_sys::bpf_map_update_elem(fd, key.as_ptr().cast(), value.as_ptr().cast(), 0) };
+    if ret < 0 {
+        return Err(XdpError::MapUpdate {
+            map,
+            key: what.to_owned(),
+            hint: "the map may be full",
+            source: io::Error::from_raw_os_error(-ret),
+        });
+    }
+    Ok(())
+}
+
+/// The kernel's possible CPUs (a per-CPU map holds a value for each): the highest of
+/// `/sys/devices/system/cpu/possible` ("0-3", "0,2-5") plus one.
+fn possible_cpus() -> usize {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+    let highest = text.trim().split([',', '-']).filter_map(|n| n.parse::<usize>().ok()).max();
+    highest.map_or_else(|| std::thread::available_parallelism().map_or(1, usize::from), |h| h + 1)
+}
