@@ -4,7 +4,7 @@
 #
 #   sudo scripts/bench.sh [--quick] [--repeats N] [--duration S] [--json FILE] [--poll busy|adaptive]
 #                         [--napi rps|forwarder|sender] [--only single|two] [--uplink-port afxdp|udp]
-#                         [--pod-port veth|tap] [--flows-compare] [--pktgen-flows N] [--no-build]
+#                         [--pod-port veth|tap] [--offload off|tc] [--flows-compare] [--pktgen-flows N] [--no-build]
 #
 #   --quick          one short repeat of everything (the CI smoke test; fails on a broken step, never on ratios)
 #   --repeats N      repeats of every measurement (default 5); medians are reported
@@ -33,6 +33,8 @@
 #                    ferry run records the flow records n1's agent took from the export rings and those lost
 #   --pod-port K     the ferry nodes' dataplane.pod_port (default veth; tap: each pod's eth0 is a persistent
 #                    multi-queue tap with virtio-net headers, so TCP super-packets reach ferry whole)
+#   --offload M      the ferry nodes' dataplane.offload (default off; tc: established TCP flows moved by ferry's TC
+#                    programs, which needs --pod-port veth --uplink-port udp)
 #
 # Measures, each direction on one node (n2 is a bare generator/sink):
 #   encap: pod1 -> n1 -> VXLAN on the uplink -> sink on n2;  decap: VXLAN from n2 -> n1 -> sink in pod1
@@ -59,6 +61,7 @@ NAPI=rps
 ONLY=
 UPLINK_PORT=afxdp
 POD_PORT=veth
+OFFLOAD=off
 BUILD=1
 FLOWS_COMPARE=0
 FLOWS=true
@@ -74,6 +77,7 @@ while [ $# -gt 0 ]; do
         --only) ONLY=${2:?}; shift ;;
         --uplink-port) UPLINK_PORT=${2:?}; shift ;;
         --pod-port) POD_PORT=${2:?}; shift ;;
+        --offload) OFFLOAD=${2:?}; shift ;;
         --no-build) BUILD=0 ;;
         --flows-compare) FLOWS_COMPARE=1 ;;
         --pktgen-flows) PKTGEN_FLOWS=${2:?}; shift ;;
@@ -94,6 +98,9 @@ esac
 case $ONLY in '' | single | two) ;; *) die "--only single|two" ;; esac
 case $UPLINK_PORT in afxdp | udp) ;; *) die "--uplink-port afxdp|udp" ;; esac
 case $POD_PORT in veth | tap) ;; *) die "--pod-port veth|tap" ;; esac
+case $OFFLOAD in off) ;; tc) [ "$POD_PORT" = veth ] && [ "$UPLINK_PORT" = udp ] || die "--offload tc needs --pod-port veth --uplink-port udp" ;;
+    *) die "--offload off|tc" ;; esac
+export OFFLOAD
 [[ $REPEATS =~ ^[1-9][0-9]?$ ]] || die "--repeats: 1 to 99"
 [[ $PKTGEN_FLOWS =~ ^[1-9][0-9]{0,4}$ ]] && ((PKTGEN_FLOWS <= 65536)) || die "--pktgen-flows: 1 to 65536"
 if [ "$QUICK" = 1 ]; then
@@ -160,7 +167,7 @@ if awk '{exit !($1 > 1.5)}' /proc/loadavg; then
     echo "warning: load average $LOAD_START is above 1.5: other work shares these CPUs; figures will be noisy" >&2
 fi
 echo "repeats $REPEATS, UDP runs ${DURATION}s, iperf3 ${TCP_T}s, ferry poll $POLL (single node) / adaptive (2 nodes)," \
-    "ferry's veth NAPI: $NAPI, uplink port $UPLINK_PORT, pod port $POD_PORT; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
+    "ferry's veth NAPI: $NAPI, uplink port $UPLINK_PORT, pod port $POD_PORT, offload $OFFLOAD; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
 [ "$NAPI" = sender ] && echo "note: --napi sender gives ferry part of CPU $GEN_CPU: not an equal-budget comparison" >&2
 
 for side in ferry kernel; do

@@ -17,7 +17,8 @@
  *   GSO metadata reach ferry whole, as on a tap pod. TCP SYNs without ACK always go to ferry, so
  *   that every new connection is judged there, also one that reuses an entry's ports.
  * - `ferry_offload_tap`, TCX ingress of that tap: what ferry writes for the pod goes into the
- *   pod's namespace (bpf_redirect_peer through its veth).
+ *   pod's namespace (bpf_redirect to its veth, as the kernel routes into a pod: a program the pod
+ *   runs on its own interface sees it).
  * - `ferry_offload_uplink`, TC ingress of the uplink: a tunnel packet holding one whole inner
  *   packet of an entry from that node is decapsulated and handed to the pod's veth; everything
  *   else goes on to the kernel (ferry's UDP socket, the node's own traffic).
@@ -181,7 +182,7 @@ int ferry_offload_pod(struct __sk_buff *skb)
 		}
 		touch(e, len);
 		count(OFFLOAD_STAT_LOCAL);
-		return bpf_redirect_peer(e->out_ifindex, 0);
+		return bpf_redirect(e->out_ifindex, 0);
 	}
 	if (e->action != OFFLOAD_ENCAP4)
 		return TC_ACT_SHOT;
@@ -320,7 +321,7 @@ int ferry_offload_uplink(struct __sk_buff *skb)
 	}
 	touch(e, len);
 	count(OFFLOAD_STAT_DECAP);
-	return bpf_redirect_peer(e->out_ifindex, 0);
+	return bpf_redirect(e->out_ifindex, 0);
 }
 
 SEC("tcx/ingress")
@@ -333,7 +334,7 @@ int ferry_offload_tap(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	count(OFFLOAD_STAT_TO_POD);
-	return bpf_redirect_peer(*veth, 0);
+	return bpf_redirect(*veth, 0);
 }
 
 char _license[] SEC("license") = "Apache-2.0";

@@ -157,6 +157,7 @@ poll = "$POLL"
 xdp_mode = "$XDP_MODE"
 uplink_port = "${UPLINK_PORT:-afxdp}"
 pod_port = "${POD_PORT:-veth}"
+offload = "${OFFLOAD:-off}"
 flows = ${FLOWS:-true}
 [admin]
 socket = "$dir/ferry.sock"
