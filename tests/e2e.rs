@@ -939,6 +939,115 @@ fn bulk_transfers_checked_and_in_order() {
     }
 }
 
+/// Flow offload (`--offload tc`: veth pods, UDP uplinks): the whole matrix with a kernel-VXLAN node;
+/// 1 GiB checked transfers in order, ferry to ferry (moved by the TC programs at both ends: the
+/// entries carry the gigabyte as super-packets), to and from the kernel node; then a NetworkPolicy
+/// takes the flows back: the entries go, held connections that the new rules refuse stop, a new
+/// connection is refused; without the policy the connections are offloaded again.
+#[test]
+fn offload_moves_tcp_flows_and_gives_them_back() {
+    if !privileged("offload_moves_tcp_flows_and_gives_them_back") {
+        return;
+    }
+    let _s = serial();
+    const GIB: u64 = 1 << 30;
+    let lab = Lab::up(
+        "e2e_offload",
+        &[
+            "--nodes",
+            "2",
+            "--kernel-nodes",
+            "1",
+            "--pods-per-node",
+            "2",
+            "--pod-port",
+            "veth",
+            "--uplink-port",
+            "udp",
+            "--offload",
+            "tc",
+        ],
+    );
+    lab.ok(&["check"]);
+    let offload = |n: &str| lab.ferry(n, "status")["offload"].clone();
+    // The entry of the flow from `from` to `to`'s port, on `node`, with its action.
+    let entry = |node: &str, action: &str, to: &str, port: u16| -> Option<Value> {
+        let to_ip = lab.pod_ip(to);
+        offload(node)["flows"]
+            .as_array()?
+            .iter()
+            .find(|f| f["action"] == action && f["dst"] == to_ip.as_str() && f["dport"] == port)
+            .cloned()
+    };
+    for (from, to) in [("n1-p1", "n2-p1"), ("n1-p1", "k3-p1"), ("k3-p1", "n1-p1")] {
+        let (sent, behind) = checked_transfer(&lab, from, to, GIB);
+        let retrans = sent["retransmitted_segments"].as_u64().expect("retransmitted_segments");
+        println!("offload {from} -> {to}: {} MB/s, {retrans} retransmitted, {behind} behind", sent["mbps"]);
+        assert!(behind <= retrans, "{from} -> {to}: {behind} segments arrived out of order, {retrans} retransmitted");
+        // A ferry node sending: its encap entry moved the gigabyte; a ferry node receiving from
+        // ferry: its decap entry did too. (The kernel node's flows come in through the TC program
+        // or ferry's socket by their UDP source port; either way in order, checked above.)
+        if from.starts_with('n') {
+            let e =
+                entry("n1", "encap", to, 23457).unwrap_or_else(|| panic!("no encap entry on n1: {}", offload("n1")));
+            let (bytes, packets) = (e["bytes"].as_u64().unwrap_or(0), e["packets"].as_u64().unwrap_or(1));
+            println!("  n1 encap entry: {packets} packets, {bytes} bytes ({} per packet)", bytes / packets.max(1));
+            assert!(bytes >= GIB, "n1's entry carried {bytes} bytes: {e}");
+            assert!(bytes / packets.max(1) > 8_000, "super-packets: {bytes} bytes in {packets} packets");
+        }
+        if to == "n2-p1" {
+            let e =
+                entry("n2", "decap", to, 23457).unwrap_or_else(|| panic!("no decap entry on n2: {}", offload("n2")));
+            assert!(e["bytes"].as_u64().unwrap_or(0) >= GIB, "n2's decap entry: {e}");
+        }
+    }
+    for n in ["n1", "n2"] {
+        let o = offload(n);
+        println!("{n} offload programs: {}", o["programs"]);
+        assert_eq!(o["programs"]["error"], 0, "{n}: {o}");
+    }
+
+    // A NetworkPolicy on n2-p1 admitting TCP 8080 only: the entries are flushed and ferry judges
+    // the next packet of each connection; the held ones (to port 80) stop.
+    let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
+    let mut servers = Servers::new();
+    servers.spawn(&lab.netns("n2-p1"), &py, &["serve-hold", "80", "n2-p1"], 120);
+    let target = lab.pod_ip("n2-p1");
+    wait_answer(&lab, "n1-p1", &target, 80, &["n2-p1"]);
+    let (mut hold, held) = Hold::open(&lab, "n1-p1", &target, 4);
+    assert!(hold.round().iter().all(|r| r == "ok"), "held connections answer before the policy: {held:?}");
+    assert!(entry("n1", "encap", "n2-p1", 80).is_some(), "held connections offloaded on n1: {}", offload("n1"));
+    let file = lab.list()["static_file"].as_str().expect("static_file in list --json").to_owned();
+    let base = std::fs::read_to_string(&file).expect("static file");
+    let objects = format!(
+        "\n[[namespace]]\nname = \"default\"\n\n[[pod]]\nnamespace = \"default\"\nname = \"n2-p1\"\nlabels = {{ app = \"web\" }}\nips = [\"{target}\"]\nnode = \"n2\"\n"
+    );
+    let policy = "\n[[network_policy]]\nnamespace = \"default\"\nname = \"web-8080\"\npod_selector = { match_labels = { app = \"web\" } }\n[[network_policy.ingress]]\nports = [{ protocol = \"TCP\", port = 8080 }]\n";
+    let removed = |n: &str| offload(n)["removed"].as_u64().unwrap_or(0);
+    let removed_before = removed("n2");
+    std::fs::write(&file, format!("{base}{objects}{policy}")).expect("write static file");
+    let (r, flushed) =
+        poll_until(Duration::from_secs(10), Duration::from_millis(100), || removed("n2"), |r| *r > removed_before);
+    assert!(flushed, "n2 removed no entry after the policy ({removed_before} -> {r})");
+    assert!(entry("n2", "decap", "n2-p1", 80).is_none(), "n2 still offloads to n2-p1: {}", offload("n2"));
+    let after = hold.round();
+    println!("held connections after the policy: {after:?}");
+    assert!(after.iter().all(|r| r != "ok"), "a held connection went on through the new policy: {after:?}");
+    drop(hold);
+    let refused = tcp_transfer(&lab, "n1-p1", "n2-p1", &target, 100_000);
+    assert!(refused.is_err(), "a new connection through the policy: {refused:?}");
+    // Without the policy: connections go through, offloaded again.
+    std::fs::write(&file, format!("{base}{objects}")).expect("write static file");
+    let (got, ok) = poll_until(
+        Duration::from_secs(15),
+        Duration::from_millis(300),
+        || tcp_transfer(&lab, "n1-p1", "n2-p1", &target, 1_000_000),
+        Result::is_ok,
+    );
+    assert!(ok, "no connection once the policy is gone: {got:?}");
+    assert!(entry("n1", "encap", "n2-p1", 23456).is_some(), "not offloaded again: {}", offload("n1"));
+}
+
 /// The host-side veth of a pod on its node (from `ferry status`).
 fn host_ifname(lab: &Lab, node: &str, pod: &str) -> String {
     let st = lab.ferry(node, "status");
