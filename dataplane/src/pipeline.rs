@@ -351,9 +351,7 @@ impl Pipeline {
     /// offload is on.
     #[inline(always)]
     fn handshake_key(&self, frame: &[u8], info: &FlowInfo) -> Option<FlowKey4> {
-        if self.offload.is_none() {
-            return None;
-        }
+        self.offload.as_ref()?;
         handshake_key(frame, info)
     }
 
@@ -1362,4 +1360,50 @@ fn handshake_key(frame: &[u8], info: &FlowInfo) -> Option<FlowKey4> {
         dport: u16::from_be_bytes([tcp[2], tcp[3]]),
         proto: protocol::TCP,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ethernet, IPv4 (`ihl` words), TCP with `flags`.
+    fn tcp_frame(flags: u8, ihl: u8) -> Vec<u8> {
+        let opts = usize::from(ihl - 5) * 4;
+        let mut f = vec![0u8; 14 + 20 + opts + 20];
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = &mut f[14..];
+        ip[0] = 0x40 | ihl;
+        ip[2..4].copy_from_slice(&((20 + opts + 20) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = protocol::TCP;
+        ip[12..16].copy_from_slice(&[10, 244, 1, 2]);
+        ip[16..20].copy_from_slice(&[10, 244, 2, 2]);
+        let tcp = &mut f[14 + 20 + opts..];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = flags;
+        f
+    }
+
+    #[test]
+    fn handshake_key_is_a_syn_or_syn_ack_of_plain_ipv4_tcp() {
+        let key = |flags: u8, ihl: u8| {
+            let f = tcp_frame(flags, ihl);
+            handshake_key(&f, &flow::classify(&f).expect("classified"))
+        };
+        let want = FlowKey4 {
+            src: Ipv4Addr::new(10, 244, 1, 2),
+            dst: Ipv4Addr::new(10, 244, 2, 2),
+            sport: 40000,
+            dport: 5201,
+            proto: protocol::TCP,
+        };
+        assert_eq!(key(0x02, 5), Some(want), "SYN");
+        assert_eq!(key(0x12, 5), Some(want), "SYN-ACK");
+        for (flags, what) in [(0x10, "ACK"), (0x18, "PSH-ACK"), (0x03, "SYN-FIN"), (0x06, "SYN-RST"), (0x11, "FIN")] {
+            assert_eq!(key(flags, 5), None, "{what}");
+        }
+        assert_eq!(key(0x02, 6), None, "IPv4 options: the TC program parses a 20-byte header only");
+    }
 }

@@ -1037,6 +1037,24 @@ static_file = "/etc/ferry/nodes.toml"
     }
 
     #[test]
+    fn offload_needs_veth_pods_and_the_udp_uplink_and_names_its_field() {
+        assert!(!parse(GOOD).expect("valid").offload, "off by default");
+        let with = |d: &str| GOOD.replace("[control]", &format!("[dataplane]\n{d}\n[control]"));
+        let on = with("offload = \"tc\"\npod_port = \"veth\"\nuplink_port = \"udp\"");
+        assert!(parse(&on).expect("valid").offload);
+        assert!(parse(&with("offload = \"tc\"\npod_port = \"veth\"\nuplink_port = \"auto\"")).expect("auto").offload);
+        for bad in [
+            "offload = \"xdp\"",
+            "offload = \"tc\"\npod_port = \"tap\"\nuplink_port = \"udp\"",
+            "offload = \"tc\"\nuplink_port = \"udp\"",
+            "offload = \"tc\"\npod_port = \"veth\"\nuplink_port = \"afxdp\"",
+        ] {
+            let e = parse(&with(bad)).expect_err(bad);
+            assert!(e.contains("dataplane.offload"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn busy_poll_takes_its_device_settings() {
         let text = GOOD.replace(
             "[control]",
