@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Soak: traffic at the peak rate through each port kind for a long time, then the accounting.
 #
-#   sudo scripts/soak.sh [--minutes M] [--kinds "veth/afxdp tap/udp ..."] [--no-build]
+#   sudo scripts/soak.sh [--minutes M] [--kinds "veth/afxdp tap/udp veth/udp/tc ..."] [--no-build]
 #
-# For each kind (pod port / uplink port; default: veth/afxdp tap/udp tap/afxdp veth/udp) a two-node lab with one
+# For each kind (pod port / uplink port, and /tc for flow offload; default: veth/afxdp tap/udp tap/afxdp veth/udp
+# veth/udp/tc) a two-node lab with one
 # pod per node carries, for M minutes (default 10), four TCP streams n1-p1 -> n2-p1 and a flood of 64-byte UDP
 # datagrams n2-p1 -> n1-p1 (iperf3 -b 0), both at whatever rate the lab takes. Every 30 s it samples each agent's
 # resident memory. At the end, with the traffic stopped and the ports idle again, it checks on every node:
@@ -21,7 +22,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 . "$REPO/scripts/lib/common.sh"
 
 MINUTES=10
-KINDS="veth/afxdp tap/udp tap/afxdp veth/udp"
+KINDS="veth/afxdp tap/udp tap/afxdp veth/udp veth/udp/tc"
 BUILD=1
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -73,10 +74,10 @@ settled_frames() {
 failed=0
 summary=()
 for kind in $KINDS; do
-    pod=${kind%/*}
-    uplink=${kind#*/}
+    IFS=/ read -r pod uplink offload <<<"$kind"
     echo "==> $kind: $MINUTES minute(s)"
-    lab up --no-build --nodes 2 --pods-per-node 1 --pod-port "$pod" --uplink-port "$uplink" >/dev/null
+    lab up --no-build --nodes 2 --pods-per-node 1 --pod-port "$pod" --uplink-port "$uplink" \
+        --offload "${offload:-off}" >/dev/null
     list=$(lab list --json)
     dst=$(jq -r '.pods[] | select(.name == "n2-p1") | .ip' <<<"$list")
     src=$(jq -r '.pods[] | select(.name == "n1-p1") | .ip' <<<"$list")
