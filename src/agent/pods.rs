@@ -598,6 +598,12 @@ impl Pods {
             if !exists(&record.pod) {
                 tracing::info!(pod = %id, ifname = %record.pod.host_ifname, "pod interface gone; forgetting the pod");
                 let _ = std::fs::remove_file(&path);
+                // Deleted while no agent ran: its offload tap (in this namespace) goes too.
+                let tap = offload_tap_name(&id);
+                if self.offload.is_some() && Netlink::open().ok().and_then(|nl| nl.link(&tap).ok().flatten()).is_some()
+                {
+                    delete_offload_tap(Some(tap));
+                }
                 continue;
             }
             match self.add(record.pod, false) {
