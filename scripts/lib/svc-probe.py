@@ -85,19 +85,24 @@ def serve_both(port, name):
     serve(port, name)
 
 
+def read_line(c):
+    # One line from the connection, up to its end if no newline comes.
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = c.recv(256)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
 def tcp_once(ip, port):
     # 5 s, as `connect`: a lost SYN or SYN-ACK costs TCP a 1 s retransmission, and on a loaded
     # machine a 2 s limit read that as a failed translation (CI: two pod -> VIP probes of 72).
     try:
         with socket.create_connection((ip, port), timeout=5) as c:
             c.settimeout(5)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = c.recv(256)
-                if not chunk:
-                    break
-                data += chunk
-            return data.decode().strip() or "empty"
+            return read_line(c) or "empty"
     except ConnectionRefusedError:
         return "refused"
     except OSError as e:
@@ -153,16 +158,6 @@ def serve_hold(port, name):
     while True:
         c, _ = s.accept()
         threading.Thread(target=echo, args=(c,), daemon=True).start()
-
-
-def read_line(c):
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = c.recv(256)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode().strip()
 
 
 def hold(ip, port, count):
@@ -231,13 +226,7 @@ def connect(ip, port, count):
         try:
             with socket.create_connection((ip, port), timeout=5) as c:
                 c.settimeout(5)
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = c.recv(256)
-                    if not chunk:
-                        break
-                    data += chunk
-                print(data.decode().strip() or "empty")
+                print(read_line(c) or "empty")
         except ConnectionRefusedError:
             print("refused")
         except OSError as e:

@@ -86,10 +86,10 @@ struct Rates {
     last: Option<(Instant, Counters)>,
 }
 
-/// Everything the admin socket reads.
 /// Entries of the flow offload's map (`dataplane.offload`): 160 bytes each, preallocated.
 const OFFLOAD_FLOWS: u32 = 65_536;
 
+/// Everything the admin socket reads.
 #[derive(Debug)]
 struct Shared {
     resolved: Resolved,

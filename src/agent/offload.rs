@@ -59,7 +59,7 @@ impl Sweep {
             };
             let idle = now.duration_since(since) >= IDLE;
             if (new_tables && !still_holds(offload, snap.as_ref(), f)) || (scan && idle) {
-                gone += offload.remove_where(|g| g.key == f.key);
+                gone += usize::from(offload.remove(&f.key));
             } else {
                 seen.insert(f.key, (packets, since));
             }

@@ -505,17 +505,14 @@ impl Offload {
 
     /// Remove the entries `pred` picks; how many went.
     pub fn remove_where(&self, pred: impl Fn(&OffloadedFlow) -> bool) -> usize {
-        let mut n = 0;
-        for f in self.list() {
-            if pred(&f) {
-                let k = f.key.bytes();
-                // SAFETY: `k` is the map's key size.
-                if unsafe { libxdp_sys::bpf_map_delete_elem(self.flows_fd, k.as_ptr().cast()) } == 0 {
-                    n += 1;
-                }
-            }
-        }
-        n
+        self.list().iter().filter(|f| pred(f) && self.remove(&f.key)).count()
+    }
+
+    /// Remove flow `key`'s entry; whether there was one.
+    pub fn remove(&self, key: &FlowKey4) -> bool {
+        let k = key.bytes();
+        // SAFETY: `k` is the map's key size.
+        unsafe { libxdp_sys::bpf_map_delete_elem(self.flows_fd, k.as_ptr().cast()) == 0 }
     }
 
     /// The programs' counters, summed over CPUs, by [`STAT_NAMES`]; then offers taken and refused.
