@@ -42,6 +42,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// onto the `tx-checksum-*` features, exactly what `ethtool -K dev tx off` changes).
 const ETHTOOL_GTXCSUM: u32 = 0x16;
 const ETHTOOL_STXCSUM: u32 = 0x17;
+/// `ETHTOOL_SGRO` (`ethtool -K dev gro on|off`).
+const ETHTOOL_SGRO: u32 = 0x2c;
 
 /// `struct ethtool_value`.
 #[repr(C)]
@@ -449,6 +451,18 @@ impl Netlink {
     pub fn set_tx_checksum(&self, ifname: &str, on: bool) -> Result<(), LinkError> {
         let mut value = EthtoolValue { cmd: ETHTOOL_STXCSUM, data: u32::from(on) };
         let op = if on { "turn tx checksumming on for" } else { "turn tx checksumming off for" };
+        self.ethtool(ifname, &mut value).map_err(|e| LinkError::op(op, ifname, e))
+    }
+
+    /// Turns generic receive offload of `ifname` on or off (`ethtool -K ifname gro on|off`). On
+    /// a veth, on also gives its receive side a NAPI queue: what the other end sends is taken in
+    /// the order it was sent, whichever CPU sent it.
+    ///
+    /// # Errors
+    /// [`LinkError::Op`] when the ioctl fails.
+    pub fn set_gro(&self, ifname: &str, on: bool) -> Result<(), LinkError> {
+        let mut value = EthtoolValue { cmd: ETHTOOL_SGRO, data: u32::from(on) };
+        let op = if on { "turn GRO on for" } else { "turn GRO off for" };
         self.ethtool(ifname, &mut value).map_err(|e| LinkError::op(op, ifname, e))
     }
 

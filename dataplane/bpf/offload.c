@@ -8,6 +8,8 @@
  * connection it allows and routes without translation, the worker writes one entry per direction
  * and node into `offload_flows` while the handshake is in flight (the SYN, the SYN-ACK), before any
  * data can follow: a flow never has packets on both paths at once, so nothing overtakes anything.
+ * A UDP flow has no handshake: its entry is written after ferry sent the flow's first packet, and
+ * takes effect `armed_ns` later (2 ms), once what is already queued for ferry has gone out.
  *
  * - `ferry_offload_pod`, TCX ingress of a pod's host veth (the pod keeps TSO: no XDP program on
  *   it): a packet of an entry whose way in is this veth is encapsulated toward its node
@@ -87,6 +89,12 @@ static __always_inline void touch(struct offload_entry *e, __u32 len)
 	e->last_ns = bpf_ktime_get_ns();
 }
 
+/* Whether the entry takes its flow's packets yet (see `armed_ns`). */
+static __always_inline int armed(const struct offload_entry *e)
+{
+	return e->armed_ns == 0 || bpf_ktime_get_ns() >= e->armed_ns;
+}
+
 /* The ones'-complement sum of an IPv4 header of 20 bytes, folded. */
 static __always_inline __u16 ipv4_checksum(const __u16 *p)
 {
@@ -157,13 +165,17 @@ int ferry_offload_pod(struct __sk_buff *skb)
 		return to_ferry(skb);
 	struct flow4_key key = {};
 	__u8 ttl, tos;
-	if (key_of(eth + 1, end, &key, &ttl, &tos) || key.proto != IPPROTO_TCP)
+	if (key_of(eth + 1, end, &key, &ttl, &tos))
 		return to_ferry(skb);
-	struct tcphdr *tcp = (void *)(eth + 1) + sizeof(struct iphdr);
-	if ((void *)(tcp + 1) > end || (tcp->syn && !tcp->ack))
+	if (key.proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = (void *)(eth + 1) + sizeof(struct iphdr);
+		if ((void *)(tcp + 1) > end || (tcp->syn && !tcp->ack))
+			return to_ferry(skb);
+	} else if (key.proto != IPPROTO_UDP) {
 		return to_ferry(skb);
+	}
 	struct offload_entry *e = bpf_map_lookup_elem(&offload_flows, &key);
-	if (!e || e->in_ifindex != skb->ingress_ifindex)
+	if (!e || e->in_ifindex != skb->ingress_ifindex || !armed(e))
 		return to_ferry(skb);
 	/* A packet whose TTL runs out here, and one beyond the pod's MTU that is not a GSO
 	 * super-packet: ferry answers them with their ICMP errors. */
@@ -281,7 +293,8 @@ int ferry_offload_uplink(struct __sk_buff *skb)
 	if (key_of(inner, end, &key, &ttl, &tos))
 		return TC_ACT_OK;
 	struct offload_entry *e = bpf_map_lookup_elem(&offload_flows, &key);
-	if (!e || e->action != OFFLOAD_DECAP || e->in_ifindex != skb->ingress_ifindex || e->remote != o->ip.saddr)
+	if (!e || e->action != OFFLOAD_DECAP || e->in_ifindex != skb->ingress_ifindex || e->remote != o->ip.saddr ||
+	    !armed(e))
 		return TC_ACT_OK;
 	/* One whole inner packet per outer datagram: a train of datagrams (a UDP GSO send) holds
 	 * several, which only ferry's socket path takes apart. */

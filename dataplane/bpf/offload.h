@@ -44,6 +44,9 @@ struct offload_entry {
 	/* encap: the outer headers (lengths and checksum filled per packet); local and decap: the
 	 * destination and source MACs of the delivered frame. */
 	__u8 hdr[OFFLOAD_HDR_MAX];
+	/* bpf_ktime_get_ns() before which the entry's packets still go to ferry (0: at once). A UDP
+	 * flow is offloaded mid-stream: its packets already queued for ferry go out first. */
+	__u64 armed_ns;
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_ns; /* bpf_ktime_get_ns() of the last packet */

@@ -52,7 +52,7 @@ use crate::conntrack::{Conntrack, Timeouts};
 use crate::flows::{FlowTable, NO_SLOT};
 use crate::service::{self, ExternalOutcome, Outcome, ReplyOutcome};
 use crate::trace::{self as tr, NoTrace, Note, Recorder, RouteNote, ServiceNote, Trace};
-use crate::xdp::offload::{FlowKey4, Offer, Offload};
+use crate::xdp::offload::{FlowKey4, Offer, Offload, Prepared};
 
 /// What the pipeline asks of the forwarding tables. The published [`Snapshot`] implements it (a
 /// worker loads one per batch and passes it in); tests and benches may implement it with less.
@@ -284,10 +284,17 @@ pub struct Pipeline {
     flow_slot: usize,
     /// This packet's ingress port.
     flow_in: PortId,
-    /// Flow offload, when on ([`Pipeline::set_offload`]): connections this pipeline allows and
-    /// routes without translation are offered to it on their handshake.
+    /// Flow offload, when on ([`Pipeline::set_offload`]): flows this pipeline allows and routes
+    /// without translation are offered to it (TCP on its handshake, UDP on any packet).
     offload: Option<Arc<Offload>>,
+    /// Offers made during this iteration, written by [`Pipeline::commit_offers`] after the
+    /// packets that made them were sent.
+    offers: Vec<Prepared>,
 }
+
+/// Offers one iteration keeps for [`Pipeline::commit_offers`]; beyond, a flow simply stays on
+/// ferry's path until its next packet.
+const MAX_PENDING_OFFERS: usize = 64;
 
 /// Connection-tracking slots of a pipeline made with [`Pipeline::for_trace`] (64 KiB).
 pub const TRACE_CONNTRACK_SLOTS: usize = 1 << 10;
@@ -339,26 +346,45 @@ impl Pipeline {
             flow_slot: NO_SLOT,
             flow_in: PortId(0),
             offload: None,
+            offers: Vec::new(),
         }
     }
 
     /// Offer connections to `offload` (off by default; see [`crate::xdp::offload`]).
     pub fn set_offload(&mut self, offload: Option<Arc<Offload>>) {
+        self.offers = Vec::with_capacity(if offload.is_some() { MAX_PENDING_OFFERS } else { 0 });
         self.offload = offload;
     }
 
-    /// The flow of an IPv4 TCP packet that opens a connection (a SYN, with or without ACK), while
-    /// offload is on.
+    /// The flow of a packet that may be offered, while offload is on: an IPv4 TCP packet that
+    /// opens a connection (a SYN, with or without ACK), or an IPv4 UDP datagram.
     #[inline(always)]
-    fn handshake_key(&self, frame: &[u8], info: &FlowInfo) -> Option<FlowKey4> {
+    fn offer_key(&self, frame: &[u8], info: &FlowInfo) -> Option<FlowKey4> {
         self.offload.as_ref()?;
-        handshake_key(frame, info)
+        offer_key(frame, info)
     }
 
     #[cold]
-    fn offer(&self, key: FlowKey4, offer: &Offer<'_>) {
+    fn offer(&mut self, key: FlowKey4, offer: &Offer<'_>) {
+        if let Some(o) = &self.offload
+            && self.offers.len() < MAX_PENDING_OFFERS
+            && let Some(p) = o.prepare(key, offer)
+        {
+            self.offers.push(p);
+        }
+    }
+
+    /// Write the entries offered since the last call (the worker calls this after sending its
+    /// iteration's packets: an entry never takes effect before the packet that made it left).
+    #[inline]
+    pub fn commit_offers(&mut self) {
+        if self.offers.is_empty() {
+            return;
+        }
         if let Some(o) = &self.offload {
-            o.offer(key, offer);
+            for p in self.offers.drain(..) {
+                o.commit(&p);
+            }
         }
     }
 
@@ -509,13 +535,13 @@ impl Pipeline {
         if R::ON {
             rec.note(Note::SenderChecked { outer_src });
         }
-        let opening = self.handshake_key(frame.data(), &ctx.flow);
+        let opening = self.offer_key(frame.data(), &ctx.flow);
         let route = fib.route(ctx.dst());
         note_route(rec, &route);
         match route {
             Route::Local { port, mac } => {
                 let v = self.deliver(fib, &mut ctx, frame, port, mac, Arrival::Decapsulated, rec);
-                let untranslated = opening.filter(|k| handshake_key(frame.data(), &ctx.flow) == Some(*k));
+                let untranslated = opening.filter(|k| offer_key(frame.data(), &ctx.flow) == Some(*k));
                 if let (Some(key), Verdict::Forward(to), IpAddr::V4(remote)) = (untranslated, v, outer_src) {
                     let src_mac = self.cfg.gateway_mac;
                     self.offer(key, &Offer::Decap { remote, to, dst_mac: mac, src_mac });
@@ -675,7 +701,7 @@ impl Pipeline {
             rec.note(Note::SourceAllowed { port: in_port, src: ctx.src() });
         }
         step!(self.prepare_forward(&ctx, frame, counters));
-        let opening = self.handshake_key(frame.data(), &ctx.flow);
+        let opening = self.offer_key(frame.data(), &ctx.flow);
         // Policy between the service's two halves: on the pods' real addresses (see `policy`).
         let translated = match self.service_stage(fib, &mut ctx, frame, counters, rec) {
             Ok(t) => t,
@@ -686,7 +712,7 @@ impl Pipeline {
             self.service_reply_stage(fib, &mut ctx, frame, rec);
         }
         // Offered only untranslated: the same addresses and ports as it came in.
-        let opening = opening.filter(|k| !translated && handshake_key(frame.data(), &ctx.flow) == Some(*k));
+        let opening = opening.filter(|k| !translated && offer_key(frame.data(), &ctx.flow) == Some(*k));
         let route = fib.route(ctx.dst());
         note_route(rec, &route);
         match route {
@@ -710,7 +736,8 @@ impl Pipeline {
                         src_port: flow::source_port(ctx.flow.hash),
                         max_len: u16::try_from(max_len).unwrap_or(u16::MAX),
                     };
-                    // Before the SYN leaves: nothing of the flow can follow it before the answer.
+                    // Written once the packet left (the end of the worker's iteration): for TCP
+                    // before the answer to its SYN can come, for UDP armed a little later.
                     self.offer(key, &offer);
                 }
                 let v = self.encap_stage(frame, &ctx.flow, template, vtep_mac, counters, rec);
@@ -1337,28 +1364,27 @@ fn decrement_ttl(frame: &mut FrameBuf<'_>, info: &FlowInfo) {
     }
 }
 
-/// The flow of an IPv4 TCP packet that opens a connection: SYN set (with or without ACK), RST and
-/// FIN clear, no IP options, not a fragment.
-fn handshake_key(frame: &[u8], info: &FlowInfo) -> Option<FlowKey4> {
-    if info.l3 != L3::Ipv4 || info.protocol != protocol::TCP {
+/// The flow of a packet that may be offloaded: IPv4 without options, not a fragment, and either
+/// TCP opening a connection (SYN set, with or without ACK; RST and FIN clear) or UDP.
+fn offer_key(frame: &[u8], info: &FlowInfo) -> Option<FlowKey4> {
+    if info.l3 != L3::Ipv4 || !matches!(info.protocol, protocol::TCP | protocol::UDP) {
         return None;
     }
     let (start, _) = info.l4?;
     let ip = frame.get(info.l3_offset..info.l3_offset + 20)?;
-    if ip[0] != 0x45 {
+    if ip[0] != 0x45 || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
         return None;
     }
-    let flags = *frame.get(start + 13)?;
-    if flags & 0x07 != 0x02 {
+    if info.protocol == protocol::TCP && *frame.get(start + 13)? & 0x07 != 0x02 {
         return None;
     }
-    let tcp = frame.get(start..start + 4)?;
+    let l4 = frame.get(start..start + 4)?;
     Some(FlowKey4 {
         src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
         dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
-        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
-        proto: protocol::TCP,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        proto: info.protocol,
     })
 }
 
@@ -1387,11 +1413,9 @@ mod tests {
     }
 
     #[test]
-    fn handshake_key_is_a_syn_or_syn_ack_of_plain_ipv4_tcp() {
-        let key = |flags: u8, ihl: u8| {
-            let f = tcp_frame(flags, ihl);
-            handshake_key(&f, &flow::classify(&f).expect("classified"))
-        };
+    fn offer_key_is_a_syn_or_syn_ack_of_plain_ipv4_tcp_or_any_udp() {
+        let key = |f: &[u8]| offer_key(f, &flow::classify(f).expect("classified"));
+        let tcp = |flags: u8, ihl: u8| key(&tcp_frame(flags, ihl));
         let want = FlowKey4 {
             src: Ipv4Addr::new(10, 244, 1, 2),
             dst: Ipv4Addr::new(10, 244, 2, 2),
@@ -1399,11 +1423,21 @@ mod tests {
             dport: 5201,
             proto: protocol::TCP,
         };
-        assert_eq!(key(0x02, 5), Some(want), "SYN");
-        assert_eq!(key(0x12, 5), Some(want), "SYN-ACK");
+        assert_eq!(tcp(0x02, 5), Some(want), "SYN");
+        assert_eq!(tcp(0x12, 5), Some(want), "SYN-ACK");
         for (flags, what) in [(0x10, "ACK"), (0x18, "PSH-ACK"), (0x03, "SYN-FIN"), (0x06, "SYN-RST"), (0x11, "FIN")] {
-            assert_eq!(key(flags, 5), None, "{what}");
+            assert_eq!(tcp(flags, 5), None, "{what}");
         }
-        assert_eq!(key(0x02, 6), None, "IPv4 options: the TC program parses a 20-byte header only");
+        assert_eq!(tcp(0x02, 6), None, "IPv4 options: the TC program parses a 20-byte header only");
+        // UDP: any datagram (the same bytes as a TCP header's ports), but not a fragment.
+        let mut udp = tcp_frame(0x10, 5);
+        udp[14 + 9] = protocol::UDP;
+        udp[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&28u16.to_be_bytes());
+        assert_eq!(key(&udp), Some(FlowKey4 { proto: protocol::UDP, ..want }), "UDP");
+        udp[14 + 6] = 0x20;
+        assert_eq!(key(&udp), None, "the first fragment of a UDP datagram (more fragments)");
+        let mut icmp = tcp_frame(0x02, 5);
+        icmp[14 + 9] = protocol::ICMP;
+        assert_eq!(key(&icmp), None, "ICMP");
     }
 }

@@ -182,6 +182,26 @@ pub fn check(ct: &Conntrack, now: u32, tables: &PolicyTables, ctx: &Ctx, frame: 
     result(v, by)
 }
 
+/// Keep the policy records of the connection whose packets go `src`:`sport` -> `dst`:`dport`
+/// alive at `now`, both directions, without a packet through the pipeline: flow offload's sweep
+/// calls this for entries whose packets the kernel moved, so that a flow given back to ferry
+/// after a quiet minute in the kernel finds its records (a UDP reply would otherwise be judged
+/// as a connection of its own). Whether a record was there.
+pub fn keep_alive(ct: &Conntrack, now: u32, src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> bool {
+    let Some(key_proto) = record_proto(proto) else { return false };
+    let mut found = false;
+    for key in [
+        Tuple { src, dst, sport, dport, proto: key_proto },
+        Tuple { src: dst, dst: src, sport: dport, dport: sport, proto: key_proto },
+    ] {
+        if let Some(hit) = ct.lookup(&key) {
+            ct.touch(&hit, now, 0);
+            found = true;
+        }
+    }
+    found
+}
+
 /// Whether `ctx` is an ICMP error about a connection the policy allowed (its quoted packet's
 /// tuple has an allowing record: Linux conntrack's `RELATED`). A record of an older generation
 /// counts as the connection's next packet would: judged again (not rewritten: the connection's

@@ -632,6 +632,8 @@ impl<P: Port> Worker<P> {
         for p in 0..self.ports.len() {
             self.flush_port(p);
         }
+        // Flow offload's entries, now that the packets that made them are out.
+        self.pipeline.commit_offers();
         self.counters.double_frees = self.free.refused();
         self.since_publish += received;
         if now.saturating_sub(self.last_publish_ns) >= PUBLISH_INTERVAL.as_nanos() as u64 {

@@ -456,6 +456,9 @@ pub struct OffloadStatus {
 pub struct OffloadFlow {
     /// encap, local or decap.
     pub action: String,
+    /// tcp or udp.
+    #[serde(default)]
+    pub proto: String,
     /// Source address.
     pub src: IpAddr,
     /// Source port.

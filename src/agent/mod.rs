@@ -663,7 +663,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             shared.conntrack.gc(shared.conntrack.now());
         }
         if let Some(o) = &shared.offload {
-            let n = offload_sweep.run(o, &lock(&tables).current(), Instant::now());
+            let n = offload_sweep.run(o, &shared.conntrack, &lock(&tables).current(), Instant::now());
             shared.offload_removed.fetch_add(n as u64, Ordering::Relaxed);
         }
         let services = Arc::clone(lock(&tables).services());

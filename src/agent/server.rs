@@ -315,6 +315,11 @@ impl Handler {
                         .into_iter()
                         .map(|f| OffloadFlow {
                             action: f.action.to_owned(),
+                            proto: match f.key.proto {
+                                6 => "tcp".to_owned(),
+                                17 => "udp".to_owned(),
+                                p => p.to_string(),
+                            },
                             src: f.key.src.into(),
                             sport: f.key.sport,
                             dst: f.key.dst.into(),

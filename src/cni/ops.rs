@@ -168,6 +168,11 @@ fn wire(
             // through a tap with their checksum state, and the pod keeps TSO.
             if !info.offload {
                 pod.set_tx_checksum(&env.ifname, false)?;
+            } else {
+                // Under flow offload the host end takes the pod's packets through a NAPI ring
+                // (GRO on): in the order the pod sent them from either CPU, before the offload's
+                // program moves them (docs/throughput.md, "Order").
+                nl.set_gro(host, true)?;
             }
         }
         PodPort::Tap => {

@@ -1,10 +1,13 @@
 //! Flow offload (`dataplane.offload = "tc"`): the TC programs of `bpf/offload.c` and their maps
-//! (setup side, plus [`Offload::offer`], which a worker calls on a connection's handshake).
+//! (setup side, plus [`Offload::prepare`] and [`Offload::commit`], which a worker calls for the
+//! flows it forwards).
 //!
 //! ferry's pipeline decides every connection's first packets; for a TCP connection it allows and
-//! routes without translation, the worker offers the flow here ([`Offload::offer`]) while the
-//! handshake is in flight, and the entry written then moves the rest of the connection in the
-//! kernel: encapsulated at the pod's host veth with `bpf_skb_adjust_room`, which keeps a TSO
+//! routes without translation, the worker offers the flow here ([`Offload::prepare`], written by
+//! [`Offload::commit`] once the packet has left) while the handshake is in flight, and the entry
+//! written then moves the rest of the connection in the kernel. A UDP flow is offered on any
+//! packet ferry forwards, and its entry takes effect [`UDP_ARM_DELAY`] after it is written. The
+//! kernel's path: encapsulated at the pod's host veth with `bpf_skb_adjust_room`, which keeps a TSO
 //! super-packet whole, decapsulated at the uplink, or handed to another pod of the node. What is
 //! not offloaded reaches ferry through the pod's own tap (its *partner*), with virtio-net headers.
 //!
@@ -19,7 +22,7 @@ use std::net::Ipv4Addr;
 use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_encap::MacAddr;
 use ferry_encap::template::{Family, TunnelTemplate};
@@ -33,12 +36,22 @@ static OFFLOAD_OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("O
 /// `struct flow4_key` (bpf/offload.h).
 const KEY_SIZE: usize = 16;
 /// `struct offload_entry` (bpf/offload.h).
-const ENTRY_SIZE: usize = 160;
+const ENTRY_SIZE: usize = 168;
 /// `OFFLOAD_HDR_MAX`.
 const HDR_MAX: usize = 112;
-/// Where `hdr` starts in the entry, and the counters after it.
+/// Where `hdr` starts in the entry, then `armed_ns` and the counters after it.
 const HDR_AT: usize = 24;
-const PACKETS_AT: usize = HDR_AT + HDR_MAX;
+const ARMED_AT: usize = HDR_AT + HDR_MAX;
+const PACKETS_AT: usize = ARMED_AT + 8;
+
+/// How long after its entry is written a UDP flow's packets still go to ferry: those already
+/// queued for ferry (in the pod's tap, the uplink's socket, the worker's batch) leave first, so
+/// that the switch to the kernel's path does not reorder the flow. TCP flows are offloaded on
+/// their handshake, with nothing queued, and take effect at once.
+pub const UDP_ARM_DELAY: Duration = Duration::from_millis(2);
+
+/// Slots of the recent-offers filter (a power of two).
+const RECENT_SLOTS: usize = 4096;
 
 const ACTION_ENCAP4: u8 = 1;
 const ACTION_LOCAL: u8 = 2;
@@ -77,6 +90,14 @@ impl FlowKey4 {
         b[10..12].copy_from_slice(&self.dport.to_be_bytes());
         b[12] = self.proto;
         b
+    }
+
+    /// A mix of the key's bits (for the recent-offers filter).
+    fn hash64(&self) -> u64 {
+        let a = u64::from(u32::from(self.src)) << 32 | u64::from(u32::from(self.dst));
+        let b = u64::from(self.sport) << 24 | u64::from(self.dport) << 8 | u64::from(self.proto);
+        let x = (a ^ b.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 31)
     }
 
     fn from_bytes(b: &[u8; KEY_SIZE]) -> Self {
@@ -195,6 +216,56 @@ pub struct Offload {
     epoch: Instant,
     offered: AtomicU64,
     refused: AtomicU64,
+    recent: RecentOffers,
+}
+
+/// Flows offered lately. A UDP flow reaches the pipeline packet after packet until its entry is
+/// armed; this keeps it to one offer (one map update) in about a second. Each slot holds a key's
+/// hash (top 48 bits) and the second it was offered in (low 16), at the hash's low bits; a
+/// collision only costs a repeated offer.
+#[derive(Debug)]
+struct RecentOffers(Box<[AtomicU64]>);
+
+impl RecentOffers {
+    fn new() -> Self {
+        RecentOffers((0..RECENT_SLOTS).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Whether `key` was not offered in second `sec` or the one before (and note it as offered
+    /// in `sec`).
+    fn first(&self, key: &FlowKey4, sec: u64) -> bool {
+        let h = key.hash64();
+        let slot = &self.0[(h as usize) & (RECENT_SLOTS - 1)];
+        let (tag, sec) = (h & !0xffff, (sec & 0xffff) as u16);
+        let seen = slot.load(Ordering::Relaxed);
+        if seen != 0 && seen & !0xffff == tag && sec.wrapping_sub(seen as u16) < 2 {
+            return false;
+        }
+        slot.store(tag | u64::from(sec), Ordering::Relaxed);
+        true
+    }
+
+    /// Forget `key` (its entry went: a new offer is welcome at once).
+    fn forget(&self, key: &FlowKey4) {
+        let h = key.hash64();
+        let slot = &self.0[(h as usize) & (RECENT_SLOTS - 1)];
+        if slot.load(Ordering::Relaxed) & !0xffff == h & !0xffff {
+            slot.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An entry made ready by [`Offload::prepare`], written by [`Offload::commit`].
+#[derive(Clone)]
+pub struct Prepared {
+    key: FlowKey4,
+    entry: [u8; ENTRY_SIZE],
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("key", &self.key).field("action", &self.entry[14]).finish()
+    }
 }
 
 // SAFETY: the libbpf object is owned by this value alone; after loading, every use is a bpf(2)
@@ -256,6 +327,7 @@ impl Offload {
             epoch: Instant::now(),
             offered: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            recent: RecentOffers::new(),
         };
         let flows = o.map(c"offload_flows").ok_or_else(|| missing("map offload_flows"))?;
         // SAFETY: the map belongs to the opened, not yet loaded object.
@@ -386,16 +458,42 @@ impl Offload {
         true
     }
 
-    /// Offload the rest of flow `key` as `offer` says. `false` when it stays ferry's: a port
-    /// that is not an offloaded pod, an outer header that does not fit, the second's budget
-    /// spent, or the map refusing (full).
+    /// Offload the rest of flow `key` as `offer` says, now: [`Offload::prepare`] then
+    /// [`Offload::commit`]. `false` when it stays ferry's.
     pub fn offer(&self, key: FlowKey4, offer: &Offer<'_>) -> bool {
-        let Some(entry) = self.entry(offer) else { return false };
+        self.prepare(key, offer).is_some_and(|p| self.commit(&p))
+    }
+
+    /// The entry that offloads the rest of flow `key` as `offer` says, to be written by
+    /// [`Offload::commit`] once the packet that made the offer has left (the worker commits at
+    /// the end of its iteration). `None` when it stays ferry's: a port that is not an offloaded
+    /// pod, an outer header that does not fit, or the flow offered within the last second or so
+    /// (a UDP flow's packets keep coming through ferry until its entry is armed).
+    pub fn prepare(&self, key: FlowKey4, offer: &Offer<'_>) -> Option<Prepared> {
+        if !self.recent.first(&key, self.epoch.elapsed().as_secs()) {
+            return None;
+        }
+        let mut entry = self.entry(offer)?;
+        if key.proto == 17 {
+            // Written at commit: a placeholder that marks the entry as one to arm later.
+            entry[ARMED_AT..ARMED_AT + 8].copy_from_slice(&u64::MAX.to_ne_bytes());
+        }
+        Some(Prepared { key, entry })
+    }
+
+    /// Write a prepared entry. `false` when it stays ferry's: the second's budget spent, or the
+    /// map refusing (full).
+    pub fn commit(&self, p: &Prepared) -> bool {
         if !self.spend() {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        let ok = update(self.flows_fd, &key.bytes(), &entry, "offload_flows", "flow").is_ok();
+        let mut entry = p.entry;
+        if entry[ARMED_AT..ARMED_AT + 8] != [0; 8] {
+            let at = monotonic_ns().saturating_add(UDP_ARM_DELAY.as_nanos() as u64);
+            entry[ARMED_AT..ARMED_AT + 8].copy_from_slice(&at.to_ne_bytes());
+        }
+        let ok = update(self.flows_fd, &p.key.bytes(), &entry, "offload_flows", "flow").is_ok();
         if ok {
             self.offered.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -403,6 +501,7 @@ impl Offload {
         }
         ok
     }
+
 
     fn entry(&self, offer: &Offer<'_>) -> Option<[u8; ENTRY_SIZE]> {
         let mut e = [0u8; ENTRY_SIZE];
@@ -510,6 +609,7 @@ impl Offload {
 
     /// Remove flow `key`'s entry; whether there was one.
     pub fn remove(&self, key: &FlowKey4) -> bool {
+        self.recent.forget(key);
         let k = key.bytes();
         // SAFETY: `k` is the map's key size.
         unsafe { libxdp_sys::bpf_map_delete_elem(self.flows_fd, k.as_ptr().cast()) == 0 }
@@ -546,10 +646,52 @@ fn update(fd: i32, key: &[u8], value: &[u8], map: &'static str, what: &str) -> R
     Ok(())
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: `bpf_ktime_get_ns()`'s clock.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
 /// The kernel's possible CPUs (a per-CPU map holds a value for each): the highest of
 /// `/sys/devices/system/cpu/possible` ("0-3", "0,2-5") plus one.
 fn possible_cpus() -> usize {
     let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
     let highest = text.trim().split([',', '-']).filter_map(|n| n.parse::<usize>().ok()).max();
     highest.map_or_else(|| std::thread::available_parallelism().map_or(1, usize::from), |h| h + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(sport: u16, proto: u8) -> FlowKey4 {
+        FlowKey4 {
+            src: Ipv4Addr::new(10, 244, 1, 2),
+            dst: Ipv4Addr::new(10, 244, 2, 2),
+            sport,
+            dport: 5201,
+            proto,
+        }
+    }
+
+    #[test]
+    fn a_flow_is_offered_once_in_about_a_second_and_again_once_forgotten() {
+        let r = RecentOffers::new();
+        let (a, b) = (key(40000, 17), key(40001, 17));
+        assert!(r.first(&a, 7), "the first offer");
+        assert!(!r.first(&a, 7), "the same second");
+        assert!(!r.first(&a, 8), "the next second");
+        assert!(r.first(&b, 8), "another flow");
+        assert!(r.first(&key(40000, 6), 8), "the same ports over TCP");
+        assert!(r.first(&a, 10), "two seconds later");
+        r.forget(&a);
+        assert!(r.first(&a, 10), "forgotten: its entry went");
+        // The second counter wraps at 16 bits.
+        let c = key(40002, 17);
+        assert!(r.first(&c, 0xffff));
+        assert!(!r.first(&c, 0x1_0000), "across the wrap");
+        assert!(r.first(&c, 0x1_0002));
+    }
 }
