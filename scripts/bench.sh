@@ -33,7 +33,7 @@
 #                    ferry run records the flow records n1's agent took from the export rings and those lost
 #   --pod-port K     the ferry nodes' dataplane.pod_port (default veth; tap: each pod's eth0 is a persistent
 #                    multi-queue tap with virtio-net headers, so TCP super-packets reach ferry whole)
-#   --offload M      the ferry nodes' dataplane.offload (default off; tc: established TCP flows moved by ferry's TC
+#   --offload M      the ferry nodes' dataplane.offload (default off; tc: TCP and UDP flows moved by ferry's TC
 #                    programs, which needs --pod-port veth --uplink-port udp)
 #
 # Measures, each direction on one node (n2 is a bare generator/sink):

@@ -29,7 +29,7 @@
 # --uplink-port: the agents' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
 # UDP_SEGMENT/UDP_GRO and no XDP program on the uplink). --pod-port: the interface ferry nodes give their pods
 # (the agents' dataplane.pod_port; default auto: a tap when /dev/net/tun opens, else a veth). --offload tc: the
-# agents' dataplane.offload (established TCP flows moved by TC programs; needs --pod-port veth --uplink-port udp).
+# agents' dataplane.offload (TCP and UDP flows moved by TC programs; needs --pod-port veth --uplink-port udp).
 # Kernel nodes need --encap vxlan (this kernel has no geneve module). Sources: static (one shared file,
 # $STATE/nodes.toml), etcd (Debian's etcd on 192.168.100.254:2379 in the underlay namespace, Flannel
 # leases; a running agent re-takes its own lease, so source-remove wants kill-agent first), kube (the

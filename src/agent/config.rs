@@ -39,7 +39,7 @@
 //! flow_slots = 4096               # flows each worker's table holds (a power of two, 64..=1048576)
 //! conntrack_slots = 262144        # the connection-tracking table shared by the workers (64 bytes a slot;
 //!                                 # a translated connection takes two; a power of two, 64..=16777216)
-//! offload = "off"                 # off | tc: established TCP flows moved by TC programs (veth pods, UDP uplink)
+//! offload = "off"                 # off | tc: TCP and UDP flows moved by TC programs (veth pods, UDP uplink)
 //! busy_poll_budget = 64           # packets per busy-poll round
 //! napi_defer_hard_irqs = 2        # set on each port's device while busy polling
 //! gro_flush_timeout_us = 200      # likewise (the device's gro_flush_timeout)

@@ -502,7 +502,6 @@ impl Offload {
         ok
     }
 
-
     fn entry(&self, offer: &Offer<'_>) -> Option<[u8; ENTRY_SIZE]> {
         let mut e = [0u8; ENTRY_SIZE];
         let (input, output, action) = match *offer {
@@ -667,13 +666,7 @@ mod tests {
     use super::*;
 
     fn key(sport: u16, proto: u8) -> FlowKey4 {
-        FlowKey4 {
-            src: Ipv4Addr::new(10, 244, 1, 2),
-            dst: Ipv4Addr::new(10, 244, 2, 2),
-            sport,
-            dport: 5201,
-            proto,
-        }
+        FlowKey4 { src: Ipv4Addr::new(10, 244, 1, 2), dst: Ipv4Addr::new(10, 244, 2, 2), sport, dport: 5201, proto }
     }
 
     #[test]
