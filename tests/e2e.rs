@@ -2579,12 +2579,34 @@ fn services_node_port_cluster_and_local_from_outside() {
         return;
     }
     let _s = serial();
-    // The client is the underlay's own namespace (192.168.100.254 on the bridge): outside the
-    // cluster. Pods on taps: a Local backend's reply to the client goes through ferry.
-    let lab = Lab::up(
+    // Pods on taps: a Local backend's reply to the client goes through ferry. The uplink's XDP
+    // program hands the node ports to ferry.
+    node_ports_from_outside(
         "e2e_nodeport",
         &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "tap", "--uplink-port", "afxdp"],
     );
+}
+
+/// [`services_node_port_cluster_and_local_from_outside`] on the UDP uplink with flow offload: the
+/// uplink's TC program hands the node ports to ferry's tap for them, and ferry's rejections go
+/// back out of the uplink through it. (About 70 s.)
+#[test]
+fn services_node_port_on_the_udp_uplink_with_offload() {
+    if !privileged("services_node_port_on_the_udp_uplink_with_offload") {
+        return;
+    }
+    let _s = serial();
+    node_ports_from_outside(
+        "e2e_nodeportu",
+        &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "veth", "--uplink-port", "udp", "--offload", "tc"],
+    );
+}
+
+/// The node-port tests' body: a lab `name` made with `args`.
+fn node_ports_from_outside(name: &str, args: &[&str]) {
+    // The client is the underlay's own namespace (192.168.100.254 on the bridge): outside the
+    // cluster.
+    let lab = Lab::up(name, args);
     let py = repo().join("scripts/lib/svc-probe.py").display().to_string();
     // Backends n1-p2 and n2-p1 answer their name and the client address they see; node n1's
     // kernel has a service of its own on port 2222 (an ssh stand-in).

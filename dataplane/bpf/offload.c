@@ -22,8 +22,11 @@
  *   pod's namespace (bpf_redirect to its veth, as the kernel routes into a pod: a program the pod
  *   runs on its own interface sees it).
  * - `ferry_offload_uplink`, TC ingress of the uplink: a tunnel packet holding one whole inner
- *   packet of an entry from that node is decapsulated and handed to the pod's veth; everything
- *   else goes on to the kernel (ferry's UDP socket, the node's own traffic).
+ *   packet of an entry from that node is decapsulated and handed to the pod's veth; a packet to a
+ *   service's way in from outside (a node port, an external or load-balancer IP: `frontends`) is
+ *   handed to ferry's tap for them (`ext_tap`); everything else goes on to the kernel (ferry's
+ *   UDP socket, the node's own traffic). `ferry_offload_tap` on that tap sends what ferry writes
+ *   there (rejections) out of the uplink.
  *
  * The agent removes entries (the flow then goes back to ferry's own path) when their decision
  * may have changed: a new NetworkPolicy, a route change toward their destination, the end of the
@@ -33,6 +36,7 @@
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
@@ -46,11 +50,32 @@
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
 #endif
 
-/* The tunnel header ferry's uplink reads (VXLAN or Geneve); the agent writes it once. */
+/* The tunnel header ferry's uplink reads (VXLAN or Geneve), and the ways into services from
+ * outside: the node's IPv4 address (node ports), and ferry's tap for them (0: none). The agent
+ * writes it. */
 struct offload_config {
 	__be16 tunnel_port;
 	__u8 pad[2];
+	__u32 ext_tap;
+	__be32 addr4;
 };
+
+/* Services' ways in from outside the cluster, as the AF_XDP uplink's program keeps them
+ * (uplink.c): an external or load-balancer IP (IPv4 mapped into IPv6), or all zeros for a node
+ * port on this node's address; the agent fills it from the published services. */
+struct frontend_key {
+	struct in6_addr addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct frontend_key);
+	__type(value, __u8);
+} frontends SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -255,6 +280,28 @@ int ferry_offload_pod(struct __sk_buff *skb)
 	return bpf_redirect_neigh(e->out_ifindex, NULL, 0, 0);
 }
 
+/* An IPv4 packet from outside the cluster to a service's way in (`frontends`): to ferry's tap,
+ * as the AF_XDP uplink's program hands it to ferry. Everything else stays with the kernel. */
+static __always_inline int to_frontend(struct __sk_buff *skb, const struct offload_config *cfg, struct iphdr *ip,
+				       void *end)
+{
+	if (!cfg->ext_tap || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x1fff)))
+		return TC_ACT_OK;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_SCTP)
+		return TC_ACT_OK;
+	__be16 *ports = (void *)(ip + 1);
+	if ((void *)(ports + 2) > end)
+		return TC_ACT_OK;
+	struct frontend_key key = { .port = ports[1], .proto = ip->protocol };
+	if (ip->daddr == cfg->addr4 && bpf_map_lookup_elem(&frontends, &key))
+		return bpf_redirect(cfg->ext_tap, 0);
+	key.addr.in6_u.u6_addr32[2] = bpf_htonl(0xffff);
+	key.addr.in6_u.u6_addr32[3] = ip->daddr;
+	if (bpf_map_lookup_elem(&frontends, &key))
+		return bpf_redirect(cfg->ext_tap, 0);
+	return TC_ACT_OK;
+}
+
 SEC("tcx/ingress")
 int ferry_offload_uplink(struct __sk_buff *skb)
 {
@@ -265,8 +312,11 @@ int ferry_offload_uplink(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	struct ethhdr *eth = data;
 	struct outer4 *o = (void *)(eth + 1);
-	if ((void *)(o + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || o->ip.version != 4 || o->ip.ihl != 5 ||
-	    o->ip.protocol != IPPROTO_UDP || o->udp.dest != cfg->tunnel_port || (o->ip.frag_off & bpf_htons(0x3fff)))
+	if ((void *)(&o->ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || o->ip.version != 4)
+		return TC_ACT_OK;
+	if (o->ip.ihl != 5 || o->ip.protocol != IPPROTO_UDP || (void *)(o + 1) > end || o->udp.dest != cfg->tunnel_port)
+		return to_frontend(skb, cfg, &o->ip, end);
+	if (o->ip.frag_off & bpf_htons(0x3fff))
 		return TC_ACT_OK;
 	/* Only tunnel packets whose UDP source port is in RFC 7348's range, the flow's own port:
 	 * an offloading ferry node sends from the entry's, a kernel VXLAN node from its flow hash's,

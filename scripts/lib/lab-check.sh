@@ -154,15 +154,11 @@ check_run() {
 # check_node_ports: from the underlay's namespace (a host outside the cluster on the underlay bridge), each
 # ferry node's NodePorts over TCP and UDP: lab/svc-1 (externalTrafficPolicy Cluster) answered by one of its
 # backends, lab/svc-2 (Local) by the node's own backend (a node without one drops it: not probed); and the
-# reject case: lab/svc-empty refused from outside (its NodePort) and from a pod (its VIP). AF_XDP uplink only
-# (a UDP uplink has no XDP program to hand these to ferry). Sets nfails and ntotal.
+# reject case: lab/svc-empty refused from outside (its NodePort) and from a pod (its VIP). Either uplink: the
+# AF_XDP uplink's XDP program or the UDP uplink's TC program hands these to ferry. Sets nfails and ntotal.
 check_node_ports() {
     local n ip line name backends local_be p got
     echo
-    if [ "$UPLINK_PORT" != afxdp ]; then
-        echo "from outside: skipped (--uplink-port $UPLINK_PORT: NodePorts need the AF_XDP uplink)"
-        return 0
-    fi
     : >"$CHECK_DIR/nodeports.txt"
     for n in $(nodes_of_kind ferry); do
         ip=$(node_get "$n" UL_IP)

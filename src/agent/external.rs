@@ -1,8 +1,9 @@
 //! Services reached from outside the cluster, the agent's side (control side, never per packet):
 //!
-//! - [`FrontendSync`] keeps the uplink XDP program's `frontends` map equal to the published
-//!   services' ways in (node ports on this node's address, external and load-balancer IPs), so that
-//!   exactly those packets reach ferry and everything else stays with the kernel. It runs from the
+//! - [`FrontendSync`] keeps the uplink program's `frontends` map (the AF_XDP uplink's XDP program,
+//!   or the UDP uplink's TC program) equal to the published services' ways in (node ports on this
+//!   node's address, external and load-balancer IPs), so that exactly those packets reach ferry and
+//!   everything else stays with the kernel. It runs from the
 //!   agent's main loop (every 100 ms), and writes only what changed.
 //! - [`HealthServer`] answers each `healthCheckNodePort` of an `externalTrafficPolicy: Local`
 //!   service as kube-proxy does: plain HTTP on the node's address, `200` with the number of local
@@ -17,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ferry_dataplane::xdp::XdpProgram;
+use ferry_dataplane::xdp::offload::Offload;
+use ferry_dataplane::xdp::{XdpError, XdpProgram};
 use ferry_tables::{Frontend, Services};
 
 /// What the uplink program's map holds, and the services generation it was written for.
@@ -28,10 +30,29 @@ pub(crate) struct FrontendSync {
     failed: bool,
 }
 
+/// A program's map of services' ways in: the AF_XDP uplink's XDP program, or the UDP uplink's TC
+/// program.
+pub(crate) trait FrontendMap {
+    /// Hand packets to `addr:port` (`None`: the node's own address) to ferry, or stop.
+    fn set_frontend(&self, addr: Option<IpAddr>, port: u16, proto: u8, on: bool) -> Result<(), XdpError>;
+}
+
+impl FrontendMap for XdpProgram {
+    fn set_frontend(&self, addr: Option<IpAddr>, port: u16, proto: u8, on: bool) -> Result<(), XdpError> {
+        XdpProgram::set_frontend(self, addr, port, proto, on)
+    }
+}
+
+impl FrontendMap for Offload {
+    fn set_frontend(&self, addr: Option<IpAddr>, port: u16, proto: u8, on: bool) -> Result<(), XdpError> {
+        Offload::set_frontend(self, addr, port, proto, on)
+    }
+}
+
 impl FrontendSync {
     /// Bring the program's map in line with `services` (nothing to do when their generation is the
     /// one last written). A failed write is logged once and retried with the next generation.
-    pub(crate) fn sync(&mut self, prog: &XdpProgram, services: &Services) {
+    pub(crate) fn sync(&mut self, prog: &impl FrontendMap, services: &Services) {
         if self.generation == Some(services.generation()) {
             return;
         }

@@ -57,6 +57,9 @@ use crate::netlink::{Netlink, Route, VethSpec};
 const POD_CIDR_WAIT: Duration = Duration::from_secs(60);
 /// The host port's id on every worker (the uplink is 0; pods take the ids after it).
 const HOST_PORT: PortId = PortId(1);
+
+/// The tap through which services' ways in from outside reach ferry on a UDP uplink.
+const SERVICES_TAP: &str = "ferrysvc0";
 /// Frames each pod port (and the host port) keeps lent for receiving.
 const POD_FILL: u32 = 512;
 /// Frames the uplink keeps lent for receiving (its whole fill ring).
@@ -431,14 +434,32 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // With pods on taps, a run of received tunnel datagrams of one TCP flow is routed once and
     // written to the pod's tap as one super-packet (the super-packet path's receive side).
     udp_cfg.super_packets = pod_port == PodPort::Tap || cfg.offload;
-    // Flow offload: loaded before the workers, whose pipelines offer it connections.
-    let offload = if cfg.offload {
-        let o = Offload::load(OFFLOAD_FLOWS, cfg.max_ports as u16, cfg.tunnel_port)
-            .context("loading the flow offload programs (dataplane.offload)")?;
-        Some(Arc::new(o))
+    // The UDP uplink's TC programs: the flow offload's (loaded before the workers, whose
+    // pipelines offer it flows), and the services' ways in from outside, which the AF_XDP
+    // uplink's XDP program hands to ferry. Without offload, a kernel that refuses them only costs
+    // those services (said once).
+    let uplink_tc = if uplink_kind == UplinkPort::Udp {
+        let flows = if cfg.offload { OFFLOAD_FLOWS } else { 1 };
+        let v4 = match underlay_addr {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        };
+        match Offload::load(flows, cfg.max_ports as u16, cfg.tunnel_port, v4) {
+            Ok(o) => Some(Arc::new(o)),
+            Err(e) if cfg.offload => {
+                return Err(anyhow::Error::new(e).context("loading the flow offload programs (dataplane.offload)"));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "the UDP uplink's TC program did not load ({e}): NodePorts, external and load-balancer IPs are not served"
+                );
+                None
+            }
+        }
     } else {
         None
     };
+    let offload = if cfg.offload { uplink_tc.clone() } else { None };
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     let mut threads: Vec<JoinHandle<Worker<NodePort>>> = Vec::new();
@@ -492,8 +513,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         xsk::defer_interrupts(&cfg.underlay_if, bp)?;
     }
     tracing::info!(uplink_port = ?uplink_kind, configured = ?cfg.uplink_port, "uplink port kind");
-    let offload_uplink = match &offload {
-        Some(o) => Some(o.attach_uplink(link.index).context("attaching the flow offload program to the uplink")?),
+    let offload_uplink = match &uplink_tc {
+        Some(o) => Some(o.attach_uplink(link.index).context("attaching the UDP uplink's TC program")?),
         None => None,
     };
 
@@ -542,6 +563,25 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let host_xdp = match (&host_plan, host_mac) {
         (Some(plan), Some(mac)) => Some(host_attach(&pods, plan, mac, HOST_PORT).context("attaching the host port")?),
         _ => None,
+    };
+    // Services from outside on the UDP uplink: ferry's tap for them, fed by the uplink's TC
+    // program (an uplink port to the pipeline, as the AF_XDP uplink is).
+    let services_tap = match &uplink_tc {
+        Some(t) => match pods.attach_services_tap(SERVICES_TAP) {
+            Ok((id, index)) => match t.attach_external(index) {
+                Ok(link) => Some(link),
+                Err(e) => {
+                    pods.detach_port(id);
+                    tracing::warn!("NodePorts, external and load-balancer IPs are not served: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!("NodePorts, external and load-balancer IPs are not served: {e}");
+                None
+            }
+        },
+        None => None,
     };
 
     let resolved = Resolved {
@@ -647,9 +687,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Services from outside the cluster: the uplink program's frontends, the health check ports.
     let mut frontends = external::FrontendSync::default();
     let health = external::HealthServer::spawn(underlay_addr, Arc::clone(&stop))?;
-    if uplink_kind == UplinkPort::Udp {
-        tracing::info!("the UDP uplink has no XDP program: NodePorts, external and load-balancer IPs are not served");
-    }
+    // With the UDP uplink, its TC program hands the frontends to the services' tap.
+    let tc_frontends = services_tap.as_ref().and(uplink_tc.clone());
     // Main loop: sample counters every second until a signal comes; the services' frontends every
     // 100 ms.
     let mut last_sample: Option<Instant> = None;
@@ -669,6 +708,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let services = Arc::clone(lock(&tables).services());
         if let Some(x) = &uplink_xdp {
             frontends.sync(x.program(), &services);
+        } else if let Some(t) = &tc_frontends {
+            frontends.sync(t.as_ref(), &services);
         }
         health.set(external::health_ports(&services));
         lock(&shared.pods).sync_backends(&services);
@@ -700,6 +741,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let _ = t.join();
     }
     drop(uplink_xdp);
+    drop(services_tap);
     drop(offload_uplink);
     control_plane.shutdown();
     drop(socket_file);

@@ -377,6 +377,17 @@ impl Pods {
     /// # Errors
     /// A queue could not be opened or added; nothing stays added.
     fn open_tap_queues(&self, netns: Option<&Path>, ifname: &str, label: &str, id: PortId) -> Result<(), String> {
+        self.open_tap_queues_as(netns, ifname, label, id, PortRole::Pod)
+    }
+
+    fn open_tap_queues_as(
+        &self,
+        netns: Option<&Path>,
+        ifname: &str,
+        label: &str,
+        id: PortId,
+        role: PortRole,
+    ) -> Result<(), String> {
         let mut added: Vec<&WorkerHandle> = Vec::new();
         for w in &self.workers {
             let name = format!("{label}/{}", w.queue);
@@ -385,7 +396,7 @@ impl Pods {
                 .map_err(|e| format!("opening a queue of the tap {ifname} in {at}: {e}"))
                 .and_then(|fd| {
                     let port = NodePort::from(TapPort::new(fd, &name, self.tap_cfg));
-                    w.control.add(id, port, PortRole::Pod, PORT_COMMAND_TIMEOUT).map_err(|e| e.to_string())
+                    w.control.add(id, port, role, PORT_COMMAND_TIMEOUT).map_err(|e| e.to_string())
                 });
             if let Err(e) = r {
                 for w in added {
@@ -396,6 +407,42 @@ impl Pods {
             added.push(w);
         }
         Ok(())
+    }
+
+    /// The tap through which services' ways in from outside reach ferry on a UDP uplink (see
+    /// [`Offload::attach_external`]): made (or found) in the node's namespace, without IPv6 (it
+    /// sends nothing of its own), opened on every worker as an uplink port. Its port id and
+    /// ifindex.
+    ///
+    /// # Errors
+    /// The first step that failed, described; nothing stays attached.
+    pub(super) fn attach_services_tap(&self, ifname: &str) -> Result<(PortId, u32), String> {
+        let id = self.free_port_id().ok_or("no free port for the services' tap (dataplane.max_ports)")?;
+        let nl = Netlink::open().map_err(|e| e.to_string())?;
+        if nl.link(ifname).map_err(|e| e.to_string())?.is_none() {
+            tap::create_persistent(None, ifname, None, self.workers.len() as u32)
+                .map_err(|e| format!("making the services' tap {ifname}: {e}"))?;
+        }
+        // No link-local address, no router solicitations: ferry would only drop them.
+        let sysctl = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+        if std::path::Path::new(&sysctl).exists() {
+            std::fs::write(&sysctl, "1").map_err(|e| format!("{sysctl}: {e}"))?;
+        }
+        nl.set_up(ifname).map_err(|e| e.to_string())?;
+        let link = nl.link(ifname).map_err(|e| e.to_string())?.ok_or_else(|| format!("the tap {ifname} went away"))?;
+        self.open_tap_queues_as(None, ifname, ifname, id, PortRole::Uplink)?;
+        self.name_port(
+            id,
+            PortInfo {
+                ifname: ifname.to_owned(),
+                kind: "uplink".into(),
+                io: "tap (services from outside)".into(),
+                pod: None,
+                addrs: Vec::new(),
+                xdp_mode: "none (tc)".into(),
+            },
+        );
+        Ok((id, link.index))
     }
 
     /// Detaches a port from every worker.

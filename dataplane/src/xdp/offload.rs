@@ -50,6 +50,9 @@ const PACKETS_AT: usize = ARMED_AT + 8;
 /// their handshake, with nothing queued, and take effect at once.
 pub const UDP_ARM_DELAY: Duration = Duration::from_millis(2);
 
+/// `struct offload_config`: be16 tunnel_port, 2 pad, u32 ext_tap, be32 addr4.
+const CONFIG_SIZE: usize = 12;
+
 /// Slots of the recent-offers filter (a power of two).
 const RECENT_SLOTS: usize = 4096;
 
@@ -208,6 +211,10 @@ pub struct Offload {
     partner_fd: i32,
     stats_fd: i32,
     config_fd: i32,
+    frontends_fd: i32,
+    /// What `offload_config` holds: the tunnel port, ferry's tap for services from outside, and
+    /// the node's IPv4 address.
+    config: Mutex<[u8; CONFIG_SIZE]>,
     uplink_ifindex: AtomicU32,
     /// Port id -> the pod's host veth ifindex (0: not an offloaded pod).
     veths: Box<[AtomicU32]>,
@@ -301,11 +308,11 @@ fn missing(what: &str) -> XdpError {
 
 impl Offload {
     /// Load the programs, with room for `max_flows` entries and `max_ports` ports, for a tunnel
-    /// on UDP port `tunnel_port`.
+    /// on UDP port `tunnel_port`, on a node whose IPv4 underlay address is `addr4` (node ports).
     ///
     /// # Errors
     /// Missing privileges ([`XdpError::NotPermitted`]); the kernel refusing the object.
-    pub fn load(max_flows: u32, max_ports: u16, tunnel_port: u16) -> Result<Self, XdpError> {
+    pub fn load(max_flows: u32, max_ports: u16, tunnel_port: u16, addr4: Option<Ipv4Addr>) -> Result<Self, XdpError> {
         libbpf_log::install();
         let bytes = &OFFLOAD_OBJECT.0;
         // SAFETY: `bpf_object_open_opts` is plain data; all-zero is its documented initial state.
@@ -321,6 +328,8 @@ impl Offload {
             partner_fd: -1,
             stats_fd: -1,
             config_fd: -1,
+            frontends_fd: -1,
+            config: Mutex::new([0; CONFIG_SIZE]),
             uplink_ifindex: AtomicU32::new(0),
             veths: (0..max_ports).map(|_| AtomicU32::new(0)).collect(),
             budget: Mutex::new((u64::MAX, 0)),
@@ -343,10 +352,14 @@ impl Offload {
         o.flows_fd = o.map_fd(c"offload_flows", "offload_flows", KEY_SIZE, ENTRY_SIZE)?;
         o.partner_fd = o.map_fd(c"partner", "partner", 4, 4)?;
         o.stats_fd = o.map_fd(c"offload_stats", "offload_stats", 4, 8)?;
-        o.config_fd = o.map_fd(c"offload_config", "offload_config", 4, 4)?;
-        let mut config = [0u8; 4];
-        config[0..2].copy_from_slice(&tunnel_port.to_be_bytes());
-        update(o.config_fd, &0u32.to_ne_bytes(), &config, "offload_config", "0")?;
+        o.config_fd = o.map_fd(c"offload_config", "offload_config", 4, CONFIG_SIZE)?;
+        o.frontends_fd = o.map_fd(c"frontends", "frontends", super::maps::FRONTEND_KEY_SIZE, 1)?;
+        {
+            let mut config = o.config.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            config[0..2].copy_from_slice(&tunnel_port.to_be_bytes());
+            config[8..12].copy_from_slice(&addr4.map_or([0; 4], |a| a.octets()));
+            update(o.config_fd, &0u32.to_ne_bytes(), &*config, "offload_config", "0")?;
+        }
         Ok(o)
     }
 
@@ -406,6 +419,43 @@ impl Offload {
         let link = self.attach(c"ferry_offload_uplink", ifindex)?;
         self.uplink_ifindex.store(ifindex, Ordering::Release);
         Ok(link)
+    }
+
+    /// Hand services' ways in from outside (see [`Offload::set_frontend`]) that reach the uplink
+    /// to the tap `tap` (ferry reads it as an uplink port), and send what ferry writes to that tap
+    /// out of the uplink. The uplink's program must be attached first.
+    ///
+    /// # Errors
+    /// The kernel refusing the link or a map update.
+    pub fn attach_external(&self, tap: u32) -> Result<TcxLink, XdpError> {
+        let uplink = self.uplink_ifindex.load(Ordering::Acquire);
+        if uplink == 0 {
+            return Err(XdpError::InvalidConfig {
+                problem: "the services' tap needs the uplink's program attached first".into(),
+                fix: "attach the uplink before the services' tap",
+            });
+        }
+        update(self.partner_fd, &tap.to_ne_bytes(), &uplink.to_ne_bytes(), "partner", "services' tap")?;
+        let link = self.attach(c"ferry_offload_tap", tap)?;
+        let mut config = self.config.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        config[4..8].copy_from_slice(&tap.to_ne_bytes());
+        update(self.config_fd, &0u32.to_ne_bytes(), &*config, "offload_config", "0")?;
+        Ok(link)
+    }
+
+    /// Hand TCP, UDP or SCTP packets to `addr:port` (`None`: this node's IPv4 address, a node port)
+    /// from the uplink to ferry's tap for services (`on`), or stop.
+    ///
+    /// # Errors
+    /// The map is full (65,536 entries) or the kernel refuses ([`XdpError::MapUpdate`]).
+    pub fn set_frontend(&self, addr: Option<std::net::IpAddr>, port: u16, proto: u8, on: bool) -> Result<(), XdpError> {
+        let key = super::maps::frontend_key(addr, port, proto);
+        if on {
+            return update(self.frontends_fd, &key, &[1], "frontends", &format!("{addr:?} port {port} proto {proto}"));
+        }
+        // SAFETY: `key` is the map's key size; a missing key is not an error here.
+        unsafe { libxdp_sys::bpf_map_delete_elem(self.frontends_fd, key.as_ptr().cast()) };
+        Ok(())
     }
 
     /// Attach a pod: its host veth `veth` (the pod's packets come in there) and its tap `tap`
