@@ -1083,6 +1083,12 @@ fn offload_moves_tcp_and_udp_flows_and_gives_them_back() {
             assert!(bytes / packets.max(1) > 8_000, "super-packets: {bytes} bytes in {packets} packets");
             assert!((1..=4).contains(&seen), "n1's workers saw {seen} packets of the offloaded flow");
         }
+        if from == "k3-p1" {
+            // A kernel node's flow comes in through the decap program when its VXLAN source port
+            // is 49152 or above, else through ferry's socket: which one, for the record.
+            let e = entry("n1", "decap", to, 23457);
+            println!("  n1: decap entry {}", e.map_or_else(|| "none".to_owned(), |e| e.to_string()));
+        }
         if to == "n2-p1" {
             let e =
                 entry("n2", "decap", to, 23457).unwrap_or_else(|| panic!("no decap entry on n2: {}", offload("n2")));
