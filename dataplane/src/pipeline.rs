@@ -287,13 +287,16 @@ pub struct Pipeline {
     /// Flow offload, when on ([`Pipeline::set_offload`]): flows this pipeline allows and routes
     /// without translation are offered to it (TCP on its handshake, UDP on any packet).
     offload: Option<Arc<Offload>>,
-    /// Offers made during this iteration, written by [`Pipeline::commit_offers`] after the
-    /// packets that made them were sent.
-    offers: Vec<Prepared>,
+    /// Offers made and not written yet, with when each was made ([`Pipeline::commit_offers`]).
+    offers: Vec<(Prepared, u64)>,
 }
 
-/// Offers one iteration keeps for [`Pipeline::commit_offers`]; beyond, a flow simply stays on
-/// ferry's path until its next packet.
+/// How long a UDP flow's offer may wait for ferry's ports to be drained before it is written
+/// anyway (a port that never drains is saturated: the flow is better off in the kernel).
+const UDP_OFFER_WAIT_NS: u64 = 20_000_000;
+
+/// Offers kept for [`Pipeline::commit_offers`]; beyond, a flow simply stays on ferry's path until
+/// its next packet.
 const MAX_PENDING_OFFERS: usize = 64;
 
 /// Connection-tracking slots of a pipeline made with [`Pipeline::for_trace`] (64 KiB).
@@ -370,22 +373,31 @@ impl Pipeline {
             && self.offers.len() < MAX_PENDING_OFFERS
             && let Some(p) = o.prepare(key, offer)
         {
-            self.offers.push(p);
+            self.offers.push((p, self.now_ns));
         }
     }
 
-    /// Write the entries offered since the last call (the worker calls this after sending its
-    /// iteration's packets: an entry never takes effect before the packet that made it left).
+    /// Write the entries offered so far (the worker calls this after sending its iteration's
+    /// packets: an entry never takes effect before the packet that made it left). A TCP flow's
+    /// entry is written at once: its handshake is in flight, nothing of it is queued. A UDP flow
+    /// streams on meanwhile, so its entry waits until ferry's ports were `drained` in this
+    /// iteration (nothing of the flow is queued for ferry but what arrives in the next
+    /// microseconds, which its [`crate::xdp::offload::UDP_ARM_DELAY`] covers), or
+    /// [`UDP_OFFER_WAIT_NS`] at most.
     #[inline]
-    pub fn commit_offers(&mut self) {
+    pub fn commit_offers(&mut self, drained: bool) {
         if self.offers.is_empty() {
             return;
         }
-        if let Some(o) = &self.offload {
-            for p in self.offers.drain(..) {
-                o.commit(&p);
+        let Some(o) = &self.offload else { return };
+        let now = self.now_ns;
+        self.offers.retain(|(p, at)| {
+            let due = !p.is_udp() || drained || now.saturating_sub(*at) >= UDP_OFFER_WAIT_NS;
+            if due {
+                o.commit(p);
             }
-        }
+            !due
+        });
     }
 
     /// Keep flow records in `flows` (off by default).
@@ -508,6 +520,8 @@ impl Pipeline {
         if fib.services().has_external() && !is_tunnel(frame.data(), self.cfg.decap.port) {
             return self.external_ingress(fib, frame, counters, rec);
         }
+        // The sender's outer UDP source port, for flow offload (read before decap removes it).
+        let outer_sport = if self.offload.is_some() { outer_source_port(frame.data()) } else { None };
         let outer_src = match decap(&self.cfg.decap, frame) {
             Ok(d) => {
                 if R::ON {
@@ -541,7 +555,14 @@ impl Pipeline {
         match route {
             Route::Local { port, mac } => {
                 let v = self.deliver(fib, &mut ctx, frame, port, mac, Arrival::Decapsulated, rec);
-                let untranslated = opening.filter(|k| offer_key(frame.data(), &ctx.flow) == Some(*k));
+                // A UDP flow only once its sender moves it in the kernel (its outer source port is
+                // then the flow's, 49152 and up; ferry's socket path sends from the tunnel port):
+                // what the sender's ferry sent before is then behind us in our queue, not
+                // overtaken by what our program would decapsulate.
+                let untranslated = opening.filter(|k| {
+                    offer_key(frame.data(), &ctx.flow) == Some(*k)
+                        && (k.proto != protocol::UDP || outer_sport.is_some_and(|p| p >= 49152))
+                });
                 if let (Some(key), Verdict::Forward(to), IpAddr::V4(remote)) = (untranslated, v, outer_src) {
                     let src_mac = self.cfg.gateway_mac;
                     self.offer(key, &Offer::Decap { remote, to, dst_mac: mac, src_mac });
@@ -1362,6 +1383,17 @@ fn decrement_ttl(frame: &mut FrameBuf<'_>, info: &FlowInfo) {
         L3::Ipv4 => Ipv4Packet::new_unchecked(l3).decrement_ttl(),
         _ => Ipv6Packet::new_unchecked(l3).decrement_hop_limit(),
     }
+}
+
+/// The outer UDP source port of a tunnel frame (Ethernet, IPv4 or IPv6 without extension headers,
+/// UDP).
+fn outer_source_port(frame: &[u8]) -> Option<u16> {
+    let l4 = match u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]) {
+        ethertype::IPV4 => 14 + usize::from(frame.get(14)? & 0x0f) * 4,
+        ethertype::IPV6 => 14 + 40,
+        _ => return None,
+    };
+    Some(u16::from_be_bytes([*frame.get(l4)?, *frame.get(l4 + 1)?]))
 }
 
 /// The flow of a packet that may be offloaded: IPv4 without options, not a fragment, and either

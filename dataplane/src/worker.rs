@@ -592,12 +592,15 @@ impl<P: Port> Worker<P> {
             self.expire_watches();
         }
         let mut received = 0;
+        // Whether every port's queue was emptied (its last batch short): flow offload's UDP
+        // entries wait for that (see `Pipeline::commit_offers`).
+        let mut drained = true;
         for i in 0..self.ports.len() {
             // A port that filled the batch, or ended it early at a super-packet, likely has more
             // ready: take it now, up to RECV_ROUNDS batches, rather than after a round of every
             // other port. A UDP uplink so drains its socket buffer in bursts instead of one
             // `UDP_GRO` buffer per iteration; the bound keeps the other ports from waiting long.
-            for _ in 0..RECV_ROUNDS {
+            for round in 0..RECV_ROUNDS {
                 let n = self.ports[i].recv(&mut self.mem, &mut self.rx);
                 received += n;
                 let mut last = None;
@@ -627,13 +630,16 @@ impl<P: Port> Worker<P> {
                 if !more {
                     break;
                 }
+                if round + 1 == RECV_ROUNDS {
+                    drained = false;
+                }
             }
         }
         for p in 0..self.ports.len() {
             self.flush_port(p);
         }
         // Flow offload's entries, now that the packets that made them are out.
-        self.pipeline.commit_offers();
+        self.pipeline.commit_offers(drained);
         self.counters.double_frees = self.free.refused();
         self.since_publish += received;
         if now.saturating_sub(self.last_publish_ns) >= PUBLISH_INTERVAL.as_nanos() as u64 {

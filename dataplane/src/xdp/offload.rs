@@ -269,6 +269,13 @@ pub struct Prepared {
     entry: [u8; ENTRY_SIZE],
 }
 
+impl Prepared {
+    /// Whether it is a UDP flow's (armed [`UDP_ARM_DELAY`] after it is written).
+    pub fn is_udp(&self) -> bool {
+        self.key.proto == 17
+    }
+}
+
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Prepared").field("key", &self.key).field("action", &self.entry[14]).finish()
