@@ -2288,7 +2288,18 @@ fn services_backend_removal_affinity_and_terminating() {
     );
     assert!(ok, "new connections avoid the removed backend within 15 s: {got:?}");
     // The held connections: those to n2-p2 are stopped, never answered by another backend; the others go on.
-    let results = hold.round();
+    let mut results = hold.round();
+    // A connection to a kept backend that missed the round's one 3 s deadline on a loaded machine
+    // gets a second round (CI: several local ones timed out once); it must answer then.
+    if held.iter().zip(&results).any(|(b, r)| b != "n2-p2" && r != "ok") {
+        println!("after the removal, first round: {results:?}");
+        let again = hold.round();
+        for (i, b) in held.iter().enumerate() {
+            if b != "n2-p2" && results[i] != "ok" {
+                results[i].clone_from(&again[i]);
+            }
+        }
+    }
     drop(hold);
     println!("after the removal: {results:?}");
     for (b, r) in held.iter().zip(&results) {
