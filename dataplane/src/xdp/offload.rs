@@ -530,12 +530,7 @@ impl Offload {
         if !self.recent.first(&key, self.epoch.elapsed().as_secs()) {
             return None;
         }
-        let mut entry = self.entry(offer)?;
-        if key.proto == 17 {
-            // Written at commit: a placeholder that marks the entry as one to arm later.
-            entry[ARMED_AT..ARMED_AT + 8].copy_from_slice(&u64::MAX.to_ne_bytes());
-        }
-        Some(Prepared { key, entry })
+        Some(Prepared { key, entry: self.entry(offer)? })
     }
 
     /// Write a prepared entry. `false` when it stays ferry's: the second's budget spent, or the
@@ -546,7 +541,7 @@ impl Offload {
             return false;
         }
         let mut entry = p.entry;
-        if entry[ARMED_AT..ARMED_AT + 8] != [0; 8] {
+        if p.is_udp() {
             let at = monotonic_ns().saturating_add(UDP_ARM_DELAY.as_nanos() as u64);
             entry[ARMED_AT..ARMED_AT + 8].copy_from_slice(&at.to_ne_bytes());
         }
