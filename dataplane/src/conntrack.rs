@@ -398,6 +398,13 @@ impl Conntrack {
     // straddled the callee's narrower stores (a store-forwarding stall; `service_path/hot_64`).
     #[inline(always)]
     pub fn lookup(&self, t: &Tuple) -> Option<Hit> {
+        self.locate(t).map(|(hit, _)| hit)
+    }
+
+    /// The entry for `t` and the slot's version word when it was read (for a removal that must
+    /// not take a newer entry written into the slot since).
+    #[inline(always)]
+    fn locate(&self, t: &Tuple) -> Option<(Hit, u32)> {
         let (src, dst, meta) = key_of(t);
         let [a, b] = self.buckets(hash_key(&src, &dst, meta));
         self.probe(a, &src, &dst, meta).or_else(|| self.probe(b, &src, &dst, meta))
@@ -405,7 +412,7 @@ impl Conntrack {
 
     /// Look for a key in the bucket at `base`.
     #[inline]
-    fn probe(&self, base: usize, src: &[u64; 2], dst: &[u64; 2], meta: u64) -> Option<Hit> {
+    fn probe(&self, base: usize, src: &[u64; 2], dst: &[u64; 2], meta: u64) -> Option<(Hit, u32)> {
         let bucket = self.slots.get(base..base + WINDOW)?;
         for (k, s) in bucket.iter().enumerate() {
             let seq = s.seq.load(Ordering::Acquire);
@@ -428,12 +435,13 @@ impl Conntrack {
                 // Rewritten while we read: the entry we matched is gone.
                 continue;
             }
-            return Some(Hit {
+            let hit = Hit {
                 nat: Nat { addr: words_addr(nat), port: (m >> 32) as u16 },
                 flags: (m >> 56) as u8,
                 last_seen,
                 slot: (base + k) as u32,
-            });
+            };
+            return Some((hit, seq));
         }
         None
     }
@@ -483,7 +491,7 @@ impl Conntrack {
                 let age = |i: usize| {
                     let s = &self.slots[i];
                     let m = s.meta.load(Ordering::Relaxed);
-                    let idle = now.wrapping_sub(s.last_seen.load(Ordering::Relaxed));
+                    let idle = idle_ms(now, s.last_seen.load(Ordering::Relaxed));
                     let expired = u64::from(idle) >= self.timeout_ms((m >> 48) as u8, (m >> 56) as u8);
                     (expired, idle)
                 };
@@ -527,13 +535,14 @@ impl Conntrack {
 
     /// Remove the entry for `t`, if there is one. Returns whether one was removed.
     pub fn remove(&self, t: &Tuple) -> bool {
-        let Some(hit) = self.lookup(t) else { return false };
-        self.remove_slot(hit.slot as usize)
+        let Some((hit, seq)) = self.locate(t) else { return false };
+        self.remove_slot(hit.slot as usize, seq)
     }
 
-    fn remove_slot(&self, i: usize) -> bool {
+    /// Remove the entry in slot `i` if the slot still holds the version `seq` that was read (an
+    /// entry written into it since, by a worker, stays).
+    fn remove_slot(&self, i: usize, seq: u32) -> bool {
         let s = &self.slots[i];
-        let seq = s.seq.load(Ordering::Relaxed);
         if seq & (WRITING | VALID) != VALID {
             return false;
         }
@@ -570,6 +579,11 @@ impl Conntrack {
 
     /// One consistent read of slot `i`, if it holds an entry.
     fn read(&self, i: usize, now: u32) -> Option<Entry> {
+        self.read_versioned(i, now).map(|(e, _)| e)
+    }
+
+    /// [`Conntrack::read`], with the slot's version word at the read.
+    fn read_versioned(&self, i: usize, now: u32) -> Option<(Entry, u32)> {
         let s = &self.slots[i];
         let seq = s.seq.load(Ordering::Acquire);
         if seq & (WRITING | VALID) != VALID {
@@ -584,7 +598,7 @@ impl Conntrack {
         if s.seq.load(Ordering::Relaxed) != seq {
             return None;
         }
-        Some(Entry {
+        let e = Entry {
             tuple: Tuple {
                 src: words_addr(src),
                 dst: words_addr(dst),
@@ -594,8 +608,9 @@ impl Conntrack {
             },
             nat: Nat { addr: words_addr(nat), port: (m >> 32) as u16 },
             flags: (m >> 56) as u8,
-            idle_ms: now.wrapping_sub(last),
-        })
+            idle_ms: idle_ms(now, last),
+        };
+        Some((e, seq))
     }
 
     /// Every entry (a consistent read of each; entries written meanwhile may be missed).
@@ -610,7 +625,7 @@ impl Conntrack {
     pub fn gc(&self, now: u32) -> usize {
         let mut removed = 0;
         for i in 0..self.slots.len() {
-            let Some(e) = self.read(i, now) else { continue };
+            let Some((e, seq)) = self.read_versioned(i, now) else { continue };
             let mut f = e.flags;
             let mut idle = e.idle_ms;
             let mut pair = None;
@@ -623,26 +638,39 @@ impl Conntrack {
                     dport: e.tuple.sport,
                     proto: e.tuple.proto,
                 };
-                if let Some(o) = self.lookup(&other) {
+                if let Some((o, oseq)) = self.locate(&other) {
                     let both_fin = f & flags::FIN != 0 && o.flags & flags::FIN != 0;
                     f |= o.flags & (flags::RST | flags::SEEN | flags::REPLY | flags::DEAD);
                     if both_fin {
                         f |= flags::RST;
                     }
-                    idle = idle.min(now.wrapping_sub(o.last_seen));
-                    pair = Some(o.slot as usize);
+                    idle = idle.min(idle_ms(now, o.last_seen));
+                    pair = Some((o.slot as usize, oseq));
                 }
             }
-            if u64::from(idle) >= self.timeout_ms(e.tuple.proto, f) && self.remove_slot(i) {
+            // Only the versions read are removed: a slot a worker rewrote meanwhile (a new
+            // connection on the same tuple) keeps its new entry.
+            if u64::from(idle) >= self.timeout_ms(e.tuple.proto, f) && self.remove_slot(i, seq) {
                 removed += 1;
                 // The pair expires together (else the survivor, alone, would look half open).
-                if pair.is_some_and(|p| self.remove_slot(p)) {
+                if pair.is_some_and(|(p, pseq)| self.remove_slot(p, pseq)) {
                     removed += 1;
                 }
             }
         }
         removed
     }
+}
+
+/// How long before `now` an entry was last seen, in ms. A time after `now` counts as just seen:
+/// a worker touches entries with its own clock while [`Conntrack::gc`] scans with the time it
+/// started at, and a wrapped difference there (about 4.3 billion ms) made a live connection's
+/// entry look long expired: the scan removed it, and its next packets went untranslated.
+#[inline]
+pub fn idle_ms(now: u32, last_seen: u32) -> u32 {
+    let d = now.wrapping_sub(last_seen);
+    // Ages are under 2^31 ms (24 days, see the module doc); a larger difference is a negative one.
+    if d > i32::MAX as u32 { 0 } else { d }
 }
 
 /// Address of the unspecified IPv4 host, for tests and defaults.
@@ -725,6 +753,26 @@ mod tests {
         ct.insert(&u, nat(2), 0, 0);
         assert_eq!(ct.gc(59_000), 0);
         assert_eq!(ct.gc(61_000), 1);
+    }
+
+    /// A worker's clock runs ahead of a scan that started earlier: entries inserted or touched
+    /// after the scan's `now` are just seen, not 4.3 billion ms idle (the scan removed them, and
+    /// a live connection lost its translation: 1 in 300 connections in the services e2e test).
+    #[test]
+    fn gc_keeps_entries_seen_after_its_own_now() {
+        let ct = Conntrack::new(1024, Timeouts::default());
+        let fwd = t(1);
+        let n = nat(1);
+        let rev = Tuple { src: n.addr, dst: fwd.src, sport: n.port, dport: fwd.sport, proto: 6 };
+        ct.insert(&rev, Nat { addr: fwd.dst, port: fwd.dport }, flags::REPLY, 5_000);
+        ct.insert(&fwd, n, flags::SYN, 5_000);
+        assert_eq!(ct.gc(4_990), 0, "a scan that began 10 ms before the insert");
+        assert!(ct.lookup(&fwd).is_some() && ct.lookup(&rev).is_some());
+        assert_eq!(ct.entries().len(), 2);
+        assert!(ct.entries().iter().all(|e| e.idle_ms == 0), "listed as just seen");
+        assert_eq!(idle_ms(10, 4), 6);
+        assert_eq!(idle_ms(4, 10), 0);
+        assert_eq!(idle_ms(5, u32::MAX - 4), 10, "across the clock's wrap");
     }
 
     #[test]

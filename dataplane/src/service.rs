@@ -313,7 +313,8 @@ fn forward_lookup(
             let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
             let kept = ct.lookup(&at).and_then(|h| {
                 let b = Backend { addr: h.nat.addr, port: h.nat.port };
-                (now.wrapping_sub(h.last_seen) < timeout_ms && svc.backends().contains(&b)).then_some((h, b))
+                (crate::conntrack::idle_ms(now, h.last_seen) < timeout_ms && svc.backends().contains(&b))
+                    .then_some((h, b))
             });
             match kept {
                 Some((h, b)) => {
