@@ -121,6 +121,63 @@ async fn static_file_loads_reloads_and_keeps_last_good_on_errors() {
     cp.shutdown();
 }
 
+/// In-place rewrites (truncate, then write a moment later), seen through inotify: the truncated
+/// file (empty, which parses) is never published; node `a`, in every full version of the file,
+/// keeps its route throughout, and the last version lands. (A poll landing inside a rewrite, with
+/// inotify silent, as seen under `ip netns exec`, is the unit test
+/// `a_read_is_taken_once_two_reads_agree`.)
+#[tokio::test]
+async fn in_place_rewrites_never_publish_a_truncated_file() {
+    common::init_tracing();
+    let dir = tempfile::TempDir::new().expect("dir");
+    let path = dir.path().join("routes.toml");
+    let text = |b: u8| {
+        format!(
+            "[[node]]\nname = \"me\"\npod_cidrs = [\"10.244.9.0/24\"]\n\
+             [[node]]\nname = \"a\"\npod_cidrs = [\"10.244.1.0/24\"]\nunderlay = \"192.0.2.1\"\n\
+             [[node]]\nname = \"b\"\npod_cidrs = [\"10.244.2.0/24\"]\nunderlay = \"192.0.2.{b}\"\n"
+        )
+    };
+    std::fs::write(&path, text(100)).expect("write");
+    let mut cfg = ControlConfig::new("me");
+    cfg.static_file = Some(path.clone());
+    let (publisher, mut reader) = common::tables();
+    let cp = ControlPlane::spawn(cfg, publisher).expect("starts");
+    wait_for(&mut reader, WAIT, "initial load", |s| has(s, "10.244.1.7")).await;
+
+    // 40 rewrites, each leaving the file empty for 30 ms (shorter than the source's settle
+    // time, longer than its sampling here); b's underlay changes each time, so each is a reload.
+    let writer = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            for i in 0..40u8 {
+                let f = std::fs::File::create(&path).expect("truncate");
+                std::thread::sleep(Duration::from_millis(30));
+                std::io::Write::write_all(&mut &f, text(101 + i).as_bytes()).expect("write");
+                drop(f);
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        })
+    };
+    let (mut samples, mut withdrawn) = (0u32, 0u32);
+    while !writer.is_finished() {
+        samples += 1;
+        if !has(reader.load(), "10.244.1.7") {
+            withdrawn += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    writer.join().expect("writer");
+    assert!(samples > 100, "sampled the tables {samples} times only");
+    assert_eq!(withdrawn, 0, "node a's route was withdrawn in {withdrawn} of {samples} samples");
+    let s = wait_for(&mut reader, WAIT, "the last version", |s| {
+        underlay(s, "10.244.2.1").is_some_and(|u| u.to_string() == "192.0.2.140")
+    })
+    .await;
+    assert!(has(&s, "10.244.1.7"));
+    cp.shutdown();
+}
+
 #[test]
 fn metrics_are_off_unless_asked_and_a_bad_source_is_refused() {
     let dir = tempfile::TempDir::new().expect("dir");

@@ -167,6 +167,8 @@ def hold(ip, port, count):
         c.settimeout(5)
         names.append(read_line(c) or "empty")
         conns.append(c)
+    # Their source ports on stderr (a failed test names the connections that failed by them).
+    print(json.dumps([c.getsockname()[1] for c in conns]), file=sys.stderr, flush=True)
     print(json.dumps(names), flush=True)
     while sys.stdin.readline():
         print(json.dumps(ping_all(conns)), flush=True)

@@ -269,9 +269,18 @@ impl Handler {
 
     pub(super) fn status(&self) -> Status {
         let s = &self.shared;
-        let t = lock(&s.tables);
-        let snap = t.current();
-        let d = t.desired();
+        // The tables' lock is let go before the pods' and ports' are taken: the pods' methods
+        // take the tables' lock while holding theirs, and the two orders together could deadlock.
+        let tables = {
+            let t = lock(&s.tables);
+            let (snap, d) = (t.current(), t.desired());
+            TablesSummary {
+                generation: snap.generation(),
+                remote_nodes: d.nodes.len(),
+                local_endpoints: d.local_pods.len(),
+                next_hops: snap.next_hops(),
+            }
+        };
         let h = super::health(s);
         Status {
             ready: h.ready,
@@ -280,12 +289,7 @@ impl Handler {
             node: s.resolved.clone(),
             uptime_seconds: s.started.elapsed().as_secs_f64(),
             version: env!("CARGO_PKG_VERSION").into(),
-            tables: TablesSummary {
-                generation: snap.generation(),
-                remote_nodes: d.nodes.len(),
-                local_endpoints: d.local_pods.len(),
-                next_hops: snap.next_hops(),
-            },
+            tables,
             pods: lock(&s.pods)
                 .list()
                 .into_iter()
@@ -335,9 +339,11 @@ impl Handler {
 
     pub(super) fn routes(&self) -> Routes {
         let s = &self.shared;
-        let t = lock(&s.tables);
-        let snap = t.current();
-        let d = t.desired();
+        // Copies, so that the tables' lock is not held while the ports' is taken.
+        let (snap, d) = {
+            let t = lock(&s.tables);
+            (t.current(), t.desired().clone())
+        };
         let remote = d
             .nodes
             .iter()

@@ -86,6 +86,26 @@ use crate::model::{ObjectKind, PolicyObject, Update};
 const POLL: Duration = Duration::from_millis(250);
 /// How long the file must be quiet after a change before it is read.
 const SETTLE: Duration = Duration::from_millis(50);
+/// How many times a changed file is read again, at most, waiting for two reads to agree.
+const SETTLE_READS: usize = 20;
+
+/// The file's bytes once two reads `settle` apart agree, starting from `text`, the first read (a
+/// file still changing after [`SETTLE_READS`] more reads is taken as last read).
+async fn settled(
+    mut text: Vec<u8>,
+    settle: Duration,
+    mut read: impl FnMut() -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<Vec<u8>> {
+    for _ in 0..SETTLE_READS {
+        tokio::time::sleep(settle).await;
+        let again = read()?;
+        if again == text {
+            break;
+        }
+        text = again;
+    }
+    Ok(text)
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -696,6 +716,19 @@ impl StaticSource {
             if last.as_deref() == Some(text.as_slice()) {
                 continue;
             }
+            // A change: taken once two reads SETTLE apart agree. The poll may land inside an
+            // in-place rewrite (truncate, then write), and a truncated file that parses (an empty
+            // one does) would withdraw every node until the next read.
+            let text = match settled(text, SETTLE, || std::fs::read(&self.path)).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(file = %self.path.display(), error = %e, "cannot read the static routes file; keeping the last good routes");
+                    continue;
+                }
+            };
+            if last.as_deref() == Some(text.as_slice()) {
+                continue;
+            }
             let parsed = std::str::from_utf8(&text).map_err(|e| e.to_string()).and_then(|t| parse(t, &self.defaults));
             last = Some(text);
             match parsed {
@@ -1013,6 +1046,29 @@ mod tests {
         assert!(typo.field == "entry" && typo.reason.contains("form"), "{typo:?}");
         assert_eq!(err(&p.policies[3]), Some(("x/wrong-key".into(), "spec.ingress[0].to".into())));
         assert_eq!(err(&p.policies[4]), Some(("x/allow".into(), "name".into())));
+    }
+
+    /// A read caught inside an in-place rewrite (the file truncated, not yet written) is not
+    /// taken: the next read, `settle` later, differs, so reading goes on until two agree. A file
+    /// that really is empty is taken once it stays so.
+    #[tokio::test]
+    async fn a_read_is_taken_once_two_reads_agree() {
+        let reads = |v: Vec<&'static str>| {
+            let mut v = v.into_iter();
+            move || Ok(v.next().expect("no more reads than needed").as_bytes().to_vec())
+        };
+        let tick = Duration::from_millis(1);
+        let text = settled(Vec::new(), tick, reads(vec!["[[node]]", "[[node]]"])).await.expect("reads");
+        assert_eq!(text, b"[[node]]", "a truncated first read is replaced");
+        let text = settled(b"a".to_vec(), tick, reads(vec!["ab", "abc", "abc"])).await.expect("reads");
+        assert_eq!(text, b"abc", "a file still being written is read until it stops");
+        let text = settled(Vec::new(), tick, reads(vec![""])).await.expect("reads");
+        assert!(text.is_empty(), "an empty file that stays so is taken");
+        let busy = (0..=SETTLE_READS).map(|i| if i % 2 == 0 { "x" } else { "y" }).collect();
+        let text = settled(Vec::new(), tick, reads(busy)).await.expect("reads");
+        assert!(!text.is_empty(), "a file that never settles: the last read is taken");
+        let failed = settled(Vec::new(), tick, || Err(std::io::Error::other("gone"))).await;
+        assert!(failed.is_err(), "a read error is returned");
     }
 
     #[test]
