@@ -44,7 +44,9 @@ lab() { timeout -k 5 300 "$LAB_SH" --name "$NAME" "$@"; }
 cleanup() { lab down >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 cleanup
-lab up --nodes 2 --pods-per-node 1 "${BUILD[@]}" >/dev/null
+# The AF_XDP uplink (every frame from the underlay reaches ferry's pipeline; the default lab's UDP uplink
+# hands only well-formed tunnel datagrams on) and tap pods.
+lab up --nodes 2 --pods-per-node 1 --uplink-port afxdp --offload off "${BUILD[@]}" >/dev/null
 
 json() { lab exec n1 "${FERRY_BIN_DIR:-$REPO/target/release}/ferry" "$1" --json \
     --socket "/run/ferry-lab/$NAME/nodes/n1/ferry.sock"; }

@@ -26,10 +26,13 @@
 # Every command takes --name LAB (default: $FERRY_LAB, else "ferrylab"); labs with different names coexist.
 # Nodes: n1..nN run ferry, k<i> run the kernel's VXLAN configured like Flannel. Pods: <node>-p<j>.
 # State: /run/ferry-lab/<lab>/. Binaries: $FERRY_BIN_DIR (default target/release of this checkout).
-# --uplink-port: the agents' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
-# UDP_SEGMENT/UDP_GRO and no XDP program on the uplink). --pod-port: the interface ferry nodes give their pods
-# (the agents' dataplane.pod_port; default auto: a tap when /dev/net/tun opens, else a veth). --offload tc: the
-# agents' dataplane.offload (TCP and UDP flows moved by TC programs; needs --pod-port veth --uplink-port udp).
+# --uplink-port: the agents' dataplane.uplink_port (default auto: udp on the lab's IPv4 veth underlay, afxdp on
+# an IPv6 or dual one; udp: a kernel UDP socket with UDP_SEGMENT/UDP_GRO and no XDP program on the uplink).
+# --pod-port: the interface ferry nodes give their pods (the agents' dataplane.pod_port; default auto: a veth
+# under flow offload, else a tap when /dev/net/tun opens, else a veth). --offload: the agents'
+# dataplane.offload (default auto: on where the uplink is udp and pods are not taps; tc: always, needs
+# --pod-port veth --uplink-port udp; off). The default lab therefore moves established TCP and UDP flows in
+# TC programs; --uplink-port afxdp --offload off is the AF_XDP path with tap pods.
 # Kernel nodes need --encap vxlan (this kernel has no geneve module). Sources: static (one shared file,
 # $STATE/nodes.toml), etcd (Debian's etcd on 192.168.100.254:2379 in the underlay namespace, Flannel
 # leases; a running agent re-takes its own lease, so source-remove wants kill-agent first), kube (the
@@ -85,9 +88,9 @@ IP_FAMILY=ipv4
 UNDERLAY=ipv4
 KNODES=0
 PORT=
-UPLINK_PORT=afxdp
+UPLINK_PORT=auto
 POD_PORT=auto
-OFFLOAD=off
+OFFLOAD=auto
 VNI=1
 SERVICES=0
 BUILD=1
@@ -163,9 +166,9 @@ cmd_up() {
     case "$SOURCE" in static | etcd | kube) ;;
         *) die "--source: static, etcd or kube, not '$SOURCE'" ;; esac
     case "$POD_PORT" in veth | tap | auto) ;; *) die "--pod-port: veth, tap or auto, not '$POD_PORT'" ;; esac
-    case "$OFFLOAD" in off) ;; tc)
+    case "$OFFLOAD" in off | auto) ;; tc)
         [ "$POD_PORT" = veth ] && [ "$UPLINK_PORT" = udp ] || die "--offload tc needs --pod-port veth --uplink-port udp" ;;
-        *) die "--offload: off or tc, not '$OFFLOAD'" ;; esac
+        *) die "--offload: off, tc or auto, not '$OFFLOAD'" ;; esac
     [[ $NODES =~ ^[0-9]+$ && $PODS =~ ^[0-9]+$ && $KNODES =~ ^[0-9]+$ && $PORT =~ ^[0-9]+$ ]] ||
         die "--nodes, --pods-per-node, --kernel-nodes and --port take numbers"
     if [ $((NODES + KNODES)) -lt 1 ] || [ $((NODES + KNODES)) -gt 250 ]; then die "between 1 and 250 nodes in all"; fi
@@ -197,7 +200,7 @@ cmd_up() {
     ensure_packages
     build_binaries
 
-    step "lab $LAB: $NODES ferry node(s) + $KNODES kernel-VXLAN node(s), $PODS pod(s) each, $ENCAP port $PORT, source $SOURCE, pod port $POD_PORT, $UNDERLAY underlay"
+    step "lab $LAB: $NODES ferry node(s) + $KNODES kernel-VXLAN node(s), $PODS pod(s) each, $ENCAP port $PORT, source $SOURCE, uplink port $UPLINK_PORT, pod port $POD_PORT, offload $OFFLOAD, $UNDERLAY underlay"
     mkdir -p "$STATE/nodes"
     save_settings
     trap 'echo "lab.sh: up failed; what exists is left for inspection; remove it with: sudo $0 down --name $LAB" >&2' ERR

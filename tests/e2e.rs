@@ -101,7 +101,23 @@ struct Lab {
 
 impl Lab {
     /// `lab.sh up --name NAME --no-build ARGS` (after removing any leftover of a crashed run).
+    /// A lab on the AF_XDP path unless `args` name another: `--uplink-port afxdp --offload off`
+    /// where they name neither (with `--pod-port auto`, tap pods), the mode every test here was
+    /// written for. The lab's own default (flow offload) is [`Lab::up_default`]'s.
     fn up(name: &str, args: &[&str]) -> Lab {
+        let named = |flag: &str| args.contains(&flag);
+        let mut a: Vec<&str> = args.to_vec();
+        if !named("--uplink-port") {
+            a.extend(["--uplink-port", "afxdp"]);
+        }
+        if !named("--offload") {
+            a.extend(["--offload", "off"]);
+        }
+        Lab::up_default(name, &a)
+    }
+
+    /// A lab with lab.sh's defaults for whatever `args` do not name.
+    fn up_default(name: &str, args: &[&str]) -> Lab {
         let lab = Lab { name: name.to_owned() };
         let _ = lab.run(&["down"]);
         let t = Instant::now();
@@ -1019,6 +1035,42 @@ fn bulk_transfers_checked_and_in_order() {
         // A segment behind one already seen is a retransmission or reordering: with no more of them
         // than the sender retransmitted, nothing was reordered on the way.
         assert!(*behind <= retrans, "{what}: {behind} segments arrived out of order, {retrans} retransmitted");
+    }
+}
+
+/// The lab as `scripts/lab.sh` brings it up (no mode named): the agents' `auto` settings resolve to
+/// the UDP uplink, veth pods and flow offload on its IPv4 veth underlay; the matrix passes; a
+/// checked 256 MiB transfer between nodes is moved by the TC programs at both ends (ferry's
+/// workers see its handshake only).
+#[test]
+fn the_default_lab_offloads_flows() {
+    if !privileged("the_default_lab_offloads_flows") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up_default("e2e_default", &["--nodes", "2", "--pods-per-node", "2"]);
+    lab.ok(&["check"]);
+    for node in ["n1", "n2"] {
+        let st = lab.ferry(node, "status");
+        assert!(st["offload"].is_object(), "{node}: flow offload is on by default: {}", st["offload"]);
+        let kinds: Vec<&Value> = st["pods"].as_array().expect("pods").iter().map(|p| &p["kind"]).collect();
+        assert!(kinds.len() == 2 && kinds.iter().all(|k| *k == "veth"), "{node}: veth pods: {kinds:?}");
+    }
+    let (sent, behind) = checked_transfer(&lab, "n1-p1", "n2-p1", 256 << 20);
+    println!(
+        "default lab n1-p1 -> n2-p1: {} MB/s, {} retransmitted, {behind} behind",
+        sent["mbps"], sent["retransmitted_segments"]
+    );
+    let to = lab.pod_ip("n2-p1");
+    let entry = |node: &str, action: &str| {
+        lab.ferry(node, "status")["offload"]["flows"].as_array().and_then(|f| {
+            f.iter().find(|f| f["action"] == action && f["dst"] == to.as_str() && f["dport"] == 23457).cloned()
+        })
+    };
+    for (node, action) in [("n1", "encap"), ("n2", "decap")] {
+        let e = entry(node, action).unwrap_or_else(|| panic!("no {action} entry on {node}"));
+        let bytes = e["bytes"].as_u64().unwrap_or(0);
+        assert!(bytes >= 200 << 20, "{node}'s {action} entry carried {bytes} bytes: {e}");
     }
 }
 

@@ -281,9 +281,9 @@ interface = "ferry0"
 
 [dataplane]
 workers = 1
-uplink_port = "${UPLINK_PORT:-afxdp}"
+uplink_port = "${UPLINK_PORT:-auto}"
 pod_port = "${POD_PORT:-auto}"
-offload = "${OFFLOAD:-off}"
+offload = "${OFFLOAD:-auto}"
 flows = true
 
 [admin]

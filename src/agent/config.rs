@@ -39,7 +39,9 @@
 //! flow_slots = 4096               # flows each worker's table holds (a power of two, 64..=1048576)
 //! conntrack_slots = 262144        # the connection-tracking table shared by the workers (64 bytes a slot;
 //!                                 # a translated connection takes two; a power of two, 64..=16777216)
-//! offload = "off"                 # off | tc: TCP and UDP flows moved by TC programs (veth pods, UDP uplink)
+//! offload = "auto"                # off | tc | auto: TCP and UDP flows moved by TC programs (veth pods, UDP
+//!                                 # uplink); auto: tc where the uplink resolves to udp and pod_port is not
+//!                                 # tap, if the kernel loads the programs (pod_port auto then means veth)
 //! busy_poll_budget = 64           # packets per busy-poll round
 //! napi_defer_hard_irqs = 2        # set on each port's device while busy polling
 //! gro_flush_timeout_us = 200      # likewise (the device's gro_flush_timeout)
@@ -311,7 +313,7 @@ impl Default for DataplaneFile {
 }
 
 fn default_offload() -> String {
-    "off".into()
+    "auto".into()
 }
 
 fn one() -> u32 {
@@ -427,6 +429,18 @@ pub enum UplinkPort {
     Auto,
 }
 
+/// Whether flows are moved to TC programs (`dataplane.offload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffloadChoice {
+    /// Never.
+    Off,
+    /// Always; the agent does not start without it (needs veth pods and the UDP uplink).
+    Tc,
+    /// Where it can be: the uplink resolves to `udp`, `pod_port` is not `tap`, and the kernel
+    /// loads the programs (else off, said once at start). `pod_port = "auto"` then means veth.
+    Auto,
+}
+
 /// What kind of interface pods get (`dataplane.pod_port`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PodPortChoice {
@@ -490,8 +504,8 @@ pub struct AgentConfig {
     pub flow_slots: Option<usize>,
     /// Connection-tracking slots (`dataplane.conntrack_slots`).
     pub conntrack_slots: usize,
-    /// Flow offload to TC programs (`dataplane.offload = "tc"`; needs veth pods and the UDP uplink).
-    pub offload: bool,
+    /// Flow offload to TC programs (`dataplane.offload`; needs veth pods and the UDP uplink).
+    pub offload: OffloadChoice,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
     /// What kind of port the uplink is.
@@ -728,11 +742,12 @@ impl AgentConfig {
             other => return Err(bad("dataplane.pod_port", format!("`{other}` is not one of veth, tap, auto"))),
         };
         let offload = match d.offload.as_str() {
-            "off" => false,
-            "tc" => true,
-            other => return Err(bad("dataplane.offload", format!("`{other}` is not one of off, tc"))),
+            "off" => OffloadChoice::Off,
+            "tc" => OffloadChoice::Tc,
+            "auto" => OffloadChoice::Auto,
+            other => return Err(bad("dataplane.offload", format!("`{other}` is not one of off, tc, auto"))),
         };
-        if offload && pod_port != PodPortChoice::Fixed(PodPort::Veth) {
+        if offload == OffloadChoice::Tc && pod_port != PodPortChoice::Fixed(PodPort::Veth) {
             return Err(bad(
                 "dataplane.offload",
                 format!(
@@ -741,7 +756,7 @@ impl AgentConfig {
                 ),
             ));
         }
-        if offload && uplink_port == UplinkPort::AfXdp {
+        if offload == OffloadChoice::Tc && uplink_port == UplinkPort::AfXdp {
             return Err(bad(
                 "dataplane.offload",
                 "\"tc\" decapsulates ahead of the kernel's UDP socket: set dataplane.uplink_port = \"udp\" or \"auto\""
@@ -1038,11 +1053,17 @@ static_file = "/etc/ferry/nodes.toml"
 
     #[test]
     fn offload_needs_veth_pods_and_the_udp_uplink_and_names_its_field() {
-        assert!(!parse(GOOD).expect("valid").offload, "off by default");
+        assert_eq!(parse(GOOD).expect("valid").offload, OffloadChoice::Auto, "auto by default");
         let with = |d: &str| GOOD.replace("[control]", &format!("[dataplane]\n{d}\n[control]"));
         let on = with("offload = \"tc\"\npod_port = \"veth\"\nuplink_port = \"udp\"");
-        assert!(parse(&on).expect("valid").offload);
-        assert!(parse(&with("offload = \"tc\"\npod_port = \"veth\"\nuplink_port = \"auto\"")).expect("auto").offload);
+        assert_eq!(parse(&on).expect("valid").offload, OffloadChoice::Tc);
+        let tc_auto = with("offload = \"tc\"\npod_port = \"veth\"\nuplink_port = \"auto\"");
+        assert_eq!(parse(&tc_auto).expect("auto").offload, OffloadChoice::Tc);
+        assert_eq!(parse(&with("offload = \"off\"")).expect("off").offload, OffloadChoice::Off);
+        // auto asks nothing of the other settings: it is off where they rule it out.
+        for ok in ["offload = \"auto\"\npod_port = \"tap\"", "offload = \"auto\"\nuplink_port = \"afxdp\""] {
+            assert_eq!(parse(&with(ok)).expect(ok).offload, OffloadChoice::Auto);
+        }
         for bad in [
             "offload = \"xdp\"",
             "offload = \"tc\"\npod_port = \"tap\"\nuplink_port = \"udp\"",

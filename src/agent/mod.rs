@@ -47,7 +47,7 @@ use ferry_tables::{LocalPod, Tables, Underlay};
 use ipnet::IpNet;
 
 pub use self::config::AgentConfig;
-use self::config::{PodPortChoice, Poll, UplinkPort};
+use self::config::{OffloadChoice, PodPortChoice, Poll, UplinkPort};
 use self::pods::{Pods, PortInfo, WorkerHandle};
 use crate::admin::PodPort;
 use crate::netlink::{Netlink, Route, VethSpec};
@@ -241,14 +241,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ),
         (k, _) => k,
     };
-    if cfg.offload && uplink_kind != UplinkPort::Udp {
+    if cfg.offload == OffloadChoice::Tc && uplink_kind != UplinkPort::Udp {
         bail!(
             "dataplane.offload = \"tc\" needs the UDP uplink, and `{}` gets AF_XDP (uplink_port = auto picks udp only \
              on an IPv4 underlay over a virtual device, with one underlay address): set dataplane.uplink_port = \"udp\"",
             cfg.underlay_if
         );
     }
-    let pod_port = resolve_pod_port(cfg.pod_port)?;
     let queues = link.rx_queues.min(link.tx_queues).max(1);
     if uplink_kind == UplinkPort::AfXdp && queues < cfg.workers {
         bail!(
@@ -433,25 +432,32 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     udp_cfg.inner_mtu = u16::try_from(pod_mtu).unwrap_or(u16::MAX);
     // With pods on taps, a run of received tunnel datagrams of one TCP flow is routed once and
     // written to the pod's tap as one super-packet (the super-packet path's receive side).
-    udp_cfg.super_packets = pod_port == PodPort::Tap || cfg.offload;
+    // Flow offload where it was asked for, or where `auto` finds it possible (see OffloadChoice).
+    let offload_wanted = match cfg.offload {
+        OffloadChoice::Off => false,
+        OffloadChoice::Tc => true,
+        OffloadChoice::Auto => uplink_kind == UplinkPort::Udp && cfg.pod_port != PodPortChoice::Fixed(PodPort::Tap),
+    };
     // The UDP uplink's TC programs: the flow offload's (loaded before the workers, whose
     // pipelines offer it flows), and the services' ways in from outside, which the AF_XDP
     // uplink's XDP program hands to ferry. Without offload, a kernel that refuses them only costs
     // those services (said once).
     let uplink_tc = if uplink_kind == UplinkPort::Udp {
-        let flows = if cfg.offload { OFFLOAD_FLOWS } else { 1 };
+        let flows = if offload_wanted { OFFLOAD_FLOWS } else { 1 };
         let v4 = match underlay_addr {
             IpAddr::V4(a) => Some(a),
             IpAddr::V6(_) => None,
         };
         match Offload::load(flows, cfg.max_ports as u16, cfg.tunnel_port, v4) {
             Ok(o) => Some(Arc::new(o)),
-            Err(e) if cfg.offload => {
+            Err(e) if cfg.offload == OffloadChoice::Tc => {
                 return Err(anyhow::Error::new(e).context("loading the flow offload programs (dataplane.offload)"));
             }
             Err(e) => {
                 tracing::warn!(
-                    "the UDP uplink's TC program did not load ({e}): NodePorts, external and load-balancer IPs are not served"
+                    offload = ?cfg.offload,
+                    "the UDP uplink's TC programs did not load ({e}): flows are not offloaded, and NodePorts, \
+                     external and load-balancer IPs are not served"
                 );
                 None
             }
@@ -459,7 +465,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     } else {
         None
     };
-    let offload = if cfg.offload { uplink_tc.clone() } else { None };
+    let offload = if offload_wanted { uplink_tc.clone() } else { None };
+    let offload_on = offload.is_some();
+    let pod_port = resolve_pod_port(cfg.pod_port, offload_on)?;
+    tracing::info!(configured = ?cfg.offload, on = offload_on, pod_port = ?pod_port, "flow offload");
+    udp_cfg.super_packets = pod_port == PodPort::Tap || offload_on;
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     let mut threads: Vec<JoinHandle<Worker<NodePort>>> = Vec::new();
@@ -607,7 +617,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         host_addr6: host_plan.as_ref().and_then(|p| p.v6).map(|(a, _)| a),
         pod_mtu,
         pod_port,
-        offload: cfg.offload,
+        offload: offload_on,
         workers: cfg.workers,
         poll: format!("{:?}", cfg.poll).to_lowercase(),
         sources: sources.iter().map(|s| (*s).to_owned()).collect(),
@@ -797,12 +807,16 @@ pub fn uninstall_node(cfg: &AgentConfig) -> anyhow::Result<Vec<String>> {
     Ok(done)
 }
 
-/// `dataplane.pod_port` resolved: `auto` is a tap when `/dev/net/tun` opens read-write here (the
-/// device exists and the agent may use it), else a veth.
+/// `dataplane.pod_port` resolved: `auto` is a veth under flow offload (the TC programs move flows
+/// between veths), else a tap when `/dev/net/tun` opens read-write here (the device exists and
+/// the agent may use it), else a veth.
 ///
 /// # Errors
 /// `tap` was configured but `/dev/net/tun` does not open.
-fn resolve_pod_port(choice: PodPortChoice) -> anyhow::Result<PodPort> {
+fn resolve_pod_port(choice: PodPortChoice, offload: bool) -> anyhow::Result<PodPort> {
+    if offload && choice == PodPortChoice::Auto {
+        return Ok(PodPort::Veth);
+    }
     let tun = std::fs::OpenOptions::new().read(true).write(true).open(TUN_DEVICE);
     match (choice, tun) {
         (PodPortChoice::Fixed(PodPort::Tap), Err(e)) => bail!(
