@@ -1038,6 +1038,10 @@ fn bulk_transfers_checked_and_in_order() {
     }
 }
 
+/// The flow offload mode named outright (`--offload tc` and what it needs), as the offload tests
+/// ask for it whatever the lab's defaults are.
+const OFFLOAD_TC: [&str; 6] = ["--pod-port", "veth", "--uplink-port", "udp", "--offload", "tc"];
+
 /// The lab as `scripts/lab.sh` brings it up (no mode named): the agents' `auto` settings resolve to
 /// the UDP uplink, veth pods and flow offload on its IPv4 veth underlay; the matrix passes; a
 /// checked 256 MiB transfer between nodes is moved by the TC programs at both ends (ferry's
@@ -1089,20 +1093,11 @@ fn offload_moves_tcp_and_udp_flows_and_gives_them_back() {
     const GIB: u64 = 1 << 30;
     let lab = Lab::up(
         "e2e_offload",
-        &[
-            "--nodes",
-            "2",
-            "--kernel-nodes",
-            "2",
-            "--pods-per-node",
-            "2",
-            "--pod-port",
-            "veth",
-            "--uplink-port",
-            "udp",
-            "--offload",
-            "tc",
-        ],
+        &["--nodes", "2", "--kernel-nodes", "2", "--pods-per-node", "2"]
+            .iter()
+            .chain(&OFFLOAD_TC)
+            .copied()
+            .collect::<Vec<_>>(),
     );
     lab.ok(&["check"]);
     let offload = |n: &str| lab.ferry(n, "status")["offload"].clone();
@@ -1311,20 +1306,11 @@ fn offload_over_geneve() {
     const GIB: u64 = 1 << 30;
     let lab = Lab::up(
         "e2e_offgn",
-        &[
-            "--nodes",
-            "2",
-            "--pods-per-node",
-            "1",
-            "--encap",
-            "geneve",
-            "--pod-port",
-            "veth",
-            "--uplink-port",
-            "udp",
-            "--offload",
-            "tc",
-        ],
+        &["--nodes", "2", "--pods-per-node", "1", "--encap", "geneve"]
+            .iter()
+            .chain(&OFFLOAD_TC)
+            .copied()
+            .collect::<Vec<_>>(),
     );
     lab.ok(&["check"]);
     let offload = |n: &str| lab.ferry(n, "status")["offload"].clone();
@@ -2809,7 +2795,7 @@ fn services_node_port_on_the_udp_uplink_with_offload() {
     let _s = serial();
     node_ports_from_outside(
         "e2e_nodeportu",
-        &["--nodes", "2", "--pods-per-node", "2", "--pod-port", "veth", "--uplink-port", "udp", "--offload", "tc"],
+        &["--nodes", "2", "--pods-per-node", "2"].iter().chain(&OFFLOAD_TC).copied().collect::<Vec<_>>(),
     );
 }
 

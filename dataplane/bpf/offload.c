@@ -45,6 +45,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "offload.h"
+#include "service_key.h"
 
 #ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
@@ -60,20 +61,12 @@ struct offload_config {
 	__be32 addr4;
 };
 
-/* Services' ways in from outside the cluster, as the AF_XDP uplink's program keeps them
- * (uplink.c): an external or load-balancer IP (IPv4 mapped into IPv6), or all zeros for a node
- * port on this node's address; the agent fills it from the published services. */
-struct frontend_key {
-	struct in6_addr addr;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;
-};
-
+/* Services' ways in from outside the cluster (service_key.h), as the AF_XDP uplink's program keeps
+ * them; the agent fills it from the published services. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
-	__type(key, struct frontend_key);
+	__type(key, struct service_key);
 	__type(value, __u8);
 } frontends SEC(".maps");
 
@@ -292,12 +285,8 @@ static __always_inline int to_frontend(struct __sk_buff *skb, const struct offlo
 	__be16 *ports = (void *)(ip + 1);
 	if ((void *)(ports + 2) > end)
 		return TC_ACT_OK;
-	struct frontend_key key = { .port = ports[1], .proto = ip->protocol };
-	if (ip->daddr == cfg->addr4 && bpf_map_lookup_elem(&frontends, &key))
-		return bpf_redirect(cfg->ext_tap, 0);
-	key.addr.in6_u.u6_addr32[2] = bpf_htonl(0xffff);
-	key.addr.in6_u.u6_addr32[3] = ip->daddr;
-	if (bpf_map_lookup_elem(&frontends, &key))
+	const __u32 mapped[4] = { 0, 0, bpf_htonl(0xffff), ip->daddr };
+	if (is_frontend_key(&frontends, ip->daddr == cfg->addr4, mapped, ports[1], ip->protocol))
 		return bpf_redirect(cfg->ext_tap, 0);
 	return TC_ACT_OK;
 }

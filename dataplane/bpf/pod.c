@@ -18,6 +18,7 @@
  */
 #include <linux/icmpv6.h>
 #include "parse.h"
+#include "service_key.h"
 
 /*
  * The ARP fixed header (RFC 826), defined here rather than taken from <linux/if_arp.h>: that header
@@ -92,18 +93,11 @@ struct {
 	__type(value, __u8);
 } pod_nets6 SEC(".maps");
 
-/* A local backend: 16-byte address (IPv4-mapped), port, protocol (the uplink's frontend_key layout). */
-struct backend_key {
-	struct in6_addr addr;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;
-};
-
+/* The pod's own endpoints of Local services (service_key.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
-	__type(key, struct backend_key);
+	__type(key, struct service_key);
 	__type(value, __u8);
 } backends SEC(".maps");
 
@@ -129,12 +123,7 @@ static __always_inline int is_backend(struct cursor *c, __u8 proto, const __u32 
 	__be16 *ports = c->pos;
 	if ((void *)(ports + 2) > c->end)
 		return 0;
-	struct backend_key key = { .port = ports[0], .proto = proto };
-	key.addr.in6_u.u6_addr32[0] = saddr[0];
-	key.addr.in6_u.u6_addr32[1] = saddr[1];
-	key.addr.in6_u.u6_addr32[2] = saddr[2];
-	key.addr.in6_u.u6_addr32[3] = saddr[3];
-	return bpf_map_lookup_elem(&backends, &key) != NULL;
+	return service_key_in(&backends, saddr, ports[0], proto);
 }
 
 SEC("xdp")

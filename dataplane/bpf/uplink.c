@@ -29,6 +29,7 @@
  * Configuration (written by the loader, dataplane/src/xdp): `uplink_config[0]`, `frontends`.
  */
 #include "parse.h"
+#include "service_key.h"
 
 struct uplink_config {
 	__u8 has_v4;
@@ -45,19 +46,11 @@ struct {
 	__type(value, struct uplink_config);
 } uplink_config SEC(".maps");
 
-/* A service's way in from outside: 16-byte address (IPv4-mapped, or zero: any node address), port,
- * protocol. */
-struct frontend_key {
-	struct in6_addr addr;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;
-};
-
+/* A service's way in from outside (service_key.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
-	__type(key, struct frontend_key);
+	__type(key, struct service_key);
 	__type(value, __u8);
 } frontends SEC(".maps");
 
@@ -70,14 +63,7 @@ static __always_inline int is_frontend(struct cursor *c, __u8 proto, const __u32
 	__be16 *ports = c->pos;
 	if ((void *)(ports + 2) > c->end)
 		return 0;
-	struct frontend_key key = { .port = ports[1], .proto = proto };
-	if (mine && bpf_map_lookup_elem(&frontends, &key))
-		return 1;
-	key.addr.in6_u.u6_addr32[0] = daddr[0];
-	key.addr.in6_u.u6_addr32[1] = daddr[1];
-	key.addr.in6_u.u6_addr32[2] = daddr[2];
-	key.addr.in6_u.u6_addr32[3] = daddr[3];
-	return bpf_map_lookup_elem(&frontends, &key) != NULL;
+	return is_frontend_key(&frontends, mine, daddr, ports[1], proto);
 }
 
 SEC("xdp")

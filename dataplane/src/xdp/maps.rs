@@ -18,13 +18,13 @@ pub(crate) const LPM4_KEY_SIZE: usize = 8;
 /// `struct lpm6_key` (bpf/pod.c).
 pub(crate) const LPM6_KEY_SIZE: usize = 20;
 
-/// `struct frontend_key` (bpf/uplink.c).
-pub(crate) const FRONTEND_KEY_SIZE: usize = 20;
+/// `struct service_key` (bpf/service_key.h): the uplinks' `frontends` and the pods' `backends`.
+pub(crate) const SERVICE_KEY_SIZE: usize = 20;
 
-/// `struct frontend_key { struct in6_addr addr; be16 port; u8 proto; u8 pad; }`: the address
+/// `struct service_key { struct in6_addr addr; be16 port; u8 proto; u8 pad; }`: the address
 /// IPv4-mapped, or all zeros for a node port (any of the node's addresses).
-pub(crate) fn frontend_key(addr: Option<std::net::IpAddr>, port: u16, proto: u8) -> [u8; FRONTEND_KEY_SIZE] {
-    let mut b = [0u8; FRONTEND_KEY_SIZE];
+pub(crate) fn service_key(addr: Option<std::net::IpAddr>, port: u16, proto: u8) -> [u8; SERVICE_KEY_SIZE] {
+    let mut b = [0u8; SERVICE_KEY_SIZE];
     match addr {
         Some(std::net::IpAddr::V4(a)) => b[0..16].copy_from_slice(&a.to_ipv6_mapped().octets()),
         Some(std::net::IpAddr::V6(a)) => b[0..16].copy_from_slice(&a.octets()),
@@ -96,11 +96,11 @@ mod tests {
     }
 
     #[test]
-    fn frontend_key_layout() {
-        let b = frontend_key(Some("192.0.2.7".parse().expect("addr")), 30080, 6);
+    fn service_key_layout() {
+        let b = service_key(Some("192.0.2.7".parse().expect("addr")), 30080, 6);
         assert_eq!(&b[..16], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 7]);
         assert_eq!(&b[16..], &[0x75, 0x80, 6, 0]);
-        assert_eq!(frontend_key(None, 53, 17)[..18], [0u8; 16].iter().chain(&[0, 53]).copied().collect::<Vec<_>>()[..]);
+        assert_eq!(service_key(None, 53, 17)[..18], [0u8; 16].iter().chain(&[0, 53]).copied().collect::<Vec<_>>()[..]);
     }
 
     #[test]

@@ -255,7 +255,7 @@ impl XdpProgram {
         };
         self.set_key(
             "frontends",
-            maps::frontend_key(addr, port, proto),
+            maps::service_key(addr, port, proto),
             text,
             on,
             "the map holds at most 65,536 frontends",
@@ -272,7 +272,7 @@ impl XdpProgram {
         let text = format!("{addr} port {port} proto {proto}");
         self.set_key(
             "backends",
-            maps::frontend_key(Some(addr), port, proto),
+            maps::service_key(Some(addr), port, proto),
             text,
             on,
             "the map holds at most 1,024 backends",
@@ -292,7 +292,7 @@ impl XdpProgram {
     fn set_key(
         &self,
         map: &'static str,
-        key: [u8; maps::FRONTEND_KEY_SIZE],
+        key: [u8; maps::SERVICE_KEY_SIZE],
         text: String,
         on: bool,
         hint: &'static str,
@@ -306,7 +306,7 @@ impl XdpProgram {
         })?;
         // SAFETY: `m` belongs to this loaded object.
         let fd = unsafe { libxdp_sys::bpf_map__fd(m.as_ptr()) };
-        // SAFETY: the key is the map's key size (FRONTEND_KEY_SIZE, checked when it was added).
+        // SAFETY: the key is the map's key size (SERVICE_KEY_SIZE, checked when it was added).
         let ret = unsafe { libxdp_sys::bpf_map_delete_elem(fd, key.as_ptr().cast()) };
         if ret < 0 && -ret != libc::ENOENT {
             return Err(XdpError::MapUpdate {

@@ -360,7 +360,7 @@ impl Offload {
         o.partner_fd = o.map_fd(c"partner", "partner", 4, 4)?;
         o.stats_fd = o.map_fd(c"offload_stats", "offload_stats", 4, 8)?;
         o.config_fd = o.map_fd(c"offload_config", "offload_config", 4, CONFIG_SIZE)?;
-        o.frontends_fd = o.map_fd(c"frontends", "frontends", super::maps::FRONTEND_KEY_SIZE, 1)?;
+        o.frontends_fd = o.map_fd(c"frontends", "frontends", super::maps::SERVICE_KEY_SIZE, 1)?;
         {
             let mut config = o.config.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             config[0..2].copy_from_slice(&tunnel_port.to_be_bytes());
@@ -456,7 +456,7 @@ impl Offload {
     /// # Errors
     /// The map is full (65,536 entries) or the kernel refuses ([`XdpError::MapUpdate`]).
     pub fn set_frontend(&self, addr: Option<std::net::IpAddr>, port: u16, proto: u8, on: bool) -> Result<(), XdpError> {
-        let key = super::maps::frontend_key(addr, port, proto);
+        let key = super::maps::service_key(addr, port, proto);
         if on {
             return update(self.frontends_fd, &key, &[1], "frontends", &format!("{addr:?} port {port} proto {proto}"));
         }
