@@ -1038,6 +1038,11 @@ fn bulk_transfers_checked_and_in_order() {
     }
 }
 
+/// The first of `node`'s offloaded flows (`ferry status`: `offload.flows`) that `matches`.
+fn offload_flow(lab: &Lab, node: &str, matches: impl Fn(&Value) -> bool) -> Option<Value> {
+    lab.ferry(node, "status")["offload"]["flows"].as_array()?.iter().find(|f| matches(f)).cloned()
+}
+
 /// The flow offload mode named outright (`--offload tc` and what it needs), as the offload tests
 /// ask for it whatever the lab's defaults are.
 const OFFLOAD_TC: [&str; 6] = ["--pod-port", "veth", "--uplink-port", "udp", "--offload", "tc"];
@@ -1066,13 +1071,9 @@ fn the_default_lab_offloads_flows() {
         sent["mbps"], sent["retransmitted_segments"]
     );
     let to = lab.pod_ip("n2-p1");
-    let entry = |node: &str, action: &str| {
-        lab.ferry(node, "status")["offload"]["flows"].as_array().and_then(|f| {
-            f.iter().find(|f| f["action"] == action && f["dst"] == to.as_str() && f["dport"] == 23457).cloned()
-        })
-    };
     for (node, action) in [("n1", "encap"), ("n2", "decap")] {
-        let e = entry(node, action).unwrap_or_else(|| panic!("no {action} entry on {node}"));
+        let e = offload_flow(&lab, node, |f| f["action"] == action && f["dst"] == to.as_str() && f["dport"] == 23457)
+            .unwrap_or_else(|| panic!("no {action} entry on {node}"));
         let bytes = e["bytes"].as_u64().unwrap_or(0);
         assert!(bytes >= 200 << 20, "{node}'s {action} entry carried {bytes} bytes: {e}");
     }
@@ -1104,11 +1105,7 @@ fn offload_moves_tcp_and_udp_flows_and_gives_them_back() {
     // The entry of the flow from `from` to `to`'s port, on `node`, with its action.
     let entry = |node: &str, action: &str, to: &str, port: u16| -> Option<Value> {
         let to_ip = lab.pod_ip(to);
-        offload(node)["flows"]
-            .as_array()?
-            .iter()
-            .find(|f| f["action"] == action && f["dst"] == to_ip.as_str() && f["dport"] == port)
-            .cloned()
+        offload_flow(&lab, node, |f| f["action"] == action && f["dst"] == to_ip.as_str() && f["dport"] == port)
     };
     // What ferry's workers saw of a flow to `to`'s port 23457 on `node` (its flow records):
     // packets, once a record is there (up to 5 s for the export).
@@ -1174,14 +1171,10 @@ fn offload_moves_tcp_and_udp_flows_and_gives_them_back() {
     let (n1_ip, n2_ip) = (lab.pod_ip("n1-p1"), lab.pod_ip("n2-p1"));
     let (sent, got) = udp_stream(&lab, "n1-p1", "n2-p1", count);
     let udp_entry = |node: &str, action: &str, dst: &str, dport: u16| -> Value {
-        offload(node)["flows"]
-            .as_array()
-            .and_then(|f| {
-                f.iter()
-                    .find(|f| f["proto"] == "udp" && f["action"] == action && f["dst"] == dst && f["dport"] == dport)
-            })
-            .cloned()
-            .unwrap_or_else(|| panic!("no UDP {action} entry to {dst}:{dport} on {node}: {}", offload(node)))
+        offload_flow(&lab, node, |f| {
+            f["proto"] == "udp" && f["action"] == action && f["dst"] == dst && f["dport"] == dport
+        })
+        .unwrap_or_else(|| panic!("no UDP {action} entry to {dst}:{dport} on {node}: {}", offload(node)))
     };
     let entries = [
         udp_entry("n1", "encap", &n2_ip, 23458),
@@ -1315,10 +1308,7 @@ fn offload_over_geneve() {
     lab.ok(&["check"]);
     let offload = |n: &str| lab.ferry(n, "status")["offload"].clone();
     let entry = |node: &str, action: &str, proto: &str, dport: u16| -> Value {
-        offload(node)["flows"]
-            .as_array()
-            .and_then(|f| f.iter().find(|f| f["action"] == action && f["proto"] == proto && f["dport"] == dport))
-            .cloned()
+        offload_flow(&lab, node, |f| f["action"] == action && f["proto"] == proto && f["dport"] == dport)
             .unwrap_or_else(|| panic!("no {proto} {action} entry to port {dport} on {node}: {}", offload(node)))
     };
     let (sent, behind) = checked_transfer(&lab, "n1-p1", "n2-p1", GIB);

@@ -730,12 +730,16 @@ mod tests {
         assert!(ct.lookup(&t(999)).is_some());
     }
 
+    /// A TCP connection `i`: its original tuple, its translation and its reply tuple.
+    fn connection(i: u32) -> (Tuple, Nat, Tuple) {
+        let (fwd, n) = (t(i), nat(i));
+        (fwd, n, Tuple { src: n.addr, dst: fwd.src, sport: n.port, dport: fwd.sport, proto: 6 })
+    }
+
     #[test]
     fn gc_follows_the_state_of_both_directions() {
         let ct = Conntrack::new(1024, Timeouts::default());
-        let fwd = t(1);
-        let n = nat(1);
-        let rev = Tuple { src: n.addr, dst: fwd.src, sport: n.port, dport: fwd.sport, proto: 6 };
+        let (fwd, n, rev) = connection(1);
         ct.insert(&fwd, n, flags::SYN, 0);
         ct.insert(&rev, Nat { addr: fwd.dst, port: fwd.dport }, flags::REPLY, 0);
         // Established (the reply entry exists): alive after a minute and more.
@@ -761,9 +765,7 @@ mod tests {
     #[test]
     fn gc_keeps_entries_seen_after_its_own_now() {
         let ct = Conntrack::new(1024, Timeouts::default());
-        let fwd = t(1);
-        let n = nat(1);
-        let rev = Tuple { src: n.addr, dst: fwd.src, sport: n.port, dport: fwd.sport, proto: 6 };
+        let (fwd, n, rev) = connection(1);
         ct.insert(&rev, Nat { addr: fwd.dst, port: fwd.dport }, flags::REPLY, 5_000);
         ct.insert(&fwd, n, flags::SYN, 5_000);
         assert_eq!(ct.gc(4_990), 0, "a scan that began 10 ms before the insert");
