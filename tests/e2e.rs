@@ -24,7 +24,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Serializes the tests of this binary: one lab at a time.
 static LABS: Mutex<()> = Mutex::new(());
@@ -458,14 +458,21 @@ impl UnderlayCapture {
     /// the pcap.
     fn stop(self) -> String {
         // tcpdump ends at the signal without reading what the kernel still holds for it: first wait
-        // (bounded) for the pcap to stop growing.
+        // (bounded) for the pcap to stop growing. The kernel hands tcpdump a block of its ring when
+        // the block is full or 1 s after its first packet (libpcap's timeout): a short capture
+        // reaches the pcap only then, so the pcap must keep its size for longer than that.
         let size = || std::fs::metadata(&self.pcap).map(|m| m.len()).unwrap_or(0);
-        let mut last = size();
+        let (mut last, mut since) = (size(), Instant::now());
         let step = || {
             let now = size();
-            (std::mem::replace(&mut last, now), now)
+            if now != std::mem::replace(&mut last, now) {
+                since = Instant::now();
+            }
+            since.elapsed()
         };
-        let _ = poll_until(Duration::from_secs(10), Duration::from_millis(300), step, |(was, now)| was == now);
+        let _ = poll_until(Duration::from_secs(10), Duration::from_millis(200), step, |quiet| {
+            *quiet >= Duration::from_millis(1500)
+        });
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         self.finish()
     }
@@ -916,6 +923,19 @@ fn checked_transfer(lab: &Lab, from: &str, to: &str, bytes: u64) -> (Value, u64)
 /// (a node: its uplink `ul0`): the third value counts the data segments already behind there,
 /// as the sending node delivered them (decoded inside VXLAN or Geneve by tshark).
 fn checked_transfer_at(lab: &Lab, from: &str, to: &str, bytes: u64, ingress: Option<&str>) -> (Value, u64, u64) {
+    checked_transfer_via(lab, from, to, None, bytes, ingress)
+}
+
+/// [`checked_transfer_at`] to a service's address and port (`via`) that `to` (its backend,
+/// listening on port 23457) serves; `None`: to `to`'s own address.
+fn checked_transfer_via(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    via: Option<(&str, u16)>,
+    bytes: u64,
+    ingress: Option<&str>,
+) -> (Value, u64, u64) {
     let py = repo().join("scripts/lib/tcp-transfer.py").display().to_string();
     let pcap = format!("/tmp/ferry-e2e-{}-{to}.pcap", lab.name);
     // Headers only (96 bytes: Ethernet, IP, TCP with options), the data direction.
@@ -930,11 +950,12 @@ fn checked_transfer_at(lab: &Lab, from: &str, to: &str, bytes: u64, ingress: Opt
         .stderr(Stdio::piped())
         .spawn()
         .expect("server");
-    let to_ip = lab.pod_ip(to);
-    let n = bytes.to_string();
+    let pod_ip = lab.pod_ip(to);
+    let (to_ip, port) = via.map_or((pod_ip.as_str(), 23457), |(a, p)| (a, p));
+    let (n, port) = (bytes.to_string(), port.to_string());
     let cli = run_bounded(
         130,
-        &["ip", "netns", "exec", &lab.netns(from), python(), &py, "send-checked", &to_ip, "23457", &n, "10", "60"],
+        &["ip", "netns", "exec", &lab.netns(from), python(), &py, "send-checked", to_ip, &port, &n, "10", "60"],
     );
     let _ = srv.kill();
     let _ = srv.wait();
@@ -1077,6 +1098,87 @@ fn the_default_lab_offloads_flows() {
         let bytes = e["bytes"].as_u64().unwrap_or(0);
         assert!(bytes >= 200 << 20, "{node}'s {action} entry carried {bytes} bytes: {e}");
     }
+}
+
+/// A Service's connections are offloaded with their translation, in the default lab: a client on
+/// n1 sends 256 MiB (checked) to a ClusterIP whose backend is on n2, and 64 MiB to one whose
+/// backend is n1's other pod. n1's entries translate (the client's packets to the backend, the
+/// backend's replies from the service: `rewrite`) and carry the bytes; n2 sees the connection as
+/// any other. Then the remote backend leaves its service: n1's entries for it go (the connection's
+/// next packet would be ferry's, which drops a connection whose backend is gone), the other
+/// service's stay.
+#[test]
+fn the_default_lab_offloads_service_connections_with_their_translation() {
+    if !privileged("the_default_lab_offloads_service_connections_with_their_translation") {
+        return;
+    }
+    let _s = serial();
+    let lab = Lab::up_default("e2e_svcoff", &["--nodes", "2", "--pods-per-node", "2"]);
+    let (remote_vip, local_vip) = ("10.96.0.20", "10.96.0.21");
+    let (remote_be, local_be) = (lab.pod_ip("n2-p1"), lab.pod_ip("n1-p2"));
+    let file = lab.list()["static_file"].as_str().expect("static_file in list --json").to_owned();
+    let original = std::fs::read_to_string(&file).expect("static file");
+    let services = |remote_endpoints: &str| {
+        format!(
+            "{original}\n[[service]]\nname = \"default/bulk\"\nvip = \"{remote_vip}\"\nport = 80\nendpoints = [{remote_endpoints}]\n\
+             \n[[service]]\nname = \"default/near\"\nvip = \"{local_vip}\"\nport = 80\nendpoints = [\"{local_be}:23457\"]\n"
+        )
+    };
+    let generation = |n: &str| lab.ferry(n, "status")["tables"]["generation"].as_u64().unwrap_or(0);
+    // Each agent publishes the file's services in a new tables generation.
+    let published = |before: [u64; 2]| {
+        for (n, g) in ["n1", "n2"].into_iter().zip(before) {
+            let (_, ok) = poll_until(Duration::from_secs(10), Duration::from_millis(100), || generation(n), |x| *x > g);
+            assert!(ok, "{n} published the static file's change");
+        }
+    };
+    let before = [generation("n1"), generation("n2")];
+    std::fs::write(&file, services(&format!("\"{remote_be}:23457\""))).expect("write static file");
+    published(before);
+
+    let (sent, behind, _) = checked_transfer_via(&lab, "n1-p1", "n2-p1", Some((remote_vip, 80)), 256 << 20, None);
+    println!("n1-p1 -> {remote_vip}:80 (n2-p1): {} MB/s, {behind} behind", sent["mbps"]);
+    let client = lab.pod_ip("n1-p1");
+    let rewrite = |f: &Value| (f["rewrite"]["end"].clone(), f["rewrite"]["addr"].clone(), f["rewrite"]["port"].clone());
+    let to_vip = |f: &Value| f["src"] == client.as_str() && f["dst"] == remote_vip && f["dport"] == 80;
+    let e = offload_flow(&lab, "n1", |f| f["action"] == "encap" && to_vip(f)).expect("n1's encap entry to the VIP");
+    assert_eq!(rewrite(&e), (json!("dst"), json!(remote_be), json!(23457)), "to the backend: {e}");
+    assert!(e["bytes"].as_u64().unwrap_or(0) >= 200 << 20, "the encap entry carried the transfer: {e}");
+    let from_be = |f: &Value| f["src"] == remote_be.as_str() && f["sport"] == 23457 && f["dst"] == client.as_str();
+    let d =
+        offload_flow(&lab, "n1", |f| f["action"] == "decap" && from_be(f)).expect("n1's decap entry of the replies");
+    assert_eq!(rewrite(&d), (json!("src"), json!(remote_vip), json!(80)), "from the service: {d}");
+    assert!(d["packets"].as_u64().unwrap_or(0) > 0, "the replies took the decap entry: {d}");
+    let plain = |f: &Value| f["dst"] == remote_be.as_str() && f["dport"] == 23457 && f["rewrite"].is_null();
+    let n2 = offload_flow(&lab, "n2", |f| f["action"] == "decap" && plain(f)).expect("n2's decap entry");
+    assert!(n2["bytes"].as_u64().unwrap_or(0) >= 200 << 20, "n2's entry carried the transfer untranslated: {n2}");
+
+    let (sent, _, _) = checked_transfer_via(&lab, "n1-p1", "n1-p2", Some((local_vip, 80)), 64 << 20, None);
+    println!("n1-p1 -> {local_vip}:80 (n1-p2): {} MB/s", sent["mbps"]);
+    let to_near = |f: &Value| f["action"] == "local" && f["dst"] == local_vip && f["src"] == client.as_str();
+    let l = offload_flow(&lab, "n1", to_near).expect("n1's local entry to the near service");
+    assert_eq!(rewrite(&l), (json!("dst"), json!(local_be), json!(23457)), "to the local backend: {l}");
+    assert!(l["bytes"].as_u64().unwrap_or(0) >= 48 << 20, "the local entry carried the transfer: {l}");
+    let back = |f: &Value| f["action"] == "local" && f["src"] == local_be.as_str() && f["dst"] == client.as_str();
+    let r = offload_flow(&lab, "n1", back).expect("n1's local entry of the near replies");
+    assert_eq!(rewrite(&r), (json!("src"), json!(local_vip), json!(80)), "from the near service: {r}");
+
+    // The remote backend leaves its service: n1's two entries of it go, the near ones stay.
+    let before = [generation("n1"), generation("n2")];
+    std::fs::write(&file, services("")).expect("write static file");
+    published(before);
+    let (_, gone) = poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let e = offload_flow(&lab, "n1", |f| f["action"] == "encap" && to_vip(f));
+            let d = offload_flow(&lab, "n1", |f| f["action"] == "decap" && from_be(f));
+            e.is_none() && d.is_none()
+        },
+        |gone| *gone,
+    );
+    assert!(gone, "n1's entries of a backend that left its service go");
+    assert!(offload_flow(&lab, "n1", to_near).is_some(), "the near service's entry stays");
 }
 
 /// Flow offload (`--offload tc`: veth pods, UDP uplinks): the whole matrix with two kernel-VXLAN

@@ -5,7 +5,8 @@
  * ferry's 1.5 KB frames (docs/throughput.md, "Flow offload").
  *
  * ferry's pipeline judges every flow's first packet in userspace, as without offload. For a TCP
- * connection it allows and routes without translation, the worker writes one entry per direction
+ * connection it allows and routes (a service's connection with its translation: the client's
+ * packets get the backend's address and port, the backend's the service's back), the worker writes one entry per direction
  * and node into `offload_flows` while the handshake is in flight (the SYN, the SYN-ACK), before any
  * data can follow: a flow never has packets on both paths at once, so nothing overtakes anything.
  * A UDP flow has no handshake: its entry is written after ferry sent the flow's first packet, and
@@ -135,6 +136,34 @@ static __always_inline int ttl_down(struct __sk_buff *skb, __u32 off, __u8 ttl)
 	return bpf_skb_store_bytes(skb, off + offsetof(struct iphdr, ttl), &next, 1, 0);
 }
 
+/* A service's translation (OFFLOAD_NAT_DST, OFFLOAD_NAT_SRC) of the IPv4 TCP or UDP packet at `l3`
+ * (no options: key_of checked), with its checksums: the IPv4 header's, and the L4 one for the
+ * address (a pseudo-header field; for a super-packet whose checksum is left partial, only its
+ * pseudo-header sum changes, as the kernel's own NAT does) and the port. A UDP checksum of 0
+ * (none) stays 0. */
+static __always_inline int rewrite(struct __sk_buff *skb, __u32 l3, __u8 proto, const struct offload_entry *e)
+{
+	int dst = e->flags & OFFLOAD_NAT_DST;
+	if (!dst && !(e->flags & OFFLOAD_NAT_SRC))
+		return 0;
+	__u32 addr_off = l3 + (dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+	__u32 port_off = l3 + sizeof(struct iphdr) + (dst ? 2 : 0);
+	__u32 csum_off = l3 + sizeof(struct iphdr) +
+			 (proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
+	__u64 udp = proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__be32 old_addr, new_addr = e->nat_addr;
+	__be16 old_port, new_port = e->nat_port;
+	if (bpf_skb_load_bytes(skb, addr_off, &old_addr, 4) || bpf_skb_load_bytes(skb, port_off, &old_port, 2))
+		return -1;
+	if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | udp | 4) ||
+	    bpf_l4_csum_replace(skb, csum_off, old_port, new_port, udp | 2) ||
+	    bpf_l3_csum_replace(skb, l3 + offsetof(struct iphdr, check), old_addr, new_addr, 4))
+		return -1;
+	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) || bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0))
+		return -1;
+	return 0;
+}
+
 /* The flow key and TTL of the IPv4 TCP/UDP packet at `l3`, or -1. */
 static __always_inline int key_of(void *l3, void *end, struct flow4_key *key, __u8 *ttl, __u8 *tos)
 {
@@ -200,7 +229,7 @@ int ferry_offload_pod(struct __sk_buff *skb)
 	if (ttl <= 1 || (skb->gso_segs <= 1 && skb->len > e->max_len))
 		return to_ferry(skb);
 	__u32 len = skb->len;
-	if (ttl_down(skb, ETH_HLEN, ttl)) {
+	if (ttl_down(skb, ETH_HLEN, ttl) || rewrite(skb, ETH_HLEN, key.proto, e)) {
 		count(OFFLOAD_STAT_ERROR);
 		return TC_ACT_SHOT;
 	}
@@ -357,7 +386,8 @@ int ferry_offload_uplink(struct __sk_buff *skb)
 		count(OFFLOAD_STAT_ERROR);
 		return TC_ACT_SHOT;
 	}
-	if (bpf_skb_store_bytes(skb, 0, e->hdr, 2 * ETH_ALEN, 0) || ttl_down(skb, ETH_HLEN, ttl)) {
+	if (bpf_skb_store_bytes(skb, 0, e->hdr, 2 * ETH_ALEN, 0) || ttl_down(skb, ETH_HLEN, ttl) ||
+	    rewrite(skb, ETH_HLEN, key.proto, e)) {
 		count(OFFLOAD_STAT_ERROR);
 		return TC_ACT_SHOT;
 	}

@@ -27,6 +27,8 @@ enum offload_action {
 
 #define OFFLOAD_FIXED_TOS 1 /* the outer DSCP is the template's, not the inner packet's */
 #define OFFLOAD_ECN_COPY 2  /* RFC 6040 normal mode: the inner ECN field is copied out */
+#define OFFLOAD_NAT_DST 4   /* a service's connection: the destination becomes nat_addr:nat_port (its backend) */
+#define OFFLOAD_NAT_SRC 8   /* a service's reply: the source becomes nat_addr:nat_port (the service's address) */
 
 /* Outer IPv4, UDP, the tunnel header with its options, the inner Ethernet header. */
 #define OFFLOAD_HDR_MAX 112
@@ -38,9 +40,10 @@ struct offload_entry {
 	__u16 max_len;     /* a non-GSO packet longer than this (Ethernet included) is ferry's (MTU) */
 	__u8 action;       /* enum offload_action */
 	__u8 hdr_len;      /* encap: bytes of hdr to insert after the Ethernet header */
-	__u8 flags;        /* OFFLOAD_FIXED_TOS, OFFLOAD_ECN_COPY */
+	__u8 flags;        /* OFFLOAD_FIXED_TOS, OFFLOAD_ECN_COPY, OFFLOAD_NAT_DST, OFFLOAD_NAT_SRC */
 	__u8 tos;          /* with OFFLOAD_FIXED_TOS: the outer DSCP */
-	__u8 pad[6];
+	__be16 nat_port;   /* with OFFLOAD_NAT_*: the new port and address of that end */
+	__be32 nat_addr;
 	/* encap: the outer headers (lengths and checksum filled per packet); local and decap: the
 	 * destination and source MACs of the delivered frame. */
 	__u8 hdr[OFFLOAD_HDR_MAX];

@@ -52,7 +52,7 @@ use crate::conntrack::{Conntrack, Timeouts};
 use crate::flows::{FlowTable, NO_SLOT};
 use crate::service::{self, ExternalOutcome, Outcome, ReplyOutcome};
 use crate::trace::{self as tr, NoTrace, Note, Recorder, RouteNote, ServiceNote, Trace};
-use crate::xdp::offload::{FlowKey4, Offer, Offload, Prepared};
+use crate::xdp::offload::{FlowKey4, Offer, Offload, Prepared, Rewrite};
 
 /// What the pipeline asks of the forwarding tables. The published [`Snapshot`] implements it (a
 /// worker loads one per batch and passes it in); tests and benches may implement it with less.
@@ -368,10 +368,10 @@ impl Pipeline {
     }
 
     #[cold]
-    fn offer(&mut self, key: FlowKey4, offer: &Offer<'_>) {
+    fn offer(&mut self, (key, rewrite): (FlowKey4, Option<Rewrite>), offer: &Offer<'_>) {
         if let Some(o) = &self.offload
             && self.offers.len() < MAX_PENDING_OFFERS
-            && let Some(p) = o.prepare(key, offer)
+            && let Some(p) = o.prepare(key, offer, rewrite)
         {
             self.offers.push((p, self.now_ns));
         }
@@ -559,11 +559,11 @@ impl Pipeline {
                 // then the flow's, 49152 and up; ferry's socket path sends from the tunnel port):
                 // what the sender's ferry sent before is then behind us in our queue, not
                 // overtaken by what our program would decapsulate.
-                let untranslated = opening.filter(|k| {
-                    offer_key(frame.data(), &ctx.flow) == Some(*k)
-                        && (k.proto != protocol::UDP || outer_sport.is_some_and(|p| p >= 49152))
-                });
-                if let (Some(key), Verdict::Forward(to), IpAddr::V4(remote)) = (untranslated, v, outer_src) {
+                // A service's reply gets its source translated on delivery; the program repeats it.
+                let offered = opening
+                    .filter(|k| k.proto != protocol::UDP || outer_sport.is_some_and(|p| p >= 49152))
+                    .and_then(|k| translation(k, frame.data(), &ctx.flow));
+                if let (Some(key), Verdict::Forward(to), IpAddr::V4(remote)) = (offered, v, outer_src) {
                     let src_mac = self.cfg.gateway_mac;
                     self.offer(key, &Offer::Decap { remote, to, dst_mac: mac, src_mac });
                 }
@@ -732,8 +732,9 @@ impl Pipeline {
         if !translated {
             self.service_reply_stage(fib, &mut ctx, frame, rec);
         }
-        // Offered only untranslated: the same addresses and ports as it came in.
-        let opening = opening.filter(|k| !translated && offer_key(frame.data(), &ctx.flow) == Some(*k));
+        // Offered with the service translation of one end, which the program repeats (a pod
+        // reaching itself through its service has both translated: it stays ferry's).
+        let opening = opening.and_then(|k| translation(k, frame.data(), &ctx.flow));
         let route = fib.route(ctx.dst());
         note_route(rec, &route);
         match route {
@@ -1394,6 +1395,13 @@ fn outer_source_port(frame: &[u8]) -> Option<u16> {
         _ => return None,
     };
     Some(u16::from_be_bytes([*frame.get(l4)?, *frame.get(l4 + 1)?]))
+}
+
+/// Flow `before` (the packet as it came in) with what the stages did to it since (the packet now
+/// in `frame`), if the offload's programs can repeat that: nothing, or one end translated.
+fn translation(before: FlowKey4, frame: &[u8], info: &FlowInfo) -> Option<(FlowKey4, Option<Rewrite>)> {
+    let after = offer_key(frame, info)?;
+    Some((before, Rewrite::between(&before, &after)?))
 }
 
 /// The flow of a packet that may be offloaded: IPv4 without options, not a fragment, and either

@@ -363,6 +363,22 @@ fn translate(ctx: &mut Ctx, frame: &mut [u8], b: Backend, hairpin: bool, hairpin
     Outcome::Translated
 }
 
+/// Keep a ClusterIP connection's two entries alive at `now` without a packet through the
+/// pipeline: flow offload's sweep calls this for connections the kernel moves, so that one given
+/// back to ferry still has its backend. `forward` is the client's tuple to the service, `backend`
+/// what it was translated to. Whether both entries were there.
+pub fn keep_alive(ct: &Conntrack, now: u32, forward: &Tuple, backend: Backend) -> bool {
+    let reply = Tuple { src: backend.addr, dst: forward.src, sport: backend.port, dport: forward.sport, ..*forward };
+    let mut found = 0;
+    for t in [forward, &reply] {
+        if let Some(hit) = ct.lookup(t) {
+            ct.touch(&hit, now, 0);
+            found += 1;
+        }
+    }
+    found == 2
+}
+
 /// A hash of the client address alone (for `sessionAffinity: ClientIP`).
 fn client_hash(a: IpAddr) -> u32 {
     let x = match a {

@@ -471,6 +471,20 @@ pub struct OffloadFlow {
     pub packets: u64,
     /// Their bytes.
     pub bytes: u64,
+    /// A service's translation of its packets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<OffloadRewrite>,
+}
+
+/// The translation of one end of an offloaded flow (a service's connection), in [`OffloadFlow`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffloadRewrite {
+    /// `dst` (a client's packets: the backend) or `src` (a backend's replies: the service).
+    pub end: String,
+    /// The new address of that end.
+    pub addr: IpAddr,
+    /// And its new port.
+    pub port: u16,
 }
 
 /// A remote node's next hop state (in [`RemoteRoute::next_hop`]).

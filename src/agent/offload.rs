@@ -13,19 +13,24 @@
 //!   closed connection's entry does not wait for a port reuse. A flow idle that long goes on
 //!   through ferry.
 //!
+//! - **Service changes**: a service's connection (its entry translates one end) also goes when
+//!   its backend no longer serves the service, at the same check: its next packet reaches ferry,
+//!   which drops it as its service stage drops a connection whose backend is gone.
+//!
 //! While the kernel moves a flow, ferry's workers see none of its packets; each scan refreshes the
-//! flow's NetworkPolicy records in the connection table for them (both directions), so that a flow
-//! given back to ferry is still known as allowed.
+//! flow's NetworkPolicy records in the connection table for them (both directions), and a
+//! service's connection's two translation entries, so that a flow given back to ferry is still
+//! known as allowed, and keeps its backend.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::conntrack::Conntrack;
+use ferry_dataplane::conntrack::{Conntrack, Tuple};
 use ferry_dataplane::pipeline::Fib;
-use ferry_dataplane::xdp::offload::{FlowKey4, Offload, OffloadedFlow};
-use ferry_tables::{Route, Snapshot};
+use ferry_dataplane::xdp::offload::{FlowKey4, Offload, OffloadedFlow, Rewrite};
+use ferry_tables::{Backend, Route, Services, Snapshot};
 
 /// An entry whose counters did not move for this long is removed.
 pub(super) const IDLE: Duration = Duration::from_secs(120);
@@ -67,9 +72,7 @@ impl Sweep {
                 Some(&(p, t)) if p == f.packets => (p, t),
                 _ => {
                     if scan {
-                        let k = &f.key;
-                        let (src, dst) = (IpAddr::V4(k.src), IpAddr::V4(k.dst));
-                        ferry_dataplane::policy::keep_alive(ct, ct_now, src, dst, k.sport, k.dport, k.proto);
+                        keep_alive(ct, ct_now, f);
                     }
                     (f.packets, now)
                 }
@@ -90,9 +93,46 @@ impl Sweep {
     }
 }
 
+/// Refresh what ferry's connection table knows of flow `f`, which the kernel moves: its
+/// NetworkPolicy records (on the pods' real addresses), and a service connection's translation.
+fn keep_alive(ct: &Conntrack, now: u32, f: &OffloadedFlow) {
+    let real = match f.rewrite {
+        Some(r @ Rewrite::Dst { .. }) => r.apply(&f.key),
+        _ => f.key,
+    };
+    let (src, dst) = (IpAddr::V4(real.src), IpAddr::V4(real.dst));
+    ferry_dataplane::policy::keep_alive(ct, now, src, dst, real.sport, real.dport, real.proto);
+    if let Some((forward, backend)) = f.rewrite.map(|r| service_connection(&f.key, r)) {
+        ferry_dataplane::service::keep_alive(ct, now, &forward, backend);
+    }
+}
+
+/// A service connection's client tuple (client -> service) and backend, from an entry's key and
+/// translation: a client's packets (`Dst`) or its backend's replies (`Src`).
+fn service_connection(key: &FlowKey4, r: Rewrite) -> (Tuple, Backend) {
+    let v4 = IpAddr::V4;
+    let (client, sport, vip, vport, backend) = match r {
+        Rewrite::Dst { addr, port } => (key.src, key.sport, key.dst, key.dport, Backend { addr: v4(addr), port }),
+        Rewrite::Src { addr, port } => (key.dst, key.dport, addr, port, Backend { addr: v4(key.src), port: key.sport }),
+    };
+    (Tuple { src: v4(client), dst: v4(vip), sport, dport: vport, proto: key.proto }, backend)
+}
+
+/// Whether a service connection's backend still serves its service.
+fn service_holds(services: &Services, key: &FlowKey4, r: Rewrite) -> bool {
+    let (forward, backend) = service_connection(key, r);
+    services.lookup(forward.dst, forward.dport, forward.proto).is_some_and(|s| s.is_alive(backend))
+}
+
 /// Whether `f`'s decision is still what the tables in `fib` say.
 fn still_holds<F: Fib>(offload: &Offload, fib: &F, f: &OffloadedFlow) -> bool {
-    let dst = IpAddr::V4(f.key.dst);
+    if let Some(r) = f.rewrite
+        && !service_holds(fib.services(), &f.key, r)
+    {
+        return false;
+    }
+    // Routed as translated: a client's packets to a service go to its backend.
+    let dst = IpAddr::V4(f.rewrite.map_or(f.key, |r| r.apply(&f.key)).dst);
     match (f.action, fib.route(dst)) {
         ("encap", Route::Remote { template, .. }) => f.remote.is_some_and(|r| template.remote() == IpAddr::V4(r)),
         ("local", Route::Local { port, .. }) => offload.veth(port) == Some(f.out_ifindex),

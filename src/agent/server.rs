@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use super::{Shared, lock};
 use crate::admin::proto::{
-    ConntrackEntry, ConntrackList, FlowFilter, FlowList, LocalRoute, NextHopState, OffloadFlow, OffloadStatus,
-    PodChecked, PodEntry, PodRemoved, PolicyList, PolicyPod, PolicyRuleEntry, PortCounters, RemoteRoute, Routes,
-    SkippedNode, SocketDrops, Stats, Status, TablesSummary,
+    ConntrackEntry, ConntrackList, FlowFilter, FlowList, LocalRoute, NextHopState, OffloadFlow, OffloadRewrite,
+    OffloadStatus, PodChecked, PodEntry, PodRemoved, PolicyList, PolicyPod, PolicyRuleEntry, PortCounters, RemoteRoute,
+    Routes, SkippedNode, SocketDrops, Stats, Status, TablesSummary,
 };
 use crate::admin::{NodeInfo, Request, Response};
 use anyhow::Context;
+use ferry_dataplane::xdp::offload::Rewrite;
 use ferry_encap::DropReason;
 use ferry_tables::Route;
 
@@ -330,6 +331,14 @@ impl Handler {
                             dport: f.key.dport,
                             packets: f.packets,
                             bytes: f.bytes,
+                            rewrite: f.rewrite.map(|r| match r {
+                                Rewrite::Dst { addr, port } => {
+                                    OffloadRewrite { end: "dst".to_owned(), addr: addr.into(), port }
+                                }
+                                Rewrite::Src { addr, port } => {
+                                    OffloadRewrite { end: "src".to_owned(), addr: addr.into(), port }
+                                }
+                            }),
                         })
                         .collect(),
                 }

@@ -61,6 +61,12 @@ const ACTION_LOCAL: u8 = 2;
 const ACTION_DECAP: u8 = 3;
 const FLAG_FIXED_TOS: u8 = 1;
 const FLAG_ECN_COPY: u8 = 2;
+const FLAG_NAT_DST: u8 = 4;
+const FLAG_NAT_SRC: u8 = 8;
+/// Where the entry holds `flags`, `nat_port` and `nat_addr`.
+const FLAGS_AT: usize = 16;
+const NAT_PORT_AT: usize = 18;
+const NAT_ADDR_AT: usize = 20;
 
 /// What the programs count (`enum offload_stat`), in order.
 pub const STAT_NAMES: [&str; 7] = ["encap", "local", "decap", "train", "error", "no_tap", "to_pod"];
@@ -156,6 +162,53 @@ pub enum Offer<'a> {
     },
 }
 
+/// A service's translation, which the programs apply to every packet of an offloaded flow (before
+/// encapsulation or delivery, after decapsulation), as ferry's service stage does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewrite {
+    /// The destination becomes `addr`:`port`: a client's packets to a service reach its backend.
+    Dst {
+        /// The backend's address.
+        addr: Ipv4Addr,
+        /// The backend's port.
+        port: u16,
+    },
+    /// The source becomes `addr`:`port`: a backend's replies come from the service.
+    Src {
+        /// The service's address.
+        addr: Ipv4Addr,
+        /// The service's port.
+        port: u16,
+    },
+}
+
+impl Rewrite {
+    /// What took flow `before` to `after` in the pipeline: `Some(None)` nothing, `Some(Some(_))`
+    /// a translation of one end the programs can repeat, `None` one they cannot (both ends: a
+    /// pod that reaches itself through its service).
+    pub fn between(before: &FlowKey4, after: &FlowKey4) -> Option<Option<Rewrite>> {
+        if before.proto != after.proto {
+            return None;
+        }
+        let same_src = before.src == after.src && before.sport == after.sport;
+        let same_dst = before.dst == after.dst && before.dport == after.dport;
+        match (same_src, same_dst) {
+            (true, true) => Some(None),
+            (true, false) => Some(Some(Rewrite::Dst { addr: after.dst, port: after.dport })),
+            (false, true) => Some(Some(Rewrite::Src { addr: after.src, port: after.sport })),
+            (false, false) => None,
+        }
+    }
+
+    /// The flow's key once rewritten (what the pipeline's later stages and the routes see).
+    pub fn apply(&self, key: &FlowKey4) -> FlowKey4 {
+        match *self {
+            Rewrite::Dst { addr, port } => FlowKey4 { dst: addr, dport: port, ..*key },
+            Rewrite::Src { addr, port } => FlowKey4 { src: addr, sport: port, ..*key },
+        }
+    }
+}
+
 /// One entry, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OffloadedFlow {
@@ -175,6 +228,22 @@ pub struct OffloadedFlow {
     pub last_ns: u64,
     /// The other node's underlay address (encap: the tunnel's destination; decap: the sender).
     pub remote: Option<Ipv4Addr>,
+    /// A service's translation of its packets.
+    pub rewrite: Option<Rewrite>,
+}
+
+/// The translation an entry's flags and NAT fields hold.
+fn rewrite_of(v: &[u8; ENTRY_SIZE]) -> Option<Rewrite> {
+    let addr = Ipv4Addr::new(v[NAT_ADDR_AT], v[NAT_ADDR_AT + 1], v[NAT_ADDR_AT + 2], v[NAT_ADDR_AT + 3]);
+    let port = u16::from_be_bytes([v[NAT_PORT_AT], v[NAT_PORT_AT + 1]]);
+    let flags = v[FLAGS_AT];
+    if flags & FLAG_NAT_DST != 0 {
+        Some(Rewrite::Dst { addr, port })
+    } else if flags & FLAG_NAT_SRC != 0 {
+        Some(Rewrite::Src { addr, port })
+    } else {
+        None
+    }
 }
 
 /// A TCX link: the program stays attached while it lives (and while ferry lives).
@@ -517,20 +586,31 @@ impl Offload {
 
     /// Offload the rest of flow `key` as `offer` says, now: [`Offload::prepare`] then
     /// [`Offload::commit`]. `false` when it stays ferry's.
-    pub fn offer(&self, key: FlowKey4, offer: &Offer<'_>) -> bool {
-        self.prepare(key, offer).is_some_and(|p| self.commit(&p))
+    pub fn offer(&self, key: FlowKey4, offer: &Offer<'_>, rewrite: Option<Rewrite>) -> bool {
+        self.prepare(key, offer, rewrite).is_some_and(|p| self.commit(&p))
     }
 
     /// The entry that offloads the rest of flow `key` as `offer` says, to be written by
     /// [`Offload::commit`] once the packet that made the offer has left (the worker commits at
     /// the end of its iteration). `None` when it stays ferry's: a port that is not an offloaded
     /// pod, an outer header that does not fit, or the flow offered within the last second or so
-    /// (a UDP flow's packets keep coming through ferry until its entry is armed).
-    pub fn prepare(&self, key: FlowKey4, offer: &Offer<'_>) -> Option<Prepared> {
+    /// (a UDP flow's packets keep coming through ferry until its entry is armed). `rewrite`: the
+    /// service translation ferry applied to the flow's packet, which the programs repeat.
+    pub fn prepare(&self, key: FlowKey4, offer: &Offer<'_>, rewrite: Option<Rewrite>) -> Option<Prepared> {
         if !self.recent.first(&key, self.epoch.elapsed().as_secs()) {
             return None;
         }
-        Some(Prepared { key, entry: self.entry(offer)? })
+        let mut entry = self.entry(offer)?;
+        if let Some(r) = rewrite {
+            let (flag, addr, port) = match r {
+                Rewrite::Dst { addr, port } => (FLAG_NAT_DST, addr, port),
+                Rewrite::Src { addr, port } => (FLAG_NAT_SRC, addr, port),
+            };
+            entry[FLAGS_AT] |= flag;
+            entry[NAT_PORT_AT..NAT_PORT_AT + 2].copy_from_slice(&port.to_be_bytes());
+            entry[NAT_ADDR_AT..NAT_ADDR_AT + 4].copy_from_slice(&addr.octets());
+        }
+        Some(Prepared { key, entry })
     }
 
     /// Write a prepared entry. `false` when it stays ferry's: the second's budget spent, or the
@@ -581,7 +661,7 @@ impl Offload {
                 // The outer TOS: the template's rule (fixed DSCP or the inner one, RFC 6040's ECN).
                 let (fixed, ecn) = (template.outer_tos(0), template.outer_tos(0x01) & 0x03 == 0x01);
                 let inherits = template.outer_tos(0xfc) & 0xfc == 0xfc && fixed & 0xfc == 0;
-                e[16] = if inherits { 0 } else { FLAG_FIXED_TOS } | if ecn { FLAG_ECN_COPY } else { 0 };
+                e[FLAGS_AT] = if inherits { 0 } else { FLAG_FIXED_TOS } | if ecn { FLAG_ECN_COPY } else { 0 };
                 e[17] = fixed & 0xfc;
                 (self.veth(from)?, self.uplink_ifindex.load(Ordering::Acquire), ACTION_ENCAP4)
             }
@@ -646,6 +726,7 @@ impl Offload {
                         ACTION_DECAP => Some(Ipv4Addr::new(v[8], v[9], v[10], v[11])),
                         _ => None,
                     },
+                    rewrite: rewrite_of(&v),
                 });
             }
             prev = Some(key);
@@ -738,5 +819,36 @@ mod tests {
         assert!(r.first(&c, 0xffff));
         assert!(!r.first(&c, 0x1_0000), "across the wrap");
         assert!(r.first(&c, 0x1_0002));
+    }
+
+    #[test]
+    fn a_translation_of_one_end_is_repeatable_and_of_both_is_not() {
+        let before = key(40000, 6);
+        let (vip, backend) = (Ipv4Addr::new(10, 96, 0, 10), Ipv4Addr::new(10, 244, 3, 7));
+        assert_eq!(Rewrite::between(&before, &before), Some(None), "untranslated");
+        let to_backend = FlowKey4 { dst: backend, dport: 8080, ..before };
+        let r = Rewrite::between(&before, &to_backend);
+        assert_eq!(r, Some(Some(Rewrite::Dst { addr: backend, port: 8080 })), "a client's packet to a service");
+        assert_eq!(r.flatten().map(|r| r.apply(&before)), Some(to_backend));
+        let reply = FlowKey4 { src: backend, dst: before.src, sport: 8080, dport: 40000, proto: 6 };
+        let from_vip = FlowKey4 { src: vip, sport: 80, ..reply };
+        let r = Rewrite::between(&reply, &from_vip);
+        assert_eq!(r, Some(Some(Rewrite::Src { addr: vip, port: 80 })), "a backend's reply");
+        assert_eq!(r.flatten().map(|r| r.apply(&reply)), Some(from_vip));
+        let hairpin = FlowKey4 { src: Ipv4Addr::new(10, 244, 1, 1), dst: backend, dport: 8080, ..before };
+        assert_eq!(Rewrite::between(&before, &hairpin), None, "both ends: a pod reaching itself");
+        assert_eq!(Rewrite::between(&before, &FlowKey4 { proto: 17, ..before }), None);
+    }
+
+    #[test]
+    fn an_entry_keeps_its_translation() {
+        let mut v = [0u8; ENTRY_SIZE];
+        assert_eq!(rewrite_of(&v), None);
+        v[FLAGS_AT] = FLAG_ECN_COPY | FLAG_NAT_DST;
+        v[NAT_PORT_AT..NAT_PORT_AT + 2].copy_from_slice(&8080u16.to_be_bytes());
+        v[NAT_ADDR_AT..NAT_ADDR_AT + 4].copy_from_slice(&[10, 244, 3, 7]);
+        assert_eq!(rewrite_of(&v), Some(Rewrite::Dst { addr: Ipv4Addr::new(10, 244, 3, 7), port: 8080 }));
+        v[FLAGS_AT] = FLAG_NAT_SRC;
+        assert_eq!(rewrite_of(&v), Some(Rewrite::Src { addr: Ipv4Addr::new(10, 244, 3, 7), port: 8080 }));
     }
 }
