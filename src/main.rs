@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ferry::admin::proto::{ConntrackList, FlowEvent, FlowFilter, FlowList, PolicyList, Routes, Stats, Status};
+use ferry::admin::proto::{
+    ConntrackList, FlowEvent, FlowFilter, FlowList, OffloadStatus, PolicyList, Routes, Stats, Status,
+};
 use ferry::admin::{self, Request, Response};
 use ferry_encap::DropReason;
 use serde::Serialize;
@@ -352,6 +354,34 @@ fn print_status(d: &Status) {
             list(&p.addrs),
             opt(p.pod.as_deref())
         );
+    }
+    if let Some(o) = &d.offload {
+        print_offload(o);
+    }
+}
+
+/// Flow offload's counters and entries (`ferry status`), the largest entries first.
+fn print_offload(o: &OffloadStatus) {
+    let programs: Vec<String> = o.programs.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "offload     {} flows; offered {}, refused {}, given back {}; programs: {}",
+        o.flows.len(),
+        o.offered,
+        o.refused,
+        o.removed,
+        programs.join(", ")
+    );
+    let mut flows: Vec<_> = o.flows.iter().collect();
+    flows.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    for f in flows.iter().take(20) {
+        let rewrite = f.rewrite.as_ref().map_or(String::new(), |r| format!("  {} -> {}:{}", r.end, r.addr, r.port));
+        println!(
+            "  {:<6} {:<4} {}:{} -> {}:{}  {} packets, {} bytes{rewrite}",
+            f.action, f.proto, f.src, f.sport, f.dst, f.dport, f.packets, f.bytes
+        );
+    }
+    if flows.len() > 20 {
+        println!("  ... {} more (ferry status --json lists them all)", flows.len() - 20);
     }
 }
 
