@@ -142,3 +142,29 @@ fn still_holds<F: Fib>(offload: &Offload, fib: &F, f: &OffloadedFlow) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn both_entries_of_a_service_connection_name_the_same_connection() {
+        let (client, vip, backend) =
+            (Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 96, 0, 20), Ipv4Addr::new(10, 244, 2, 2));
+        // The client's packets, and the backend's replies, as the programs see them.
+        let out = FlowKey4 { src: client, dst: vip, sport: 40000, dport: 80, proto: 6 };
+        let back = FlowKey4 { src: backend, dst: client, sport: 8080, dport: 40000, proto: 6 };
+        let a = service_connection(&out, Rewrite::Dst { addr: backend, port: 8080 });
+        let b = service_connection(&back, Rewrite::Src { addr: vip, port: 80 });
+        assert_eq!(a, b);
+        let (forward, be) = a;
+        assert_eq!(
+            forward,
+            Tuple { src: IpAddr::V4(client), dst: IpAddr::V4(vip), sport: 40000, dport: 80, proto: 6 },
+            "the client's tuple to the service"
+        );
+        assert_eq!(be, Backend { addr: IpAddr::V4(backend), port: 8080 });
+    }
+}
