@@ -176,6 +176,10 @@ b_ferry_node() {
     b_static_file >"$BSTATE/nodes.toml"
     b_ferry_config "$n" "$idx" >"$dir/config.toml"
     start_ferry_agent "$FERRY" "$ns" "$dir" "bench: the ferry agent of $n"
+    # The whole agent on the forwarding CPU: its worker is pinned there by `cores`, and its other threads
+    # (the offload sweep, flow export, health, neighbours, admin) are ferry's forwarding budget too, as RPS
+    # puts the kernel's forwarding there. Left unpinned they woke on the generator's CPU.
+    taskset -a -p -c "$FWD_CPU" "$(cat "$dir/agent.pid")" >/dev/null
 }
 
 # b_kernel_node N IDX REMOTE_IDX REMOTE_MAC: flannel.1 with the entries flanneld would write for the remote.
