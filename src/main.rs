@@ -372,7 +372,7 @@ fn print_offload(o: &OffloadStatus) {
         programs.join(", ")
     );
     let mut flows: Vec<_> = o.flows.iter().collect();
-    flows.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    flows.sort_by_key(|f| std::cmp::Reverse(f.bytes));
     for f in flows.iter().take(20) {
         let rewrite = f.rewrite.as_ref().map_or(String::new(), |r| format!("  {} -> {}:{}", r.end, r.addr, r.port));
         println!(
