@@ -21,7 +21,6 @@ use crate::admin::proto::{
 };
 use crate::admin::{NodeInfo, Request, Response};
 use anyhow::Context;
-use ferry_dataplane::xdp::offload::Rewrite;
 use ferry_encap::DropReason;
 use ferry_tables::Route;
 
@@ -331,13 +330,9 @@ impl Handler {
                             dport: f.key.dport,
                             packets: f.packets,
                             bytes: f.bytes,
-                            rewrite: f.rewrite.map(|r| match r {
-                                Rewrite::Dst { addr, port } => {
-                                    OffloadRewrite { end: "dst".to_owned(), addr: addr.into(), port }
-                                }
-                                Rewrite::Src { addr, port } => {
-                                    OffloadRewrite { end: "src".to_owned(), addr: addr.into(), port }
-                                }
+                            rewrite: f.rewrite.map(|r| {
+                                let (end, addr, port) = r.parts();
+                                OffloadRewrite { end: end.to_owned(), addr: addr.into(), port }
                             }),
                         })
                         .collect(),

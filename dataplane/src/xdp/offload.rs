@@ -200,6 +200,14 @@ impl Rewrite {
         }
     }
 
+    /// Which end it rewrites (`"dst"` or `"src"`), to what address and port.
+    pub fn parts(&self) -> (&'static str, Ipv4Addr, u16) {
+        match *self {
+            Rewrite::Dst { addr, port } => ("dst", addr, port),
+            Rewrite::Src { addr, port } => ("src", addr, port),
+        }
+    }
+
     /// The flow's key once rewritten (what the pipeline's later stages and the routes see).
     pub fn apply(&self, key: &FlowKey4) -> FlowKey4 {
         match *self {
@@ -602,10 +610,8 @@ impl Offload {
         }
         let mut entry = self.entry(offer)?;
         if let Some(r) = rewrite {
-            let (flag, addr, port) = match r {
-                Rewrite::Dst { addr, port } => (FLAG_NAT_DST, addr, port),
-                Rewrite::Src { addr, port } => (FLAG_NAT_SRC, addr, port),
-            };
+            let (end, addr, port) = r.parts();
+            let flag = if end == "dst" { FLAG_NAT_DST } else { FLAG_NAT_SRC };
             entry[FLAGS_AT] |= flag;
             entry[NAT_PORT_AT..NAT_PORT_AT + 2].copy_from_slice(&port.to_be_bytes());
             entry[NAT_ADDR_AT..NAT_ADDR_AT + 4].copy_from_slice(&addr.octets());
