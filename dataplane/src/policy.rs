@@ -30,7 +30,25 @@
 //! with ports carries ([`record_proto`]: 253/254/252, experimental and unassigned; as the service
 //! stage's affinity records use 255), so they never collide with a service's translation entries.
 //!
-//! A denied first packet leaves no record (a scan cannot fill the table). Other protocols (ICMP)
+//! A denied first packet leaves no record (a scan cannot fill the table).
+//!
+//! # A connection seen in mid-stream
+//!
+//! A packet without a record is not always its connection's first: the connection may have opened
+//! while no local pod was isolated (the stage does not run then, and keeps no records: it costs
+//! such a node nothing), or before the agent started (the table starts empty). Judged in its own
+//! direction only, a server's reply to an opener that a new policy refuses would open an allowing
+//! pair of records for the server's direction, and the refused connection would go on: the
+//! conformance test's update while traffic runs saw it when the server's reply was the first
+//! packet after x turned to default deny. So a packet that does not open its connection (anything
+//! but a TCP SYN without ACK), whose own direction is allowed, and that goes from a server's port
+//! to an opener's ([`peer_likely_opened`]: below 32768 to 32768 and up, Linux's ephemeral range;
+//! Zeek orients connections whose start it missed by their ports the same way) is judged as its
+//! peer's connection too: it passes only if that is allowed as well, and its records then name the
+//! peer as the opener. The guess can only refuse more than the packet's own direction would, never
+//! let more through: a crafted packet from a low port gains nothing. Where the ports do not tell
+//! (both below 32768, or both at or above), the packet's own direction decides, as Linux
+//! conntrack picks up a connection in mid-stream. Other protocols (ICMP)
 //! are evaluated on every packet without state: only a rule without `ports` lets them through,
 //! and an ICMP echo reply is judged as a packet of its own. An ICMP error (destination
 //! unreachable, time exceeded, fragmentation needed / packet too big, parameter problem) that
@@ -171,15 +189,37 @@ pub fn check(ct: &Conntrack, now: u32, tables: &PolicyTables, ctx: &Ctx, frame: 
         ct.insert(&key, encode(generation, v, by), hit.flags | seen_flags(tcp_flags), now);
         return result(v, by);
     }
-    let (v, by) = tables.decide(src, dst, proto, dport);
+    // No record: the connection's first packet, or one of a connection seen in mid-stream.
+    let (mut v, mut by) = tables.decide(src, dst, proto, dport);
+    let syn_only = proto == 6 && tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+    let peer_opened = v == PolicyVerdict::Allow && !syn_only && peer_likely_opened(sport, dport);
+    if peer_opened {
+        (v, by) = tables.decide(dst, src, proto, sport);
+    }
     if v == PolicyVerdict::Allow {
         // The reply's record first: the packet goes out only after both are in.
         let back = Tuple { src: dst, dst: src, sport: dport, dport: sport, proto: key_proto };
-        ct.insert(&back, encode(generation, v, by), flags::REPLY, now);
-        let syn_only = proto == 6 && tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
-        ct.insert(&key, encode(generation, v, by), if syn_only { flags::SYN } else { flags::SEEN }, now);
+        let (key_flags, back_flags) = match (peer_opened, syn_only) {
+            (true, _) => (flags::REPLY, flags::SEEN),
+            (false, true) => (flags::SYN, flags::REPLY),
+            (false, false) => (flags::SEEN, flags::REPLY),
+        };
+        ct.insert(&back, encode(generation, v, by), back_flags, now);
+        ct.insert(&key, encode(generation, v, by), key_flags, now);
     }
     result(v, by)
+}
+
+/// Where Linux's default `ip_local_port_range` starts (IANA's dynamic ports, 49152 up, lie
+/// within): a connection's opener usually holds a port at or above it, its server one below.
+pub const EPHEMERAL_PORTS_FROM: u16 = 32768;
+
+/// Whether a packet from `sport` to `dport` of a connection seen in mid-stream most likely goes
+/// from the connection's server back to its opener: from a port below [`EPHEMERAL_PORTS_FROM`]
+/// to one at or above it.
+#[inline]
+pub const fn peer_likely_opened(sport: u16, dport: u16) -> bool {
+    sport < EPHEMERAL_PORTS_FROM && dport >= EPHEMERAL_PORTS_FROM
 }
 
 /// Keep the policy records of the connection whose packets go `src`:`sport` -> `dst`:`dport`

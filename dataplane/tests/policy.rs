@@ -304,7 +304,60 @@ fn no_policy_costs_nothing_and_drops_nothing() {
     assert!(n1.fib.policy().is_empty());
     n1.receive(1, &n1.tcp(1, pod_ip(1, 2), 40000, 80, true));
     assert_eq!(n1.sent(2).len(), 1);
+    n1.receive(2, &n1.tcp(2, pod_ip(1, 1), 80, 40000, false));
+    assert_eq!(n1.sent(1).len(), 1);
     assert_eq!(n1.worker.counters().total_drops(), 0);
+}
+
+#[test]
+fn the_first_policy_judges_a_connection_by_its_opener_when_the_reply_comes_first() {
+    // a opens a connection to b:80 while no pod is isolated (no records are kept then).
+    let mut n1 = Node::new(1, &[]);
+    let (a, b) = (pod_ip(1, 1), pod_ip(1, 2));
+    n1.receive(1, &n1.tcp(1, b, 40000, 80, true));
+    assert_eq!(n1.sent(2).len(), 1);
+    n1.receive(2, &n1.tcp(2, a, 80, 40000, false));
+    assert_eq!(n1.sent(1).len(), 1);
+    // b now takes nothing in. Its reply comes first: it is refused as a packet of a's connection
+    // (b's egress alone would allow it), and so is a's next packet.
+    n1.set_policies(&[], &[policy("b-in", "b", &["Ingress"], vec![], vec![])]);
+    n1.receive(2, &n1.tcp(2, a, 80, 40000, false));
+    assert!(n1.sent(1).is_empty(), "the reply is refused");
+    n1.receive(1, &n1.tcp(1, b, 40000, 80, false));
+    assert!(n1.sent(2).is_empty(), "so is the opener's next packet");
+    assert_eq!(n1.drops(DropReason::PolicyDeniedIngress), 2);
+    // A connection b opens itself goes through, its replies too (records made on its SYN).
+    n1.receive(2, &n1.tcp(2, a, 40001, 80, true));
+    assert_eq!(n1.sent(1).len(), 1);
+    n1.receive(1, &n1.tcp(1, b, 80, 40001, false));
+    assert_eq!(n1.sent(2).len(), 1, "the reply to b's own connection");
+}
+
+#[test]
+fn a_connection_seen_in_mid_stream_is_judged_by_its_likely_opener_and_never_more_openly() {
+    // b takes TCP 80 from a only; a takes nothing in.
+    let policies = [
+        policy("b-in", "b", &["Ingress"], vec![rule("a", Some(80))], vec![]),
+        policy("a-in", "a", &["Ingress"], vec![], vec![]),
+    ];
+    let mut n1 = Node::new(1, &policies);
+    let (a, b) = (pod_ip(1, 1), pod_ip(1, 2));
+    // A connection a opened to b:80 before the agent started (no record). b's reply comes first:
+    // its own direction is refused (a takes nothing in), and the guess never lets more through
+    // than that. a's next packet is allowed and makes the records; b's replies then pass.
+    n1.receive(2, &n1.tcp(2, a, 80, 40000, false));
+    assert!(n1.sent(1).is_empty(), "judged in its own direction too");
+    n1.receive(1, &n1.tcp(1, b, 40000, 80, false));
+    assert_eq!(n1.sent(2).len(), 1, "the opener's next packet");
+    n1.receive(2, &n1.tcp(2, a, 80, 40000, false));
+    assert_eq!(n1.sent(1).len(), 1, "the reply, once the opener made the records");
+    // From a low port to a's high one, b is still refused by a's ingress; a's packet to b:81
+    // (b takes 80 only) is refused as well.
+    n1.receive(2, &n1.tcp(2, a, 80, 40002, false));
+    assert!(n1.sent(1).is_empty(), "a takes nothing in");
+    n1.receive(1, &n1.tcp(1, b, 40003, 81, false));
+    assert!(n1.sent(2).is_empty(), "b takes 80 only");
+    assert_eq!(n1.drops(DropReason::PolicyDeniedIngress), 3);
 }
 
 /// A TCP segment from outside the cluster through the host port (the node's kernel routing it).
