@@ -375,8 +375,9 @@ fn print_offload(o: &OffloadStatus) {
     flows.sort_by_key(|f| std::cmp::Reverse(f.bytes));
     for f in flows.iter().take(20) {
         let rewrite = f.rewrite.as_ref().map_or(String::new(), |r| format!("  {} -> {}:{}", r.end, r.addr, r.port));
+        let closed = f.closed.as_ref().map_or(String::new(), |c| format!("  closed ({c})"));
         println!(
-            "  {:<6} {:<4} {}:{} -> {}:{}  {} packets, {} bytes{rewrite}",
+            "  {:<6} {:<4} {}:{} -> {}:{}  {} packets, {} bytes{rewrite}{closed}",
             f.action, f.proto, f.src, f.sport, f.dst, f.dport, f.packets, f.bytes
         );
     }

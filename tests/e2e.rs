@@ -1097,7 +1097,23 @@ fn the_default_lab_offloads_flows() {
             .unwrap_or_else(|| panic!("no {action} entry on {node}"));
         let bytes = e["bytes"].as_u64().unwrap_or(0);
         assert!(bytes >= 200 << 20, "{node}'s {action} entry carried {bytes} bytes: {e}");
+        // The transfer's connection closed: its FIN (or a RST) went through the entry.
+        assert!(e["closed"].is_string(), "{node}'s {action} entry saw the connection close: {e}");
     }
+    // A closed connection's entries, both ways on both nodes, go once quiet for 10 s (the sweep
+    // looks every 10 s), not after the 120 s idle timeout.
+    let of_transfer = |f: &Value| {
+        (f["dst"] == to.as_str() && f["dport"] == 23457) || (f["src"] == to.as_str() && f["sport"] == 23457)
+    };
+    let t = Instant::now();
+    let (left, gone) = poll_until(
+        Duration::from_secs(40),
+        Duration::from_millis(500),
+        || ["n1", "n2"].map(|n| offload_flow(&lab, n, of_transfer)),
+        |left| left.iter().all(Option::is_none),
+    );
+    assert!(gone, "a closed connection's entries stay: {left:?}");
+    println!("the closed connection's entries went within {} ms", t.elapsed().as_millis());
 }
 
 /// A Service's connections are offloaded with their translation, in the default lab: a client on

@@ -101,11 +101,16 @@ static __always_inline void count(__u32 stat)
 		*n += 1;
 }
 
-static __always_inline void touch(struct offload_entry *e, __u32 len)
+/* Count a packet on its entry; `seen`: its OFFLOAD_SEEN_* bits. The flags byte is written only
+ * when a bit is new (a connection's last packets); two CPUs racing there both write bits that
+ * close the connection, and the bits ferry wrote never change, so a lost update loses nothing. */
+static __always_inline void touch(struct offload_entry *e, __u32 len, __u8 seen)
 {
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, len);
 	e->last_ns = bpf_ktime_get_ns();
+	if (seen & ~e->flags)
+		e->flags |= seen;
 }
 
 /* Whether the entry takes its flow's packets yet (see `armed_ns`). */
@@ -162,6 +167,16 @@ static __always_inline int rewrite(struct __sk_buff *skb, __u32 l3, __u8 proto, 
 	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) || bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0))
 		return -1;
 	return 0;
+}
+
+/* The OFFLOAD_SEEN_* bits of the IPv4 packet at `l3` (key_of checked it): a TCP FIN or RST. A TCP
+ * header beyond the packet's linear part counts as neither. */
+static __always_inline __u8 seen_of(void *l3, void *end, __u8 proto)
+{
+	__u8 *tcp = l3 + sizeof(struct iphdr);
+	if (proto != IPPROTO_TCP || (void *)(tcp + 14) > end)
+		return 0;
+	return ((tcp[13] & 0x01) ? OFFLOAD_SEEN_FIN : 0) | ((tcp[13] & 0x04) ? OFFLOAD_SEEN_RST : 0);
 }
 
 /* The flow key and TTL of the IPv4 TCP/UDP packet at `l3`, or -1. */
@@ -229,6 +244,7 @@ int ferry_offload_pod(struct __sk_buff *skb)
 	if (ttl <= 1 || (skb->gso_segs <= 1 && skb->len > e->max_len))
 		return to_ferry(skb);
 	__u32 len = skb->len;
+	__u8 seen = seen_of(eth + 1, end, key.proto);
 	if (ttl_down(skb, ETH_HLEN, ttl) || rewrite(skb, ETH_HLEN, key.proto, e)) {
 		count(OFFLOAD_STAT_ERROR);
 		return TC_ACT_SHOT;
@@ -239,7 +255,7 @@ int ferry_offload_pod(struct __sk_buff *skb)
 			count(OFFLOAD_STAT_ERROR);
 			return TC_ACT_SHOT;
 		}
-		touch(e, len);
+		touch(e, len, seen);
 		count(OFFLOAD_STAT_LOCAL);
 		return bpf_redirect(e->out_ifindex, 0);
 	}
@@ -296,7 +312,7 @@ int ferry_offload_pod(struct __sk_buff *skb)
 	}
 	__be16 proto = bpf_htons(ETH_P_IP);
 	bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto), 0);
-	touch(e, len);
+	touch(e, len, seen);
 	count(OFFLOAD_STAT_ENCAP);
 	/* The outer destination's neighbour (the next hop on the underlay) gives the MACs. */
 	return bpf_redirect_neigh(e->out_ifindex, NULL, 0, 0);
@@ -379,6 +395,7 @@ int ferry_offload_uplink(struct __sk_buff *skb)
 	if (outer_ce && (tos & 0x03) == 0)
 		return TC_ACT_OK;
 	__u32 len = skb->len;
+	__u8 seen = seen_of(inner, end, key.proto);
 	/* Remove the outer IPv4, UDP and tunnel headers and the inner Ethernet header; the outer
 	 * Ethernet header stays and takes the pod's MACs. */
 	if (bpf_skb_adjust_room(skb, -(__s32)(outer_len + ETH_HLEN), BPF_ADJ_ROOM_MAC,
@@ -401,7 +418,7 @@ int ferry_offload_uplink(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 	}
-	touch(e, len);
+	touch(e, len, seen);
 	count(OFFLOAD_STAT_DECAP);
 	return bpf_redirect(e->out_ifindex, 0);
 }

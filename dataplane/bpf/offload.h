@@ -29,6 +29,10 @@ enum offload_action {
 #define OFFLOAD_ECN_COPY 2  /* RFC 6040 normal mode: the inner ECN field is copied out */
 #define OFFLOAD_NAT_DST 4   /* a service's connection: the destination becomes nat_addr:nat_port (its backend) */
 #define OFFLOAD_NAT_SRC 8   /* a service's reply: the source becomes nat_addr:nat_port (the service's address) */
+/* Written by the programs: a TCP FIN, or RST, went through this entry (ferry's sweep gives a
+ * closed connection's entries back soon instead of after the idle timeout). */
+#define OFFLOAD_SEEN_FIN 16
+#define OFFLOAD_SEEN_RST 32
 
 /* Outer IPv4, UDP, the tunnel header with its options, the inner Ethernet header. */
 #define OFFLOAD_HDR_MAX 112
@@ -40,7 +44,7 @@ struct offload_entry {
 	__u16 max_len;     /* a non-GSO packet longer than this (Ethernet included) is ferry's (MTU) */
 	__u8 action;       /* enum offload_action */
 	__u8 hdr_len;      /* encap: bytes of hdr to insert after the Ethernet header */
-	__u8 flags;        /* OFFLOAD_FIXED_TOS, OFFLOAD_ECN_COPY, OFFLOAD_NAT_DST, OFFLOAD_NAT_SRC */
+	__u8 flags;        /* OFFLOAD_FIXED_TOS, OFFLOAD_ECN_COPY, OFFLOAD_NAT_*; OFFLOAD_SEEN_* */
 	__u8 tos;          /* with OFFLOAD_FIXED_TOS: the outer DSCP */
 	__be16 nat_port;   /* with OFFLOAD_NAT_*: the new port and address of that end */
 	__be32 nat_addr;

@@ -226,16 +226,25 @@ pub const fn peer_likely_opened(sport: u16, dport: u16) -> bool {
 /// alive at `now`, both directions, without a packet through the pipeline: flow offload's sweep
 /// calls this for entries whose packets the kernel moved, so that a flow given back to ferry
 /// after a quiet minute in the kernel finds its records (a UDP reply would otherwise be judged
-/// as a connection of its own). Whether a record was there.
-pub fn keep_alive(ct: &Conntrack, now: u32, src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> bool {
+/// as a connection of its own). `set`: state flags the kernel saw go by ([`flags::FIN`],
+/// [`flags::RST`]), for the packets' direction and the reverse's record, so that a closed
+/// connection's records expire as if ferry had seen its end. Whether a record was there.
+pub fn keep_alive(
+    ct: &Conntrack,
+    now: u32,
+    (src, dst): (IpAddr, IpAddr),
+    (sport, dport): (u16, u16),
+    proto: u8,
+    set: [u8; 2],
+) -> bool {
     let Some(key_proto) = record_proto(proto) else { return false };
     let mut found = false;
-    for key in [
-        Tuple { src, dst, sport, dport, proto: key_proto },
-        Tuple { src: dst, dst: src, sport: dport, dport: sport, proto: key_proto },
+    for (key, set) in [
+        (Tuple { src, dst, sport, dport, proto: key_proto }, set[0]),
+        (Tuple { src: dst, dst: src, sport: dport, dport: sport, proto: key_proto }, set[1]),
     ] {
         if let Some(hit) = ct.lookup(&key) {
-            ct.touch(&hit, now, 0);
+            ct.touch(&hit, now, set);
             found = true;
         }
     }

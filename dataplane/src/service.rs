@@ -366,13 +366,14 @@ fn translate(ctx: &mut Ctx, frame: &mut [u8], b: Backend, hairpin: bool, hairpin
 /// Keep a ClusterIP connection's two entries alive at `now` without a packet through the
 /// pipeline: flow offload's sweep calls this for connections the kernel moves, so that one given
 /// back to ferry still has its backend. `forward` is the client's tuple to the service, `backend`
-/// what it was translated to. Whether both entries were there.
-pub fn keep_alive(ct: &Conntrack, now: u32, forward: &Tuple, backend: Backend) -> bool {
+/// what it was translated to; `set`, state flags the kernel saw go by ([`flags::FIN`],
+/// [`flags::RST`]) for the forward and the reply entry. Whether both entries were there.
+pub fn keep_alive(ct: &Conntrack, now: u32, forward: &Tuple, backend: Backend, set: [u8; 2]) -> bool {
     let reply = Tuple { src: backend.addr, dst: forward.src, sport: backend.port, dport: forward.sport, ..*forward };
     let mut found = 0;
-    for t in [forward, &reply] {
+    for (t, set) in [(forward, set[0]), (&reply, set[1])] {
         if let Some(hit) = ct.lookup(t) {
-            ct.touch(&hit, now, 0);
+            ct.touch(&hit, now, set);
             found += 1;
         }
     }

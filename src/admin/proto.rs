@@ -474,6 +474,10 @@ pub struct OffloadFlow {
     /// A service's translation of its packets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<OffloadRewrite>,
+    /// What the programs saw of the connection's end in this direction: `fin`, `rst` (or both, as
+    /// `fin rst`); the entry goes once quiet for 10 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed: Option<String>,
 }
 
 /// The translation of one end of an offloaded flow (a service's connection), in [`OffloadFlow`].

@@ -334,6 +334,12 @@ impl Handler {
                                 let (end, addr, port) = r.parts();
                                 OffloadRewrite { end: end.to_owned(), addr: addr.into(), port }
                             }),
+                            closed: match (f.fin, f.rst) {
+                                (false, false) => None,
+                                (true, false) => Some("fin".to_owned()),
+                                (false, true) => Some("rst".to_owned()),
+                                (true, true) => Some("fin rst".to_owned()),
+                            },
                         })
                         .collect(),
                 }

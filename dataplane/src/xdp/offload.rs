@@ -63,6 +63,8 @@ const FLAG_FIXED_TOS: u8 = 1;
 const FLAG_ECN_COPY: u8 = 2;
 const FLAG_NAT_DST: u8 = 4;
 const FLAG_NAT_SRC: u8 = 8;
+const FLAG_SEEN_FIN: u8 = 16;
+const FLAG_SEEN_RST: u8 = 32;
 /// Where the entry holds `flags`, `nat_port` and `nat_addr`.
 const FLAGS_AT: usize = 16;
 const NAT_PORT_AT: usize = 18;
@@ -238,6 +240,10 @@ pub struct OffloadedFlow {
     pub remote: Option<Ipv4Addr>,
     /// A service's translation of its packets.
     pub rewrite: Option<Rewrite>,
+    /// A TCP FIN went through the entry (its side of the connection closed).
+    pub fin: bool,
+    /// A TCP RST went through the entry (the connection ended).
+    pub rst: bool,
 }
 
 /// The translation an entry's flags and NAT fields hold.
@@ -733,6 +739,8 @@ impl Offload {
                         _ => None,
                     },
                     rewrite: rewrite_of(&v),
+                    fin: v[FLAGS_AT] & FLAG_SEEN_FIN != 0,
+                    rst: v[FLAGS_AT] & FLAG_SEEN_RST != 0,
                 });
             }
             prev = Some(key);
@@ -785,7 +793,9 @@ fn update(fd: i32, key: &[u8], value: &[u8], map: &'static str, what: &str) -> R
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: `bpf_ktime_get_ns()`'s clock.
-fn monotonic_ns() -> u64 {
+/// `CLOCK_MONOTONIC` in nanoseconds: the programs' clock (`bpf_ktime_get_ns`, an entry's
+/// `last_ns`).
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec for the call to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
