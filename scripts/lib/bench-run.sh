@@ -162,6 +162,7 @@ udp_run() {
          fwd_gbps: (if $t.seconds > 0 then ($r.packets + $r.dropped_no_frame + $r.dropped_ring_full) / $t.seconds * $inner * 8 / 1e9 else 0 end),
          fwd_loss: (if $t.packets > 0 then ([($t.packets - $r.packets - $r.dropped_no_frame - $r.dropped_ring_full), 0] | max) / $t.packets else 1 end),
          lat_p50_ns: $r.latency_ns.p50, lat_p99_ns: $r.latency_ns.p99, lat_p999_ns: $r.latency_ns.p999,
+         lat_max_ns: $r.latency_ns.max, lat_max_seq: $r.latency_ns.max_seq,
          inner_frame: $inner, dev_drops: $drops, flows: $flows,
          flow_records_exported: ($fl1.exported - $fl0.exported), flow_records_lost: ($fl1.lost - $fl0.lost),
          cpu: $cpu, ferry_cpu_s: ($fticks / $hz), load1: ($load | tonumber)}')

@@ -103,6 +103,9 @@ pub struct Latency {
     pub p999: u64,
     /// Largest.
     pub max: u64,
+    /// The sequence number (within its flow) of the probe with the largest latency: with one
+    /// flow at a set rate, `max_seq / rate` is when in the run the worst wait fell.
+    pub max_seq: u64,
     /// Mean.
     pub mean: f64,
 }
@@ -121,6 +124,7 @@ impl Latency {
             p99: q(0.99),
             p999: q(0.999),
             max: if empty { 0 } else { h.max() },
+            max_seq: s.worst.1,
             mean: if empty { 0.0 } else { h.mean() },
         }
     }

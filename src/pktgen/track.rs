@@ -125,6 +125,9 @@ pub struct SinkStats {
     pub bad_time: u64,
     /// One-way latency in nanoseconds.
     pub latency: Histogram<u64>,
+    /// The largest latency, and the sequence number (within its flow) of the probe that had it:
+    /// where in the run the worst wait fell (at a known rate, when).
+    pub worst: (u64, u64),
 }
 
 impl Default for SinkStats {
@@ -152,6 +155,7 @@ impl SinkStats {
             duplicates: 0,
             bad_time: 0,
             latency,
+            worst: (0, 0),
         }
     }
 
@@ -186,7 +190,11 @@ impl SinkStats {
         let sent = wire::widen_time(p.time48, now_ns);
         if sent <= now_ns {
             // Saturates at the top of the range instead of failing.
-            self.latency.saturating_record((now_ns - sent).max(1));
+            let l = (now_ns - sent).max(1);
+            self.latency.saturating_record(l);
+            if l > self.worst.0 {
+                self.worst = (l, p.seq);
+            }
         } else {
             self.bad_time += 1;
         }
@@ -291,6 +299,7 @@ mod tests {
         s.probe(&Probe { flow: 0, seq: 0, time48: 1_000, depth: 1 }, 51_000);
         s.probe(&Probe { flow: 0, seq: 1, time48: 2_000_000, depth: 1 }, 1_000);
         assert_eq!(s.latency.len(), 1);
+        assert_eq!(s.worst.0, 50_000, "the worst latency, and its probe");
         assert!(s.latency.equivalent(s.latency.max(), 50_000));
         assert_eq!((s.bad_time, s.tunnelled), (1, 2));
     }
