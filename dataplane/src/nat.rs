@@ -220,6 +220,13 @@ pub mod tcp {
     pub const RST: u8 = 0x04;
     /// ACK.
     pub const ACK: u8 = 0x10;
+
+    /// Whether a packet of protocol `proto` with TCP flags `flags` opens a connection: a TCP SYN
+    /// without ACK.
+    #[inline]
+    pub const fn syn_only(proto: u8, flags: u8) -> bool {
+        proto == 6 && flags & (SYN | ACK) == SYN
+    }
 }
 
 /// Turn a TCP segment into the RST that refuses it (RFC 9293 section 3.10.7.1), sent back from

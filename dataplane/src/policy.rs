@@ -30,7 +30,12 @@
 //! with ports carries ([`record_proto`]: 253/254/252, experimental and unassigned; as the service
 //! stage's affinity records use 255), so they never collide with a service's translation entries.
 //!
-//! A denied first packet leaves no record (a scan cannot fill the table).
+//! A denied first packet leaves no record (a scan cannot fill the table). Other protocols (ICMP)
+//! are evaluated on every packet without state: only a rule without `ports` lets them through,
+//! and an ICMP echo reply is judged as a packet of its own. An ICMP error (destination
+//! unreachable, time exceeded, fragmentation needed / packet too big, parameter problem) that
+//! the rules refuse is allowed when the packet it quotes belongs to a connection they allowed
+//! (`related`: its tuple has an allowing record), as Linux conntrack's `RELATED`.
 //!
 //! # A connection seen in mid-stream
 //!
@@ -48,12 +53,7 @@
 //! peer as the opener. The guess can only refuse more than the packet's own direction would, never
 //! let more through: a crafted packet from a low port gains nothing. Where the ports do not tell
 //! (both below 32768, or both at or above), the packet's own direction decides, as Linux
-//! conntrack picks up a connection in mid-stream. Other protocols (ICMP)
-//! are evaluated on every packet without state: only a rule without `ports` lets them through,
-//! and an ICMP echo reply is judged as a packet of its own. An ICMP error (destination
-//! unreachable, time exceeded, fragmentation needed / packet too big, parameter problem) that
-//! the rules refuse is allowed when the packet it quotes belongs to a connection they allowed
-//! (`related`: its tuple has an allowing record), as Linux conntrack's `RELATED`.
+//! conntrack picks up a connection in mid-stream.
 //!
 //! # A new policy and existing connections
 //!
@@ -191,7 +191,7 @@ pub fn check(ct: &Conntrack, now: u32, tables: &PolicyTables, ctx: &Ctx, frame: 
     }
     // No record: the connection's first packet, or one of a connection seen in mid-stream.
     let (mut v, mut by) = tables.decide(src, dst, proto, dport);
-    let syn_only = proto == 6 && tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+    let syn_only = tcp::syn_only(proto, tcp_flags);
     let peer_opened = v == PolicyVerdict::Allow && !syn_only && peer_likely_opened(sport, dport);
     if peer_opened {
         (v, by) = tables.decide(dst, src, proto, sport);

@@ -145,7 +145,7 @@ pub fn external(
     let snat_key =
         Tuple { src: front, dst: client, sport: fport, dport: cport, proto: snat_record_proto(proto, false) };
     let tcp_flags = nat::tcp_flags(frame, ctx);
-    let syn_only = proto == protocol::TCP && tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+    let syn_only = tcp::syn_only(proto, tcp_flags);
     if let Some(hit) = ct.lookup(&t)
         && !(syn_only && hit.flags & (flags::FIN | flags::RST | flags::DEAD) != 0)
     {
@@ -293,7 +293,7 @@ fn forward_lookup(
     let Some(svc) = services.lookup(vip, dport, proto) else { return Outcome::NotService };
     let t = Tuple { src: client, dst: vip, sport, dport, proto };
     let tcp_flags = nat::tcp_flags(frame, ctx);
-    let syn_only = proto == protocol::TCP && tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+    let syn_only = tcp::syn_only(proto, tcp_flags);
     if let Some(hit) = ct.lookup(&t)
         // A new SYN on the tuple of a closed connection is a new connection.
         && !(syn_only && hit.flags & (flags::FIN | flags::RST | flags::DEAD) != 0)
