@@ -19,7 +19,8 @@
 #                    forwarder: native XDP, the veths' threaded NAPI pinned to CPU 1 at real-time priority beside
 #                    the worker; sender: native XDP left in the veth's NAPI on the sending CPU (the generator's),
 #                    which gives ferry part of CPU 0: a diagnostic, not a comparison
-#   --only PART      single (the single-node encap/decap runs) or two (the 2-node TCP and latency runs)
+#   --only PART      single (the single-node encap/decap runs), two (the 2-node TCP and latency runs) or
+#                    latency (only the 2-node latency runs)
 #   --uplink-port K  the ferry nodes' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
 #                    UDP_SEGMENT/UDP_GRO on the uplink, no XDP program there)
 #   --flows-compare  the single-node runs again with ferry's flow records off (dataplane.flows = false), in the
@@ -95,7 +96,7 @@ case $NAPI in
     sender) ;;
     *) die "--napi rps|forwarder|sender" ;;
 esac
-case $ONLY in '' | single | two) ;; *) die "--only single|two" ;; esac
+case $ONLY in '' | single | two | latency) ;; *) die "--only single|two|latency" ;; esac
 case $UPLINK_PORT in afxdp | udp) ;; *) die "--uplink-port afxdp|udp" ;; esac
 case $POD_PORT in veth | tap) ;; *) die "--pod-port veth|tap" ;; esac
 case $OFFLOAD in off) ;; tc) [ "$POD_PORT" = veth ] && [ "$UPLINK_PORT" = udp ] || die "--offload tc needs --pod-port veth --uplink-port udp" ;;
@@ -171,7 +172,7 @@ echo "repeats $REPEATS, UDP runs ${DURATION}s, iperf3 ${TCP_T}s, ferry poll $POL
 [ "$NAPI" = sender ] && echo "note: --napi sender gives ferry part of CPU $GEN_CPU: not an equal-budget comparison" >&2
 
 for side in ferry kernel; do
-    [ "$ONLY" = two ] && break
+    [ "$ONLY" = two ] || [ "$ONLY" = latency ] && break
     if [ "$side" = ferry ] && [ "$FLOWS_COMPARE" = 1 ]; then
         # Flows on and off take turns, repeat by repeat, the first of each pair alternating: the two
         # sides of the ratio share the same minutes of a shared machine, not two separate stretches.

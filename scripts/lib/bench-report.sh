@@ -99,6 +99,16 @@ print()
 print("CPU-seconds per million packets at the highest 64-byte rate (CPU 1's busy time; the ferry agent's own time):")
 print(f"  encap: ferry CPU1 {fmt(fc)}, ferry agent {fmt(fa)}; kernel CPU1 {fmt(kc)}")
 print(f"  decap: ferry CPU1 {fmt(dfc)}, ferry agent {fmt(dfa)}; kernel CPU1 {fmt(dkc)}")
+def stolen(r):
+    return r.get("steal_ms", 0)
+for side in ("ferry", "kernel"):
+    redone = [r for r in runs if r.get("side") == side and r.get("test") == "lat_stolen"]
+    kept = [r for r in runs if r.get("side") == side and r.get("test") == "lat" and stolen(r) > 0]
+    if redone or kept:
+        print(f"note: {side} latency: {len(redone)} run(s) made again because the hypervisor stole CPU time during them"
+              f" ({', '.join(str(stolen(r)) + ' ms' for r in redone) or 'none'}; their p99 "
+              f"{', '.join(fmt(r['lat_p99_ns'] / 1e3) + ' us' for r in redone) or '-'})"
+              + (f"; {len(kept)} kept run(s) still lost time ({', '.join(str(stolen(r)) + ' ms' for r in kept)})" if kept else ""))
 nl = [r for r in runs if r.get("test", "").endswith("_noloss") and r.get("rate") is None]
 if nl:
     print("note: lossy at every rate tried: " + ", ".join(f"{r['side']} {r['test']} rep {r['rep']} (down to {r['lossy_at']} pps)" for r in nl))
