@@ -3,8 +3,9 @@
 # CPUs, one after the other in one run; medians of repeats and ratios ferry/kernel.
 #
 #   sudo scripts/bench.sh [--quick] [--repeats N] [--duration S] [--json FILE] [--poll busy|adaptive]
-#                         [--napi rps|forwarder|sender] [--only single|two] [--uplink-port afxdp|udp]
-#                         [--pod-port veth|tap] [--offload off|tc] [--flows-compare] [--pktgen-flows N] [--no-build]
+#                         [--napi rps|forwarder|sender] [--only single|two|latency] [--uplink-port afxdp|udp]
+#                         [--pod-port veth|tap] [--offload off|tc] [--kinds all|KIND,...] [--flows-compare]
+#                         [--pktgen-flows N] [--no-build]
 #
 #   --quick          one short repeat of everything (the CI smoke test; fails on a broken step, never on ratios)
 #   --repeats N      repeats of every measurement (default 5); medians are reported
@@ -21,7 +22,8 @@
 #                    which gives ferry part of CPU 0: a diagnostic, not a comparison
 #   --only PART      single (the single-node encap/decap runs), two (the 2-node TCP and latency runs) or
 #                    latency (only the 2-node latency runs)
-#   --uplink-port K  the ferry nodes' dataplane.uplink_port (default afxdp; udp: a kernel UDP socket with
+#   --uplink-port K  the ferry nodes' dataplane.uplink_port (default udp, as the agent's auto picks on this veth
+#                    underlay; afxdp: an AF_XDP socket behind ferry's XDP program; udp: a kernel UDP socket with
 #                    UDP_SEGMENT/UDP_GRO on the uplink, no XDP program there)
 #   --flows-compare  the single-node runs again with ferry's flow records off (dataplane.flows = false), in the
 #                    same run, reported as side ferry_noflows with the ratio flows on / off (the bench's
@@ -34,8 +36,14 @@
 #                    ferry run records the flow records n1's agent took from the export rings and those lost
 #   --pod-port K     the ferry nodes' dataplane.pod_port (default veth; tap: each pod's eth0 is a persistent
 #                    multi-queue tap with virtio-net headers, so TCP super-packets reach ferry whole)
-#   --offload M      the ferry nodes' dataplane.offload (default off; tc: TCP and UDP flows moved by ferry's TC
-#                    programs, which needs --pod-port veth --uplink-port udp)
+#   --offload M      the ferry nodes' dataplane.offload (default: tc with veth pods and the UDP uplink, off
+#                    otherwise, as the agent's auto picks; tc: TCP and UDP flows moved by ferry's TC programs,
+#                    which needs --pod-port veth --uplink-port udp; off: every packet through ferry's worker).
+#                    With no port options the bench runs the agent's default mode on this topology.
+#   --kinds K        the ferry side once per port kind, POD/UPLINK[/tc] separated by commas (veth/udp/tc,
+#                    veth/udp, veth/afxdp, tap/udp, tap/afxdp), or all of them: ferry's runs of the first kind are
+#                    the main table's, each other kind's are reported as side ferry:KIND with its own ratios to
+#                    the kernel's VXLAN (measured once). Overrides --pod-port, --uplink-port and --offload.
 #
 # Measures, each direction on one node (n2 is a bare generator/sink):
 #   encap: pod1 -> n1 -> VXLAN on the uplink -> sink on n2;  decap: VXLAN from n2 -> n1 -> sink in pod1
@@ -60,9 +68,10 @@ JSON_OUT=
 POLL=adaptive
 NAPI=rps
 ONLY=
-UPLINK_PORT=afxdp
+UPLINK_PORT=udp
 POD_PORT=veth
-OFFLOAD=off
+OFFLOAD=
+KINDS=
 BUILD=1
 FLOWS_COMPARE=0
 FLOWS=true
@@ -79,6 +88,7 @@ while [ $# -gt 0 ]; do
         --uplink-port) UPLINK_PORT=${2:?}; shift ;;
         --pod-port) POD_PORT=${2:?}; shift ;;
         --offload) OFFLOAD=${2:?}; shift ;;
+        --kinds) KINDS=${2:?}; shift ;;
         --no-build) BUILD=0 ;;
         --flows-compare) FLOWS_COMPARE=1 ;;
         --pktgen-flows) PKTGEN_FLOWS=${2:?}; shift ;;
@@ -99,8 +109,28 @@ esac
 case $ONLY in '' | single | two | latency) ;; *) die "--only single|two|latency" ;; esac
 case $UPLINK_PORT in afxdp | udp) ;; *) die "--uplink-port afxdp|udp" ;; esac
 case $POD_PORT in veth | tap) ;; *) die "--pod-port veth|tap" ;; esac
-case $OFFLOAD in off) ;; tc) [ "$POD_PORT" = veth ] && [ "$UPLINK_PORT" = udp ] || die "--offload tc needs --pod-port veth --uplink-port udp" ;;
+case $OFFLOAD in off | tc) ;; '') OFFLOAD=off; [ "$POD_PORT/$UPLINK_PORT" = veth/udp ] && OFFLOAD=tc ;;
     *) die "--offload off|tc" ;; esac
+# One kind: POD/UPLINK, with /tc when flows are offloaded.
+kind_of() { echo "$POD_PORT/$UPLINK_PORT$([ "$OFFLOAD" = tc ] && echo /tc)"; }
+# set_kind KIND: POD_PORT, UPLINK_PORT and OFFLOAD from a kind, or die naming it.
+set_kind() {
+    case $1 in
+        veth/udp/tc) POD_PORT=veth UPLINK_PORT=udp OFFLOAD=tc ;;
+        veth/udp | veth/afxdp | tap/udp | tap/afxdp) POD_PORT=${1%/*} UPLINK_PORT=${1#*/} OFFLOAD=off ;;
+        */tc) die "--offload tc (kind $1) needs veth pods and the udp uplink: veth/udp/tc" ;;
+        *) die "--kinds: unknown kind '$1' (veth/udp/tc, veth/udp, veth/afxdp, tap/udp, tap/afxdp, or all)" ;;
+    esac
+}
+case $KINDS in
+    '') KINDS=$(kind_of) ;;
+    all) KINDS=veth/udp/tc,veth/udp,veth/afxdp,tap/udp,tap/afxdp ;;
+esac
+IFS=, read -r -a KIND_LIST <<<"$KINDS"
+for k in "${KIND_LIST[@]}"; do set_kind "$k"; done
+[ "$FLOWS_COMPARE" = 0 ] || [ "${#KIND_LIST[@]}" = 1 ] || die "--flows-compare takes one kind"
+set_kind "${KIND_LIST[0]}"
+MAIN_KIND=${KIND_LIST[0]}
 export OFFLOAD
 [[ $REPEATS =~ ^[1-9][0-9]?$ ]] || die "--repeats: 1 to 99"
 [[ $PKTGEN_FLOWS =~ ^[1-9][0-9]{0,4}$ ]] && ((PKTGEN_FLOWS <= 65536)) || die "--pktgen-flows: 1 to 65536"
@@ -168,11 +198,13 @@ if awk '{exit !($1 > 1.5)}' /proc/loadavg; then
     echo "warning: load average $LOAD_START is above 1.5: other work shares these CPUs; figures will be noisy" >&2
 fi
 echo "repeats $REPEATS, UDP runs ${DURATION}s, iperf3 ${TCP_T}s, ferry poll $POLL (single node) / adaptive (2 nodes)," \
-    "ferry's veth NAPI: $NAPI, uplink port $UPLINK_PORT, pod port $POD_PORT, offload $OFFLOAD; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
+    "ferry's veth NAPI: $NAPI, port kinds (pod/uplink[/offload]) $KINDS; generators/sinks CPU $GEN_CPU, forwarding CPU $FWD_CPU"
 [ "$NAPI" = sender ] && echo "note: --napi sender gives ferry part of CPU $GEN_CPU: not an equal-budget comparison" >&2
 
-for side in ferry kernel; do
-    [ "$ONLY" = two ] || [ "$ONLY" = latency ] && break
+# single_part SIDE: the single-node runs (encap and decap, n2 a bare generator/sink) of one side.
+single_part() {
+    local side=$1 rep order before
+    [ "$ONLY" = two ] || [ "$ONLY" = latency ] && return 0
     if [ "$side" = ferry ] && [ "$FLOWS_COMPARE" = 1 ]; then
         # Flows on and off take turns, repeat by repeat, the first of each pair alternating: the two
         # sides of the ratio share the same minutes of a shared machine, not two separate stretches.
@@ -189,27 +221,44 @@ for side in ferry kernel; do
             done
         done
         FLOWS=true
-        continue
+        return 0
     fi
-    step "$side: single node (encap and decap), n2 is a bare generator/sink"
+    step "$side$([ "$side" = ferry ] && echo " ($(kind_of))"): single node (encap and decap), n2 is a bare generator/sink"
     net_up "$side" sink
     run_single_node "$side"
     net_down
-done
-for side in ferry kernel; do
-    [ "$ONLY" = single ] && break
-    step "$side: 2-node path pod1 -> n1 -> n2 -> pod2 (TCP, latency)"
-    POLL_SAVED=$POLL
+}
+
+# two_part SIDE: the 2-node runs (TCP and latency) of one side; ferry's worker adaptive there (two busy workers
+# cannot share the forwarding CPU).
+two_part() {
+    local side=$1 poll_saved=$POLL
+    [ "$ONLY" = single ] && return 0
+    step "$side$([ "$side" = ferry ] && echo " ($(kind_of))"): 2-node path pod1 -> n1 -> n2 -> pod2 (TCP, latency)"
     POLL=adaptive
     net_up "$side" node
     run_two_node "$side"
     net_down
-    POLL=$POLL_SAVED
+    POLL=$poll_saved
+}
+
+# ferry once per port kind (the first kind's runs are side ferry, the others' ferry:KIND), then the kernel.
+for k in "${KIND_LIST[@]}"; do
+    set_kind "$k"
+    export OFFLOAD
+    before=$(wc -l <"$RUNLOG")
+    single_part ferry
+    two_part ferry
+    [ "$k" = "$MAIN_KIND" ] || relabel_runs "$RUNLOG" "$before" ferry "ferry:$k"
 done
+set_kind "$MAIN_KIND"
+single_part kernel
+two_part kernel
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 step "results (medians of $REPEATS; load at start $LOAD_START, at end $LOAD_END)"
-export PKTGEN_FLOWS FLOWS_COMPARE REPEATS DURATION TCP_T POLL NAPI QUICK LAT_RATE GEN_CPU FWD_CPU LOAD_START LOAD_END MTU_FRAME
+export PKTGEN_FLOWS FLOWS_COMPARE REPEATS DURATION TCP_T POLL NAPI QUICK LAT_RATE GEN_CPU FWD_CPU LOAD_START LOAD_END MTU_FRAME \
+    MAIN_KIND KINDS
 bench_report "$RUNLOG" "$JSON_OUT"
 echo "runs: $RUNLOG"
 echo "json: $JSON_OUT"

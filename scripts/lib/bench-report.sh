@@ -25,7 +25,7 @@ runs = [json.loads(l) for l in open(runlog) if l.strip()]
 env = os.environ
 # The peak: per repeat, the highest 64-byte rate forwarded at any offered rate (--rate max and the loss search's
 # tries). A forwarder whose receive half preempts its own worker forwards less when overloaded than at its peak.
-for side in ("ferry", "kernel", "ferry_noflows"):
+for side in sorted({r["side"] for r in runs if r.get("side")}):
     for d in ("encap", "decap"):
         reps = {}
         for r in runs:
@@ -99,6 +99,27 @@ print()
 print("CPU-seconds per million packets at the highest 64-byte rate (CPU 1's busy time; the ferry agent's own time):")
 print(f"  encap: ferry CPU1 {fmt(fc)}, ferry agent {fmt(fa)}; kernel CPU1 {fmt(kc)}")
 print(f"  decap: ferry CPU1 {fmt(dfc)}, ferry agent {fmt(dfa)}; kernel CPU1 {fmt(dkc)}")
+# --kinds: ferry's other port kinds (side ferry:KIND) against the same kernel runs.
+kinds_table = []
+other_kinds = list(dict.fromkeys(r["side"] for r in runs if r.get("side", "").startswith("ferry:")))
+if other_kinds:
+    kcols = [("TCP 1 Gbit/s", "tcp1", "gbps", 1, True), ("TCP 4 Gbit/s", "tcp4", "gbps", 1, True),
+             ("lat p50 us", "lat", "lat_p50_ns", 1e-3, False), ("lat p99 us", "lat", "lat_p99_ns", 1e-3, False),
+             ("encap 64B kpps", "encap64_peak", "fwd_pps", 1e-3, True), ("decap 64B kpps", "decap64_peak", "fwd_pps", 1e-3, True),
+             (f"encap {mtu}B Gbit/s", f"encap{mtu}_max", "fwd_gbps", 1, True), (f"decap {mtu}B Gbit/s", f"decap{mtu}_max", "fwd_gbps", 1, True)]
+    print()
+    print("port kinds (pod/uplink[/offload]): ferry's median (ratio to the kernel's VXLAN in this run)")
+    print(f"{'kind':<13}" + "".join(f"{c[0]:>21}" for c in kcols))
+    for side in ["ferry"] + other_kinds:
+        kind = env.get("MAIN_KIND", "?") if side == "ferry" else side[len("ferry:"):]
+        cells, row = [], {"kind": kind}
+        for name, test, key, scale, _ in kcols:
+            f, k = med(side, test, key), med("kernel", test, key)
+            ratio = f / k if f is not None and k else None
+            cells.append("-" if f is None else f"{fmt(f * scale)} ({fmt(ratio)}x)")
+            row[test + ":" + key] = {"ferry": None if f is None else f * scale, "ratio": ratio}
+        print(f"{kind:<13}" + "".join(f"{c:>21}" for c in cells))
+        kinds_table.append(row)
 def stolen(r):
     return r.get("steal_ms", 0)
 for side in ("ferry", "kernel"):
@@ -143,11 +164,12 @@ if any(r["flow_records_exported"] or r["flow_records_lost"] for r in exp):
         print(f"  {test:<16} {nflows:>6} flows  forwarded {fwd:>10.0f} pps (median)  records exported {exported:>9}  lost {lost:>9} ({share:.2%})  over {sent} packets sent")
         export_table.append({"test": test, "flows": nflows, "fwd_pps_median": fwd, "exported": exported, "lost": lost, "lost_share": share, "packets_sent": sent})
 summary = {
+    "kinds": kinds_table,
     "flow_export": export_table,
     "flows_on_vs_off": flows_table,
     "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
                 "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")},
-    "settings": {k.lower(): env.get(k) for k in ("REPEATS", "DURATION", "TCP_T", "POLL", "NAPI", "QUICK", "LAT_RATE", "GEN_CPU", "FWD_CPU")},
+    "settings": {k.lower(): env.get(k) for k in ("REPEATS", "DURATION", "TCP_T", "POLL", "NAPI", "QUICK", "LAT_RATE", "GEN_CPU", "FWD_CPU", "MAIN_KIND", "KINDS")},
     "load_start": env.get("LOAD_START"), "load_end": env.get("LOAD_END"),
     "table": table,
     "cpu_s_per_mpkt": {"encap": {"ferry_cpu1": fc, "ferry_agent": fa, "kernel_cpu1": kc},
