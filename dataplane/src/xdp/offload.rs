@@ -53,6 +53,11 @@ pub const UDP_ARM_DELAY: Duration = Duration::from_millis(2);
 /// `struct offload_config`: be16 tunnel_port, 2 pad, u32 ext_tap, be32 addr4.
 const CONFIG_SIZE: usize = 12;
 
+/// Entries [`Offload::list`] reads a system call.
+const LIST_BATCH: usize = 256;
+/// The most it makes room for when one hash bucket holds more (a bucket is read whole).
+const LIST_BATCH_MAX: usize = 16_384;
+
 /// Slots of the recent-offers filter (a power of two).
 const RECENT_SLOTS: usize = 4096;
 
@@ -244,6 +249,34 @@ pub struct OffloadedFlow {
     pub fin: bool,
     /// A TCP RST went through the entry (the connection ended).
     pub rst: bool,
+}
+
+/// An entry as [`Offload::list`] gives it.
+fn offloaded_flow(key: &[u8; KEY_SIZE], v: &[u8; ENTRY_SIZE]) -> OffloadedFlow {
+    let u32_at = |i: usize| u32::from_ne_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+    let u64_at = |i: usize| u64::from_ne_bytes(v[i..i + 8].try_into().unwrap_or([0; 8]));
+    OffloadedFlow {
+        key: FlowKey4::from_bytes(key),
+        action: match v[14] {
+            ACTION_ENCAP4 => "encap",
+            ACTION_LOCAL => "local",
+            ACTION_DECAP => "decap",
+            _ => "?",
+        },
+        in_ifindex: u32_at(0),
+        out_ifindex: u32_at(4),
+        packets: u64_at(PACKETS_AT),
+        bytes: u64_at(PACKETS_AT + 8),
+        last_ns: u64_at(PACKETS_AT + 16),
+        remote: match v[14] {
+            ACTION_ENCAP4 => Some(Ipv4Addr::new(v[HDR_AT + 16], v[HDR_AT + 17], v[HDR_AT + 18], v[HDR_AT + 19])),
+            ACTION_DECAP => Some(Ipv4Addr::new(v[8], v[9], v[10], v[11])),
+            _ => None,
+        },
+        rewrite: rewrite_of(v),
+        fin: v[FLAGS_AT] & FLAG_SEEN_FIN != 0,
+        rst: v[FLAGS_AT] & FLAG_SEEN_RST != 0,
+    }
 }
 
 /// The translation an entry's flags and NAT fields hold.
@@ -699,8 +732,74 @@ impl Offload {
         Some(e)
     }
 
-    /// Every entry (a walk of the map; entries may come and go meanwhile).
+    /// Every entry (entries may come and go meanwhile). Read [`LIST_BATCH`] entries a system call
+    /// (`BPF_MAP_LOOKUP_BATCH`, a walk of the hash map's buckets that entries removed meanwhile do
+    /// not restart); a kernel without batch lookups gets a walk by key, two system calls an entry.
     pub fn list(&self) -> Vec<OffloadedFlow> {
+        self.list_batched().unwrap_or_else(|| self.list_by_key())
+    }
+
+    /// [`list`](Self::list) by batches; `None` when the kernel has no batch lookup for this map.
+    fn list_batched(&self) -> Option<Vec<OffloadedFlow>> {
+        let mut out = Vec::new();
+        let mut room = LIST_BATCH;
+        let mut keys = vec![0u8; KEY_SIZE * room];
+        let mut values = vec![0u8; ENTRY_SIZE * room];
+        // The batch token: the next bucket for a hash map (a u32), a key for other maps.
+        let (mut token, mut next) = ([0u64; KEY_SIZE / 8], [0u64; KEY_SIZE / 8]);
+        let mut first = true;
+        // SAFETY: `bpf_map_batch_opts` is plain data; all-zero is its documented initial state.
+        let mut opts: libxdp_sys::bpf_map_batch_opts = unsafe { mem::zeroed() };
+        opts.sz = mem::size_of::<libxdp_sys::bpf_map_batch_opts>();
+        loop {
+            let mut count = room as u32;
+            let in_batch: *mut [u64; KEY_SIZE / 8] = if first { std::ptr::null_mut() } else { &raw mut token };
+            // SAFETY: `keys` and `values` hold `count` keys and values of the map's sizes, and the
+            // tokens are the map's key size, as much as the kernel writes for any map.
+            let ret = unsafe {
+                libxdp_sys::bpf_map_lookup_batch(
+                    self.flows_fd,
+                    in_batch.cast(),
+                    (&raw mut next).cast(),
+                    keys.as_mut_ptr().cast(),
+                    values.as_mut_ptr().cast(),
+                    &raw mut count,
+                    &raw const opts,
+                )
+            };
+            // libbpf leaves the error in errno (it also returns it negated, but not in its legacy mode).
+            let err = if ret < 0 { io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) } else { 0 };
+            if err == libc::ENOSPC && count == 0 {
+                // One bucket holds more entries than the buffers: make room and read it again.
+                if room >= LIST_BATCH_MAX {
+                    return None;
+                }
+                room *= 4;
+                keys.resize(KEY_SIZE * room, 0);
+                values.resize(ENTRY_SIZE * room, 0);
+                continue;
+            }
+            if err != 0 && err != libc::ENOENT {
+                // EINVAL or ENOTSUPP: no batch lookups here. Any error: walk by key instead (a
+                // partial list would restart the idle clocks of the entries it left out).
+                return None;
+            }
+            let n = (count as usize).min(room);
+            for (k, v) in keys.chunks_exact(KEY_SIZE).zip(values.chunks_exact(ENTRY_SIZE)).take(n) {
+                if let (Ok(k), Ok(v)) = (<&[u8; KEY_SIZE]>::try_from(k), <&[u8; ENTRY_SIZE]>::try_from(v)) {
+                    out.push(offloaded_flow(k, v));
+                }
+            }
+            if err == libc::ENOENT {
+                return Some(out);
+            }
+            token = next;
+            first = false;
+        }
+    }
+
+    /// [`list`](Self::list) by key: `get_next_key` and a lookup for each entry.
+    fn list_by_key(&self) -> Vec<OffloadedFlow> {
         let mut out = Vec::new();
         let mut prev: Option<[u8; KEY_SIZE]> = None;
         let mut key = [0u8; KEY_SIZE];
@@ -716,32 +815,7 @@ impl Offload {
             let ret =
                 unsafe { libxdp_sys::bpf_map_lookup_elem(self.flows_fd, key.as_ptr().cast(), v.as_mut_ptr().cast()) };
             if ret == 0 {
-                let u32_at = |i: usize| u32::from_ne_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
-                let u64_at = |i: usize| u64::from_ne_bytes(v[i..i + 8].try_into().unwrap_or([0; 8]));
-                out.push(OffloadedFlow {
-                    key: FlowKey4::from_bytes(&key),
-                    action: match v[14] {
-                        ACTION_ENCAP4 => "encap",
-                        ACTION_LOCAL => "local",
-                        ACTION_DECAP => "decap",
-                        _ => "?",
-                    },
-                    in_ifindex: u32_at(0),
-                    out_ifindex: u32_at(4),
-                    packets: u64_at(PACKETS_AT),
-                    bytes: u64_at(PACKETS_AT + 8),
-                    last_ns: u64_at(PACKETS_AT + 16),
-                    remote: match v[14] {
-                        ACTION_ENCAP4 => {
-                            Some(Ipv4Addr::new(v[HDR_AT + 16], v[HDR_AT + 17], v[HDR_AT + 18], v[HDR_AT + 19]))
-                        }
-                        ACTION_DECAP => Some(Ipv4Addr::new(v[8], v[9], v[10], v[11])),
-                        _ => None,
-                    },
-                    rewrite: rewrite_of(&v),
-                    fin: v[FLAGS_AT] & FLAG_SEEN_FIN != 0,
-                    rst: v[FLAGS_AT] & FLAG_SEEN_RST != 0,
-                });
+                out.push(offloaded_flow(&key, &v));
             }
             prev = Some(key);
         }
@@ -854,6 +928,50 @@ mod tests {
         let hairpin = FlowKey4 { src: Ipv4Addr::new(10, 244, 1, 1), dst: backend, dport: 8080, ..before };
         assert_eq!(Rewrite::between(&before, &hairpin), None, "both ends: a pod reaching itself");
         assert_eq!(Rewrite::between(&before, &FlowKey4 { proto: 17, ..before }), None);
+    }
+
+    #[test]
+    fn the_map_is_listed_whole_in_batches_as_by_key() {
+        if !ferry_testsupport::privileged("the_map_is_listed_whole_in_batches_as_by_key", "BPF maps", &[]) {
+            return;
+        }
+        let o = Offload::load(4096, 4, 4789, None).expect("the offload object loads");
+        assert!(o.list().is_empty(), "a new map is empty");
+        // More entries than a batch, every third with a FIN, each its own packet count.
+        let n = 3 * LIST_BATCH as u16 + 17;
+        for i in 0..n {
+            let mut v = [0u8; ENTRY_SIZE];
+            v[0..4].copy_from_slice(&7u32.to_ne_bytes());
+            v[4..8].copy_from_slice(&9u32.to_ne_bytes());
+            v[14] = ACTION_ENCAP4;
+            v[HDR_AT + 16..HDR_AT + 20].copy_from_slice(&[192, 168, 0, 2]);
+            v[PACKETS_AT..PACKETS_AT + 8].copy_from_slice(&u64::from(i).to_ne_bytes());
+            if i.is_multiple_of(3) {
+                v[FLAGS_AT] = FLAG_SEEN_FIN;
+            }
+            let k = key(10_000 + i, if i.is_multiple_of(2) { 6 } else { 17 });
+            update(o.flows_fd, &k.bytes(), &v, "offload_flows", "a test entry").expect("insert");
+        }
+        let sorted = |mut l: Vec<OffloadedFlow>| {
+            l.sort_by_key(|f| f.packets);
+            l
+        };
+        let batched = sorted(o.list_batched().expect("this kernel has batch lookups"));
+        assert_eq!(batched.len(), usize::from(n), "every entry, once");
+        assert_eq!(batched, sorted(o.list_by_key()), "the same entries as a walk by key");
+        for (i, f) in batched.iter().enumerate() {
+            let i = i as u16;
+            assert_eq!(f.key, key(10_000 + i, if i.is_multiple_of(2) { 6 } else { 17 }));
+            assert_eq!((f.action, f.in_ifindex, f.out_ifindex), ("encap", 7, 9));
+            assert_eq!(f.remote, Some(Ipv4Addr::new(192, 168, 0, 2)));
+            assert_eq!((f.fin, f.rst), (i.is_multiple_of(3), false));
+        }
+        // Entries removed between listings are gone from the next.
+        let gone = o.remove_where(|f| f.fin);
+        assert_eq!(gone, usize::from(n).div_ceil(3));
+        let left = o.list();
+        assert_eq!(left.len(), usize::from(n) - gone);
+        assert!(left.iter().all(|f| !f.fin));
     }
 
     #[test]
