@@ -2,15 +2,21 @@
 # scripts/bench.sh's report: medians of the repeats, the side-by-side table with ratios ferry/kernel, the JSON
 # file. Source it; it defines functions only.
 
+# rewrite_runs RUNLOG SKIP FILTER [JQ OPTIONS...]: the run records after the first SKIP lines of RUNLOG go through
+# the jq FILTER (with the options, e.g. --arg NAME VALUE).
+rewrite_runs() {
+    local log=$1 skip=$2 filter=$3 tmp
+    shift 3
+    tmp=$(mktemp)
+    { head -n "$skip" "$log"; tail -n +"$((skip + 1))" "$log" | jq -c "$@" "$filter"; } >"$tmp"
+    cat "$tmp" >"$log"
+    rm -f "$tmp"
+}
+
 # relabel_runs RUNLOG SKIP FROM TO: the run records after the first SKIP lines of RUNLOG with side FROM get side TO
 # (the flows-off runs are ferry's runs with another configuration).
 relabel_runs() {
-    local tmp
-    tmp=$(mktemp)
-    { head -n "$2" "$1"; tail -n +"$(($2 + 1))" "$1" | jq -c --arg from "$3" --arg to "$4" \
-        'if .side == $from then .side = $to else . end'; } >"$tmp"
-    cat "$tmp" >"$1"
-    rm -f "$tmp"
+    rewrite_runs "$1" "$2" 'if .side == $from then .side = $to else . end' --arg from "$3" --arg to "$4"
 }
 
 # bench_report RUNLOG JSON_OUT
@@ -103,17 +109,17 @@ print(f"  decap: ferry CPU1 {fmt(dfc)}, ferry agent {fmt(dfa)}; kernel CPU1 {fmt
 kinds_table = []
 other_kinds = list(dict.fromkeys(r["side"] for r in runs if r.get("side", "").startswith("ferry:")))
 if other_kinds:
-    kcols = [("TCP 1 Gbit/s", "tcp1", "gbps", 1, True), ("TCP 4 Gbit/s", "tcp4", "gbps", 1, True),
-             ("lat p50 us", "lat", "lat_p50_ns", 1e-3, False), ("lat p99 us", "lat", "lat_p99_ns", 1e-3, False),
-             ("encap 64B kpps", "encap64_peak", "fwd_pps", 1e-3, True), ("decap 64B kpps", "decap64_peak", "fwd_pps", 1e-3, True),
-             (f"encap {mtu}B Gbit/s", f"encap{mtu}_max", "fwd_gbps", 1, True), (f"decap {mtu}B Gbit/s", f"decap{mtu}_max", "fwd_gbps", 1, True)]
+    kcols = [("TCP 1 Gbit/s", "tcp1", "gbps", 1), ("TCP 4 Gbit/s", "tcp4", "gbps", 1),
+             ("lat p50 us", "lat", "lat_p50_ns", 1e-3), ("lat p99 us", "lat", "lat_p99_ns", 1e-3),
+             ("encap 64B kpps", "encap64_peak", "fwd_pps", 1e-3), ("decap 64B kpps", "decap64_peak", "fwd_pps", 1e-3),
+             (f"encap {mtu}B Gbit/s", f"encap{mtu}_max", "fwd_gbps", 1), (f"decap {mtu}B Gbit/s", f"decap{mtu}_max", "fwd_gbps", 1)]
     print()
     print("port kinds (pod/uplink[/offload]): ferry's median (ratio to the kernel's VXLAN in this run)")
     print(f"{'kind':<13}" + "".join(f"{c[0]:>21}" for c in kcols))
     for side in ["ferry"] + other_kinds:
         kind = env.get("MAIN_KIND", "?") if side == "ferry" else side[len("ferry:"):]
         cells, row = [], {"kind": kind}
-        for name, test, key, scale, _ in kcols:
+        for _, test, key, scale in kcols:
             f, k = med(side, test, key), med("kernel", test, key)
             ratio = f / k if f is not None and k else None
             cells.append("-" if f is None else f"{fmt(f * scale)} ({fmt(ratio)}x)")

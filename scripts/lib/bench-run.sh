@@ -302,19 +302,16 @@ run_two_node() {
 LAT_ATTEMPTS=10
 LAT_DURATION=1
 lat_run() {
-    local side=$1 rep=$2 attempt s0 s1 stolen tmp DURATION=$LAT_DURATION most=$LAT_ATTEMPTS
+    local side=$1 rep=$2 attempt s0 s1 stolen DURATION=$LAT_DURATION most=$LAT_ATTEMPTS
     [ "$QUICK" = 1 ] && most=2
     for ((attempt = 1; attempt <= most; attempt++)); do
         s0=$(cpu_snap)
         udp_run "$side" lat "$rep" path2 min "$LAT_RATE"
         s1=$(cpu_snap)
         stolen=$(cpu_json "$s0" "$s1" | jq '[.[].steal_ms] | add // 0')
-        tmp=$(mktemp)
-        { head -n -1 "$RUNLOG"; tail -n 1 "$RUNLOG" | jq -c --argjson a "$attempt" --argjson s "$stolen" \
-            --argjson last "$((attempt == most))" '
-            .attempt = $a | .steal_ms = $s | if $s > 0 and $last == 0 then .test = "lat_stolen" else . end'; } >"$tmp"
-        cat "$tmp" >"$RUNLOG"
-        rm -f "$tmp"
+        rewrite_runs "$RUNLOG" "$(($(wc -l <"$RUNLOG") - 1))" \
+            '.attempt = $a | .steal_ms = $s | if $s > 0 and $last == 0 then .test = "lat_stolen" else . end' \
+            --argjson a "$attempt" --argjson s "$stolen" --argjson last "$((attempt == most))"
         ((stolen > 0 && attempt < most)) || return 0
         echo "  $side lat rep $rep: the hypervisor took ${stolen} ms of CPU during the run: made again"
     done
